@@ -1,0 +1,38 @@
+# Two commands do all the setup on a fresh machine:
+#   make demo   # venv + deps, then the main job on the embedded Wikipedia excerpt
+#   make test   # venv + deps, then the test suite
+# On CPU machines torch is pinned to the local 2.13.0 wheel; GPU users pass their own:
+#   make demo TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+DEMO_OUT ?= runs/demo
+
+.PHONY: venv system-deps demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# OpenMPI for mpi4py (mpi4py's wheel bundles no MPI library).
+system-deps:
+	@bash .ci/system-deps.sh
+
+demo: $(STAMP) system-deps
+	$(PY) -m data_prep.demo --output $(DEMO_OUT)
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/bench_data.py
+
+clean:
+	rm -rf $(VENV) runs .cache
