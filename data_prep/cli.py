@@ -1,0 +1,249 @@
+"""`albert-data`: raw corpora -> sentence-split documents -> SentencePiece vocabulary -> HDF5 shards."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .errors import DataPrepError
+
+log = logging.getLogger("albert-data")
+
+EXAMPLES = {
+    "corpus": "albert-data corpus --input enwiki-latest-pages-articles.xml.bz2 --output corpus/ --num-files 64 --workers 8",
+    "vocab": "albert-data vocab --input corpus/ --output-prefix vocab/spiece --vocab-size 30000",
+    "shard": "albert-data shard --input corpus/ --spm-model vocab/spiece.model --output shards/ --num-shards 64 --workers 8",
+    "inspect": "albert-data inspect shards/shard-00000.h5 -n 3",
+    "verify": "albert-data verify shards/",
+    "prepare": "albert-data prepare --input enwiki-latest-pages-articles.xml.bz2 --output data/ --workers 8",
+}
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36)
+
+
+def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -> None:
+    from .readers import FORMATS
+
+    p.add_argument("--input", nargs="+", required=inputs_required, metavar="PATH", help="input files or folders (recursed)")
+    p.add_argument("--format", default="auto", choices=FORMATS, help="input format; auto: .xml/.xml.bz2 wiki, .jsonl jsonl, else docs")
+    p.add_argument("--num-files", type=int, default=None, help="number of balanced corpus files (default: 4 x workers, at least 4)")
+
+
+def _add_vocab_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--vocab-size", type=int, default=30000, help="SentencePiece pieces (ALBERT: 30000)")
+    p.add_argument("--input-sentence-size", type=int, default=10_000_000, help="sentences sampled for training (large corpora)")
+
+
+def _add_shard_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("examples")
+    g.add_argument("--max-seq-length", type=int, default=128)
+    g.add_argument("--max-predictions-per-seq", type=int, default=20)
+    g.add_argument("--masked-lm-prob", type=float, default=0.15)
+    g.add_argument("--ngram", type=int, default=3, help="longest n-gram of whole words to mask; P(n) ~ 1/n")
+    g.add_argument("--dupe-factor", type=int, default=5, help="passes over the corpus with different masks and pairs")
+    g.add_argument("--short-seq-prob", type=float, default=0.1)
+    g.add_argument("--seed", type=int, default=12345)
+    g.add_argument("--num-shards", type=int, default=8, help="output HDF5 files (each is shuffled in memory: size them to fit)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output, keeping finished work")
+    g.add_argument("--mpi", default="auto", choices=("auto", "on", "off"), help="split the work over MPI ranks (auto: when launched by mpirun/srun)")
+
+
+def _add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:
+    if workers:
+        p.add_argument("--workers", type=int, default=1, help="processes on this machine (per MPI rank)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="albert-data",
+        description="Offline data preparation for ALBERT pretraining: raw text -> documents -> SentencePiece -> "
+        "SOP + n-gram masked HDF5 shards. Deterministic from --seed, whatever the number of workers or MPI ranks.",
+        epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=_formatter)
+
+    p = add("corpus", "read raw inputs, write documents in the standard format (one sentence per line, blank line between documents)")
+    _add_corpus_args(p)
+    p.add_argument("--output", required=True, type=Path, help="folder for corpus-NNNNN.txt")
+    _add_common(p)
+
+    p = add("vocab", "train a SentencePiece unigram vocabulary with ALBERT's settings; writes PREFIX.model and PREFIX.vocab")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="documents in the standard format (files or folders)")
+    p.add_argument("--output-prefix", required=True, type=Path)
+    p.add_argument("--format", default="auto", help="input format (see `corpus`)")
+    p.add_argument("--seed", type=int, default=12345)
+    _add_vocab_args(p)
+    _add_common(p)
+
+    p = add("shard", "make SOP pairs with n-gram whole-word masking; write shuffled HDF5 shards and manifest.json")
+    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="documents in the standard format (files or folders)")
+    p.add_argument("--spm-model", required=True, type=Path, help="SentencePiece model from `albert-data vocab`")
+    p.add_argument("--output", required=True, type=Path, help="folder for shard-NNNNN.h5, manifest.json and spiece.model")
+    _add_shard_args(p)
+    _add_common(p)
+
+    p = add("inspect", "print examples decoded back to text (masks and labels shown) and statistics of a shard")
+    p.add_argument("shard", type=Path)
+    p.add_argument("-n", "--num-examples", type=int, default=3)
+    p.add_argument("--spm-model", type=Path, default=None, help="default: spiece.model beside the shard")
+    _add_common(p, workers=False)
+
+    p = add("verify", "check every shard against manifest.json; exit 1 with one line per problem")
+    p.add_argument("folder", type=Path)
+    _add_common(p, workers=False)
+
+    p = add("prepare", "corpus, vocab and shard in one go: OUTPUT/corpus, OUTPUT/vocab/spiece.model, OUTPUT/shards")
+    _add_corpus_args(p)
+    p.add_argument("--output", required=True, type=Path)
+    p.add_argument("--spm-model", type=Path, default=None, help="use this vocabulary instead of training one")
+    _add_vocab_args(p)
+    _add_shard_args(p)
+    _add_common(p)
+    return parser
+
+
+def _corpus_files(args: argparse.Namespace) -> int:
+    return args.num_files or max(4, 4 * args.workers)
+
+
+def _shard_settings(args: argparse.Namespace):
+    from .examples import ExampleSettings
+    from .sharding import ShardSettings
+
+    return ShardSettings(
+        examples=ExampleSettings(
+            max_seq_length=args.max_seq_length,
+            max_predictions_per_seq=args.max_predictions_per_seq,
+            masked_lm_prob=args.masked_lm_prob,
+            ngram=args.ngram,
+            short_seq_prob=args.short_seq_prob,
+        ),
+        dupe_factor=args.dupe_factor,
+        seed=args.seed,
+        num_shards=args.num_shards,
+    )
+
+
+def _sentences(paths: list[Path], fmt: str):
+    from . import readers
+
+    for path in paths:
+        for doc in readers.iter_documents(path, fmt):
+            yield from doc
+
+
+def train_vocab_from(inputs: list, prefix: Path, vocab_size: int, sentence_size: int, seed: int, workers: int, fmt: str = "auto") -> Path:
+    from . import readers
+    from .vocab import VocabSettings, train_vocab
+
+    files = readers.expand_inputs(inputs)
+    settings = VocabSettings(vocab_size=vocab_size, input_sentence_size=sentence_size, seed=seed, threads=max(1, workers))
+    return train_vocab(_sentences(files, fmt), prefix, settings)
+
+
+def run(args: argparse.Namespace) -> int:
+    progress = not args.no_progress and sys.stderr.isatty()
+    if args.command == "corpus":
+        from .corpus import write_corpus
+        from .readers import expand_inputs
+
+        write_corpus(expand_inputs(args.input), args.output, _corpus_files(args), args.format, args.workers, progress=progress)
+    elif args.command == "vocab":
+        train_vocab_from(args.input, args.output_prefix, args.vocab_size, args.input_sentence_size, args.seed, args.workers, args.format)
+    elif args.command == "shard":
+        from .sharding import shard_corpus
+
+        shard_corpus(args.input, args.spm_model, args.output, _shard_settings(args), args.workers, args.resume, progress, args.mpi)
+    elif args.command == "inspect":
+        from .inspection import inspect_shard
+        from .vocab import Vocab
+
+        vocab = Vocab(args.spm_model) if args.spm_model else None
+        sys.stdout.write("\n".join(inspect_shard(args.shard, vocab, args.num_examples)) + "\n")
+    elif args.command == "verify":
+        from .inspection import verify_folder
+
+        problems = verify_folder(args.folder, progress)
+        for line in problems:
+            sys.stdout.write(line + "\n")
+        if problems:
+            return 1
+        log.info("%s: all shards verified", args.folder)
+    elif args.command == "prepare":
+        prepare(args, progress)
+    return 0
+
+
+def prepare(args: argparse.Namespace, progress: bool) -> None:
+    """corpus -> vocab -> shard under one folder; with --resume, finished stages are kept.
+
+    Under MPI, rank 0 writes the corpus and the vocabulary, then all ranks make the shards."""
+    import shutil
+
+    from .corpus import write_corpus
+    from .mpi import get_world
+    from .readers import expand_inputs
+    from .sharding import shard_corpus
+
+    out: Path = args.output
+    corpus_dir, vocab_prefix, shards_dir = out / "corpus", out / "vocab" / "spiece", out / "shards"
+    corpus_done = out / ".corpus-done"
+    world = get_world(args.mpi)
+    error, spm_model = None, args.spm_model
+    if world.rank == 0:
+        try:
+            if out.exists() and any(out.iterdir()) and not args.resume:
+                raise DataPrepError(f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder")
+            if not corpus_done.exists():
+                shutil.rmtree(corpus_dir, ignore_errors=True)
+                write_corpus(expand_inputs(args.input), corpus_dir, _corpus_files(args), args.format, args.workers, progress=progress)
+                corpus_done.touch()
+            if spm_model is None:
+                spm_model = vocab_prefix.with_name("spiece.model")
+                if not spm_model.exists():
+                    train_vocab_from([corpus_dir], vocab_prefix, args.vocab_size, args.input_sentence_size, args.seed, args.workers, "docs")
+        except DataPrepError as e:
+            error = str(e)
+    error, spm_model = world.bcast((error, spm_model))
+    if error:
+        raise DataPrepError(error)
+    if (shards_dir / "manifest.json").exists() and not (shards_dir / ".work").exists():
+        log.info("%s: shards already complete", shards_dir)
+    else:
+        shard_corpus([corpus_dir], spm_model, shards_dir, _shard_settings(args), args.workers, shards_dir.exists(), progress, args.mpi)
+    if world.rank == 0:
+        log.info("prepared %s: corpus %s, vocabulary %s, shards %s", out, corpus_dir, spm_model, shards_dir)
+
+
+def setup_logging(verbose: bool) -> None:
+    rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMIX_RANK")
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank is None else f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+    try:
+        return run(args)
+    except DataPrepError as e:
+        log.error("%s", e)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,267 @@
+"""Pretraining examples: sentence-order pairs (SOP) and n-gram whole-word masking, vectorised.
+
+The algorithm is ALBERT's reference (google-research/albert create_pretraining_data.py), without its bugs:
+- chunks of consecutive sentences of one document are gathered up to a target length; segment A is
+  the first `randint(1, k-1)` sentences, B the rest; A and B are swapped with probability 0.5
+  (label 1 = swapped). A chunk of one sentence cannot make an SOP pair: it is skipped and counted
+  (the reference took B from another document, an NSP negative);
+- with probability `short_seq_prob` a chunk's target length is drawn from [2, max] (redrawn per
+  chunk; the reference drew once per document, so long documents were all-short or all-long);
+- a pair longer than max_seq_length - 3 loses tokens from its longer segment, each from the front
+  or the back with probability 0.5 (drawn here as a binomial count: the same distribution);
+- masking picks whole words in a random order; each candidate starts an n-gram of n words,
+  P(n) proportional to 1/n (n capped by the words left); n shrinks until the n-gram fits the
+  budget of min(max_pred, max(1, round(len * prob))) tokens; an n-gram touching a covered word is
+  really skipped (the reference's check was a no-op `continue`); chosen tokens are 80% [MASK],
+  10% kept, 10% a random real piece;
+- every random draw comes from the `numpy.random.Generator` passed in.
+
+Work is done for a whole batch of documents at once: only the chunking loop runs per chunk in Python;
+truncation, assembly and masking are numpy operations over [examples, seq_len] arrays.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .vocab import Vocab
+
+
+@dataclass(frozen=True)
+class ExampleSettings:
+    max_seq_length: int = 128
+    max_predictions_per_seq: int = 20
+    masked_lm_prob: float = 0.15
+    ngram: int = 3
+    short_seq_prob: float = 0.1
+
+    def check(self) -> None:
+        from .errors import DataPrepError
+
+        if not 8 <= self.max_seq_length <= 65535:
+            raise DataPrepError(f"--max-seq-length {self.max_seq_length}: must be in [8, 65535]")
+        if not 1 <= self.max_predictions_per_seq <= self.max_seq_length - 3:
+            raise DataPrepError(f"--max-predictions-per-seq {self.max_predictions_per_seq}: must be in [1, max_seq_length - 3]")
+        if not 0.0 < self.masked_lm_prob < 1.0:
+            raise DataPrepError(f"--masked-lm-prob {self.masked_lm_prob}: must be in (0, 1)")
+        if not 1 <= self.ngram <= 10:
+            raise DataPrepError(f"--ngram {self.ngram}: must be in [1, 10]")
+        if not 0.0 <= self.short_seq_prob <= 1.0:
+            raise DataPrepError(f"--short-seq-prob {self.short_seq_prob}: must be in [0, 1]")
+
+
+def record_dtype(max_seq_length: int, max_predictions: int) -> np.dtype:
+    """One example as a fixed-size record: the HDF5 datasets' dtypes, field by field."""
+    L, P = max_seq_length, max_predictions
+    return np.dtype(
+        [
+            ("input_ids", "<u2", (L,)),
+            ("input_mask", "u1", (L,)),
+            ("segment_ids", "u1", (L,)),
+            ("masked_lm_positions", "<u2", (P,)),
+            ("masked_lm_ids", "<u2", (P,)),
+            ("next_sentence_labels", "u1"),
+        ]
+    )
+
+
+@dataclass
+class ExampleStats:
+    examples: int = 0
+    tokens: int = 0  # non-padding tokens, [CLS]/[SEP] included
+    maskable_tokens: int = 0  # tokens that could be masked (not [CLS]/[SEP]/padding)
+    predictions: int = 0
+    swapped: int = 0
+    replaced_mask: int = 0
+    replaced_random: int = 0
+    kept: int = 0
+    single_sentence_chunks: int = 0
+    one_sentence_documents: int = 0
+    truncated_pairs: int = 0
+    ngram_hist: list[int] = field(default_factory=list)  # index n: n-grams of n words masked
+    length_hist: list[int] = field(default_factory=list)  # 8 bins over [0, max_seq_length]
+
+    def merge(self, other: "ExampleStats") -> None:
+        for name, value in vars(other).items():
+            if isinstance(value, list):
+                mine = getattr(self, name)
+                mine.extend([0] * (len(value) - len(mine)))
+                for i, v in enumerate(value):
+                    mine[i] += v
+            else:
+                setattr(self, name, getattr(self, name) + value)
+
+
+def _ngram_cdfs(ngram: int) -> np.ndarray:
+    """cdfs[a - 1] is the CDF of n in 1..a with P(n) proportional to 1/n (padded with 1.0)."""
+    cdfs = np.ones((ngram, ngram))
+    for a in range(1, ngram + 1):
+        p = 1.0 / np.arange(1, a + 1)
+        cdfs[a - 1, :a] = np.cumsum(p / p.sum())
+        cdfs[a - 1, a - 1] = 1.0
+    return cdfs
+
+
+def pair_documents(
+    sent_lengths: np.ndarray, doc_sentences: np.ndarray, max_num_tokens: int, short_seq_prob: float, rng: np.random.Generator, stats: ExampleStats
+) -> np.ndarray:
+    """Chunk each document into SOP pairs. Returns int64 [n, 4]: A start, A end = B start, B end
+    (token offsets into the batch's flat token array), swapped flag."""
+    offs = np.zeros(len(sent_lengths) + 1, dtype=np.int64)
+    np.cumsum(sent_lengths, out=offs[1:])
+    offs_l = offs.tolist()
+    r_short, r_target, r_split, r_swap = rng.random((4, len(sent_lengths))).tolist()
+    out: list[tuple[int, int, int, int]] = []
+    s0 = 0
+    for n_sent in doc_sentences.tolist():
+        s1 = s0 + n_sent
+        if n_sent < 2:
+            stats.one_sentence_documents += n_sent == 1
+            s0 = s1
+            continue
+        i = s0
+        while i < s1:
+            target = max_num_tokens
+            if r_short[i] < short_seq_prob:
+                target = 2 + int(r_target[i] * (max_num_tokens - 1))  # randint(2, max_num_tokens)
+            # the chunk ends with the first sentence that brings it to the target (or the document's end)
+            j = min(max(bisect.bisect_left(offs_l, offs_l[i] + target, i + 1, s1 + 1), i + 1), s1)
+            k = j - i
+            if k >= 2:
+                a_end = i + 1 + int(r_split[i] * (k - 1))  # randint(1, k - 1) sentences in A
+                if offs_l[a_end] > offs_l[i] and offs_l[j] > offs_l[a_end]:
+                    out.append((offs_l[i], offs_l[a_end], offs_l[j], int(r_swap[i] < 0.5)))
+            else:
+                stats.single_sentence_chunks += 1
+            i = j
+        s0 = s1
+    return np.array(out, dtype=np.int64).reshape(-1, 4)
+
+
+def make_examples(
+    tokens: np.ndarray,
+    sent_lengths: np.ndarray,
+    doc_sentences: np.ndarray,
+    vocab: Vocab,
+    settings: ExampleSettings,
+    rng: np.random.Generator,
+    stats: ExampleStats,
+) -> np.ndarray:
+    """One pass (one dupe) over a batch of tokenized documents -> structured records (record_dtype)."""
+    L, P = settings.max_seq_length, settings.max_predictions_per_seq
+    M = L - 3
+    pairs = pair_documents(sent_lengths, doc_sentences, M, settings.short_seq_prob, rng, stats)
+    n = len(pairs)
+    records = np.zeros(n, dtype=record_dtype(L, P))
+    if n == 0:
+        return records
+    a0, a1, b1, swap = pairs.T
+    la, lb = a1 - a0, b1 - a1
+
+    # --- truncation: remove from the longer segment (ties: B) until the pair fits M tokens
+    excess = np.maximum(la + lb - M, 0)
+    only_a = la - lb >= excess
+    only_b = ~only_a & (lb - la + 1 >= excess)
+    both = ~only_a & ~only_b
+    new_la = np.where(only_a, la - excess, np.where(only_b, la, (M + 1) // 2))
+    new_lb = np.where(only_a, lb, np.where(only_b, lb - excess, M // 2))
+    cut_a, cut_b = la - new_la, lb - new_lb
+    front_a = rng.binomial(cut_a, 0.5)
+    front_b = rng.binomial(cut_b, 0.5)
+    a_start, b_start = a0 + front_a, a1 + front_b
+    stats.truncated_pairs += int((excess > 0).sum())
+    del both
+
+    # --- assembly: [CLS] first [SEP] second [SEP] padding; first = B when swapped
+    f_start = np.where(swap == 1, b_start, a_start)[:, None]
+    f_len = np.where(swap == 1, new_lb, new_la)[:, None]
+    s_start = np.where(swap == 1, a_start, b_start)[:, None]
+    s_len = np.where(swap == 1, new_la, new_lb)[:, None]
+    J = np.arange(L)[None, :]
+    in_first = (J >= 1) & (J <= f_len)
+    in_second = (J >= f_len + 2) & (J <= f_len + s_len + 1)
+    cand = in_first | in_second  # maskable positions
+    src = np.where(in_first, f_start + J - 1, s_start + J - f_len - 2)
+    ids = np.where(cand, tokens[np.clip(src, 0, len(tokens) - 1)], 0).astype(np.int32)
+    ids[:, 0] = vocab.cls_id
+    ids[J == f_len + 1] = vocab.sep_id
+    ids[J == f_len + s_len + 2] = vocab.sep_id
+    length = (f_len + s_len + 3)[:, 0]
+    input_mask = J < length[:, None]
+    segment = (J >= f_len + 2) & input_mask
+
+    # --- masking: whole words, n-grams of words, in a random order, within a token budget
+    word_start = cand & vocab.is_word_start[ids]
+    word_start[:, 1] = True  # a segment always begins a word
+    word_start[np.arange(n), (f_len + 2)[:, 0]] = True
+    W = word_start.sum(1)
+    Wmax = int(W.max())
+    wid = np.cumsum(word_start, axis=1) - 1
+    rows, cols = np.nonzero(cand)
+    word_len = np.bincount(rows * Wmax + wid[rows, cols], minlength=n * Wmax).reshape(n, Wmax)
+    cum_len = np.zeros((n, Wmax + 1), dtype=np.int64)
+    np.cumsum(word_len, axis=1, out=cum_len[:, 1:])
+    budget = np.minimum(P, np.maximum(1, np.rint(length * settings.masked_lm_prob).astype(np.int64)))
+
+    keys = rng.random((n, Wmax))
+    keys[np.arange(Wmax)[None, :] >= W[:, None]] = 2.0  # non-words last
+    order = np.argsort(keys, axis=1)
+    u_ngram = rng.random((n, Wmax))
+    g = settings.ngram
+    cdfs = _ngram_cdfs(g)
+    ks = np.arange(1, g + 1)[None, :]
+    covered = np.zeros((n, Wmax + g), dtype=bool)
+    hist = np.zeros(g + 1, dtype=np.int64)
+    act = np.arange(n)
+    for r in range(Wmax):
+        act = act[(budget[act] > 0) & (W[act] > r)]
+        if act.size == 0:
+            break
+        c = order[act, r]
+        avail = np.minimum(g, W[act] - c)
+        ngram = 1 + (u_ngram[act, r][:, None] > cdfs[avail - 1]).sum(1)
+        ends = np.minimum(c[:, None] + ks, W[act][:, None])
+        count = cum_len[act[:, None], ends] - cum_len[act, c][:, None]
+        n_eff = ((count <= budget[act][:, None]) & (ks <= ngram[:, None])).sum(1)  # shrink n until it fits
+        span = ks <= n_eff[:, None]
+        hit = (covered[act[:, None], c[:, None] + ks - 1] & span).any(1)
+        take = (n_eff > 0) & ~hit
+        if not take.any():
+            continue
+        t_rows, t_c, t_n, t_span = act[take], c[take], n_eff[take], span[take]
+        rr, kk = np.nonzero(t_span)
+        covered[t_rows[rr], t_c[rr] + kk] = True
+        budget[t_rows] -= count[take, t_n - 1]
+        hist += np.bincount(t_n, minlength=g + 1)
+
+    masked = cand & covered[np.arange(n)[:, None], np.maximum(wid, 0)]
+    mr, mc = np.nonzero(masked)  # row-major: positions come out sorted within each example
+    original = ids[mr, mc]
+    u = rng.random(len(mr))
+    random_ids = vocab.normal_ids[rng.integers(0, len(vocab.normal_ids), size=len(mr))]
+    to_mask, to_random = u < 0.8, u >= 0.9
+    ids[mr, mc] = np.where(to_mask, vocab.mask_id, np.where(to_random, random_ids, original))
+    per_row = np.bincount(mr, minlength=n)
+    slot = np.arange(len(mr)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    assert per_row.max(initial=0) <= P
+
+    records["input_ids"] = ids
+    records["input_mask"] = input_mask
+    records["segment_ids"] = segment
+    records["masked_lm_positions"][mr, slot] = mc
+    records["masked_lm_ids"][mr, slot] = original
+    records["next_sentence_labels"] = swap
+
+    stats.examples += n
+    stats.tokens += int(length.sum())
+    stats.maskable_tokens += int(cand.sum())
+    stats.predictions += len(mr)
+    stats.swapped += int(swap.sum())
+    stats.replaced_mask += int(to_mask.sum())
+    stats.replaced_random += int(to_random.sum())
+    stats.kept += int((~to_mask & ~to_random).sum())
+    stats.merge(ExampleStats(ngram_hist=hist.tolist(), length_hist=np.bincount(np.minimum(length * 8 // (L + 1), 7), minlength=8).tolist()))
+    return records

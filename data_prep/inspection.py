@@ -1,0 +1,246 @@
+"""`inspect` (examples decoded back to text, plus statistics) and `verify` (every shard against the manifest)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from .errors import DataPrepError
+from .shards import FIELDS, MANIFEST, Manifest, read_shard
+from .vocab import Vocab, sha256_file
+
+log = logging.getLogger(__name__)
+
+WINDOW = 8192  # rows read at a time: verify and inspect never hold a whole shard
+
+
+def _windows(path: Path):
+    with h5py.File(path, "r") as f:
+        n = f["input_ids"].shape[0]
+    for start in range(0, n, WINDOW):
+        yield start, read_shard(path, start, min(start + WINDOW, n))
+
+
+# ----------------------------------------------------------------------------------------------- inspect
+
+
+def render_example(rec: np.void, vocab: Vocab) -> str:
+    """One example as text: masked slots shown as [MASK]/{original} or <random>{original} or ={original}."""
+    ids = rec["input_ids"].astype(np.int64)
+    length = int(rec["input_mask"].sum())
+    preds = {int(p): int(t) for p, t in zip(rec["masked_lm_positions"], rec["masked_lm_ids"]) if p > 0}
+    pieces = []
+    for pos in range(length):
+        piece = vocab.pieces[ids[pos]]
+        if pos in preds:
+            original = vocab.pieces[preds[pos]]
+            if ids[pos] == vocab.mask_id:
+                piece = f"[MASK]{{{original}}}"
+            elif ids[pos] == preds[pos]:
+                piece = f"={{{original}}}"
+            else:
+                piece = f"<{piece}>{{{original}}}"
+        pieces.append(piece)
+    text = " ".join(pieces).replace(" \u2581", " ").replace("\u2581", "")
+    label = int(rec["next_sentence_labels"])
+    return f"sop_label={label} ({'swapped' if label else 'in order'}) length={length} predictions={len(preds)}\n  {text}"
+
+
+@dataclass
+class ShardStats:
+    examples: int = 0
+    tokens: int = 0
+    positions: int = 0
+    maskable: int = 0
+    predictions: int = 0
+    replaced_mask: int = 0
+    swapped: int = 0
+    span_words: list[int] = field(default_factory=lambda: [0] * 7)  # contiguous masked runs, in words (6 = 6+)
+    length_hist: list[int] = field(default_factory=lambda: [0] * 8)
+
+    def add(self, recs: np.ndarray, vocab: Vocab) -> None:
+        ids, mask = recs["input_ids"].astype(np.int64), recs["input_mask"].astype(bool)
+        L = ids.shape[1]
+        lengths = mask.sum(1)
+        pos, lm = recs["masked_lm_positions"].astype(np.int64), recs["masked_lm_ids"].astype(np.int64)
+        real = pos > 0
+        self.examples += len(recs)
+        self.tokens += int(lengths.sum())
+        self.positions += ids.size
+        self.maskable += int((lengths - 3).sum())
+        self.predictions += int(real.sum())
+        rows = np.nonzero(real)[0]
+        self.replaced_mask += int((ids[rows, pos[real]] == vocab.mask_id).sum())
+        self.swapped += int(recs["next_sentence_labels"].sum())
+        for b, h in enumerate(np.bincount(np.minimum(lengths * 8 // (L + 1), 7), minlength=8)):
+            self.length_hist[b] += int(h)
+        # Masked spans: runs of consecutive masked positions, counted in words (a word starts at "▁").
+        starts_word = vocab.is_word_start[lm]
+        for r in range(len(recs)):
+            p, w = pos[r][real[r]], starts_word[r][real[r]]
+            if len(p) == 0:
+                continue
+            breaks = np.flatnonzero(np.diff(p) != 1) + 1
+            for run in np.split(np.arange(len(p)), breaks):
+                words = max(1, int(w[run].sum()))
+                self.span_words[min(words, 6)] += 1
+
+    def lines(self) -> list[str]:
+        n = max(self.examples, 1)
+        spans = max(sum(self.span_words), 1)
+        hist = ", ".join(f"{k}{'+' if k == 6 else ''}: {100 * v / spans:.1f}%" for k, v in enumerate(self.span_words) if k)
+        lengths = ", ".join(f"{v}" for v in self.length_hist)
+        return [
+            f"examples: {self.examples}",
+            f"masked fraction: {100 * self.predictions / max(self.maskable, 1):.2f}% of maskable tokens "
+            f"({self.predictions / n:.1f} predictions per example; {100 * self.replaced_mask / max(self.predictions, 1):.1f}% shown as [MASK])",
+            f"masked spans in words (adjacent n-grams merge): {hist}",
+            f"SOP: {100 * self.swapped / n:.1f}% swapped (label 1), {100 - 100 * self.swapped / n:.1f}% in order",
+            f"length histogram (8 equal bins up to max_seq_length): {lengths}",
+            f"padding fraction: {100 * (1 - self.tokens / max(self.positions, 1)):.1f}%",
+        ]
+
+
+def inspect_shard(path: Path, vocab: Vocab | None = None, num_examples: int = 3) -> list[str]:
+    path = Path(path)
+    if not path.is_file():
+        raise DataPrepError(f"{path}: no such shard")
+    if vocab is None:
+        spm = path.parent / "spiece.model"
+        if not spm.exists():
+            raise DataPrepError(f"{path}: no spiece.model beside the shard; pass --spm-model")
+        vocab = Vocab(spm)
+    out = [f"== {path}"]
+    stats = ShardStats()
+    try:
+        for start, recs in _windows(path):
+            if start == 0:
+                for i in range(min(num_examples, len(recs))):
+                    out.append(f"-- example {i}: " + render_example(recs[i], vocab))
+            stats.add(recs, vocab)
+    except (OSError, KeyError) as e:
+        raise DataPrepError(f"{path}: cannot read shard ({e})") from None
+    out.append("-- statistics")
+    out.extend(stats.lines())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- verify
+
+
+def _check_records(name: str, recs: np.ndarray, start: int, vocab: Vocab, problems: dict[str, list[int]]) -> None:
+    ids = recs["input_ids"].astype(np.int64)
+    mask = recs["input_mask"].astype(np.int64)
+    seg = recs["segment_ids"].astype(np.int64)
+    pos = recs["masked_lm_positions"].astype(np.int64)
+    lm = recs["masked_lm_ids"].astype(np.int64)
+    lab = recs["next_sentence_labels"].astype(np.int64)
+    n, L = ids.shape
+    rows = np.arange(n)
+    lengths = mask.sum(1)
+
+    def flag(kind: str, bad: np.ndarray) -> None:
+        if bad.any():
+            lst = problems.setdefault(kind, [0, start + int(np.flatnonzero(bad)[0])])
+            lst[0] += int(bad.sum())
+
+    flag("input_ids out of the vocabulary", (ids >= vocab.vocab_size).any(1))
+    flag("masked_lm_ids out of the vocabulary", (lm >= vocab.vocab_size).any(1))
+    flag("input_mask not 0/1 or not ones-then-zeros", (mask > 1).any(1) | (np.diff(mask, axis=1) > 0).any(1))
+    flag("sequence shorter than [CLS] a [SEP] b [SEP]", lengths < 5)
+    flag("first token is not [CLS]", ids[:, 0] != vocab.cls_id)
+    last = np.clip(lengths - 1, 0, L - 1)
+    flag("last real token is not [SEP]", ids[rows, last] != vocab.sep_id)
+    flag("not exactly two [SEP]", (ids == vocab.sep_id).sum(1) != 2)
+    padding = mask == 0
+    flag("non-zero input_ids on padding", (padding & (ids != 0)).any(1))
+    flag("segment_ids not 0/1 or non-zero on padding", (seg > 1).any(1) | (padding & (seg != 0)).any(1))
+    flag("next_sentence_labels not 0/1", lab > 1)
+    real = pos > 0
+    flag("prediction padding not at the end", (np.diff(real.astype(np.int64), axis=1) > 0).any(1))
+    flag("masked positions not strictly increasing", ((np.diff(pos, axis=1) <= 0) & real[:, 1:]).any(1))
+    flag("no predictions", ~real.any(1))
+    inside = pos < lengths[:, None]
+    flag("masked position outside the sequence", (real & ~inside).any(1))
+    at = ids[rows[:, None], np.clip(pos, 0, L - 1)]
+    flag("masked position on [CLS]/[SEP]", (real & ((at == vocab.sep_id) | (at == vocab.cls_id))).any(1))
+    flag("masked_lm_ids on a prediction is [CLS]/[SEP]/padding", (real & ((lm == 0) | (lm == vocab.cls_id) | (lm == vocab.sep_id))).any(1))
+    flag("non-zero masked_lm_ids on prediction padding", (~real & (lm != 0)).any(1))
+    del name
+
+
+def verify_folder(folder: Path, progress: bool = False) -> list[str]:
+    """Every problem found, one line each (empty when the folder is sound)."""
+    from tqdm import tqdm
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return [f"{folder}: no such folder"]
+    try:
+        manifest = Manifest.load(folder)
+    except DataPrepError as e:
+        return [str(e)]
+    problems: list[str] = []
+    attrs = manifest.data.get("attributes", {})
+    L, P = attrs.get("max_seq_length"), attrs.get("max_predictions_per_seq")
+    vocab_path = folder / manifest.data["vocab"]["file"]
+    if not vocab_path.is_file():
+        return problems + [f"{vocab_path}: vocabulary named in {MANIFEST} is missing"]
+    if sha256_file(vocab_path) != manifest.data["vocab"]["sha256"]:
+        problems.append(f"{vocab_path}: sha256 differs from {MANIFEST}")
+    vocab = Vocab(vocab_path)
+    listed = {s["name"] for s in manifest.shards}
+    for extra in sorted(p.name for p in folder.glob("*.h5")):
+        if extra not in listed:
+            problems.append(f"{folder / extra}: shard not listed in {MANIFEST}")
+    total = 0
+    for entry in tqdm(manifest.shards, desc="verify", unit="shard", disable=not progress):
+        path = folder / entry["name"]
+        if not path.is_file():
+            problems.append(f"{path}: missing")
+            continue
+        if sha256_file(path) != entry["sha256"]:
+            problems.append(f"{path}: sha256 differs from {MANIFEST} (file changed or corrupt)")
+        try:
+            with h5py.File(path, "r") as f:
+                missing = [k for k in FIELDS if k not in f]
+                if missing:
+                    problems.append(f"{path}: missing datasets {', '.join(missing)}")
+                    continue
+                n = f["input_ids"].shape[0]
+                expect = {
+                    "input_ids": ((n, L), np.uint16),
+                    "input_mask": ((n, L), np.uint8),
+                    "segment_ids": ((n, L), np.uint8),
+                    "masked_lm_positions": ((n, P), np.uint16),
+                    "masked_lm_ids": ((n, P), np.uint16),
+                    "next_sentence_labels": ((n,), np.uint8),
+                }
+                for key, (shape, dtype) in expect.items():
+                    if f[key].shape != shape or f[key].dtype != dtype:
+                        problems.append(f"{path}: dataset {key} is {f[key].shape} {f[key].dtype}, expected {shape} {np.dtype(dtype)}")
+                for key in ("vocab_sha256", "max_seq_length", "max_predictions_per_seq"):
+                    if key in attrs and (key not in f.attrs or f.attrs[key] != attrs[key]):
+                        problems.append(f"{path}: attribute {key} differs from {MANIFEST}")
+                if f.attrs.get("sentence_task") != "sop":
+                    problems.append(f"{path}: sentence_task attribute is not 'sop'")
+        except OSError as e:
+            problems.append(f"{path}: not a readable HDF5 file ({e})")
+            continue
+        if n != entry["num_examples"]:
+            problems.append(f"{path}: {n} examples, {MANIFEST} says {entry['num_examples']}")
+        total += n
+        if any(p.startswith(f"{path}: dataset") for p in problems):
+            continue
+        found: dict[str, list[int]] = {}
+        for start, recs in _windows(path):
+            _check_records(entry["name"], recs, start, vocab, found)
+        for kind, (count, first) in found.items():
+            problems.append(f"{path}: {kind}: {count} rows (first: row {first})")
+    if total != manifest.data.get("num_examples", total):
+        problems.append(f"{folder / MANIFEST}: num_examples {manifest.data['num_examples']} but the shards hold {total}")
+    return problems

@@ -1,0 +1,358 @@
+"""The `shard` step: standard-format documents -> shuffled HDF5 shards + manifest.json.
+
+Two phases, each spread over worker processes and MPI ranks:
+
+1. map, one task per input file: read documents in batches (a batch ends after `docs_per_batch`
+   documents or `sentences_per_batch` sentences, so batches depend on the file alone), tokenize,
+   make `dupe_factor` passes of examples, send each example to a random shard, and append the
+   records to `.work/buckets/sNNNNN/fNNNNN.bin`. A file's marker `.work/done/fNNNNN.json` (its
+   counts) is written once all its records are on disk.
+2. reduce, one task per shard: concatenate the shard's buckets in file order, shuffle, and write
+   `shard-NNNNN.h5` (temporary name, then rename).
+
+Every random draw comes from a generator seeded by (seed, file index, batch index) or (seed, shard),
+so the shards are byte-identical whatever the number of workers or ranks. Memory is bounded by one
+batch plus the bucket buffers in phase 1 and by one shard in phase 2, not by the corpus.
+
+An interrupted run continues with `resume=True`: files with a marker and shards already renamed
+are kept, the rest is redone. The settings must be the same as the first time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from . import readers
+from .errors import DataPrepError
+from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
+from .mpi import World, get_world
+from .shards import FORMAT, SCHEMA_VERSION, Manifest, shard_name, write_shard
+from .vocab import Vocab, sha256_file
+
+log = logging.getLogger(__name__)
+
+WORK = ".work"
+FLUSH_BYTES = 32 << 20  # bucket buffers of a map task are flushed to disk past this size
+
+
+@dataclass(frozen=True)
+class ShardSettings:
+    examples: ExampleSettings = field(default_factory=ExampleSettings)
+    dupe_factor: int = 5
+    seed: int = 12345
+    num_shards: int = 8
+    input_format: str = "docs"
+    docs_per_batch: int = 256
+    sentences_per_batch: int = 16384
+
+    def check(self) -> None:
+        self.examples.check()
+        if self.dupe_factor < 1:
+            raise DataPrepError(f"--dupe-factor {self.dupe_factor}: must be at least 1")
+        if self.num_shards < 1:
+            raise DataPrepError(f"--num-shards {self.num_shards}: must be at least 1")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class _Paths:
+    output: Path
+
+    @property
+    def work(self) -> Path:
+        return self.output / WORK
+
+    def bucket(self, shard: int, file: int) -> Path:
+        return self.work / "buckets" / f"s{shard:05d}" / f"f{file:05d}.bin"
+
+    def file_done(self, file: int) -> Path:
+        return self.work / "done" / f"f{file:05d}.json"
+
+    def shard_done(self, shard: int) -> Path:
+        return self.work / "done" / f"s{shard:05d}.json"
+
+
+@functools.lru_cache(maxsize=2)
+def _vocab(path: str) -> Vocab:
+    return Vocab(Path(path))
+
+
+def _batches(path: Path, fmt: str, settings: ShardSettings, read_stats: readers.ReadStats) -> Iterator[list[list[str]]]:
+    batch: list[list[str]] = []
+    n_sent = 0
+    for doc in readers.iter_documents(path, fmt, read_stats):
+        batch.append(doc)
+        n_sent += len(doc)
+        if len(batch) >= settings.docs_per_batch or n_sent >= settings.sentences_per_batch:
+            yield batch
+            batch, n_sent = [], 0
+    if batch:
+        yield batch
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _map_file(task: tuple[int, str, str, str, ShardSettings]) -> dict[str, Any]:
+    """Phase 1 for one input file. Returns (and stores in its marker) the file's counts."""
+    file_index, path, spm_model, output, settings = task
+    paths = _Paths(Path(output))
+    vocab = _vocab(spm_model)
+    ex = settings.examples
+    max_chars = 16 * ex.max_seq_length  # a longer sentence cannot fit one example anyway
+    for shard in range(settings.num_shards):  # leftovers of an interrupted attempt
+        paths.bucket(shard, file_index).unlink(missing_ok=True)
+    buffers: list[list[np.ndarray]] = [[] for _ in range(settings.num_shards)]
+    buffered = 0
+
+    def flush() -> None:
+        for shard, parts in enumerate(buffers):
+            if parts:
+                with open(paths.bucket(shard, file_index), "ab") as f:
+                    for part in parts:
+                        f.write(part.tobytes())
+                parts.clear()
+
+    read_stats = readers.ReadStats()
+    stats = ExampleStats()
+    documents = sentences = 0
+    for batch_index, docs in enumerate(_batches(Path(path), settings.input_format, settings, read_stats)):
+        rng = np.random.default_rng([settings.seed, 0, file_index, batch_index])
+        flat = [s for d in docs for s in d]
+        tokens, lengths = vocab.encode(flat, max_chars)
+        doc_sentences = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+        documents += len(docs)
+        sentences += len(flat)
+        for _ in range(settings.dupe_factor):
+            records = make_examples(tokens, lengths, doc_sentences, vocab, ex, rng, stats)
+            dest = rng.integers(0, settings.num_shards, size=len(records))
+            order = np.argsort(dest, kind="stable")
+            bounds = np.searchsorted(dest[order], np.arange(settings.num_shards + 1))
+            for shard in range(settings.num_shards):
+                part = records[order[bounds[shard] : bounds[shard + 1]]]
+                if len(part):
+                    buffers[shard].append(part)
+                    buffered += part.nbytes
+        if buffered > FLUSH_BYTES:
+            flush()
+            buffered = 0
+    flush()
+    result = {
+        "file": path,
+        "documents": documents,
+        "sentences": sentences,
+        "read": asdict(read_stats),
+        "examples": asdict(stats),
+    }
+    _write_json(paths.file_done(file_index), result)
+    return result
+
+
+def _reduce_shard(task: tuple[int, int, str, ShardSettings, dict[str, Any]]) -> dict[str, Any]:
+    """Phase 2 for one shard: gather its buckets in file order, shuffle, write the HDF5 file."""
+    shard, num_files, output, settings, attrs = task
+    paths = _Paths(Path(output))
+    ex = settings.examples
+    dtype = record_dtype(ex.max_seq_length, ex.max_predictions_per_seq)
+    parts = [np.fromfile(b, dtype=dtype) for f in range(num_files) if (b := paths.bucket(shard, f)).exists()]
+    records = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+    records = records[np.random.default_rng([settings.seed, 1, shard]).permutation(len(records))]
+    final = paths.output / shard_name(shard)
+    write_shard(final, records, {**attrs, "shard_index": shard, "num_shards": settings.num_shards})
+    result = {"name": final.name, "num_examples": int(len(records)), "sha256": sha256_file(final), "bytes": final.stat().st_size}
+    _write_json(paths.shard_done(shard), result)
+    shutil.rmtree(paths.bucket(shard, 0).parent, ignore_errors=True)
+    return result
+
+
+def _run_tasks(fn, tasks: list, workers: int, desc: str, progress: bool) -> list:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, dynamic_ncols=True)
+    results = []
+    if workers <= 1 or len(tasks) <= 1:
+        for t in tasks:
+            results.append(fn(t))
+            bar.update()
+    else:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+            for r in pool.imap_unordered(fn, tasks):
+                results.append(r)
+                bar.update()
+    bar.close()
+    return results
+
+
+def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Sum nested counters (ints and int lists) field by field."""
+    total: dict[str, Any] = {}
+    for item in items:
+        for key, value in item.items():
+            if isinstance(value, dict):
+                total[key] = _sum_counts([total.get(key, {}), value])
+            elif isinstance(value, list):
+                mine = total.setdefault(key, [])
+                mine.extend([0] * (len(value) - len(mine)))
+                for i, v in enumerate(value):
+                    mine[i] += v
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                total[key] = total.get(key, 0) + value
+    return total
+
+
+def _prepare_output(world: World, paths: _Paths, settings_doc: dict[str, Any], resume: bool) -> str | None:
+    """Rank 0 checks and claims the output folder. Returns an error message or None."""
+    out = paths.output
+    if out.exists() and not out.is_dir():
+        return f"{out}: exists and is not a folder"
+    saved = paths.work / "settings.json"
+    if out.exists() and any(out.iterdir()):
+        if not resume:
+            return f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder"
+        if (out / "manifest.json").exists() and not paths.work.exists():
+            return f"{out}: already complete (manifest.json present); nothing to resume"
+        if not saved.exists():
+            return f"{out}: not an interrupted `albert-data shard` output (no {WORK}/settings.json); cannot resume"
+        if json.loads(saved.read_text()) != settings_doc:
+            return f"{out}: --resume with settings or inputs different from the interrupted run ({saved})"
+        return None
+    (paths.work / "done").mkdir(parents=True, exist_ok=True)
+    _write_json(saved, settings_doc)
+    return None
+
+
+def shard_corpus(
+    inputs: list[Path],
+    spm_model: Path,
+    output: Path,
+    settings: ShardSettings,
+    workers: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+    mpi: str = "auto",
+) -> Manifest | None:
+    """Make the shards. Returns the manifest on rank 0 (None on the other MPI ranks)."""
+    started = time.perf_counter()
+    settings.check()
+    files = readers.expand_inputs(inputs)
+    vocab = Vocab(Path(spm_model))  # refuses a bad model before any work
+    world = get_world(mpi)
+    paths = _Paths(Path(output))
+    settings_doc = {
+        "settings": settings.to_dict(),
+        "inputs": [str(f) for f in files],
+        "vocab_sha256": vocab.sha256,
+    }
+    error = _prepare_output(world, paths, settings_doc, resume) if world.rank == 0 else None
+    error = world.bcast(error)
+    if error:
+        raise DataPrepError(error)
+    world.barrier()
+    progress = progress and world.rank == 0
+
+    # phase 1: biggest files first, dealt round-robin to the ranks
+    by_size = sorted(range(len(files)), key=lambda i: (-files[i].stat().st_size, i))
+    mine = [i for k, i in enumerate(by_size) if k % world.size == world.rank and not paths.file_done(i).exists()]
+    for s in range(settings.num_shards):
+        paths.bucket(s, 0).parent.mkdir(parents=True, exist_ok=True)
+    world.barrier()
+    tasks = [(i, str(files[i]), str(Path(spm_model).resolve()), str(paths.output), settings) for i in mine]
+    try:
+        _run_tasks(_map_file, tasks, workers, "examples", progress)
+    except BaseException:
+        world.abort()
+        raise
+    world.barrier()
+
+    # phase 2
+    ex = settings.examples
+    attrs = {
+        "max_seq_length": ex.max_seq_length,
+        "max_predictions_per_seq": ex.max_predictions_per_seq,
+        "vocab_size": vocab.vocab_size,
+        "vocab_sha256": vocab.sha256,
+        "seed": settings.seed,
+        "sentence_task": "sop",
+        "sop_label_swapped": 1,
+        "masked_lm_prob": ex.masked_lm_prob,
+        "ngram": ex.ngram,
+        "dupe_factor": settings.dupe_factor,
+    }
+    todo = [s for s in range(settings.num_shards) if s % world.size == world.rank and not paths.shard_done(s).exists()]
+    tasks = [(s, len(files), str(paths.output), settings, attrs) for s in todo]
+    try:
+        _run_tasks(_reduce_shard, tasks, workers, "shards", progress)
+    except BaseException:
+        world.abort()
+        raise
+    world.barrier()
+    if world.rank != 0:
+        return None
+
+    # manifest, from the markers on disk (so resumed and multi-rank runs are counted whole)
+    per_file = [json.loads(paths.file_done(i).read_text()) for i in range(len(files))]
+    per_shard = [json.loads(paths.shard_done(s).read_text()) for s in range(settings.num_shards)]
+    totals = _sum_counts(per_file)
+    shutil.copyfile(spm_model, paths.output / "spiece.model.tmp")
+    os.replace(paths.output / "spiece.model.tmp", paths.output / "spiece.model")
+    manifest = Manifest(
+        {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "num_examples": sum(s["num_examples"] for s in per_shard),
+            "shards": per_shard,
+            "settings": settings.to_dict(),
+            "attributes": attrs,
+            "vocab": {"file": "spiece.model", "sha256": vocab.sha256, "vocab_size": vocab.vocab_size, "source": str(spm_model)},
+            "inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
+            "stats": totals,
+        }
+    )
+    manifest.save(paths.output)
+    shutil.rmtree(paths.work, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    log_summary(totals, manifest.data["num_examples"], seconds)
+    return manifest
+
+
+def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> None:
+    ex = totals.get("examples", {})
+    maskable = max(ex.get("maskable_tokens", 0), 1)
+    log.info(
+        "%d documents, %d sentences -> %d examples, %d tokens in %.1f s (%.0f examples/s); "
+        "masked %.2f%% of maskable tokens; SOP swapped %.1f%%; skipped: %d one-sentence documents, %d one-sentence chunks",
+        totals.get("documents", 0),
+        totals.get("sentences", 0),
+        num_examples,
+        ex.get("tokens", 0),
+        seconds,
+        num_examples / max(seconds, 1e-9),
+        100.0 * ex.get("predictions", 0) / maskable,
+        100.0 * ex.get("swapped", 0) / max(num_examples, 1),
+        ex.get("one_sentence_documents", 0),
+        ex.get("single_sentence_chunks", 0),
+    )
+
+
+def settings_from_dict(doc: dict[str, Any]) -> ShardSettings:
+    doc = dict(doc)
+    doc["examples"] = ExampleSettings(**doc["examples"])
+    names = {f.name for f in dataclasses.fields(ShardSettings)}
+    return ShardSettings(**{k: v for k, v in doc.items() if k in names})

@@ -1,0 +1,101 @@
+"""HDF5 shard files and the manifest that describes a shard folder.
+
+Schema (version 1), one file per shard, datasets named as NVIDIA's BERT loaders expect:
+
+| dataset                | shape  | dtype  | meaning                                            |
+|------------------------|--------|--------|----------------------------------------------------|
+| input_ids              | [N, L] | uint16 | [CLS] A [SEP] B [SEP], masked, padded with 0       |
+| input_mask             | [N, L] | uint8  | 1 for real tokens, 0 for padding                   |
+| segment_ids            | [N, L] | uint8  | 0 for [CLS] A [SEP], 1 for B [SEP], 0 for padding  |
+| masked_lm_positions    | [N, P] | uint16 | sorted positions of the predictions, padded with 0 |
+| masked_lm_ids          | [N, P] | uint16 | original ids at those positions, padded with 0     |
+| next_sentence_labels   | [N]    | uint8  | sentence-order label: 1 = swapped, 0 = in order    |
+
+Position 0 is always [CLS] and is never predicted, so a prediction slot is padding exactly when its
+position is 0. Files are written with gzip + shuffle filters in chunks of 1024 rows, without
+timestamps, so the same examples give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from .errors import DataPrepError
+from .examples import record_dtype
+
+SCHEMA_VERSION = 1
+FORMAT = "albert-sop-mlm"
+MANIFEST = "manifest.json"
+FIELDS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids", "next_sentence_labels")
+CHUNK_ROWS = 1024
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.h5"
+
+
+def write_shard(path: Path, records: np.ndarray, attrs: dict[str, Any]) -> None:
+    """Write records to `path` atomically (temporary name, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+        for name in FIELDS:
+            data = np.ascontiguousarray(records[name])
+            chunks = (min(CHUNK_ROWS, max(len(data), 1)),) + data.shape[1:]
+            f.create_dataset(
+                name, data=data, chunks=chunks, compression="gzip", compression_opts=4, shuffle=True, track_times=False
+            )
+        for key, value in attrs.items():
+            f.attrs[key] = value
+        f.attrs["num_examples"] = len(records)
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["format"] = FORMAT
+    os.replace(tmp, path)
+
+
+def read_shard(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Read rows [start, stop) of a shard as structured records."""
+    with h5py.File(path, "r") as f:
+        L, P = f["input_ids"].shape[1], f["masked_lm_positions"].shape[1]
+        stop = f["input_ids"].shape[0] if stop is None else stop
+        out = np.zeros(max(stop - start, 0), dtype=record_dtype(L, P))
+        for name in FIELDS:
+            out[name] = f[name][start:stop]
+    return out
+
+
+@dataclass
+class Manifest:
+    data: dict[str, Any]
+
+    @property
+    def shards(self) -> list[dict[str, Any]]:
+        return self.data["shards"]
+
+    @classmethod
+    def load(cls, folder: Path) -> "Manifest":
+        path = Path(folder) / MANIFEST
+        if not path.is_file():
+            raise DataPrepError(f"{path}: no manifest (not a shard folder made by `albert-data shard`?)")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataPrepError(f"{path}: not valid JSON ({e})") from None
+        for key in ("format", "schema_version", "shards", "settings", "vocab"):
+            if key not in data:
+                raise DataPrepError(f"{path}: missing key {key!r}")
+        if data["format"] != FORMAT or data["schema_version"] != SCHEMA_VERSION:
+            raise DataPrepError(f"{path}: format {data['format']} v{data['schema_version']}, expected {FORMAT} v{SCHEMA_VERSION}")
+        return cls(data)
+
+    def save(self, folder: Path) -> None:
+        path = Path(folder) / MANIFEST
+        tmp = path.with_name(MANIFEST + ".tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, path)

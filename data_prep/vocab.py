@@ -1,0 +1,161 @@
+"""The SentencePiece vocabulary: training it with ALBERT's settings, and loading it for sharding.
+
+Text is normalised the way Hugging Face's AlbertTokenizer (and ALBERT's released 30k-clean model)
+does before SentencePiece sees it: whitespace collapsed, ``/'' turned into ", accents stripped
+(NFKD, combining marks removed) and lowercased. The same normalisation is applied when training and
+when encoding, so an exported `spiece.model` gives the same ids in AlbertTokenizer as in our shards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .errors import DataPrepError
+
+log = logging.getLogger(__name__)
+
+PAD, UNK, CLS, SEP, MASK = "<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"
+CONTROL_SYMBOLS = (CLS, SEP, MASK)
+# ALBERT's 30k-clean model splits these off as pieces of their own.
+USER_DEFINED_SYMBOLS = ("(", ")", '"', "-", ".", "–", "£", "€")
+# input_ids are stored as uint16 in the shards.
+MAX_VOCAB_SIZE = 2**16
+
+
+def normalize(text: str) -> str:
+    """AlbertTokenizer's preprocessing (do_lower_case=True, keep_accents=False, remove_space=True)."""
+    text = " ".join(text.split()).replace("``", '"').replace("''", '"')
+    if not text.isascii():  # NFKD is the identity on ASCII: skip the per-character work
+        text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    return text.lower()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class VocabSettings:
+    vocab_size: int = 30000
+    input_sentence_size: int = 10_000_000  # sample at most this many sentences (large corpora)
+    character_coverage: float = 0.99995
+    max_sentence_length: int = 4192  # bytes; longer sentences are skipped by SentencePiece
+    seed: int = 12345
+    threads: int = 1
+
+
+def train_vocab(sentences: Iterable[str], output_prefix: Path, settings: VocabSettings) -> Path:
+    """Train a unigram model on already sentence-split text; writes PREFIX.model and PREFIX.vocab."""
+    import sentencepiece as spm
+
+    if settings.vocab_size > MAX_VOCAB_SIZE:
+        raise DataPrepError(f"--vocab-size {settings.vocab_size}: the shards store ids as uint16, at most {MAX_VOCAB_SIZE}")
+    output_prefix = Path(output_prefix)
+    output_prefix.parent.mkdir(parents=True, exist_ok=True)
+    spm.set_random_generator_seed(settings.seed)
+    counted = _Counted(normalize(s) for s in sentences)
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=counted,
+            model_prefix=str(output_prefix),
+            vocab_size=settings.vocab_size,
+            model_type="unigram",
+            pad_id=0,
+            unk_id=1,
+            bos_id=-1,
+            eos_id=-1,
+            pad_piece=PAD,
+            unk_piece=UNK,
+            control_symbols=list(CONTROL_SYMBOLS),
+            user_defined_symbols=list(USER_DEFINED_SYMBOLS),
+            input_sentence_size=settings.input_sentence_size,
+            shuffle_input_sentence=True,
+            character_coverage=settings.character_coverage,
+            max_sentence_length=settings.max_sentence_length,
+            num_threads=settings.threads,
+            minloglevel=2,
+        )
+    except RuntimeError as e:  # e.g. "Vocabulary size too high (30000). Please set it to a value <= 6127."
+        raise DataPrepError(f"SentencePiece training failed: {str(e).splitlines()[-1]}") from None
+    if counted.n == 0:
+        raise DataPrepError("no sentences to train the vocabulary on")
+    model = output_prefix.with_name(output_prefix.name + ".model")
+    log.info("vocabulary: %d pieces from %d sentences -> %s", settings.vocab_size, counted.n, model)
+    return model
+
+
+class _Counted:
+    def __init__(self, it: Iterator[str]):
+        self.it, self.n = it, 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        s = next(self.it)
+        self.n += 1
+        return s
+
+
+class Vocab:
+    """A loaded SentencePiece model with what sharding needs precomputed as numpy tables."""
+
+    def __init__(self, path: Path):
+        import sentencepiece as spm
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataPrepError(f"{self.path}: no such SentencePiece model")
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
+        except (RuntimeError, OSError) as e:
+            raise DataPrepError(f"{self.path}: not a SentencePiece model ({str(e).splitlines()[-1]})") from None
+        sp = self.sp
+        self.vocab_size = sp.get_piece_size()
+        if self.vocab_size > MAX_VOCAB_SIZE:
+            raise DataPrepError(
+                f"{self.path}: vocabulary of {self.vocab_size} pieces does not fit the shards' uint16 ids "
+                f"(at most {MAX_VOCAB_SIZE})"
+            )
+        ids = {}
+        for piece in CONTROL_SYMBOLS:
+            i = sp.piece_to_id(piece)
+            if i == sp.unk_id() or not sp.is_control(i):
+                raise DataPrepError(f"{self.path}: the vocabulary has no control symbol {piece} (train it with `albert-data vocab`)")
+            ids[piece] = i
+        self.cls_id, self.sep_id, self.mask_id = ids[CLS], ids[SEP], ids[MASK]
+        if sp.pad_id() != 0:
+            raise DataPrepError(f"{self.path}: padding must be id 0 (pad_id={sp.pad_id()}); shards are padded with 0")
+        self.pad_id = 0
+        pieces = [sp.id_to_piece(i) for i in range(self.vocab_size)]
+        special = np.array([sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i) for i in range(self.vocab_size)])
+        # Whole-word masking: a piece that starts with "▁" begins a word; others continue the previous one.
+        self.is_word_start = np.array([p.startswith("\u2581") for p in pieces]) & ~special
+        # Random replacements (the 10% of 80/10/10) are drawn from real pieces only.
+        self.normal_ids = np.flatnonzero(~special).astype(np.int32)
+        self.pieces = pieces
+        self.sha256 = sha256_file(self.path)
+
+    def encode(self, sentences: list[str], max_chars: int) -> tuple[np.ndarray, np.ndarray]:
+        """Normalise and encode; returns (flat int32 ids, per-sentence lengths).
+
+        Sentences are cut at `max_chars` first: a sentence longer than that cannot fit one example anyway.
+        """
+        encoded = self.sp.encode([normalize(s[:max_chars]) for s in sentences], num_threads=1)
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        flat = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum()))
+        return flat, lengths
+
+    def decode_ids(self, ids: Iterable[int]) -> list[str]:
+        return [self.pieces[i] for i in ids]
