@@ -3,8 +3,9 @@
 The algorithm is ALBERT's reference (google-research/albert create_pretraining_data.py), without its bugs:
 - chunks of consecutive sentences of one document are gathered up to a target length; segment A is
   the first `randint(1, k-1)` sentences, B the rest; A and B are swapped with probability 0.5
-  (label 1 = swapped). A chunk of one sentence cannot make an SOP pair: it is skipped and counted
-  (the reference took B from another document, an NSP negative);
+  (label 1 = swapped). A chunk holds at least two sentences, so every pair is a real SOP pair (the
+  reference made one-sentence chunks and took their B from another document, an NSP negative);
+  one-sentence documents are skipped and counted;
 - with probability `short_seq_prob` a chunk's target length is drawn from [2, max] (redrawn per
   chunk; the reference drew once per document, so long documents were all-short or all-long);
 - a pair longer than max_seq_length - 3 loses tokens from its longer segment, each from the front
@@ -78,7 +79,6 @@ class ExampleStats:
     replaced_mask: int = 0
     replaced_random: int = 0
     kept: int = 0
-    single_sentence_chunks: int = 0
     one_sentence_documents: int = 0
     truncated_pairs: int = 0
     ngram_hist: list[int] = field(default_factory=list)  # index n: n-grams of n words masked
@@ -127,15 +127,16 @@ def pair_documents(
             target = max_num_tokens
             if r_short[i] < short_seq_prob:
                 target = 2 + int(r_target[i] * (max_num_tokens - 1))  # randint(2, max_num_tokens)
-            # the chunk ends with the first sentence that brings it to the target (or the document's end)
-            j = min(max(bisect.bisect_left(offs_l, offs_l[i] + target, i + 1, s1 + 1), i + 1), s1)
+            # The chunk ends with the first sentence that brings it to the target, but holds at least
+            # two sentences (an SOP pair needs two), and takes a lone last sentence of the document
+            # along rather than leaving it behind.
+            j = min(max(bisect.bisect_left(offs_l, offs_l[i] + target, i + 1, s1 + 1), i + 2), s1)
+            if j == s1 - 1:
+                j = s1
             k = j - i
-            if k >= 2:
-                a_end = i + 1 + int(r_split[i] * (k - 1))  # randint(1, k - 1) sentences in A
-                if offs_l[a_end] > offs_l[i] and offs_l[j] > offs_l[a_end]:
-                    out.append((offs_l[i], offs_l[a_end], offs_l[j], int(r_swap[i] < 0.5)))
-            else:
-                stats.single_sentence_chunks += 1
+            a_end = i + 1 + int(r_split[i] * (k - 1))  # randint(1, k - 1) sentences in A
+            if offs_l[a_end] > offs_l[i] and offs_l[j] > offs_l[a_end]:
+                out.append((offs_l[i], offs_l[a_end], offs_l[j], int(r_swap[i] < 0.5)))
             i = j
         s0 = s1
     return np.array(out, dtype=np.int64).reshape(-1, 4)

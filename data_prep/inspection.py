@@ -29,23 +29,27 @@ def _windows(path: Path):
 
 
 def render_example(rec: np.void, vocab: Vocab) -> str:
-    """One example as text: masked slots shown as [MASK]/{original} or <random>{original} or ={original}."""
+    """One example as text; a prediction shows as [MASK]{original}, <random piece>{original} or ={original} (kept)."""
     ids = rec["input_ids"].astype(np.int64)
     length = int(rec["input_mask"].sum())
     preds = {int(p): int(t) for p, t in zip(rec["masked_lm_positions"], rec["masked_lm_ids"]) if p > 0}
-    pieces = []
+    out = []
     for pos in range(length):
         piece = vocab.pieces[ids[pos]]
         if pos in preds:
             original = vocab.pieces[preds[pos]]
+            lead = " " if original.startswith("\u2581") else ""
+            original = original.lstrip("\u2581")
             if ids[pos] == vocab.mask_id:
-                piece = f"[MASK]{{{original}}}"
+                piece = f"{lead}[MASK]{{{original}}}"
             elif ids[pos] == preds[pos]:
-                piece = f"={{{original}}}"
+                piece = f"{lead}={{{original}}}"
             else:
-                piece = f"<{piece}>{{{original}}}"
-        pieces.append(piece)
-    text = " ".join(pieces).replace(" \u2581", " ").replace("\u2581", "")
+                piece = f"{lead}<{piece.lstrip(chr(0x2581))}>{{{original}}}"
+        elif piece in ("[CLS]", "[SEP]"):
+            piece = f" {piece} "
+        out.append(piece.replace("\u2581", " "))
+    text = " ".join("".join(out).split())
     label = int(rec["next_sentence_labels"])
     return f"sop_label={label} ({'swapped' if label else 'in order'}) length={length} predictions={len(preds)}\n  {text}"
 

@@ -337,7 +337,7 @@ def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> No
     maskable = max(ex.get("maskable_tokens", 0), 1)
     log.info(
         "%d documents, %d sentences -> %d examples, %d tokens in %.1f s (%.0f examples/s); "
-        "masked %.2f%% of maskable tokens; SOP swapped %.1f%%; skipped: %d one-sentence documents, %d one-sentence chunks",
+        "masked %.2f%% of maskable tokens; SOP swapped %.1f%%; skipped %d one-sentence documents",
         totals.get("documents", 0),
         totals.get("sentences", 0),
         num_examples,
@@ -347,7 +347,6 @@ def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> No
         100.0 * ex.get("predictions", 0) / maskable,
         100.0 * ex.get("swapped", 0) / max(num_examples, 1),
         ex.get("one_sentence_documents", 0),
-        ex.get("single_sentence_chunks", 0),
     )
 
 
