@@ -23,8 +23,6 @@ log = logging.getLogger(__name__)
 
 PAD, UNK, CLS, SEP, MASK = "<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"
 CONTROL_SYMBOLS = (CLS, SEP, MASK)
-# ALBERT's 30k-clean model splits these off as pieces of their own.
-USER_DEFINED_SYMBOLS = ("(", ")", '"', "-", ".", "–", "£", "€")
 # input_ids are stored as uint16 in the shards.
 MAX_VOCAB_SIZE = 2**16
 
@@ -78,7 +76,6 @@ def train_vocab(sentences: Iterable[str], output_prefix: Path, settings: VocabSe
             pad_piece=PAD,
             unk_piece=UNK,
             control_symbols=list(CONTROL_SYMBOLS),
-            user_defined_symbols=list(USER_DEFINED_SYMBOLS),
             input_sentence_size=settings.input_sentence_size,
             shuffle_input_sentence=True,
             character_coverage=settings.character_coverage,

@@ -1,0 +1,48 @@
+"""Session fixtures: the real Wikipedia excerpt, turned once into a corpus, a vocabulary and shards."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB_SIZE = 4000
+SHARD_ARGS = ["--dupe-factor", "2", "--num-shards", "3", "--seed", "7"]
+
+
+@pytest.fixture(scope="session")
+def wiki_dump() -> Path:
+    from data_prep.demo_corpus import wikipedia_excerpt
+
+    return wikipedia_excerpt()
+
+
+@pytest.fixture(scope="session")
+def wiki_corpus(wiki_dump, tmp_path_factory) -> Path:
+    from data_prep.corpus import write_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    write_corpus([wiki_dump], out, num_files=4, fmt="auto", workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def spm_model(wiki_corpus, tmp_path_factory) -> Path:
+    from data_prep.cli import train_vocab_from
+
+    prefix = tmp_path_factory.mktemp("vocab") / "spiece"
+    return train_vocab_from([wiki_corpus], prefix, VOCAB_SIZE, 1_000_000, 12345, 1, "docs")
+
+
+@pytest.fixture(scope="session")
+def wiki_shards(wiki_corpus, spm_model, tmp_path_factory) -> Path:
+    from data_prep.cli import main
+
+    out = tmp_path_factory.mktemp("shards") / "out"
+    assert main(["shard", "--input", str(wiki_corpus), "--spm-model", str(spm_model), "--output", str(out), *SHARD_ARGS]) == 0
+    return out
