@@ -8,7 +8,9 @@ when encoding, so an exported `spiece.model` gives the same ids in AlbertTokeniz
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import itertools
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -27,11 +29,17 @@ CONTROL_SYMBOLS = (CLS, SEP, MASK)
 MAX_VOCAB_SIZE = 2**16
 
 
+@functools.cache
+def _drop_combining() -> dict[int, None]:
+    """str.translate table deleting every combining mark (built once per process, ~0.3 s)."""
+    return {cp: None for cp in range(0x20000) if unicodedata.combining(chr(cp))}  # none beyond plane 1
+
+
 def normalize(text: str) -> str:
     """AlbertTokenizer's preprocessing (do_lower_case=True, keep_accents=False, remove_space=True)."""
     text = " ".join(text.split()).replace("``", '"').replace("''", '"')
-    if not text.isascii():  # NFKD is the identity on ASCII: skip the per-character work
-        text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
+    if not text.isascii():  # NFKD is the identity on ASCII: skip the work
+        text = unicodedata.normalize("NFKD", text).translate(_drop_combining())
     return text.lower()
 
 
@@ -151,7 +159,7 @@ class Vocab:
         """
         encoded = self.sp.encode([normalize(s[:max_chars]) for s in sentences], num_threads=1)
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-        flat = np.fromiter((t for e in encoded for t in e), dtype=np.int32, count=int(lengths.sum()))
+        flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(lengths.sum()))
         return flat, lengths
 
     def decode_ids(self, ids: Iterable[int]) -> list[str]:

@@ -1,0 +1,122 @@
+"""Throughput and peak memory of `albert-data shard`, side by side in one run.
+
+Builds standard-format corpora of the requested sizes from the Wikipedia excerpt (its documents
+repeated), trains one vocabulary, then runs `albert-data shard` as a subprocess for each
+(corpus size, workers) pair, sampling the resident memory of the whole process tree.
+
+    python bench/bench_data.py                       # 10 MB and 100 MB, 1 and 2 workers
+    python bench/bench_data.py --sizes 10 --workers 1 2 --dupe-factor 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from data_prep.cli import setup_logging, train_vocab_from  # noqa: E402
+from data_prep.corpus import write_corpus  # noqa: E402
+from data_prep.demo_corpus import wikipedia_excerpt  # noqa: E402
+from data_prep.shards import Manifest  # noqa: E402
+
+log = logging.getLogger("bench")
+
+
+def peak_rss(proc: subprocess.Popen, stop: threading.Event, out: list[int]) -> None:
+    root = psutil.Process(proc.pid)
+    peak = 0
+    while not stop.is_set():
+        try:
+            procs = [root] + root.children(recursive=True)
+            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    out.append(peak)
+
+
+def build_corpus(docs_dir: Path, target_mb: int, out: Path, files: int = 8) -> int:
+    """Repeat the excerpt's documents round-robin into `files` files until target_mb is reached."""
+    text = "".join(p.read_text() for p in sorted(docs_dir.glob("*.txt")))
+    docs = [d.strip() + "\n\n" for d in text.split("\n\n") if d.strip()]
+    out.mkdir(parents=True)
+    handles = [open(out / f"part-{i:03d}.txt", "w") for i in range(files)]
+    written, i = 0, 0
+    while written < target_mb * 1_000_000:
+        d = docs[i % len(docs)]
+        handles[i % files].write(d)
+        written += len(d.encode())
+        i += 1
+    for h in handles:
+        h.close()
+    return written
+
+
+def run_shard(corpus: Path, spm: Path, out: Path, workers: int, dupe: int, seq: int) -> dict:
+    cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(corpus), "--spm-model", str(spm),
+           "--output", str(out), "--max-seq-length", str(seq), "--dupe-factor", str(dupe),
+           "--num-shards", "8", "--workers", str(workers), "--no-progress"]  # fmt: skip
+    stop, peak = threading.Event(), []
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    sampler = threading.Thread(target=peak_rss, args=(proc, stop, peak))
+    sampler.start()
+    _, err = proc.communicate()
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    if proc.returncode:
+        raise SystemExit(f"shard failed:\n{err}")
+    return {"seconds": seconds, "examples": Manifest.load(out).data["num_examples"], "peak_mb": peak[0] / 1e6}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="corpus sizes in MB")
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--dupe-factor", type=int, default=2)
+    p.add_argument("--max-seq-length", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=25000, help="the excerpt supports at most ~25.5k pieces")
+    args = p.parse_args()
+    setup_logging(False)
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
+        tmp = Path(tmp)
+        write_corpus([wikipedia_excerpt()], tmp / "excerpt", num_files=1, progress=False)
+        spm = train_vocab_from([tmp / "excerpt"], tmp / "vocab" / "spiece", args.vocab_size, 10_000_000, 1, 2, "docs")
+        rows = []
+        for size in args.sizes:
+            nbytes = build_corpus(tmp / "excerpt", size, tmp / f"c{size}")
+            for w in args.workers:
+                log.info("shard: %d MB, %d worker(s)", size, w)
+                r = run_shard(tmp / f"c{size}", spm, tmp / f"s{size}-{w}", w, args.dupe_factor, args.max_seq_length)
+                shutil.rmtree(tmp / f"s{size}-{w}")
+                rows.append((size, w, nbytes, r))
+    base = {size: r for size, w, _, r in rows if w == min(args.workers)}
+    print(f"\nalbert-data shard: seq {args.max_seq_length}, dupe factor {args.dupe_factor}, vocab {args.vocab_size}, "
+          "tokenization and HDF5 writing included (process start ~1 s included)\n")  # fmt: skip
+    print("| corpus | workers | seconds | MB/s of text | examples/s | examples/s per worker | speed-up | peak RSS (MB) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for size, w, nbytes, r in rows:
+        eps = r["examples"] / r["seconds"]
+        print(f"| {size} MB | {w} | {r['seconds']:.1f} | {nbytes / 1e6 / r['seconds']:.2f} | {eps:,.0f} | {eps / w:,.0f} | "
+              f"{base[size]['seconds'] / r['seconds']:.2f}x | {r['peak_mb']:.0f} |")  # fmt: skip
+    sizes = sorted(args.sizes)
+    if len(sizes) > 1:
+        for w in args.workers:
+            peaks = {s: r["peak_mb"] for s, ww, _, r in rows if ww == w}
+            print(f"\npeak memory {sizes[-1]} MB / {sizes[0]} MB corpus, {w} worker(s): {peaks[sizes[-1]] / peaks[sizes[0]]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
