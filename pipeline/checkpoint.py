@@ -1,0 +1,131 @@
+"""Checkpoints: DeepSpeed's own files plus a completion marker, so that a half-written one is never resumed.
+
+Layout under `<output>/checkpoints/`:
+    step-00000100/            DeepSpeed's files (engine.save_checkpoint with this tag)
+    step-00000100/rng-rank<r>.pt   each rank's random generator states
+    step-00000100/complete.json    written last, atomically, by rank 0 after every rank has saved
+    model_config.json              the model's config (what `albert-export` reads)
+
+`--resume auto` takes the newest tag with complete.json; a save killed midway leaves a tag without it,
+which is ignored (and removed by the next save). The last `keep` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+log = logging.getLogger(__name__)
+
+COMPLETE = "complete.json"
+PREFIX = "step-"
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used as it is; the message says why and what to do."""
+
+
+def tag_for(step: int) -> str:
+    return f"{PREFIX}{step:08d}"
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoint folders, oldest first."""
+    if not folder.is_dir():
+        return []
+    tags = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / COMPLETE).is_file()]
+    return sorted(tags, key=lambda p: int(p.name[len(PREFIX) :]))
+
+
+def resolve_resume(mode: str, folder: Path) -> Path | None:
+    """`auto`: the newest complete checkpoint in folder (None if there is none); `never`: None; else a path."""
+    if mode == "never":
+        return None
+    if mode == "auto":
+        found = complete_checkpoints(folder)
+        return found[-1] if found else None
+    path = Path(mode)
+    if not (path / COMPLETE).is_file():
+        raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE}); pass a folder such as {folder}/{tag_for(100)}")
+    return path
+
+
+def read_meta(tag_dir: Path) -> dict[str, Any]:
+    return json.loads((tag_dir / COMPLETE).read_text())
+
+
+def check_compatible(tag_dir: Path, world_size: int, zero_stage: int) -> dict[str, Any]:
+    meta = read_meta(tag_dir)
+    if meta["world_size"] != world_size or meta["zero_stage"] != zero_stage:
+        raise CheckpointError(
+            f"{tag_dir}: written by {meta['world_size']} rank(s) at ZeRO-{meta['zero_stage']}, this run has "
+            f"{world_size} rank(s) at ZeRO-{zero_stage}; DeepSpeed's optimizer partitions load only as they were saved. "
+            f"Resume with the same number of ranks and ZeRO stage, or start a new run from its weights: "
+            f"`albert-export --checkpoint {tag_dir.parent} --output hf/` then `--init-from hf/`"
+        )
+    return meta
+
+
+def _rng_state() -> dict[str, Any]:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_config: dict, keep: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder."""
+    rank = dist.get_rank()
+    tag = tag_for(step)
+    tag_dir = folder / tag
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+        if tag_dir.exists():  # a save of this step that was killed midway
+            shutil.rmtree(tag_dir)
+    dist.barrier()
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    torch.save(_rng_state(), tag_dir / f"rng-rank{rank}.pt")
+    if os.environ.get("ALBERT_FAULT") == "kill-before-complete" and rank == 0:
+        os.kill(os.getpid(), 9)  # fault injection for the tests: die after the files, before the marker
+    dist.barrier()
+    if rank == 0:
+        _write_json(folder / "model_config.json", model_config)
+        _write_json(tag_dir / COMPLETE, {**meta, "step": step, "tag": tag})
+        for old in complete_checkpoints(folder)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for partial in folder.glob(f"{PREFIX}*"):
+            if partial.is_dir() and not (partial / COMPLETE).exists():
+                shutil.rmtree(partial, ignore_errors=True)
+    dist.barrier()
+    log.info("saved checkpoint %s", tag_dir)
+    return tag_dir
+
+
+def load(engine, tag_dir: Path) -> dict:
+    """Collective. Restores model, optimizer, scheduler and RNG states; returns the client state."""
+    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if client_state is None:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+    rng = tag_dir / f"rng-rank{dist.get_rank()}.pt"
+    if rng.exists():
+        _set_rng_state(torch.load(rng, weights_only=False))
+    log.info("resumed from %s", tag_dir)
+    return client_state

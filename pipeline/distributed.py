@@ -1,0 +1,107 @@
+"""Which launcher started us, and the torch.distributed variables it implies.
+
+- torchrun and the `deepspeed` launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+- `srun` sets SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS / SLURM_JOB_NODELIST: we map them, the
+  rendezvous host being the first node of the allocation (SLURM_STEP_NUM_TASKS, not SLURM_NTASKS, so that a
+  batch script running python without srun is not mistaken for one task of many);
+- `mpirun` (OpenMPI, PMIx): DeepSpeed's MPI discovery (mpi4py) finds rank, size and rank 0's address;
+- otherwise a single plain process on a free local port.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+log = logging.getLogger(__name__)
+
+_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE")
+
+
+@dataclass(frozen=True)
+class Launch:
+    launcher: str  # torchrun | deepspeed | srun | mpirun | single
+    mpi_discovery: bool
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list ("node[1-2],gpu7" -> "node1"), via scontrol when present."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True)
+        return out.stdout.split()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        m = re.match(r"([^,\[]+)(?:\[(\d+)[^\]]*\])?", nodelist)
+        if not m:
+            return nodelist
+        return m.group(1) + (m.group(2) or "")
+
+
+def detect_launch() -> Launch:
+    """Set the torch.distributed variables the launcher left out; say which launcher it was."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return Launch("deepspeed" if "CROSS_RANK" in env or "DS_LAUNCHER" in env else "torchrun", False)
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        env["RANK"] = env["SLURM_PROCID"]
+        env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+        env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))))
+        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        return Launch("srun", False)
+    if any(v in env for v in _MPI_ENV):
+        return Launch("mpirun", True)
+    env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    env.setdefault("MASTER_ADDR", "127.0.0.1")
+    env.setdefault("MASTER_PORT", str(free_port()))
+    return Launch("single", False)
+
+
+def check_rendezvous(timeout: float) -> None:
+    """Non-zero ranks: fail fast, with a clear message, when rank 0's address cannot be reached.
+
+    Without this a rank waits for the whole process-group timeout (30 minutes by default)."""
+    import time
+
+    if os.environ.get("RANK", "0") == "0":
+        return
+    host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=5):
+                return
+        except OSError as e:
+            last = e
+            time.sleep(1.0)
+    raise RuntimeError(f"rank {os.environ['RANK']}: cannot reach rank 0 at {host}:{port} within {timeout:.0f} s ({last}); check that the nodes can reach each other")
+
+
+def init_distributed(launch: Launch, timeout_s: float) -> tuple[int, int, int]:
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns (rank, world, local rank)."""
+    import deepspeed
+    import torch
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=launch.mpi_discovery,
+        distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
+        timeout=timedelta(seconds=timeout_s),
+    )
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    return rank, world, local

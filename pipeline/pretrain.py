@@ -1,0 +1,442 @@
+"""`albert-pretrain`: ALBERT pretraining on HDF5 shards with DeepSpeed (ZeRO 0-3, fp16/bf16/fp32, LAMB).
+
+Runs unchanged as a plain process, under torchrun, the `deepspeed` launcher, `srun` or `mpirun`.
+The training step is `train()` below: micro-batches from the prefetching loader, forward, backward,
+DeepSpeed's step at the accumulation boundary, then (every few steps) metrics, evaluation and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+EXAMPLE = (
+    "torchrun --nproc_per_node 2 -m pipeline.pretrain --deepspeed_config ds_configs/cpu-zero2-bf16-lamb.json "
+    "--model-config albert-tiny --data data/shards --eval-data data/eval --output runs/tiny --max-steps 200"
+)
+
+log = logging.getLogger("albert-pretrain")
+
+
+class TrainError(Exception):
+    """A setting or input that makes training impossible; reported on one line before any step."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="albert-pretrain",
+        description="Pretrain ALBERT (MLM + sentence-order prediction) on shards from `albert-data`, with DeepSpeed.",
+        epilog=f"example:\n  {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--deepspeed_config", "--deepspeed-config", required=True, type=Path, help="DeepSpeed JSON config (batch, precision, ZeRO, optimizer, scheduler)")
+    a("--model-config", required=True, help="model config JSON (Hugging Face AlbertConfig keys) or a shipped name: albert-tiny, albert-base, ...")
+    a("--data", required=True, type=Path, help="shard folder with manifest.json (from `albert-data shard`)")
+    a("--eval-data", type=Path, default=None, help="shard folder for evaluation")
+    a("--output", required=True, type=Path, help="checkpoints/, tensorboard/, metrics.jsonl go here")
+    a("--max-steps", type=int, required=True, help="optimizer steps to train in all (a resumed run continues to this step)")
+    a("--save-interval", type=int, default=1000, help="save a checkpoint every N steps (and at the end)")
+    a("--eval-interval", type=int, default=1000, help="evaluate every N steps (and at the end)")
+    a("--eval-batches", type=int, default=100, help="micro-batches per rank in an evaluation")
+    a("--log-interval", type=int, default=10, help="write a metrics line every N steps")
+    a("--seed", type=int, default=42, help="model initialisation and data order")
+    a("--resume", default="auto", help="auto (newest complete checkpoint in OUTPUT), never, or a checkpoint folder")
+    a("--keep-checkpoints", type=int, default=3, help="complete checkpoints to keep")
+    a("--init-from", type=Path, default=None, help="start from the weights of a Hugging Face ALBERT folder (albert-export output)")
+    a("--activation-checkpointing", action="store_true", help="recompute layer activations in backward (long sequences)")
+    a("--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping")
+    a("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
+    a("--allow-fp16-on-cpu", action="store_true", help="testing only: run DeepSpeed's fp16 path on a CPU that lacks fp16 support")
+    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+    a("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------------------------- settings
+
+
+@dataclass
+class Batch:
+    micro: int
+    accum: int
+    world: int
+
+    @property
+    def global_size(self) -> int:
+        return self.micro * self.accum * self.world
+
+
+def resolve_batch(ds: dict[str, Any], world: int) -> Batch:
+    """DeepSpeed's rule (any two of the three determine the third), checked with messages a user understands."""
+    tb, mb, ga = ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps")
+    if mb is None and tb is None:
+        raise TrainError("DeepSpeed config: set train_micro_batch_size_per_gpu (and train_batch_size or gradient_accumulation_steps)")
+    if mb is None:
+        ga = ga or 1
+        if tb % (ga * world):
+            raise TrainError(f"train_batch_size {tb} is not divisible by gradient_accumulation_steps {ga} x {world} rank(s)")
+        mb = tb // (ga * world)
+    elif ga is None:
+        ga = 1 if tb is None else tb // (mb * world)
+        if tb is not None and (ga < 1 or tb != mb * ga * world):
+            raise TrainError(f"train_batch_size {tb} != micro batch {mb} x {world} rank(s) x some accumulation: choose a multiple of {mb * world}")
+    if tb is not None and tb != mb * ga * world:
+        raise TrainError(f"train_batch_size {tb} != train_micro_batch_size_per_gpu {mb} x gradient_accumulation_steps {ga} x {world} rank(s) = {mb * ga * world}")
+    return Batch(mb, ga, world)
+
+
+def load_ds_config(path: Path, batch_world: int) -> tuple[dict[str, Any], Batch]:
+    try:
+        ds = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TrainError(f"{path}: no such DeepSpeed config") from None
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{path}: not valid JSON ({e})") from None
+    batch = resolve_batch(ds, batch_world)
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = batch.micro, batch.accum
+    ds["train_batch_size"] = batch.global_size
+    return ds, batch
+
+
+def check_precision(ds: dict[str, Any], allow_fp16_on_cpu: bool) -> str:
+    import torch
+
+    fp16, bf16 = ds.get("fp16", {}).get("enabled", False), ds.get("bf16", {}).get("enabled", False)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if fp16 and bf16:
+        raise TrainError("DeepSpeed config: fp16 and bf16 are both enabled; choose one")
+    if fp16 and stage == 0:
+        raise TrainError("fp16 with ZeRO stage 0 is broken in DeepSpeed 0.19 (the loss is never scaled); use ZeRO 1-3 or bf16")
+    if fp16 and not torch.cuda.is_available():
+        if not allow_fp16_on_cpu:
+            raise TrainError("fp16 needs a GPU; on CPU use a bf16 or fp32 config (ds_configs/cpu-*.json)")
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator().is_fp16_supported = lambda: True  # the documented override for testing the fp16 path on CPU
+    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
+
+
+def check_data_against_model(data, cfg, source: Path) -> None:
+    if data.sentence_task != "sop":
+        raise TrainError(f"{source}: sentence task {data.sentence_task!r}; this model trains sentence-order prediction (sop)")
+    if data.vocab_size != cfg.vocab_size:
+        raise TrainError(f"{source}: the shards' vocabulary has {data.vocab_size} pieces but the model config says vocab_size {cfg.vocab_size}")
+    if data.seq_len > cfg.max_position_embeddings:
+        raise TrainError(f"{source}: sequences of {data.seq_len} tokens exceed the model's max_position_embeddings {cfg.max_position_embeddings}")
+
+
+def build_model(cfg, ds: dict[str, Any], activation_checkpointing: bool):
+    """The model, initialised the ALBERT way also under ZeRO-3 (where __init__'s initialisation is lost)."""
+    import deepspeed
+
+    from .model import AlbertForPreTraining, init_albert_weights
+
+    if ds.get("zero_optimization", {}).get("stage", 0) != 3:
+        return AlbertForPreTraining(cfg, gradient_checkpointing=activation_checkpointing)
+    with deepspeed.zero.Init(config_dict_or_path=ds):
+        model = AlbertForPreTraining(cfg, gradient_checkpointing=activation_checkpointing)
+    for m in model.modules():
+        with deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)), modifier_rank=0):
+            init_albert_weights(m, cfg.initializer_range)
+    return model
+
+
+def fill_scheduler(ds: dict[str, Any], max_steps: int) -> None:
+    """WarmupDecayLR needs total_num_steps: default it to --max-steps (ALBERT: linear warmup, then linear decay to 0)."""
+    sched = ds.get("scheduler")
+    if sched and sched.get("type") == "WarmupDecayLR":
+        params = sched.setdefault("params", {})
+        if "total_num_steps" not in params:
+            params["total_num_steps"] = max_steps
+        if params.get("warmup_num_steps", 0) >= params["total_num_steps"]:
+            raise TrainError(f"scheduler: warmup_num_steps {params['warmup_num_steps']} >= total_num_steps {params['total_num_steps']}")
+
+
+# --------------------------------------------------------------------------------------------- the loop
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 (Slurm's warnings before a time limit or preemption): finish the step, save, exit."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signal = signum
+        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+
+
+class Accumulator:
+    """Sums of a logging interval, kept as one tensor so that one all-reduce makes them global."""
+
+    KEYS = ("loss", "mlm_loss", "sop_loss", "mlm_correct", "mlm_count", "sop_correct", "sop_count", "tokens", "micro_batches")
+
+    def __init__(self):
+        import torch
+
+        self.values = torch.zeros(len(self.KEYS), dtype=torch.float64)
+
+    def add(self, out, batch) -> None:
+        import torch
+
+        mlm_count = (batch["masked_lm_positions"] > 0).sum().item()
+        sop_count = batch["next_sentence_labels"].numel()
+        self.values += torch.tensor(
+            [out.loss.item(), out.mlm_loss.item(), out.sop_loss.item(), out.mlm_accuracy.item() * mlm_count, mlm_count,
+             out.sop_accuracy.item() * sop_count, sop_count, batch["input_mask"].sum().item(), 1.0],
+            dtype=torch.float64,
+        )  # fmt: skip
+
+    def reduce(self) -> dict[str, float]:
+        import torch.distributed as dist
+
+        v = self.values.clone()
+        dist.all_reduce(v)
+        s = dict(zip(self.KEYS, v.tolist()))
+        n = max(s["micro_batches"], 1.0)
+        self.values.zero_()
+        return {
+            "loss": s["loss"] / n,
+            "mlm_loss": s["mlm_loss"] / n,
+            "sop_loss": s["sop_loss"] / n,
+            "mlm_accuracy": s["mlm_correct"] / max(s["mlm_count"], 1.0),
+            "sop_accuracy": s["sop_correct"] / max(s["sop_count"], 1.0),
+            "samples": s["sop_count"],
+            "tokens": s["tokens"],
+        }
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def evaluate(engine, folder: Path, batch: Batch, rank: int, seed: int, max_batches: int) -> dict[str, float]:
+    import torch
+
+    from .data import PretrainingData
+
+    data = PretrainingData(folder, batch.micro, 1, rank, batch.world, seed)
+    acc = Accumulator()
+    engine.eval()
+    try:
+        with torch.no_grad():
+            for i, b in enumerate(data):
+                if i >= min(max_batches, data.micro_batches_per_epoch):
+                    break
+                acc.add(engine(**to_device(b, engine.device)), b)
+    finally:
+        data.close()
+        engine.train()
+    r = acc.reduce()
+    return {k: r[k] for k in ("loss", "mlm_loss", "sop_loss", "mlm_accuracy", "sop_accuracy", "samples")}
+
+
+def loss_scale(engine, precision: str) -> float:
+    if precision != "fp16":
+        return 1.0
+    opt = engine.optimizer
+    return float(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", 1.0))
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+
+    from . import checkpoint as ckpt
+    from .data import DataError, PretrainingData
+    from .distributed import check_rendezvous, detect_launch, init_distributed
+    from .lamb import attach_zero_partitions, select_optimizer
+    from .metrics import TRAIN_KEYS, Metrics
+    from .model import AlbertConfig
+
+    launch = detect_launch()
+    check_rendezvous(min(args.dist_timeout, 120.0))
+    rank, world, _ = init_distributed(launch, args.dist_timeout)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    log.info("launcher: %s, %d rank(s), backend %s", launch.launcher, world, dist.get_backend())
+
+    ds, batch = load_ds_config(args.deepspeed_config, world)
+    precision = check_precision(ds, args.allow_fp16_on_cpu)
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    try:
+        cfg = AlbertConfig.from_name_or_path(args.model_config)
+    except ValueError as e:
+        raise TrainError(str(e)) from None
+    try:
+        data = PretrainingData(args.data, batch.micro, batch.accum, rank, world, args.seed, skip_bad_shards=args.skip_bad_shards)
+        eval_check = PretrainingData(args.eval_data, batch.micro, 1, rank, world, args.seed) if args.eval_data else None
+    except DataError as e:
+        raise TrainError(str(e)) from None
+    check_data_against_model(data, cfg, args.data)
+    if eval_check:
+        check_data_against_model(eval_check, cfg, args.eval_data)
+    fill_scheduler(ds, args.max_steps)
+    ckpt_dir = args.output / "checkpoints"
+    resume_from = ckpt.resolve_resume(args.resume, ckpt_dir)
+    if resume_from:
+        ckpt.check_compatible(resume_from, world, stage)
+
+    torch.manual_seed(args.seed)
+    model = build_model(cfg, ds, args.activation_checkpointing)
+    if args.init_from and not resume_from:
+        from .hf import load_hf
+
+        _, hf_model = load_hf(args.init_from)
+        model.load_state_dict(hf_model.state_dict())
+        log.info("initialised from %s", args.init_from)
+    optimizer, ds, opt_desc = select_optimizer(model, ds)
+    log.info("%s", opt_desc)
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds
+    )
+    attach_zero_partitions(engine, optimizer)
+    log.info(
+        "model: %.2fM parameters; data: %d examples, %d steps per epoch (%d left out per epoch); batch %d = %d x %d x %d rank(s); %s, ZeRO-%d",
+        sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()) / 1e6,
+        data.num_examples, data.steps_per_epoch, data.dropped_per_epoch, batch.global_size, batch.micro, batch.accum, world, precision, stage,
+    )  # fmt: skip
+
+    step = 0
+    if resume_from:
+        client = ckpt.load(engine, resume_from)
+        data.load_state_dict(client["loader"])
+        step = engine.global_steps
+    meta = {"world_size": world, "zero_stage": stage, "precision": precision, "global_batch": batch.global_size,
+            "data": str(args.data), "model_config": cfg.to_dict()}  # fmt: skip
+    metrics = Metrics(args.output, rank == 0, resume_step=step if resume_from else None)
+    stop = StopRequest()
+    acc = Accumulator()
+    summary: dict[str, Any] = {"start_step": step, "first": None, "last": None, "eval": None}
+    t_last, data.data_wait, steps_since = time.perf_counter(), 0.0, 0
+
+    def save() -> None:
+        ckpt.save(engine, ckpt_dir, step, {"loader": data.state_dict()}, meta, cfg.to_hf_dict(), args.keep_checkpoints)
+
+    def run_eval() -> None:
+        if args.eval_data:
+            r = evaluate(engine, args.eval_data, batch, rank, args.seed, args.eval_batches)
+            metrics.log({"split": "eval", "step": step, **r})
+            summary["eval"] = r
+            log.info("eval step %d: loss %.4f, MLM accuracy %.4f, SOP accuracy %.4f", step, r["loss"], r["mlm_accuracy"], r["sop_accuracy"])
+
+    batches = iter(data)
+    if step >= args.max_steps:
+        log.info("already at step %d of %d", step, args.max_steps)
+    while step < args.max_steps:
+        bad = 0.0
+        for micro in range(batch.accum):
+            b = next(batches)
+            out = engine(**to_device(b, engine.device))
+            if not torch.isfinite(out.loss).item():
+                bad = 1.0
+            acc.add(out, b)
+            engine.backward(out.loss)
+            if micro < batch.accum - 1:
+                engine.step()
+        flags = torch.tensor([bad, float(stop.signal is not None)])
+        dist.all_reduce(flags)
+        if flags[0] > 0 and precision != "fp16":
+            raise TrainError(
+                f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
+                f"The last good checkpoint is in {ckpt_dir}"
+            )
+        engine.step()
+        step = engine.global_steps
+        steps_since += 1
+        if precision == "fp16" and flags[0] > 0:
+            floor = ds.get("fp16", {}).get("min_loss_scale", 1)
+            if loss_scale(engine, precision) <= floor:
+                raise TrainError(f"step {step}: fp16 overflow with the loss scale at its floor {floor}; the last good checkpoint is in {ckpt_dir}")
+        if step % args.log_interval == 0 or step == args.max_steps or flags[1] > 0:
+            r = acc.reduce()
+            dt = time.perf_counter() - t_last
+            wait = torch.tensor([data.data_wait])
+            dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+            grad_norm = engine.get_global_grad_norm()
+            record = {
+                "step": step, "samples": int(engine.global_samples), "loss": r["loss"], "mlm_loss": r["mlm_loss"],
+                "sop_loss": r["sop_loss"], "mlm_accuracy": r["mlm_accuracy"], "sop_accuracy": r["sop_accuracy"],
+                "lr": float(engine.get_lr()[0]), "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "loss_scale": loss_scale(engine, precision), "samples_per_sec": r["samples"] / dt,
+                "tokens_per_sec": r["tokens"] / dt, "data_wait_sec": float(wait.item()), "epoch": data.state.epoch,
+            }  # fmt: skip
+            assert all(k in record for k in TRAIN_KEYS)
+            metrics.log(record)
+            summary["first"] = summary["first"] or record
+            summary["last"] = record
+            log.info(
+                "step %d: loss %.4f (MLM %.4f, SOP %.4f), MLM acc %.3f, SOP acc %.3f, lr %.2e, %.1f samples/s, data wait %.2f s",
+                step, r["loss"], r["mlm_loss"], r["sop_loss"], r["mlm_accuracy"], r["sop_accuracy"], record["lr"],
+                record["samples_per_sec"], record["data_wait_sec"],
+            )  # fmt: skip
+            t_last, data.data_wait, steps_since = time.perf_counter(), 0.0, 0
+        if flags[1] > 0:
+            save()
+            log.warning("stopped by a signal at step %d; checkpoint saved, resume with --resume auto", step)
+            summary["stopped_by_signal"] = True
+            break
+        if step % args.save_interval == 0 and step < args.max_steps:
+            save()
+        if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+            run_eval()
+    if not summary.get("stopped_by_signal") and step > summary["start_step"]:
+        save()
+        run_eval()
+    if step >= args.max_steps and rank == 0:
+        (args.output / "finished.json").write_text(json.dumps({"step": step}) + "\n")
+    data.close()
+    metrics.close()
+    summary["step"] = step
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from .checkpoint import CheckpointError
+
+    try:
+        summary = train(args)
+    except (TrainError, CheckpointError) as e:
+        log.error("%s", e)
+        return 2
+    if summary.get("first") and summary.get("last"):
+        f, l_ = summary["first"], summary["last"]
+        log.info(
+            "done: step %d; MLM accuracy %.3f -> %.3f, SOP accuracy %.3f -> %.3f; metrics %s, TensorBoard %s",
+            summary["step"], f["mlm_accuracy"], l_["mlm_accuracy"], f["sop_accuracy"], l_["sop_accuracy"],
+            args.output / "metrics.jsonl", args.output / "tensorboard",
+        )  # fmt: skip
+    return 0
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
