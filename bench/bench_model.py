@@ -1,0 +1,149 @@
+"""Training-step throughput of our ALBERT vs transformers' AlbertForPreTraining, side by side.
+
+Both models get the same batch, the same weights and the same threads; their steps alternate so
+that noise from other work on the machine hits both alike. A step is forward + backward (no
+optimizer). HF computes MLM logits for the whole sequence (labels -100 where nothing is masked);
+ours only at the masked positions. The machine's matmul peak is measured in the same run, and
+model FLOPs utilisation (MFU) uses one FLOP count for both models: the work the loss needs
+(encoder on every token, MLM head at the predicted positions), x3 for forward + backward.
+
+Example:
+    python bench/bench_model.py --quick
+    python bench/bench_model.py --configs albert-base --precisions bf16 --steps 10
+"""
+
+import argparse
+import logging
+import os
+import statistics
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from pipeline.hf import to_hf_state_dict  # noqa: E402
+from pipeline.model import AlbertConfig, AlbertForPreTraining  # noqa: E402
+
+log = logging.getLogger("bench_model")
+
+
+def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+    """Best FLOP/s of an n x n x n matmul."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def model_flops(cfg: AlbertConfig, batch: int, seq: int, predictions: int) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3 x forward)."""
+    H, E, I, V = cfg.hidden_size, cfg.embedding_size, cfg.intermediate_size, cfg.vocab_size
+    layers = cfg.num_hidden_layers * cfg.inner_group_num
+    per_token = 2 * E * H + layers * (2 * 4 * H * H + 2 * 2 * H * I + 2 * 2 * seq * H)
+    per_prediction = 2 * H * E + 2 * E * V
+    return 3 * batch * (seq * per_token + predictions * per_prediction)
+
+
+def make_batch(cfg: AlbertConfig, batch: int, seq: int, predictions: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Pretraining-like batch: ~10% short sequences, 15% of tokens masked (at most `predictions`)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)
+    lengths = torch.where(torch.rand(batch, generator=g) < 0.1, torch.randint(seq // 4, seq, (batch,), generator=g), seq)
+    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
+    positions = torch.zeros(batch, predictions, dtype=torch.long)
+    for b in range(batch):
+        n = min(predictions, max(1, round(0.15 * int(lengths[b]))))
+        positions[b, :n] = (torch.randperm(int(lengths[b]) - 2, generator=g)[:n] + 1).sort().values
+    return {
+        "input_ids": ids * mask, "input_mask": mask, "segment_ids": (torch.arange(seq)[None, :] >= lengths[:, None] // 2).long() * mask,
+        "masked_lm_positions": positions, "masked_lm_ids": torch.randint(5, cfg.vocab_size, (batch, predictions), generator=g) * (positions > 0),
+        "next_sentence_labels": torch.randint(0, 2, (batch,), generator=g),
+    }
+
+
+def hf_inputs(batch: dict[str, torch.Tensor], vocab: int) -> dict[str, torch.Tensor]:
+    labels = torch.full_like(batch["input_ids"], -100)
+    valid = batch["masked_lm_positions"] > 0
+    for b in range(labels.shape[0]):
+        labels[b, batch["masked_lm_positions"][b][valid[b]]] = batch["masked_lm_ids"][b][valid[b]]
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["input_mask"], "token_type_ids": batch["segment_ids"],
+            "labels": labels, "sentence_order_label": batch["next_sentence_labels"]}
+
+
+def step_time(model: torch.nn.Module, inputs: dict, bf16: bool) -> float:
+    model.zero_grad(set_to_none=True)
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**inputs).loss
+    loss.backward()
+    return time.perf_counter() - t
+
+
+def compare(name: str, bf16: bool, args: argparse.Namespace, peak: float) -> dict:
+    import transformers
+
+    cfg = AlbertConfig.from_name_or_path(name)
+    torch.manual_seed(0)
+    ours = AlbertForPreTraining(cfg).train()
+    hf_cfg = transformers.AlbertConfig(**cfg.to_hf_dict(), classifier_dropout_prob=0.0, attn_implementation="sdpa")
+    hf = transformers.AlbertForPreTraining(hf_cfg).train()
+    hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)  # same weights (decoder is tied)
+    batch = make_batch(cfg, args.batch, args.seq, args.predictions)
+    runs = {"ours": (ours, batch), "hf": (hf, hf_inputs(batch, cfg.vocab_size))}
+    times = {k: [] for k in runs}
+    for i in range(args.warmup + args.steps):
+        for k, (model, inputs) in (runs.items() if i % 2 == 0 else reversed(runs.items())):
+            dt = step_time(model, inputs, bf16)
+            if i >= args.warmup:
+                times[k].append(dt)
+    flops = model_flops(cfg, args.batch, args.seq, args.predictions)
+    row = {"config": name, "precision": "bf16 autocast" if bf16 else "fp32"}
+    for k, ts in times.items():
+        t = statistics.median(ts)
+        row[f"{k}_tok_s"] = args.batch * args.seq / t
+        row[f"{k}_mfu"] = flops / t / peak
+    row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
+    log.info("%s %s: ours %.0f tok/s, HF %.0f tok/s (%.2fx)", name, row["precision"], row["ours_tok_s"], row["hf_tok_s"], row["speedup"])
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="albert-base,albert-tiny", help="comma-separated shipped config names")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--predictions", type=int, default=20, help="max_predictions_per_seq")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per model (median reported)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--quick", action="store_true", help="short run: 3 timed steps, 1 warmup, batch 8")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quick:
+        args.steps, args.warmup, args.batch = 3, 1, 8
+    torch.set_num_threads(args.threads)
+    precisions = args.precisions.split(",")
+    if set(precisions) - {"fp32", "bf16"}:
+        p.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
+
+    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    log.info("matmul peak: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%d threads)", peaks["fp32"] / 1e9, peaks["bf16"] / 1e9, args.threads)
+    rows = [compare(c, prec == "bf16", args, peaks[prec]) for c in args.configs.split(",") for prec in precisions]
+
+    print(f"\nbatch {args.batch} x seq {args.seq}, {args.predictions} predictions, {args.threads} threads; "
+          f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s\n")
+    print("| config | precision | ours tok/s | HF tok/s | ours / HF | ours MFU | HF MFU |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['config']} | {r['precision']} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | "
+              f"{r['speedup']:.2f}x | {r['ours_mfu']:.1%} | {r['hf_mfu']:.1%} |")
+
+
+if __name__ == "__main__":
+    main()
