@@ -1,0 +1,120 @@
+"""The embedded demo corpora: real text fetched at run time from a package that ships it.
+
+No third-party text is committed to this repository. gensim's wheel carries, as test data,
+an excerpt of an English Wikipedia `pages-articles` dump (206 pages, ~100 of them real
+articles) and the Lee news corpus (300 stories, one per line). `pip download` fetches the
+wheel without installing gensim; the two files are extracted from it with zipfile and
+cached. The wheel is pinned to one version and platform so every machine gets the same bytes,
+which the SHA-256 checks confirm.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from data_prep.errors import DataPrepError
+
+log = logging.getLogger(__name__)
+
+GENSIM_VERSION = "4.4.0"
+# Any wheel holds the same test data; pinning one keeps the download identical everywhere.
+_WHEEL_TAGS = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
+               "--implementation", "cp", "--abi", "cp311")
+_REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class _Member:
+    zip_path: str
+    cache_name: str  # ".xml.bz2" so that format "auto" recognises the dump
+    sha256: str
+
+
+WIKIPEDIA_EXCERPT = _Member(
+    "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2",
+    "enwiki-latest-pages-articles1-shortened.xml.bz2",
+    "a53f4648dec40467ebdcbc7a1307eddb51fe6e28e9309f6ebde81ba0d04bea2d",
+)
+LEE_BACKGROUND = _Member(
+    "gensim/test/test_data/lee_background.cor",
+    "lee_background.txt",
+    "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
+)
+_ALL = (WIKIPEDIA_EXCERPT, LEE_BACKGROUND)
+
+
+def default_cache_dir() -> Path:
+    """$ALBERT_DATA_CACHE, else <repo>/.cache/corpora."""
+    env = os.environ.get("ALBERT_DATA_CACHE")
+    return Path(env) if env else _REPO / ".cache" / "corpora"
+
+
+def wikipedia_excerpt(cache_dir: Path | None = None) -> Path:
+    """Path of the English Wikipedia dump excerpt (.xml.bz2), downloading it on first use."""
+    return _fetch(WIKIPEDIA_EXCERPT, cache_dir)
+
+
+def lee_background(cache_dir: Path | None = None) -> Path:
+    """Path of the Lee background corpus: 300 news stories, one per line (plain text)."""
+    return _fetch(LEE_BACKGROUND, cache_dir)
+
+
+def _fetch(member: _Member, cache_dir: Path | None) -> Path:
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache_dir / member.cache_name
+    if target.is_file():
+        log.debug("using cached %s", target)
+        return target
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataPrepError(f"{cache_dir}: cannot create the cache directory ({exc.strerror or exc})") from None
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
+        wheel = _download_wheel(Path(tmp))
+        # Extract every demo file while the wheel is here: one download serves them all.
+        for m in _ALL:
+            _extract(wheel, m, cache_dir)
+    return target
+
+
+def _download_wheel(dest: Path) -> Path:
+    spec = f"gensim=={GENSIM_VERSION}"
+    log.info("downloading the %s wheel (~28 MB) for its demo corpora (pip download --no-deps)", spec)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           *_WHEEL_TAGS, "--quiet", "--dest", str(dest), spec]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    wheels = sorted(dest.glob("gensim-*.whl"))
+    if result.returncode != 0 or not wheels:
+        lines = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
+        reason = lines[-1].strip() if lines else f"exit status {result.returncode}"
+        raise DataPrepError(f"pip download {spec}: failed to fetch the demo corpus ({reason})")
+    return wheels[0]
+
+
+def _extract(wheel: Path, member: _Member, cache_dir: Path) -> None:
+    target = cache_dir / member.cache_name
+    if target.is_file():
+        return
+    partial = cache_dir / f".{member.cache_name}.{os.getpid()}.tmp"
+    digest = hashlib.sha256()
+    try:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member.zip_path) as src, open(partial, "wb") as dst:
+            while block := src.read(1 << 20):
+                digest.update(block)
+                dst.write(block)
+        if digest.hexdigest() != member.sha256:
+            raise DataPrepError(f"{wheel.name}: {member.zip_path} has an unexpected SHA-256 ({digest.hexdigest()})")
+        os.replace(partial, target)  # atomic: readers never see a half-written file
+    except (KeyError, zipfile.BadZipFile) as exc:
+        raise DataPrepError(f"{wheel.name}: cannot extract {member.zip_path} ({exc})") from None
+    finally:
+        partial.unlink(missing_ok=True)
+    log.info("cached %s (%.1f MB)", target, target.stat().st_size / 1e6)

@@ -1,0 +1,450 @@
+"""Corpus readers: every input format becomes a stream of documents (lists of sentences).
+
+Reading happens in two stages so that `corpus --workers N` can parallelise the expensive
+half: `iter_raw_documents` does the cheap, sequential part (reading files, decoding,
+parsing XML/JSON, skipping non-articles) and yields `RawDocument`s; `process_raw` does the
+expensive part (wiki markup cleaning, sentence splitting) and can run in a worker process.
+`iter_documents` chains the two in-process; the "docs" format has its own fast path.
+
+Everything streams: at most one document (plus one read chunk) is held in memory.
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import logging
+import os
+import re
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import BinaryIO
+
+from data_prep.errors import DataPrepError
+from data_prep.sentences import (
+    MAX_SENTENCE_CHARS,
+    cut_long,
+    normalize_whitespace,
+    split_off,
+    split_sentences_counted,
+)
+from data_prep.wiki import clean_wikitext, iter_pages, skip_reason
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "docs", "paragraphs", "files", "wiki", "jsonl")
+
+# Bytes decoded per read: large enough that per-call overhead vanishes, small enough that a
+# file without newlines never sits in memory whole.
+CHUNK_BYTES = 1 << 20
+# Lines of the other text formats longer than this are read in pieces (and counted); a JSON
+# line longer than this is rejected as a bad line.
+MAX_LINE_CHARS = 16 << 20
+# Per file, the first few bad JSON lines are logged one by one, the rest only counted.
+_BAD_JSON_WARNINGS = 10
+
+_BLANK_LINES_RE = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+@dataclass
+class ReadStats:
+    """What the readers saw. Counters only, so stats from workers or files add up with `+=`."""
+
+    files: int = 0
+    bytes: int = 0  # input file sizes on disk (compressed size for .bz2)
+    documents: int = 0  # non-empty documents yielded
+    sentences: int = 0
+    empty_files: int = 0  # zero bytes or only whitespace: skipped
+    empty_documents: int = 0  # no sentence left after cleaning: skipped
+    replaced_chars: int = 0  # undecodable byte sequences replaced by U+FFFD
+    # input lines cut into pieces: docs lines over MAX_SENTENCE_CHARS (each piece becomes a
+    # sentence), lines of other text formats over MAX_LINE_CHARS (read in pieces)
+    long_lines_split: int = 0
+    long_sentences_split: int = 0  # sentences over MAX_SENTENCE_CHARS, cut at whitespace
+    bad_json_lines: int = 0  # jsonl: unparsable or without a string "text": skipped
+    skipped_pages: int = 0  # wiki: redirects, disambiguation pages, ns != 0
+
+    def merge(self, other: ReadStats) -> ReadStats:
+        for f in fields(ReadStats):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def __iadd__(self, other: ReadStats) -> ReadStats:
+        return self.merge(other)
+
+
+@dataclass(frozen=True, slots=True)
+class RawDocument:
+    """One document before the expensive processing, small and picklable for a worker."""
+
+    kind: str  # SENTENCES (ready), PROSE (blank-line separated paragraphs), WIKITEXT
+    payload: str | tuple[str, ...]
+
+
+SENTENCES, PROSE, WIKITEXT = "sentences", "prose", "wikitext"
+
+
+# --- undecodable bytes ----------------------------------------------------------------------
+# A codec error handler that behaves like errors="replace" but counts. Handlers are global,
+# so the count goes to whichever ReadStats the current thread is reading for.
+_active = threading.local()
+
+
+def _count_and_replace(exc: UnicodeError) -> tuple[str, int]:
+    if not isinstance(exc, UnicodeDecodeError):
+        raise exc
+    stats = getattr(_active, "stats", None)
+    if stats is not None:
+        stats.replaced_chars += 1
+    return "\ufffd", exc.end
+
+
+_ERRORS = "data_prep.count_replace"
+codecs.register_error(_ERRORS, _count_and_replace)
+
+
+class _Text:
+    """Reads a UTF-8 file in chunks, with universal newlines, counting replaced bytes."""
+
+    def __init__(self, stream: BinaryIO, stats: ReadStats):
+        # utf-8-sig: a byte-order mark at the start is dropped, not read as text.
+        self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=_ERRORS)
+        self._stream = stream
+        self._stats = stats
+        self._pending_cr = False
+
+    def read(self) -> str:
+        """The next non-empty chunk of text, or '' at the end of the file."""
+        while True:
+            data = self._stream.read(CHUNK_BYTES)
+            _active.stats = self._stats
+            try:
+                text = self._decoder.decode(data, final=not data)
+            finally:
+                _active.stats = None
+            if self._pending_cr:
+                text = "\r" + text
+                self._pending_cr = False
+            if data and text.endswith("\r"):  # may be the first half of a "\r\n"
+                text = text[:-1]
+                self._pending_cr = True
+            if "\r" in text:
+                text = text.replace("\r\n", "\n").replace("\r", "\n")
+            if text or not data:
+                return text
+
+
+def _lines(text: _Text, bound: int) -> Iterator[tuple[str, bool]]:
+    """(piece, complete) for each line, without its newline. A line longer than `bound`
+    comes in several pieces, all but the last with complete=False."""
+    tail = ""
+    while chunk := text.read():
+        lines = (tail + chunk).split("\n") if tail else chunk.split("\n")
+        tail = lines.pop()
+        for line in lines:
+            yield line, True
+        if len(tail) > bound:
+            yield tail, False
+            tail = ""
+    if tail:
+        yield tail, True
+
+
+# --- inputs ---------------------------------------------------------------------------------
+
+
+def detect_format(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith((".xml", ".xml.bz2")):
+        return "wiki"
+    if name.endswith((".jsonl", ".json")):
+        return "jsonl"
+    return "docs"
+
+
+def expand_inputs(paths: Iterable[str | Path]) -> list[Path]:
+    """Files, and the files under directories (recursive, sorted, hidden ones skipped),
+    deduplicated, in the order given. Checked before any work starts."""
+    result: list[Path] = []
+    seen: set[Path] = set()
+    given = [Path(p) for p in paths]
+    if not given:
+        raise DataPrepError("no input paths given")
+    for path in given:  # all checked before any directory is walked
+        if not path.exists():
+            raise DataPrepError(f"{path}: no such file or directory")
+    for path in given:
+        if path.is_dir():
+            found = _walk(path)
+            if not found:
+                raise DataPrepError(f"{path}: directory holds no input files (hidden files are skipped)")
+        else:
+            found = [path]
+        for file in found:
+            key = file.resolve()
+            if key not in seen:
+                seen.add(key)
+                result.append(file)
+    return result
+
+
+def _walk(root: Path) -> list[Path]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        found.extend(Path(dirpath, f) for f in filenames if not f.startswith("."))
+    return sorted(found)
+
+
+def _check_format(path: Path, fmt: str) -> str:
+    if fmt not in FORMATS:
+        raise DataPrepError(f"{path}: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return detect_format(path) if fmt == "auto" else fmt
+
+
+def _open(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise DataPrepError(f"{path}: no such file or directory") from None
+    except IsADirectoryError:
+        raise DataPrepError(f"{path}: is a directory (expand_inputs() lists its files)") from None
+    except OSError as exc:
+        raise DataPrepError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+def _start_file(path: Path, stats: ReadStats) -> bool:
+    """Count the file; False when it is empty (zero bytes) and should be skipped."""
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataPrepError(f"{path}: no such file or directory") from None
+    stats.files += 1
+    stats.bytes += size
+    if size == 0:
+        stats.empty_files += 1
+        log.debug("%s: empty file, skipped", path)
+        return False
+    return True
+
+
+# --- readers --------------------------------------------------------------------------------
+
+
+def iter_documents(path: Path, fmt: str = "auto", stats: ReadStats | None = None) -> Iterator[list[str]]:
+    """Documents of one file, each a non-empty list of non-empty sentences (no newlines)."""
+    stats = stats if stats is not None else ReadStats()
+    path = Path(path)
+    if _check_format(path, fmt) == "docs":
+        yield from _docs(path, stats)
+        return
+    for raw in iter_raw_documents(path, fmt, stats):
+        sentences, cut = process_raw(raw)
+        if count_document(sentences, cut, stats):
+            yield sentences
+
+
+def iter_raw_documents(path: Path, fmt: str = "auto", stats: ReadStats | None = None) -> Iterator[RawDocument]:
+    """The cheap, sequential stage: documents of one file before cleaning and splitting."""
+    stats = stats if stats is not None else ReadStats()
+    path = Path(path)
+    fmt = _check_format(path, fmt)
+    if fmt == "docs":
+        # Counted here as documents come ready-made; count_document() must not see them.
+        for doc in _docs(path, stats):
+            yield RawDocument(SENTENCES, tuple(doc))
+    elif fmt == "wiki":
+        yield from _wiki(path, stats)
+    elif fmt == "jsonl":
+        yield from _jsonl(path, stats)
+    else:
+        yield from _prose(path, stats, per_file=(fmt == "files"))
+
+
+def process_raw(raw: RawDocument) -> tuple[list[str], int]:
+    """The expensive stage: (sentences, number of over-long sentences that were cut)."""
+    if raw.kind == SENTENCES:
+        return list(raw.payload), 0
+    if raw.kind == WIKITEXT:
+        paragraphs = clean_wikitext(raw.payload)
+    else:
+        paragraphs = _BLANK_LINES_RE.split(raw.payload)
+    sentences: list[str] = []
+    cut = 0
+    for paragraph in paragraphs:
+        split, n = split_sentences_counted(paragraph)
+        sentences.extend(split)
+        cut += n
+    return sentences, cut
+
+
+def count_document(sentences: list[str], cut: int, stats: ReadStats) -> bool:
+    """Account for one processed (non-"docs") document; False when it is empty and skipped."""
+    stats.long_sentences_split += cut
+    if not sentences:
+        stats.empty_documents += 1
+        return False
+    stats.documents += 1
+    stats.sentences += len(sentences)
+    return True
+
+
+def _docs(path: Path, stats: ReadStats) -> Iterator[list[str]]:
+    """The "docs" format, the hot path of sharding: one sentence per line, blank line between
+    documents. A line over MAX_SENTENCE_CHARS is cut at spaces into separate sentences; one
+    longer than a read chunk is cut as it arrives, so it never sits in memory whole."""
+    if not _start_file(path, stats):
+        return
+    bound = MAX_SENTENCE_CHARS
+    documents = sentences = 0
+    doc: list[str] = []
+    tail = ""
+    long_open = False  # the unfinished line in `tail` was already counted as long
+    with _open(path) as stream:
+        text = _Text(stream, stats)
+        while chunk := text.read():
+            lines = (tail + chunk).split("\n") if tail else chunk.split("\n")
+            tail = lines.pop()
+            if lines and long_open:  # the first line ends the long line already counted
+                doc.extend(cut_long(normalize_whitespace(lines[0]), bound))
+                del lines[0]
+                long_open = False
+            for line in lines:
+                line = line.strip()
+                if line:
+                    if len(line) > bound:
+                        stats.long_lines_split += 1
+                        doc.extend(cut_long(normalize_whitespace(line), bound))
+                    else:
+                        doc.append(line)
+                elif doc:
+                    documents += 1
+                    sentences += len(doc)
+                    yield doc
+                    doc = []
+            if len(tail) > bound:
+                if not long_open:
+                    stats.long_lines_split += 1
+                    long_open = True
+                pieces, tail = split_off(tail, bound)
+                doc.extend(pieces)
+    if long_open:
+        doc.extend(cut_long(normalize_whitespace(tail), bound))
+    elif tail := tail.strip():
+        if len(tail) > bound:
+            stats.long_lines_split += 1
+            doc.extend(cut_long(normalize_whitespace(tail), bound))
+        else:
+            doc.append(tail)
+    if doc:
+        documents += 1
+        sentences += len(doc)
+        yield doc
+    if documents == 0:
+        stats.empty_files += 1
+        log.debug("%s: only whitespace, skipped", path)
+    stats.documents += documents
+    stats.sentences += sentences
+
+
+def _prose(path: Path, stats: ReadStats, per_file: bool) -> Iterator[RawDocument]:
+    """"paragraphs" (a blank line ends a document) and "files" (the file is one document)."""
+    if not _start_file(path, stats):
+        return
+    found = False
+    buf: list[str] = []
+    parts: list[str] = []  # pieces of a line longer than MAX_LINE_CHARS
+    with _open(path) as stream:
+        for piece, complete in _lines(_Text(stream, stats), MAX_LINE_CHARS):
+            if not complete:
+                if not parts:
+                    stats.long_lines_split += 1
+                parts.append(piece)
+                continue
+            if parts:
+                parts.append(piece)
+                piece = "".join(parts)
+                parts = []
+            if per_file:
+                buf.append(piece)
+            elif piece.strip():
+                buf.append(piece)
+            elif buf:
+                found = True
+                yield RawDocument(PROSE, "\n".join(buf))
+                buf = []
+    if parts:
+        buf.append("".join(parts))
+    if buf and (not per_file or any(line.strip() for line in buf)):
+        found = True
+        yield RawDocument(PROSE, "\n".join(buf))
+    if not found:
+        stats.empty_files += 1
+        log.debug("%s: only whitespace, skipped", path)
+
+
+def _jsonl(path: Path, stats: ReadStats) -> Iterator[RawDocument]:
+    """JSON lines, one document per line in its "text" field; bad lines are counted, skipped."""
+    if not _start_file(path, stats):
+        return
+    found = False
+    bad = 0
+    lineno = 0
+    overlong = False
+
+    def reject(problem: str) -> None:
+        nonlocal bad
+        bad += 1
+        stats.bad_json_lines += 1
+        if bad <= _BAD_JSON_WARNINGS:
+            log.warning("%s:%d: %s, line skipped", path, lineno, problem)
+        if bad == _BAD_JSON_WARNINGS:
+            log.warning("%s: further bad lines are counted but not logged", path)
+
+    with _open(path) as stream:
+        for piece, complete in _lines(_Text(stream, stats), MAX_LINE_CHARS):
+            if not complete:
+                overlong = True
+                continue
+            lineno += 1
+            if overlong:
+                overlong = False
+                found = True
+                reject(f"line longer than {MAX_LINE_CHARS} characters")
+                continue
+            line = piece.strip()
+            if not line:
+                continue
+            found = True
+            try:
+                record = json.loads(line)
+            except ValueError as exc:
+                reject(f"invalid JSON ({exc})")
+                continue
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                reject('not a JSON object with a string "text" field')
+                continue
+            yield RawDocument(PROSE, text)
+    if not found:
+        stats.empty_files += 1
+        log.debug("%s: only whitespace, skipped", path)
+    if bad:
+        log.warning("%s: %d bad JSON line(s) skipped", path, bad)
+
+
+def _wiki(path: Path, stats: ReadStats) -> Iterator[RawDocument]:
+    """Articles of a pages-articles dump; redirects, disambiguation and ns != 0 skipped."""
+    if not _start_file(path, stats):
+        return
+    skipped: dict[str, int] = {}
+    for page in iter_pages(path):
+        reason = skip_reason(page)
+        if reason is not None:
+            stats.skipped_pages += 1
+            skipped[reason] = skipped.get(reason, 0) + 1
+            continue
+        yield RawDocument(WIKITEXT, page.text)
+    log.debug("%s: skipped pages %s", path, skipped)
