@@ -57,6 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping")
     a("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
     a("--allow-fp16-on-cpu", action="store_true", help="testing only: run DeepSpeed's fp16 path on a CPU that lacks fp16 support")
+    a("--record-batches", action="store_true", help="write each rank's examples (CRC32 of input_ids) per step to OUTPUT/batches-rank<r>.jsonl")
     a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     a("-v", "--verbose", action="store_true")
     return p.parse_args(argv)
@@ -181,7 +182,7 @@ class StopRequest:
 class Accumulator:
     """Sums of a logging interval, kept as one tensor so that one all-reduce makes them global."""
 
-    KEYS = ("loss", "mlm_loss", "sop_loss", "mlm_correct", "mlm_count", "sop_correct", "sop_count", "tokens", "micro_batches")
+    KEYS = ("mlm_loss", "sop_loss", "mlm_correct", "mlm_count", "sop_correct", "sop_count", "tokens")
 
     def __init__(self):
         import torch
@@ -194,8 +195,8 @@ class Accumulator:
         mlm_count = (batch["masked_lm_positions"] > 0).sum().item()
         sop_count = batch["next_sentence_labels"].numel()
         self.values += torch.tensor(
-            [out.loss.item(), out.mlm_loss.item(), out.sop_loss.item(), out.mlm_accuracy.item() * mlm_count, mlm_count,
-             out.sop_accuracy.item() * sop_count, sop_count, batch["input_mask"].sum().item(), 1.0],
+            [out.mlm_loss.item() * mlm_count, out.sop_loss.item() * sop_count, out.mlm_accuracy.item() * mlm_count, mlm_count,
+             out.sop_accuracy.item() * sop_count, sop_count, batch["input_mask"].sum().item()],
             dtype=torch.float64,
         )  # fmt: skip
 
@@ -205,17 +206,38 @@ class Accumulator:
         v = self.values.clone()
         dist.all_reduce(v)
         s = dict(zip(self.KEYS, v.tolist()))
-        n = max(s["micro_batches"], 1.0)
         self.values.zero_()
-        return {
-            "loss": s["loss"] / n,
-            "mlm_loss": s["mlm_loss"] / n,
-            "sop_loss": s["sop_loss"] / n,
+        mlm, sop = s["mlm_loss"] / max(s["mlm_count"], 1.0), s["sop_loss"] / max(s["sop_count"], 1.0)
+        return {  # losses over all predictions and examples of the interval, as for one large batch
+            "loss": mlm + sop,
+            "mlm_loss": mlm,
+            "sop_loss": sop,
             "mlm_accuracy": s["mlm_correct"] / max(s["mlm_count"], 1.0),
             "sop_accuracy": s["sop_correct"] / max(s["sop_count"], 1.0),
             "samples": s["sop_count"],
             "tokens": s["tokens"],
         }
+
+
+class BatchRecorder:
+    """Which examples each step saw (CRC32 of each example's input_ids): for checking resume and epochs."""
+
+    def __init__(self, path: Path, resume_step: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # drop what a lost run recorded after the checkpoint we resume from
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def write(self, step: int, micro_batches: list[dict]) -> None:
+        import zlib
+
+        ids = [zlib.crc32(row.numpy().tobytes()) for b in micro_batches for row in b["input_ids"]]
+        self.file.write(json.dumps({"step": step, "examples": ids}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def to_device(batch: dict, device) -> dict:
@@ -334,17 +356,30 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             log.info("eval step %d: loss %.4f, MLM accuracy %.4f, SOP accuracy %.4f", step, r["loss"], r["mlm_accuracy"], r["sop_accuracy"])
 
     batches = iter(data)
+    recorder = BatchRecorder(args.output / f"batches-rank{rank}.jsonl", step) if args.record_batches else None
     if step >= args.max_steps:
         log.info("already at step %d of %d", step, args.max_steps)
+    fault_nan_step = int(os.environ["ALBERT_FAULT"].split(":")[1]) if os.environ.get("ALBERT_FAULT", "").startswith("nan-at-step:") else -1
     while step < args.max_steps:
+        # The step's micro-batches are fetched first so that the MLM loss can be normalised by the number of
+        # predictions in the whole global batch: then accumulation and data parallelism give exactly the
+        # gradient of one large batch (a per-micro-batch mean would weight predictions unevenly).
+        micro_batches = [next(batches) for _ in range(batch.accum)]
+        counts = [float((b["masked_lm_positions"] > 0).sum()) for b in micro_batches]
+        total = torch.tensor([sum(counts)], dtype=torch.float64)
+        dist.all_reduce(total)
+        if recorder:
+            recorder.write(step + 1, micro_batches)
         bad = 0.0
-        for micro in range(batch.accum):
-            b = next(batches)
+        for micro, (b, count) in enumerate(zip(micro_batches, counts)):
             out = engine(**to_device(b, engine.device))
-            if not torch.isfinite(out.loss).item():
+            loss = out.mlm_loss * (count * batch.accum * world / max(total.item(), 1.0)) + out.sop_loss
+            if step + 1 == fault_nan_step:
+                loss = loss * float("nan")  # fault injection for the tests
+            if not torch.isfinite(loss).item():
                 bad = 1.0
             acc.add(out, b)
-            engine.backward(out.loss)
+            engine.backward(loss)
             if micro < batch.accum - 1:
                 engine.step()
         flags = torch.tensor([bad, float(stop.signal is not None)])
@@ -400,6 +435,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         (args.output / "finished.json").write_text(json.dumps({"step": step}) + "\n")
     data.close()
     metrics.close()
+    if recorder:
+        recorder.close()
     summary["step"] = step
     return summary
 

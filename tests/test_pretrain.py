@@ -1,0 +1,153 @@
+"""`albert-pretrain` for real: 2 ranks over gloo, every ZeRO stage, exact resume, signals, faults, clear refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+
+import psutil
+import pytest
+import torch
+
+from engine_helpers import TEST_MODEL, ds_config, final_params, metrics, pretrain
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
+    ok(pretrain(tmp_path, wiki_shards, ds_config(stage, "bf16"), steps=4, nproc=2, extra=["--eval-data", str(wiki_shards), "--eval-batches", "2"]))
+    lines = metrics(tmp_path)
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    keys = {"step", "samples", "loss", "mlm_loss", "sop_loss", "mlm_accuracy", "sop_accuracy", "lr", "grad_norm",
+            "loss_scale", "samples_per_sec", "tokens_per_sec", "data_wait_sec"}  # fmt: skip
+    assert keys <= set(lines[-1]) and lines[-1]["samples"] == 4 * 8 and lines[-1]["loss_scale"] == 1.0
+    assert all(0 < m["loss"] < 20 for m in lines)
+    ev = metrics(tmp_path, "eval")
+    assert len(ev) == 1 and ev[0]["step"] == 4
+    done = json.loads((tmp_path / "checkpoints" / "step-00000004" / "complete.json").read_text())
+    assert done["zero_stage"] == stage and done["world_size"] == 2
+
+
+def test_tensorboard_gets_the_same_scalars(wiki_shards, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ok(pretrain(tmp_path, wiki_shards, ds_config(0, "fp32"), steps=3))
+    ea = EventAccumulator(str(tmp_path / "tensorboard"))
+    ea.Reload()
+    tags = set(ea.Tags()["scalars"])
+    assert {"train/loss", "train/mlm_accuracy", "train/sop_loss", "train/lr", "train/tokens_per_sec", "train/data_wait_sec"} <= tags
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([m["loss"] for m in metrics(tmp_path)], rel=1e-6)
+
+
+def test_accumulation_equals_a_larger_micro_batch(wiki_shards, tmp_path):
+    big = ok(pretrain(tmp_path / "big", wiki_shards, ds_config(0, "fp32", micro=8, accum=1), steps=5))
+    acc = ok(pretrain(tmp_path / "acc", wiki_shards, ds_config(0, "fp32", micro=2, accum=4), steps=5))
+    del big, acc
+    a, b = final_params(tmp_path / "big"), final_params(tmp_path / "acc")
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7), k
+    la, lb = [m["loss"] for m in metrics(tmp_path / "big")], [m["loss"] for m in metrics(tmp_path / "acc")]
+    assert la == pytest.approx(lb, rel=1e-5)
+
+
+def test_exact_resume_same_examples_bit_identical(wiki_shards, tmp_path):
+    ds = ds_config(2, "fp32")
+    ok(pretrain(tmp_path / "straight", wiki_shards, ds, steps=12, nproc=2, extra=["--record-batches"]))
+    ok(pretrain(tmp_path / "split", wiki_shards, ds, steps=6, nproc=2, extra=["--record-batches"]))
+    # the scheduler's total_num_steps comes from --max-steps: give the first half the full schedule
+    shutil.rmtree(tmp_path / "split")
+    ds_full = ds_config(2, "fp32")
+    ds_full["scheduler"]["params"]["total_num_steps"] = 12
+    ok(pretrain(tmp_path / "split", wiki_shards, ds_full, steps=6, nproc=2, extra=["--record-batches"]))
+    ok(pretrain(tmp_path / "split", wiki_shards, ds_full, steps=12, nproc=2, extra=["--record-batches"]))
+    for r in (0, 1):
+        seen = [(tmp_path / d / f"batches-rank{r}.jsonl").read_text() for d in ("straight", "split")]
+        assert seen[0] == seen[1], "resumed run saw other examples"
+    assert [m["loss"] for m in metrics(tmp_path / "straight")] == [m["loss"] for m in metrics(tmp_path / "split")]
+    a, b = final_params(tmp_path / "straight"), final_params(tmp_path / "split")
+    assert all(torch.equal(a[k], b[k]) for k in a), "parameters differ after resume"
+
+
+def test_signal_saves_and_exits_then_resumes(wiki_shards, tmp_path):
+    proc = pretrain(tmp_path, wiki_shards, ds_config(2, "fp32"), steps=10_000, nproc=2, wait=False)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3:
+            break
+        time.sleep(0.2)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "pipeline.pretrain" in " ".join(p.cmdline())]
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGUSR1)  # one rank is told, both must stop at the same step
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out
+    assert "stopped by a signal" in out
+    saved = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*") if (p / "complete.json").exists())
+    assert len(saved) == 1
+    stopped_at = int(saved[0].split("-")[1])
+    assert metrics(tmp_path)[-1]["step"] == stopped_at
+    ok(pretrain(tmp_path, wiki_shards, ds_config(2, "fp32"), steps=stopped_at + 2, nproc=2))
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, stopped_at + 3))
+
+
+def test_killed_during_save_previous_checkpoint_loads(wiki_shards, tmp_path):
+    ds = ds_config(0, "fp32")
+    ok(pretrain(tmp_path, wiki_shards, ds, steps=3))
+    killed = pretrain(tmp_path, wiki_shards, ds, steps=6, extra=["--save-interval", "5"], env={"ALBERT_FAULT": "kill-before-complete"})
+    assert killed.returncode == -9
+    partial = tmp_path / "checkpoints" / "step-00000005"
+    assert partial.is_dir() and not (partial / "complete.json").exists()
+    proc = ok(pretrain(tmp_path, wiki_shards, ds, steps=6))
+    assert "resumed from" in proc.stderr and "step-00000003" in proc.stderr
+    assert not partial.exists() and (tmp_path / "checkpoints" / "step-00000006" / "complete.json").exists()
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(wiki_shards, tmp_path):
+    ds = ds_config(0, "fp32")
+    proc = pretrain(tmp_path, wiki_shards, ds, steps=8, extra=["--save-interval", "2"], env={"ALBERT_FAULT": "nan-at-step:5"})
+    assert proc.returncode == 2 and "step 5: the loss is not finite" in proc.stderr
+    good = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*") if (p / "complete.json").exists())
+    assert good[-1] == "step-00000004"
+    ok(pretrain(tmp_path, wiki_shards, ds, steps=6))
+
+
+def test_fp16_path_with_dynamic_loss_scaling(wiki_shards, tmp_path):
+    ok(pretrain(tmp_path, wiki_shards, ds_config(2, "fp16"), steps=4, nproc=2, extra=["--allow-fp16-on-cpu"]))
+    lines = metrics(tmp_path)
+    assert len(lines) == 4 and lines[0]["loss_scale"] == 2.0**8
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda ds, m: m.update(vocab_size=30000), "vocabulary has 4000 pieces but the model config says vocab_size 30000"),
+        (lambda ds, m: m.update(max_position_embeddings=64), "exceed the model's max_position_embeddings 64"),
+        (lambda ds, m: ds.update(train_batch_size=30), "train_batch_size 30"),
+        (lambda ds, m: ds.update(fp16={"enabled": True}, zero_optimization={"stage": 0}), "fp16 with ZeRO stage 0"),
+        (lambda ds, m: ds.update(fp16={"enabled": True}), "fp16 needs a GPU"),
+    ],
+)
+def test_refused_before_training(change, message, wiki_shards, tmp_path):
+    ds, model = ds_config(2, "fp32"), dict(TEST_MODEL)
+    change(ds, model)
+    proc = pretrain(tmp_path, wiki_shards, ds, steps=2, model=model)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_resume_with_another_world_size_is_refused(wiki_shards, tmp_path):
+    ok(pretrain(tmp_path, wiki_shards, ds_config(2, "fp32"), steps=3, nproc=2))
+    proc = pretrain(tmp_path, wiki_shards, ds_config(2, "fp32"), steps=5)
+    assert proc.returncode == 2 and "written by 2 rank(s) at ZeRO-2, this run has 1 rank(s)" in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_other_launchers(launcher, wiki_shards, tmp_path):
+    proc = ok(pretrain(tmp_path, wiki_shards, ds_config(1, "bf16", warmup=1), steps=2, nproc=2, launcher=launcher))
+    assert f"launcher: {launcher}, 2 rank(s)" in proc.stdout + proc.stderr
+    assert len(metrics(tmp_path)) == 2
