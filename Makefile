@@ -26,7 +26,7 @@ system-deps:
 	@bash .ci/system-deps.sh
 
 demo: $(STAMP) system-deps
-	$(PY) -m data_prep.demo --output $(DEMO_OUT)
+	$(PY) -m pipeline.demo --output $(DEMO_OUT)
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q

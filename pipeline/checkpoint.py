@@ -5,6 +5,7 @@ Layout under `<output>/checkpoints/`:
     step-00000100/rng-rank<r>.pt   each rank's random generator states
     step-00000100/complete.json    written last, atomically, by rank 0 after every rank has saved
     model_config.json              the model's config (what `albert-export` reads)
+    latest                         DeepSpeed's pointer to the newest complete tag
 
 `--resume auto` takes the newest tag with complete.json; a save killed midway leaves a tag without it,
 which is ignored (and removed by the next save). The last `keep` complete checkpoints are kept.
@@ -109,6 +110,9 @@ def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_
     if rank == 0:
         _write_json(folder / "model_config.json", model_config)
         _write_json(tag_dir / COMPLETE, {**meta, "step": step, "tag": tag})
+        latest = folder / "latest.tmp"  # DeepSpeed's own pointer, for its tools and albert-export
+        latest.write_text(tag)
+        os.replace(latest, folder / "latest")
         for old in complete_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in folder.glob(f"{PREFIX}*"):

@@ -1,0 +1,32 @@
+"""The README's main job, shortened: data, 2-rank DeepSpeed pretraining, evaluation, Hugging Face export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def test_demo_end_to_end_short(tmp_path):
+    out = tmp_path / "demo"
+    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--output", str(out), "--steps", "40"],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "demo summary: 40 steps" in proc.stdout and "MLM accuracy" in proc.stdout
+    lines = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    train = [m for m in lines if m.get("split", "train") == "train"]
+    assert train[-1]["mlm_accuracy"] > train[0]["mlm_accuracy"] + 0.02, "MLM accuracy must rise"
+    assert any(m.get("split") == "eval" for m in lines)
+    code = (
+        "import sys, logging; from transformers import AlbertForPreTraining, AlbertTokenizer;"
+        "m = AlbertForPreTraining.from_pretrained(sys.argv[1], output_loading_info=True);"
+        "info = m[1]; assert not info['missing_keys'] and not info['unexpected_keys'], info;"
+        "t = AlbertTokenizer.from_pretrained(sys.argv[1]); print(t.convert_tokens_to_ids(['[CLS]', '[SEP]', '[MASK]']))"
+    )
+    check = subprocess.run([sys.executable, "-c", code, str(out / "hf")], capture_output=True, text=True,
+                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip() == "[2, 3, 4]"
