@@ -304,6 +304,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     except DataError as e:
         raise TrainError(str(e)) from None
     check_data_against_model(data, cfg, args.data)
+    if data.skipped_shards:
+        log.warning("%d shard(s) skipped as unreadable: %s", len(data.skipped_shards), ", ".join(data.skipped_shards))
     if eval_check:
         check_data_against_model(eval_check, cfg, args.eval_data)
     fill_scheduler(ds, args.max_steps)
