@@ -2,7 +2,8 @@
 
 Builds standard-format corpora of the requested sizes from the Wikipedia excerpt (its documents
 repeated), trains one vocabulary, then runs `albert-data shard` as a subprocess for each
-(corpus size, workers) pair, sampling the resident memory of the whole process tree.
+(corpus size, workers) pair, sampling the memory of the whole process tree (proportional set size, so
+pages shared by forked workers count once).
 
     python bench/bench_data.py                       # 10 MB and 100 MB, 1 and 2 workers
     python bench/bench_data.py --sizes 10 --workers 1 2 --dupe-factor 2
@@ -39,7 +40,8 @@ def peak_rss(proc: subprocess.Popen, stop: threading.Event, out: list[int]) -> N
     while not stop.is_set():
         try:
             procs = [root] + root.children(recursive=True)
-            peak = max(peak, sum(p.memory_info().rss for p in procs if p.is_running()))
+            # PSS: pages shared between the forked workers and their parent are counted once
+            peak = max(peak, sum(p.memory_full_info().pss for p in procs if p.is_running()))
         except psutil.Error:
             pass
         time.sleep(0.02)
@@ -66,7 +68,7 @@ def build_corpus(docs_dir: Path, target_mb: int, out: Path, files: int = 8) -> i
 def run_shard(corpus: Path, spm: Path, out: Path, workers: int, dupe: int, seq: int) -> dict:
     cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(corpus), "--spm-model", str(spm),
            "--output", str(out), "--max-seq-length", str(seq), "--dupe-factor", str(dupe),
-           "--num-shards", "8", "--workers", str(workers), "--no-progress"]  # fmt: skip
+           "--workers", str(workers), "--no-progress"]  # fmt: skip
     stop, peak = threading.Event(), []
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -105,7 +107,7 @@ def main() -> None:
     base = {size: r for size, w, _, r in rows if w == min(args.workers)}
     print(f"\nalbert-data shard: seq {args.max_seq_length}, dupe factor {args.dupe_factor}, vocab {args.vocab_size}, "
           "tokenization and HDF5 writing included (process start ~1 s included)\n")  # fmt: skip
-    print("| corpus | workers | seconds | MB/s of text | examples/s | examples/s per worker | speed-up | peak RSS (MB) |")
+    print("| corpus | workers | seconds | MB/s of text | examples/s | examples/s per worker | speed-up | peak memory, PSS (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for size, w, nbytes, r in rows:
         eps = r["examples"] / r["seconds"]

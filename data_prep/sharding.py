@@ -44,7 +44,13 @@ from .vocab import Vocab, sha256_file
 log = logging.getLogger(__name__)
 
 WORK = ".work"
-FLUSH_BYTES = 32 << 20  # bucket buffers of a map task are flushed to disk past this size
+FLUSH_BYTES = 8 << 20  # bucket buffers of a map task are flushed to disk past this size
+SHARD_TEXT_BYTES = 32 << 20  # auto: input bytes x dupe_factor per shard (~27 MB of records at any seq length)
+
+
+def auto_num_shards(input_bytes: int, dupe_factor: int) -> int:
+    """Shards are shuffled in memory: size them so that memory stays flat in the corpus size."""
+    return max(1, -(-input_bytes * dupe_factor // SHARD_TEXT_BYTES))
 
 
 @dataclass(frozen=True)
@@ -52,17 +58,17 @@ class ShardSettings:
     examples: ExampleSettings = field(default_factory=ExampleSettings)
     dupe_factor: int = 5
     seed: int = 12345
-    num_shards: int = 8
+    num_shards: int = 0  # 0: auto, from the input size (see auto_num_shards)
     input_format: str = "docs"
-    docs_per_batch: int = 4096
-    sentences_per_batch: int = 65536  # ~10k examples per pass at seq 128: amortises the vectorised masking
+    docs_per_batch: int = 1024
+    sentences_per_batch: int = 8192  # ~2k examples per pass at seq 128: amortises the vectorised masking, bounds memory
 
     def check(self) -> None:
         self.examples.check()
         if self.dupe_factor < 1:
             raise DataPrepError(f"--dupe-factor {self.dupe_factor}: must be at least 1")
-        if self.num_shards < 1:
-            raise DataPrepError(f"--num-shards {self.num_shards}: must be at least 1")
+        if self.num_shards < 0:
+            raise DataPrepError(f"--num-shards {self.num_shards}: must be at least 1 (or 0 for auto)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -171,11 +177,17 @@ def _reduce_shard(task: tuple[int, int, str, ShardSettings, dict[str, Any]]) -> 
     paths = _Paths(Path(output))
     ex = settings.examples
     dtype = record_dtype(ex.max_seq_length, ex.max_predictions_per_seq)
-    parts = [np.fromfile(b, dtype=dtype) for f in range(num_files) if (b := paths.bucket(shard, f)).exists()]
-    records = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
-    records = records[np.random.default_rng([settings.seed, 1, shard]).permutation(len(records))]
+    buckets = [b for f in range(num_files) if (b := paths.bucket(shard, f)).exists()]
+    records = np.empty(sum(b.stat().st_size for b in buckets) // dtype.itemsize, dtype=dtype)
+    start = 0
+    for b in buckets:  # read straight into one array: no second copy for concatenation
+        n = b.stat().st_size // dtype.itemsize
+        with open(b, "rb") as f:
+            f.readinto(records[start : start + n].view(np.uint8))
+        start += n
+    order = np.random.default_rng([settings.seed, 1, shard]).permutation(len(records))
     final = paths.output / shard_name(shard)
-    write_shard(final, records, {**attrs, "shard_index": shard, "num_shards": settings.num_shards})
+    write_shard(final, records, {**attrs, "shard_index": shard, "num_shards": settings.num_shards}, order)
     result = {"name": final.name, "num_examples": int(len(records)), "sha256": sha256_file(final), "bytes": final.stat().st_size}
     _write_json(paths.shard_done(shard), result)
     shutil.rmtree(paths.bucket(shard, 0).parent, ignore_errors=True)
@@ -183,20 +195,18 @@ def _reduce_shard(task: tuple[int, int, str, ShardSettings, dict[str, Any]]) -> 
 
 
 def _run_tasks(fn, tasks: list, workers: int, desc: str, progress: bool) -> list:
+    """Each task runs in a fresh forked process (also with one worker): the memory a task used goes back
+    to the system when it ends, so the peak does not creep up with the number of tasks (the corpus size)."""
     from tqdm import tqdm
 
-    bar = tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, dynamic_ncols=True)
     results = []
-    if workers <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            results.append(fn(t))
-            bar.update()
-    else:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+    if not tasks:
+        return results
+    with tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, dynamic_ncols=True) as bar:
+        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), maxtasksperchild=1) as pool:
             for r in pool.imap_unordered(fn, tasks):
                 results.append(r)
                 bar.update()
-    bar.close()
     return results
 
 
@@ -252,6 +262,9 @@ def shard_corpus(
     started = time.perf_counter()
     settings.check()
     files = readers.expand_inputs(inputs)
+    if settings.num_shards == 0:
+        settings = dataclasses.replace(settings, num_shards=auto_num_shards(sum(f.stat().st_size for f in files), settings.dupe_factor))
+        log.info("--num-shards auto: %d", settings.num_shards)
     vocab = Vocab(Path(spm_model))  # refuses a bad model before any work
     world = get_world(mpi)
     paths = _Paths(Path(output))
