@@ -7,7 +7,8 @@ The architecture follows google-research/albert and is weight-compatible with Hu
 - cross-layer sharing: `num_hidden_groups` groups of `inner_group_num` layers; pass i of
   `num_hidden_layers` runs group int(i / (num_hidden_layers / num_hidden_groups));
 - post-LayerNorm blocks, attention through `F.scaled_dot_product_attention` (fused kernels
-  where the hardware has them) with a boolean padding mask;
+  where the hardware has them) with a boolean padding mask; on CPU in bf16 an explicit form,
+  faster there (see `attention`);
 - heads: SOP on the pooled [CLS]; MLM tied to the word embeddings, evaluated only at
   `masked_lm_positions`.
 
@@ -33,7 +34,6 @@ Every rank must run the loop (the gather is collective); rank 0's values are kep
 
 import dataclasses
 import json
-import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -46,8 +46,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-
-log = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -80,6 +78,20 @@ HF_REQUIRED_VALUES = {
     "net_structure_type": 0,
     "num_memory_blocks": 0,
 }
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary name next to `path`; rename it to `path` once the block succeeds, so that
+    readers never see half a file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -151,13 +163,13 @@ class AlbertConfig:
     @classmethod
     def from_name_or_path(cls, name: str | os.PathLike) -> "AlbertConfig":
         """A shipped config by name (albert-tiny, albert-base, ... albert-xxlarge) or a JSON file."""
-        shipped = CONFIG_DIR / f"{name}.json"
-        if not Path(name).exists() and shipped.exists():
-            return cls.from_json(shipped)
-        if not Path(name).exists():
+        path = Path(name)
+        if not path.exists():
+            path = CONFIG_DIR / f"{name}.json"
+        if not path.exists():
             names = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
             raise ValueError(f"{name}: no such model config file or shipped config ({names})")
-        return cls.from_json(name)
+        return cls.from_json(path)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -171,20 +183,6 @@ class AlbertConfig:
         """Write the HF-compatible dict (loadable by `from_json` and by transformers), atomically."""
         with atomic_path(path) as tmp:
             tmp.write_text(json.dumps(self.to_hf_dict(), indent=2) + "\n")
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary name next to `path`; rename it to `path` once the block succeeds, so that
-    readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -241,6 +239,22 @@ class Embeddings(nn.Module):
         return F.dropout(self.norm(x), self.dropout, self.training)
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """Softmax attention, q [B, nh, R, d], k and v [B, nh, L, d], mask broadcastable to [B, nh, R, L]
+    (True = attend). SDPA picks the fused kernels the hardware has, except on CPU in bf16, where
+    PyTorch's fused kernel (its backward) takes over twice the time of the explicit form at
+    L = 128-512 (torch 2.13, measured): there the explicit form is used."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        return explicit_attention(q, k, v, mask, dropout_p)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+
+
+def explicit_attention(q, k, v, mask, dropout_p: float = 0.0) -> torch.Tensor:
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+    probs = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+    return F.dropout(probs, dropout_p) @ v
+
+
 class AlbertLayer(nn.Module):
     """Post-LN block: x = LN(x + Attn(x)); x = LN(x + FFN(x))."""
 
@@ -266,8 +280,7 @@ class AlbertLayer(nn.Module):
         q_in = x if rows is None else x.gather(1, rows[:, :, None].expand(-1, -1, H))
         q = self.query(q_in).unflatten(-1, (self.n_head, -1)).transpose(1, 2)  # [B, nh, R, d]
         k, v = self.key_value(x).view(B, L, 2, self.n_head, -1).permute(2, 0, 3, 1, 4)  # [B, nh, L, d] each
-        p = self.attention_dropout if self.training else 0.0
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        a = attention(q, k, v, mask, self.attention_dropout if self.training else 0.0)
         a = a.transpose(1, 2).flatten(2)  # [B, R, H]
         h = self.attention_norm(q_in + F.dropout(self.attention_dense(a), self.dropout, self.training))
         f = self.ffn_output(self.act(self.ffn(h)))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model_fixtures import make_batch, perturb_, run_python, small_config
-from pipeline.model import CONFIG_DIR, AlbertConfig, AlbertForPreTraining, init_albert_weights
+from pipeline.model import CONFIG_DIR, AlbertConfig, AlbertForPreTraining, explicit_attention, init_albert_weights
 
 # Paper sizes (ALBERT table 1) of the shipped configs: L, H, heads, FFN.
 PAPER_SIZES = {
@@ -134,6 +134,28 @@ def test_labels_optional():
     assert torch.equal(only_sop.loss, only_sop.sop_loss)
     with pytest.raises(ValueError, match="masked_lm_positions"):
         model(batch["input_ids"], masked_lm_ids=batch["masked_lm_ids"])
+
+
+def test_explicit_attention_equals_sdpa():
+    """The form used on CPU in bf16 computes what SDPA computes (checked in fp32), with fewer query rows too."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (7, 10, 10))
+    mask = (torch.arange(10) < torch.tensor([10, 6, 3])[:, None])[:, None, None, :]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(explicit_attention(q, k, v, mask), ref, rtol=0, atol=1e-6)
+
+
+def test_bf16_autocast_tracks_fp32():
+    cfg = small_config()
+    model = perturb_(AlbertForPreTraining(cfg), std=0.02)
+    batch = make_batch(cfg)
+    ref = model(**batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(**batch)
+    assert out.mlm_logits.dtype == torch.bfloat16
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=0.02, atol=0)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32, torch.uint16])
