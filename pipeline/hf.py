@@ -133,6 +133,8 @@ def export_hf(
     on lowercased text. Each file is written under a temporary name, then renamed."""
     sd = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
     check_state_dict(sd, config)
+    if spm_model is not None:
+        check_spm_model(Path(spm_model), config)  # before writing anything
     # safetensors refuses tensors sharing memory (e.g. views of a flat ZeRO buffer): own copies.
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in to_hf_state_dict(sd).items()}
     out = Path(out_dir)
@@ -141,12 +143,13 @@ def export_hf(
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     config.to_json(out / "config.json")
     if spm_model is not None:
-        _export_tokenizer(Path(spm_model), config, out, do_lower_case)
+        write_tokenizer(Path(spm_model), config, out, do_lower_case)
     log.info("wrote Hugging Face ALBERT (%d tensors%s) to %s", len(tensors), ", tokenizer" if spm_model else "", out)
     return out
 
 
-def _export_tokenizer(spm_model: Path, config: AlbertConfig, out: Path, do_lower_case: bool) -> None:
+def check_spm_model(spm_model: Path, config: AlbertConfig) -> None:
+    """Refuse a SentencePiece model whose special ids are not those AlbertTokenizer expects."""
     import sentencepiece as spm
 
     if not spm_model.is_file():
@@ -160,6 +163,10 @@ def _export_tokenizer(spm_model: Path, config: AlbertConfig, out: Path, do_lower
             )
     if sp.get_piece_size() > config.vocab_size:
         raise ValueError(f"{spm_model}: {sp.get_piece_size()} pieces but the model's vocab_size is {config.vocab_size}")
+
+
+def write_tokenizer(spm_model: Path, config: AlbertConfig, out: Path, do_lower_case: bool) -> None:
+    """spiece.model, tokenizer_config.json and special_tokens_map.json, as AlbertTokenizer reads them."""
     tokenizer_config = {
         "tokenizer_class": "AlbertTokenizer", "do_lower_case": do_lower_case, "keep_accents": False,
         "remove_space": True, "model_max_length": config.max_position_embeddings, **SPECIAL_TOKENS,

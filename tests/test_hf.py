@@ -140,6 +140,7 @@ def test_tokenizer_export_refuses_other_special_ids(tmp_path):
     cfg = small_config(vocab_size=40)
     with pytest.raises(ValueError, match="id 2 must be \\[CLS\\]"):
         export_hf(AlbertForPreTraining(cfg), cfg, tmp_path / "hf", spm_model=model_file)
+    assert not (tmp_path / "hf").exists()  # refused before writing anything
 
 
 DEEPSPEED_TRAIN = textwrap.dedent("""
