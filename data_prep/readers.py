@@ -291,6 +291,15 @@ def count_document(sentences: list[str], cut: int, stats: ReadStats) -> bool:
     return True
 
 
+def _add_line(doc: list[str], line: str, bound: int, stats: ReadStats) -> None:
+    """A stripped, non-empty line of a docs file; an absurdly long one is cut into bounded pieces."""
+    if len(line) > bound:
+        stats.long_lines_split += 1
+        doc.extend(cut_long(normalize_whitespace(line), bound))
+    else:
+        doc.append(line)
+
+
 def _docs(path: Path, stats: ReadStats) -> Iterator[list[str]]:
     """The "docs" format, the hot path of sharding: one sentence per line, blank line between
     documents. A line over MAX_SENTENCE_CHARS is cut at spaces into separate sentences; one
@@ -314,11 +323,7 @@ def _docs(path: Path, stats: ReadStats) -> Iterator[list[str]]:
             for line in lines:
                 line = line.strip()
                 if line:
-                    if len(line) > bound:
-                        stats.long_lines_split += 1
-                        doc.extend(cut_long(normalize_whitespace(line), bound))
-                    else:
-                        doc.append(line)
+                    _add_line(doc, line, bound, stats)
                 elif doc:
                     documents += 1
                     sentences += len(doc)
@@ -333,11 +338,7 @@ def _docs(path: Path, stats: ReadStats) -> Iterator[list[str]]:
     if long_open:
         doc.extend(cut_long(normalize_whitespace(tail), bound))
     elif tail := tail.strip():
-        if len(tail) > bound:
-            stats.long_lines_split += 1
-            doc.extend(cut_long(normalize_whitespace(tail), bound))
-        else:
-            doc.append(tail)
+        _add_line(doc, tail, bound, stats)
     if doc:
         documents += 1
         sentences += len(doc)

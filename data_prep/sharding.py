@@ -210,6 +210,16 @@ def _run_tasks(fn, tasks: list, workers: int, desc: str, progress: bool) -> list
     return results
 
 
+def _run_phase(world: World, fn, tasks: list, workers: int, desc: str, progress: bool) -> None:
+    """This rank's tasks, then a barrier; a failure ends every rank (no one waits at the barrier forever)."""
+    try:
+        _run_tasks(fn, tasks, workers, desc, progress)
+    except BaseException:
+        world.abort()
+        raise
+    world.barrier()
+
+
 def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum nested counters (ints and int lists) field by field."""
     total: dict[str, Any] = {}
@@ -287,12 +297,7 @@ def shard_corpus(
         paths.bucket(s, 0).parent.mkdir(parents=True, exist_ok=True)
     world.barrier()
     tasks = [(i, str(files[i]), str(Path(spm_model).resolve()), str(paths.output), settings) for i in mine]
-    try:
-        _run_tasks(_map_file, tasks, workers, "examples", progress)
-    except BaseException:
-        world.abort()
-        raise
-    world.barrier()
+    _run_phase(world, _map_file, tasks, workers, "examples", progress)
 
     # phase 2
     ex = settings.examples
@@ -310,12 +315,7 @@ def shard_corpus(
     }
     todo = [s for s in range(settings.num_shards) if s % world.size == world.rank and not paths.shard_done(s).exists()]
     tasks = [(s, len(files), str(paths.output), settings, attrs) for s in todo]
-    try:
-        _run_tasks(_reduce_shard, tasks, workers, "shards", progress)
-    except BaseException:
-        world.abort()
-        raise
-    world.barrier()
+    _run_phase(world, _reduce_shard, tasks, workers, "shards", progress)
     if world.rank != 0:
         return None
 
