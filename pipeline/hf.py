@@ -195,6 +195,10 @@ def load_hf(directory: str | os.PathLike) -> tuple[AlbertConfig, AlbertForPreTra
         raise ValueError(f"{d}: no model.safetensors or pytorch_model.bin")
     model = AlbertForPreTraining(config)
     missing, unexpected = model.load_state_dict(from_hf_state_dict(hf_sd), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{d}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
+    # An AlbertForMaskedLM (or AlbertModel) folder has no SOP head: that one starts fresh.
+    fresh = [k for k in missing if k.startswith(("pooler.", "sop_classifier."))]
+    if unexpected or len(fresh) < len(missing):
+        raise ValueError(f"{d}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if fresh:
+        log.warning("%s: no weights for %s; initialised fresh", d, ", ".join(fresh))
     return config, model

@@ -122,6 +122,8 @@ class AlbertConfig:
                 raise ValueError(f"{f.name}: expected {f.type.__name__}, got {value!r}")
             if f.type is int and value < 1:
                 raise ValueError(f"{f.name}: must be at least 1, got {value}")
+            if f.type is float:
+                object.__setattr__(self, f.name, float(value))  # JSON may say 0 for 0.0
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.num_hidden_layers % self.num_hidden_groups:

@@ -89,6 +89,23 @@ def test_load_hf_reads_transformers_own_folder(tmp_path):
     torch.testing.assert_close(out.sop_logits, ref.sop_logits, rtol=0, atol=1e-5)
 
 
+def test_load_hf_reads_a_masked_lm_folder(tmp_path, caplog):
+    """A released ALBERT may be an AlbertForMaskedLM: no pooler or SOP head, those start fresh."""
+    hf_cfg = transformers.AlbertConfig(vocab_size=120, embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, intermediate_size=64, attention_probs_dropout_prob=0)
+    hf = transformers.AlbertForMaskedLM(hf_cfg).eval()
+    hf.save_pretrained(tmp_path)
+    cfg, ours = load_hf(tmp_path)
+    assert "sop_classifier.weight" in caplog.text and cfg.attention_probs_dropout_prob == 0.0
+    batch = make_batch(cfg)
+    with torch.no_grad():
+        out = ours.eval()(**batch)
+        ref = hf(input_ids=batch["input_ids"], attention_mask=batch["input_mask"], token_type_ids=batch["segment_ids"])
+    pos = batch["masked_lm_positions"]
+    ref_mlm = ref.logits.gather(1, pos[:, :, None].expand(-1, -1, cfg.vocab_size))
+    torch.testing.assert_close(out.mlm_logits, ref_mlm, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", ["albert-tiny", "albert-base", "albert-large", "albert-xlarge", "albert-xxlarge"])
 def test_parameter_count_equals_transformers(name):
     cfg = AlbertConfig.from_name_or_path(name)
