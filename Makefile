@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# OpenMPI for mpi4py (mpi4py's wheel bundles no MPI library).
+# System packages pip cannot provide: OpenMPI (mpi4py bundles no MPI), munge + Slurm (the Slurm tests).
 system-deps:
 	@bash .ci/system-deps.sh
 

@@ -48,7 +48,7 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dupe-factor", type=int, default=5, help="passes over the corpus with different masks and pairs")
     g.add_argument("--short-seq-prob", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=12345)
-    g.add_argument("--num-shards", type=int, default=0, help="output HDF5 files; 0: auto, one per 32 MB of input x dupe factor (each is shuffled in memory)")
+    g.add_argument("--num-shards", type=int, default=0, help="output HDF5 files; 0: auto, one per 16 MB of input x dupe factor (each is shuffled in memory)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output, keeping finished work")
     g.add_argument("--mpi", default="auto", choices=("auto", "on", "off"), help="split the work over MPI ranks (auto: when launched by mpirun/srun)")
 

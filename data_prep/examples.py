@@ -81,6 +81,7 @@ class ExampleStats:
     kept: int = 0
     one_sentence_documents: int = 0
     truncated_pairs: int = 0
+    dropped_without_predictions: int = 0  # every word longer than the example's budget
     ngram_hist: list[int] = field(default_factory=list)  # index n: n-grams of n words masked
     length_hist: list[int] = field(default_factory=list)  # 8 bins over [0, max_seq_length]
 
@@ -257,13 +258,20 @@ def make_examples(
     records["masked_lm_ids"][mr, slot] = original
     records["next_sentence_labels"] = swap
 
-    stats.examples += n
-    stats.tokens += int(length.sum())
-    stats.maskable_tokens += int(cand.sum())
+    # A short example whose every word is longer than its budget gets no prediction: it would teach
+    # nothing about MLM, so it is dropped (and counted) rather than written.
+    keep = per_row > 0
+    stats.dropped_without_predictions += int((~keep).sum())
+    stats.examples += int(keep.sum())
+    stats.tokens += int(length[keep].sum())
+    stats.maskable_tokens += int(cand[keep].sum())
     stats.predictions += len(mr)
-    stats.swapped += int(swap.sum())
+    stats.swapped += int(swap[keep].sum())
     stats.replaced_mask += int(to_mask.sum())
     stats.replaced_random += int(to_random.sum())
     stats.kept += int((~to_mask & ~to_random).sum())
-    stats.merge(ExampleStats(ngram_hist=hist.tolist(), length_hist=np.bincount(np.minimum(length * 8 // (L + 1), 7), minlength=8).tolist()))
+    lengths = length[keep]
+    stats.merge(ExampleStats(ngram_hist=hist.tolist(), length_hist=np.bincount(np.minimum(lengths * 8 // (L + 1), 7), minlength=8).tolist()))
+    if not keep.all():
+        records = records[keep]
     return records

@@ -39,13 +39,13 @@ from .errors import DataPrepError
 from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
 from .mpi import World, get_world
 from .shards import FORMAT, SCHEMA_VERSION, Manifest, shard_name, write_shard
-from .vocab import Vocab, sha256_file
+from .vocab import Vocab, _drop_combining, sha256_file
 
 log = logging.getLogger(__name__)
 
 WORK = ".work"
-FLUSH_BYTES = 8 << 20  # bucket buffers of a map task are flushed to disk past this size
-SHARD_TEXT_BYTES = 32 << 20  # auto: input bytes x dupe_factor per shard (~27 MB of records at any seq length)
+FLUSH_BYTES = 2 << 20  # bucket buffers of a map task are flushed to disk past this size
+SHARD_TEXT_BYTES = 16 << 20  # auto: input bytes x dupe_factor per shard (~14 MB of records at any seq length)
 
 
 def auto_num_shards(input_bytes: int, dupe_factor: int) -> int:
@@ -90,6 +90,24 @@ class _Paths:
 
     def shard_done(self, shard: int) -> Path:
         return self.work / "done" / f"s{shard:05d}.json"
+
+
+@functools.cache
+def _libc():
+    import ctypes
+
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages back to the system after each batch: without it glibc keeps them, and a long
+    input file's many batches fragment the heap until the peak grows with the file's size."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @functools.lru_cache(maxsize=2)
@@ -159,6 +177,7 @@ def _map_file(task: tuple[int, str, str, str, ShardSettings]) -> dict[str, Any]:
         if buffered > FLUSH_BYTES:
             flush()
             buffered = 0
+        _release_freed_memory()
     flush()
     result = {
         "file": path,
@@ -296,7 +315,10 @@ def shard_corpus(
     for s in range(settings.num_shards):
         paths.bucket(s, 0).parent.mkdir(parents=True, exist_ok=True)
     world.barrier()
-    tasks = [(i, str(files[i]), str(Path(spm_model).resolve()), str(paths.output), settings) for i in mine]
+    spm_path = str(Path(spm_model).resolve())
+    _vocab(spm_path)  # loaded once here: the forked tasks inherit it (and the accent table) instead of rebuilding them
+    _drop_combining()
+    tasks = [(i, str(files[i]), spm_path, str(paths.output), settings) for i in mine]
     _run_phase(world, _map_file, tasks, workers, "examples", progress)
 
     # phase 2
@@ -360,6 +382,7 @@ def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> No
         100.0 * ex.get("predictions", 0) / maskable,
         100.0 * ex.get("swapped", 0) / max(num_examples, 1),
         ex.get("one_sentence_documents", 0),
+        ex.get("dropped_without_predictions", 0),
     )
 
 

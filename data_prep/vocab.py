@@ -12,7 +12,6 @@ import functools
 import hashlib
 import itertools
 import logging
-import re
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,24 +36,25 @@ def _drop_combining() -> dict[int, None]:
     return {cp: None for cp in range(0x20000) if unicodedata.combining(chr(cp))}  # none beyond plane 1
 
 
-_SPACES = re.compile(r"[^\S\n]+")  # runs of whitespace other than newlines
+def _strip_accents(text: str) -> str:
+    return unicodedata.normalize("NFKD", text).translate(_drop_combining())
 
 
 def normalize(text: str) -> str:
-    """AlbertTokenizer's preprocessing (do_lower_case=True, keep_accents=False, remove_space=True).
-
-    Newlines are kept, so that many sentences can be normalised at once as one "\n"-joined string."""
-    text = _SPACES.sub(" ", text).strip(" ").replace("``", '"').replace("''", '"')
+    """AlbertTokenizer's preprocessing (do_lower_case=True, keep_accents=False, remove_space=True)."""
+    text = " ".join(text.split()).replace("``", '"').replace("''", '"')
     if not text.isascii():  # NFKD is the identity on ASCII: skip the work
-        text = unicodedata.normalize("NFKD", text).translate(_drop_combining())
+        text = _strip_accents(text)
     return text.lower()
 
 
 def normalize_many(sentences: list[str]) -> list[str]:
-    """normalize() of each sentence, done on one joined string (a few C calls instead of a few per sentence)."""
-    out = normalize("\n".join(sentences)).split("\n")
+    """normalize() for many sentences: the same result (up to whitespace, which SentencePiece collapses
+    itself), with per-sentence Python work only for the few sentences that are not ASCII."""
+    blob = "\n".join(s if s.isascii() else _strip_accents(s) for s in sentences)
+    out = blob.replace("``", '"').replace("''", '"').lower().split("\n")
     if len(out) != len(sentences):  # a sentence held a newline
-        out = [normalize(s.replace("\n", " ")) for s in sentences]
+        out = [normalize(s) for s in sentences]
     return out
 
 

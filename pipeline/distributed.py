@@ -23,6 +23,10 @@ log = logging.getLogger(__name__)
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE")
 
 
+class RendezvousError(Exception):
+    """Rank 0 cannot be reached: reported on one line, long before the process-group timeout."""
+
+
 @dataclass(frozen=True)
 class Launch:
     launcher: str  # torchrun | deepspeed | srun | mpirun | single
@@ -85,7 +89,7 @@ def check_rendezvous(timeout: float) -> None:
         except OSError as e:
             last = e
             time.sleep(1.0)
-    raise RuntimeError(f"rank {os.environ['RANK']}: cannot reach rank 0 at {host}:{port} within {timeout:.0f} s ({last}); check that the nodes can reach each other")
+    raise RendezvousError(f"rank {os.environ['RANK']}: cannot reach rank 0 at {host}:{port} within {timeout:.0f} s ({last}); check that the nodes can reach each other")
 
 
 def init_distributed(launch: Launch, timeout_s: float) -> tuple[int, int, int]:

@@ -11,10 +11,6 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TRAIN_KEYS = (
-    "step", "samples", "loss", "mlm_loss", "sop_loss", "mlm_accuracy", "sop_accuracy", "lr", "grad_norm",
-    "loss_scale", "samples_per_sec", "tokens_per_sec", "data_wait_sec",
-)  # fmt: skip
 
 
 class Metrics:

@@ -272,7 +272,29 @@ def loss_scale(engine, precision: str) -> float:
     return float(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", 1.0))
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
+@dataclass
+class Run:
+    """Everything the training loop needs, built by setup()."""
+
+    args: argparse.Namespace
+    engine: Any
+    data: Any  # PretrainingData
+    batch: Batch
+    cfg: Any  # AlbertConfig
+    ds: dict[str, Any]
+    precision: str
+    rank: int
+    world: int
+    meta: dict[str, Any]
+    resumed: bool
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.args.output / "checkpoints"
+
+
+def setup(args: argparse.Namespace) -> Run:
+    """Launch, checks (before any work), model, DeepSpeed engine with our LAMB, and the resume."""
     import deepspeed
     import torch
     import torch.distributed as dist
@@ -281,7 +303,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from .data import DataError, PretrainingData
     from .distributed import check_rendezvous, detect_launch, init_distributed
     from .lamb import attach_zero_partitions, select_optimizer
-    from .metrics import TRAIN_KEYS, Metrics
     from .model import AlbertConfig
 
     launch = detect_launch()
@@ -296,21 +317,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     try:
         cfg = AlbertConfig.from_name_or_path(args.model_config)
-    except ValueError as e:
-        raise TrainError(str(e)) from None
-    try:
         data = PretrainingData(args.data, batch.micro, batch.accum, rank, world, args.seed, skip_bad_shards=args.skip_bad_shards)
-        eval_check = PretrainingData(args.eval_data, batch.micro, 1, rank, world, args.seed) if args.eval_data else None
-    except DataError as e:
+        check_data_against_model(data, cfg, args.data)
+        if args.eval_data:
+            check_data_against_model(PretrainingData(args.eval_data, batch.micro, 1, rank, world, args.seed), cfg, args.eval_data)
+    except (ValueError, DataError) as e:
         raise TrainError(str(e)) from None
-    check_data_against_model(data, cfg, args.data)
     if data.skipped_shards:
         log.warning("%d shard(s) skipped as unreadable: %s", len(data.skipped_shards), ", ".join(data.skipped_shards))
-    if eval_check:
-        check_data_against_model(eval_check, cfg, args.eval_data)
     fill_scheduler(ds, args.max_steps)
-    ckpt_dir = args.output / "checkpoints"
-    resume_from = ckpt.resolve_resume(args.resume, ckpt_dir)
+    resume_from = ckpt.resolve_resume(args.resume, args.output / "checkpoints")
     if resume_from:
         ckpt.check_compatible(resume_from, world, stage)
 
@@ -319,49 +335,52 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if args.init_from and not resume_from:
         from .hf import load_hf
 
-        _, hf_model = load_hf(args.init_from)
-        model.load_state_dict(hf_model.state_dict())
+        model.load_state_dict(load_hf(args.init_from)[1].state_dict())
         log.info("initialised from %s", args.init_from)
     optimizer, ds, opt_desc = select_optimizer(model, ds)
     log.info("%s", opt_desc)
-    engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds
-    )
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds)
     attach_zero_partitions(engine, optimizer)
     log.info(
         "model: %.2fM parameters; data: %d examples, %d steps per epoch (%d left out per epoch); batch %d = %d x %d x %d rank(s); %s, ZeRO-%d",
-        sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters()) / 1e6,
+        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
         data.num_examples, data.steps_per_epoch, data.dropped_per_epoch, batch.global_size, batch.micro, batch.accum, world, precision, stage,
     )  # fmt: skip
-
-    step = 0
     if resume_from:
-        client = ckpt.load(engine, resume_from)
-        data.load_state_dict(client["loader"])
-        step = engine.global_steps
+        data.load_state_dict(ckpt.load(engine, resume_from)["loader"])
     meta = {"world_size": world, "zero_stage": stage, "precision": precision, "global_batch": batch.global_size,
             "data": str(args.data), "model_config": cfg.to_dict()}  # fmt: skip
-    metrics = Metrics(args.output, rank == 0, resume_step=step if resume_from else None)
-    stop = StopRequest()
+    return Run(args, engine, data, batch, cfg, ds, precision, rank, world, meta, resume_from is not None)
+
+
+def train(run: Run, stop: StopRequest) -> dict[str, Any]:
+    """The loop: one optimizer step per iteration, then metrics, checkpoints and evaluation when due."""
+    import torch
+    import torch.distributed as dist
+
+    from . import checkpoint as ckpt
+    from .metrics import Metrics
+
+    args, engine, data, batch = run.args, run.engine, run.data, run.batch
+    step = start = engine.global_steps
+    metrics = Metrics(args.output, run.rank == 0, resume_step=step if run.resumed else None)
+    recorder = BatchRecorder(args.output / f"batches-rank{run.rank}.jsonl", step) if args.record_batches else None
     acc = Accumulator()
-    summary: dict[str, Any] = {"start_step": step, "first": None, "last": None, "eval": None}
-    t_last, data.data_wait, steps_since = time.perf_counter(), 0.0, 0
+    summary: dict[str, Any] = {"start_step": step, "first": None, "last": None}
+    fault = os.environ.get("ALBERT_FAULT", "")
+    fault_nan_step = int(fault.split(":")[1]) if fault.startswith("nan-at-step:") else -1  # fault injection for the tests
 
     def save() -> None:
-        ckpt.save(engine, ckpt_dir, step, {"loader": data.state_dict()}, meta, cfg.to_hf_dict(), args.keep_checkpoints)
+        ckpt.save(engine, run.ckpt_dir, step, {"loader": data.state_dict()}, run.meta, run.cfg.to_hf_dict(), args.keep_checkpoints)
 
     def run_eval() -> None:
         if args.eval_data:
-            r = evaluate(engine, args.eval_data, batch, rank, args.seed, args.eval_batches)
+            r = evaluate(engine, args.eval_data, batch, run.rank, args.seed, args.eval_batches)
             metrics.log({"split": "eval", "step": step, **r})
-            summary["eval"] = r
             log.info("eval step %d: loss %.4f, MLM accuracy %.4f, SOP accuracy %.4f", step, r["loss"], r["mlm_accuracy"], r["sop_accuracy"])
 
     batches = iter(data)
-    recorder = BatchRecorder(args.output / f"batches-rank{rank}.jsonl", step) if args.record_batches else None
-    if step >= args.max_steps:
-        log.info("already at step %d of %d", step, args.max_steps)
-    fault_nan_step = int(os.environ["ALBERT_FAULT"].split(":")[1]) if os.environ.get("ALBERT_FAULT", "").startswith("nan-at-step:") else -1
+    t_last, data.data_wait = time.perf_counter(), 0.0
     while step < args.max_steps:
         # The step's micro-batches are fetched first so that the MLM loss can be normalised by the number of
         # predictions in the whole global batch: then accumulation and data parallelism give exactly the
@@ -375,53 +394,31 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         bad = 0.0
         for micro, (b, count) in enumerate(zip(micro_batches, counts)):
             out = engine(**to_device(b, engine.device))
-            loss = out.mlm_loss * (count * batch.accum * world / max(total.item(), 1.0)) + out.sop_loss
+            loss = out.mlm_loss * (count * batch.global_size / batch.micro / max(total.item(), 1.0)) + out.sop_loss
             if step + 1 == fault_nan_step:
-                loss = loss * float("nan")  # fault injection for the tests
-            if not torch.isfinite(loss).item():
-                bad = 1.0
+                loss = loss * float("nan")
+            bad = max(bad, float(not torch.isfinite(loss).item()))
             acc.add(out, b)
             engine.backward(loss)
             if micro < batch.accum - 1:
-                engine.step()
+                engine.step()  # DeepSpeed counts micro-steps; it applies the update at the boundary only
         flags = torch.tensor([bad, float(stop.signal is not None)])
-        dist.all_reduce(flags)
-        if flags[0] > 0 and precision != "fp16":
-            raise TrainError(
-                f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
-                f"The last good checkpoint is in {ckpt_dir}"
-            )
+        dist.all_reduce(flags)  # every rank stops at the same step, whichever rank saw the problem or signal
+        nonfinite, stopping = flags[0].item() > 0, flags[1].item() > 0
+        if nonfinite and run.precision != "fp16":
+            raise TrainError(f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
+                             f"The last good checkpoint is in {run.ckpt_dir}")  # fmt: skip
         engine.step()
         step = engine.global_steps
-        steps_since += 1
-        if precision == "fp16" and flags[0] > 0:
-            floor = ds.get("fp16", {}).get("min_loss_scale", 1)
-            if loss_scale(engine, precision) <= floor:
-                raise TrainError(f"step {step}: fp16 overflow with the loss scale at its floor {floor}; the last good checkpoint is in {ckpt_dir}")
-        if step % args.log_interval == 0 or step == args.max_steps or flags[1] > 0:
-            r = acc.reduce()
-            dt = time.perf_counter() - t_last
-            wait = torch.tensor([data.data_wait])
-            dist.all_reduce(wait, op=dist.ReduceOp.MAX)
-            grad_norm = engine.get_global_grad_norm()
-            record = {
-                "step": step, "samples": int(engine.global_samples), "loss": r["loss"], "mlm_loss": r["mlm_loss"],
-                "sop_loss": r["sop_loss"], "mlm_accuracy": r["mlm_accuracy"], "sop_accuracy": r["sop_accuracy"],
-                "lr": float(engine.get_lr()[0]), "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                "loss_scale": loss_scale(engine, precision), "samples_per_sec": r["samples"] / dt,
-                "tokens_per_sec": r["tokens"] / dt, "data_wait_sec": float(wait.item()), "epoch": data.state.epoch,
-            }  # fmt: skip
-            assert all(k in record for k in TRAIN_KEYS)
+        if nonfinite and loss_scale(engine, run.precision) <= run.ds.get("fp16", {}).get("min_loss_scale", 1):
+            raise TrainError(f"step {step}: fp16 overflow with the loss scale at its floor; the last good checkpoint is in {run.ckpt_dir}")
+        if step % args.log_interval == 0 or step == args.max_steps or stopping:
+            record = log_record(run, acc.reduce(), time.perf_counter() - t_last)
             metrics.log(record)
             summary["first"] = summary["first"] or record
             summary["last"] = record
-            log.info(
-                "step %d: loss %.4f (MLM %.4f, SOP %.4f), MLM acc %.3f, SOP acc %.3f, lr %.2e, %.1f samples/s, data wait %.2f s",
-                step, r["loss"], r["mlm_loss"], r["sop_loss"], r["mlm_accuracy"], r["sop_accuracy"], record["lr"],
-                record["samples_per_sec"], record["data_wait_sec"],
-            )  # fmt: skip
-            t_last, data.data_wait, steps_since = time.perf_counter(), 0.0, 0
-        if flags[1] > 0:
+            t_last, data.data_wait = time.perf_counter(), 0.0
+        if stopping:
             save()
             log.warning("stopped by a signal at step %d; checkpoint saved, resume with --resume auto", step)
             summary["stopped_by_signal"] = True
@@ -430,10 +427,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             save()
         if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
             run_eval()
-    if not summary.get("stopped_by_signal") and step > summary["start_step"]:
+    if not summary.get("stopped_by_signal") and step > start:
         save()
         run_eval()
-    if step >= args.max_steps and rank == 0:
+    if step >= args.max_steps and run.rank == 0:
         (args.output / "finished.json").write_text(json.dumps({"step": step}) + "\n")
     data.close()
     metrics.close()
@@ -443,8 +440,33 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
+def log_record(run: Run, r: dict[str, float], seconds: float) -> dict[str, Any]:
+    """The metrics line of a logged step (collective: the data wait is the slowest rank's)."""
+    import torch
+    import torch.distributed as dist
+
+    engine = run.engine
+    wait = torch.tensor([run.data.data_wait])
+    dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+    grad_norm = engine.get_global_grad_norm()
+    record = {
+        "step": engine.global_steps, "samples": int(engine.global_samples), "loss": r["loss"], "mlm_loss": r["mlm_loss"],
+        "sop_loss": r["sop_loss"], "mlm_accuracy": r["mlm_accuracy"], "sop_accuracy": r["sop_accuracy"],
+        "lr": float(engine.get_lr()[0]), "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "loss_scale": loss_scale(engine, run.precision), "samples_per_sec": r["samples"] / seconds,
+        "tokens_per_sec": r["tokens"] / seconds, "data_wait_sec": float(wait.item()), "epoch": run.data.state.epoch,
+    }  # fmt: skip
+    log.info(
+        "step %d: loss %.4f (MLM %.4f, SOP %.4f), MLM acc %.3f, SOP acc %.3f, lr %.2e, %.1f samples/s, data wait %.2f s",
+        record["step"], r["loss"], r["mlm_loss"], r["sop_loss"], r["mlm_accuracy"], r["sop_accuracy"], record["lr"],
+        record["samples_per_sec"], record["data_wait_sec"],
+    )  # fmt: skip
+    return record
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    stop = StopRequest()  # first: a warning that arrives during start-up still ends in a checkpoint
     rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -453,12 +475,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+    # DeepSpeed JIT-builds its ops with the first `ninja` on PATH; a different one (the venv's or the
+    # system's) makes it rebuild under a lock that every rank then waits on. Always use the venv's.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     from .checkpoint import CheckpointError
+    from .distributed import RendezvousError
 
     try:
-        summary = train(args)
-    except (TrainError, CheckpointError) as e:
+        summary = train(setup(args), stop)
+    except (TrainError, CheckpointError, RendezvousError) as e:
         log.error("%s", e)
         return 2
     if summary.get("first") and summary.get("last"):

@@ -214,3 +214,15 @@ def test_same_seed_same_examples_other_seed_other_examples():
     c, _, _, _ = build(seed=8)
     assert a.tobytes() == b.tobytes()
     assert a.tobytes() != c.tobytes()
+
+
+def test_examples_that_cannot_get_a_prediction_are_dropped():
+    # 2-piece words only, and pairs short enough that the budget is 1 token: no whole word fits
+    doc_sentences = np.array([2] * 50)
+    sent_lengths = np.full(100, 2)
+    tokens = FIRST + np.arange(200, dtype=np.int32)
+    vocab = TableVocab(int(tokens.max()) + 1, word_every=2)
+    vocab.is_word_start = (np.arange(vocab.vocab_size) >= FIRST) & (np.arange(vocab.vocab_size) % 2 == 1)
+    stats = ExampleStats()
+    recs = make_examples(tokens, sent_lengths, doc_sentences, vocab, ExampleSettings(), np.random.default_rng(0), stats)
+    assert stats.dropped_without_predictions == 50 and len(recs) == 0 and stats.examples == 0
