@@ -27,14 +27,17 @@ from pipeline.model import AlbertConfig, AlbertForPreTraining  # noqa: E402
 log = logging.getLogger("bench_model")
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5) -> float:
+def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5, device: torch.device | str = "cpu") -> float:
     """Best FLOP/s of an n x n x n matmul."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
     a @ b
     best = float("inf")
     for _ in range(reps):
+        sync()
         t = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
 

@@ -331,8 +331,8 @@ def _cuda_fused_lamb_available() -> bool:
     return bool(FusedLambBuilder().is_compatible(verbose=False))
 
 
-def select_optimizer(model: nn.Module, ds_config: dict[str, Any]) -> tuple[torch.optim.Optimizer | None,
-                                                                             dict[str, Any], str]:
+def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: bool = True
+                     ) -> tuple[torch.optim.Optimizer | None, dict[str, Any], str]:
     """Build the LAMB a config's `"optimizer": {"type": "Lamb"}` asks for.
 
     Returns (optimizer, config to pass to deepspeed.initialize, one line for the log). For type
@@ -341,7 +341,8 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any]) -> tuple[torch
     becomes DeepSpeed's `gradient_clipping` (DeepSpeed clips before step and refuses
     max_grad_norm itself), and ZeRO 1-3 get `zero_allow_untested_optimizer`. It is DeepSpeed's
     FusedLamb on CUDA at ZeRO-0 (with min_coeff = max_coeff = 1 in the no-decay group, which
-    turns adaptation off there) and our `Lamb` everywhere else. Other optimizer types: (None, the
+    turns adaptation off there, unless `allow_fused` is False) and our `Lamb` everywhere else; the
+    log line says why FusedLamb is not used. Other optimizer types: (None, the
     config unchanged, a description).
     """
     section = ds_config.get("optimizer")
@@ -368,7 +369,8 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any]) -> tuple[torch
     groups = lamb_param_groups(model, weight_decay)
     stage = _zero_stage(config)
 
-    if fused_lamb_applies(config, _cuda_fused_lamb_available()):
+    cuda = _cuda_fused_lamb_available()
+    if allow_fused and fused_lamb_applies(config, cuda):
         from deepspeed.ops.lamb import FusedLamb
 
         for g in groups:
@@ -382,8 +384,10 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any]) -> tuple[torch
         where = f"ZeRO-{stage} partitions"
     else:
         where = "ZeRO-0, whole tensors"
+    why = ("switched off" if not allow_fused else "no CUDA" if not cuda else
+           f"it would see ZeRO-{stage} flat partitions, not whole parameters")
     return Lamb(groups, weight_decay=weight_decay, **params), config, \
-        f"optimizer: our multi-tensor LAMB ({where}, per-parameter trust ratios)"
+        f"optimizer: our multi-tensor LAMB ({where}, per-parameter trust ratios); DeepSpeed FusedLamb off: {why}"
 
 
 def attach_zero_partitions(engine: Any, optimizer: torch.optim.Optimizer | None) -> None:

@@ -8,7 +8,7 @@ The architecture follows google-research/albert and is weight-compatible with Hu
   `num_hidden_layers` runs group int(i / (num_hidden_layers / num_hidden_groups));
 - post-LayerNorm blocks, attention through `F.scaled_dot_product_attention` (fused kernels
   where the hardware has them) with a boolean padding mask; on CPU in bf16 an explicit form,
-  faster there (see `attention`);
+  faster there (see `attention`; `set_attention` forces one; pipeline/fused.py adds torch.compile);
 - heads: SOP on the pooled [CLS]; MLM tied to the word embeddings, evaluated only at
   `masked_lm_positions`.
 
@@ -241,12 +241,17 @@ class Embeddings(nn.Module):
         return F.dropout(self.norm(x), self.dropout, self.training)
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float) -> torch.Tensor:
+ATTENTION_IMPLS = ("auto", "sdpa", "math")
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float,
+              impl: str = "auto") -> torch.Tensor:
     """Softmax attention, q [B, nh, R, d], k and v [B, nh, L, d], mask broadcastable to [B, nh, R, L]
-    (True = attend). SDPA picks the fused kernels the hardware has, except on CPU in bf16, where
-    PyTorch's fused kernel (its backward) takes over twice the time of the explicit form at
-    L = 128-512 (torch 2.13, measured): there the explicit form is used."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+    (True = attend). "sdpa": PyTorch's fused kernels (flash / memory-efficient on CUDA, the fused
+    CPU kernel on CPU); "math": the explicit form (two matmuls and a softmax); "auto": SDPA except
+    on CPU in bf16, where the fused kernel's backward takes over twice the time of the explicit
+    form at L = 128-512 (torch 2.13, measured)."""
+    if impl == "math" or (impl == "auto" and q.device.type == "cpu" and q.dtype == torch.bfloat16):
         return explicit_attention(q, k, v, mask, dropout_p)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
@@ -274,6 +279,7 @@ class AlbertLayer(nn.Module):
         self.act = ACTIVATIONS[cfg.hidden_act]
         self.dropout = cfg.hidden_dropout_prob
         self.attention_dropout = cfg.attention_probs_dropout_prob
+        self.attention_impl = "auto"  # see `attention`; set with AlbertForPreTraining.set_attention
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
         """x [B, L, H]; mask [B, 1, 1, L] bool, True = real token; rows [B, R]: if given, compute
@@ -282,7 +288,7 @@ class AlbertLayer(nn.Module):
         q_in = x if rows is None else x.gather(1, rows[:, :, None].expand(-1, -1, H))
         q = self.query(q_in).unflatten(-1, (self.n_head, -1)).transpose(1, 2)  # [B, nh, R, d]
         k, v = self.key_value(x).view(B, L, 2, self.n_head, -1).permute(2, 0, 3, 1, 4)  # [B, nh, L, d] each
-        a = attention(q, k, v, mask, self.attention_dropout if self.training else 0.0)
+        a = attention(q, k, v, mask, self.attention_dropout if self.training else 0.0, self.attention_impl)
         a = a.transpose(1, 2).flatten(2)  # [B, R, H]
         h = self.attention_norm(q_in + F.dropout(self.attention_dense(a), self.dropout, self.training))
         f = self.ffn_output(self.act(self.ffn(h)))
@@ -314,6 +320,18 @@ class AlbertForPreTraining(nn.Module):
         """(Re)initialise every parameter; see the module docstring for DeepSpeed ZeRO-3."""
         for m in self.modules():
             init_albert_weights(m, self.config.initializer_range)
+
+    def set_attention(self, impl: str) -> None:
+        """Attention implementation of every layer: "auto", "sdpa" or "math" (see `attention`)."""
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention: {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        for group in self.groups:
+            for layer in group:
+                layer.attention_impl = impl
+
+    def mlm_transform(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The MLM head before the decoder: dense, activation, LayerNorm (a unit for torch.compile)."""
+        return self.mlm_norm(self.act(self.mlm_dense(tokens)))
 
     def layer_schedule(self) -> list[AlbertLayer]:
         """The layers in execution order (shared layers appear several times)."""
@@ -355,7 +373,7 @@ class AlbertForPreTraining(nn.Module):
 
         sop_logits = self.sop_classifier(torch.tanh(self.pooler(h[:, 0])))
         tokens = h if rows is None else h[:, 1:]
-        t = self.mlm_norm(self.act(self.mlm_dense(tokens)))
+        t = self.mlm_transform(tokens)
         mlm_logits = F.linear(t, self.embeddings.word_embeddings.weight, self.mlm_bias)
         out = PreTrainingOutput(mlm_logits=mlm_logits, sop_logits=sop_logits)
 
@@ -384,6 +402,6 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "AlbertConfig", "AlbertForPreTraining", "PreTrainingOutput", "init_albert_weights",
+    "AlbertConfig", "AlbertForPreTraining", "ATTENTION_IMPLS", "PreTrainingOutput", "init_albert_weights",
     "count_parameters", "atomic_path", "CONFIG_DIR",
 ]

@@ -54,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--keep-checkpoints", type=int, default=3, help="complete checkpoints to keep")
     a("--init-from", type=Path, default=None, help="start from the weights of a Hugging Face ALBERT folder (albert-export output)")
     a("--activation-checkpointing", action="store_true", help="recompute layer activations in backward (long sequences)")
+    a("--attention", choices=["auto", "sdpa", "math"], default="auto",
+      help="sdpa: scaled_dot_product_attention (fused kernels); math: explicit form; auto: sdpa, except explicit on CPU in bf16")
+    a("--no-compile", action="store_true", help="run the layers and MLM head eagerly instead of torch.compile'd")
+    a("--no-fused-lamb", action="store_true", help="use our multi-tensor LAMB also where DeepSpeed's FusedLamb applies (CUDA, ZeRO-0)")
     a("--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping")
     a("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
     a("--allow-fp16-on-cpu", action="store_true", help="testing only: run DeepSpeed's fp16 path on a CPU that lacks fp16 support")
@@ -301,7 +305,10 @@ def setup(args: argparse.Namespace) -> Run:
 
     from . import checkpoint as ckpt
     from .data import DataError, PretrainingData
+    from deepspeed.accelerator import get_accelerator
+
     from .distributed import check_rendezvous, detect_launch, init_distributed
+    from .fused import FusedOptions, apply_fused
     from .lamb import attach_zero_partitions, select_optimizer
     from .model import AlbertConfig
 
@@ -337,7 +344,10 @@ def setup(args: argparse.Namespace) -> Run:
 
         model.load_state_dict(load_hf(args.init_from)[1].state_dict())
         log.info("initialised from %s", args.init_from)
-    optimizer, ds, opt_desc = select_optimizer(model, ds)
+    fused = FusedOptions(attention=args.attention, compile=not args.no_compile, fused_lamb=not args.no_fused_lamb)
+    for line in apply_fused(model, fused, torch.device(get_accelerator().device_name()), stage):
+        log.info("%s", line)
+    optimizer, ds, opt_desc = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
     log.info("%s", opt_desc)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds)
     attach_zero_partitions(engine, optimizer)

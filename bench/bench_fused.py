@@ -1,0 +1,106 @@
+"""Training-step throughput of the plain vs the fused paths (pipeline/fused.py), one process.
+
+For each config and precision: the plain model (explicit attention, eager) and the fused one
+(SDPA or "auto" attention, torch.compile'd shared layer and MLM head), same weights, same batch.
+Their steps alternate so that noise from other work hits both alike; each path's fastest step is
+reported. A step is forward + backward + our LAMB's step. Compile time (the first step) is reported
+apart. MFU is against the matmul peak measured in the same run (see bench_model.py).
+
+Example:
+    python bench/bench_fused.py --configs albert-tiny --precisions fp32 --steps 3
+"""
+
+import argparse
+import copy
+import logging
+import time
+
+import torch
+
+from bench_model import make_batch, matmul_peak, model_flops
+from pipeline.fused import PLAIN, FusedOptions, apply_fused
+from pipeline.lamb import Lamb, lamb_param_groups
+from pipeline.model import AlbertConfig, AlbertForPreTraining
+
+log = logging.getLogger("bench_fused")
+
+
+def train_step(model: AlbertForPreTraining, opt: torch.optim.Optimizer, batch: dict, device_type: str, bf16: bool) -> float:
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device_type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.device) -> dict:
+    cfg = AlbertConfig.from_name_or_path(name)
+    torch.manual_seed(0)
+    plain = AlbertForPreTraining(cfg).to(device).train()
+    fused = copy.deepcopy(plain)
+    apply_fused(plain, PLAIN, device)
+    for line in apply_fused(fused, FusedOptions(attention=args.attention), device):
+        log.info("%s: %s", name, line)
+    batch = {k: v.to(device) for k, v in make_batch(cfg, args.batch, args.seq, args.predictions).items()}
+    runs = {k: (m, Lamb(lamb_param_groups(m, 0.01), lr=1e-4)) for k, m in (("plain", plain), ("fused", fused))}
+    first = {k: train_step(m, o, batch, device.type, bf16) for k, (m, o) in runs.items()}  # fused: includes compiling
+    times = {k: [] for k in runs}
+    for i in range(args.warmup + args.steps):
+        for k, (m, o) in (runs.items() if i % 2 == 0 else reversed(runs.items())):
+            dt = train_step(m, o, batch, device.type, bf16)
+            if i >= args.warmup:
+                times[k].append(dt)
+    flops = model_flops(cfg, args.batch, args.seq, args.predictions)
+    row = {"config": name, "dtype": "bf16" if bf16 else "fp32", "compile_s": first["fused"] - first["plain"]}
+    for k, ts in times.items():
+        row[f"{k}_ms"] = 1000 * min(ts)  # noise only ever adds time: the fastest step is the cleanest
+        row[f"{k}_tok_s"] = args.batch * args.seq / min(ts)
+        row[f"{k}_flop_s"] = flops / min(ts)
+    log.info("%s %s: plain %.1f ms, fused %.1f ms (first fused step +%.0f s)", name, row["dtype"], row["plain_ms"], row["fused_ms"], row["compile_s"])
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", default="albert-tiny,albert-base", help="comma-separated shipped config names")
+    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "math"], help="the fused run's attention")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--predictions", type=int, default=20, help="max_predictions_per_seq")
+    p.add_argument("--steps", type=int, default=5, help="timed steps per path (the fastest is reported)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precisions = args.precisions.split(",")
+    if set(precisions) - {"fp32", "bf16"}:
+        p.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
+
+    peak = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
+    rows = [compare(c, prec == "bf16", args, device) for c in args.configs.split(",") for prec in precisions]
+    # Other work on a shared machine lowers the peak for a while: best of before and after.
+    peak = {k: max(v, matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[k]), device=device)) for k, v in peak.items()}
+
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
+    print(f"\n{where}; batch {args.batch} x seq {args.seq}, {args.predictions} predictions; step = fwd + bwd + LAMB; "
+          f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")
+    print("| config | precision | plain ms | fused ms | plain tok/s | fused tok/s | speed-up | plain MFU | fused MFU | compile s |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        pk = peak[r["dtype"]]
+        print(f"| {r['config']} | {r['dtype']} | {r['plain_ms']:.1f} | {r['fused_ms']:.1f} | {r['plain_tok_s']:.0f} | "
+              f"{r['fused_tok_s']:.0f} | {r['plain_ms'] / r['fused_ms']:.2f}x | {r['plain_flop_s'] / pk:.1%} | "
+              f"{r['fused_flop_s'] / pk:.1%} | {r['compile_s']:.0f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Fused execution paths for the model, each with a switch and a plain fallback.
+
+- attention: `scaled_dot_product_attention` (flash / memory-efficient kernels on CUDA, the fused
+  kernel on CPU) or the explicit form; "auto" picks per device and dtype (see model.attention).
+- compile: `torch.compile` of each distinct shared `AlbertLayer` (compiled once, reused by every
+  pass through it) and of the MLM head's transform. Inductor fuses bias + gelu_new and
+  dropout + residual + LayerNorm into C++/OpenMP kernels on CPU, Triton kernels on GPU.
+- the optimizer's fused path (DeepSpeed FusedLamb on CUDA) is chosen in lamb.select_optimizer
+  with `FusedOptions.fused_lamb`.
+
+`apply_fused` returns the log lines saying which paths are active and why others are not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+import torch._dynamo
+
+from .model import ATTENTION_IMPLS, AlbertForPreTraining, AlbertLayer
+
+
+@dataclass(frozen=True)
+class FusedOptions:
+    attention: str = "auto"  # "auto" | "sdpa" | "math"
+    compile: bool = True
+    fused_lamb: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention: {self.attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+
+
+PLAIN = FusedOptions(attention="math", compile=False, fused_lamb=False)
+
+
+def compile_unavailable(device: torch.device, zero_stage: int) -> str | None:
+    """Why torch.compile cannot be used here, or None when it can."""
+    if zero_stage == 3:
+        # ZeRO-3 gathers and releases parameters in hooks around every module call; compiling
+        # the layer would trace through those (graph breaks, recompiles) and is not verified.
+        return "ZeRO-3 (parameters are gathered in module hooks)"
+    if device.type == "cuda":
+        from torch.utils._triton import has_triton
+
+        return None if has_triton() else "no Triton for CUDA kernels"
+    if device.type == "cpu":
+        cxx = os.environ.get("CXX", "g++")
+        return None if shutil.which(cxx) or shutil.which("c++") or shutil.which("clang++") else f"no C++ compiler ({cxx}) for CPU kernels"
+    return f"not set up for device {device.type}"
+
+
+def describe_attention(impl: str, device: torch.device) -> str:
+    if impl == "math":
+        return "attention: explicit matmul + softmax form (switched to math)"
+    kernels = "flash / memory-efficient kernels" if device.type == "cuda" else "the fused CPU kernel"
+    if impl == "sdpa" or device.type != "cpu":
+        return f"attention: scaled_dot_product_attention ({kernels})"
+    return "attention: scaled_dot_product_attention (fused CPU kernel) in fp32; explicit form in bf16, whose backward is faster on CPU"
+
+
+def apply_fused(model: AlbertForPreTraining, options: FusedOptions, device: torch.device, zero_stage: int = 0) -> list[str]:
+    """Switch the model's fused paths on as `options` ask and the machine allows; returns log lines."""
+    model.set_attention(options.attention)
+    lines = [describe_attention(options.attention, device)]
+    reason = "switched off" if not options.compile else compile_unavailable(device, zero_stage)
+    if reason:
+        lines.append(f"torch.compile: off ({reason}); layers and MLM head run eagerly")
+        return lines
+    # A kernel that fails to compile falls back to eager for that graph, with a warning, instead of
+    # stopping the run.
+    torch._dynamo.config.suppress_errors = True
+    layers = {id(m): m for m in model.modules() if isinstance(m, AlbertLayer)}
+    for layer in layers.values():
+        # Static shapes: a run sees one batch shape (two graphs per layer: all rows, and the last
+        # pass's [CLS] + masked rows), so dynamic-shape kernels would only cost speed.
+        layer.compile(dynamic=False)
+    model.mlm_transform = torch.compile(model.mlm_transform, dynamic=False)
+    backend = "Triton" if device.type == "cuda" else "C++/OpenMP"
+    lines.append(f"torch.compile: on for {len(layers)} shared layer(s) ({len(model.layer_schedule())} passes) and the MLM head "
+                 f"(Inductor, {backend} kernels; compiled at the first step)")
+    return lines
