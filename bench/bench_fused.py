@@ -45,7 +45,7 @@ def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.devic
     plain = AlbertForPreTraining(cfg).to(device).train()
     fused = copy.deepcopy(plain)
     apply_fused(plain, PLAIN, device)
-    for line in apply_fused(fused, FusedOptions(attention=args.attention), device):
+    for line in apply_fused(fused, FusedOptions(attention=args.attention, compile="on"), device):
         log.info("%s: %s", name, line)
     batch = {k: v.to(device) for k, v in make_batch(cfg, args.batch, args.seq, args.predictions).items()}
     runs = {k: (m, Lamb(lamb_param_groups(m, 0.01), lr=1e-4)) for k, m in (("plain", plain), ("fused", fused))}

@@ -4,7 +4,8 @@
   kernel on CPU) or the explicit form; "auto" picks per device and dtype (see model.attention).
 - compile: `torch.compile` of each distinct shared `AlbertLayer` (compiled once, reused by every
   pass through it) and of the MLM head's transform. Inductor fuses bias + gelu_new and
-  dropout + residual + LayerNorm into C++/OpenMP kernels on CPU, Triton kernels on GPU.
+  dropout + residual + LayerNorm into C++/OpenMP kernels on CPU, Triton kernels on GPU. "auto"
+  compiles on CUDA only: on CPU it measured no faster (see compile_unavailable).
 - the optimizer's fused path (DeepSpeed FusedLamb on CUDA) is chosen in lamb.select_optimizer
   with `FusedOptions.fused_lamb`.
 
@@ -23,22 +24,34 @@ import torch._dynamo
 from .model import ATTENTION_IMPLS, AlbertForPreTraining, AlbertLayer
 
 
+COMPILE_MODES = ("auto", "on", "off")
+
+
 @dataclass(frozen=True)
 class FusedOptions:
     attention: str = "auto"  # "auto" | "sdpa" | "math"
-    compile: bool = True
+    compile: str = "auto"  # "on" | "off" | "auto": on where it pays (CUDA), see compile_unavailable
     fused_lamb: bool = True
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention: {self.attention!r} is not one of {', '.join(ATTENTION_IMPLS)}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile: {self.compile!r} is not one of {', '.join(COMPILE_MODES)}")
 
 
-PLAIN = FusedOptions(attention="math", compile=False, fused_lamb=False)
+PLAIN = FusedOptions(attention="math", compile="off", fused_lamb=False)
 
 
-def compile_unavailable(device: torch.device, zero_stage: int) -> str | None:
-    """Why torch.compile cannot be used here, or None when it can."""
+def compile_unavailable(mode: str, device: torch.device, zero_stage: int) -> str | None:
+    """Why torch.compile is not used here, or None when it is."""
+    if mode == "off":
+        return "switched off"
+    if mode == "auto" and device.type == "cpu":
+        # Measured (bench/bench_fused.py, 2 cores): matmuls dominate the CPU step, so the fused
+        # elementwise kernels gained nothing (albert-base) or lost (albert-tiny bf16), for 25-55 s
+        # of compiling at start-up.
+        return "auto: no faster on CPU in bench/bench_fused.py; --compile on forces it"
     if zero_stage == 3:
         # ZeRO-3 gathers and releases parameters in hooks around every module call; compiling
         # the layer would trace through those (graph breaks, recompiles) and is not verified.
@@ -66,7 +79,7 @@ def apply_fused(model: AlbertForPreTraining, options: FusedOptions, device: torc
     """Switch the model's fused paths on as `options` ask and the machine allows; returns log lines."""
     model.set_attention(options.attention)
     lines = [describe_attention(options.attention, device)]
-    reason = "switched off" if not options.compile else compile_unavailable(device, zero_stage)
+    reason = compile_unavailable(options.compile, device, zero_stage)
     if reason:
         lines.append(f"torch.compile: off ({reason}); layers and MLM head run eagerly")
         return lines

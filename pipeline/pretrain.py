@@ -56,7 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--activation-checkpointing", action="store_true", help="recompute layer activations in backward (long sequences)")
     a("--attention", choices=["auto", "sdpa", "math"], default="auto",
       help="sdpa: scaled_dot_product_attention (fused kernels); math: explicit form; auto: sdpa, except explicit on CPU in bf16")
-    a("--no-compile", action="store_true", help="run the layers and MLM head eagerly instead of torch.compile'd")
+    a("--compile", choices=["auto", "on", "off"], default="auto",
+      help="torch.compile the shared layers and MLM head: auto = on CUDA only (no faster on CPU, measured)")
+    a("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     a("--no-fused-lamb", action="store_true", help="use our multi-tensor LAMB also where DeepSpeed's FusedLamb applies (CUDA, ZeRO-0)")
     a("--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping")
     a("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
@@ -344,7 +346,7 @@ def setup(args: argparse.Namespace) -> Run:
 
         model.load_state_dict(load_hf(args.init_from)[1].state_dict())
         log.info("initialised from %s", args.init_from)
-    fused = FusedOptions(attention=args.attention, compile=not args.no_compile, fused_lamb=not args.no_fused_lamb)
+    fused = FusedOptions(attention=args.attention, compile=args.compile, fused_lamb=not args.no_fused_lamb)
     for line in apply_fused(model, fused, torch.device(get_accelerator().device_name()), stage):
         log.info("%s", line)
     optimizer, ds, opt_desc = select_optimizer(model, ds, allow_fused=fused.fused_lamb)

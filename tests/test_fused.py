@@ -39,7 +39,7 @@ def assert_same(a: tuple[dict, dict], b: tuple[dict, dict], tol: float) -> None:
 def test_sdpa_attention_equals_plain_attention_with_padding():
     cfg = small_config()
     plain, fused = twins(cfg)
-    lines = apply_fused(plain, PLAIN, CPU) + apply_fused(fused, FusedOptions(attention="sdpa", compile=False), CPU)
+    lines = apply_fused(plain, PLAIN, CPU) + apply_fused(fused, FusedOptions(attention="sdpa", compile="off"), CPU)
     assert "explicit" in lines[0] and "scaled_dot_product_attention" in lines[2]
     batch = make_batch(cfg)
     assert (batch["input_mask"] == 0).any()  # padding is masked out in both
@@ -51,7 +51,7 @@ def test_compiled_shared_layers_and_head_equal_plain():
     cfg = small_config(num_hidden_groups=2)
     plain, fused = twins(cfg)
     apply_fused(plain, PLAIN, CPU)
-    lines = apply_fused(fused, FusedOptions(attention="sdpa"), CPU)
+    lines = apply_fused(fused, FusedOptions(attention="sdpa", compile="on"), CPU)
     assert "torch.compile: on for 2 shared layer(s) (4 passes) and the MLM head" in lines[1]
     layers = [m for m in fused.modules() if isinstance(m, AlbertLayer)]
     assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
@@ -63,16 +63,19 @@ def test_compiled_shared_layers_and_head_equal_plain():
 
 def test_switches_turn_each_path_off_and_say_why():
     model = AlbertForPreTraining(small_config())
-    lines = apply_fused(model, FusedOptions(attention="math", compile=False), CPU)
+    lines = apply_fused(model, FusedOptions(attention="math", compile="off"), CPU)
     assert lines == ["attention: explicit matmul + softmax form (switched to math)",
                      "torch.compile: off (switched off); layers and MLM head run eagerly"]
     assert all(m.attention_impl == "math" and m._compiled_call_impl is None for m in model.modules() if isinstance(m, AlbertLayer))
     assert "mlm_transform" not in vars(model)
-    zero3 = apply_fused(AlbertForPreTraining(small_config()), FusedOptions(), CPU, zero_stage=3)
+    zero3 = apply_fused(AlbertForPreTraining(small_config()), FusedOptions(compile="on"), CPU, zero_stage=3)
     assert zero3[1].startswith("torch.compile: off (ZeRO-3")
-    assert "explicit form in bf16" in zero3[0]  # "auto" on CPU
+    auto = apply_fused(AlbertForPreTraining(small_config()), FusedOptions(), CPU)
+    assert "explicit form in bf16" in auto[0] and auto[1].startswith("torch.compile: off (auto: no faster on CPU")
     with pytest.raises(ValueError, match="attention"):
         FusedOptions(attention="flash")
+    with pytest.raises(ValueError, match="compile"):
+        FusedOptions(compile="yes")
 
 
 @pytest.mark.parametrize("allow_fused, why", [(True, "no CUDA"), (False, "switched off")])
@@ -87,7 +90,7 @@ def test_fused_lamb_log_line_says_why_it_is_off(allow_fused, why):
 def test_engine_trains_the_same_with_compiled_layers(wiki_shards, tmp_path):
     """A real DeepSpeed run (ZeRO-2, fp32) with the compiled layer gives the plain run's losses."""
     runs = {}
-    for name, extra in (("fused", []), ("plain", ["--no-compile", "--attention", "math"])):
+    for name, extra in (("fused", ["--compile", "on"]), ("plain", ["--no-compile", "--attention", "math"])):
         proc = pretrain(tmp_path / name, wiki_shards, ds_config(2, "fp32", warmup=1), steps=2, extra=extra)
         assert proc.returncode == 0, proc.stderr[-3000:]
         runs[name] = (proc.stderr, [m["loss"] for m in metrics(tmp_path / name)])
