@@ -16,8 +16,8 @@ import logging
 import time
 
 import torch
-
 from bench_model import make_batch, matmul_peak, model_flops
+
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import Lamb, lamb_param_groups
 from pipeline.model import AlbertConfig, AlbertForPreTraining

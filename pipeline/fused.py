@@ -23,7 +23,6 @@ import torch._dynamo
 
 from .model import ATTENTION_IMPLS, AlbertForPreTraining, AlbertLayer
 
-
 COMPILE_MODES = ("auto", "on", "off")
 
 

@@ -304,11 +304,10 @@ def setup(args: argparse.Namespace) -> Run:
     import deepspeed
     import torch
     import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
 
     from . import checkpoint as ckpt
     from .data import DataError, PretrainingData
-    from deepspeed.accelerator import get_accelerator
-
     from .distributed import check_rendezvous, detect_launch, init_distributed
     from .fused import FusedOptions, apply_fused
     from .lamb import attach_zero_partitions, select_optimizer

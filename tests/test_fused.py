@@ -5,9 +5,9 @@ import re
 
 import pytest
 import torch
-
 from engine_helpers import ds_config, metrics, pretrain
 from model_fixtures import make_batch, perturb_, small_config
+
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import select_optimizer
 from pipeline.model import AlbertForPreTraining, AlbertLayer
