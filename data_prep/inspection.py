@@ -136,7 +136,7 @@ def inspect_shard(path: Path, vocab: Vocab | None = None, num_examples: int = 3)
 # ----------------------------------------------------------------------------------------------- verify
 
 
-def _check_records(name: str, recs: np.ndarray, start: int, vocab: Vocab, problems: dict[str, list[int]]) -> None:
+def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[str, list[int]]) -> None:
     ids = recs["input_ids"].astype(np.int64)
     mask = recs["input_mask"].astype(np.int64)
     seg = recs["segment_ids"].astype(np.int64)
@@ -174,7 +174,6 @@ def _check_records(name: str, recs: np.ndarray, start: int, vocab: Vocab, proble
     flag("masked position on [CLS]/[SEP]", (real & ((at == vocab.sep_id) | (at == vocab.cls_id))).any(1))
     flag("masked_lm_ids on a prediction is [CLS]/[SEP]/padding", (real & ((lm == 0) | (lm == vocab.cls_id) | (lm == vocab.sep_id))).any(1))
     flag("non-zero masked_lm_ids on prediction padding", (~real & (lm != 0)).any(1))
-    del name
 
 
 def verify_folder(folder: Path, progress: bool = False) -> list[str]:
@@ -242,7 +241,7 @@ def verify_folder(folder: Path, progress: bool = False) -> list[str]:
             continue
         found: dict[str, list[int]] = {}
         for start, recs in _windows(path):
-            _check_records(entry["name"], recs, start, vocab, found)
+            _check_records(recs, start, vocab, found)
         for kind, (count, first) in found.items():
             problems.append(f"{path}: {kind}: {count} rows (first: row {first})")
     if total != manifest.data.get("num_examples", total):

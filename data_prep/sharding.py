@@ -256,7 +256,7 @@ def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _prepare_output(world: World, paths: _Paths, settings_doc: dict[str, Any], resume: bool) -> str | None:
+def _prepare_output(paths: _Paths, settings_doc: dict[str, Any], resume: bool) -> str | None:
     """Rank 0 checks and claims the output folder. Returns an error message or None."""
     out = paths.output
     if out.exists() and not out.is_dir():
@@ -302,7 +302,7 @@ def shard_corpus(
         "inputs": [str(f) for f in files],
         "vocab_sha256": vocab.sha256,
     }
-    error = _prepare_output(world, paths, settings_doc, resume) if world.rank == 0 else None
+    error = _prepare_output(paths, settings_doc, resume) if world.rank == 0 else None
     error = world.bcast(error)
     if error:
         raise DataPrepError(error)

@@ -21,6 +21,7 @@ from data_prep.cli import setup_logging
 from data_prep.demo import prepare_demo_data
 from data_prep.errors import DataPrepError
 
+from .distributed import free_port
 from .model import AlbertConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     model_config = args.output / "albert-tiny-demo.json"
     cfg.to_json(model_config)
     train_dir = args.output / "train"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port", str(free_port()),
            "-m", "pipeline.pretrain", "--deepspeed_config", str(args.deepspeed_config), "--model-config", str(model_config),
            "--data", str(data.train), "--eval-data", str(data.eval), "--output", str(train_dir), "--max-steps", str(args.steps),
            "--log-interval", "10", "--save-interval", "100", "--eval-interval", "100", "--eval-batches", "20"]  # fmt: skip
@@ -89,12 +90,6 @@ def main(argv: list[str] | None = None) -> int:
     ]
     sys.stdout.write("\n".join(summary) + "\n")
     return 0
-
-
-def _free_port() -> int:
-    from .distributed import free_port
-
-    return free_port()
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import REPO
+from pipeline.distributed import free_port
 
 TEST_MODEL = {
     "vocab_size": 4000, "embedding_size": 32, "hidden_size": 64, "num_hidden_layers": 2, "num_hidden_groups": 1,
@@ -36,12 +36,6 @@ def ds_config(stage: int = 2, precision: str = "fp32", micro: int = 4, accum: in
         cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 8, "min_loss_scale": 1}
     cfg.update(extra)
     return cfg
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_configs(folder: Path, ds: dict, model: dict | None = None) -> tuple[Path, Path]:

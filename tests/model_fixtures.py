@@ -5,12 +5,13 @@ DeepSpeed runs in a fresh subprocess (single-process gloo group) so that its glo
 """
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+
+from pipeline.distributed import free_port
 
 from pipeline.model import AlbertConfig
 
@@ -50,12 +51,6 @@ def perturb_(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> torch.n
         for p in model.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)
     return model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_python(args: list[str], timeout: float = 120, distributed: bool = False,

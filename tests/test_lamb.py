@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from pipeline.distributed import free_port
 
 from lamb_worker import TinyNet
 from pipeline.lamb import FlatLayout, Lamb, fused_lamb_applies, lamb_param_groups, select_optimizer
@@ -224,12 +225,6 @@ def test_fused_lamb_only_on_cuda_at_zero0() -> None:
 # ---------------------------------------------------------------- real DeepSpeed runs
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def launched(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], dict[str, Any]]:
     """Results of the worker at one ZeRO stage (launched once per stage, on first use)."""
@@ -241,7 +236,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], dict[s
             env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
                    "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1" if stage == 0 else "2",
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(WORKER),
+                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
                    "--stage", str(stage), "--runs", STAGE_RUNS[stage], "--steps", "10", "--out", str(out)]
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
             assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
