@@ -34,16 +34,29 @@ from data_prep.shards import Manifest  # noqa: E402
 log = logging.getLogger("bench")
 
 
+def pss(pid: int) -> int:
+    """Proportional set size from /proc/PID/smaps_rollup: pages shared between forked workers and their
+    parent count once; one cheap read (psutil's memory_full_info parses the whole smaps file, which
+    costs CPU and takes the process's memory lock while the workers run)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # the process ended meanwhile
+        pass
+    return 0
+
+
 def peak_rss(proc: subprocess.Popen, stop: threading.Event, out: list[int]) -> None:
     root = psutil.Process(proc.pid)
     peak = 0
     while not stop.is_set():
         try:
-            procs = [root] + root.children(recursive=True)
-            # PSS: pages shared between the forked workers and their parent are counted once
-            peak = max(peak, sum(p.memory_full_info().pss for p in procs if p.is_running()))
+            pids = [root.pid] + [p.pid for p in root.children(recursive=True)]
         except psutil.Error:
-            pass
+            pids = []
+        peak = max(peak, sum(pss(p) for p in pids))
         time.sleep(0.02)
     out.append(peak)
 

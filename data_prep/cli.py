@@ -49,6 +49,9 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--short-seq-prob", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=12345)
     g.add_argument("--num-shards", type=int, default=0, help="output HDF5 files; 0: auto, one per 16 MB of input x dupe factor (each is shuffled in memory)")
+    g.add_argument("--piece-mb", type=float, default=8.0,
+                   help="input files are cut at document boundaries into pieces of about this size, one task each, "
+                        "so that a single big file keeps every worker busy (part of the settings: it changes the examples)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output, keeping finished work")
     g.add_argument("--mpi", default="auto", choices=("auto", "on", "off"), help="split the work over MPI ranks (auto: when launched by mpirun/srun)")
 
@@ -132,6 +135,7 @@ def _shard_settings(args: argparse.Namespace):
         dupe_factor=args.dupe_factor,
         seed=args.seed,
         num_shards=args.num_shards,
+        piece_bytes=int(args.piece_mb * (1 << 20)),
     )
 
 

@@ -187,7 +187,11 @@ def make_examples(
     in_second = (J >= f_len + 2) & (J <= f_len + s_len + 1)
     cand = in_first | in_second  # maskable positions
     src = np.where(in_first, f_start - 1, s_start - f_len - 2) + J
-    ids = np.where(cand, tokens[np.clip(src, 0, len(tokens) - 1)], 0).astype(np.int32)
+    del in_first, in_second
+    np.clip(src, 0, len(tokens) - 1, out=src)
+    ids = tokens[src].astype(np.int32, copy=False)
+    ids[~cand] = 0
+    del src
     ids[:, 0] = vocab.cls_id
     ids[J == f_len + 1] = vocab.sep_id
     ids[J == f_len + s_len + 2] = vocab.sep_id
@@ -201,17 +205,24 @@ def make_examples(
     word_start[np.arange(n), f_len[:, 0] + 2] = True
     W = word_start.sum(1)
     Wmax = int(W.max())
-    wid = np.cumsum(word_start, axis=1, dtype=np.int32) - 1
-    # cum_len[i, w]: maskable tokens before word w of example i (= the total for w >= W[i])
-    cand_before = np.cumsum(cand, axis=1, dtype=np.int32) - 1
-    cum_len = np.repeat((length - 3)[:, None], Wmax + 1, axis=1)
-    wr, wc = np.nonzero(word_start)
-    cum_len[wr, wid[wr, wc]] = cand_before[wr, wc]
+    wid = np.cumsum(word_start, axis=1, dtype=np.int32)
+    wid -= 1
+    # Ragged, example after example: cum_len[base[i] + w] is the number of maskable tokens before word w
+    # of example i, and cum_len[base[i] + W[i]] their total.
+    base = np.cumsum(W + 1) - (W + 1)
+    cum_len = np.empty(n + int(W.sum()), dtype=np.int32)
+    cum_len[base + W] = length - 3
+    cand_before = np.cumsum(cand, axis=1, dtype=np.int32)
+    is_word = np.ones(len(cum_len), dtype=bool)
+    is_word[base + W] = False
+    cum_len[is_word] = cand_before[word_start] - 1
+    del cand_before, word_start
     budget = np.minimum(P, np.maximum(1, np.rint(length * settings.masked_lm_prob).astype(np.int64)))
 
     keys = rng.random((n, Wmax), dtype=np.float32)
     keys[np.arange(Wmax)[None, :] >= W[:, None]] = 2.0  # non-words last
-    order = np.argsort(keys, axis=1)
+    order = np.argsort(keys, axis=1).astype(np.int32)
+    del keys
     u_ngram = rng.random((n, Wmax), dtype=np.float32)
     g = settings.ngram
     cdfs = _ngram_cdfs(g)
@@ -227,7 +238,8 @@ def make_examples(
         avail = np.minimum(g, W[act] - c)
         ngram = 1 + (u_ngram[act, r][:, None] > cdfs[avail - 1]).sum(1)
         ends = np.minimum(c[:, None] + ks, W[act][:, None])
-        count = cum_len[act[:, None], ends] - cum_len[act, c][:, None]
+        b = base[act]
+        count = cum_len[b[:, None] + ends] - cum_len[b + c][:, None]
         n_eff = ((count <= budget[act][:, None]) & (ks <= ngram[:, None])).sum(1)  # shrink n until it fits
         span = ks <= n_eff[:, None]
         hit = (covered[act[:, None], c[:, None] + ks - 1] & span).any(1)

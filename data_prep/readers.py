@@ -37,8 +37,9 @@ log = logging.getLogger(__name__)
 FORMATS = ("auto", "docs", "paragraphs", "files", "wiki", "jsonl")
 
 # Bytes decoded per read: large enough that per-call overhead vanishes, small enough that a
-# file without newlines never sits in memory whole.
-CHUNK_BYTES = 1 << 20
+# file without newlines never sits in memory whole. One character beyond U+FFFF makes Python
+# store the whole decoded chunk at 4 bytes per character, so a chunk costs up to 4x its size.
+CHUNK_BYTES = 256 << 10
 # Lines of the other text formats longer than this are read in pieces (and counted); a JSON
 # line longer than this is rejected as a bad line.
 MAX_LINE_CHARS = 16 << 20
@@ -108,9 +109,9 @@ codecs.register_error(_ERRORS, _count_and_replace)
 class _Text:
     """Reads a UTF-8 file in chunks, with universal newlines, counting replaced bytes."""
 
-    def __init__(self, stream: BinaryIO, stats: ReadStats):
-        # utf-8-sig: a byte-order mark at the start is dropped, not read as text.
-        self._decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=_ERRORS)
+    def __init__(self, stream: BinaryIO, stats: ReadStats, at_start: bool = True):
+        # utf-8-sig: a byte-order mark at the start of the file is dropped, not read as text.
+        self._decoder = codecs.getincrementaldecoder("utf-8-sig" if at_start else "utf-8")(errors=_ERRORS)
         self._stream = stream
         self._stats = stats
         self._pending_cr = False
@@ -233,13 +234,17 @@ def _start_file(path: Path, stats: ReadStats) -> bool:
 # --- readers --------------------------------------------------------------------------------
 
 
-def iter_documents(path: Path, fmt: str = "auto", stats: ReadStats | None = None) -> Iterator[list[str]]:
-    """Documents of one file, each a non-empty list of non-empty sentences (no newlines)."""
+def iter_documents(path: Path, fmt: str = "auto", stats: ReadStats | None = None, piece: tuple[int, int] | None = None
+                   ) -> Iterator[list[str]]:  # fmt: skip
+    """Documents of one file, each a non-empty list of non-empty sentences (no newlines). `piece`, for
+    the "docs" format only: the byte range from docs_pieces() to read instead of the whole file."""
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
     if _check_format(path, fmt) == "docs":
-        yield from _docs(path, stats)
+        yield from _docs(path, stats, piece)
         return
+    if piece is not None:
+        raise ValueError("byte ranges are for the docs format only")
     for raw in iter_raw_documents(path, fmt, stats):
         sentences, cut = process_raw(raw)
         if count_document(sentences, cut, stats):
@@ -300,19 +305,70 @@ def _add_line(doc: list[str], line: str, bound: int, stats: ReadStats) -> None:
         doc.append(line)
 
 
-def _docs(path: Path, stats: ReadStats) -> Iterator[list[str]]:
+class _Range:
+    """A binary file read from `start` up to `stop` only."""
+
+    def __init__(self, stream: BinaryIO, start: int, stop: int):
+        stream.seek(start)
+        self._stream, self._left = stream, stop - start
+
+    def read(self, n: int) -> bytes:
+        data = self._stream.read(min(n, self._left))
+        self._left -= len(data)
+        return data
+
+
+# A line with text, then a blank line: a document ends there (for _docs, whose lines are stripped).
+_DOC_END = re.compile(rb"\S[ \t\r\f\v]*\n[ \t\r\f\v]*\n")
+_ANY_TEXT = re.compile(rb"\S")
+_SCAN_BYTES = 1 << 16
+
+
+def _search_from(stream: BinaryIO, pattern: re.Pattern, pos: int) -> int | None:
+    """End of the first match of `pattern` at or after byte `pos` (bounded reads; a match across more than
+    4 KiB of whitespace may be missed, which only moves the cut further)."""
+    stream.seek(pos)
+    carry = b""
+    while block := stream.read(_SCAN_BYTES):
+        buf = carry + block
+        if m := pattern.search(buf):
+            return pos - len(carry) + m.end()
+        carry = buf[-4096:]
+        pos += len(block)
+    return None
+
+
+def docs_pieces(path: Path, target: int) -> list[tuple[int, int]]:
+    """Byte ranges of about `target` bytes covering a "docs" file, for sharding it in parallel. Each cut is
+    just after a blank line that follows text, with text after it, so no document is cut and every range
+    holds at least one. The cuts depend on the file's bytes and `target` alone."""
+    size = Path(path).stat().st_size
+    cuts = [0]
+    with _open(Path(path)) as f:
+        while cuts[-1] + target < size:
+            cut = _search_from(f, _DOC_END, cuts[-1] + target - 1)  # -1: the text may end right at the target
+            if cut is None or cut >= size or _search_from(f, _ANY_TEXT, cut) is None:
+                break
+            cuts.append(cut)
+    return list(zip(cuts, cuts[1:] + [size]))
+
+
+def _docs(path: Path, stats: ReadStats, piece: tuple[int, int] | None = None) -> Iterator[list[str]]:
     """The "docs" format, the hot path of sharding: one sentence per line, blank line between
     documents. A line over MAX_SENTENCE_CHARS is cut at spaces into separate sentences; one
-    longer than a read chunk is cut as it arrives, so it never sits in memory whole."""
-    if not _start_file(path, stats):
+    longer than a read chunk is cut as it arrives, so it never sits in memory whole.
+    With `piece` (from docs_pieces), only that byte range; the file is counted with its first piece."""
+    first = piece is None or piece[0] == 0
+    if first and not _start_file(path, stats):
         return
     bound = MAX_SENTENCE_CHARS
     documents = sentences = 0
     doc: list[str] = []
     tail = ""
     long_open = False  # the unfinished line in `tail` was already counted as long
-    with _open(path) as stream:
-        text = _Text(stream, stats)
+    with _open(path) as raw:
+        stream = raw if piece is None else _Range(raw, *piece)
+        text = _Text(stream, stats, at_start=first)
         while chunk := text.read():
             lines = (tail + chunk).split("\n") if tail else chunk.split("\n")
             tail = lines.pop()
@@ -343,7 +399,7 @@ def _docs(path: Path, stats: ReadStats) -> Iterator[list[str]]:
         documents += 1
         sentences += len(doc)
         yield doc
-    if documents == 0:
+    if documents == 0 and first:  # (docs_pieces() gives every piece some text)
         stats.empty_files += 1
         log.debug("%s: only whitespace, skipped", path)
     stats.documents += documents

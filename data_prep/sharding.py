@@ -2,19 +2,22 @@
 
 Two phases, each spread over worker processes and MPI ranks:
 
-1. map, one task per input file: read documents in batches (a batch ends after `docs_per_batch`
-   documents or `sentences_per_batch` sentences, so batches depend on the file alone), tokenize,
-   make `dupe_factor` passes of examples, send each example to a random shard, and append the
-   records to `.work/buckets/sNNNNN/fNNNNN.bin`. A file's marker `.work/done/fNNNNN.json` (its
-   counts) is written once all its records are on disk.
-2. reduce, one task per shard: concatenate the shard's buckets in file order, shuffle, and write
-   `shard-NNNNN.h5` (temporary name, then rename).
+1. map, one task per piece of an input file (files are cut at document boundaries into pieces of
+   about `piece_bytes`, so that one big file still keeps every worker busy): read documents in
+   batches (a batch ends after `docs_per_batch` documents or `sentences_per_batch` sentences, so
+   batches depend on the file alone), tokenize, make `dupe_factor` passes of examples, send each
+   example to a random shard, and append the records to `.work/buckets/sNNNNN/fNNNNN-pNNNNN.bin`.
+   A piece's marker `.work/done/fNNNNN-pNNNNN.json` (its counts) is written once all its records
+   are on disk.
+2. reduce, one task per shard: concatenate the shard's buckets in (file, piece) order, shuffle, and
+   write `shard-NNNNN.h5` (temporary name, then rename).
 
-Every random draw comes from a generator seeded by (seed, file index, batch index) or (seed, shard),
-so the shards are byte-identical whatever the number of workers or ranks. Memory is bounded by one
-batch plus the bucket buffers in phase 1 and by one shard in phase 2, not by the corpus.
+Every random draw comes from a generator seeded by (seed, file, piece, batch) or (seed, shard), and
+the pieces depend on the files alone, so the shards are byte-identical whatever the number of workers
+or ranks. Memory is bounded by one batch plus the bucket buffers in phase 1 and by one shard in
+phase 2, not by the corpus.
 
-An interrupted run continues with `resume=True`: files with a marker and shards already renamed
+An interrupted run continues with `resume=True`: pieces with a marker and shards already renamed
 are kept, the rest is redone. The settings must be the same as the first time.
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import json
 import logging
 import multiprocessing
@@ -61,6 +65,7 @@ class ShardSettings:
     num_shards: int = 0  # 0: auto, from the input size (see auto_num_shards)
     input_format: str = "docs"
     docs_per_batch: int = 1024
+    piece_bytes: int = 8 << 20  # map tasks: ~1 s of work each on one core, so workers finish together
     sentences_per_batch: int = 8192  # ~2k examples per pass at seq 128: amortises the vectorised masking, bounds memory
 
     def check(self) -> None:
@@ -69,6 +74,8 @@ class ShardSettings:
             raise DataPrepError(f"--dupe-factor {self.dupe_factor}: must be at least 1")
         if self.num_shards < 0:
             raise DataPrepError(f"--num-shards {self.num_shards}: must be at least 1 (or 0 for auto)")
+        if self.piece_bytes < 1:
+            raise DataPrepError(f"--piece-mb {self.piece_bytes / (1 << 20):g}: must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,11 +89,14 @@ class _Paths:
     def work(self) -> Path:
         return self.output / WORK
 
-    def bucket(self, shard: int, file: int) -> Path:
-        return self.work / "buckets" / f"s{shard:05d}" / f"f{file:05d}.bin"
+    def bucket(self, shard: int, task: Piece) -> Path:
+        return self.work / "buckets" / f"s{shard:05d}" / f"{task.name}.bin"
 
-    def file_done(self, file: int) -> Path:
-        return self.work / "done" / f"f{file:05d}.json"
+    def shard_folder(self, shard: int) -> Path:
+        return self.work / "buckets" / f"s{shard:05d}"
+
+    def piece_done(self, task: Piece) -> Path:
+        return self.work / "done" / f"{task.name}.json"
 
     def shard_done(self, shard: int) -> Path:
         return self.work / "done" / f"s{shard:05d}.json"
@@ -115,10 +125,29 @@ def _vocab(path: str) -> Vocab:
     return Vocab(Path(path))
 
 
-def _batches(path: Path, fmt: str, settings: ShardSettings, read_stats: readers.ReadStats) -> Iterator[list[list[str]]]:
+@dataclass(frozen=True)
+class Piece:
+    """Bytes [start, stop) of input file number `file`: one map task."""
+
+    file: int
+    index: int
+    path: str
+    start: int
+    stop: int
+
+    @property
+    def name(self) -> str:
+        return f"f{self.file:05d}-p{self.index:05d}"
+
+
+def _pieces(files: list[Path], piece_bytes: int) -> list[Piece]:
+    return [Piece(f, k, str(path), a, b) for f, path in enumerate(files) for k, (a, b) in enumerate(readers.docs_pieces(path, piece_bytes))]
+
+
+def _batches(path: Path, piece: tuple[int, int], settings: ShardSettings, read_stats: readers.ReadStats) -> Iterator[list[list[str]]]:
     batch: list[list[str]] = []
     n_sent = 0
-    for doc in readers.iter_documents(path, fmt, read_stats):
+    for doc in readers.iter_documents(path, settings.input_format, read_stats, piece):
         batch.append(doc)
         n_sent += len(doc)
         if len(batch) >= settings.docs_per_batch or n_sent >= settings.sentences_per_batch:
@@ -134,22 +163,22 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _map_file(task: tuple[int, str, str, str, ShardSettings]) -> dict[str, Any]:
-    """Phase 1 for one input file. Returns (and stores in its marker) the file's counts."""
-    file_index, path, spm_model, output, settings = task
+def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> dict[str, Any]:
+    """Phase 1 for one piece of an input file. Returns (and stores in its marker) the piece's counts."""
+    piece, spm_model, output, settings = task
     paths = _Paths(Path(output))
     vocab = _vocab(spm_model)
     ex = settings.examples
     max_chars = 16 * ex.max_seq_length  # a longer sentence cannot fit one example anyway
     for shard in range(settings.num_shards):  # leftovers of an interrupted attempt
-        paths.bucket(shard, file_index).unlink(missing_ok=True)
+        paths.bucket(shard, piece).unlink(missing_ok=True)
     buffers: list[list[np.ndarray]] = [[] for _ in range(settings.num_shards)]
     buffered = 0
 
     def flush() -> None:
         for shard, parts in enumerate(buffers):
             if parts:
-                with open(paths.bucket(shard, file_index), "ab") as f:
+                with open(paths.bucket(shard, piece), "ab") as f:
                     for part in parts:
                         f.write(part.tobytes())
                 parts.clear()
@@ -157,8 +186,8 @@ def _map_file(task: tuple[int, str, str, str, ShardSettings]) -> dict[str, Any]:
     read_stats = readers.ReadStats()
     stats = ExampleStats()
     documents = sentences = 0
-    for batch_index, docs in enumerate(_batches(Path(path), settings.input_format, settings, read_stats)):
-        rng = np.random.default_rng([settings.seed, 0, file_index, batch_index])
+    for batch_index, docs in enumerate(_batches(Path(piece.path), (piece.start, piece.stop), settings, read_stats)):
+        rng = np.random.default_rng([settings.seed, 0, piece.file, piece.index, batch_index])
         flat = [s for d in docs for s in d]
         tokens, lengths = vocab.encode(flat, max_chars)
         doc_sentences = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
@@ -180,23 +209,23 @@ def _map_file(task: tuple[int, str, str, str, ShardSettings]) -> dict[str, Any]:
         _release_freed_memory()
     flush()
     result = {
-        "file": path,
+        "file": piece.path,
         "documents": documents,
         "sentences": sentences,
         "read": asdict(read_stats),
         "examples": asdict(stats),
     }
-    _write_json(paths.file_done(file_index), result)
+    _write_json(paths.piece_done(piece), result)
     return result
 
 
-def _reduce_shard(task: tuple[int, int, str, ShardSettings, dict[str, Any]]) -> dict[str, Any]:
-    """Phase 2 for one shard: gather its buckets in file order, shuffle, write the HDF5 file."""
-    shard, num_files, output, settings, attrs = task
+def _reduce_shard(task: tuple[int, list[Piece], str, ShardSettings, dict[str, Any]]) -> dict[str, Any]:
+    """Phase 2 for one shard: gather its buckets in (file, piece) order, shuffle, write the HDF5 file."""
+    shard, pieces, output, settings, attrs = task
     paths = _Paths(Path(output))
     ex = settings.examples
     dtype = record_dtype(ex.max_seq_length, ex.max_predictions_per_seq)
-    buckets = [b for f in range(num_files) if (b := paths.bucket(shard, f)).exists()]
+    buckets = [b for p in pieces if (b := paths.bucket(shard, p)).exists()]
     records = np.empty(sum(b.stat().st_size for b in buckets) // dtype.itemsize, dtype=dtype)
     start = 0
     for b in buckets:  # read straight into one array: no second copy for concatenation
@@ -209,7 +238,7 @@ def _reduce_shard(task: tuple[int, int, str, ShardSettings, dict[str, Any]]) -> 
     write_shard(final, records, {**attrs, "shard_index": shard, "num_shards": settings.num_shards}, order)
     result = {"name": final.name, "num_examples": int(len(records)), "sha256": sha256_file(final), "bytes": final.stat().st_size}
     _write_json(paths.shard_done(shard), result)
-    shutil.rmtree(paths.bucket(shard, 0).parent, ignore_errors=True)
+    shutil.rmtree(paths.shard_folder(shard), ignore_errors=True)
     return result
 
 
@@ -221,11 +250,18 @@ def _run_tasks(fn, tasks: list, workers: int, desc: str, progress: bool) -> list
     results = []
     if not tasks:
         return results
-    with tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, dynamic_ncols=True) as bar:
-        with multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), maxtasksperchild=1) as pool:
-            for r in pool.imap_unordered(fn, tasks):
-                results.append(r)
-                bar.update()
+    # The parent's objects go to the permanent generation: the tasks' garbage collections then do not
+    # touch (and so copy) the pages they inherited.
+    gc.collect()
+    gc.freeze()
+    try:
+        with tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, dynamic_ncols=True) as bar:
+            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), maxtasksperchild=1) as pool:
+                for r in pool.imap_unordered(fn, tasks):
+                    results.append(r)
+                    bar.update()
+    finally:
+        gc.unfreeze()
     return results
 
 
@@ -309,17 +345,19 @@ def shard_corpus(
     world.barrier()
     progress = progress and world.rank == 0
 
-    # phase 1: biggest files first, dealt round-robin to the ranks
-    by_size = sorted(range(len(files)), key=lambda i: (-files[i].stat().st_size, i))
-    mine = [i for k, i in enumerate(by_size) if k % world.size == world.rank and not paths.file_done(i).exists()]
+    # phase 1: biggest pieces first, dealt round-robin to the ranks
+    pieces = _pieces(files, settings.piece_bytes)
+    by_size = sorted(pieces, key=lambda p: (p.start - p.stop, p.file, p.index))
+    mine = [p for k, p in enumerate(by_size) if k % world.size == world.rank and not paths.piece_done(p).exists()]
+    log.info("%d input files in %d pieces", len(files), len(pieces))
     for s in range(settings.num_shards):
-        paths.bucket(s, 0).parent.mkdir(parents=True, exist_ok=True)
+        paths.shard_folder(s).mkdir(parents=True, exist_ok=True)
     world.barrier()
     spm_path = str(Path(spm_model).resolve())
     _vocab(spm_path)  # loaded once here: the forked tasks inherit it (and the accent table) instead of rebuilding them
     _drop_combining()
-    tasks = [(i, str(files[i]), spm_path, str(paths.output), settings) for i in mine]
-    _run_phase(world, _map_file, tasks, workers, "examples", progress)
+    tasks = [(p, spm_path, str(paths.output), settings) for p in mine]
+    _run_phase(world, _map_piece, tasks, workers, "examples", progress)
 
     # phase 2
     ex = settings.examples
@@ -336,15 +374,15 @@ def shard_corpus(
         "dupe_factor": settings.dupe_factor,
     }
     todo = [s for s in range(settings.num_shards) if s % world.size == world.rank and not paths.shard_done(s).exists()]
-    tasks = [(s, len(files), str(paths.output), settings, attrs) for s in todo]
+    tasks = [(s, pieces, str(paths.output), settings, attrs) for s in todo]
     _run_phase(world, _reduce_shard, tasks, workers, "shards", progress)
     if world.rank != 0:
         return None
 
     # manifest, from the markers on disk (so resumed and multi-rank runs are counted whole)
-    per_file = [json.loads(paths.file_done(i).read_text()) for i in range(len(files))]
+    per_piece = [json.loads(paths.piece_done(p).read_text()) for p in pieces]
     per_shard = [json.loads(paths.shard_done(s).read_text()) for s in range(settings.num_shards)]
-    totals = _sum_counts(per_file)
+    totals = _sum_counts(per_piece)
     shutil.copyfile(spm_model, paths.output / "spiece.model.tmp")
     os.replace(paths.output / "spiece.model.tmp", paths.output / "spiece.model")
     manifest = Manifest(
@@ -372,7 +410,8 @@ def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> No
     maskable = max(ex.get("maskable_tokens", 0), 1)
     log.info(
         "%d documents, %d sentences -> %d examples, %d tokens in %.1f s (%.0f examples/s); "
-        "masked %.2f%% of maskable tokens; SOP swapped %.1f%%; skipped %d one-sentence documents",
+        "masked %.2f%% of maskable tokens; SOP swapped %.1f%%; skipped %d one-sentence documents, "
+        "dropped %d examples without a prediction",
         totals.get("documents", 0),
         totals.get("sentences", 0),
         num_examples,

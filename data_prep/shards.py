@@ -35,6 +35,7 @@ FORMAT = "albert-sop-mlm"
 MANIFEST = "manifest.json"
 FIELDS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids", "next_sentence_labels")
 CHUNK_ROWS = 1024
+WRITE_ROWS = 8 * CHUNK_ROWS  # whole chunks per write: each is compressed once
 
 
 def shard_name(index: int) -> str:
@@ -43,15 +44,21 @@ def shard_name(index: int) -> str:
 
 def write_shard(path: Path, records: np.ndarray, attrs: dict[str, Any], order: np.ndarray | None = None) -> None:
     """Write records (in `order`, if given) to `path` atomically (temporary name, then rename).
-    Fields are gathered one at a time, so the peak is the records plus one field."""
+    Rows are gathered and written WRITE_ROWS at a time, so the peak is the records plus one slice."""
     tmp = path.with_name(path.name + ".tmp")
+    n = len(records)
+    order = np.arange(n) if order is None else order
     with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+        datasets = {}
         for name in FIELDS:
-            data = np.ascontiguousarray(records[name] if order is None else records[name][order])
-            chunks = (min(CHUNK_ROWS, max(len(data), 1)),) + data.shape[1:]
-            f.create_dataset(
-                name, data=data, chunks=chunks, compression="gzip", compression_opts=1, shuffle=True, track_times=False
-            )
+            shape = (n,) + records.dtype[name].shape
+            # (an empty shard, possible with more shards than examples, cannot be chunked)
+            storage = dict(chunks=(min(CHUNK_ROWS, n),) + shape[1:], compression="gzip", compression_opts=1, shuffle=True) if n else {}
+            datasets[name] = f.create_dataset(name, shape=shape, dtype=records.dtype[name].base, track_times=False, **storage)
+        for start in range(0, n, WRITE_ROWS):
+            part = records[order[start : start + WRITE_ROWS]]
+            for name, ds in datasets.items():
+                ds[start : start + len(part)] = part[name]
         for key, value in attrs.items():
             f.attrs[key] = value
         f.attrs["num_examples"] = len(records)

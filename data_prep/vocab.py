@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import itertools
 import logging
 import unicodedata
 from dataclasses import dataclass
@@ -27,7 +26,8 @@ PAD, UNK, CLS, SEP, MASK = "<pad>", "<unk>", "[CLS]", "[SEP]", "[MASK]"
 CONTROL_SYMBOLS = (CLS, SEP, MASK)
 # input_ids are stored as uint16 in the shards.
 MAX_VOCAB_SIZE = 2**16
-ENCODE_CHUNK = 8192
+# Sentences normalised and encoded per call: one character beyond U+FFFF makes the joined text 4 bytes per character.
+ENCODE_CHUNK = 1024
 
 
 @functools.cache
@@ -51,10 +51,14 @@ def normalize(text: str) -> str:
 def normalize_many(sentences: list[str]) -> list[str]:
     """normalize() for many sentences: the same result (up to whitespace, which SentencePiece collapses
     itself), with per-sentence Python work only for the few sentences that are not ASCII."""
-    blob = "\n".join(s if s.isascii() else _strip_accents(s) for s in sentences)
-    out = blob.replace("``", '"').replace("''", '"').lower().split("\n")
-    if len(out) != len(sentences):  # a sentence held a newline
-        out = [normalize(s) for s in sentences]
+    # lower() per sentence: on ASCII text it is a fast copy, and most sentences are ASCII (one wide
+    # character would make a joined text slow to lower as a whole)
+    out = [(s if s.isascii() else _strip_accents(s)).lower() for s in sentences]
+    blob = "\n".join(out)
+    if "``" in blob or "''" in blob:
+        out = blob.replace("``", '"').replace("''", '"').split("\n")
+        if len(out) != len(sentences):  # a sentence held a newline
+            out = [normalize(s) for s in sentences]
     return out
 
 
@@ -172,15 +176,15 @@ class Vocab:
 
         Sentences are cut at `max_chars` first: a sentence longer than that cannot fit one example anyway.
         """
-        flats, lengths = [], []
-        for i in range(0, len(sentences), ENCODE_CHUNK):  # chunks: Python's lists of ids are 36 bytes per id
-            encoded = self.sp.encode(normalize_many([s[:max_chars] for s in sentences[i : i + ENCODE_CHUNK]]), num_threads=1)
-            n = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
-            flats.append(np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32, count=int(n.sum())))
-            lengths.append(n)
-        if not flats:
+        if not sentences:
             return np.zeros(0, np.int32), np.zeros(0, np.int64)
-        return np.concatenate(flats), np.concatenate(lengths)
+        encoded: list[np.ndarray] = []
+        for i in range(0, len(sentences), ENCODE_CHUNK):  # bounds normalize_many's joined copies
+            # int32 arrays straight from SentencePiece's buffers: Python ints would cost 36 bytes per id
+            chunk = normalize_many([s[:max_chars] for s in sentences[i : i + ENCODE_CHUNK]])
+            encoded += self.sp.encode(chunk, num_threads=1, return_type="numpy")
+        lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+        return np.concatenate(encoded), lengths
 
     def decode_ids(self, ids: Iterable[int]) -> list[str]:
         return [self.pieces[i] for i in ids]

@@ -45,6 +45,37 @@ def test_docs_reader_is_independent_of_chunk_boundaries(tmp_path: Path, monkeypa
         assert stats.replaced_chars == 0
 
 
+def test_docs_pieces_cut_between_documents_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sharding reads a big docs file as byte ranges in parallel: the pieces together must give exactly
+    the documents and counts of the whole file, whatever the piece size."""
+    docs = []
+    for i in range(120):
+        sents = [f"Satz {i}.{j} größer ☃ — ok." for j in range(1 + i % 4)]
+        if i % 17 == 0:
+            sents.append("x" * (MAX_SENTENCE_CHARS + 50))  # a long line, cut into sentences
+        sep = ["\n", "\r\n", " \t \n", "\n\n\n"][i % 4]
+        docs.append("\n".join(sents) + "\n" + sep)
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"\xef\xbb\xbf" + "".join(docs).encode() + b"\n \n\n")  # BOM, trailing blank lines
+    whole_stats = ReadStats()
+    whole = docs_of(path, "docs", whole_stats)
+    assert len(whole) == 120
+    size = path.stat().st_size
+    monkeypatch.setattr(readers, "_SCAN_BYTES", 64)  # matches across scan blocks too
+    for target in (1, 100, 999, 5000, size, 10 * size):
+        pieces = readers.docs_pieces(path, target)
+        assert pieces[0][0] == 0 and pieces[-1][1] == size
+        assert all(a < b and b == c for (a, b), (c, _) in zip(pieces, pieces[1:]))  # contiguous, in order
+        assert (len(pieces) > 10) == (target < 1000)
+        stats, got = ReadStats(), []
+        for piece in pieces:
+            part = list(iter_documents(path, "docs", stats, piece))
+            assert part, (target, piece)  # every piece holds a document
+            got += part
+        assert got == whole and stats == whole_stats, target
+    assert readers.docs_pieces(path, 1) == readers.docs_pieces(path, 1)
+
+
 def test_undecodable_bytes_are_replaced_and_counted(tmp_path: Path) -> None:
     path = tmp_path / "latin1.txt"
     path.write_bytes("Café au lait.\nNaïve text.\n".encode("latin-1") + b"\xff\xfe ok.\n")

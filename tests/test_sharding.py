@@ -95,8 +95,11 @@ def test_statistics_on_real_text(wiki_shards):
 
 
 def test_same_shards_with_two_workers(wiki_corpus, spm_model, wiki_shards, tmp_path):
-    cli(*shard_cmd(wiki_corpus, spm_model, tmp_path / "w2", "--workers", "2"), check=True)
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, tmp_path / "w2", "--workers", "2"), check=True)
     assert shas(tmp_path / "w2") == shas(wiki_shards)
+    n = Manifest.load(wiki_shards).data["num_examples"]
+    assert f"-> {n} examples" in proc.stderr and "examples/s" in proc.stderr  # the summary
+    assert "Traceback" not in proc.stderr and "Logging error" not in proc.stderr
 
 
 @pytest.mark.mpi
@@ -210,3 +213,33 @@ def test_albert_tokenizer_gives_the_same_ids(spm_model, wiki_corpus, tmp_path):
     same = sum(a.tolist() == b for a, b in zip(np.split(ours, np.cumsum(lengths)[:-1]), theirs))
     assert same == len(lines)
     assert tok.convert_tokens_to_ids(["[CLS]", "[SEP]", "[MASK]", "<pad>", "<unk>"]) == [2, 3, 4, 0, 1]
+
+
+def test_more_shards_than_examples_gives_valid_empty_shards(spm_model, tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    doc = "The first sentence is here.\nA second one follows it.\nThen a third sentence.\nAnd the fourth ends it.\n"
+    corpus.write_text("\n".join([doc] * 3))
+    out = tmp_path / "out"
+    cli("shard", "--input", str(corpus), "--spm-model", str(spm_model), "--output", str(out), "--num-shards", "20",
+        "--dupe-factor", "1", "--no-progress", check=True)  # fmt: skip
+    shards = Manifest.load(out).shards
+    assert len(shards) == 20 and 0 < sum(s["num_examples"] for s in shards) < 20
+    empty = next(s for s in shards if s["num_examples"] == 0)
+    assert len(read_shard(out / empty["name"])) == 0
+    assert verify_folder(out) == []
+
+
+def test_one_big_file_is_shared_by_the_workers(wiki_corpus, spm_model, tmp_path):
+    """A single input file is cut into pieces (one task each): same shards with 1 or 2 workers, and the
+    same documents and sentences as reading the file whole."""
+    big = tmp_path / "one.txt"
+    big.write_text("".join(f.read_text() + "\n" for f in sorted(wiki_corpus.iterdir())))
+    runs = {}
+    for name, piece_mb, workers in (("whole", "1000", "1"), ("w1", "0.1", "1"), ("w2", "0.1", "2")):
+        proc = cli(*shard_cmd(big, spm_model, tmp_path / name, "--piece-mb", piece_mb, "--workers", workers), check=True)
+        runs[name] = Manifest.load(tmp_path / name).data
+        assert ("1 input files in 1 pieces" in proc.stderr) == (name == "whole"), proc.stderr
+    assert shas(tmp_path / "w1") == shas(tmp_path / "w2")
+    counts = {n: (m["stats"]["documents"], m["stats"]["sentences"], m["stats"]["read"]["files"]) for n, m in runs.items()}
+    assert counts["whole"] == counts["w1"] == counts["w2"]
+    assert runs["w1"]["settings"]["piece_bytes"] == int(0.1 * (1 << 20))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import numpy as np
 import sentencepiece as spm
 
 from conftest import REPO
@@ -35,3 +36,16 @@ def test_vocab_command_and_too_large_vocabulary(wiki_corpus, tmp_path):
     assert proc.returncode == 2 and "Vocabulary size too high" in proc.stderr and "Traceback" not in proc.stderr
     proc = subprocess.run(cmd + ["--vocab-size", "70000"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 2 and "uint16" in proc.stderr
+
+
+def test_batched_encoding_equals_one_sentence_at_a_time(spm_model, wiki_corpus):
+    """Vocab.encode (chunked, ASCII fast paths, ids straight from SentencePiece's buffers) gives, for
+    every sentence of the real corpus and a few awkward ones, the ids of normalize() + encode()."""
+    v = Vocab(spm_model)
+    lines = [line for f in sorted(wiki_corpus.iterdir()) for line in f.read_text().splitlines() if line]
+    lines += ["", "Ça va ``bien'' ?", "emoji 😀 and 漢字 and ĞÜŞ", "x" * 50, "tab\there", "ﬁ ligature ²"]
+    assert sum(not s.isascii() for s in lines) > 100 and len(lines) > 5000  # several chunks, many wide sentences
+    ids, lengths = v.encode(lines, 100_000)
+    assert ids.dtype == np.int32 and lengths.sum() == len(ids) and len(lengths) == len(lines)
+    expected = [v.sp.encode(normalize(s)) for s in lines]
+    assert [a.tolist() for a in np.split(ids, np.cumsum(lengths)[:-1])] == expected
