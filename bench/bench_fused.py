@@ -39,7 +39,7 @@ def train_step(model: AlbertForPreTraining, opt: torch.optim.Optimizer, batch: d
     return time.perf_counter() - t
 
 
-def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.device) -> dict:
+def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.device, seq: int, batch_size: int) -> dict:
     cfg = AlbertConfig.from_name_or_path(name)
     torch.manual_seed(0)
     plain = AlbertForPreTraining(cfg).to(device).train()
@@ -47,7 +47,7 @@ def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.devic
     apply_fused(plain, PLAIN, device)
     for line in apply_fused(fused, FusedOptions(attention=args.attention, compile="on"), device):
         log.info("%s: %s", name, line)
-    batch = {k: v.to(device) for k, v in make_batch(cfg, args.batch, args.seq, args.predictions).items()}
+    batch = {k: v.to(device) for k, v in make_batch(cfg, batch_size, seq, args.predictions).items()}
     runs = {k: (m, Lamb(lamb_param_groups(m, 0.01), lr=1e-4)) for k, m in (("plain", plain), ("fused", fused))}
     first = {k: train_step(m, o, batch, device.type, bf16) for k, (m, o) in runs.items()}  # fused: includes compiling
     times = {k: [] for k in runs}
@@ -56,13 +56,13 @@ def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.devic
             dt = train_step(m, o, batch, device.type, bf16)
             if i >= args.warmup:
                 times[k].append(dt)
-    flops = model_flops(cfg, args.batch, args.seq, args.predictions)
-    row = {"config": name, "dtype": "bf16" if bf16 else "fp32", "compile_s": first["fused"] - first["plain"]}
+    flops = model_flops(cfg, batch_size, seq, args.predictions)
+    row = {"config": name, "dtype": "bf16" if bf16 else "fp32", "compile_s": first["fused"] - first["plain"], "seq": seq, "batch": batch_size}
     for k, ts in times.items():
         row[f"{k}_ms"] = 1000 * min(ts)  # noise only ever adds time: the fastest step is the cleanest
-        row[f"{k}_tok_s"] = args.batch * args.seq / min(ts)
+        row[f"{k}_tok_s"] = batch_size * seq / min(ts)
         row[f"{k}_flop_s"] = flops / min(ts)
-    log.info("%s %s: plain %.1f ms, fused %.1f ms (first fused step +%.0f s)", name, row["dtype"], row["plain_ms"], row["fused_ms"], row["compile_s"])
+    log.info("%s %s seq %d: plain %.1f ms, fused %.1f ms (first fused step +%.0f s)", name, row["dtype"], seq, row["plain_ms"], row["fused_ms"], row["compile_s"])
     return row
 
 
@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "math"], help="the fused run's attention")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--long-seq", type=int, default=512, help="also albert-base at this length (batch scaled to the same tokens); 0: no")
     p.add_argument("--predictions", type=int, default=20, help="max_predictions_per_seq")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (the fastest is reported)")
     p.add_argument("--warmup", type=int, default=1)
@@ -86,18 +87,21 @@ def main() -> None:
         p.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
 
     peak = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
-    rows = [compare(c, prec == "bf16", args, device) for c in args.configs.split(",") for prec in precisions]
+    runs = [(c, prec, args.seq, args.batch) for c in args.configs.split(",") for prec in precisions]
+    if args.long_seq and "albert-base" in args.configs.split(","):
+        runs += [("albert-base", prec, args.long_seq, max(1, args.batch * args.seq // args.long_seq)) for prec in precisions]
+    rows = [compare(c, prec == "bf16", args, device, seq, b) for c, prec, seq, b in runs]
     # Other work on a shared machine lowers the peak for a while: best of before and after.
     peak = {k: max(v, matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[k]), device=device)) for k, v in peak.items()}
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"\n{where}; batch {args.batch} x seq {args.seq}, {args.predictions} predictions; step = fwd + bwd + LAMB; "
+    print(f"\n{where}; {args.predictions} predictions per sequence; step = fwd + bwd + LAMB; "
           f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")
-    print("| config | precision | plain ms | fused ms | plain tok/s | fused tok/s | speed-up | plain MFU | fused MFU | compile s |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| config | precision | batch x seq | plain ms | fused ms | plain tok/s | fused tok/s | speed-up | plain MFU | fused MFU | compile s |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         pk = peak[r["dtype"]]
-        print(f"| {r['config']} | {r['dtype']} | {r['plain_ms']:.1f} | {r['fused_ms']:.1f} | {r['plain_tok_s']:.0f} | "
+        print(f"| {r['config']} | {r['dtype']} | {r['batch']} x {r['seq']} | {r['plain_ms']:.1f} | {r['fused_ms']:.1f} | {r['plain_tok_s']:.0f} | "
               f"{r['fused_tok_s']:.0f} | {r['plain_ms'] / r['fused_ms']:.2f}x | {r['plain_flop_s'] / pk:.1%} | "
               f"{r['fused_flop_s'] / pk:.1%} | {r['compile_s']:.0f} |")
 

@@ -43,7 +43,7 @@ from .errors import DataPrepError
 from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
 from .mpi import World, get_world
 from .shards import FORMAT, SCHEMA_VERSION, Manifest, shard_name, write_shard
-from .vocab import Vocab, _drop_combining, sha256_file
+from .vocab import Vocab, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -354,8 +354,7 @@ def shard_corpus(
         paths.shard_folder(s).mkdir(parents=True, exist_ok=True)
     world.barrier()
     spm_path = str(Path(spm_model).resolve())
-    _vocab(spm_path)  # loaded once here: the forked tasks inherit it (and the accent table) instead of rebuilding them
-    _drop_combining()
+    _vocab(spm_path)  # loaded once here: the forked tasks inherit it instead of loading it again
     tasks = [(p, spm_path, str(paths.output), settings) for p in mine]
     _run_phase(world, _map_piece, tasks, workers, "examples", progress)
 

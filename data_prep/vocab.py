@@ -8,7 +8,6 @@ when encoding, so an exported `spiece.model` gives the same ids in AlbertTokeniz
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import unicodedata
@@ -30,14 +29,21 @@ MAX_VOCAB_SIZE = 2**16
 ENCODE_CHUNK = 1024
 
 
-@functools.cache
-def _drop_combining() -> dict[int, None]:
-    """str.translate table deleting every combining mark (built once per process, ~0.3 s)."""
-    return {cp: None for cp in range(0x20000) if unicodedata.combining(chr(cp))}  # none beyond plane 1
+class _DropCombining(dict):
+    """str.translate table deleting combining marks, filled in as characters are met (a lookup that
+    hits is faster than translate's miss path, and no table over all of Unicode is built up front)."""
+
+    def __missing__(self, cp: int) -> int | None:
+        keep = None if unicodedata.combining(chr(cp)) else cp
+        self[cp] = keep
+        return keep
+
+
+_DROP_COMBINING = _DropCombining()
 
 
 def _strip_accents(text: str) -> str:
-    return unicodedata.normalize("NFKD", text).translate(_drop_combining())
+    return unicodedata.normalize("NFKD", text).translate(_DROP_COMBINING)
 
 
 def normalize(text: str) -> str:

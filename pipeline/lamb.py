@@ -15,13 +15,17 @@ Usage (the engine's side):
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, ...)
     attach_zero_partitions(engine, optimizer)
 
-Math (ALBERT recipe, per parameter tensor):
+Math (per parameter tensor; the LAMB paper's algorithm):
     m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2
     u = (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) + wd * w     (no correction if bias_correction=False)
     r = clamp(||w|| / ||u||, min_coeff, max_coeff), 1 when either norm is 0; r = 1 where adapt=False
     w -= lr * r * u
-DeepSpeed's CUDA FusedLamb folds the bias correction into the step size instead (its eps and
-weight decay act on the uncorrected moments), so the two differ slightly in early steps.
+ALBERT's own LAMB (google-research/albert lamb_optimizer.py) has no bias correction and no clamp;
+the shipped configs set bias_correction false. DeepSpeed's CUDA FusedLamb, with bias_correction
+true, does not correct the moments but multiplies the step by sqrt(1 - b2^t) / (1 - b1^t) after
+the trust ratio (0.15-0.98 over the first ~3,000 steps: a hidden learning-rate ramp, since the
+trust ratio cancels a correction of the moments); without bias correction the two agree to rounding
+(bench/gpu_check.py checks it). So FusedLamb is only chosen where it computes this same update.
 """
 
 from __future__ import annotations
@@ -370,7 +374,8 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
     stage = _zero_stage(config)
 
     cuda = _cuda_fused_lamb_available()
-    if allow_fused and fused_lamb_applies(config, cuda):
+    same_math = not params.get("bias_correction", True)  # FusedLamb's own default is True
+    if allow_fused and same_math and fused_lamb_applies(config, cuda):
         from deepspeed.ops.lamb import FusedLamb
 
         for g in groups:
@@ -385,7 +390,9 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
     else:
         where = "ZeRO-0, whole tensors"
     why = ("switched off" if not allow_fused else "no CUDA" if not cuda else
-           f"it would see ZeRO-{stage} flat partitions, not whole parameters")
+           f"it would see ZeRO-{stage} flat partitions, not whole parameters" if stage > 0 else
+           "its bias correction is a step-size factor, not LAMB's corrected moments (set bias_correction false, "
+           "as ALBERT and the shipped configs do, to use it)" if not same_math else "unavailable")
     return Lamb(groups, weight_decay=weight_decay, **params), config, \
         f"optimizer: our multi-tensor LAMB ({where}, per-parameter trust ratios); DeepSpeed FusedLamb off: {why}"
 

@@ -7,6 +7,7 @@ ZeRO-0 as the reference, two ranks at ZeRO 1, 2 and 3 with the same global batch
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import torch
 from pipeline.distributed import free_port
 
 from lamb_worker import TinyNet
+import pipeline.lamb as lamb_module
 from pipeline.lamb import FlatLayout, Lamb, fused_lamb_applies, lamb_param_groups, select_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -203,6 +205,23 @@ def test_select_optimizer_builds_our_lamb_on_cpu(stage: int) -> None:
         1e-3, (0.8, 0.9), 5.0, 0.1, False)
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
     assert (decay["adapt"], no_decay["adapt"]) == (True, False)
+
+
+@pytest.mark.parametrize("bias_correction", [True, None])
+def test_fused_lamb_is_not_chosen_where_its_bias_correction_differs(bias_correction, monkeypatch) -> None:
+    """On CUDA at ZeRO-0 FusedLamb would apply, but with bias correction (its default) it computes another
+    update than LAMB's: our LAMB runs instead, and the log says why."""
+    monkeypatch.setattr(lamb_module, "_cuda_fused_lamb_available", lambda: True)  # the decision, not the kernel
+    params = {} if bias_correction is None else {"bias_correction": bias_correction}
+    optimizer, _, description = select_optimizer(TinyNet(), _lamb_config(0, **params))
+    assert isinstance(optimizer, Lamb) and optimizer.param_groups[0]["bias_correction"] is True
+    assert "its bias correction is a step-size factor" in description and "bias_correction false" in description
+
+
+def test_shipped_configs_use_albert_lamb_without_bias_correction() -> None:
+    for path in sorted((REPO / "ds_configs").glob("*lamb*.json")):
+        params = json.loads(path.read_text())["optimizer"]["params"]
+        assert params["bias_correction"] is False, path.name
 
 
 def test_select_optimizer_leaves_other_optimizers_and_refuses_bad_params() -> None:

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Run bench/gpu_check.py (step times, LAMB parity, fp16 loss scaling, ZeRO memory) with the repository's
+# venv, under a hard time limit. Its Markdown tables go to stdout, progress to stderr:
+#
+#   bash bench/gpu_check.sh | tee gpu-check.md                 # one GPU, under 8 minutes
+#   bash bench/gpu_check.sh --budget 240 --configs albert-base  # any gpu_check.py flag (--help lists them)
+#
+# Environment:
+#   GPU_CHECK_TIMEOUT  hard limit in seconds (default 480 = 8 min; gpu_check.py's own --budget, default
+#                      450 s, skips sections before this is reached). Exit code 124 when it hits.
+#   VENV               the virtual environment (default: <repo>/.venv; VENV= uses the python on PATH)
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV-$REPO/.venv}"
+if [[ -n "$VENV" ]]; then
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        echo "gpu_check.sh: no $VENV/bin/python (run 'make test' first, or set VENV= to use the python on PATH)" >&2
+        exit 2
+    fi
+    export VIRTUAL_ENV="$VENV"
+    export PATH="$VENV/bin:$PATH"  # also DeepSpeed's ninja for JIT-built ops
+fi
+
+export PYTHONUNBUFFERED=1  # tables and logs appear as they are written, also when the timeout stops the run
+export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+cd "$REPO"
+exec timeout --signal=TERM --kill-after=15 "${GPU_CHECK_TIMEOUT:-480}" python bench/gpu_check.py "$@"
