@@ -63,7 +63,8 @@ def run(name: str, precision: str, path: str, data: Path, args: argparse.Namespa
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"albert-pretrain failed ({name} {precision} {path}):\n{proc.stderr[-4000:]}")
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"split": "train"' in line]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in records if r.get("split", "train") == "train"]
 
 
 def summarise(records: list[dict], cfg: AlbertConfig, seq: int, predictions: int, global_batch: int, skip: int) -> dict:
