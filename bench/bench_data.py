@@ -78,7 +78,9 @@ def build_corpus(docs_dir: Path, target_mb: int, out: Path, files: int = 8) -> i
     return written
 
 
-def run_shard(corpus: Path, spm: Path, out: Path, workers: int, dupe: int, seq: int) -> dict:
+def run_shard(corpus: Path, spm: Path, out: Path, workers: int, dupe: int, seq: int, sample: bool) -> dict:
+    """One `albert-data shard` run: its time, or (sample=True) the peak memory of its process tree. The two are
+    measured in separate runs: the sampler reads /proc every 20 ms and would slow the run it times."""
     cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(corpus), "--spm-model", str(spm),
            "--output", str(out), "--max-seq-length", str(seq), "--dupe-factor", str(dupe),
            "--workers", str(workers), "--no-progress"]  # fmt: skip
@@ -86,14 +88,16 @@ def run_shard(corpus: Path, spm: Path, out: Path, workers: int, dupe: int, seq: 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     sampler = threading.Thread(target=peak_rss, args=(proc, stop, peak))
-    sampler.start()
+    if sample:
+        sampler.start()
     _, err = proc.communicate()
     seconds = time.perf_counter() - t0
     stop.set()
-    sampler.join()
+    if sample:
+        sampler.join()
     if proc.returncode:
         raise SystemExit(f"shard failed:\n{err}")
-    return {"seconds": seconds, "examples": Manifest.load(out).data["num_examples"], "peak_mb": peak[0] / 1e6}
+    return {"seconds": seconds, "examples": Manifest.load(out).data["num_examples"], "peak_mb": peak[0] / 1e6 if peak else 0.0}
 
 
 def main() -> None:
@@ -104,7 +108,7 @@ def main() -> None:
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=25000, help="the excerpt supports at most ~25.5k pieces")
     p.add_argument("--repeats", type=int, default=3,
-                   help="runs of each row, interleaved; the fastest time (noise only adds time) and the highest memory are reported")
+                   help="timed runs of each row, interleaved; the fastest is reported (noise only adds time); memory: one more run")
     args = p.parse_args()
     setup_logging(False)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -113,19 +117,20 @@ def main() -> None:
         spm = train_vocab_from([tmp / "excerpt"], tmp / "vocab" / "spiece", args.vocab_size, 10_000_000, 1, 2, "docs")
         nbytes = {size: build_corpus(tmp / "excerpt", size, tmp / f"c{size}") for size in args.sizes}
         runs: dict[tuple[int, int], list[dict]] = {(size, w): [] for size in args.sizes for w in args.workers}
-        for rep in range(args.repeats):  # interleaved, so that a noisy minute does not hit one row only
+        for rep in range(args.repeats + 1):  # interleaved, so that a noisy minute does not hit one row only
             for size, w in runs:
-                log.info("shard: %d MB, %d worker(s), run %d of %d", size, w, rep + 1, args.repeats)
-                r = run_shard(tmp / f"c{size}", spm, tmp / f"s{size}-{w}", w, args.dupe_factor, args.max_seq_length)
+                sample = rep == args.repeats
+                log.info("shard: %d MB, %d worker(s), %s", size, w, "memory" if sample else f"timed run {rep + 1} of {args.repeats}")
+                r = run_shard(tmp / f"c{size}", spm, tmp / f"s{size}-{w}", w, args.dupe_factor, args.max_seq_length, sample)
                 shutil.rmtree(tmp / f"s{size}-{w}")
                 runs[size, w].append(r)
-        rows = [(size, w, nbytes[size], {"seconds": min(r["seconds"] for r in rs), "examples": rs[0]["examples"],
-                                         "peak_mb": max(r["peak_mb"] for r in rs), "all": [r["seconds"] for r in rs]})
+        rows = [(size, w, nbytes[size], {"seconds": min(r["seconds"] for r in rs[:-1]), "examples": rs[0]["examples"],
+                                         "peak_mb": rs[-1]["peak_mb"], "all": [r["seconds"] for r in rs[:-1]]})
                 for (size, w), rs in runs.items()]  # fmt: skip
     base = {size: r for size, w, _, r in rows if w == min(args.workers)}
     print(f"\nalbert-data shard: seq {args.max_seq_length}, dupe factor {args.dupe_factor}, vocab {args.vocab_size}, "
-          f"tokenization and HDF5 writing included (process start ~0.3 s included); fastest of {args.repeats} runs, "
-          "highest peak memory\n")  # fmt: skip
+          f"tokenization and HDF5 writing included (process start ~0.3 s included); fastest of {args.repeats} runs; "
+          "peak memory from one more run, sampled\n")  # fmt: skip
     print("| corpus | workers | seconds (all runs) | MB/s of text | examples/s | examples/s per worker | speed-up | peak memory, PSS (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for size, w, nbytes, r in rows:

@@ -62,7 +62,7 @@ from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import (
     Lamb,
     attach_zero_partitions,
-    lamb_param_groups,
+    fused_lamb_param_groups,
     select_optimizer,
 )
 from pipeline.model import AlbertConfig, AlbertForPreTraining
@@ -315,19 +315,12 @@ def probe_fused_lamb(device: torch.device, timeout_s: float) -> str | None:
         return (f"not available: building it took over {timeout_s:.0f} s (a stale 'lock' file under "
                 "~/.cache/torch_extensions/*/fused_lamb makes builds hang)")
     if proc.returncode != 0:
-        tail = [line for line in (proc.stderr or proc.stdout).splitlines() if line.strip()][-1:] or ["no output"]
-        return f"not available: build/load failed ({tail[0][:200]})"
+        output = (proc.stdout or "") + (proc.stderr or "")
+        log.warning("FusedLamb build/load failed; the end of its output:\n%s", output[-4000:])
+        tail = [line for line in output.splitlines() if line.strip()][-1:] or ["no output"]
+        return f"not available: build/load failed ({tail[0][:200]}; more in the log)"
     log.info("FusedLamb builds and loads (%.0f s in a child process)", time.monotonic() - t)
     return None
-
-
-def fused_lamb_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """lamb_param_groups as select_optimizer hands them to FusedLamb: min = max = 1 turns adaptation off."""
-    groups = lamb_param_groups(model, weight_decay)
-    for g in groups:
-        if not g.pop("adapt"):
-            g.update(min_coeff=1.0, max_coeff=1.0)
-    return groups
 
 
 class FusedLambReference(torch.optim.Optimizer):
@@ -380,20 +373,20 @@ def our_lamb(params: dict[str, Any]) -> OptimizerFactory:
 
 
 def deepspeed_fused_lamb(params: dict[str, Any]) -> OptimizerFactory:
+    """DeepSpeed's FusedLamb on the groups select_optimizer gives it, built here directly: select_optimizer
+    does not choose it with bias_correction on (another update), and the parity check compares exactly that."""
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
         from deepspeed.ops.lamb import FusedLamb
 
-        opt, _, description = select_optimizer(model, lamb_ds_config(params), allow_fused=True)
-        if not isinstance(opt, FusedLamb):
-            raise TypeError(f"select_optimizer did not pick FusedLamb: {description}")
-        return opt
+        rest = {k: v for k, v in params.items() if k != "weight_decay"}
+        return FusedLamb(fused_lamb_param_groups(model, float(params.get("weight_decay", 0.0))), **rest)
     return make
 
 
 def reference_fused_lamb(params: dict[str, Any]) -> OptimizerFactory:
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
         rest = {k: v for k, v in params.items() if k != "weight_decay"}
-        return FusedLambReference(fused_lamb_groups(model, float(params.get("weight_decay", 0.0))), **rest)
+        return FusedLambReference(fused_lamb_param_groups(model, float(params.get("weight_decay", 0.0))), **rest)
     return make
 
 
@@ -1024,6 +1017,8 @@ def main(argv: list[str] | None = None) -> int:
     spent = args.budget - budget.left()
     verdict = "all checks passed" if not report.failures else f"{len(report.failures)} check(s) FAILED: " + "; ".join(report.failures)
     report.emit(f"\n{verdict} ({spent:.0f} s of the {args.budget:.0f} s budget)")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # else torch warns at exit, and can hang there
     return 1 if report.failures else 0
 
 

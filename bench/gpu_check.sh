@@ -27,4 +27,4 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 cd "$REPO"
-exec timeout --signal=TERM --kill-after=15 "${GPU_CHECK_TIMEOUT:-480}" python bench/gpu_check.py "$@"
+exec timeout --signal=TERM --kill-after=15 "${GPU_CHECK_TIMEOUT:-480}" python3 bench/gpu_check.py "$@"

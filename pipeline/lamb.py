@@ -335,6 +335,16 @@ def _cuda_fused_lamb_available() -> bool:
     return bool(FusedLambBuilder().is_compatible(verbose=False))
 
 
+def fused_lamb_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """lamb_param_groups for DeepSpeed's FusedLamb, which has no per-group switch for adaptation:
+    min_coeff = max_coeff = 1 pins the trust ratio to 1 in the no-decay group."""
+    groups = lamb_param_groups(model, weight_decay)
+    for g in groups:
+        if not g.pop("adapt"):
+            g.update(min_coeff=1.0, max_coeff=1.0)
+    return groups
+
+
 def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: bool = True
                      ) -> tuple[torch.optim.Optimizer | None, dict[str, Any], str]:
     """Build the LAMB a config's `"optimizer": {"type": "Lamb"}` asks for.
@@ -378,10 +388,7 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
     if allow_fused and same_math and fused_lamb_applies(config, cuda):
         from deepspeed.ops.lamb import FusedLamb
 
-        for g in groups:
-            if not g.pop("adapt"):
-                g.update(min_coeff=1.0, max_coeff=1.0)
-        return FusedLamb(groups, weight_decay=weight_decay, **params), config, \
+        return FusedLamb(fused_lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params), config, \
             "optimizer: DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)"
 
     if stage > 0:

@@ -125,6 +125,24 @@ def test_lamb_parity_is_zero_against_itself_and_catches_a_different_rule():
     assert gpu_check.lamb_parity(cfg, fused(on), gpu_check.our_lamb(on), batches, 6, cpu).rel > 100 * tol
 
 
+@pytest.mark.parametrize("bias_correction", [True, False])
+def test_fused_lamb_factory_builds_fusedlamb_for_both_settings(bias_correction, monkeypatch):
+    """On a GPU the parity section builds DeepSpeed's FusedLamb with bias correction on as well (the row that must
+    differ), which select_optimizer would refuse: the factory builds it directly. Here the torch restatement
+    stands in for the CUDA class."""
+    import deepspeed.ops.lamb
+
+    monkeypatch.setattr(deepspeed.ops.lamb, "FusedLamb", gpu_check.FusedLambReference)
+    params = {**gpu_check.shipped_lamb_params(), "bias_correction": bias_correction}
+    from pipeline.model import AlbertForPreTraining
+
+    opt = gpu_check.deepspeed_fused_lamb(params)(AlbertForPreTraining(small_config()))
+    assert isinstance(opt, gpu_check.FusedLambReference)
+    decay, no_decay = opt.param_groups
+    assert decay["bias_correction"] is bias_correction and decay["weight_decay"] == params["weight_decay"]
+    assert (no_decay["weight_decay"], no_decay["min_coeff"], no_decay["max_coeff"]) == (0.0, 1.0, 1.0)
+
+
 def test_zero_budget_skips_every_section():
     with pytest.raises(gpu_check.SectionSkipped, match="skipped: budget"):
         gpu_check.Budget(0).check(1.0)
