@@ -240,9 +240,14 @@ class Lamb(torch.optim.Optimizer):
         return state
 
     def _adam_updates(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Advance the moments and return the unscaled updates m_hat / (sqrt(v_hat) + eps) + wd * w."""
+        """Advance the moments and return the unscaled updates m_hat / (sqrt(v_hat) + eps) + wd * w.
+
+        Each foreach call is a pass over all the optimizer's memory, so the bias correction is folded into
+        two per-tensor scalars: m_hat / (sqrt(v_hat) + eps) = (c2 / c1) * m / (sqrt(v) + eps * c2), with
+        c1 = 1 - b1^t and c2 = sqrt(1 - b2^t); without it, those passes are skipped."""
         beta1, beta2 = group["betas"]
-        grads, exp_avgs, exp_avg_sqs, bc1, bc2_sqrt = [], [], [], [], []
+        corrected = group["bias_correction"]
+        grads, exp_avgs, exp_avg_sqs, eps, scale = [], [], [], [], []
         for p in params:
             if p.grad.is_sparse:
                 raise RuntimeError("LAMB does not support sparse gradients")
@@ -252,18 +257,18 @@ class Lamb(torch.optim.Optimizer):
             grads.append(p.grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
-            corrected = group["bias_correction"]
-            bc1.append(1.0 - beta1 ** step if corrected else 1.0)
-            bc2_sqrt.append((1.0 - beta2 ** step) ** 0.5 if corrected else 1.0)
-        torch._foreach_mul_(exp_avgs, beta1)
-        torch._foreach_add_(exp_avgs, grads, alpha=1.0 - beta1)
+            if corrected:
+                c1, c2 = 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
+                eps.append(group["eps"] * c2)
+                scale.append(c2 / c1)
+        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)  # m += (1 - b1) (g - m): one pass
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, bc2_sqrt)
-        torch._foreach_add_(denom, group["eps"])
+        torch._foreach_add_(denom, eps if corrected else group["eps"])
         updates = torch._foreach_div(exp_avgs, denom)
-        torch._foreach_div_(updates, bc1)
+        if corrected:
+            torch._foreach_mul_(updates, scale)
         if group["weight_decay"] != 0:
             torch._foreach_add_(updates, params, alpha=group["weight_decay"])
         return updates
