@@ -42,13 +42,17 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5, device: torch.
     return 2 * n**3 / best
 
 
-def model_flops(cfg: AlbertConfig, batch: int, seq: int, predictions: int) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3 x forward)."""
+def model_flops(cfg: AlbertConfig, batch: int, seq: int, predictions: int, gathered_last_layer: bool = True) -> float:
+    """Matmul FLOPs of one training step (forward + backward = 3 x forward). gathered_last_layer: as our model
+    runs it, the last layer's queries, attention output and FFN for the [CLS] and prediction rows only (keys
+    and values for all tokens); False: the full last layer, as transformers' model computes it."""
     H, E, I, V = cfg.hidden_size, cfg.embedding_size, cfg.intermediate_size, cfg.vocab_size
     layers = cfg.num_hidden_layers * cfg.inner_group_num
-    per_token = 2 * E * H + layers * (2 * 4 * H * H + 2 * 2 * H * I + 2 * 2 * seq * H)
-    per_prediction = 2 * H * E + 2 * E * V
-    return 3 * batch * (seq * per_token + predictions * per_prediction)
+    qo, kv, ffn, attention = 2 * 2 * H * H, 2 * 2 * H * H, 2 * 2 * H * I, 2 * 2 * seq * H  # per row
+    layer = seq * (qo + kv + ffn + attention)
+    last = seq * kv + (1 + predictions) * (qo + ffn + attention) if gathered_last_layer else layer
+    per_sequence = seq * 2 * E * H + (layers - 1) * layer + last + predictions * (2 * H * E + 2 * E * V)
+    return 3 * batch * per_sequence
 
 
 def make_batch(cfg: AlbertConfig, batch: int, seq: int, predictions: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -103,12 +107,13 @@ def compare(name: str, bf16: bool, args: argparse.Namespace) -> dict:
             dt = step_time(model, inputs, bf16)
             if i >= args.warmup:
                 times[k].append(dt)
-    flops = model_flops(cfg, args.batch, args.seq, args.predictions)
+    flops = {"ours": model_flops(cfg, args.batch, args.seq, args.predictions),  # what each really computes
+             "hf": model_flops(cfg, args.batch, args.seq, args.predictions, gathered_last_layer=False)}
     row = {"config": name, "precision": "bf16 autocast" if bf16 else "fp32", "dtype": "bf16" if bf16 else "fp32"}
     for k, ts in times.items():
         t = min(ts)  # noise from other work only ever adds time: the fastest step is the cleanest
         row[f"{k}_tok_s"] = args.batch * args.seq / t
-        row[f"{k}_flop_s"] = flops / t
+        row[f"{k}_flop_s"] = flops[k] / t
     row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
     log.info("%s %s: ours %.0f tok/s, HF %.0f tok/s (%.2fx)", name, row["precision"], row["ours_tok_s"], row["hf_tok_s"], row["speedup"])
     return row
