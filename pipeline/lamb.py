@@ -31,6 +31,7 @@ trust ratio cancels a correction of the moments); without bias correction the tw
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
@@ -65,6 +66,11 @@ class FlatLayout:
     @property
     def numel(self) -> int:
         return int(self.lengths.sum())
+
+    @functools.cached_property
+    def sizes(self) -> list[int]:
+        """Segment lengths as ints, for Tensor.split (computed once per layout)."""
+        return self.lengths.tolist()
 
     @classmethod
     def from_segments(cls, segments: Sequence[tuple[int, int]], num_params: int, group: Any = None) -> FlatLayout:
@@ -283,11 +289,12 @@ class Lamb(torch.optim.Optimizer):
     def _scale_flat(self, group: dict[str, Any], flat: list[tuple[torch.Tensor, FlatLayout]],
                     updates: dict[int, torch.Tensor]) -> None:
         """Scale each flat update by per-parameter ratios, norms summed over segments and ranks."""
+        # Per segment (views into the flat tensors: no full-size temporaries), one pass each for w and u.
         sums = []  # [2, num_params] per flat tensor: squared norms of w and u, this rank's pieces
         for p, layout in flat:
             u = updates.get(id(p))
-            w_sq = torch.segment_reduce(p.square(), "sum", lengths=layout.lengths)
-            u_sq = torch.segment_reduce(u.square(), "sum", lengths=layout.lengths) if u is not None \
+            w_sq = torch.stack(torch._foreach_norm(p.split(layout.sizes))).square()
+            u_sq = torch.stack(torch._foreach_norm(u.split(layout.sizes))).square() if u is not None \
                 else torch.zeros_like(w_sq)
             per_slot = torch.zeros(2, layout.num_params + 1, dtype=w_sq.dtype, device=p.device)
             per_slot.index_add_(1, layout.slots, torch.stack([w_sq, u_sq]))
@@ -299,7 +306,7 @@ class Lamb(torch.optim.Optimizer):
                 continue
             ratio = _trust_ratio(sq[0].sqrt(), sq[1].sqrt(), group["min_coeff"], group["max_coeff"])
             ratio = torch.cat([ratio, ratio.new_ones(1)])  # padding slot
-            u.mul_(ratio[layout.slots].repeat_interleave(layout.lengths))
+            torch._foreach_mul_(list(u.split(layout.sizes)), ratio[layout.slots].tolist())
 
     @staticmethod
     def _all_reduce_by_group(sums: list[torch.Tensor], groups: list[Any]) -> None:
