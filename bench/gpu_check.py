@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from bench_model import make_batch, matmul_peak, model_flops
 
+from pipeline.distributed import shutdown_distributed
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import (
     Lamb,
@@ -1017,8 +1018,7 @@ def main(argv: list[str] | None = None) -> int:
     spent = args.budget - budget.left()
     verdict = "all checks passed" if not report.failures else f"{len(report.failures)} check(s) FAILED: " + "; ".join(report.failures)
     report.emit(f"\n{verdict} ({spent:.0f} s of the {args.budget:.0f} s budget)")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # else torch warns at exit, and can hang there
+    shutdown_distributed()  # else torch warns at exit, and can hang or abort there
     return 1 if report.failures else 0
 
 

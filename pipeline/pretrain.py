@@ -491,13 +491,15 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     from .checkpoint import CheckpointError
-    from .distributed import RendezvousError
+    from .distributed import RendezvousError, shutdown_distributed
 
     try:
         summary = train(setup(args), stop)
     except (TrainError, CheckpointError, RendezvousError) as e:
         log.error("%s", e)
         return 2
+    finally:
+        shutdown_distributed()
     if summary.get("first") and summary.get("last"):
         f, l_ = summary["first"], summary["last"]
         log.info(

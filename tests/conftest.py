@@ -15,6 +15,32 @@ VOCAB_SIZE = 4000
 SHARD_ARGS = ["--dupe-factor", "2", "--num-shards", "3", "--seed", "7"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _remove_stale_deepspeed_shm():
+    """DeepSpeed's CPU all-reduce maps 69 MB segments /dev/shm/deepspeed_allreduce_buffer_*; a rank that is
+    killed (as the fault tests do) never removes them, and /dev/shm is memory. At the end of the session,
+    remove those the session created that no process still maps."""
+    import time
+
+    started = time.time()
+    yield
+    shm = Path("/dev/shm")
+    if not shm.is_dir():
+        return
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split()[-1] for line in maps.read_text().splitlines() if "deepspeed_allreduce_buffer" in line)
+        except OSError:
+            continue
+    for f in shm.glob("deepspeed_allreduce_buffer_*"):
+        try:
+            if f.stat().st_mtime >= started - 1 and str(f) not in mapped:
+                f.unlink()
+        except OSError:
+            continue
+
+
 @pytest.fixture(scope="session")
 def wiki_dump() -> Path:
     from data_prep.demo_corpus import wikipedia_excerpt

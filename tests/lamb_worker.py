@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.distributed import shutdown_distributed
 from pipeline.lamb import FlatLayout, attach_zero_partitions, select_optimizer
 
 log = logging.getLogger("lamb_worker")
@@ -179,6 +180,7 @@ def main() -> None:
     if torch.distributed.get_rank() == 0:
         torch.save(results, args.out)
     torch.distributed.barrier()
+    shutdown_distributed()
 
 
 if __name__ == "__main__":
