@@ -24,13 +24,13 @@ fi
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
 echo "installing system packages: ${need[*]}" >&2
 made_policy=0
+cleanup() { if [ $made_policy = 1 ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi; }
+trap cleanup EXIT  # set first: a failure below must not leave the file blocking every later daemon start
 if [ ! -e /usr/sbin/policy-rc.d ]; then
   # no init system on CI containers: keep the packages' postinst scripts from starting daemons
+  made_policy=1
   printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
   $SUDO chmod +x /usr/sbin/policy-rc.d
-  made_policy=1
 fi
-cleanup() { if [ $made_policy = 1 ]; then $SUDO rm -f /usr/sbin/policy-rc.d; fi; }
-trap cleanup EXIT
 $SUDO apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null

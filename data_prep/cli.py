@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
-        return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=_formatter)
+        # allow_abbrev=False: slurm/prep.sbatch reads --output from the arguments; an abbreviation would slip past it
+        return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=_formatter,
+                              allow_abbrev=False)
 
     p = add("corpus", "read raw inputs, write documents in the standard format (one sentence per line, blank line between documents)")
     _add_corpus_args(p)

@@ -170,17 +170,19 @@ def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> dict[str, Any]:
     vocab = _vocab(spm_model)
     ex = settings.examples
     max_chars = 16 * ex.max_seq_length  # a longer sentence cannot fit one example anyway
-    for shard in range(settings.num_shards):  # leftovers of an interrupted attempt
-        paths.bucket(shard, piece).unlink(missing_ok=True)
     buffers: list[list[np.ndarray]] = [[] for _ in range(settings.num_shards)]
     buffered = 0
+    written: set[int] = set()
 
     def flush() -> None:
         for shard, parts in enumerate(buffers):
             if parts:
-                with open(paths.bucket(shard, piece), "ab") as f:
+                # The first write truncates what an interrupted attempt left: the piece sends its examples to
+                # the same shards every time, so no leftover escapes (and no unlink pass over every shard).
+                with open(paths.bucket(shard, piece), "ab" if shard in written else "wb") as f:
                     for part in parts:
                         f.write(part.tobytes())
+                written.add(shard)
                 parts.clear()
 
     read_stats = readers.ReadStats()
@@ -225,11 +227,10 @@ def _reduce_shard(task: tuple[int, list[Piece], str, ShardSettings, dict[str, An
     paths = _Paths(Path(output))
     ex = settings.examples
     dtype = record_dtype(ex.max_seq_length, ex.max_predictions_per_seq)
-    buckets = [b for p in pieces if (b := paths.bucket(shard, p)).exists()]
-    records = np.empty(sum(b.stat().st_size for b in buckets) // dtype.itemsize, dtype=dtype)
+    buckets = [(b, b.stat().st_size // dtype.itemsize) for p in pieces if (b := paths.bucket(shard, p)).exists()]
+    records = np.empty(sum(n for _, n in buckets), dtype=dtype)
     start = 0
-    for b in buckets:  # read straight into one array: no second copy for concatenation
-        n = b.stat().st_size // dtype.itemsize
+    for b, n in buckets:  # read straight into one array: no second copy for concatenation
         with open(b, "rb") as f:
             f.readinto(records[start : start + n].view(np.uint8))
         start += n

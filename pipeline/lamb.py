@@ -392,12 +392,10 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
     if "betas" in params:
         params["betas"] = tuple(params["betas"])
     weight_decay = float(params.pop("weight_decay", 0.0))
-    groups = lamb_param_groups(model, weight_decay)
     stage = _zero_stage(config)
 
-    cuda = _cuda_fused_lamb_available()
-    same_math = not params.get("bias_correction", True)  # FusedLamb's own default is True
-    if allow_fused and same_math and fused_lamb_applies(config, cuda):
+    why = fused_lamb_unavailable(config, params, allow_fused)
+    if why is None:
         from deepspeed.ops.lamb import FusedLamb
 
         return FusedLamb(fused_lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params), config, \
@@ -408,12 +406,22 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
         where = f"ZeRO-{stage} partitions"
     else:
         where = "ZeRO-0, whole tensors"
-    why = ("switched off" if not allow_fused else "no CUDA" if not cuda else
-           f"it would see ZeRO-{stage} flat partitions, not whole parameters" if stage > 0 else
-           "its bias correction is a step-size factor, not LAMB's corrected moments (set bias_correction false, "
-           "as ALBERT and the shipped configs do, to use it)" if not same_math else "unavailable")
-    return Lamb(groups, weight_decay=weight_decay, **params), config, \
+    return Lamb(lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params), config, \
         f"optimizer: our multi-tensor LAMB ({where}, per-parameter trust ratios); DeepSpeed FusedLamb off: {why}"
+
+
+def fused_lamb_unavailable(config: dict[str, Any], params: dict[str, Any], allow_fused: bool) -> str | None:
+    """Why DeepSpeed's FusedLamb is not used for this config, or None when it is."""
+    if not allow_fused:
+        return "switched off"
+    if not _cuda_fused_lamb_available():
+        return "no CUDA"
+    if not fused_lamb_applies(config, cuda=True):
+        return f"it would see ZeRO-{_zero_stage(config)} flat partitions, not whole parameters"
+    if params.get("bias_correction", True):  # FusedLamb's own default is True
+        return ("its bias correction is a step-size factor, not LAMB's corrected moments (set bias_correction false, "
+                "as ALBERT and the shipped configs do, to use it)")
+    return None
 
 
 def attach_zero_partitions(engine: Any, optimizer: torch.optim.Optimizer | None) -> None:

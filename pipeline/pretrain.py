@@ -37,6 +37,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Pretrain ALBERT (MLM + sentence-order prediction) on shards from `albert-data`, with DeepSpeed.",
         epilog=f"example:\n  {EXAMPLE}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # slurm/pretrain.sbatch reads --data/--output from the arguments: no abbreviations
     )
     a = p.add_argument
     a("--deepspeed_config", "--deepspeed-config", required=True, type=Path, help="DeepSpeed JSON config (batch, precision, ZeRO, optimizer, scheduler)")
@@ -290,7 +291,6 @@ class Run:
     ds: dict[str, Any]
     precision: str
     rank: int
-    world: int
     meta: dict[str, Any]
     resumed: bool
 
@@ -361,7 +361,7 @@ def setup(args: argparse.Namespace) -> Run:
         data.load_state_dict(ckpt.load(engine, resume_from)["loader"])
     meta = {"world_size": world, "zero_stage": stage, "precision": precision, "global_batch": batch.global_size,
             "data": str(args.data), "model_config": cfg.to_dict()}  # fmt: skip
-    return Run(args, engine, data, batch, cfg, ds, precision, rank, world, meta, resume_from is not None)
+    return Run(args, engine, data, batch, cfg, ds, precision, rank, meta, resume_from is not None)
 
 
 def train(run: Run, stop: StopRequest) -> dict[str, Any]:
@@ -378,6 +378,8 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     recorder = BatchRecorder(args.output / f"batches-rank{run.rank}.jsonl", step) if args.record_batches else None
     acc = Accumulator()
     summary: dict[str, Any] = {"start_step": step, "first": None, "last": None}
+    if step >= args.max_steps:
+        log.info("already at step %d of --max-steps %d: nothing to train", step, args.max_steps)
     fault = os.environ.get("ALBERT_FAULT", "")
     fault_nan_step = int(fault.split(":")[1]) if fault.startswith("nan-at-step:") else -1  # fault injection for the tests
 
@@ -421,8 +423,10 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                              f"The last good checkpoint is in {run.ckpt_dir}")  # fmt: skip
         engine.step()
         step = engine.global_steps
-        if nonfinite and loss_scale(engine, run.precision) <= run.ds.get("fp16", {}).get("min_loss_scale", 1):
-            raise TrainError(f"step {step}: fp16 overflow with the loss scale at its floor; the last good checkpoint is in {run.ckpt_dir}")
+        floor = run.ds.get("fp16", {}).get("min_loss_scale", 1)
+        if nonfinite and loss_scale(engine, run.precision) <= floor:
+            raise TrainError(f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); "
+                             f"the last good checkpoint is in {run.ckpt_dir}")
         if step % args.log_interval == 0 or step == args.max_steps or stopping:
             record = log_record(run, acc.reduce(), time.perf_counter() - t_last)
             metrics.log(record)

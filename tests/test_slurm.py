@@ -196,7 +196,6 @@ def test_prep_job_two_mpi_ranks_on_two_nodes_same_shards_as_one_process(prepared
     assert [(s["name"], s["sha256"]) for s in a["shards"]] == [(s["name"], s["sha256"]) for s in b["shards"]]
     for s in a["shards"]:
         assert (out / s["name"]).read_bytes() == (single / s["name"]).read_bytes()
-    assert prepared["seconds"] < 120
     # submitted again on the finished folder: only verified, no MPI step
     log2 = tmp_path / "again.log"
     job = cluster_submit_prep(prepared, log2, {"OUTPUT": str(out)})

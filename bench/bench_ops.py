@@ -1,0 +1,98 @@
+"""The small measurements behind the README's profile notes, in one run, on CPU.
+
+1. Where a training step of albert-tiny (bf16 autocast, batch 8 x 128, our LAMB) spends its time, from
+   torch.profiler, grouped: matmuls, LAMB, softmax/log-softmax, gelu, dtype copies, the rest.
+2. Accuracy over bf16 MLM logits [160, 30000]: argmax vs max().indices (the same first-index result).
+3. gelu_new's tanh against sigmoid and the erf gelu, per million bf16 values.
+4. Our LAMB's step on one flat ZeRO-style partition of 17M elements in 30 parameter segments.
+
+Example:
+    python bench/bench_ops.py --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+from bench_model import make_batch
+
+from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
+from pipeline.model import AlbertConfig, AlbertForPreTraining
+
+
+def best_ms(fn, reps: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * min(times)
+
+
+def step_profile() -> None:
+    cfg = AlbertConfig.from_name_or_path("albert-tiny")
+    torch.manual_seed(0)
+    model = AlbertForPreTraining(cfg).train()
+    opt = Lamb(lamb_param_groups(model, 0.01), lr=1e-4)
+    batch = make_batch(cfg, 8, 128, 20)
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(3):
+            step()
+    groups = {"matmuls": ("aten::mm", "aten::addmm", "aten::bmm"), "softmax / log-softmax": ("softmax",),
+              "gelu": ("gelu",), "dtype copies": ("aten::copy_",)}  # fmt: skip
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    lamb = next((e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#Lamb")), 0)
+    print(f"\n1. albert-tiny bf16 step (batch 8 x 128), share of CPU time ({total / 3e3:.0f} ms a step):")
+    for name, keys in groups.items():
+        share = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys)) / total
+        print(f"   {name:22s} {share:6.1%}")
+    print(f"   {'LAMB step (inclusive)':22s} {lamb / total:6.1%}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"CPU, {args.threads} thread(s)")
+    step_profile()
+
+    logits = torch.randn(160, 30000).bfloat16()
+    argmax, max_idx = best_ms(lambda: logits.argmax(-1)), best_ms(lambda: logits.max(-1).indices)
+    assert torch.equal(logits.argmax(-1), logits.max(-1).indices)
+    print(f"\n2. bf16 logits [160, 30000]: argmax {argmax:.2f} ms, max().indices {max_idx:.2f} ms ({argmax / max_idx:.1f}x)")
+
+    x = torch.randn(1 << 20).bfloat16()
+    print("\n3. per million bf16 values: " + ", ".join(
+        f"{name} {best_ms(fn):.2f} ms" for name, fn in (
+            ("gelu tanh (gelu_new)", lambda: F.gelu(x, approximate="tanh")), ("gelu erf", lambda: F.gelu(x)),
+            ("tanh", lambda: torch.tanh(x)), ("sigmoid", lambda: torch.sigmoid(x)))))  # fmt: skip
+
+    g = torch.Generator().manual_seed(1)
+    numels = torch.randint(1000, 1_000_000, (30,), generator=g).tolist()
+    offsets = [sum(numels[:i]) for i in range(len(numels))]
+    flat = torch.randn(sum(numels), generator=g)
+    flat.grad = torch.randn(flat.numel(), generator=g)
+    opt = Lamb([{"params": [flat], "weight_decay": 0.01, "adapt": True}], lr=1e-3, bias_correction=False)
+    opt.register_flat(flat, FlatLayout.contiguous(numels, offsets, 0, flat.numel()))
+    print(f"\n4. our LAMB step on one flat partition of {flat.numel() / 1e6:.0f}M elements in {len(numels)} "
+          f"segments: {best_ms(opt.step, reps=5):.0f} ms")
+
+
+if __name__ == "__main__":
+    main()
