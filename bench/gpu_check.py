@@ -47,6 +47,7 @@ import os
 import platform
 import re
 import statistics
+import signal
 import subprocess
 import sys
 import warnings
@@ -77,7 +78,7 @@ SHIPPED_DS_CONFIG = REPO / "ds_configs" / "gpu-zero2-fp16-lamb-4096.json"
 # Nominal dense (no sparsity) fp16/bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets,
 # matched against torch.cuda.get_device_name() in this order (the first match wins).
 NOMINAL_PEAKS: tuple[tuple[str, float | None], ...] = (
-    (r"H100.*NVL", None),  # clocks differ from SXM and PCIe: give --peak-tflops
+    (r"H[12]00.*NVL", None),  # clocks differ from SXM and PCIe: give --peak-tflops
     (r"H[18]00.*PCIe", 756.0),
     (r"GH200|H100|H200|H800", 989.0),  # SXM parts; H200 has the H100 SXM's compute
     (r"B200", 2250.0),
@@ -185,8 +186,8 @@ def shipped_lamb_params() -> dict[str, Any]:
     return params
 
 
-def lamb_ds_config(params: dict[str, Any], stage: int = 0) -> dict[str, Any]:
-    return {"optimizer": {"type": "Lamb", "params": dict(params)}, "zero_optimization": {"stage": stage}}
+def lamb_ds_config(params: dict[str, Any]) -> dict[str, Any]:
+    return {"optimizer": {"type": "Lamb", "params": dict(params)}, "zero_optimization": {"stage": 0}}
 
 
 def fmt_mib(n_bytes: float) -> str:
@@ -309,14 +310,18 @@ def probe_fused_lamb(device: torch.device, timeout_s: float) -> str | None:
     code = ("from deepspeed.ops.op_builder import FusedLambBuilder as B; b = B(); "
             "assert b.is_compatible(verbose=False), 'FusedLambBuilder: not compatible with this machine'; b.load(verbose=False)")
     t = time.monotonic()
+    # its own session: on a timeout the compiler processes it started (ninja, nvcc) are killed with it
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "DS_ACCELERATOR": "cuda"}, start_new_session=True)
     try:
-        proc = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=timeout_s,
-                              env={**os.environ, "DS_ACCELERATOR": "cuda"})
+        output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
         return (f"not available: building it took over {timeout_s:.0f} s (a stale 'lock' file under "
                 "~/.cache/torch_extensions/*/fused_lamb makes builds hang)")
     if proc.returncode != 0:
-        output = (proc.stdout or "") + (proc.stderr or "")
+        output = output or ""
         log.warning("FusedLamb build/load failed; the end of its output:\n%s", output[-4000:])
         tail = [line for line in output.splitlines() if line.strip()][-1:] or ["no output"]
         return f"not available: build/load failed ({tail[0][:200]}; more in the log)"
@@ -373,21 +378,24 @@ def our_lamb(params: dict[str, Any]) -> OptimizerFactory:
     return make
 
 
-def deepspeed_fused_lamb(params: dict[str, Any]) -> OptimizerFactory:
-    """DeepSpeed's FusedLamb on the groups select_optimizer gives it, built here directly: select_optimizer
-    does not choose it with bias_correction on (another update), and the parity check compares exactly that."""
+def selected_fused_lamb(params: dict[str, Any]) -> OptimizerFactory:
+    """DeepSpeed's FusedLamb as albert-pretrain gets it: select_optimizer must pick it for these settings."""
+    def make(model: torch.nn.Module) -> torch.optim.Optimizer:
+        opt, _, description = select_optimizer(model, lamb_ds_config(params), allow_fused=True)
+        if isinstance(opt, Lamb):
+            raise TypeError(f"select_optimizer did not pick FusedLamb: {description}")
+        return opt
+    return make
+
+
+def fused_lamb_factory(params: dict[str, Any], cls: type | None = None) -> OptimizerFactory:
+    """FusedLamb (or `cls`, e.g. FusedLambReference) on select_optimizer's groups, built directly: the parity
+    check also compares settings (bias correction on) that select_optimizer would not give it."""
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
         from deepspeed.ops.lamb import FusedLamb
 
         rest = {k: v for k, v in params.items() if k != "weight_decay"}
-        return FusedLamb(fused_lamb_param_groups(model, float(params.get("weight_decay", 0.0))), **rest)
-    return make
-
-
-def reference_fused_lamb(params: dict[str, Any]) -> OptimizerFactory:
-    def make(model: torch.nn.Module) -> torch.optim.Optimizer:
-        rest = {k: v for k, v in params.items() if k != "weight_decay"}
-        return FusedLambReference(fused_lamb_param_groups(model, float(params.get("weight_decay", 0.0))), **rest)
+        return (cls or FusedLamb)(fused_lamb_param_groups(model, float(params.get("weight_decay", 0.0))), **rest)
     return make
 
 
@@ -491,7 +499,7 @@ def step_times(args: argparse.Namespace, device: torch.device, budget: Budget, r
     params = shipped_lamb_params()
     optimizers = [("our Lamb", our_lamb(params))]
     if fused_reason is None:
-        optimizers.insert(0, ("FusedLamb", deepspeed_fused_lamb(params)))
+        optimizers.insert(0, ("FusedLamb", selected_fused_lamb(params)))
     precisions = [p for p in args.precisions if not (p == "fp16" and device.type != "cuda")]
     budget.check(args.row_seconds, reserve_s)
     peaks.measure(precisions, device, args.matmul_n)
@@ -620,7 +628,11 @@ class Comparison:
 
 def parity_comparisons(params: dict[str, Any], fused_available: bool) -> list[Comparison]:
     """FusedLamb (or, without CUDA, its restatement) against our Lamb, with the settings that should and should not agree."""
-    fused, fused_name = (deepspeed_fused_lamb, "FusedLamb") if fused_available else (reference_fused_lamb, "FusedLambReference (CPU)")
+    cls, fused_name = (None, "FusedLamb") if fused_available else (FusedLambReference, "FusedLambReference (CPU)")
+
+    def fused(p: dict[str, Any]) -> OptimizerFactory:
+        return fused_lamb_factory(p, cls)
+
     off, on = {**params, "bias_correction": False}, {**params, "bias_correction": True}
     factor = bias_correction_factor(tuple(params.get("betas", (0.9, 0.999))))
     comparisons = [
@@ -632,7 +644,7 @@ def parity_comparisons(params: dict[str, Any], fused_available: bool) -> list[Co
     ]
     if fused_available:
         comparisons.append(Comparison("FusedLamb kernel vs its torch restatement (bias_correction on)", "FusedLamb",
-                                      "FusedLambReference", fused(on), reference_fused_lamb(on), True))
+                                      "FusedLambReference", fused(on), fused_lamb_factory(on, FusedLambReference), True))
     return comparisons
 
 
@@ -955,6 +967,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                 setattr(args, key, value)
     if args.precisions and set(args.precisions) - set(DTYPES):
         p.error(f"--precisions: choose from {', '.join(DTYPES)}")
+    if min(args.steps, args.fp16_steps, args.zero_steps) < 1:
+        p.error("--steps, --fp16-steps, --zero-steps: at least 1")
     if set(args.zero_stages) - {0, 1, 2, 3} or args.sections - {1, 2, 3, 4}:
         p.error("--zero-stages: 0-3; --sections: 1-4")
     return args

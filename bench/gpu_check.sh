@@ -27,4 +27,10 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
 cd "$REPO"
+# what the check imports beyond torch, asked first: a GPU image without them fails here with a clear line
+python3 -c 'import deepspeed, safetensors, h5py' 2>/dev/null || {
+    echo "gpu_check.sh: python3 cannot import deepspeed, safetensors and h5py; on an offline GPU machine carry the wheels" \
+         "from bench/gpu_wheels.sh (README: GPU check)" >&2
+    exit 2
+}
 exec timeout --signal=TERM --kill-after=15 "${GPU_CHECK_TIMEOUT:-480}" python3 bench/gpu_check.py "$@"

@@ -118,7 +118,9 @@ def test_lamb_parity_is_zero_against_itself_and_catches_a_different_rule():
 
     # FusedLamb's rule (its kernel restated in torch): equal to ours without bias correction, and to ours with
     # FusedLamb's bias correction moved into the learning rate; not equal to ours with bias correction.
-    fused = gpu_check.reference_fused_lamb
+    def fused(p):
+        return gpu_check.fused_lamb_factory(p, gpu_check.FusedLambReference)
+
     assert gpu_check.lamb_parity(cfg, fused(off), gpu_check.our_lamb(off), batches, 6, cpu).rel < tol / 10
     factor = gpu_check.bias_correction_factor(params["betas"])
     assert gpu_check.lamb_parity(cfg, fused(on), gpu_check.our_lamb(off), batches, 6, cpu, lr_factor_b=factor).rel < tol / 10
@@ -126,21 +128,27 @@ def test_lamb_parity_is_zero_against_itself_and_catches_a_different_rule():
 
 
 @pytest.mark.parametrize("bias_correction", [True, False])
-def test_fused_lamb_factory_builds_fusedlamb_for_both_settings(bias_correction, monkeypatch):
-    """On a GPU the parity section builds DeepSpeed's FusedLamb with bias correction on as well (the row that must
-    differ), which select_optimizer would refuse: the factory builds it directly. Here the torch restatement
-    stands in for the CUDA class."""
-    import deepspeed.ops.lamb
+def test_fused_lamb_factory_builds_deepspeeds_fusedlamb(bias_correction, monkeypatch):
+    """The parity section builds DeepSpeed's real FusedLamb class (also with bias correction on, which
+    select_optimizer would refuse) on select_optimizer's groups. Only its CUDA kernel is left out here: the
+    builder's load() is stubbed, so the constructor's own checks of the arguments still run."""
+    import deepspeed.ops.lamb.fused_lamb as fused_lamb
 
-    monkeypatch.setattr(deepspeed.ops.lamb, "FusedLamb", gpu_check.FusedLambReference)
+    class NoKernel:
+        def load(self):
+            return object()
+
+    monkeypatch.setattr(fused_lamb, "FusedLambBuilder", NoKernel)
     params = {**gpu_check.shipped_lamb_params(), "bias_correction": bias_correction}
     from pipeline.model import AlbertForPreTraining
 
-    opt = gpu_check.deepspeed_fused_lamb(params)(AlbertForPreTraining(small_config()))
-    assert isinstance(opt, gpu_check.FusedLambReference)
+    opt = gpu_check.fused_lamb_factory(params)(AlbertForPreTraining(small_config()))
+    assert isinstance(opt, fused_lamb.FusedLamb)
     decay, no_decay = opt.param_groups
-    assert decay["bias_correction"] is bias_correction and decay["weight_decay"] == params["weight_decay"]
+    assert decay["bias_correction"] is bias_correction
+    # the no-decay group (LayerNorms, biases): no weight decay, and the trust ratio pinned to 1
     assert (no_decay["weight_decay"], no_decay["min_coeff"], no_decay["max_coeff"]) == (0.0, 1.0, 1.0)
+    assert (decay["min_coeff"], decay["max_coeff"]) == (params["min_coeff"], params["max_coeff"])
 
 
 def test_zero_budget_skips_every_section():
