@@ -52,7 +52,7 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--piece-mb", type=float, default=8.0,
                    help="input files are cut at document boundaries into pieces of about this size, one task each, "
                         "so that a single big file keeps every worker busy (part of the settings: it changes the examples)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output, keeping finished work")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output, keeping finished work (a finished one is only checked)")
     g.add_argument("--mpi", default="auto", choices=("auto", "on", "off"), help="split the work over MPI ranks (auto: when launched by mpirun/srun)")
 
 
@@ -224,10 +224,8 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     error, spm_model = world.bcast((error, spm_model))
     if error:
         raise DataPrepError(error)
-    if (shards_dir / "manifest.json").exists() and not (shards_dir / ".work").exists():
-        log.info("%s: shards already complete", shards_dir)
-    else:
-        shard_corpus([corpus_dir], spm_model, shards_dir, _shard_settings(args), args.workers, shards_dir.exists(), progress, args.mpi)
+    # (shards already complete: shard_corpus checks them and returns)
+    shard_corpus([corpus_dir], spm_model, shards_dir, _shard_settings(args), args.workers, shards_dir.exists(), progress, args.mpi)
     if world.rank == 0:
         log.info("prepared %s: corpus %s, vocabulary %s, shards %s", out, corpus_dir, spm_model, shards_dir)
 

@@ -1,23 +1,39 @@
 """The set of cooperating processes: one plain process, or the ranks of an MPI job (mpirun / srun --mpi=pmix).
 
-mpi4py is imported only when the environment says we run under MPI, so plain runs need no MPI library.
+mpi4py is imported only when the environment says we run under a launcher, so plain runs need no MPI library.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any
+
+from .errors import DataPrepError
 
 log = logging.getLogger(__name__)
 
 # Variables set by the MPI launchers we support (OpenMPI's mpirun, PMIx under srun, MPICH/Hydra).
 _MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK")
+# How many processes the launcher started: the MPI launchers' own counts first (the ranks of an `mpirun` inside a
+# Slurm job inherit the SLURM_STEP_NUM_TASKS of its daemons' step, one task per node), then srun's step size.
+# Not SLURM_NTASKS: a batch script has it too, for the whole job, where python runs as one process without srun.
+_SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
 
 
 def launched_by_mpi() -> bool:
     return any(v in os.environ for v in _MPI_ENV)
+
+
+def launched_size() -> tuple[int, str] | None:
+    """(number of processes, the variable that says so) when a launcher started us, else None."""
+    for var in _SIZE_ENV:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value), var
+    return None
 
 
 @dataclass
@@ -37,15 +53,42 @@ class World:
         if self.comm is not None and self.size > 1:
             self.comm.Abort(code)
 
+    def describe(self) -> str:
+        """This rank's line for a job log: "[rank R] node N host H: MPI rank R of S"."""
+        node = os.environ.get("SLURMD_NODENAME", "?")
+        return f"[rank {self.rank}] node {node} host {socket.gethostname()}: MPI rank {self.rank} of {self.size}"
+
+
+_mpi_world: World | None = None
+
 
 def get_world(mode: str = "auto") -> World:
-    """mode: auto (MPI when launched by an MPI launcher), on (require MPI), off (single process)."""
-    if mode == "off" or (mode == "auto" and not launched_by_mpi()):
+    """mode: auto (MPI when started by an MPI launcher, or as one of several srun tasks), on (require MPI), off
+    (single process). The first call under MPI prints each rank's line (World.describe) and refuses, on every rank,
+    a world whose size is not the number of processes started: ranks that each ran alone would all do the whole work."""
+    global _mpi_world
+    started = launched_size()
+    if mode == "off" or (mode == "auto" and not launched_by_mpi() and (started is None or started[0] <= 1)):
         return World()
-    from mpi4py import MPI
+    if _mpi_world is not None:
+        return _mpi_world
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise DataPrepError(f"MPI is needed here (--mpi {mode}) but mpi4py cannot be imported ({e}); install mpi4py built against the launcher's MPI") from None
 
     comm = MPI.COMM_WORLD
     world = World(comm.Get_rank(), comm.Get_size(), comm)
+    print(world.describe(), flush=True)
+    if started is not None and world.size != started[0]:
+        n, var = started
+        raise DataPrepError(
+            f"{var}={n}: {n} processes were started, but MPI sees a world of {world.size}"
+            + (" (every process alone)" if world.size == 1 else "")
+            + ": mpi4py is not built against the launcher's MPI (python -c 'import mpi4py; print(mpi4py.get_config())'),"
+            " or srun ran without --mpi=pmix (`srun --mpi=list` shows the site's plugins; slurm/prep.sbatch: SRUN_MPI)"
+        )
     if world.rank == 0:
         log.info("MPI: %d ranks", world.size)
+    _mpi_world = world
     return world

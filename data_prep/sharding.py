@@ -18,7 +18,8 @@ or ranks. Memory is bounded by one batch plus the bucket buffers in phase 1 and 
 phase 2, not by the corpus.
 
 An interrupted run continues with `resume=True`: pieces with a marker and shards already renamed
-are kept, the rest is redone. The settings must be the same as the first time.
+are kept, the rest is redone. The settings must be the same as the first time. On a finished output
+(manifest.json, no `.work`) `resume=True` only checks that it is that run's, whole, and returns.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from . import readers
 from .errors import DataPrepError
 from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
 from .mpi import World, get_world
-from .shards import FORMAT, SCHEMA_VERSION, Manifest, shard_name, write_shard
+from .shards import FORMAT, MANIFEST, SCHEMA_VERSION, Manifest, shard_name, write_shard
 from .vocab import Vocab, sha256_file
 
 log = logging.getLogger(__name__)
@@ -293,24 +294,41 @@ def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _prepare_output(paths: _Paths, settings_doc: dict[str, Any], resume: bool) -> str | None:
-    """Rank 0 checks and claims the output folder. Returns an error message or None."""
+def _prepare_output(paths: _Paths, settings_doc: dict[str, Any], resume: bool) -> tuple[str | None, bool]:
+    """Rank 0 checks and claims the output folder. Returns (an error message or None, whether it is already complete)."""
     out = paths.output
     if out.exists() and not out.is_dir():
-        return f"{out}: exists and is not a folder"
+        return f"{out}: exists and is not a folder", False
     saved = paths.work / "settings.json"
     if out.exists() and any(out.iterdir()):
         if not resume:
-            return f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder"
-        if (out / "manifest.json").exists() and not paths.work.exists():
-            return f"{out}: already complete (manifest.json present); nothing to resume"
+            return f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder", False
+        if (out / MANIFEST).exists() and not paths.work.exists():
+            return _check_complete(out, settings_doc), True
         if not saved.exists():
-            return f"{out}: not an interrupted `albert-data shard` output (no {WORK}/settings.json); cannot resume"
+            return f"{out}: not an interrupted `albert-data shard` output (no {WORK}/settings.json); cannot resume", False
         if json.loads(saved.read_text()) != settings_doc:
-            return f"{out}: --resume with settings or inputs different from the interrupted run ({saved})"
-        return None
+            return f"{out}: --resume with settings or inputs different from the interrupted run ({saved})", False
+        return None, False
     (paths.work / "done").mkdir(parents=True, exist_ok=True)
     _write_json(saved, settings_doc)
+    return None, False
+
+
+def _check_complete(out: Path, settings_doc: dict[str, Any]) -> str | None:
+    """A finished output folder met again by --resume: the same settings, inputs and vocabulary, and every file its
+    manifest lists there with its size (`albert-data verify` checks the contents). Returns an error message or None."""
+    try:
+        data = Manifest.load(out).data
+    except DataPrepError as e:
+        return str(e)
+    made = {"settings": data["settings"], "inputs": [i["path"] for i in data.get("inputs", [])], "vocab_sha256": data["vocab"].get("sha256")}
+    if made != settings_doc:
+        return f"{out}: already complete, but made with settings or inputs different from these ({MANIFEST}); choose another --output"
+    files = [(s["name"], s.get("bytes")) for s in data["shards"]] + [(data["vocab"].get("file", "spiece.model"), None)]
+    missing = [name for name, size in files if not (out / name).is_file() or size not in (None, (out / name).stat().st_size)]
+    if missing:
+        return f"{out}: {MANIFEST} lists files that are missing or of another size: {', '.join(missing)}; remove the folder and run again"
     return None
 
 
@@ -339,10 +357,14 @@ def shard_corpus(
         "inputs": [str(f) for f in files],
         "vocab_sha256": vocab.sha256,
     }
-    error = _prepare_output(paths, settings_doc, resume) if world.rank == 0 else None
-    error = world.bcast(error)
+    error, complete = _prepare_output(paths, settings_doc, resume) if world.rank == 0 else (None, False)
+    error, complete = world.bcast((error, complete))
     if error:
         raise DataPrepError(error)
+    if complete:
+        if world.rank == 0:
+            log.info("%s: shards already complete (%s, no unfinished work; same settings and inputs): nothing to do", paths.output, MANIFEST)
+        return Manifest.load(paths.output) if world.rank == 0 else None
     world.barrier()
     progress = progress and world.rank == 0
 

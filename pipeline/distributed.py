@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -51,6 +52,16 @@ def first_host(nodelist: str) -> str:
         return m.group(1) + (m.group(2) or "")
 
 
+def slurm_rendezvous(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
+    """(MASTER_ADDR, MASTER_PORT) of a Slurm job's tasks: the values already set (slurm/pretrain.sbatch exports
+    RDZV_ADDR / RDZV_PORT as them), else the first node of the step (of the job, in the batch script) and
+    20000 + SLURM_JOB_ID % 20000. The one place of this rule: `python -m pipeline.distributed` prints it for the
+    batch script's log."""
+    addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost")))
+    port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+    return addr, port
+
+
 def detect_launch() -> Launch:
     """Set the torch.distributed variables the launcher left out; say which launcher it was."""
     env = os.environ
@@ -60,8 +71,7 @@ def detect_launch() -> Launch:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
-        env.setdefault("MASTER_ADDR", first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))))
-        env.setdefault("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000))
+        env["MASTER_ADDR"], env["MASTER_PORT"] = slurm_rendezvous(env)
         return Launch("srun", False)
     if any(v in env for v in _MPI_ENV):
         return Launch("mpirun", True)
@@ -119,3 +129,7 @@ def shutdown_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # slurm/pretrain.sbatch: the rendezvous its srun tasks will use
+    print("%s:%s" % slurm_rendezvous())

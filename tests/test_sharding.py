@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -137,6 +138,42 @@ def test_resume_with_other_settings_is_refused(wiki_corpus, spm_model, tmp_path)
     (out / ".work" / "settings.json").write_text(json.dumps({"settings": {"seed": 1}}))
     proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
     assert proc.returncode == 2 and "different from the interrupted run" in proc.stderr
+
+
+def test_resume_of_a_finished_output_checks_it_and_succeeds(wiki_corpus, spm_model, wiki_shards, tmp_path):
+    """--resume on a finished folder (manifest.json, no .work): nothing redone, exit 0; the same command with other
+    settings, or a folder that lost a shard, is refused with a message."""
+    out = tmp_path / "done"
+    shutil.copytree(wiki_shards, out)
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
+    assert proc.returncode == 0, proc.stderr
+    assert "shards already complete" in proc.stderr and "examples/s" not in proc.stderr  # no summary: no work
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before and shas(out) == shas(wiki_shards)
+    other = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume", "--seed", "8"))
+    assert other.returncode == 2 and "settings or inputs different from these" in other.stderr and "Traceback" not in other.stderr
+    first = Manifest.load(out).shards[0]["name"]
+    (out / first).unlink()
+    lost = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
+    assert lost.returncode == 2 and f"missing or of another size: {first}" in lost.stderr and "Traceback" not in lost.stderr
+
+
+@pytest.mark.parametrize("var", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
+def test_launched_processes_that_mpi_runs_alone_are_refused(var, wiki_corpus, spm_model, tmp_path):
+    """A launcher says 2 processes were started, but mpi4py (real, here a singleton) sees a world of 1: each would do
+    the whole work alone (srun without --mpi=pmix, mpi4py built against another MPI). Refused before any work."""
+    launchers = ("SLURM_", "OMPI_", "PMI_", "PMIX_")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(launchers)} | {var: "2"}
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, tmp_path / "out"), env=env, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{var}=2: 2 processes were started, but MPI sees a world of 1" in proc.stderr and "--mpi=pmix" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
+    assert "MPI rank 0 of 1" in proc.stdout  # the rank's own line, as in a Slurm job's log
+    # a batch script's SLURM_NTASKS (the job's tasks, python started once without srun) is no such count
+    env = {k: v for k, v in env.items() if k != var} | {"SLURM_NTASKS": "2"}
+    code = "from data_prep.mpi import get_world; w = get_world('on'); print(w.size, w.comm is not None)"
+    ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert ok.returncode == 0 and ok.stdout.split("\n")[-2] == "1 True", ok.stdout + ok.stderr
 
 
 def test_missing_input_is_a_one_line_error(spm_model, tmp_path):

@@ -196,13 +196,16 @@ def test_prep_job_two_mpi_ranks_on_two_nodes_same_shards_as_one_process(prepared
     assert [(s["name"], s["sha256"]) for s in a["shards"]] == [(s["name"], s["sha256"]) for s in b["shards"]]
     for s in a["shards"]:
         assert (out / s["name"]).read_bytes() == (single / s["name"]).read_bytes()
-    # submitted again on the finished folder: only verified, no MPI step
+    # submitted again on the finished folder: the ranks find it complete (albert-data shard --resume) and redo
+    # nothing; then it is verified
+    before = {f.name: f.stat().st_mtime_ns for f in out.iterdir()}
     log2 = tmp_path / "again.log"
     job = cluster_submit_prep(prepared, log2, {"OUTPUT": str(out)})
     info = prepared["cluster"].wait(job, log2, timeout=120)
     text = read(log2)
-    assert info["JobState"] == "COMPLETED" and "already complete" in text and "all shards verified" in text, text
-    assert not rank_lines(text) and not re.search(r"^\[rank", text, re.MULTILINE)
+    assert info["JobState"] == "COMPLETED" and "--resume" in text and "shards already complete" in text, text
+    assert "all shards verified" in text and "examples/s" not in text, text  # no summary line: no work done
+    assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before
 
 
 def cluster_submit_prep(prepared, log: Path, env: dict, args: list[str] = ("--dupe-factor", "1", "--seed", "7")) -> str:
@@ -261,6 +264,7 @@ def test_pretrain_job_cpu_two_ranks_on_two_nodes(cluster, prepared, tmp_path):
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
     assert f"repo {REPO}, python {REPO}/.venv/bin/python" in text, text  # the repository's venv
     assert "cpu mode, 2 node(s) [node[1-2]] x 1 task(s) = 2 rank(s)" in text, text
+    assert f"rendezvous node1:{20000 + int(job) % 20000}" in text, text  # as the ranks compute it (pipeline/distributed.py)
     assert rank_lines(text) == {0: "node1", 1: "node2"}, text
     assert "launcher: srun, 2 rank(s), backend gloo" in text, text
     # each rank trained: its own record of the examples of every step
@@ -422,12 +426,86 @@ def test_pretrain_job_nodes_cannot_reach_rank0_fails_fast(cluster, prepared, tmp
     env = {"ALBERT_CPU": "1", "DATA": str(prepared["out"]), "OUTPUT": str(out), "MAX_STEPS": "2", "RDZV_ADDR": "192.0.2.1",
            "DIST_TIMEOUT": "10", **write_configs(tmp_path / "configs")}  # fmt: skip
     t0 = time.monotonic()
-    info = cluster.wait(cluster.submit(PRETRAIN, log, CPU_JOB, env=env), log, timeout=300)
+    job = cluster.submit(PRETRAIN, log, CPU_JOB, env=env)
+    info = cluster.wait(job, log, timeout=300)
     elapsed = time.monotonic() - t0
     text = read(log)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", text
     assert rank_lines(text) == {0: "node1", 1: "node2"}, text
-    assert re.search(r"rank 1: cannot reach rank 0 at 192\.0\.2\.1:\d+ within 10 s", text), text
+    port = 20000 + int(job) % 20000  # RDZV_ADDR only: the port is the ranks' default
+    assert f"rendezvous 192.0.2.1:{port}" in text and f"rank 1: cannot reach rank 0 at 192.0.2.1:{port} within 10 s" in text, text
     assert "training failed" in text and "not requeued" in text, text
     assert not (out / "checkpoints").exists()
     assert elapsed < 180, f"took {elapsed:.0f} s"
+
+
+# --------------------------------------------------------------------------------------------- without a cluster
+# The scripts' shell logic, run by hand with the variables Slurm would set (no daemons, no root).
+
+
+def run_bash(script: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in {"GPUS_PER_NODE", "REPO", "ALBERT_CPU"}}
+    return subprocess.run(["bash", "-c", script], env={**clean, **env}, cwd=cwd or REPO, check=False, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "env, gpus",
+    [
+        ({"SLURM_GPUS_PER_NODE": "4"}, "4"),
+        ({"SLURM_GPUS_PER_NODE": "a100:4"}, "4"),  # --gpus-per-node=a100:4
+        ({"SLURM_GPUS_PER_NODE": "a100:2,v100:2"}, "4"),
+        ({"SLURM_GPUS_PER_NODE": "gpu:a100:4(IDX:0-3)"}, "4"),
+        ({"SLURM_GPUS_PER_NODE": "0"}, "0"),  # --gpus-per-node=0: CPU mode
+        ({"SLURM_GPUS_ON_NODE": "2", "SLURM_GPUS": "4", "SLURM_JOB_GPUS": "0,1"}, "2"),  # --gpus=4 or --gres=gpu:2
+        ({"GPUS_PER_NODE": "h100:8", "SLURM_GPUS_PER_NODE": "unreadable"}, "8"),
+        ({}, "0"),  # a job without GPUs
+    ],
+)
+def test_gpus_per_node_reads_the_forms_slurm_sets(env, gpus):
+    proc = run_bash('. slurm/common.sh && gpus_per_node', env)
+    assert proc.returncode == 0 and proc.stdout == gpus + "\n", proc.stdout + proc.stderr
+
+
+def test_option_value_is_the_one_argparse_keeps():
+    proc = run_bash('. slurm/common.sh && option_value --output d --data x --output a "b c" --output=e && option_value --output d --outputs z'
+                    ' && option_value --data d --data', {})  # fmt: skip
+    assert proc.stdout.split("\n") == ["e", "d", "", ""], proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"SLURM_GPUS_PER_NODE": "a100:four"}, "ERROR: cannot read the GPUs per node from SLURM_GPUS_PER_NODE=a100:four"),
+        ({"SLURM_GPUS": "16"}, "ERROR: the job has GPUs (SLURM_GPUS=16) but not their number per node"),
+        ({"SLURM_JOB_GPUS": "0,1"}, "ERROR: the job has GPUs (SLURM_JOB_GPUS=0,1) but not their number per node"),
+    ],
+)
+def test_pretrain_job_with_gpus_it_cannot_count_stops(env, message, tmp_path):
+    """Not CPU mode in silence: the job stops with a message; ALBERT_CPU=1 still chooses CPU mode."""
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "nodeA", "DATA": str(tmp_path / "none"), **env}
+    proc = run_bash(f"bash {PRETRAIN}", job)
+    assert proc.returncode == 2 and message in proc.stdout and "GPUS_PER_NODE=N" in proc.stdout, proc.stdout + proc.stderr
+    assert " mode, " not in proc.stdout
+    proc = run_bash(f"bash {PRETRAIN}", {**job, "ALBERT_CPU": "1"})
+    assert proc.returncode == 2 and "cpu mode, 1 node(s) [nodeA]" in proc.stdout and "ERROR: DATA=" in proc.stdout, proc.stdout
+
+
+def test_scripts_find_common_sh_as_a_spool_copy_or_say_they_cannot(tmp_path):
+    """Under sbatch a script runs as a copy in Slurm's spool folder: slurm/common.sh is found from the submission
+    folder (or REPO), else the job stops with a clear message. The rendezvous line is pipeline/distributed.py's."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    for script in (PREP, PRETRAIN):
+        shutil.copy(script, spool / "slurm_script")
+        lost = run_bash("bash slurm_script", {"SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(spool)}, cwd=spool)
+        assert lost.returncode == 2 and f"[{script.name}] ERROR: slurm/common.sh not found" in lost.stdout, lost.stdout + lost.stderr
+        assert "set REPO" in lost.stdout
+        manual = run_bash(f"bash {script}", {})
+        assert manual.returncode == 2 and "ERROR: submit with sbatch" in manual.stdout, manual.stdout + manual.stderr
+    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "nodeA", "ALBERT_CPU": "1", "DATA": str(tmp_path / "none"), "MASTER_ADDR": "stale"}
+    for where in ({"SLURM_SUBMIT_DIR": str(REPO)}, {"SLURM_SUBMIT_DIR": str(spool), "REPO": str(REPO)}):
+        found = run_bash("bash slurm_script", {**job, **where}, cwd=spool)
+        assert found.returncode == 2 and f"repo {REPO}, python " in found.stdout, found.stdout + found.stderr
+        assert "rendezvous nodeA:24242" in found.stdout and f"ERROR: DATA={tmp_path / 'none'}: no manifest.json" in found.stdout
+    given = run_bash("bash slurm_script", {**job, "SLURM_SUBMIT_DIR": str(REPO), "RDZV_ADDR": "ib-node", "RDZV_PORT": "31000"}, cwd=spool)
+    assert "rendezvous ib-node:31000" in given.stdout, given.stdout
