@@ -16,26 +16,21 @@ import logging
 import time
 
 import torch
-from bench_model import make_batch, matmul_peak, model_flops
+from bench_model import make_batch, matmul_peak, model_flops, sync, train_step
 
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import Lamb, lamb_param_groups
+from pipeline.malloc import tune_malloc
 from pipeline.model import AlbertConfig, AlbertForPreTraining
 
 log = logging.getLogger("bench_fused")
 
 
-def train_step(model: AlbertForPreTraining, opt: torch.optim.Optimizer, batch: dict, device_type: str, bf16: bool) -> float:
-    if device_type == "cuda":
-        torch.cuda.synchronize()
+def timed_step(model: AlbertForPreTraining, opt: torch.optim.Optimizer, batch: dict, device: torch.device, bf16: bool) -> float:
+    sync(device)
     t = time.perf_counter()
-    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16):
-        loss = model(**batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if device_type == "cuda":
-        torch.cuda.synchronize()
+    train_step(model, opt, batch, device, torch.bfloat16 if bf16 else torch.float32)
+    sync(device)
     return time.perf_counter() - t
 
 
@@ -49,11 +44,11 @@ def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.devic
         log.info("%s: %s", name, line)
     batch = {k: v.to(device) for k, v in make_batch(cfg, batch_size, seq, args.predictions).items()}
     runs = {k: (m, Lamb(lamb_param_groups(m, 0.01), lr=1e-4)) for k, m in (("plain", plain), ("fused", fused))}
-    first = {k: train_step(m, o, batch, device.type, bf16) for k, (m, o) in runs.items()}  # fused: includes compiling
+    first = {k: timed_step(m, o, batch, device, bf16) for k, (m, o) in runs.items()}  # fused: includes compiling
     times = {k: [] for k in runs}
     for i in range(args.warmup + args.steps):
         for k, (m, o) in (runs.items() if i % 2 == 0 else reversed(runs.items())):
-            dt = train_step(m, o, batch, device.type, bf16)
+            dt = timed_step(m, o, batch, device, bf16)
             if i >= args.warmup:
                 times[k].append(dt)
     flops = model_flops(cfg, batch_size, seq, args.predictions)
@@ -80,6 +75,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info("%s", tune_malloc())  # as albert-pretrain does on CPU
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precisions = args.precisions.split(",")

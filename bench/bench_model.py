@@ -13,6 +13,7 @@ Example:
 """
 
 import argparse
+import contextlib
 import logging
 import os
 import time
@@ -22,6 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from pipeline.hf import to_hf_state_dict  # noqa: E402
+from pipeline.malloc import tune_malloc  # noqa: E402
 from pipeline.model import AlbertConfig, AlbertForPreTraining  # noqa: E402
 
 log = logging.getLogger("bench_model")
@@ -81,6 +83,32 @@ def hf_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             "labels": labels, "sentence_order_label": batch["next_sentence_labels"]}
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], device: torch.device,
+               dtype: torch.dtype = torch.float32, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+    """One training step of our model (the benchmarks' unit): autocast forward unless fp32, backward (through
+    `scaler`'s loss scale if given), optimizer step; returns the loss."""
+    with autocast(device, dtype):
+        loss = model(**batch).loss
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+    else:
+        loss.backward()
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
 def step_time(model: torch.nn.Module, inputs: dict, bf16: bool) -> float:
     model.zero_grad(set_to_none=True)
     t = time.perf_counter()
@@ -132,6 +160,7 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="short run: 3 timed steps, 1 warmup, batch 8")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    log.info("%s", tune_malloc())  # as albert-pretrain does on CPU
     if args.quick:
         args.steps, args.warmup, args.batch = 3, 1, 8
     torch.set_num_threads(args.threads)

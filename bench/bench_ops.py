@@ -5,6 +5,9 @@
 2. Accuracy over bf16 MLM logits [160, 30000]: argmax vs max().indices (the same first-index result).
 3. gelu_new's tanh against sigmoid and the erf gelu, per million bf16 values.
 4. Our LAMB's step on one flat ZeRO-style partition of 17M elements in 30 parameter segments.
+5. pipeline/malloc.py: forward + backward of albert-tiny and albert-base (bf16 weights, as DeepSpeed's bf16
+   mode runs them, batch 8 x 128) with glibc's malloc defaults and with our settings, in alternating child
+   processes: the fastest step and the minor page faults per step.
 
 Example:
     python bench/bench_ops.py --threads 2
@@ -13,6 +16,9 @@ Example:
 from __future__ import annotations
 
 import argparse
+import resource
+import subprocess
+import sys
 import time
 
 import torch
@@ -20,6 +26,7 @@ import torch.nn.functional as F
 from bench_model import make_batch
 
 from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
+from pipeline.malloc import malloc_tuning_unavailable, tune_malloc
 from pipeline.model import AlbertConfig, AlbertForPreTraining
 
 
@@ -64,12 +71,52 @@ def step_profile() -> None:
     print(f"   {'LAMB step (inclusive)':22s} {lamb / total:6.1%}")
 
 
+def malloc_child(config: str, tuned: bool, steps: int) -> None:
+    """Section 5's measurement in this (fresh) process; prints 'ms faults_per_step'."""
+    if tuned:
+        tune_malloc()
+    cfg = AlbertConfig.from_name_or_path(config)
+    torch.manual_seed(0)
+    model = AlbertForPreTraining(cfg).train().to(torch.bfloat16)
+    batch = make_batch(cfg, 8, 128, 20)
+
+    def step() -> None:
+        model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    step()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ms = best_ms(step, reps=steps)
+    print(f"{ms:.1f} {(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / (steps + 1):.0f}")
+
+
+def malloc_compare(threads: int) -> None:
+    reason = malloc_tuning_unavailable()
+    if reason:
+        print(f"\n5. malloc: not measured ({reason})")
+        return
+    print("\n5. forward + backward, bf16 weights, batch 8 x 128; glibc defaults vs pipeline/malloc.py (fastest of 2 alternating processes each):")
+    for config, steps in (("albert-tiny", 15), ("albert-base", 4)):
+        best = {}
+        for _ in range(2):
+            for mode in ("defaults", "tuned"):
+                cmd = [sys.executable, __file__, "--threads", str(threads), "--malloc-child", f"{config}:{mode}:{steps}"]
+                ms, faults = map(float, subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-2:])
+                best[mode] = min(best.get(mode, (ms, faults)), (ms, faults))
+        (d_ms, d_f), (t_ms, t_f) = best["defaults"], best["tuned"]
+        print(f"   {config}: defaults {d_ms:.1f} ms, {d_f:.0f} page faults/step; tuned {t_ms:.1f} ms, {t_f:.0f} faults/step ({d_ms / t_ms:.2f}x)")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--malloc-child", default=None, help=argparse.SUPPRESS)  # CONFIG:defaults|tuned:STEPS (section 5)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"CPU, {args.threads} thread(s)")
+    if args.malloc_child:
+        config, mode, steps = args.malloc_child.split(":")
+        return malloc_child(config, mode == "tuned", int(steps))
+    print(f"CPU, {args.threads} thread(s); sections 1-4: {tune_malloc()}")
     step_profile()
 
     logits = torch.randn(160, 30000).bfloat16()
@@ -92,6 +139,7 @@ def main() -> None:
     opt.register_flat(flat, FlatLayout.contiguous(numels, offsets, 0, flat.numel()))
     print(f"\n4. our LAMB step on one flat partition of {flat.numel() / 1e6:.0f}M elements in {len(numels)} "
           f"segments: {best_ms(opt.step, reps=5):.0f} ms")
+    malloc_compare(args.threads)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ when the time budget is nearly spent):
   3. fp16 dynamic loss scaling over 200 steps of a real deepspeed.initialize engine (ZeRO-2, our
      Lamb): loss-scale trajectory, overflow-skipped steps, the loss going down (FAIL on NaN);
   4. peak GPU memory of deepspeed.initialize engines at ZeRO stages 0-3 (bf16), built as
-     albert-pretrain builds them (build_model, apply_fused, select_optimizer, attach_zero_partitions).
+     albert-pretrain builds them (pipeline.pretrain.build_engine).
 
 On CPU (--device cpu --smoke) the same code paths run on albert-tiny: fp32 and bf16 only, FusedLamb
 replaced in the parity check by a torch restatement of its CUDA kernel (FusedLambReference), fp16
@@ -57,13 +57,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_model import make_batch, matmul_peak, model_flops
+from bench_model import autocast, make_batch, matmul_peak, model_flops, sync, train_step
 
 from pipeline.distributed import shutdown_distributed
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import (
     Lamb,
-    attach_zero_partitions,
     fused_lamb_param_groups,
     select_optimizer,
 )
@@ -162,15 +161,6 @@ def predictions_for(seq: int) -> int:
 
 def batches_on(device: torch.device, cfg: AlbertConfig, batch: int, seq: int, count: int = 1) -> list[dict[str, torch.Tensor]]:
     return [{k: v.to(device) for k, v in make_batch(cfg, batch, seq, predictions_for(seq), seed=i).items()} for i in range(count)]
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> Any:
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 def markdown_table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
@@ -400,21 +390,6 @@ def fused_lamb_factory(params: dict[str, Any], cls: type | None = None) -> Optim
 
 
 # --------------------------------------------------------------------------------------------- 1. step times
-
-
-def train_step(model: AlbertForPreTraining, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor],
-               device: torch.device, dtype: torch.dtype, scaler: torch.amp.GradScaler | None) -> torch.Tensor:
-    with autocast(device, dtype):
-        loss = model(**batch).loss
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
 
 
 def time_steps(model: AlbertForPreTraining, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], device: torch.device,
@@ -726,21 +701,11 @@ def ensure_distributed() -> None:
 
 
 def make_engine(cfg: AlbertConfig, ds: dict[str, Any], fused: FusedOptions, device: torch.device) -> tuple[Any, str]:
-    """An engine built as pipeline.pretrain.setup builds it; returns (engine, the optimizer's log line)."""
-    import deepspeed
+    """An engine built as albert-pretrain builds it (pipeline.pretrain.build_engine); returns (engine, the optimizer's log line)."""
+    from pipeline.pretrain import build_engine
 
-    from pipeline.pretrain import build_model
-
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
     torch.manual_seed(0)
-    model = build_model(cfg, ds, activation_checkpointing=False)
-    for line in apply_fused(model, fused, device, stage):
-        log.info("%s", line)
-    optimizer, ds, description = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
-    log.info("%s", description)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                      model_parameters=None if optimizer else model.parameters(), config=ds)
-    attach_zero_partitions(engine, optimizer)
+    engine, _, description = build_engine(cfg, ds, fused, device)
     return engine, description
 
 
@@ -877,7 +842,7 @@ def zero_memory_section(args: argparse.Namespace, device: torch.device, budget: 
             "CPU: the process's resident memory (psutil RSS) sampled after initialize and after each step, minus before "
             "the model; allocator caching makes it a rough measure")
     report.emit(f"bf16, batch {batch_size} x {seq}, {args.zero_steps} steps per stage, one process (world size 1), engines built "
-                f"as albert-pretrain builds them (build_model, apply_fused, select_optimizer, attach_zero_partitions) with "
+                f"as albert-pretrain builds them (pipeline.pretrain.build_engine) with "
                 f"the LAMB of {SHIPPED_DS_CONFIG.name}. Memory: {what}. With one rank ZeRO has nothing to partition "
                 "across, so the stages show each one's own buffers and overheads, not the savings of a multi-GPU run.\n")
     report.emit(markdown_table(["config", "ZeRO stage", "optimizer", "DeepSpeed wrapper", "after initialize (MiB)",

@@ -61,6 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="torch.compile the shared layers and MLM head: auto = on CUDA only (no faster on CPU, measured)")
     a("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     a("--no-fused-lamb", action="store_true", help="use our multi-tensor LAMB also where DeepSpeed's FusedLamb applies (CUDA, ZeRO-0)")
+    a("--no-malloc-tuning", action="store_true", help="CPU: keep glibc's malloc defaults (see pipeline/malloc.py)")
     a("--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping")
     a("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
     a("--allow-fp16-on-cpu", action="store_true", help="testing only: run DeepSpeed's fp16 path on a CPU that lacks fp16 support")
@@ -157,6 +158,29 @@ def build_model(cfg, ds: dict[str, Any], activation_checkpointing: bool):
         with deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)), modifier_rank=0):
             init_albert_weights(m, cfg.initializer_range)
     return model
+
+
+def build_engine(cfg, ds: dict[str, Any], fused, device, activation_checkpointing: bool = False, init_from: Path | None = None):
+    """Model (from `init_from`'s Hugging Face weights if given), its fused paths, our LAMB or FusedLamb, and the
+    DeepSpeed engine; returns (engine, the config DeepSpeed got, the optimizer's log line). Seed torch first."""
+    import deepspeed
+
+    from .fused import apply_fused
+    from .lamb import attach_zero_partitions, select_optimizer
+
+    model = build_model(cfg, ds, activation_checkpointing)
+    if init_from:
+        from .hf import load_hf
+
+        model.load_state_dict(load_hf(init_from)[1].state_dict())
+        log.info("initialised from %s", init_from)
+    for line in apply_fused(model, fused, device, ds.get("zero_optimization", {}).get("stage", 0)):
+        log.info("%s", line)
+    optimizer, ds, description = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
+    log.info("%s", description)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds)
+    attach_zero_partitions(engine, optimizer)
+    return engine, ds, description
 
 
 def fill_scheduler(ds: dict[str, Any], max_steps: int) -> None:
@@ -301,7 +325,6 @@ class Run:
 
 def setup(args: argparse.Namespace) -> Run:
     """Launch, checks (before any work), model, DeepSpeed engine with our LAMB, and the resume."""
-    import deepspeed
     import torch
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
@@ -309,8 +332,8 @@ def setup(args: argparse.Namespace) -> Run:
     from . import checkpoint as ckpt
     from .data import DataError, PretrainingData
     from .distributed import check_rendezvous, detect_launch, init_distributed
-    from .fused import FusedOptions, apply_fused
-    from .lamb import attach_zero_partitions, select_optimizer
+    from .fused import FusedOptions
+    from .malloc import tune_malloc
     from .model import AlbertConfig
 
     launch = detect_launch()
@@ -338,20 +361,13 @@ def setup(args: argparse.Namespace) -> Run:
     if resume_from:
         ckpt.check_compatible(resume_from, world, stage)
 
+    device = torch.device(get_accelerator().device_name())
+    if device.type == "cpu" and not args.no_malloc_tuning:
+        log.info("%s", tune_malloc())  # before the model's and the engine's allocations
     torch.manual_seed(args.seed)
-    model = build_model(cfg, ds, args.activation_checkpointing)
-    if args.init_from and not resume_from:
-        from .hf import load_hf
-
-        model.load_state_dict(load_hf(args.init_from)[1].state_dict())
-        log.info("initialised from %s", args.init_from)
     fused = FusedOptions(attention=args.attention, compile=args.compile, fused_lamb=not args.no_fused_lamb)
-    for line in apply_fused(model, fused, torch.device(get_accelerator().device_name()), stage):
-        log.info("%s", line)
-    optimizer, ds, opt_desc = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
-    log.info("%s", opt_desc)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds)
-    attach_zero_partitions(engine, optimizer)
+    engine, ds, _ = build_engine(cfg, ds, fused, device, args.activation_checkpointing, None if resume_from else args.init_from)
+    model = engine.module
     log.info(
         "model: %.2fM parameters; data: %d examples, %d steps per epoch (%d left out per epoch); batch %d = %d x %d x %d rank(s); %s, ZeRO-%d",
         sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
