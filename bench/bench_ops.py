@@ -5,7 +5,10 @@
 2. Accuracy over bf16 MLM logits [160, 30000]: argmax vs max().indices (the same first-index result).
 3. gelu_new's tanh against sigmoid and the erf gelu, per million bf16 values.
 4. Our LAMB's step on one flat ZeRO-style partition of 17M elements in 30 parameter segments.
-5. pipeline/malloc.py: forward + backward of albert-tiny and albert-base (bf16 weights, as DeepSpeed's bf16
+5. albert-tiny forward + backward with bf16 weights (as DeepSpeed's bf16 mode runs them), batch 8 x 128,
+   vocabulary 8,000 (the demo's): plain vs compiled (pipeline/fused.py), fastest step of alternating runs, and
+   from the profiler the time per step in matmuls and in everything else (the compiled kernels included).
+6. pipeline/malloc.py: forward + backward of albert-tiny and albert-base (bf16 weights, as DeepSpeed's bf16
    mode runs them, batch 8 x 128) with glibc's malloc defaults and with our settings, in alternating child
    processes: the fastest step and the minor page faults per step.
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -71,6 +75,43 @@ def step_profile() -> None:
     print(f"   {'LAMB step (inclusive)':22s} {lamb / total:6.1%}")
 
 
+def fused_profile() -> None:
+    import copy
+
+    from pipeline.fused import PLAIN, FusedOptions, apply_fused
+
+    cfg = AlbertConfig.from_name_or_path("albert-tiny")
+    cfg.vocab_size = 8000
+    torch.manual_seed(0)
+    plain = AlbertForPreTraining(cfg).train().to(torch.bfloat16)
+    fused = copy.deepcopy(plain)
+    apply_fused(plain, PLAIN, torch.device("cpu"))
+    apply_fused(fused, FusedOptions(compile="on"), torch.device("cpu"))
+    batch = make_batch(cfg, 8, 128, 20)
+    steps = {name: (lambda m=m: (m(**batch).loss.backward(), m.zero_grad(set_to_none=True))) for name, m in (("plain", plain), ("compiled", fused))}
+    for step in steps.values():
+        for _ in range(3):  # compiles, warms up
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(10):  # alternating, so that noise hits both alike
+        for name, step in steps.items():
+            t = time.perf_counter()
+            step()
+            times[name].append(1000 * (time.perf_counter() - t))
+    best = {name: min(ts) for name, ts in times.items()}
+    print("\n5. albert-tiny forward + backward, bf16 weights, batch 8 x 128, vocabulary 8,000:")
+    for name, step in steps.items():
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events) / 3e3
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 3e3
+        print(f"   {name:8s} fastest step {best[name]:.1f} ms; profiled {total:.1f} ms a step: matmuls {matmul:.1f} ms "
+              f"({matmul / total:.0%}), the rest {total - matmul:.1f} ms")
+    print(f"   compiled / plain: {best['plain'] / best['compiled']:.2f}x")
+
+
 def malloc_child(config: str, tuned: bool, steps: int) -> None:
     """Section 5's measurement in this (fresh) process; prints 'ms faults_per_step'."""
     if tuned:
@@ -93,18 +134,21 @@ def malloc_child(config: str, tuned: bool, steps: int) -> None:
 def malloc_compare(threads: int) -> None:
     reason = malloc_tuning_unavailable()
     if reason:
-        print(f"\n5. malloc: not measured ({reason})")
+        print(f"\n6. malloc: not measured ({reason})")
         return
-    print("\n5. forward + backward, bf16 weights, batch 8 x 128; glibc defaults vs pipeline/malloc.py (fastest of 2 alternating processes each):")
-    for config, steps in (("albert-tiny", 15), ("albert-base", 4)):
-        best = {}
-        for _ in range(2):
-            for mode in ("defaults", "tuned"):
+    print("\n6. forward + backward, bf16 weights, batch 8 x 128; glibc defaults vs pipeline/malloc.py, alternating fresh processes;")
+    print("   per mode: the median over processes of each one's fastest step [range], page faults per step (median):")
+    for config, steps, processes in (("albert-tiny", 15, 5), ("albert-base", 4, 3)):
+        runs: dict[str, list[tuple[float, float]]] = {"defaults": [], "tuned": []}
+        for _ in range(processes):
+            for mode in runs:
                 cmd = [sys.executable, __file__, "--threads", str(threads), "--malloc-child", f"{config}:{mode}:{steps}"]
                 ms, faults = map(float, subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-2:])
-                best[mode] = min(best.get(mode, (ms, faults)), (ms, faults))
-        (d_ms, d_f), (t_ms, t_f) = best["defaults"], best["tuned"]
-        print(f"   {config}: defaults {d_ms:.1f} ms, {d_f:.0f} page faults/step; tuned {t_ms:.1f} ms, {t_f:.0f} faults/step ({d_ms / t_ms:.2f}x)")
+                runs[mode].append((ms, faults))
+        med = {mode: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for mode, rs in runs.items()}
+        cells = [f"{mode} {med[mode][0]:.1f} ms [{min(r[0] for r in rs):.1f}-{max(r[0] for r in rs):.1f}], {med[mode][1]:.0f} faults"
+                 for mode, rs in runs.items()]
+        print(f"   {config}: {'; '.join(cells)} ({med['defaults'][0] / med['tuned'][0]:.2f}x)")
 
 
 def main() -> None:
@@ -139,6 +183,7 @@ def main() -> None:
     opt.register_flat(flat, FlatLayout.contiguous(numels, offsets, 0, flat.numel()))
     print(f"\n4. our LAMB step on one flat partition of {flat.numel() / 1e6:.0f}M elements in {len(numels)} "
           f"segments: {best_ms(opt.step, reps=5):.0f} ms")
+    fused_profile()
     malloc_compare(args.threads)
 
 
