@@ -16,6 +16,7 @@ import logging
 import time
 
 import torch
+import torch._dynamo
 from bench_model import make_batch, matmul_peak, model_flops, sync, train_step
 
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
@@ -36,6 +37,9 @@ def timed_step(model: AlbertForPreTraining, opt: torch.optim.Optimizer, batch: d
 
 def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.device, seq: int, batch_size: int) -> dict:
     cfg = AlbertConfig.from_name_or_path(name)
+    # Dynamo keeps compiled graphs per code object, across models: without a reset, the shared layer's forward would
+    # reach its recompile limit (8) after a few rows and later "fused" rows would silently run eagerly.
+    torch._dynamo.reset()
     torch.manual_seed(0)
     plain = AlbertForPreTraining(cfg).to(device).train()
     fused = copy.deepcopy(plain)
@@ -75,9 +79,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    log.info("%s", tune_malloc())  # as albert-pretrain does on CPU
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        log.info("%s", tune_malloc())  # as albert-pretrain does on CPU
     precisions = args.precisions.split(",")
     if set(precisions) - {"fp32", "bf16"}:
         p.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")

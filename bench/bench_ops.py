@@ -113,7 +113,7 @@ def fused_profile() -> None:
 
 
 def malloc_child(config: str, tuned: bool, steps: int) -> None:
-    """Section 5's measurement in this (fresh) process; prints 'ms faults_per_step'."""
+    """Section 6's measurement in this (fresh) process; prints 'ms faults_per_step'."""
     if tuned:
         tune_malloc()
     cfg = AlbertConfig.from_name_or_path(config)
@@ -154,13 +154,13 @@ def malloc_compare(threads: int) -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--malloc-child", default=None, help=argparse.SUPPRESS)  # CONFIG:defaults|tuned:STEPS (section 5)
+    p.add_argument("--malloc-child", default=None, help=argparse.SUPPRESS)  # CONFIG:defaults|tuned:STEPS (section 6)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.malloc_child:
         config, mode, steps = args.malloc_child.split(":")
         return malloc_child(config, mode == "tuned", int(steps))
-    print(f"CPU, {args.threads} thread(s); sections 1-4: {tune_malloc()}")
+    print(f"CPU, {args.threads} thread(s); sections 1-5: {tune_malloc()}")
     step_profile()
 
     logits = torch.randn(160, 30000).bfloat16()

@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._dynamo
 from bench_model import autocast, make_batch, matmul_peak, model_flops, sync, train_step
 
 from pipeline.distributed import shutdown_distributed
@@ -482,6 +483,11 @@ def step_times(args: argparse.Namespace, device: torch.device, budget: Budget, r
     flash_lines: list[str] = []
     for name in args.configs:
         cfg = AlbertConfig.from_name_or_path(name)
+        # One model per config runs every shape and precision: 2 graphs (all rows, the last pass's rows) for each of
+        # them. Dynamo counts graphs per code object across models, so reset it per config and allow them all, or
+        # later rows would silently run eagerly at its recompile limit (8).
+        torch._dynamo.reset()
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.shapes) * len(precisions))
         torch.manual_seed(0)
         model = AlbertForPreTraining(cfg).to(device).train()
         for line in apply_fused(model, FusedOptions(attention=args.attention, compile=args.compile), device):

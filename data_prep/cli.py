@@ -53,7 +53,7 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
                    help="input files are cut at document boundaries into pieces of about this size, one task each, "
                         "so that a single big file keeps every worker busy (part of the settings: it changes the examples)")
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output, keeping finished work (a finished one is only checked)")
-    g.add_argument("--mpi", default="auto", choices=("auto", "on", "off"), help="split the work over MPI ranks (auto: when launched by mpirun/srun)")
+    g.add_argument("--mpi", default="auto", choices=("auto", "on", "off"), help="split the work over MPI ranks (auto: when an MPI launcher started us: mpirun, srun --mpi=pmix; on: require it, also checking srun's task count)")
 
 
 def _add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:

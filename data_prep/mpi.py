@@ -63,13 +63,14 @@ _mpi_world: World | None = None
 
 
 def get_world(mode: str = "auto") -> World:
-    """mode: auto (MPI when started by an MPI launcher, or as one of several srun tasks), on (require MPI), off
-    (single process). The first call under MPI prints each rank's line (World.describe) and refuses, on every rank,
-    a world whose size is not the number of processes started: ranks that each ran alone would all do the whole work."""
+    """mode: auto (MPI when started by an MPI launcher: mpirun, srun --mpi=pmix), on (require MPI), off (single
+    process; also `srun` tasks without an MPI plugin in auto mode: independent runs). The first call under MPI prints
+    each rank's line (World.describe, for job logs) and refuses, on every rank, a world whose size is not the number
+    of processes started (for mode on, srun's task count too): ranks that each ran alone would all do the whole work."""
     global _mpi_world
-    started = launched_size()
-    if mode == "off" or (mode == "auto" and not launched_by_mpi() and (started is None or started[0] <= 1)):
+    if mode == "off" or (mode == "auto" and not launched_by_mpi()):
         return World()
+    started = launched_size()
     if _mpi_world is not None:
         return _mpi_world
     try:
@@ -86,7 +87,8 @@ def get_world(mode: str = "auto") -> World:
             f"{var}={n}: {n} processes were started, but MPI sees a world of {world.size}"
             + (" (every process alone)" if world.size == 1 else "")
             + ": mpi4py is not built against the launcher's MPI (python -c 'import mpi4py; print(mpi4py.get_config())'),"
-            " or srun ran without --mpi=pmix (`srun --mpi=list` shows the site's plugins; slurm/prep.sbatch: SRUN_MPI)"
+            " or srun ran without --mpi=pmix (`srun --mpi=list` shows the site's plugins; slurm/prep.sbatch: SRUN_MPI);"
+            " for independent single-process runs, --mpi off"
         )
     if world.rank == 0:
         log.info("MPI: %d ranks", world.size)

@@ -322,7 +322,8 @@ def _check_complete(out: Path, settings_doc: dict[str, Any]) -> str | None:
         data = Manifest.load(out).data
     except DataPrepError as e:
         return str(e)
-    made = {"settings": data["settings"], "inputs": [i["path"] for i in data.get("inputs", [])], "vocab_sha256": data["vocab"].get("sha256")}
+    made = {"settings": data["settings"], "vocab_sha256": data["vocab"].get("sha256"),
+            "inputs": [{"path": str(Path(i["path"]).resolve()), "bytes": i.get("bytes")} for i in data.get("inputs", [])]}
     if made != settings_doc:
         return f"{out}: already complete, but made with settings or inputs different from these ({MANIFEST}); choose another --output"
     files = [(s["name"], s.get("bytes")) for s in data["shards"]] + [(data["vocab"].get("file", "spiece.model"), None)]
@@ -354,7 +355,8 @@ def shard_corpus(
     paths = _Paths(Path(output))
     settings_doc = {
         "settings": settings.to_dict(),
-        "inputs": [str(f) for f in files],
+        # resolved, with sizes: the same files however they are named, and a corpus rewritten in place is not the same
+        "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
         "vocab_sha256": vocab.sha256,
     }
     error, complete = _prepare_output(paths, settings_doc, resume) if world.rank == 0 else (None, False)

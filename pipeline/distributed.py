@@ -41,15 +41,17 @@ def free_port() -> int:
 
 
 def first_host(nodelist: str) -> str:
-    """The first host of a Slurm node list ("node[1-2],gpu7" -> "node1"), via scontrol when present."""
+    """The first host of a Slurm node list ("node[1-2],gpu7" -> "node1"), by scontrol when present."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True)
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
-        m = re.match(r"([^,\[]+)(?:\[(\d+)[^\]]*\])?", nodelist)
-        if not m:
-            return nodelist
-        return m.group(1) + (m.group(2) or "")
+        # no scontrol (e.g. inside a container): the first item outside brackets, each bracket at its first value
+        # ("rack[1-2]-n[03,07]-ib,gpu7" -> "rack1-n03-ib")
+        first = re.split(r",(?![^\[]*\])", nodelist)[0]
+        while m := re.search(r"\[([^\]]*)\]", first):
+            first = first[: m.start()] + re.split(r"[-,]", m.group(1))[0] + first[m.end():]
+        return first
 
 
 def slurm_rendezvous(env: Mapping[str, str] = os.environ) -> tuple[str, str]:

@@ -75,6 +75,7 @@ option_value() {
 # when the value cannot be read, or when the job has GPUs (SLURM_GPUS, SLURM_JOB_GPUS ...) that cannot be counted.
 gpus_per_node() {
   local var value item n total=0
+  local -a items
   for var in GPUS_PER_NODE SLURM_GPUS_PER_NODE SLURM_GPUS_ON_NODE; do
     value=${!var:-}
     [ -n "$value" ] || continue
@@ -91,7 +92,8 @@ gpus_per_node() {
   done
   for var in SLURM_GPUS SLURM_GPUS_PER_TASK SLURM_JOB_GPUS SLURM_STEP_GPUS; do
     value=${!var:-}
-    if [ -n "$value" ] && [ "$value" != 0 ]; then
+    # SLURM_GPUS / SLURM_GPUS_PER_TASK are counts (0: none); SLURM_JOB_GPUS / SLURM_STEP_GPUS list GPU indices ("0": GPU 0)
+    if [ -n "$value" ] && { [ "$value" != 0 ] || [[ "$var" == *_JOB_GPUS || "$var" == *_STEP_GPUS ]]; }; then
       echo "the job has GPUs ($var=$value) but not their number per node (no SLURM_GPUS_PER_NODE / SLURM_GPUS_ON_NODE): set GPUS_PER_NODE=N or submit with --gpus-per-node=N; ALBERT_CPU=1 for CPU mode"
       return 1
     fi

@@ -57,12 +57,18 @@ def test_compiled_shared_layers_and_head_equal_plain():
     assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints are unchanged
     batch = make_batch(cfg)
-    # apply_fused lets a graph that fails to compile run eagerly (same outputs): here a failure must fail the test
+    # apply_fused lets a graph that fails to compile, or one past Dynamo's recompile limit (counted across the models
+    # of this test session), run eagerly with the same outputs: here either must fail the test
     import torch._dynamo
+    from torch._dynamo.utils import counters
 
-    with torch._dynamo.config.patch(suppress_errors=False):
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(suppress_errors=False, fail_on_recompile_limit_hit=True):
         for _ in range(2):  # the second step reuses the compiled kernels
             assert_same(outputs_and_grads(fused, batch), outputs_and_grads(plain, batch), tol=1e-5)
+    # compiled graphs: the layer over all rows, over the last pass's rows (the two layers share them: their weights are
+    # graph inputs), and the MLM head
+    assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
 
 
 def test_switches_turn_each_path_off_and_say_why():

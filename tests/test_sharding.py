@@ -152,6 +152,17 @@ def test_resume_of_a_finished_output_checks_it_and_succeeds(wiki_corpus, spm_mod
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before and shas(out) == shas(wiki_shards)
     other = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume", "--seed", "8"))
     assert other.returncode == 2 and "settings or inputs different from these" in other.stderr and "Traceback" not in other.stderr
+    # the same files named another way are the same run
+    respelled = Path(wiki_corpus).parent / ".." / Path(wiki_corpus).parent.name / Path(wiki_corpus).name
+    assert cli(*shard_cmd(respelled, spm_model, out, "--resume")).returncode == 0
+    # an input rewritten in place since (here: the manifest remembers another size) is not
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["inputs"][0]["bytes"] += 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    changed = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
+    assert changed.returncode == 2 and "settings or inputs different from these" in changed.stderr
+    manifest["inputs"][0]["bytes"] -= 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
     first = Manifest.load(out).shards[0]["name"]
     (out / first).unlink()
     lost = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
@@ -164,15 +175,20 @@ def test_launched_processes_that_mpi_runs_alone_are_refused(var, wiki_corpus, sp
     the whole work alone (srun without --mpi=pmix, mpi4py built against another MPI). Refused before any work."""
     launchers = ("SLURM_", "OMPI_", "PMI_", "PMIX_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(launchers)} | {var: "2"}
-    proc = cli(*shard_cmd(wiki_corpus, spm_model, tmp_path / "out"), env=env, timeout=120)
+    mode = "on" if var.startswith("SLURM") else "auto"  # srun tasks are MPI ranks when asked (slurm/prep.sbatch: --mpi on)
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, tmp_path / "out", "--mpi", mode), env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"{var}=2: 2 processes were started, but MPI sees a world of 1" in proc.stderr and "--mpi=pmix" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     assert "MPI rank 0 of 1" in proc.stdout  # the rank's own line, as in a Slurm job's log
+    code = "import sys; from data_prep.mpi import get_world; w = get_world(sys.argv[1]); print(w.size, w.comm is not None)"
+    if var.startswith("SLURM"):
+        # in auto mode, srun tasks without an MPI plugin are independent single-process runs
+        alone = subprocess.run([sys.executable, "-c", code, "auto"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert alone.returncode == 0 and alone.stdout.split("\n")[-2] == "1 False", alone.stdout + alone.stderr
     # a batch script's SLURM_NTASKS (the job's tasks, python started once without srun) is no such count
     env = {k: v for k, v in env.items() if k != var} | {"SLURM_NTASKS": "2"}
-    code = "from data_prep.mpi import get_world; w = get_world('on'); print(w.size, w.comm is not None)"
-    ok = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    ok = subprocess.run([sys.executable, "-c", code, "on"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
     assert ok.returncode == 0 and ok.stdout.split("\n")[-2] == "1 True", ok.stdout + ok.stderr
 
 

@@ -478,6 +478,7 @@ def test_option_value_is_the_one_argparse_keeps():
         ({"SLURM_GPUS_PER_NODE": "a100:four"}, "ERROR: cannot read the GPUs per node from SLURM_GPUS_PER_NODE=a100:four"),
         ({"SLURM_GPUS": "16"}, "ERROR: the job has GPUs (SLURM_GPUS=16) but not their number per node"),
         ({"SLURM_JOB_GPUS": "0,1"}, "ERROR: the job has GPUs (SLURM_JOB_GPUS=0,1) but not their number per node"),
+        ({"SLURM_STEP_GPUS": "0"}, "ERROR: the job has GPUs (SLURM_STEP_GPUS=0) but not their number per node"),  # GPU index 0
     ],
 )
 def test_pretrain_job_with_gpus_it_cannot_count_stops(env, message, tmp_path):
@@ -509,3 +510,13 @@ def test_scripts_find_common_sh_as_a_spool_copy_or_say_they_cannot(tmp_path):
         assert "rendezvous nodeA:24242" in found.stdout and f"ERROR: DATA={tmp_path / 'none'}: no manifest.json" in found.stdout
     given = run_bash("bash slurm_script", {**job, "SLURM_SUBMIT_DIR": str(REPO), "RDZV_ADDR": "ib-node", "RDZV_PORT": "31000"}, cwd=spool)
     assert "rendezvous ib-node:31000" in given.stdout, given.stdout
+
+
+def test_first_host_without_scontrol(monkeypatch):
+    """Inside a container scontrol is usually missing: the node list is read by hand, suffixes kept."""
+    from pipeline.distributed import first_host
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    cases = {"node[1-2],gpu7": "node1", "node[01-04]-ib": "node01-ib", "rack[1-2]-n[03,07]-ib,gpu7": "rack1-n03-ib",
+             "gpu7": "gpu7", "node1,node2": "node1", "n[5]": "n5"}  # fmt: skip
+    assert {k: first_host(k) for k in cases} == cases
