@@ -2,7 +2,8 @@
 LAMB, real shards), plain vs fused paths, and the share of step time spent waiting for data.
 
 For each model config and precision, two runs of `albert-pretrain` on the same shards: plain
-(`--attention math --compile off`) and fused (`--attention auto --compile on`). Each logs every step to
+(`--attention math --compile off`) and fused (`--attention auto --compile on`); with --malloc-defaults also the
+plain path with glibc's malloc defaults (`--no-malloc-tuning`, see pipeline/malloc.py). Each logs every step to
 metrics.jsonl; the first `--skip` steps (start-up, compiling) are left out, and the table gives the median
 step time, tokens per second, MFU (model matmul FLOPs of the global batch over the step time, against an
 n x n matmul's FLOP/s measured with all cores in this run) and the data wait: the slowest rank's time
@@ -36,6 +37,7 @@ from pipeline.model import AlbertConfig
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_engine")
 PATHS = {"plain": ["--attention", "math", "--compile", "off"], "fused": ["--attention", "auto", "--compile", "on"]}
+GLIBC = ["--attention", "math", "--compile", "off", "--no-malloc-tuning"]  # --malloc-defaults: plain with glibc's malloc
 
 
 def ds_config(precision: str, micro: int, out: Path) -> Path:
@@ -57,7 +59,7 @@ def run(name: str, precision: str, path: str, data: Path, args: argparse.Namespa
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port", str(free_port()),
            "-m", "pipeline.pretrain", "--deepspeed_config", str(ds_config(precision, args.micro, work / f"ds-{precision}.json")),
            "--model-config", str(model_cfg), "--data", str(data), "--output", str(out), "--max-steps", str(args.steps),
-           "--log-interval", "1", "--save-interval", str(10**9), "--eval-interval", "0", *PATHS[path]]  # fmt: skip
+           "--log-interval", "1", "--save-interval", str(10**9), "--eval-interval", "0", *({**PATHS, "glibc": GLIBC}[path])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // args.ranks)), "DS_ACCELERATOR": "cpu"}
     log.info("%s %s %s: %s", name, precision, path, " ".join(cmd[2:]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -91,6 +93,7 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=8, help="micro-batch per rank")
     p.add_argument("--steps", type=int, default=12, help="optimizer steps per run")
     p.add_argument("--skip", type=int, default=3, help="first steps left out (start-up, compiling)")
+    p.add_argument("--malloc-defaults", action="store_true", help="also the plain path with glibc's malloc defaults")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.skip >= args.steps:
@@ -111,19 +114,22 @@ def main() -> None:
             cfg.vocab_size = json.loads((data / "manifest.json").read_text())["vocab"]["vocab_size"]
             for precision in precisions:
                 r = {k: summarise(run(name, precision, k, data, args, Path(tmp)), cfg, seq, predictions, global_batch, args.skip)
-                     for k in PATHS}  # fmt: skip
+                     for k in [*PATHS, *(["glibc"] if args.malloc_defaults else [])]}  # fmt: skip
                 rows.append((name, precision, r))
     peak = {k: max(v, matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[k]))) for k, v in peak.items()}
 
     print(f"\n{args.ranks} ranks (torchrun, gloo, ZeRO-2, our LAMB), micro-batch {args.micro} per rank x seq {seq}, "
           f"{torch.get_num_threads()} cores; median of steps {args.skip + 1}-{args.steps}; matmul peak fp32 "
           f"{peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")  # fmt: skip
-    print("| config | precision | plain ms | fused ms | speed-up | fused tok/s | plain MFU | fused MFU | data wait plain | data wait fused |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    glibc = args.malloc_defaults
+    print("| config | precision | plain ms | fused ms | speed-up | fused tok/s | plain MFU | fused MFU | data wait plain | data wait fused |"
+          + (" plain, glibc malloc ms | our malloc vs glibc's |" if glibc else ""))
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if glibc else ""))
     for name, precision, r in rows:
         pl, fu, pk = r["plain"], r["fused"], peak[precision]
         print(f"| {name} | {precision} | {pl['step_ms']:.0f} | {fu['step_ms']:.0f} | {pl['step_ms'] / fu['step_ms']:.2f}x | "
-              f"{fu['tokens_s']:.0f} | {pl['flop_s'] / pk:.1%} | {fu['flop_s'] / pk:.1%} | {pl['wait']:.2%} | {fu['wait']:.2%} |")  # fmt: skip
+              f"{fu['tokens_s']:.0f} | {pl['flop_s'] / pk:.1%} | {fu['flop_s'] / pk:.1%} | {pl['wait']:.2%} | {fu['wait']:.2%} |"
+              + (f" {r['glibc']['step_ms']:.0f} | {r['glibc']['step_ms'] / pl['step_ms']:.2f}x |" if glibc else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 1. Where a training step of albert-tiny (bf16 autocast, batch 8 x 128, our LAMB) spends its time, from
    torch.profiler, grouped: matmuls, LAMB, softmax/log-softmax, gelu, dtype copies, the rest.
 2. Accuracy over bf16 MLM logits [160, 30000]: argmax vs max().indices (the same first-index result).
-3. gelu_new's tanh against sigmoid and the erf gelu, per million bf16 values.
+3. gelu_new's tanh against sigmoid and the erf gelu, per million bf16 values; compiled gelu_new through tanh and
+   through sigmoid (the fused path's form on CPU).
 4. Our LAMB's step on one flat ZeRO-style partition of 17M elements in 30 parameter segments.
 5. albert-tiny forward + backward with bf16 weights (as DeepSpeed's bf16 mode runs them), batch 8 x 128,
    vocabulary 8,000 (the demo's): plain vs compiled (pipeline/fused.py), fastest step of alternating runs, and
@@ -24,11 +25,13 @@ import statistics
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from bench_model import make_batch
 
+from pipeline.fused import gelu_tanh_by_sigmoid
 from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
 from pipeline.malloc import malloc_tuning_unavailable, tune_malloc
 from pipeline.model import AlbertConfig, AlbertForPreTraining
@@ -173,6 +176,12 @@ def main() -> None:
         f"{name} {best_ms(fn):.2f} ms" for name, fn in (
             ("gelu tanh (gelu_new)", lambda: F.gelu(x, approximate="tanh")), ("gelu erf", lambda: F.gelu(x)),
             ("tanh", lambda: torch.tanh(x)), ("sigmoid", lambda: torch.sigmoid(x)))))  # fmt: skip
+    compiled = {}
+    for name, act in (("through tanh", partial(F.gelu, approximate="tanh")), ("through sigmoid (pipeline/fused.py)", gelu_tanh_by_sigmoid)):
+        y, bias, grad = x.view(1024, 1024).clone().requires_grad_(), torch.zeros(1024, dtype=torch.bfloat16), torch.ones(1024, 1024).bfloat16()
+        fn = torch.compile(lambda y=y, act=act: act(y + bias).backward(grad), dynamic=False)
+        compiled[name] = best_ms(fn, reps=20)
+    print("   compiled gelu_new (bias + gelu, forward + backward): " + ", ".join(f"{k} {v:.2f} ms" for k, v in compiled.items()))
 
     g = torch.Generator().manual_seed(1)
     numels = torch.randint(1000, 1_000_000, (30,), generator=g).tolist()

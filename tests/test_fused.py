@@ -8,7 +8,7 @@ import torch
 from engine_helpers import ds_config, metrics, pretrain
 from model_fixtures import make_batch, perturb_, small_config
 
-from pipeline.fused import PLAIN, FusedOptions, apply_fused
+from pipeline.fused import PLAIN, FusedOptions, apply_fused, gelu_tanh_by_sigmoid
 from pipeline.lamb import select_optimizer
 from pipeline.model import AlbertForPreTraining, AlbertLayer
 
@@ -52,9 +52,10 @@ def test_compiled_shared_layers_and_head_equal_plain():
     plain, fused = twins(cfg)
     apply_fused(plain, PLAIN, CPU)
     lines = apply_fused(fused, FusedOptions(attention="sdpa", compile="on"), CPU)
-    assert "torch.compile: on for 2 shared layer(s) (4 passes) and the MLM head" in lines[1]
+    assert "torch.compile: on for 2 shared layer(s) (4 passes) and the MLM head" in lines[1] and "gelu_new through sigmoid" in lines[1]
     layers = [m for m in fused.modules() if isinstance(m, AlbertLayer)]
-    assert len(layers) == 2 and all(m._compiled_call_impl is not None for m in layers)
+    assert len(layers) == 2 and all(m._compiled_call_impl is not None and m.act is gelu_tanh_by_sigmoid for m in layers)
+    assert fused.act is gelu_tanh_by_sigmoid  # the MLM head's
     assert fused.state_dict().keys() == plain.state_dict().keys()  # checkpoints are unchanged
     batch = make_batch(cfg)
     # apply_fused lets a graph that fails to compile, or one past Dynamo's recompile limit (counted across the models
@@ -69,6 +70,13 @@ def test_compiled_shared_layers_and_head_equal_plain():
     # compiled graphs: the layer over all rows, over the last pass's rows (the two layers share them: their weights are
     # graph inputs), and the MLM head
     assert counters["stats"]["unique_graphs"] == 3, dict(counters["stats"])
+
+
+def test_gelu_by_sigmoid_is_gelu_new():
+    x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
+    torch.testing.assert_close(gelu_tanh_by_sigmoid(x), torch.nn.functional.gelu(x, approximate="tanh"), rtol=1e-12, atol=1e-12)
+    x = x.float()
+    torch.testing.assert_close(gelu_tanh_by_sigmoid(x), torch.nn.functional.gelu(x, approximate="tanh"), rtol=2e-6, atol=1e-6)
 
 
 def test_switches_turn_each_path_off_and_say_why():
