@@ -3,9 +3,10 @@
 A training step allocates and frees the same activation and gradient buffers (hundreds of KiB to
 tens of MiB each) every step. glibc serves such blocks with mmap and gives them back to the kernel
 when they are freed (its threshold starts at 128 KiB and only grows with what it sees), and it trims
-the heap's free top above 128 KiB, so every step zero-fills fresh pages again: 14,000 page faults
-per forward + backward of albert-tiny (batch 8 x 128, bf16), 850 with the settings below, and the
-step 1.14x faster (albert-base 1.03x); `python bench/bench_ops.py` (section 6) measures it. PyTorch's CPU allocator has no cache
+the heap's free top above 128 KiB, so every step zero-fills fresh pages again: about 14,000 page
+faults per forward + backward of albert-tiny (batch 8 x 128, bf16), 900 with the settings below; that
+step 1.01-1.16x faster (four runs of `python bench/bench_ops.py`, section 6), training steps in the
+engine 1.01-1.06x (`bench/bench_engine.py --malloc-defaults`). PyTorch's CPU allocator has no cache
 of its own, so this is the cache: blocks under `MMAP_THRESHOLD` come from the heap and stay there
 for the next step; the heap's free top is given back only above `TRIM_THRESHOLD`.
 
