@@ -91,7 +91,7 @@ class _Paths:
         return self.output / WORK
 
     def bucket(self, shard: int, task: Piece) -> Path:
-        return self.work / "buckets" / f"s{shard:05d}" / f"{task.name}.bin"
+        return self.shard_folder(shard) / f"{task.name}.bin"
 
     def shard_folder(self, shard: int) -> Path:
         return self.work / "buckets" / f"s{shard:05d}"
@@ -222,13 +222,14 @@ def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> dict[str, Any]:
     return result
 
 
-def _reduce_shard(task: tuple[int, list[Piece], str, ShardSettings, dict[str, Any]]) -> dict[str, Any]:
+def _reduce_shard(task: tuple[int, str, ShardSettings, dict[str, Any]]) -> dict[str, Any]:
     """Phase 2 for one shard: gather its buckets in (file, piece) order, shuffle, write the HDF5 file."""
-    shard, pieces, output, settings, attrs = task
+    shard, output, settings, attrs = task
     paths = _Paths(Path(output))
     ex = settings.examples
     dtype = record_dtype(ex.max_seq_length, ex.max_predictions_per_seq)
-    buckets = [(b, b.stat().st_size // dtype.itemsize) for p in pieces if (b := paths.bucket(shard, p)).exists()]
+    # one listing of the shard's folder, not a lookup per piece; Piece.name is zero-padded: sorted is (file, piece) order
+    buckets = [(b, b.stat().st_size // dtype.itemsize) for b in sorted(paths.shard_folder(shard).glob("*.bin"))]
     records = np.empty(sum(n for _, n in buckets), dtype=dtype)
     start = 0
     for b, n in buckets:  # read straight into one array: no second copy for concatenation
@@ -322,10 +323,15 @@ def _check_complete(out: Path, settings_doc: dict[str, Any]) -> str | None:
         data = Manifest.load(out).data
     except DataPrepError as e:
         return str(e)
-    made = {"settings": data["settings"], "vocab_sha256": data["vocab"].get("sha256"),
-            "inputs": [{"path": str(Path(i["path"]).resolve()), "bytes": i.get("bytes")} for i in data.get("inputs", [])]}
+    made = {"settings": data["settings"], "inputs": data.get("inputs"), "vocab_sha256": data["vocab"].get("sha256")}
     if made != settings_doc:
-        return f"{out}: already complete, but made with settings or inputs different from these ({MANIFEST}); choose another --output"
+        if made["inputs"] != settings_doc["inputs"]:
+            was = {(i["path"], i["bytes"]) for i in made["inputs"] or []}
+            now = {(i["path"], i["bytes"]) for i in settings_doc["inputs"]}
+            what = "inputs (" + "; ".join([f"{p}: {b} bytes then" for p, b in sorted(was - now)] + [f"{p}: {b} bytes now" for p, b in sorted(now - was)])[:500] + ")"
+        else:
+            what = "settings" if made["settings"] != settings_doc["settings"] else "vocabulary"
+        return f"{out}: already complete, but made with other {what} ({MANIFEST}); choose another --output"
     files = [(s["name"], s.get("bytes")) for s in data["shards"]] + [(data["vocab"].get("file", "spiece.model"), None)]
     missing = [name for name, size in files if not (out / name).is_file() or size not in (None, (out / name).stat().st_size)]
     if missing:
@@ -350,7 +356,8 @@ def shard_corpus(
     if settings.num_shards == 0:
         settings = dataclasses.replace(settings, num_shards=auto_num_shards(sum(f.stat().st_size for f in files), settings.dupe_factor))
         log.info("--num-shards auto: %d", settings.num_shards)
-    vocab = Vocab(Path(spm_model))  # refuses a bad model before any work
+    spm_path = str(Path(spm_model).resolve())
+    vocab = _vocab(spm_path)  # refuses a bad model before any work; the forked tasks inherit it
     world = get_world(mpi)
     paths = _Paths(Path(output))
     settings_doc = {
@@ -374,12 +381,11 @@ def shard_corpus(
     pieces = _pieces(files, settings.piece_bytes)
     by_size = sorted(pieces, key=lambda p: (p.start - p.stop, p.file, p.index))
     mine = [p for k, p in enumerate(by_size) if k % world.size == world.rank and not paths.piece_done(p).exists()]
-    log.info("%d input files in %d pieces", len(files), len(pieces))
+    if world.rank == 0:
+        log.info("%d input files in %d pieces", len(files), len(pieces))
     for s in range(settings.num_shards):
         paths.shard_folder(s).mkdir(parents=True, exist_ok=True)
     world.barrier()
-    spm_path = str(Path(spm_model).resolve())
-    _vocab(spm_path)  # loaded once here: the forked tasks inherit it instead of loading it again
     tasks = [(p, spm_path, str(paths.output), settings) for p in mine]
     _run_phase(world, _map_piece, tasks, workers, "examples", progress)
 
@@ -398,7 +404,7 @@ def shard_corpus(
         "dupe_factor": settings.dupe_factor,
     }
     todo = [s for s in range(settings.num_shards) if s % world.size == world.rank and not paths.shard_done(s).exists()]
-    tasks = [(s, pieces, str(paths.output), settings, attrs) for s in todo]
+    tasks = [(s, str(paths.output), settings, attrs) for s in todo]
     _run_phase(world, _reduce_shard, tasks, workers, "shards", progress)
     if world.rank != 0:
         return None
@@ -418,7 +424,7 @@ def shard_corpus(
             "settings": settings.to_dict(),
             "attributes": attrs,
             "vocab": {"file": "spiece.model", "sha256": vocab.sha256, "vocab_size": vocab.vocab_size, "source": str(spm_model)},
-            "inputs": [{"path": str(f), "bytes": f.stat().st_size} for f in files],
+            "inputs": settings_doc["inputs"],
             "stats": totals,
         }
     )

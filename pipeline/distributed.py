@@ -57,8 +57,7 @@ def first_host(nodelist: str) -> str:
 def slurm_rendezvous(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """(MASTER_ADDR, MASTER_PORT) of a Slurm job's tasks: the values already set (slurm/pretrain.sbatch exports
     RDZV_ADDR / RDZV_PORT as them), else the first node of the step (of the job, in the batch script) and
-    20000 + SLURM_JOB_ID % 20000. The one place of this rule: `python -m pipeline.distributed` prints it for the
-    batch script's log."""
+    20000 + SLURM_JOB_ID % 20000."""
     addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost")))
     port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return addr, port
@@ -132,6 +131,3 @@ def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
-
-if __name__ == "__main__":  # slurm/pretrain.sbatch: the rendezvous its srun tasks will use
-    print("%s:%s" % slurm_rendezvous())

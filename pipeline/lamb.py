@@ -332,11 +332,6 @@ def _zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
-def fused_lamb_applies(ds_config: dict[str, Any], cuda: bool) -> bool:
-    """DeepSpeed's FusedLamb is a CUDA kernel and sees whole tensors only at ZeRO-0."""
-    return cuda and _zero_stage(ds_config) == 0
-
-
 def _cuda_fused_lamb_available() -> bool:
     from deepspeed.accelerator import get_accelerator
 
@@ -366,9 +361,9 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
     from decay and adaptation), the "optimizer" section is dropped, FusedLamb's `max_grad_norm`
     becomes DeepSpeed's `gradient_clipping` (DeepSpeed clips before step and refuses
     max_grad_norm itself), and ZeRO 1-3 get `zero_allow_untested_optimizer`. It is DeepSpeed's
-    FusedLamb on CUDA at ZeRO-0 (with min_coeff = max_coeff = 1 in the no-decay group, which
-    turns adaptation off there, unless `allow_fused` is False) and our `Lamb` everywhere else; the
-    log line says why FusedLamb is not used. Other optimizer types: (None, the
+    FusedLamb on CUDA at ZeRO-0 without bias correction (with min_coeff = max_coeff = 1 in the
+    no-decay group, which turns adaptation off there, unless `allow_fused` is False) and our `Lamb`
+    everywhere else; the log line says why FusedLamb is not used (fused_lamb_unavailable). Other optimizer types: (None, the
     config unchanged, a description).
     """
     section = ds_config.get("optimizer")
@@ -416,7 +411,7 @@ def fused_lamb_unavailable(config: dict[str, Any], params: dict[str, Any], allow
         return "switched off"
     if not _cuda_fused_lamb_available():
         return "no CUDA"
-    if not fused_lamb_applies(config, cuda=True):
+    if _zero_stage(config) != 0:  # DeepSpeed hands a client optimizer flat partitions at ZeRO 1-3
         return f"it would see ZeRO-{_zero_stage(config)} flat partitions, not whole parameters"
     if params.get("bias_correction", True):  # FusedLamb's own default is True
         return ("its bias correction is a step-size factor, not LAMB's corrected moments (set bias_correction false, "

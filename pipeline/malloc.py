@@ -25,7 +25,9 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit systems
 TRIM_THRESHOLD = 1 << 30
 
-_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")  # what we would override
+# Settings that fix what we would set (any of them turns glibc's dynamic mmap threshold off): the user chose.
+_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
+_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad", "glibc.malloc.mmap_max")
 
 
 def malloc_tuning_unavailable() -> str | None:
@@ -34,7 +36,8 @@ def malloc_tuning_unavailable() -> str | None:
     for name in ("jemalloc", "tcmalloc", "mimalloc"):
         if name in preload:
             return f"{name} is preloaded (LD_PRELOAD)"
-    given = [v for v in _ENV if v in os.environ] + (["GLIBC_TUNABLES"] if "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") else [])
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    given = [v for v in _ENV if v in os.environ] + [t for t in _TUNABLES if t in tunables]
     if given:
         return f"glibc malloc settings given in the environment ({', '.join(given)})"
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -46,7 +49,7 @@ def tune_malloc() -> str:
     """Apply the settings (once per process, before the big allocations); returns a log line."""
     reason = malloc_tuning_unavailable()
     if reason:
-        return f"malloc: glibc defaults kept ({reason})"
+        return f"malloc: left as the process has it ({reason})"
     libc = ctypes.CDLL(None)  # the process's own libc (no ldconfig lookup: that would fork)
     refused = [name for name, param, value in (("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD), ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD))
                if not libc.mallopt(param, value)]  # fmt: skip

@@ -341,7 +341,8 @@ def setup(args: argparse.Namespace) -> Run:
     rank, world, _ = init_distributed(launch, args.dist_timeout)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    log.info("launcher: %s, %d rank(s), backend %s", launch.launcher, world, dist.get_backend())
+    log.info("launcher: %s, %d rank(s), backend %s, rendezvous %s:%s", launch.launcher, world, dist.get_backend(),
+             os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"))
 
     ds, batch = load_ds_config(args.deepspeed_config, world)
     precision = check_precision(ds, args.allow_fp16_on_cpu)

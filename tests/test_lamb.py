@@ -22,7 +22,7 @@ from pipeline.distributed import free_port
 
 from lamb_worker import TinyNet
 import pipeline.lamb as lamb_module
-from pipeline.lamb import FlatLayout, Lamb, fused_lamb_applies, lamb_param_groups, select_optimizer
+from pipeline.lamb import FlatLayout, Lamb, fused_lamb_unavailable, lamb_param_groups, select_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "lamb_worker.py"
@@ -235,10 +235,13 @@ def test_select_optimizer_leaves_other_optimizers_and_refuses_bad_params() -> No
         select_optimizer(TinyNet(), {**_lamb_config(2), "gradient_clipping": 2.0})
 
 
-def test_fused_lamb_only_on_cuda_at_zero0() -> None:
-    assert fused_lamb_applies(_lamb_config(0), cuda=True)
-    assert not fused_lamb_applies(_lamb_config(0), cuda=False)
-    assert not any(fused_lamb_applies(_lamb_config(stage), cuda=True) for stage in (1, 2, 3))
+def test_fused_lamb_only_on_cuda_at_zero0_without_bias_correction(monkeypatch) -> None:
+    shipped = {"bias_correction": False}
+    assert fused_lamb_unavailable(_lamb_config(0), shipped, True) == "no CUDA"  # this machine
+    monkeypatch.setattr(lamb_module, "_cuda_fused_lamb_available", lambda: True)  # the decision, not the kernel
+    assert fused_lamb_unavailable(_lamb_config(0), shipped, True) is None  # what a GPU run of the shipped configs gets
+    assert fused_lamb_unavailable(_lamb_config(0), shipped, False) == "switched off"
+    assert all("flat partitions" in fused_lamb_unavailable(_lamb_config(stage), shipped, True) for stage in (1, 2, 3))
 
 
 # ---------------------------------------------------------------- real DeepSpeed runs
