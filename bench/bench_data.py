@@ -34,18 +34,17 @@ from data_prep.shards import Manifest  # noqa: E402
 log = logging.getLogger("bench")
 
 
+def at_least_one(value: str) -> int:
+    if int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return int(value)
+
+
 def pss(pid: int) -> int:
-    """Proportional set size from /proc/PID/smaps_rollup: pages shared between forked workers and their
-    parent count once; one cheap read (psutil's memory_full_info parses the whole smaps file, which
-    costs CPU and takes the process's memory lock while the workers run)."""
     try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:  # the process ended meanwhile
-        pass
-    return 0
+        return psutil.Process(pid).memory_full_info().pss  # from /proc/PID/smaps_rollup
+    except psutil.Error:  # the process ended meanwhile
+        return 0
 
 
 def peak_rss(proc: subprocess.Popen, stop: threading.Event, out: list[int]) -> None:
@@ -56,7 +55,7 @@ def peak_rss(proc: subprocess.Popen, stop: threading.Event, out: list[int]) -> N
             pids = [root.pid] + [p.pid for p in root.children(recursive=True)]
         except psutil.Error:
             pids = []
-        peak = max(peak, sum(pss(p) for p in pids))
+        peak = max(peak, sum(pss(p) for p in pids))  # shared pages of forked workers count once
         time.sleep(0.02)
     out.append(peak)
 
@@ -107,7 +106,7 @@ def main() -> None:
     p.add_argument("--dupe-factor", type=int, default=2)
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=25000, help="the excerpt supports at most ~25.5k pieces")
-    p.add_argument("--repeats", type=int, default=3,
+    p.add_argument("--repeats", type=at_least_one, default=3,
                    help="timed runs of each row, interleaved; the fastest is reported (noise only adds time); memory: one more run")
     args = p.parse_args()
     setup_logging(False)
@@ -129,7 +128,7 @@ def main() -> None:
                 for (size, w), rs in runs.items()]  # fmt: skip
     base = {size: r for size, w, _, r in rows if w == min(args.workers)}
     print(f"\nalbert-data shard: seq {args.max_seq_length}, dupe factor {args.dupe_factor}, vocab {args.vocab_size}, "
-          f"tokenization and HDF5 writing included (process start ~0.3 s included); fastest of {args.repeats} runs; "
+          f"tokenization, HDF5 writing and the process start included; fastest of {args.repeats} runs; "
           "peak memory from one more run, sampled\n")  # fmt: skip
     print("| corpus | workers | seconds (all runs) | MB/s of text | examples/s | examples/s per worker | speed-up | peak memory, PSS (MB) |")
     print("|---|---|---|---|---|---|---|---|")

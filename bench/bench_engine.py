@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_model import matmul_peak, model_flops
+from bench_model import matmul_peaks, model_flops
 
 from data_prep.demo import prepare_demo_data
 from pipeline.distributed import free_port
@@ -37,7 +37,7 @@ from pipeline.model import AlbertConfig
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("bench_engine")
 PATHS = {"plain": ["--attention", "math", "--compile", "off"], "fused": ["--attention", "auto", "--compile", "on"]}
-GLIBC = ["--attention", "math", "--compile", "off", "--no-malloc-tuning"]  # --malloc-defaults: plain with glibc's malloc
+GLIBC = [*PATHS["plain"], "--no-malloc-tuning"]  # --malloc-defaults: plain with glibc's malloc
 
 
 def ds_config(precision: str, micro: int, out: Path) -> Path:
@@ -106,7 +106,7 @@ def main() -> None:
     seq, predictions = attrs["max_seq_length"], attrs["max_predictions_per_seq"]
     global_batch = args.micro * args.ranks
 
-    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peak = matmul_peaks(["fp32", "bf16"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-", dir=args.work if args.work.exists() else None) as tmp:
         for name in args.configs.split(","):
@@ -116,7 +116,7 @@ def main() -> None:
                 r = {k: summarise(run(name, precision, k, data, args, Path(tmp)), cfg, seq, predictions, global_batch, args.skip)
                      for k in [*PATHS, *(["glibc"] if args.malloc_defaults else [])]}  # fmt: skip
                 rows.append((name, precision, r))
-    peak = {k: max(v, matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[k]))) for k, v in peak.items()}
+    peak = matmul_peaks(["fp32", "bf16"], before=peak)
 
     print(f"\n{args.ranks} ranks (torchrun, gloo, ZeRO-2, our LAMB), micro-batch {args.micro} per rank x seq {seq}, "
           f"{torch.get_num_threads()} cores; median of steps {args.skip + 1}-{args.steps}; matmul peak fp32 "

@@ -17,7 +17,7 @@ import time
 
 import torch
 import torch._dynamo
-from bench_model import make_batch, matmul_peak, model_flops, sync, train_step
+from bench_model import make_batch, matmul_peaks, model_flops, sync, train_step
 
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import Lamb, lamb_param_groups
@@ -87,13 +87,13 @@ def main() -> None:
     if set(precisions) - {"fp32", "bf16"}:
         p.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
 
-    peak = {"fp32": matmul_peak(torch.float32, device=device), "bf16": matmul_peak(torch.bfloat16, device=device)}
+    peak = matmul_peaks(["fp32", "bf16"], device)
     runs = [(c, prec, args.seq, args.batch) for c in args.configs.split(",") for prec in precisions]
     if args.long_seq and "albert-base" in args.configs.split(","):
         runs += [("albert-base", prec, args.long_seq, max(1, args.batch * args.seq // args.long_seq)) for prec in precisions]
     rows = [compare(c, prec == "bf16", args, device, seq, b) for c, prec, seq, b in runs]
     # Other work on a shared machine lowers the peak for a while: best of before and after.
-    peak = {k: max(v, matmul_peak(getattr(torch, {"fp32": "float32", "bf16": "bfloat16"}[k]), device=device)) for k, v in peak.items()}
+    peak = matmul_peaks(["fp32", "bf16"], device, before=peak)
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"\n{where}; {args.predictions} predictions per sequence; step = fwd + bwd + LAMB; "

@@ -4,8 +4,8 @@ Both models get the same batch, the same weights and the same threads; their ste
 that noise from other work on the machine hits both alike, and each model's fastest step is
 reported. A step is forward + backward (no optimizer). HF computes MLM logits for the whole
 sequence (labels -100 where nothing is masked); ours only at the masked positions. The machine's matmul peak is measured in the same run, and
-model FLOPs utilisation (MFU) uses one FLOP count for both models: the work the loss needs
-(encoder on every token, MLM head at the predicted positions), x3 for forward + backward.
+model FLOPs utilisation (MFU) counts the matmul FLOPs each model executes (model_flops: ours computes
+the last layer for the [CLS] and predicted rows only, HF the whole layer), x3 for forward + backward.
 
 Example:
     python bench/bench_model.py --quick
@@ -42,6 +42,15 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5, device: torch.
         sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best
+
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_peaks(precisions: list[str], device: torch.device | str = "cpu", before: dict[str, float] | None = None) -> dict[str, float]:
+    """{precision: FLOP/s} of a large matmul; with `before` (measured before the models), the better of the two:
+    other work on a shared machine lowers the peak for a while."""
+    return {k: max(matmul_peak(PRECISIONS[k], device=device), (before or {}).get(k, 0.0)) for k in precisions}
 
 
 def model_flops(cfg: AlbertConfig, batch: int, seq: int, predictions: int, gathered_last_layer: bool = True) -> float:
@@ -170,10 +179,10 @@ def main() -> None:
 
     # The peak is measured before and after the models (best of both), as other work on a shared
     # machine lowers it for a while; MFU uses the final value.
-    peaks = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
+    peaks = matmul_peaks(["fp32", "bf16"])
     log.info("matmul peak: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%d threads)", peaks["fp32"] / 1e9, peaks["bf16"] / 1e9, args.threads)
     rows = [compare(c, prec == "bf16", args) for c in args.configs.split(",") for prec in precisions]
-    peaks = {"fp32": max(peaks["fp32"], matmul_peak(torch.float32)), "bf16": max(peaks["bf16"], matmul_peak(torch.bfloat16))}
+    peaks = matmul_peaks(["fp32", "bf16"], before=peaks)
     for r in rows:
         for k in ("ours", "hf"):
             r[f"{k}_mfu"] = r[f"{k}_flop_s"] / peaks[r["dtype"]]

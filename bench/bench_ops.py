@@ -29,7 +29,7 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from bench_model import make_batch
+from bench_model import make_batch, train_step
 
 from pipeline.fused import gelu_tanh_by_sigmoid
 from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
@@ -55,11 +55,7 @@ def step_profile() -> None:
     batch = make_batch(cfg, 8, 128, 20)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        train_step(model, opt, batch, torch.device("cpu"), torch.bfloat16)
 
     for _ in range(3):
         step()

@@ -578,11 +578,7 @@ def lamb_parity(cfg: AlbertConfig, make_a: OptimizerFactory, make_b: OptimizerFa
             for g, lr in zip(opt_b.param_groups, base_lr_b, strict=True):
                 g["lr"] = lr * lr_factor_b(t)
         for model, opt, curve in ((model_a, opt_a, losses[0]), (model_b, opt_b, losses[1])):
-            loss = model(**batch).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            curve.append(float(loss.detach()))
+            curve.append(float(train_step(model, opt, batch, device)))
     theta_a = torch.nn.utils.parameters_to_vector(model_a.parameters()).detach()
     theta_b = torch.nn.utils.parameters_to_vector(model_b.parameters()).detach()
     moved = float((theta_a - theta0).norm())

@@ -70,9 +70,9 @@ def get_world(mode: str = "auto") -> World:
     global _mpi_world
     if mode == "off" or (mode == "auto" and not launched_by_mpi()):
         return World()
-    started = launched_size()
-    if _mpi_world is not None:
+    if _mpi_world is not None:  # MPI is initialised once per process: `prepare` and its shard step share the world
         return _mpi_world
+    started = launched_size()
     try:
         from mpi4py import MPI
     except ImportError as e:
