@@ -77,13 +77,23 @@ def check_compatible(tag_dir: Path, world_size: int, zero_stage: int) -> dict[st
 
 
 def _rng_state() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """Every generator a step may draw from: torch's CPU one, the rank's CUDA device's (dropout on the GPU), numpy's,
+    Python's. "cuda" is None on a run without CUDA."""
+    cuda = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+    return {"torch": torch.get_rng_state(), "cuda": cuda, "numpy": np.random.get_state(), "python": random.getstate()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if torch.cuda.is_available():
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
+        else:
+            log.warning("the checkpoint holds no CUDA random state (written without a GPU): dropout draws on the GPU "
+                        "start from the seed, not where the run stopped")
 
 
 def _write_json(path: Path, obj: Any) -> None:

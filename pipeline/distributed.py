@@ -103,22 +103,44 @@ def check_rendezvous(timeout: float) -> None:
     raise RendezvousError(f"rank {os.environ['RANK']}: cannot reach rank 0 at {host}:{port} within {timeout:.0f} s ({last}); check that the nodes can reach each other")
 
 
+def gpu_index(local_rank: int, visible: int) -> int:
+    """The GPU a rank uses: its local rank modulo the GPUs it can see. A Slurm job that binds one GPU per task
+    (`--gpus-per-task=1`, `--gpu-bind=...`) gives every task a single visible device, cuda:0, while
+    SLURM_LOCALID still counts the tasks of the node; with all GPUs visible this is the local rank itself."""
+    if visible < 1:
+        raise ValueError("no visible GPU")
+    return local_rank % visible
+
+
 def init_distributed(launch: Launch, timeout_s: float) -> tuple[int, int, int]:
-    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns (rank, world, local rank)."""
+    """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns (rank, world, local rank).
+
+    On CUDA, LOCAL_RANK is rewritten to the rank's GPU index (gpu_index) before DeepSpeed reads it: DeepSpeed takes
+    LOCAL_RANK as the device both for the process group (`device_id`) and for the engine. Under mpirun DeepSpeed sets
+    LOCAL_RANK itself from OpenMPI's local rank (and insists on it), so there each rank must see all the node's GPUs,
+    which is mpirun's default."""
     import deepspeed
     import torch
 
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda and not launch.mpi_discovery:
+        device = gpu_index(local, torch.cuda.device_count())
+        os.environ["LOCAL_RANK"] = str(device)
+        torch.cuda.set_device(device)
     deepspeed.init_distributed(
-        dist_backend=backend,
+        dist_backend="nccl" if cuda else "gloo",
         auto_mpi_discovery=launch.mpi_discovery,
         distributed_port=int(os.environ.get("MASTER_PORT", 29500)),
         timeout=timedelta(seconds=timeout_s),
     )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(local)
+    if cuda:
+        if launch.mpi_discovery:
+            local = int(os.environ.get("LOCAL_RANK", 0))
+            torch.cuda.set_device(gpu_index(local, torch.cuda.device_count()))
+        log.info("local rank %d -> cuda:%d of %d visible GPU(s) (CUDA_VISIBLE_DEVICES=%s)", local, torch.cuda.current_device(),
+                 torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
     return rank, world, local
 
 

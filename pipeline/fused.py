@@ -76,10 +76,30 @@ def describe_attention(impl: str, device: torch.device) -> str:
     return "attention: scaled_dot_product_attention (fused CPU kernel) in fp32; explicit form in bf16, whose backward is faster on CPU"
 
 
-def apply_fused(model: AlbertForPreTraining, options: FusedOptions, device: torch.device, zero_stage: int = 0) -> list[str]:
+def sdpa_kernels(config, device: torch.device, dtype: torch.dtype) -> str:
+    """The kernel scaled_dot_product_attention dispatches to for this model's attention shapes, for a batch without
+    padding (no mask) and with it (a boolean mask), as torch's own dispatcher chooses (torch._fused_sdp_choice)."""
+    from torch.nn.attention import SDPBackend
+
+    heads, length = config.num_attention_heads, min(config.max_position_embeddings, 512)
+    q = torch.zeros(2, heads, length, config.hidden_size // heads, device=device, dtype=dtype, requires_grad=True)
+    mask = torch.ones(2, 1, 1, length, device=device, dtype=torch.bool)
+    names = []
+    for m in (None, mask):
+        try:
+            names.append(SDPBackend(torch._fused_sdp_choice(q, q, q, m, config.attention_probs_dropout_prob, False)).name.lower())
+        except Exception as e:  # noqa: BLE001 - a private function: report, never fail the run over it
+            names.append(f"unknown ({type(e).__name__})")
+    return f"SDPA kernel on {device.type} in {str(dtype).removeprefix('torch.')}: {names[0]} for batches without padding, {names[1]} with padding"
+
+
+def apply_fused(model: AlbertForPreTraining, options: FusedOptions, device: torch.device, zero_stage: int = 0,
+                dtype: torch.dtype = torch.float32) -> list[str]:
     """Switch the model's fused paths on as `options` ask and the machine allows; returns log lines."""
     model.set_attention(options.attention)
     lines = [describe_attention(options.attention, device)]
+    if options.attention == "sdpa" or (options.attention == "auto" and not (device.type == "cpu" and dtype == torch.bfloat16)):
+        lines[0] += f"; {sdpa_kernels(model.config, device, dtype)}"
     reason = compile_unavailable(options.compile, device, zero_stage)
     if reason:
         lines.append(f"torch.compile: off ({reason}); layers and MLM head run eagerly")

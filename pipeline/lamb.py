@@ -306,7 +306,10 @@ class Lamb(torch.optim.Optimizer):
                 continue
             ratio = _trust_ratio(sq[0].sqrt(), sq[1].sqrt(), group["min_coeff"], group["max_coeff"])
             ratio = torch.cat([ratio, ratio.new_ones(1)])  # padding slot
-            torch._foreach_mul_(list(u.split(layout.sizes)), ratio[layout.slots].tolist())
+            scales = ratio[layout.slots]
+            # Python floats are the fast path on the CPU; on a GPU reading them would be a host sync every step,
+            # so there the 0-dim tensors go to the kernels as they are.
+            torch._foreach_mul_(list(u.split(layout.sizes)), scales.tolist() if scales.is_cpu else list(scales.unbind()))
 
     @staticmethod
     def _all_reduce_by_group(sums: list[torch.Tensor], groups: list[Any]) -> None:
@@ -393,8 +396,14 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
     if why is None:
         from deepspeed.ops.lamb import FusedLamb
 
-        return FusedLamb(fused_lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params), config, \
-            "optimizer: DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)"
+        # FusedLamb JIT-builds its CUDA kernel in __init__; without a matching CUDA toolkit (nvcc, headers) on the
+        # node the build fails. That must not stop a run that our LAMB can do as well: fall back and say why.
+        try:
+            return FusedLamb(fused_lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params), config, \
+                "optimizer: DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)"
+        except Exception as e:  # noqa: BLE001 - any build or load failure (MissingCUDAException, compiler errors, ...)
+            why = f"its JIT build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else 'no message'})"
+            log.warning("DeepSpeed FusedLamb could not be built, using our LAMB: %s", why)
 
     if stage > 0:
         config["zero_allow_untested_optimizer"] = True

@@ -244,10 +244,10 @@ class Embeddings(nn.Module):
 ATTENTION_IMPLS = ("auto", "sdpa", "math")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, dropout_p: float,
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
               impl: str = "auto") -> torch.Tensor:
     """Softmax attention, q [B, nh, R, d], k and v [B, nh, L, d], mask broadcastable to [B, nh, R, L]
-    (True = attend). "sdpa": PyTorch's fused kernels (flash / memory-efficient on CUDA, the fused
+    (True = attend) or None (attend everywhere: what makes the flash kernel eligible). "sdpa": PyTorch's fused kernels (flash / memory-efficient on CUDA, the fused
     CPU kernel on CPU); "math": the explicit form (two matmuls and a softmax); "auto": SDPA except
     on CPU in bf16, where the fused kernel's backward takes over twice the time of the explicit
     form at L = 128-512 (torch 2.13, measured)."""
@@ -258,7 +258,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
 
 def explicit_attention(q, k, v, mask, dropout_p: float = 0.0) -> torch.Tensor:
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
-    probs = scores.masked_fill(~mask, torch.finfo(scores.dtype).min).softmax(-1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = scores.softmax(-1)
     return F.dropout(probs, dropout_p) @ v
 
 
@@ -281,8 +283,8 @@ class AlbertLayer(nn.Module):
         self.attention_dropout = cfg.attention_probs_dropout_prob
         self.attention_impl = "auto"  # see `attention`; set with AlbertForPreTraining.set_attention
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, L, H]; mask [B, 1, 1, L] bool, True = real token; rows [B, R]: if given, compute
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, L, H]; mask [B, 1, 1, L] bool, True = real token, or None without padding; rows [B, R]: if given, compute
         only those rows of the output ([B, R, H]), keys and values still from all L tokens."""
         B, L, H = x.shape
         q_in = x if rows is None else x.gather(1, rows[:, :, None].expand(-1, -1, H))
@@ -354,8 +356,8 @@ class AlbertForPreTraining(nn.Module):
         input_ids = input_ids.long()
         B, L = input_ids.shape
         segment_ids = torch.zeros_like(input_ids) if segment_ids is None else segment_ids.long()
-        keep = torch.ones_like(input_ids, dtype=torch.bool) if input_mask is None else input_mask.bool()
-        mask = keep[:, None, None, :]  # broadcast over heads and queries
+        # broadcast over heads and queries; None (no padding) lets SDPA use its flash kernel, which takes no mask
+        mask = None if input_mask is None else input_mask.bool()[:, None, None, :]
 
         rows = None  # rows the heads read: [CLS] then the predictions
         if masked_lm_positions is not None:

@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
     a("--no-fused-lamb", action="store_true", help="use our multi-tensor LAMB also where DeepSpeed's FusedLamb applies (CUDA, ZeRO-0)")
     a("--no-malloc-tuning", action="store_true", help="CPU: keep glibc's malloc defaults (see pipeline/malloc.py)")
+    a("--no-tf32", action="store_true", help="GPU: fp32 matmuls in full IEEE precision instead of TF32 (Ampere and newer)")
     a("--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping")
     a("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
     a("--allow-fp16-on-cpu", action="store_true", help="testing only: run DeepSpeed's fp16 path on a CPU that lacks fp16 support")
@@ -117,24 +118,6 @@ def load_ds_config(path: Path, batch_world: int) -> tuple[dict[str, Any], Batch]
     return ds, batch
 
 
-def check_precision(ds: dict[str, Any], allow_fp16_on_cpu: bool) -> str:
-    import torch
-
-    fp16, bf16 = ds.get("fp16", {}).get("enabled", False), ds.get("bf16", {}).get("enabled", False)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if fp16 and bf16:
-        raise TrainError("DeepSpeed config: fp16 and bf16 are both enabled; choose one")
-    if fp16 and stage == 0:
-        raise TrainError("fp16 with ZeRO stage 0 is broken in DeepSpeed 0.19 (the loss is never scaled); use ZeRO 1-3 or bf16")
-    if fp16 and not torch.cuda.is_available():
-        if not allow_fp16_on_cpu:
-            raise TrainError("fp16 needs a GPU; on CPU use a bf16 or fp32 config (ds_configs/cpu-*.json)")
-        from deepspeed.accelerator import get_accelerator
-
-        get_accelerator().is_fp16_supported = lambda: True  # the documented override for testing the fp16 path on CPU
-    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
-
-
 def check_data_against_model(data, cfg, source: Path) -> None:
     if data.sentence_task != "sop":
         raise TrainError(f"{source}: sentence task {data.sentence_task!r}; this model trains sentence-order prediction (sop)")
@@ -164,23 +147,48 @@ def build_engine(cfg, ds: dict[str, Any], fused, device, activation_checkpointin
     """Model (from `init_from`'s Hugging Face weights if given), its fused paths, our LAMB or FusedLamb, and the
     DeepSpeed engine; returns (engine, the config DeepSpeed got, the optimizer's log line). Seed torch first."""
     import deepspeed
+    import torch
 
+    from .comm import Comm
     from .fused import apply_fused
     from .lamb import attach_zero_partitions, select_optimizer
 
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
     model = build_model(cfg, ds, activation_checkpointing)
     if init_from:
-        from .hf import load_hf
-
-        model.load_state_dict(load_hf(init_from)[1].state_dict())
-        log.info("initialised from %s", init_from)
-    for line in apply_fused(model, fused, device, ds.get("zero_optimization", {}).get("stage", 0)):
+        load_initial_weights(model, init_from, stage)
+    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
+    for line in apply_fused(model, fused, device, stage, dtype):
         log.info("%s", line)
-    optimizer, ds, description = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
+    optimizer, ds_out, description = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
+    # A rank whose FusedLamb build failed falls back to our LAMB; all ranks must then run the same optimizer.
+    uses_fused = description.startswith("optimizer: DeepSpeed FusedLamb")
+    comm = Comm(device)
+    if comm.min_(comm.tensor([float(uses_fused)])).item() < float(uses_fused):
+        optimizer, ds_out, description = select_optimizer(model, ds, allow_fused=False)
+        description += " (FusedLamb could not be built on every rank)"
     log.info("%s", description)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds_out)
     attach_zero_partitions(engine, optimizer)
-    return engine, ds, description
+    return engine, ds_out, description
+
+
+def load_initial_weights(model, folder: Path, stage: int) -> None:
+    """Copy a Hugging Face ALBERT folder's weights into the model. Under ZeRO-3 the parameters are already
+    partitioned (shape 0 on every rank): gather them, let rank 0 copy, and DeepSpeed re-partitions what rank 0 wrote."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from .hf import load_hf
+
+    state = load_hf(folder)[1].state_dict()
+    if stage == 3:
+        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+            if dist.get_rank() == 0:
+                model.load_state_dict(state)
+    else:
+        model.load_state_dict(state)
+    log.info("initialised from %s", folder)
 
 
 def fill_scheduler(ds: dict[str, Any], max_steps: int) -> None:
@@ -211,33 +219,39 @@ class StopRequest:
 
 
 class Accumulator:
-    """Sums of a logging interval, kept as one tensor so that one all-reduce makes them global."""
+    """Sums of a logging interval. What the model computes stays on the device (no host read per micro-batch);
+    what the CPU batch already tells (prediction, example and token counts) stays on the host. One all-reduce
+    of both makes them global, on logging steps only."""
 
-    KEYS = ("mlm_loss", "sop_loss", "mlm_correct", "mlm_count", "sop_correct", "sop_count", "tokens")
+    DEVICE_KEYS = ("mlm_loss", "sop_loss", "mlm_correct", "sop_correct")
+    HOST_KEYS = ("mlm_count", "sop_count", "tokens")
 
-    def __init__(self):
+    def __init__(self, comm):
         import torch
 
-        self.values = torch.zeros(len(self.KEYS), dtype=torch.float64)
+        self.comm = comm
+        self.device_sums = torch.zeros(len(self.DEVICE_KEYS), dtype=torch.float64, device=comm.device)
+        self.host_sums = [0.0] * len(self.HOST_KEYS)
 
     def add(self, out, batch) -> None:
+        """`out`: the model's output for `batch` (the CPU batch, before it went to the device)."""
         import torch
 
-        mlm_count = (batch["masked_lm_positions"] > 0).sum().item()
-        sop_count = batch["next_sentence_labels"].numel()
-        self.values += torch.tensor(
-            [out.mlm_loss.item() * mlm_count, out.sop_loss.item() * sop_count, out.mlm_accuracy.item() * mlm_count, mlm_count,
-             out.sop_accuracy.item() * sop_count, sop_count, batch["input_mask"].sum().item()],
-            dtype=torch.float64,
-        )  # fmt: skip
+        mlm_count = float((batch["masked_lm_positions"] > 0).sum())
+        sop_count = float(batch["next_sentence_labels"].numel())
+        with torch.no_grad():
+            self.device_sums += torch.stack([out.mlm_loss.double() * mlm_count, out.sop_loss.double() * sop_count,
+                                             out.mlm_accuracy.double() * mlm_count, out.sop_accuracy.double() * sop_count])
+        for i, v in enumerate((mlm_count, sop_count, float(batch["input_mask"].sum()))):
+            self.host_sums[i] += v
 
     def reduce(self) -> dict[str, float]:
-        import torch.distributed as dist
+        import torch
 
-        v = self.values.clone()
-        dist.all_reduce(v)
-        s = dict(zip(self.KEYS, v.tolist()))
-        self.values.zero_()
+        v = self.comm.sum_(torch.cat([self.device_sums, self.comm.tensor(self.host_sums)]))
+        s = dict(zip(self.DEVICE_KEYS + self.HOST_KEYS, v.tolist()))
+        self.device_sums.zero_()
+        self.host_sums = [0.0] * len(self.HOST_KEYS)
         mlm, sop = s["mlm_loss"] / max(s["mlm_count"], 1.0), s["sop_loss"] / max(s["sop_count"], 1.0)
         return {  # losses over all predictions and examples of the interval, as for one large batch
             "loss": mlm + sop,
@@ -272,23 +286,30 @@ class BatchRecorder:
 
 
 def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    """The CPU batch on the device (asynchronous copies from the loader's pinned memory on CUDA). A batch without
+    padding goes without its input mask, so that attention runs without one: the flash kernel takes no mask.
+    Decided on the CPU tensor, so no host sync."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "input_mask"}
+    if not bool(batch["input_mask"].all()):
+        out["input_mask"] = batch["input_mask"].to(device, non_blocking=True)
+    return out
 
 
-def evaluate(engine, folder: Path, batch: Batch, rank: int, seed: int, max_batches: int) -> dict[str, float]:
+def evaluate(run: Run, folder: Path, max_batches: int) -> dict[str, float]:
     import torch
 
     from .data import PretrainingData
 
-    data = PretrainingData(folder, batch.micro, 1, rank, batch.world, seed)
-    acc = Accumulator()
+    engine, batch = run.engine, run.batch
+    data = PretrainingData(folder, batch.micro, 1, run.rank, batch.world, run.args.seed, pin_memory=run.device.type == "cuda")
+    acc = Accumulator(run.comm)
     engine.eval()
     try:
         with torch.no_grad():
             for i, b in enumerate(data):
                 if i >= min(max_batches, data.micro_batches_per_epoch):
                     break
-                acc.add(engine(**to_device(b, engine.device)), b)
+                acc.add(engine(**to_device(b, run.device)), b)
     finally:
         data.close()
         engine.train()
@@ -317,6 +338,8 @@ class Run:
     rank: int
     meta: dict[str, Any]
     resumed: bool
+    device: Any  # torch.device of the engine
+    comm: Any  # pipeline.comm.Comm on that device
 
     @property
     def ckpt_dir(self) -> Path:
@@ -327,14 +350,15 @@ def setup(args: argparse.Namespace) -> Run:
     """Launch, checks (before any work), model, DeepSpeed engine with our LAMB, and the resume."""
     import torch
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
     from . import checkpoint as ckpt
+    from .comm import Comm
     from .data import DataError, PretrainingData
     from .distributed import check_rendezvous, detect_launch, init_distributed
     from .fused import FusedOptions
     from .malloc import tune_malloc
     from .model import AlbertConfig
+    from .precision import PrecisionError, check_precision, set_tf32
 
     launch = detect_launch()
     check_rendezvous(min(args.dist_timeout, 120.0))
@@ -345,11 +369,16 @@ def setup(args: argparse.Namespace) -> Run:
              os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"))
 
     ds, batch = load_ds_config(args.deepspeed_config, world)
-    precision = check_precision(ds, args.allow_fp16_on_cpu)
+    try:
+        precision = check_precision(ds, args.allow_fp16_on_cpu)
+    except PrecisionError as e:
+        raise TrainError(str(e)) from None
     stage = ds.get("zero_optimization", {}).get("stage", 0)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         cfg = AlbertConfig.from_name_or_path(args.model_config)
-        data = PretrainingData(args.data, batch.micro, batch.accum, rank, world, args.seed, skip_bad_shards=args.skip_bad_shards)
+        data = PretrainingData(args.data, batch.micro, batch.accum, rank, world, args.seed, skip_bad_shards=args.skip_bad_shards,
+                               pin_memory=device.type == "cuda")
         check_data_against_model(data, cfg, args.data)
         if args.eval_data:
             check_data_against_model(PretrainingData(args.eval_data, batch.micro, 1, rank, world, args.seed), cfg, args.eval_data)
@@ -362,9 +391,9 @@ def setup(args: argparse.Namespace) -> Run:
     if resume_from:
         ckpt.check_compatible(resume_from, world, stage)
 
-    device = torch.device(get_accelerator().device_name())
     if device.type == "cpu" and not args.no_malloc_tuning:
         log.info("%s", tune_malloc())  # before the model's and the engine's allocations
+    log.info("%s", set_tf32(device, enabled=not args.no_tf32))
     torch.manual_seed(args.seed)
     fused = FusedOptions(attention=args.attention, compile=args.compile, fused_lamb=not args.no_fused_lamb)
     engine, ds, _ = build_engine(cfg, ds, fused, device, args.activation_checkpointing, None if resume_from else args.init_from)
@@ -378,22 +407,25 @@ def setup(args: argparse.Namespace) -> Run:
         data.load_state_dict(ckpt.load(engine, resume_from)["loader"])
     meta = {"world_size": world, "zero_stage": stage, "precision": precision, "global_batch": batch.global_size,
             "data": str(args.data), "model_config": cfg.to_dict()}  # fmt: skip
-    return Run(args, engine, data, batch, cfg, ds, precision, rank, meta, resume_from is not None)
+    return Run(args, engine, data, batch, cfg, ds, precision, rank, meta, resume_from is not None, engine.device, Comm(engine.device))
 
 
 def train(run: Run, stop: StopRequest) -> dict[str, Any]:
-    """The loop: one optimizer step per iteration, then metrics, checkpoints and evaluation when due."""
+    """The loop: one optimizer step per iteration, then metrics, checkpoints and evaluation when due.
+
+    Host syncs: none per micro-batch. The loss, the metric sums and the non-finite flag stay on the device; the
+    step's flags (non-finite loss on any rank, a stop signal on any rank) are read once per optimizer step, and the
+    metric sums on logging steps only."""
     import torch
-    import torch.distributed as dist
 
     from . import checkpoint as ckpt
     from .metrics import Metrics
 
-    args, engine, data, batch = run.args, run.engine, run.data, run.batch
+    args, engine, data, batch, comm = run.args, run.engine, run.data, run.batch, run.comm
     step = start = engine.global_steps
     metrics = Metrics(args.output, run.rank == 0, resume_step=step if run.resumed else None)
     recorder = BatchRecorder(args.output / f"batches-rank{run.rank}.jsonl", step) if args.record_batches else None
-    acc = Accumulator()
+    acc = Accumulator(comm)
     summary: dict[str, Any] = {"start_step": step, "first": None, "last": None}
     if step >= args.max_steps:
         log.info("already at step %d of --max-steps %d: nothing to train", step, args.max_steps)
@@ -405,7 +437,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
 
     def run_eval() -> None:
         if args.eval_data:
-            r = evaluate(engine, args.eval_data, batch, run.rank, args.seed, args.eval_batches)
+            r = evaluate(run, args.eval_data, args.eval_batches)
             metrics.log({"split": "eval", "step": step, **r})
             log.info("eval step %d: loss %.4f, MLM accuracy %.4f, SOP accuracy %.4f", step, r["loss"], r["mlm_accuracy"], r["sop_accuracy"])
 
@@ -416,25 +448,25 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         # predictions in the whole global batch: then accumulation and data parallelism give exactly the
         # gradient of one large batch (a per-micro-batch mean would weight predictions unevenly).
         micro_batches = [next(batches) for _ in range(batch.accum)]
-        counts = [float((b["masked_lm_positions"] > 0).sum()) for b in micro_batches]
-        total = torch.tensor([sum(counts)], dtype=torch.float64)
-        dist.all_reduce(total)
+        counts = [float((b["masked_lm_positions"] > 0).sum()) for b in micro_batches]  # CPU tensors: no sync
+        total = comm.sum_(comm.tensor([sum(counts)])).clamp(min=1.0)
         if recorder:
             recorder.write(step + 1, micro_batches)
-        bad = 0.0
+        bad = torch.zeros((), dtype=torch.bool, device=run.device)
         for micro, (b, count) in enumerate(zip(micro_batches, counts)):
-            out = engine(**to_device(b, engine.device))
-            loss = out.mlm_loss * (count * batch.global_size / batch.micro / max(total.item(), 1.0)) + out.sop_loss
+            out = engine(**to_device(b, run.device))
+            weight = (count * batch.global_size / batch.micro / total).to(out.mlm_loss.dtype)
+            loss = out.mlm_loss * weight[0] + out.sop_loss
             if step + 1 == fault_nan_step:
                 loss = loss * float("nan")
-            bad = max(bad, float(not torch.isfinite(loss).item()))
+            bad |= ~torch.isfinite(loss.detach())
             acc.add(out, b)
             engine.backward(loss)
             if micro < batch.accum - 1:
                 engine.step()  # DeepSpeed counts micro-steps; it applies the update at the boundary only
-        flags = torch.tensor([bad, float(stop.signal is not None)])
-        dist.all_reduce(flags)  # every rank stops at the same step, whichever rank saw the problem or signal
-        nonfinite, stopping = flags[0].item() > 0, flags[1].item() > 0
+        flags = comm.max_(torch.stack([bad.double(), comm.tensor([float(stop.signal is not None)])[0]]))
+        # every rank stops at the same step, whichever rank saw the problem or signal: the step's one host read
+        nonfinite, stopping = (v > 0 for v in flags.tolist())
         if nonfinite and run.precision != "fp16":
             raise TrainError(f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
                              f"The last good checkpoint is in {run.ckpt_dir}")  # fmt: skip
@@ -474,12 +506,8 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
 
 def log_record(run: Run, r: dict[str, float], seconds: float) -> dict[str, Any]:
     """The metrics line of a logged step (collective: the data wait is the slowest rank's)."""
-    import torch
-    import torch.distributed as dist
-
     engine = run.engine
-    wait = torch.tensor([run.data.data_wait])
-    dist.all_reduce(wait, op=dist.ReduceOp.MAX)
+    wait = run.comm.max_(run.comm.tensor([run.data.data_wait]))
     grad_norm = engine.get_global_grad_norm()
     record = {
         "step": engine.global_steps, "samples": int(engine.global_samples), "loss": r["loss"], "mlm_loss": r["mlm_loss"],

@@ -1,0 +1,168 @@
+"""What a CUDA/NCCL run depends on, checked on CPU: collectives only through the device check, the GPU a rank
+picks, the FusedLamb fallback, TF32, CUDA random state in checkpoints, attention without a mask, --init-from
+under ZeRO-3."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO
+from engine_helpers import TEST_MODEL, ds_config, final_params, pretrain, write_configs
+from pipeline.comm import CollectiveDeviceError, Comm
+from pipeline.distributed import free_port, gpu_index
+
+
+def test_comm_refuses_a_tensor_of_another_device_before_the_backend_sees_it():
+    comm = Comm(torch.device("cuda", 0))  # the check needs no GPU: the tensor never reaches torch.distributed
+    with pytest.raises(CollectiveDeviceError, match=r"tensor on cpu reached a collective whose tensors must be on cuda:0"):
+        comm.sum_(torch.zeros(2))
+    with pytest.raises(CollectiveDeviceError):
+        comm.max_(torch.zeros(1))
+    assert Comm("cpu").check(torch.zeros(1)).device.type == "cpu"
+    t = Comm("cpu").tensor([1.0, 2.5])
+    assert t.device.type == "cpu" and t.dtype == torch.float64 and t.tolist() == [1.0, 2.5]
+
+
+@pytest.mark.parametrize("local, visible, expected", [(0, 8, 0), (7, 8, 7), (1, 1, 0), (3, 1, 0), (5, 4, 1), (2, 2, 0)])
+def test_gpu_index_is_local_rank_modulo_visible_gpus(local, visible, expected):
+    assert gpu_index(local, visible) == expected
+
+
+def test_gpu_index_without_gpus_is_an_error():
+    with pytest.raises(ValueError, match="no visible GPU"):
+        gpu_index(0, 0)
+
+
+def test_fused_lamb_build_failure_falls_back_to_our_lamb(monkeypatch, caplog):
+    """DeepSpeed's real FusedLamb, asked for where its kernel cannot be built (here: no CUDA at all)."""
+    from pipeline import lamb
+    from pipeline.model import AlbertConfig, AlbertForPreTraining
+
+    monkeypatch.setattr(lamb, "_cuda_fused_lamb_available", lambda: True)  # claim CUDA, so the JIT build is attempted
+    model = AlbertForPreTraining(AlbertConfig(**TEST_MODEL))
+    ds = ds_config(stage=0)
+    ds["optimizer"]["params"]["bias_correction"] = False
+    with caplog.at_level("WARNING"):
+        optimizer, config, description = lamb.select_optimizer(model, ds)
+    assert isinstance(optimizer, lamb.Lamb)
+    assert "our multi-tensor LAMB" in description and "JIT build failed" in description, description
+    assert any("could not be built" in r.getMessage() for r in caplog.records)
+    assert "optimizer" not in config
+
+
+def test_tf32_switch_is_cuda_only():
+    from pipeline.precision import set_tf32
+
+    matmul = torch.backends.cuda.matmul
+    before = matmul.fp32_precision
+    try:
+        assert "off" in set_tf32(torch.device("cuda", 0), enabled=False) and matmul.fp32_precision == "ieee"
+        assert "on" in set_tf32(torch.device("cuda", 0), enabled=True) and matmul.fp32_precision == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert "not applicable" in set_tf32(torch.device("cpu"), enabled=True) and matmul.fp32_precision == "ieee"
+    finally:
+        matmul.fp32_precision = before
+
+
+def test_rng_state_carries_a_cuda_field():
+    from pipeline.checkpoint import _rng_state, _set_rng_state
+
+    state = _rng_state()
+    assert set(state) == {"torch", "cuda", "numpy", "python"}
+    assert state["cuda"] is None  # no CUDA here; on a GPU it is the device generator's state (bench/gpu_check.sh)
+    a = torch.rand(3)
+    _set_rng_state(state)
+    assert torch.equal(torch.rand(3), a)
+
+
+def test_unpadded_batches_go_without_a_mask_and_compute_the_same():
+    from model_fixtures import make_batch, small_config
+    from pipeline.model import AlbertForPreTraining
+    from pipeline.pretrain import to_device
+
+    cfg = small_config()
+    model = AlbertForPreTraining(cfg).eval()
+    batch = make_batch(cfg, batch=3, seq=32)
+    batch["input_mask"] = torch.ones_like(batch["input_mask"])
+    assert "input_mask" not in to_device(batch, torch.device("cpu"))
+    padded = {**batch, "input_mask": batch["input_mask"].clone()}
+    padded["input_mask"][0, -4:] = 0
+    assert torch.equal(to_device(padded, torch.device("cpu"))["input_mask"], padded["input_mask"])
+    for impl in ("sdpa", "math"):
+        model.set_attention(impl)
+        with torch.no_grad():
+            a, b = model(**to_device(batch, torch.device("cpu"))), model(**batch)
+        torch.testing.assert_close(a.mlm_logits, b.mlm_logits, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a.sop_logits, b.sop_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sdpa_kernel_line_names_the_dispatched_kernel():
+    from pipeline.fused import sdpa_kernels
+    from pipeline.model import AlbertConfig
+
+    line = sdpa_kernels(AlbertConfig(**TEST_MODEL), torch.device("cpu"), torch.float32)
+    assert line.startswith("SDPA kernel on cpu in float32: ") and "without padding" in line and "unknown" not in line
+
+
+@pytest.mark.slow
+def test_every_collective_of_ours_goes_through_the_device_check(wiki_shards, tmp_path):
+    """A real 2-rank run (train, log, eval, save) with torch.distributed wrapped from outside: each collective our
+    modules issue comes from pipeline.comm (which refuses a tensor of another device) or is LAMB's norm all-reduce on
+    the partition's own device; a barrier carries no tensor."""
+    ds_path, model_path = write_configs(tmp_path / "configs", ds_config(2, "bf16", accum=2))
+    out = tmp_path / "run"
+    args = ["--deepspeed_config", str(ds_path), "--model-config", str(model_path), "--data", str(wiki_shards), "--output", str(out),
+            "--max-steps", "4", "--log-interval", "2", "--save-interval", "3", "--eval-interval", "2", "--eval-data", str(wiki_shards),
+            "--eval-batches", "2"]  # fmt: skip
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(REPO / "tests" / "collective_guard.py"), str(tmp_path / "calls"), *args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for rank in (0, 1):
+        calls = json.loads((tmp_path / f"calls.rank{rank}.json").read_text())
+        via_comm = [c for c in calls if c["module"] == "pipeline.comm"]
+        assert {c["function"] for c in via_comm} >= {"sum_", "max_", "min_"}, calls  # step counts, flags, FusedLamb agreement
+        assert len(via_comm) >= 4 * 2 + 2, calls  # per step: the prediction count and the flags; metrics on logging steps
+        others = [c for c in calls if c["module"] != "pipeline.comm"]
+        for c in others:
+            assert c["collective"] == "barrier" or (c["module"] == "pipeline.lamb" and c["device"] == "cpu"), c
+
+
+@pytest.mark.slow
+def test_init_from_a_hugging_face_folder_under_zero3(wiki_shards, tmp_path):
+    """Two ranks, ZeRO-3, learning rate 0: the weights the run saves are the folder's, exactly (before the fix,
+    load_state_dict met partitioned parameters: 'size mismatch ... torch.Size([0])')."""
+    from pipeline.hf import export_hf, load_hf
+    from pipeline.model import AlbertConfig, AlbertForPreTraining
+
+    cfg = AlbertConfig(**TEST_MODEL)
+    torch.manual_seed(3)
+    export_hf(AlbertForPreTraining(cfg), cfg, tmp_path / "hf")
+    expected = load_hf(tmp_path / "hf")[1].state_dict()
+    ds = ds_config(3, "fp32", lr=0.0, warmup=1)
+    proc = pretrain(tmp_path / "run", wiki_shards, ds, steps=3, nproc=2, extra=["--init-from", str(tmp_path / "hf")])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "initialised from" in proc.stdout + proc.stderr
+    got = final_params(tmp_path / "run")
+    assert set(got) == set(expected)
+    for name, value in expected.items():
+        assert torch.equal(got[name], value.float()), name
+    rng = torch.load(tmp_path / "run" / "checkpoints" / "step-00000003" / "rng-rank1.pt", weights_only=False)
+    assert "cuda" in rng and rng["cuda"] is None
+
+
+def test_bf16_fp32_accumulation_at_zero0_is_refused_in_one_line():
+    from pipeline.precision import PrecisionError, check_precision
+
+    ds = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 0}}
+    with pytest.raises(PrecisionError, match="needs ZeRO 1-3"):
+        check_precision(ds, allow_fp16_on_cpu=False)
+    ds["zero_optimization"]["stage"] = 1
+    assert check_precision(ds, allow_fp16_on_cpu=False) == "bf16"
