@@ -1,6 +1,7 @@
 # Two commands do all the setup on a fresh machine:
 #   make demo   # venv + deps, then the main job on the embedded Wikipedia excerpt
 #   make test   # venv + deps, then the test suite
+#   make test-fast  # the fast tier alone: in-process tests, under 2 minutes
 # On CPU machines torch is pinned to the local 2.13.0 wheel; GPU users pass their own:
 #   make demo TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 SHELL := /bin/bash
@@ -11,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv system-deps demo test bench clean
+.PHONY: venv system-deps demo test test-fast bench clean
 
 venv: $(STAMP)
 
@@ -30,6 +31,10 @@ demo: $(STAMP) system-deps
 
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q
+
+# The fast tier: in-process tests only (no launchers, kill/resume, demo, MPI or Slurm), under 2 minutes.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not integration and not cluster"
 
 bench: $(STAMP)
 	$(PY) bench/bench_data.py

@@ -1,4 +1,4 @@
-"""The small measurements behind the README's profile notes, in one run, on CPU.
+"""The small measurements behind the profile notes of docs/performance.md, in one run, on CPU.
 
 1. Where a training step of albert-tiny (bf16 autocast, batch 8 x 128, our LAMB) spends its time, from
    torch.profiler, grouped: matmuls, LAMB, softmax/log-softmax, gelu, dtype copies, the rest.

@@ -114,8 +114,6 @@ def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_
     dist.barrier()
     engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
     torch.save(_rng_state(), tag_dir / f"rng-rank{rank}.pt")
-    if os.environ.get("ALBERT_FAULT") == "kill-before-complete" and rank == 0:
-        os.kill(os.getpid(), 9)  # fault injection for the tests: die after the files, before the marker
     dist.barrier()
     if rank == 0:
         _write_json(folder / "model_config.json", model_config)

@@ -5,6 +5,10 @@
 The tiny ALBERT (albert-tiny with the demo's 8,000-piece vocabulary) trains on 2 CPU ranks with ZeRO-2,
 bf16 and our LAMB (ds_configs/cpu-zero2-bf16-lamb.json), launched by torchrun. A re-run resumes from the
 newest checkpoint (and finishes at once when the run is complete).
+
+The summary puts each accuracy next to what a model that learnt nothing scores: SOP's chance level is 0.5
+(pairs are swapped with probability 0.5), and MLM accuracy is compared with always predicting the piece
+most often masked in the training shards, scored on the training and on the eval shards.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import h5py
+import numpy as np
+import sentencepiece as spm
+
 from data_prep.cli import setup_logging
 from data_prep.demo import prepare_demo_data
 from data_prep.errors import DataPrepError
@@ -26,6 +34,24 @@ from .model import AlbertConfig
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("demo")
+SOP_CHANCE = 0.5  # the shards swap each pair with probability 0.5
+
+
+def masked_piece_counts(folder: Path, vocab_size: int) -> np.ndarray:
+    """How often each piece id is a prediction target in a shard folder (padding slots, position 0, left out)."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for shard in json.loads((folder / "manifest.json").read_text())["shards"]:
+        with h5py.File(folder / shard["name"], "r") as f:
+            ids, positions = f["masked_lm_ids"][:], f["masked_lm_positions"][:]
+        counts += np.bincount(ids[positions != 0], minlength=vocab_size)[:vocab_size]
+    return counts
+
+
+def most_frequent_piece_baseline(train: Path, eval_: Path, vocab_size: int) -> tuple[int, float, float]:
+    """The MLM accuracy of always predicting the piece most often masked in `train`: (its id, on train, on eval)."""
+    train_counts, eval_counts = masked_piece_counts(train, vocab_size), masked_piece_counts(eval_, vocab_size)
+    top = int(train_counts.argmax())
+    return top, float(train_counts[top] / max(train_counts.sum(), 1)), float(eval_counts[top] / max(eval_counts.sum(), 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,16 +98,20 @@ def main(argv: list[str] | None = None) -> int:
     train = [m for m in lines if m.get("split", "train") == "train"]
     evals = [m for m in lines if m.get("split") == "eval"]
     first, last = train[0], train[-1]
+    top, top_train, top_eval = most_frequent_piece_baseline(data.train, data.eval, vocab_size)
+    piece = spm.SentencePieceProcessor(model_file=str(data.spm_model)).id_to_piece(top)
     summary = [
         "",
         f"demo summary: {last['step']} steps of batch 32 on {args.ranks} CPU ranks (ZeRO-2, bf16, our LAMB)",
-        f"  MLM accuracy  {first['mlm_accuracy']:.3f} (step {first['step']}) -> {last['mlm_accuracy']:.3f} (step {last['step']})",
-        f"  SOP accuracy  {first['sop_accuracy']:.3f} -> {last['sop_accuracy']:.3f}",
+        f"  MLM accuracy  {first['mlm_accuracy']:.3f} (step {first['step']}) -> {last['mlm_accuracy']:.3f} (step {last['step']})"
+        f"   baseline {top_train:.3f}: always predicting {piece!r}, the most frequent masked piece",
+        f"  SOP accuracy  {first['sop_accuracy']:.3f} -> {last['sop_accuracy']:.3f}   chance level {SOP_CHANCE:.3f}",
         f"  loss          {first['loss']:.3f} -> {last['loss']:.3f}",
     ]
     if evals:
         e = evals[-1]
-        summary.append(f"  eval (step {e['step']}): loss {e['loss']:.3f}, MLM accuracy {e['mlm_accuracy']:.3f}, SOP accuracy {e['sop_accuracy']:.3f}")
+        summary.append(f"  eval (step {e['step']}): loss {e['loss']:.3f}, MLM accuracy {e['mlm_accuracy']:.3f} (baseline {top_eval:.3f}), "
+                       f"SOP accuracy {e['sop_accuracy']:.3f} (chance {SOP_CHANCE:.3f})")  # fmt: skip
     summary += [
         f"  metrics       {train_dir / 'metrics.jsonl'}",
         f"  TensorBoard   tensorboard --logdir {train_dir / 'tensorboard'}",

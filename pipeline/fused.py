@@ -7,7 +7,7 @@
   dropout + residual + LayerNorm into C++/OpenMP kernels on CPU, Triton kernels on GPU; on CPU
   the compiled code computes gelu_new through sigmoid (gelu_tanh_by_sigmoid: the same function, a faster kernel). "auto"
   compiles on CUDA only: on CPU it measured no faster (see compile_unavailable).
-- the optimizer's fused path (DeepSpeed FusedLamb on CUDA) is chosen in lamb.select_optimizer
+- the optimizer's fused path (DeepSpeed FusedLamb on CUDA) is chosen in lamb_deepspeed.select_optimizer
   with `FusedOptions.fused_lamb`.
 
 `apply_fused` returns the log lines saying which paths are active and why others are not.

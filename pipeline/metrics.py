@@ -1,4 +1,6 @@
-"""metrics.jsonl (one JSON object per logged step) and the same scalars in TensorBoard. Rank 0 writes."""
+"""What a run reports: `IntervalSums` (a logging interval's sums, made global on logging steps), `Metrics`
+(metrics.jsonl, one JSON object per logged step, and the same scalars in TensorBoard; rank 0 writes) and
+`BatchRecorder` (the examples each step saw, for checking resume and epochs)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,72 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
+class IntervalSums:
+    """Sums of a logging interval. What the model computes stays on the device (no host read per micro-batch);
+    what the CPU batch already tells (prediction, example and token counts) stays on the host. One all-reduce
+    of both makes them global, on logging steps only."""
+
+    DEVICE_KEYS = ("mlm_loss", "sop_loss", "mlm_correct", "sop_correct")
+    HOST_KEYS = ("mlm_count", "sop_count", "tokens")
+
+    def __init__(self, comm):
+        import torch
+
+        self.comm = comm
+        self.device_sums = torch.zeros(len(self.DEVICE_KEYS), dtype=torch.float64, device=comm.device)
+        self.host_sums = [0.0] * len(self.HOST_KEYS)
+
+    def add(self, out, batch) -> None:
+        """`out`: the model's output for `batch` (the CPU batch, before it went to the device)."""
+        import torch
+
+        mlm_count = float((batch["masked_lm_positions"] > 0).sum())
+        sop_count = float(batch["next_sentence_labels"].numel())
+        with torch.no_grad():
+            self.device_sums += torch.stack([out.mlm_loss.double() * mlm_count, out.sop_loss.double() * sop_count,
+                                             out.mlm_accuracy.double() * mlm_count, out.sop_accuracy.double() * sop_count])
+        for i, v in enumerate((mlm_count, sop_count, float(batch["input_mask"].sum()))):
+            self.host_sums[i] += v
+
+    def reduce(self) -> dict[str, float]:
+        import torch
+
+        v = self.comm.sum_(torch.cat([self.device_sums, self.comm.tensor(self.host_sums)]))
+        s = dict(zip(self.DEVICE_KEYS + self.HOST_KEYS, v.tolist()))
+        self.device_sums.zero_()
+        self.host_sums = [0.0] * len(self.HOST_KEYS)
+        mlm, sop = s["mlm_loss"] / max(s["mlm_count"], 1.0), s["sop_loss"] / max(s["sop_count"], 1.0)
+        return {  # losses over all predictions and examples of the interval, as for one large batch
+            "loss": mlm + sop,
+            "mlm_loss": mlm,
+            "sop_loss": sop,
+            "mlm_accuracy": s["mlm_correct"] / max(s["mlm_count"], 1.0),
+            "sop_accuracy": s["sop_correct"] / max(s["sop_count"], 1.0),
+            "samples": s["sop_count"],
+            "tokens": s["tokens"],
+        }
+
+
+class BatchRecorder:
+    """Which examples each step saw (CRC32 of each example's input_ids): for checking resume and epochs."""
+
+    def __init__(self, path: Path, resume_step: int):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists():  # drop what a lost run recorded after the checkpoint we resume from
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+        self.file = open(path, "a")
+
+    def write(self, step: int, micro_batches: list[dict]) -> None:
+        import zlib
+
+        ids = [zlib.crc32(row.numpy().tobytes()) for b in micro_batches for row in b["input_ids"]]
+        self.file.write(json.dumps({"step": step, "examples": ids}) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class Metrics:

@@ -19,16 +19,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .engine import build_engine, loss_scale
+from .metrics import BatchRecorder, IntervalSums, Metrics
+from .settings import BatchSizes, TrainError, check_data_against_model, fill_scheduler, load_ds_config
+
 EXAMPLE = (
     "torchrun --nproc_per_node 2 -m pipeline.pretrain --deepspeed_config ds_configs/cpu-zero2-bf16-lamb.json "
     "--model-config albert-tiny --data data/shards --eval-data data/eval --output runs/tiny --max-steps 200"
 )
 
 log = logging.getLogger("albert-pretrain")
-
-
-class TrainError(Exception):
-    """A setting or input that makes training impossible; reported on one line before any step."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,136 +72,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# --------------------------------------------------------------------------------------------- settings
-
-
-@dataclass
-class Batch:
-    micro: int
-    accum: int
-    world: int
-
-    @property
-    def global_size(self) -> int:
-        return self.micro * self.accum * self.world
-
-
-def resolve_batch(ds: dict[str, Any], world: int) -> Batch:
-    """DeepSpeed's rule (any two of the three determine the third), checked with messages a user understands."""
-    tb, mb, ga = ds.get("train_batch_size"), ds.get("train_micro_batch_size_per_gpu"), ds.get("gradient_accumulation_steps")
-    if mb is None and tb is None:
-        raise TrainError("DeepSpeed config: set train_micro_batch_size_per_gpu (and train_batch_size or gradient_accumulation_steps)")
-    if mb is None:
-        ga = ga or 1
-        if tb % (ga * world):
-            raise TrainError(f"train_batch_size {tb} is not divisible by gradient_accumulation_steps {ga} x {world} rank(s)")
-        mb = tb // (ga * world)
-    elif ga is None:
-        ga = 1 if tb is None else tb // (mb * world)
-        if tb is not None and (ga < 1 or tb != mb * ga * world):
-            raise TrainError(f"train_batch_size {tb} != micro batch {mb} x {world} rank(s) x some accumulation: choose a multiple of {mb * world}")
-    if tb is not None and tb != mb * ga * world:
-        raise TrainError(f"train_batch_size {tb} != train_micro_batch_size_per_gpu {mb} x gradient_accumulation_steps {ga} x {world} rank(s) = {mb * ga * world}")
-    return Batch(mb, ga, world)
-
-
-def load_ds_config(path: Path, batch_world: int) -> tuple[dict[str, Any], Batch]:
-    try:
-        ds = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TrainError(f"{path}: no such DeepSpeed config") from None
-    except json.JSONDecodeError as e:
-        raise TrainError(f"{path}: not valid JSON ({e})") from None
-    batch = resolve_batch(ds, batch_world)
-    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = batch.micro, batch.accum
-    ds["train_batch_size"] = batch.global_size
-    return ds, batch
-
-
-def check_data_against_model(data, cfg, source: Path) -> None:
-    if data.sentence_task != "sop":
-        raise TrainError(f"{source}: sentence task {data.sentence_task!r}; this model trains sentence-order prediction (sop)")
-    if data.vocab_size != cfg.vocab_size:
-        raise TrainError(f"{source}: the shards' vocabulary has {data.vocab_size} pieces but the model config says vocab_size {cfg.vocab_size}")
-    if data.seq_len > cfg.max_position_embeddings:
-        raise TrainError(f"{source}: sequences of {data.seq_len} tokens exceed the model's max_position_embeddings {cfg.max_position_embeddings}")
-
-
-def build_model(cfg, ds: dict[str, Any], activation_checkpointing: bool):
-    """The model, initialised the ALBERT way also under ZeRO-3 (where __init__'s initialisation is lost)."""
-    import deepspeed
-
-    from .model import AlbertForPreTraining, init_albert_weights
-
-    if ds.get("zero_optimization", {}).get("stage", 0) != 3:
-        return AlbertForPreTraining(cfg, gradient_checkpointing=activation_checkpointing)
-    with deepspeed.zero.Init(config_dict_or_path=ds):
-        model = AlbertForPreTraining(cfg, gradient_checkpointing=activation_checkpointing)
-    for m in model.modules():
-        with deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)), modifier_rank=0):
-            init_albert_weights(m, cfg.initializer_range)
-    return model
-
-
-def build_engine(cfg, ds: dict[str, Any], fused, device, activation_checkpointing: bool = False, init_from: Path | None = None):
-    """Model (from `init_from`'s Hugging Face weights if given), its fused paths, our LAMB or FusedLamb, and the
-    DeepSpeed engine; returns (engine, the config DeepSpeed got, the optimizer's log line). Seed torch first."""
-    import deepspeed
-    import torch
-
-    from .comm import Comm
-    from .fused import apply_fused
-    from .lamb import attach_zero_partitions, select_optimizer
-
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    model = build_model(cfg, ds, activation_checkpointing)
-    if init_from:
-        load_initial_weights(model, init_from, stage)
-    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
-    for line in apply_fused(model, fused, device, stage, dtype):
-        log.info("%s", line)
-    optimizer, ds_out, description = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
-    # A rank whose FusedLamb build failed falls back to our LAMB; all ranks must then run the same optimizer.
-    uses_fused = description.startswith("optimizer: DeepSpeed FusedLamb")
-    comm = Comm(device)
-    if comm.min_(comm.tensor([float(uses_fused)])).item() < float(uses_fused):
-        optimizer, ds_out, description = select_optimizer(model, ds, allow_fused=False)
-        description += " (FusedLamb could not be built on every rank)"
-    log.info("%s", description)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds_out)
-    attach_zero_partitions(engine, optimizer)
-    return engine, ds_out, description
-
-
-def load_initial_weights(model, folder: Path, stage: int) -> None:
-    """Copy a Hugging Face ALBERT folder's weights into the model. Under ZeRO-3 the parameters are already
-    partitioned (shape 0 on every rank): gather them, let rank 0 copy, and DeepSpeed re-partitions what rank 0 wrote."""
-    import deepspeed
-    import torch.distributed as dist
-
-    from .hf import load_hf
-
-    state = load_hf(folder)[1].state_dict()
-    if stage == 3:
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
-            if dist.get_rank() == 0:
-                model.load_state_dict(state)
-    else:
-        model.load_state_dict(state)
-    log.info("initialised from %s", folder)
-
-
-def fill_scheduler(ds: dict[str, Any], max_steps: int) -> None:
-    """WarmupDecayLR needs total_num_steps: default it to --max-steps (ALBERT: linear warmup, then linear decay to 0)."""
-    sched = ds.get("scheduler")
-    if sched and sched.get("type") == "WarmupDecayLR":
-        params = sched.setdefault("params", {})
-        if "total_num_steps" not in params:
-            params["total_num_steps"] = max_steps
-        if params.get("warmup_num_steps", 0) >= params["total_num_steps"]:
-            raise TrainError(f"scheduler: warmup_num_steps {params['warmup_num_steps']} >= total_num_steps {params['total_num_steps']}")
-
-
 # --------------------------------------------------------------------------------------------- the loop
 
 
@@ -216,73 +86,6 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         self.signal = signum
         log.warning("received %s: stopping after this step", signal.Signals(signum).name)
-
-
-class Accumulator:
-    """Sums of a logging interval. What the model computes stays on the device (no host read per micro-batch);
-    what the CPU batch already tells (prediction, example and token counts) stays on the host. One all-reduce
-    of both makes them global, on logging steps only."""
-
-    DEVICE_KEYS = ("mlm_loss", "sop_loss", "mlm_correct", "sop_correct")
-    HOST_KEYS = ("mlm_count", "sop_count", "tokens")
-
-    def __init__(self, comm):
-        import torch
-
-        self.comm = comm
-        self.device_sums = torch.zeros(len(self.DEVICE_KEYS), dtype=torch.float64, device=comm.device)
-        self.host_sums = [0.0] * len(self.HOST_KEYS)
-
-    def add(self, out, batch) -> None:
-        """`out`: the model's output for `batch` (the CPU batch, before it went to the device)."""
-        import torch
-
-        mlm_count = float((batch["masked_lm_positions"] > 0).sum())
-        sop_count = float(batch["next_sentence_labels"].numel())
-        with torch.no_grad():
-            self.device_sums += torch.stack([out.mlm_loss.double() * mlm_count, out.sop_loss.double() * sop_count,
-                                             out.mlm_accuracy.double() * mlm_count, out.sop_accuracy.double() * sop_count])
-        for i, v in enumerate((mlm_count, sop_count, float(batch["input_mask"].sum()))):
-            self.host_sums[i] += v
-
-    def reduce(self) -> dict[str, float]:
-        import torch
-
-        v = self.comm.sum_(torch.cat([self.device_sums, self.comm.tensor(self.host_sums)]))
-        s = dict(zip(self.DEVICE_KEYS + self.HOST_KEYS, v.tolist()))
-        self.device_sums.zero_()
-        self.host_sums = [0.0] * len(self.HOST_KEYS)
-        mlm, sop = s["mlm_loss"] / max(s["mlm_count"], 1.0), s["sop_loss"] / max(s["sop_count"], 1.0)
-        return {  # losses over all predictions and examples of the interval, as for one large batch
-            "loss": mlm + sop,
-            "mlm_loss": mlm,
-            "sop_loss": sop,
-            "mlm_accuracy": s["mlm_correct"] / max(s["mlm_count"], 1.0),
-            "sop_accuracy": s["sop_correct"] / max(s["sop_count"], 1.0),
-            "samples": s["sop_count"],
-            "tokens": s["tokens"],
-        }
-
-
-class BatchRecorder:
-    """Which examples each step saw (CRC32 of each example's input_ids): for checking resume and epochs."""
-
-    def __init__(self, path: Path, resume_step: int):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.exists():  # drop what a lost run recorded after the checkpoint we resume from
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = open(path, "a")
-
-    def write(self, step: int, micro_batches: list[dict]) -> None:
-        import zlib
-
-        ids = [zlib.crc32(row.numpy().tobytes()) for b in micro_batches for row in b["input_ids"]]
-        self.file.write(json.dumps({"step": step, "examples": ids}) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 def to_device(batch: dict, device) -> dict:
@@ -302,7 +105,7 @@ def evaluate(run: Run, folder: Path, max_batches: int) -> dict[str, float]:
 
     engine, batch = run.engine, run.batch
     data = PretrainingData(folder, batch.micro, 1, run.rank, batch.world, run.args.seed, pin_memory=run.device.type == "cuda")
-    acc = Accumulator(run.comm)
+    acc = IntervalSums(run.comm)
     engine.eval()
     try:
         with torch.no_grad():
@@ -317,13 +120,6 @@ def evaluate(run: Run, folder: Path, max_batches: int) -> dict[str, float]:
     return {k: r[k] for k in ("loss", "mlm_loss", "sop_loss", "mlm_accuracy", "sop_accuracy", "samples")}
 
 
-def loss_scale(engine, precision: str) -> float:
-    if precision != "fp16":
-        return 1.0
-    opt = engine.optimizer
-    return float(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", 1.0))
-
-
 @dataclass
 class Run:
     """Everything the training loop needs, built by setup()."""
@@ -331,7 +127,7 @@ class Run:
     args: argparse.Namespace
     engine: Any
     data: Any  # PretrainingData
-    batch: Batch
+    batch: BatchSizes
     cfg: Any  # AlbertConfig
     ds: dict[str, Any]
     precision: str
@@ -419,18 +215,15 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     import torch
 
     from . import checkpoint as ckpt
-    from .metrics import Metrics
 
     args, engine, data, batch, comm = run.args, run.engine, run.data, run.batch, run.comm
     step = start = engine.global_steps
     metrics = Metrics(args.output, run.rank == 0, resume_step=step if run.resumed else None)
     recorder = BatchRecorder(args.output / f"batches-rank{run.rank}.jsonl", step) if args.record_batches else None
-    acc = Accumulator(comm)
+    acc = IntervalSums(comm)
     summary: dict[str, Any] = {"start_step": step, "first": None, "last": None}
     if step >= args.max_steps:
         log.info("already at step %d of --max-steps %d: nothing to train", step, args.max_steps)
-    fault = os.environ.get("ALBERT_FAULT", "")
-    fault_nan_step = int(fault.split(":")[1]) if fault.startswith("nan-at-step:") else -1  # fault injection for the tests
 
     def save() -> None:
         ckpt.save(engine, run.ckpt_dir, step, {"loader": data.state_dict()}, run.meta, run.cfg.to_hf_dict(), args.keep_checkpoints)
@@ -457,8 +250,6 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             out = engine(**to_device(b, run.device))
             weight = (count * batch.global_size / batch.micro / total).to(out.mlm_loss.dtype)
             loss = out.mlm_loss * weight[0] + out.sop_loss
-            if step + 1 == fault_nan_step:
-                loss = loss * float("nan")
             bad |= ~torch.isfinite(loss.detach())
             acc.add(out, b)
             engine.backward(loss)

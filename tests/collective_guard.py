@@ -1,12 +1,14 @@
-"""`python tests/collective_guard.py OUT.json ALBERT-PRETRAIN-ARGS...`: albert-pretrain with torch.distributed's
-collectives wrapped from the outside, recording each call made from the project's own modules (module, line,
-function, the tensor's device). The test checks that every collective our code issues passes through
+"""`python tests/collective_guard.py ALBERT-PRETRAIN-ARGS...`: albert-pretrain with torch.distributed's collectives
+wrapped from the outside, recording each call made from the project's own modules (module, line, function, the
+tensor's device) into OUTPUT/collectives-rank<r>.json. The test checks that every collective our code issues passes through
 pipeline.comm, whose device check is the one gate between a tensor and the process group."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -31,21 +33,16 @@ def record_calls(calls: list[dict]) -> None:
 
 
 def main() -> int:
-    out, argv = sys.argv[1], sys.argv[2:]
+    argv = sys.argv[1:]
     calls: list[dict] = []
     record_calls(calls)
     from pipeline.pretrain import main as pretrain
 
-    rank = None
     try:
-        code = pretrain(argv)
+        return pretrain(argv)
     finally:
-        import os
-
-        rank = os.environ.get("RANK", "0")
-        with open(f"{out}.rank{rank}.json", "w") as f:
-            json.dump(calls, f)
-    return code
+        out = Path(argv[argv.index("--output") + 1])
+        (out / f"collectives-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(calls))
 
 
 if __name__ == "__main__":

@@ -47,23 +47,26 @@ def write_configs(folder: Path, ds: dict, model: dict | None = None) -> tuple[Pa
 
 def pretrain(
     out: Path, data: Path, ds: dict, steps: int, nproc: int = 1, launcher: str | None = None, extra: list[str] = (),
-    env: dict | None = None, timeout: float = 300, model: dict | None = None, wait: bool = True,
+    env: dict | None = None, timeout: float = 300, model: dict | None = None, wait: bool = True, script: Path | None = None,
 ):  # fmt: skip
-    """Run albert-pretrain; returns the CompletedProcess (or the Popen when wait=False)."""
+    """Run albert-pretrain; returns the CompletedProcess (or the Popen when wait=False). `script`: a Python file run
+    in each rank instead of `-m pipeline.pretrain` (a wrapper that calls pipeline.pretrain.main)."""
     ds_path, model_path = write_configs(out / "configs", ds, model)
     args = ["--deepspeed_config", str(ds_path), "--model-config", str(model_path), "--data", str(data), "--output", str(out),
             "--max-steps", str(steps), "--log-interval", "1", "--save-interval", "1000", "--eval-interval", "0", *extra]  # fmt: skip
     launcher = launcher or ("torchrun" if nproc > 1 else "plain")
     port = str(free_port())
+    entry = [str(script)] if script else ["-m", "pipeline.pretrain"]
     if launcher == "plain":
-        cmd = [sys.executable, "-m", "pipeline.pretrain", *args]
+        cmd = [sys.executable, *entry, *args]
     elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port, "-m", "pipeline.pretrain", *args]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", port, *entry, *args]
     elif launcher == "deepspeed":
-        cmd = [shutil.which("deepspeed", path=str(Path(sys.executable).parent)), "--num_gpus", str(nproc), "--master_port", port, "--module", "pipeline.pretrain", *args]
+        entry = [str(script)] if script else ["--module", "pipeline.pretrain"]
+        cmd = [shutil.which("deepspeed", path=str(Path(sys.executable).parent)), "--num_gpus", str(nproc), "--master_port", port, *entry, *args]
     elif launcher == "mpirun":
         cmd = [shutil.which("mpirun"), "--allow-run-as-root", "--oversubscribe", "-np", str(nproc), "-x", "MASTER_PORT=" + port,
-               sys.executable, "-m", "pipeline.pretrain", *args]  # fmt: skip
+               sys.executable, *entry, *args]  # fmt: skip
     else:
         raise ValueError(launcher)
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", "MASTER_PORT": port, **(env or {})}
@@ -81,13 +84,14 @@ def metrics(out: Path, split: str = "train") -> list[dict]:
 
 
 def final_params(out: Path) -> dict:
-    """The consolidated fp32 weights of the newest checkpoint, in one plain process."""
+    """The consolidated fp32 weights of the newest complete checkpoint under out/checkpoints, as `albert-export`
+    reads them (pipeline.export.consolidate, any ZeRO stage). In a child process: consolidating imports DeepSpeed,
+    whose accelerator is chosen once per process, and sets DS_ACCELERATOR=cpu in its environment, which would
+    otherwise stay in the test process and reach the runs it launches later."""
     code = (
-        "import sys, torch; from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint as g;"
-        "from pipeline.checkpoint import complete_checkpoints; from pathlib import Path;"
-        "t = complete_checkpoints(Path(sys.argv[1]))[-1]; import json; stage = json.loads((t / 'complete.json').read_text())['zero_stage'];"
-        "sd = g(str(t.parent), tag=t.name) if stage > 0 else torch.load(t / 'mp_rank_00_model_states.pt', weights_only=False)['module'];"
-        "torch.save({k: v.float() for k, v in sd.items()}, sys.argv[2])"
+        "import sys, torch; from pathlib import Path; from pipeline.checkpoint import complete_checkpoints;"
+        "from pipeline.export import consolidate;"
+        "t = complete_checkpoints(Path(sys.argv[1]))[-1]; torch.save(consolidate(t.parent, t.name), sys.argv[2])"
     )
     dest = out / "final_params.pt"
     proc = subprocess.run([sys.executable, "-c", code, str(out / "checkpoints"), str(dest)], cwd=REPO, capture_output=True, text=True,

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.distributed import shutdown_distributed
-from pipeline.lamb import FlatLayout, attach_zero_partitions, select_optimizer
+from pipeline.lamb import FlatLayout
+from pipeline.lamb_deepspeed import attach_zero_partitions, select_optimizer
 
 log = logging.getLogger("lamb_worker")
 

@@ -9,7 +9,7 @@ from engine_helpers import ds_config, metrics, pretrain
 from model_fixtures import make_batch, perturb_, small_config
 
 from pipeline.fused import PLAIN, FusedOptions, apply_fused, gelu_tanh_by_sigmoid
-from pipeline.lamb import select_optimizer
+from pipeline.lamb_deepspeed import select_optimizer
 from pipeline.model import AlbertForPreTraining, AlbertLayer
 
 CPU = torch.device("cpu")

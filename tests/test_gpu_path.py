@@ -5,17 +5,14 @@ under ZeRO-3."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from conftest import REPO
-from engine_helpers import TEST_MODEL, ds_config, final_params, pretrain, write_configs
+from engine_helpers import TEST_MODEL, ds_config, final_params, pretrain
 from pipeline.comm import CollectiveDeviceError, Comm
-from pipeline.distributed import free_port, gpu_index
+from pipeline.distributed import gpu_index
 
 
 def test_comm_refuses_a_tensor_of_another_device_before_the_backend_sees_it():
@@ -41,15 +38,15 @@ def test_gpu_index_without_gpus_is_an_error():
 
 def test_fused_lamb_build_failure_falls_back_to_our_lamb(monkeypatch, caplog):
     """DeepSpeed's real FusedLamb, asked for where its kernel cannot be built (here: no CUDA at all)."""
-    from pipeline import lamb
+    from pipeline import lamb, lamb_deepspeed
     from pipeline.model import AlbertConfig, AlbertForPreTraining
 
-    monkeypatch.setattr(lamb, "_cuda_fused_lamb_available", lambda: True)  # claim CUDA, so the JIT build is attempted
+    monkeypatch.setattr(lamb_deepspeed, "_cuda_fused_lamb_available", lambda: True)  # claim CUDA, so the JIT build is attempted
     model = AlbertForPreTraining(AlbertConfig(**TEST_MODEL))
     ds = ds_config(stage=0)
     ds["optimizer"]["params"]["bias_correction"] = False
     with caplog.at_level("WARNING"):
-        optimizer, config, description = lamb.select_optimizer(model, ds)
+        optimizer, config, description = lamb_deepspeed.select_optimizer(model, ds)
     assert isinstance(optimizer, lamb.Lamb)
     assert "our multi-tensor LAMB" in description and "JIT build failed" in description, description
     assert any("could not be built" in r.getMessage() for r in caplog.records)
@@ -115,18 +112,11 @@ def test_every_collective_of_ours_goes_through_the_device_check(wiki_shards, tmp
     """A real 2-rank run (train, log, eval, save) with torch.distributed wrapped from outside: each collective our
     modules issue comes from pipeline.comm (which refuses a tensor of another device) or is LAMB's norm all-reduce on
     the partition's own device; a barrier carries no tensor."""
-    ds_path, model_path = write_configs(tmp_path / "configs", ds_config(2, "bf16", accum=2))
-    out = tmp_path / "run"
-    args = ["--deepspeed_config", str(ds_path), "--model-config", str(model_path), "--data", str(wiki_shards), "--output", str(out),
-            "--max-steps", "4", "--log-interval", "2", "--save-interval", "3", "--eval-interval", "2", "--eval-data", str(wiki_shards),
-            "--eval-batches", "2"]  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(REPO / "tests" / "collective_guard.py"), str(tmp_path / "calls"), *args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    extra = ["--log-interval", "2", "--save-interval", "3", "--eval-interval", "2", "--eval-data", str(wiki_shards), "--eval-batches", "2"]
+    proc = pretrain(tmp_path, wiki_shards, ds_config(2, "bf16", accum=2), steps=4, nproc=2, extra=extra, script=REPO / "tests" / "collective_guard.py")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):
-        calls = json.loads((tmp_path / f"calls.rank{rank}.json").read_text())
+        calls = json.loads((tmp_path / f"collectives-rank{rank}.json").read_text())
         via_comm = [c for c in calls if c["module"] == "pipeline.comm"]
         assert {c["function"] for c in via_comm} >= {"sum_", "max_", "min_"}, calls  # step counts, flags, FusedLamb agreement
         assert len(via_comm) >= 4 * 2 + 2, calls  # per step: the prediction count and the flags; metrics on logging steps

@@ -1,17 +1,22 @@
 """Hugging Face interop: parity with transformers' AlbertForPreTraining, export/import, tokenizer,
-and albert-export on real DeepSpeed checkpoints (ZeRO-0 and ZeRO-3)."""
+and albert-export on real DeepSpeed checkpoints (ZeRO-0, ZeRO-3, and BF16_Optimizer's at ZeRO-1)."""
 
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import textwrap
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from engine_helpers import ds_config, final_params, pretrain
 from model_fixtures import make_batch, perturb_, run_python, small_config
 from pipeline.export import main as export_main
 from pipeline.hf import export_hf, load_hf, to_hf_state_dict
@@ -222,3 +227,119 @@ def test_export_cli_errors_are_one_line(tmp_path, caplog):
     assert export_main(["--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "o")]) == 2
     assert "parameters do not match the model config" in caplog.text
     assert not (tmp_path / "o").exists()
+
+
+# Wraps albert-pretrain from the outside: after each checkpoint save (all ranks), the engine's fp32 master weights as
+# DeepSpeed itself assembles them from the live optimizer (safe_get_full_fp32_param, an all-reduce of each rank's
+# fragment), written by rank 0 with the optimizer wrapper's type and the keys of its state_dict.
+MASTER_WEIGHTS_WRAPPER = textwrap.dedent("""
+    import os, sys
+    import torch
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    save_checkpoint = DeepSpeedEngine.save_checkpoint
+
+    def save_and_dump_master_weights(self, *args, **kwargs):
+        result = save_checkpoint(self, *args, **kwargs)
+        master = {name: safe_get_full_fp32_param(p).detach().clone() for name, p in self.module.named_parameters()}
+        if torch.distributed.get_rank() == 0:
+            dump = {"wrapper": type(self.optimizer).__name__, "keys": sorted(self.optimizer.state_dict()), "master": master}
+            torch.save(dump, os.path.join(os.environ["MASTER_WEIGHTS_DIR"], f"master-{self.global_steps}.pt"))
+        return result
+
+    DeepSpeedEngine.save_checkpoint = save_and_dump_master_weights
+    from pipeline.pretrain import main
+    sys.exit(main())
+""")
+
+
+@pytest.mark.slow
+def test_export_bf16_optimizer_checkpoint_of_two_ranks(wiki_shards, tmp_path):
+    """bf16 at ZeRO-1 with fp32 gradient accumulation (the GPU config) trains with DeepSpeed's BF16_Optimizer, whose
+    checkpoints zero_to_fp32 refuses; albert-export reads them itself, to the engine's fp32 master weights exactly."""
+    (tmp_path / "wrapper.py").write_text(MASTER_WEIGHTS_WRAPPER)
+    (tmp_path / "master").mkdir()
+    ds = ds_config(1, "bf16", accum=2, data_types={"grad_accum_dtype": "fp32"})
+    run = tmp_path / "run"
+    proc = pretrain(run, wiki_shards, ds, steps=3, nproc=2, script=tmp_path / "wrapper.py", env={"MASTER_WEIGHTS_DIR": str(tmp_path / "master")})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    dump = torch.load(tmp_path / "master" / "master-3.pt")
+    assert dump["wrapper"] == "BF16_Optimizer" and "zero_stage" not in dump["keys"], dump["wrapper"]  # what zero_to_fp32 refuses
+    tag_dir = run / "checkpoints" / "step-00000003"
+    assert sorted(p.name for p in tag_dir.glob("*optim_states.pt")) == [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    master = dump["master"]
+    # The master weights hold more than bf16 keeps: equality below tells them from the bf16 module weights.
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in master.values())
+
+    consolidated = final_params(run)  # pipeline.export.consolidate, as albert-export calls it
+    assert set(consolidated) == set(master)
+    for name, value in master.items():
+        assert consolidated[name].dtype == torch.float32 and torch.equal(consolidated[name], value), name
+
+    albert_export = shutil.which("albert-export", path=str(Path(sys.executable).parent))
+    out = tmp_path / "hf"
+    exported = subprocess.run([albert_export, "--checkpoint", str(run / "checkpoints"), "--output", str(out), "--spm-model", str(wiki_shards / "spiece.model")],
+                              capture_output=True, text=True, timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    hf_weights = load_hf_model(out).state_dict()
+    for name, value in to_hf_state_dict(master).items():
+        assert torch.equal(hf_weights[name], value), name
+    tokenizer = transformers.AlbertTokenizer.from_pretrained(out)
+    assert tokenizer.mask_token == "[MASK]"
+
+
+def write_bf16_optimizer_checkpoint(tag_dir, groups: list[dict[str, torch.Tensor]], world: int) -> None:
+    """Files as DeepSpeed's BF16_Optimizer saves them (the tensors that matter; no DeepSpeed objects): each group's
+    parameters flattened, padded at the end to a multiple of 2 x world and split evenly over the ranks."""
+    tag_dir.mkdir(parents=True)
+    shapes, partitions, paddings = [], [[] for _ in range(world)], []
+    for params in groups:
+        shapes.append({name: p.shape for name, p in params.items()})
+        flat = torch.cat([p.flatten() for p in params.values()])
+        padding = -flat.numel() % (2 * world)
+        flat = torch.cat([flat, torch.zeros(padding)])
+        for r, part in enumerate(flat.chunk(world)):
+            partitions[r].append(part.clone())
+        paddings.append(padding)
+    module = {name: p.bfloat16() for params in groups for name, p in params.items()}
+    torch.save({"module": module, "buffer_names": [], "param_shapes": shapes, "shared_params": {"tied.weight": "a.weight"}},
+               tag_dir / "mp_rank_00_model_states.pt")  # fmt: skip
+    for r in range(world):
+        osd = {"single_partition_of_fp32_groups": partitions[r], "partition_count": [world] * len(groups),
+               "group_paddings": paddings if r == world - 1 else [0] * len(groups), "base_optimizer_state": {}}  # fmt: skip
+        torch.save({"optimizer_state_dict": osd}, tag_dir / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_consolidate_bf16_optimizer_partitions_of_any_world_size(tmp_path, monkeypatch, world):
+    from pipeline.export import consolidate
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # consolidate sets it if unset: keep the session's environment as it is
+    g = torch.Generator().manual_seed(world)
+    groups = [{"a.weight": torch.randn(7, 5, generator=g), "b.bias": torch.randn(3, generator=g)},
+              {"c.weight": torch.randn(2, 2, 2, generator=g)}]  # fmt: skip
+    write_bf16_optimizer_checkpoint(tmp_path / "step-1", groups, world)
+    sd = consolidate(tmp_path, "step-1")
+    expected = {**groups[0], **groups[1], "tied.weight": groups[0]["a.weight"]}
+    assert sd.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(sd[name], value), name
+
+
+def test_consolidate_bf16_optimizer_names_the_file_that_does_not_add_up(tmp_path, monkeypatch):
+    from pipeline.export import consolidate
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    groups = [{"a.weight": torch.randn(7, 5), "b.bias": torch.randn(3)}]
+    write_bf16_optimizer_checkpoint(tmp_path / "lost", groups, 3)
+    (tmp_path / "lost" / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()  # a rank's file is missing
+    with pytest.raises(ValueError, match=r"bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: written as one of \[3\] partitions"):
+        consolidate(tmp_path, "lost")
+    write_bf16_optimizer_checkpoint(tmp_path / "other-model", groups, 2)
+    shapes = tmp_path / "other-model" / "mp_rank_00_model_states.pt"
+    states = torch.load(shapes)
+    states["param_shapes"][0]["b.bias"] = torch.Size([5])  # the model states describe another model
+    torch.save(states, shapes)
+    with pytest.raises(ValueError, match=r"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: parameter group 0 has 2 partitions of 20 values"):
+        consolidate(tmp_path, "other-model")

@@ -21,8 +21,9 @@ import torch
 from pipeline.distributed import free_port
 
 from lamb_worker import TinyNet
-import pipeline.lamb as lamb_module
-from pipeline.lamb import FlatLayout, Lamb, fused_lamb_unavailable, lamb_param_groups, select_optimizer
+import pipeline.lamb_deepspeed as lamb_module
+from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
+from pipeline.lamb_deepspeed import fused_lamb_unavailable, select_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "lamb_worker.py"

@@ -11,7 +11,10 @@ import psutil
 import pytest
 import torch
 
+from conftest import REPO
 from engine_helpers import TEST_MODEL, ds_config, final_params, metrics, pretrain
+
+FAULT_WORKER = REPO / "tests" / "fault_worker.py"  # injects the fault from outside albert-pretrain
 
 
 def ok(proc):
@@ -98,7 +101,7 @@ def test_signal_saves_and_exits_then_resumes(wiki_shards, tmp_path):
 def test_killed_during_save_previous_checkpoint_loads(wiki_shards, tmp_path):
     ds = ds_config(0, "fp32")
     ok(pretrain(tmp_path, wiki_shards, ds, steps=3))
-    killed = pretrain(tmp_path, wiki_shards, ds, steps=6, extra=["--save-interval", "5"], env={"ALBERT_FAULT": "kill-before-complete"})
+    killed = pretrain(tmp_path, wiki_shards, ds, steps=6, extra=["--save-interval", "5", "--fault", "kill-before-complete"], script=FAULT_WORKER)
     assert killed.returncode == -9
     partial = tmp_path / "checkpoints" / "step-00000005"
     assert partial.is_dir() and not (partial / "complete.json").exists()
@@ -109,7 +112,7 @@ def test_killed_during_save_previous_checkpoint_loads(wiki_shards, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(wiki_shards, tmp_path):
     ds = ds_config(0, "fp32")
-    proc = pretrain(tmp_path, wiki_shards, ds, steps=8, extra=["--save-interval", "2"], env={"ALBERT_FAULT": "nan-at-step:5"})
+    proc = pretrain(tmp_path, wiki_shards, ds, steps=8, extra=["--save-interval", "2", "--fault", "nan-at-step:5"], script=FAULT_WORKER)
     assert proc.returncode == 2 and "step 5: the loss is not finite" in proc.stderr
     good = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*") if (p / "complete.json").exists())
     assert good[-1] == "step-00000004"

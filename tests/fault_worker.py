@@ -1,0 +1,65 @@
+"""`python tests/fault_worker.py ALBERT-PRETRAIN-ARGS... --fault FAULT`: albert-pretrain with a fault injected from the
+outside (`--fault FAULT` may stand anywhere; it is taken out before albert-pretrain parses the rest).
+
+FAULT is one of:
+- `nan-at-step:N`: the model's MLM loss becomes NaN in every micro-batch of optimizer step N (wraps the model's
+  forward once setup() has built the engine);
+- `kill-before-complete`: rank 0 is killed with SIGKILL when a save has written every rank's files but not yet the
+  completion marker (wraps the checkpoint module's JSON writer).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from pipeline import checkpoint, pretrain
+
+
+def nan_at_step(step: int) -> None:
+    real_setup = pretrain.setup
+
+    def setup(args):
+        run = real_setup(args)
+        model, forward = run.engine.module, run.engine.module.forward
+
+        def poisoned(*a, **k):
+            out = forward(*a, **k)
+            if model.training and run.engine.global_steps + 1 == step:
+                out.mlm_loss = out.mlm_loss * float("nan")
+            return out
+
+        model.forward = poisoned
+        return run
+
+    pretrain.setup = setup
+
+
+def kill_before_complete() -> None:
+    real_write = checkpoint._write_json
+
+    def write(path, obj):
+        if path.name == checkpoint.COMPLETE:
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_write(path, obj)
+
+    checkpoint._write_json = write
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    i = argv.index("--fault")
+    fault = argv[i + 1]
+    del argv[i : i + 2]
+    if fault.startswith("nan-at-step:"):
+        nan_at_step(int(fault.split(":", 1)[1]))
+    elif fault == "kill-before-complete":
+        kill_before_complete()
+    else:
+        raise SystemExit(f"unknown fault {fault!r}")
+    return pretrain.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
