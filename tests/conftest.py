@@ -15,6 +15,13 @@ VOCAB_SIZE = 4000
 SHARD_ARGS = ["--dupe-factor", "2", "--num-shards", "3", "--seed", "7"]
 
 
+def pytest_collection_modifyitems(items):
+    """Tiers (pyproject.toml): `slow` and `mpi` tests belong to the integration tier."""
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("mpi"):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _remove_stale_deepspeed_shm():
     """DeepSpeed's CPU all-reduce maps 69 MB segments /dev/shm/deepspeed_allreduce_buffer_*; a rank that is

@@ -5,9 +5,13 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, VOCAB_SIZE
 from data_prep.inspection import verify_folder
 from data_prep.shards import Manifest
+
+pytestmark = pytest.mark.integration  # tier: see pyproject.toml
 
 
 def test_demo_data_is_verified_and_reruns(tmp_path):

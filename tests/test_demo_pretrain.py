@@ -7,7 +7,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
+
+pytestmark = pytest.mark.integration  # tier: see pyproject.toml
 
 
 def test_demo_end_to_end_short(tmp_path):

@@ -106,6 +106,7 @@ def test_fused_lamb_log_line_says_why_it_is_off(allow_fused, why):
     assert line.endswith(f"DeepSpeed FusedLamb off: {why}") and type(optimizer).__module__ == "pipeline.lamb"
 
 
+@pytest.mark.integration
 def test_engine_trains_the_same_with_compiled_layers(wiki_shards, tmp_path):
     """A real DeepSpeed run (ZeRO-2, fp32) with the compiled layer gives the plain run's losses."""
     runs = {}

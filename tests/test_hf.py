@@ -193,6 +193,7 @@ DEEPSPEED_TRAIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_export_deepspeed_checkpoints(tmp_path):
     run_python(["-c", DEEPSPEED_TRAIN, str(tmp_path)], distributed=True, pythonpath="tests")
     cfg = small_config(num_hidden_groups=2)

@@ -226,6 +226,7 @@ ZERO3_INIT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 def test_initialisation_under_zero3_init():
     proc = run_python(["-c", ZERO3_INIT], distributed=True)
     stats = json.loads(proc.stdout.split("RESULT", 1)[1])

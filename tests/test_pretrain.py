@@ -14,6 +14,8 @@ import torch
 from conftest import REPO
 from engine_helpers import TEST_MODEL, ds_config, final_params, metrics, pretrain
 
+pytestmark = pytest.mark.integration  # tier: see pyproject.toml
+
 FAULT_WORKER = REPO / "tests" / "fault_worker.py"  # injects the fault from outside albert-pretrain
 
 

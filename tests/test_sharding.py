@@ -114,6 +114,7 @@ def test_same_shards_with_two_mpi_ranks(wiki_corpus, spm_model, wiki_shards, tmp
     assert shas(tmp_path / "mpi") == shas(wiki_shards)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("stage", ["examples", "shards"])
 def test_killed_run_resumes_to_the_same_shards(stage, wiki_corpus, spm_model, wiki_shards, tmp_path):
     out = tmp_path / "out"
@@ -171,6 +172,7 @@ def test_resume_of_a_finished_output_checks_it_and_succeeds(wiki_corpus, spm_mod
     assert lost.returncode == 2 and f"missing or of another size: {first}" in lost.stderr and "Traceback" not in lost.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("var", ["SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"])
 def test_launched_processes_that_mpi_runs_alone_are_refused(var, wiki_corpus, spm_model, tmp_path):
     """A launcher says 2 processes were started, but mpi4py (real, here a singleton) sees a world of 1: each would do

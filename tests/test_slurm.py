@@ -45,7 +45,7 @@ CPU_JOB = ["--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-
 IMPOSSIBLE = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "ReqNodeNotAvail", "InvalidQOS"}
 END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 # --------------------------------------------------------------------------------------------- the cluster
