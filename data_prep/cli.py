@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .errors import DataPrepError
+from .launchers import launched_by_mpi, launcher_rank
 
 log = logging.getLogger("albert-data")
 
@@ -231,7 +232,7 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
 
 
 def setup_logging(verbose: bool) -> None:
-    rank = os.environ.get("OMPI_COMM_WORLD_RANK") or os.environ.get("PMIX_RANK")
+    rank = launcher_rank() if launched_by_mpi() else None
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank is None else f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S")
 

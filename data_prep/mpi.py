@@ -12,24 +12,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import DataPrepError
+from .launchers import SIZE_VARS, launched_by_mpi
 
 log = logging.getLogger(__name__)
 
-# Variables set by the MPI launchers we support (OpenMPI's mpirun, PMIx under srun, MPICH/Hydra).
-_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK")
-# How many processes the launcher started: the MPI launchers' own counts first (the ranks of an `mpirun` inside a
-# Slurm job inherit the SLURM_STEP_NUM_TASKS of its daemons' step, one task per node), then srun's step size.
-# Not SLURM_NTASKS: a batch script has it too, for the whole job, where python runs as one process without srun.
-_SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
-
-
-def launched_by_mpi() -> bool:
-    return any(v in os.environ for v in _MPI_ENV)
-
-
 def launched_size() -> tuple[int, str] | None:
     """(number of processes, the variable that says so) when a launcher started us, else None."""
-    for var in _SIZE_ENV:
+    for var in SIZE_VARS:
         value = os.environ.get(var, "")
         if value.isdigit():
             return int(value), var

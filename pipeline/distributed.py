@@ -19,9 +19,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
+from data_prep.launchers import launched_by_mpi
+
 log = logging.getLogger(__name__)
 
-_MPI_ENV = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE")
 
 
 class RendezvousError(Exception):
@@ -74,7 +75,7 @@ def detect_launch() -> Launch:
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
         env["MASTER_ADDR"], env["MASTER_PORT"] = slurm_rendezvous(env)
         return Launch("srun", False)
-    if any(v in env for v in _MPI_ENV):
+    if launched_by_mpi(env):
         return Launch("mpirun", True)
     env.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     env.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from data_prep.launchers import launcher_rank
+
 from .engine import build_engine, loss_scale
 from .metrics import BatchRecorder, IntervalSums, Metrics
 from .settings import BatchSizes, TrainError, check_data_against_model, fill_scheduler, load_ds_config
@@ -318,7 +320,7 @@ def log_record(run: Run, r: dict[str, float], seconds: float) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop = StopRequest()  # first: a warning that arrives during start-up still ends in a checkpoint
-    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", os.environ.get("OMPI_COMM_WORLD_RANK", "0")))
+    rank = launcher_rank() or "0"
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",

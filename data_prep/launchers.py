@@ -1,0 +1,34 @@
+"""The environment variables of the launchers we run under, in one table (used by albert-data and albert-pretrain).
+
+| launcher                      | rank                 | number of processes   | local rank                 |
+|-------------------------------|----------------------|-----------------------|----------------------------|
+| torchrun, `deepspeed`         | RANK                 | WORLD_SIZE            | LOCAL_RANK                 |
+| OpenMPI's mpirun              | OMPI_COMM_WORLD_RANK | OMPI_COMM_WORLD_SIZE  | OMPI_COMM_WORLD_LOCAL_RANK |
+| PMIx (srun --mpi=pmix)        | PMIX_RANK            | (asked of MPI)        |                            |
+| MPICH / Hydra (PMI)           | PMI_RANK             | PMI_SIZE              |                            |
+| srun                          | SLURM_PROCID         | SLURM_STEP_NUM_TASKS  | SLURM_LOCALID              |
+
+Not SLURM_NTASKS: a batch script has it too, for the whole job, where python runs as one process without srun.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+# Any of these means an MPI launcher started us (mpi4py then finds rank and size).
+MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK")
+# How many processes the launcher started: the MPI launchers' own counts first (the ranks of an `mpirun` inside a
+# Slurm job inherit the SLURM_STEP_NUM_TASKS of its daemons' step, one task per node), then srun's step size.
+SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+# This process's rank, for log lines, in the order the launchers are tried.
+RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
+
+
+def launched_by_mpi(env: Mapping[str, str] = os.environ) -> bool:
+    return any(v in env for v in MPI_VARS)
+
+
+def launcher_rank(env: Mapping[str, str] = os.environ) -> str | None:
+    """This process's rank as its launcher set it, or None for a plain process."""
+    return next((env[v] for v in RANK_VARS if v in env), None)
