@@ -40,6 +40,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from . import readers
+from .atomic import atomic_path, write_text
 from .errors import DataPrepError
 from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
 from .mpi import World, get_world
@@ -159,9 +160,7 @@ def _batches(path: Path, piece: tuple[int, int], settings: ShardSettings, read_s
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, sort_keys=True))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, sort_keys=True))
 
 
 def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> dict[str, Any]:
@@ -413,8 +412,8 @@ def shard_corpus(
     per_piece = [json.loads(paths.piece_done(p).read_text()) for p in pieces]
     per_shard = [json.loads(paths.shard_done(s).read_text()) for s in range(settings.num_shards)]
     totals = _sum_counts(per_piece)
-    shutil.copyfile(spm_model, paths.output / "spiece.model.tmp")
-    os.replace(paths.output / "spiece.model.tmp", paths.output / "spiece.model")
+    with atomic_path(paths.output / "spiece.model") as tmp:
+        shutil.copyfile(spm_model, tmp)
     manifest = Manifest(
         {
             "format": FORMAT,

@@ -19,7 +19,6 @@ timestamps, so the same examples give byte-identical files.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from .atomic import atomic_path, write_text
 from .errors import DataPrepError
 from .examples import record_dtype
 
@@ -45,10 +45,9 @@ def shard_name(index: int) -> str:
 def write_shard(path: Path, records: np.ndarray, attrs: dict[str, Any], order: np.ndarray | None = None) -> None:
     """Write records (in `order`, if given) to `path` atomically (temporary name, then rename).
     Rows are gathered and written WRITE_ROWS at a time, so the peak is the records plus one slice."""
-    tmp = path.with_name(path.name + ".tmp")
     n = len(records)
     order = np.arange(n) if order is None else order
-    with h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
+    with atomic_path(path) as tmp, h5py.File(tmp, "w", libver="earliest", track_order=False) as f:
         datasets = {}
         for name in FIELDS:
             shape = (n,) + records.dtype[name].shape
@@ -64,7 +63,6 @@ def write_shard(path: Path, records: np.ndarray, attrs: dict[str, Any], order: n
         f.attrs["num_examples"] = len(records)
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["format"] = FORMAT
-    os.replace(tmp, path)
 
 
 def read_shard(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
@@ -104,6 +102,4 @@ class Manifest:
 
     def save(self, folder: Path) -> None:
         path = Path(folder) / MANIFEST
-        tmp = path.with_name(MANIFEST + ".tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_text(path, json.dumps(self.data, indent=2, sort_keys=True) + "\n")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import shutil
 from pathlib import Path
@@ -24,6 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from data_prep.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_config: dict, keep: int) -> Path:
@@ -118,9 +117,7 @@ def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_
     if rank == 0:
         _write_json(folder / "model_config.json", model_config)
         _write_json(tag_dir / COMPLETE, {**meta, "step": step, "tag": tag})
-        latest = folder / "latest.tmp"  # DeepSpeed's own pointer, for its tools and albert-export
-        latest.write_text(tag)
-        os.replace(latest, folder / "latest")
+        write_text(folder / "latest", tag)  # DeepSpeed's own pointer, for its tools and albert-export
         for old in complete_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in folder.glob(f"{PREFIX}*"):

@@ -17,7 +17,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .model import AlbertConfig, AlbertForPreTraining, atomic_path
+from data_prep.atomic import atomic_path
+
+from .model import AlbertConfig, AlbertForPreTraining
 
 log = logging.getLogger(__name__)
 

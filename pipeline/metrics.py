@@ -7,9 +7,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
+
+from data_prep.atomic import write_text
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class BatchRecorder:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():  # drop what a lost run recorded after the checkpoint we resume from
             kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            path.write_text("".join(line + "\n" for line in kept))
+            write_text(path, "".join(line + "\n" for line in kept))
         self.file = open(path, "a")
 
     def write(self, step: int, micro_batches: list[dict]) -> None:
@@ -99,9 +100,7 @@ class Metrics:
     def _truncate_after(self, step: int) -> None:
         """Lines logged after the checkpoint we resume from belong to a run that was lost: drop them."""
         kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

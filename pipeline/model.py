@@ -35,9 +35,6 @@ Every rank must run the loop (the gather is collective); rank 0's values are kep
 import dataclasses
 import json
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
+
+from data_prep.atomic import atomic_path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -78,20 +77,6 @@ HF_REQUIRED_VALUES = {
     "net_structure_type": 0,
     "num_memory_blocks": 0,
 }
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary name next to `path`; rename it to `path` once the block succeeds, so that
-    readers never see half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 @dataclass
@@ -406,5 +391,5 @@ def count_parameters(model: nn.Module) -> int:
 
 __all__ = [
     "AlbertConfig", "AlbertForPreTraining", "ATTENTION_IMPLS", "PreTrainingOutput", "init_albert_weights",
-    "count_parameters", "atomic_path", "CONFIG_DIR",
+    "count_parameters", "CONFIG_DIR",
 ]
