@@ -14,17 +14,23 @@ when the time budget is nearly spent):
   3. fp16 dynamic loss scaling over 200 steps of a real deepspeed.initialize engine (ZeRO-2, our
      Lamb): loss-scale trajectory, overflow-skipped steps, the loss going down (FAIL on NaN);
   4. peak GPU memory of deepspeed.initialize engines at ZeRO stages 0-3 (bf16), built as
-     albert-pretrain builds them (pipeline.pretrain.build_engine).
+     albert-pretrain builds them (pipeline.engine.build_engine);
+  5. the real `albert-pretrain` command per ZeRO stage and precision (bench/gpu_check_pretrain.py): ZeRO-1/2/3 in
+     bf16 and fp16 and ZeRO-0 with FusedLamb, on shards made first with albert-data; samples/s, MFU, host syncs
+     per optimizer step (bench/pretrain_probe.py), peak memory, exact resume from an intermediate checkpoint in a
+     second process, and `albert-export` loading in transformers. Its shards are made in the background from
+     the start; the earlier sections keep the time it needs.
 
 On CPU (--device cpu --smoke) the same code paths run on albert-tiny: fp32 and bf16 only, FusedLamb
 replaced in the parity check by a torch restatement of its CUDA kernel (FusedLambReference), fp16
-skipped, memory as the process's RSS growth. Exit code 0: every check passed (skips are not
-failures); 1: a check failed or a section raised; 2: bad flags.
+skipped (section 5: two rows, ZeRO-0 bf16 and ZeRO-3 fp16 through albert-pretrain's --allow-fp16-on-cpu,
+gloo, no sync counting), memory as the process's RSS growth. Exit code 0: every check passed (skips are
+not failures); 1: a check failed or a section raised (a failing section-5 row is named); 2: bad flags.
 
 Example:
-    bash bench/gpu_check.sh | tee gpu-check.md           # one GPU; estimated 3-5 minutes, never over --budget
+    bash bench/gpu_check.sh | tee gpu-check.md           # one GPU; estimated 5-7 minutes, never over --budget
     bash bench/gpu_check.sh --configs albert-base --budget 240
-    python bench/gpu_check.py --device cpu --smoke       # the CPU smoke run (about 30 s on 2 cores)
+    python bench/gpu_check.py --device cpu --smoke       # the CPU smoke run (about 1.5 minutes on 2 cores)
 """
 
 from __future__ import annotations
@@ -46,27 +52,27 @@ import math
 import os
 import platform
 import re
-import statistics
+import shutil
 import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gpu_check_pretrain
 import torch
 import torch._dynamo
 from bench_model import autocast, make_batch, matmul_peak, model_flops, sync, train_step
 
 from pipeline.distributed import shutdown_distributed
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
-from pipeline.lamb import (
-    Lamb,
-    fused_lamb_param_groups,
-    select_optimizer,
-)
+from pipeline.lamb import Lamb
+from pipeline.lamb_deepspeed import fused_lamb_param_groups, select_optimizer
 from pipeline.model import AlbertConfig, AlbertForPreTraining
 
 log = logging.getLogger("gpu_check")
@@ -703,8 +709,8 @@ def ensure_distributed() -> None:
 
 
 def make_engine(cfg: AlbertConfig, ds: dict[str, Any], fused: FusedOptions, device: torch.device) -> tuple[Any, str]:
-    """An engine built as albert-pretrain builds it (pipeline.pretrain.build_engine); returns (engine, the optimizer's log line)."""
-    from pipeline.pretrain import build_engine
+    """An engine built as albert-pretrain builds it (pipeline.engine.build_engine); returns (engine, the optimizer's log line)."""
+    from pipeline.engine import build_engine
 
     torch.manual_seed(0)
     engine, _, description = build_engine(cfg, ds, fused, device)
@@ -736,7 +742,8 @@ def short_optimizer(description: str) -> str:
 
 def fp16_section(args: argparse.Namespace, device: torch.device, budget: Budget, report: Report, reserve_s: float) -> None:
     """Section 3."""
-    from pipeline.pretrain import check_precision, loss_scale
+    from pipeline.engine import loss_scale
+    from pipeline.precision import check_precision
 
     if device.type != "cuda" and not args.fp16_on_cpu:
         raise SectionSkipped("skipped: needs CUDA (DeepSpeed refuses fp16 on this CPU; --fp16-on-cpu runs it with "
@@ -818,11 +825,11 @@ def memory_now(device: torch.device) -> int:
 
 
 def zero_memory_section(args: argparse.Namespace, device: torch.device, budget: Budget, report: Report,
-                        fused_reason: str | None) -> None:
+                        fused_reason: str | None, reserve_s: float = 0.0) -> None:
     """Section 4."""
     batch_size, seq = args.zero_shape
     cuda = device.type == "cuda"
-    budget.check(args.zero_seconds)
+    budget.check(args.zero_seconds, reserve_s)
     ensure_distributed()
     rows = []
     for name in args.zero_configs:
@@ -831,7 +838,7 @@ def zero_memory_section(args: argparse.Namespace, device: torch.device, budget: 
         for stage in args.zero_stages:
             head = [name, str(stage)]
             try:
-                budget.check(args.zero_seconds)
+                budget.check(args.zero_seconds, reserve_s)
                 rows.append(head + zero_memory_row(cfg, stage, batch, args, device, fused_reason is None))
             except SectionSkipped as e:
                 rows.append(head + [str(e)] + [""] * 6)
@@ -844,7 +851,7 @@ def zero_memory_section(args: argparse.Namespace, device: torch.device, budget: 
             "CPU: the process's resident memory (psutil RSS) sampled after initialize and after each step, minus before "
             "the model; allocator caching makes it a rough measure")
     report.emit(f"bf16, batch {batch_size} x {seq}, {args.zero_steps} steps per stage, one process (world size 1), engines built "
-                f"as albert-pretrain builds them (pipeline.pretrain.build_engine) with "
+                f"as albert-pretrain builds them (pipeline.engine.build_engine) with "
                 f"the LAMB of {SHIPPED_DS_CONFIG.name}. Memory: {what}. With one rank ZeRO has nothing to partition "
                 "across, so the stages show each one's own buffers and overheads, not the savings of a multi-GPU run.\n")
     report.emit(markdown_table(["config", "ZeRO stage", "optimizer", "DeepSpeed wrapper", "after initialize (MiB)",
@@ -892,7 +899,9 @@ SMOKE: dict[str, Any] = {
     "parity_config": "albert-tiny", "parity_shape": (4, 32), "parity_steps": 8,
     "fp16_config": "albert-tiny", "fp16_shape": (4, 32), "fp16_steps": 40, "loss_scale_window": 10,
     "zero_configs": ["albert-tiny"], "zero_shape": (4, 32), "zero_steps": 3,
+    **gpu_check_pretrain.SMOKE,
 }
+SECTIONS = {1, 2, 3, 4, 5}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -901,7 +910,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
     a("--smoke", action="store_true", help="tiny settings (albert-tiny, short sequences, few steps): checks the code paths")
     a("--budget", type=float, default=450.0, help="seconds for the whole run; sections that no longer fit are skipped (default 450)")
-    a("--configs", type=lambda s: s.split(","), default=["albert-base", "albert-large"], help="section 1: shipped config names")
+    a("--configs", type=lambda s: s.split(","), default=["albert-base"], help="section 1: shipped config names (e.g. albert-base,albert-large)")
     a("--shapes", type=parse_shapes, default=[(64, 128), (16, 512)], help="section 1: BATCHxSEQ list (default 64x128,16x512)")
     a("--precisions", type=lambda s: s.split(","), default=None, help="section 1: fp16,bf16 (default; fp32,bf16 on CPU)")
     a("--warmup", type=int, default=3, help="section 1: untimed steps per row")
@@ -920,11 +929,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--fp16-steps", type=int, default=200, help="section 3: steps")
     a("--loss-scale-window", type=int, default=50, help="section 3: DeepSpeed's loss_scale_window")
     a("--fp16-on-cpu", action="store_true", help="testing only: run section 3 on CPU with DeepSpeed's fp16 override")
-    a("--zero-configs", type=lambda s: s.split(","), default=["albert-base", "albert-large"], help="section 4: configs")
+    a("--zero-configs", type=lambda s: s.split(","), default=["albert-base"], help="section 4: configs")
     a("--zero-stages", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3], help="section 4: ZeRO stages")
     a("--zero-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 4: BATCHxSEQ")
     a("--zero-steps", type=int, default=3, help="section 4: steps per stage")
-    a("--sections", type=lambda s: {int(x) for x in s.split(",")}, default={1, 2, 3, 4}, help="which sections to run (default 1,2,3,4)")
+    gpu_check_pretrain.add_arguments(p)
+    a("--sections", type=lambda s: {int(x) for x in s.split(",")}, default=SECTIONS, help="which sections to run (default 1,2,3,4,5)")
     a("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:  # the smoke values replace the defaults, not what was given explicitly
@@ -936,8 +946,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--precisions: choose from {', '.join(DTYPES)}")
     if min(args.steps, args.fp16_steps, args.zero_steps) < 1:
         p.error("--steps, --fp16-steps, --zero-steps: at least 1")
-    if set(args.zero_stages) - {0, 1, 2, 3} or args.sections - {1, 2, 3, 4}:
-        p.error("--zero-stages: 0-3; --sections: 1-4")
+    if set(args.zero_stages) - {0, 1, 2, 3} or args.sections - SECTIONS:
+        p.error("--zero-stages: 0-3; --sections: 1-5")
+    gpu_check_pretrain.check_arguments(args, p.error)
     return args
 
 
@@ -971,9 +982,25 @@ def main(argv: list[str] | None = None) -> int:
     scale = 0.3 if args.smoke else 1.0
     args.row_seconds, args.parity_seconds, args.fp16_seconds, args.zero_seconds = 6 * scale, 8 * scale, 40 * scale, 15 * scale
     fp16_runs = device.type == "cuda" or args.fp16_on_cpu
-    least = {2: args.parity_seconds, 3: args.fp16_seconds if fp16_runs else 0.0, 4: 2 * args.zero_seconds}
-    reserve = {k: sum(least[j] for j in args.sections if j > k) for k in (1, 2, 3)}
+    pretrain_need = gpu_check_pretrain.section_need(args, device.type)
+    least = {2: args.parity_seconds, 3: args.fp16_seconds if fp16_runs else 0.0, 4: 2 * args.zero_seconds, 5: pretrain_need}
+    reserve = {k: sum(least[j] for j in args.sections if j > k) for k in (1, 2, 3, 4)}
+    # Section 5's shards are made in the background (albert-data in child processes) while sections 1-4 run.
+    prep = None
+    if 5 in args.sections and args.pretrain_data is None and budget.left() >= pretrain_need:
+        folder = (args.pretrain_work or Path(tempfile.mkdtemp(prefix="gpu-check-shards-"))) / "data"
+        prep = gpu_check_pretrain.ShardPrep(folder, args.pretrain_vocab, args.pretrain_dupe).start()
+    try:
+        return run_sections(args, device, budget, reserve, prep)
+    finally:
+        if prep is not None:
+            prep.cancel()
+            if args.pretrain_work is None:
+                shutil.rmtree(prep.folder.parent, ignore_errors=True)
 
+
+def run_sections(args: argparse.Namespace, device: torch.device, budget: Budget, reserve: dict[int, float],
+                 prep: gpu_check_pretrain.ShardPrep | None) -> int:
     report = Report()
     report.emit(f"## GPU check: {'smoke run' if args.smoke else 'ALBERT on DeepSpeed'}\n")
     report.emit("\n".join(environment_lines(device, args)))
@@ -994,12 +1021,21 @@ def main(argv: list[str] | None = None) -> int:
             fp16_section(args, device, budget, report, reserve[3])
     if 4 in args.sections:
         with report.section("4. Peak memory per ZeRO stage (bf16)"):
-            zero_memory_section(args, device, budget, report, fused_reason)
+            zero_memory_section(args, device, budget, report, fused_reason, reserve[4])
+    if 5 in args.sections:
+        free_memory(device)  # the albert-pretrain processes share this GPU
+        with report.section("5. albert-pretrain end to end: ZeRO stages, exact resume, export"):
+            gpu_check_pretrain.pretrain_section(args, device, budget, report, peaks, fused_reason, prep)
 
     spent = args.budget - budget.left()
     verdict = "all checks passed" if not report.failures else f"{len(report.failures)} check(s) FAILED: " + "; ".join(report.failures)
     report.emit(f"\n{verdict} ({spent:.0f} s of the {args.budget:.0f} s budget)")
     shutdown_distributed()  # else torch warns at exit, and can hang or abort there
+    return exit_code(report)
+
+
+def exit_code(report: Report) -> int:
+    """0 when every check passed (skips are not failures), 1 when any failed."""
     return 1 if report.failures else 0
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Fetch, here, the wheels that a GPU machine without network access needs for bench/gpu_check.sh and
 # that its image lacks: DeepSpeed (built here from PyPI's sdist as a pure-Python wheel: its CUDA ops are
-# JIT-built there) and DeepSpeed's hjson and pydantic. They go to .whl/ (git-ignored, about 5 MB).
+# JIT-built there), DeepSpeed's hjson and pydantic, and albert-data's blingfire, mwparserfromhell and sentencepiece.
+# They go to .whl/ (git-ignored). The Wikipedia excerpt's cached copy, .cache/corpora, must be carried too.
 #
 #   bash bench/gpu_wheels.sh                 # for the GPU machine's Python 3.12
 #   PY_VERSION=3.11 bash bench/gpu_wheels.sh
@@ -22,7 +23,8 @@ pure_and_binary() {
         "${PLATFORMS[@]}" -d "$DEST" "$@"
 }
 # the versions installed here, which this DeepSpeed is known to work with
-for pkg in hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions; do
+# albert-data's own (section 5 of the GPU check makes its shards there): blingfire, mwparserfromhell, sentencepiece
+for pkg in hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions blingfire mwparserfromhell sentencepiece; do
     version="$("$PY" -c "import importlib.metadata as m; print(m.version('$pkg'))")"
     pure_and_binary "$pkg==$version"
 done

@@ -57,6 +57,9 @@ def load_ds_config(path: Path, batch_world: int) -> tuple[dict[str, Any], BatchS
     batch = resolve_batch(ds, batch_world)
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = batch.micro, batch.accum
     ds["train_batch_size"] = batch.global_size
+    # DeepSpeed's throughput timer, on by default, synchronises the GPU at every forward and step (two host syncs per
+    # micro-batch); metrics.jsonl reports samples/s and tokens/s without it. A config's own "timers" is kept.
+    ds.setdefault("timers", {"throughput": {"enabled": False}})
     return ds, batch
 
 

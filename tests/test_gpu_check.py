@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import _thread
+import argparse
 import json
 import os
 import subprocess
 import sys
+import threading
+import types
+import warnings
 
 import pytest
 import torch
@@ -17,6 +22,8 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import gpu_check
+import gpu_check_pretrain as gcp
+import pretrain_probe
 
 
 def run_check(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -47,7 +54,7 @@ def section(text: str, number: int) -> str:
 
 @pytest.fixture(scope="module")
 def smoke() -> subprocess.CompletedProcess:
-    return run_check("--smoke")
+    return run_check("--smoke", timeout=480)  # about a minute alone; much longer on a machine other jobs load
 
 
 def test_smoke_run_prints_every_table(smoke):
@@ -81,6 +88,19 @@ def test_smoke_run_prints_every_table(smoke):
         ("0", "our Lamb", "FP16_UnfusedOptimizer"), ("1", "our Lamb", "DeepSpeedZeroOptimizer"),
         ("2", "our Lamb", "DeepSpeedZeroOptimizer"), ("3", "our Lamb", "DeepSpeedZeroOptimizer_Stage3")]
     assert all(float(r[-1]) > 0 for r in rows)  # a finite loss at every stage
+
+    # Section 5: the real albert-pretrain, per row a straight run, a resumed second process and an export.
+    text = section(out, 5)
+    (headers, rows), = markdown_tables(text)
+    assert headers == gcp.CPU_HEADERS
+    assert [(r[0], r[1], r[2]) for r in rows] == [("0", "bf16", "our Lamb"), ("3", "fp16", "our Lamb")]
+    for r in rows:
+        cells = dict(zip(headers, r))
+        assert cells["resume exact"] == "yes" and cells["export loads"] == "yes" and cells["result"] == "PASS"
+        assert cells["host syncs / step"] == "n/a (CPU)" and float(cells["samples/s"].replace(",", "")) > 0
+        assert float(cells["peak RSS (MiB)"].replace(",", "")) > 0
+    assert "albert-tiny with the shards' vocabulary of 4,000 pieces" in text and "--compile off" in text
+    assert "resume: steps 6-8: 6 micro-batch losses identical" in text
     # DeepSpeed's own logs and op-build messages go to stderr: stdout holds the report only.
     assert not any(line.startswith("[20") for line in out.splitlines()) and "built successfully" not in out
 
@@ -160,7 +180,7 @@ def test_zero_budget_skips_every_section():
 
     proc = run_check("--smoke", "--budget", "0", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for number in (1, 2, 4):
+    for number in (1, 2, 4, 5):
         assert "skipped: budget (0 s left of 0 s" in section(proc.stdout, number)
     assert "skipped: needs CUDA" in section(proc.stdout, 3)
     assert "Loss curves" not in proc.stdout and "all checks passed" in proc.stdout
@@ -178,3 +198,269 @@ def test_fp16_section_runs_with_the_cpu_override(tmp_path):
     assert values["loss scale: first / min / max / final"].startswith("65536 /")
     assert values["NaN/inf loss"] == "no" and values["result"] == "PASS"
     assert trajectory[0] == ["step", "loss", "loss scale after the step", "skipped steps so far"]
+
+
+# --------------------------------------------------------------------------------------------- section 5: albert-pretrain
+
+
+def sync_warning() -> None:
+    """What torch emits at a synchronizing CUDA call under torch.cuda.set_sync_debug_mode("warn"): TORCH_WARN in
+    c10/cuda/CUDAFunctions.cpp (warn_or_error_on_sync; that file is not in the CPU wheel), a UserWarning."""
+    warnings.warn(pretrain_probe.SYNC_WARNING + " (Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:164.)", UserWarning)
+
+
+class FakeEngine:
+    """A DeepSpeed engine's counting: step() after every micro-batch, global_steps advancing at the boundary."""
+
+    def __init__(self, accum: int):
+        self.accum, self.micro, self.global_steps = accum, 0, 0
+        self.device, self.optimizer = "cpu", None
+        self.backward_calls = 0
+
+    def backward(self, loss):
+        self.backward_calls += 1
+
+    def step(self):
+        self.micro += 1
+        if self.micro % self.accum == 0:
+            self.global_steps += 1
+
+
+def test_probe_counts_the_sync_warnings_between_optimizer_steps():
+    engine = FakeEngine(accum=2)
+    probe = pretrain_probe.Probe(count_syncs=True)
+    plan = {1: 3, 2: 0, 3: 1, 4: 2, 5: 1, 6: 4}  # syncs in each optimizer step, all from one source line
+    with warnings.catch_warnings():
+        # albert-pretrain's own filters (main() adds them before setup): they must not hide the syncs
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
+        warnings.filterwarnings("ignore", category=UserWarning, module=__name__)
+        probe.attach(engine)
+        try:
+            sync_warning()  # before the first micro-step of step 1: still step 1's
+            for step, n in plan.items():
+                if step == 4:
+                    warnings.filterwarnings("ignore", message=".*synchronizing")  # added while training: overridden
+                for micro in range(engine.accum):
+                    engine.backward(torch.tensor(float(step + micro)))
+                    for _ in range(n - (step == 1) if micro == engine.accum - 1 else 0):
+                        sync_warning()  # the same line every time: the 'default' action would show it once
+                    if step == 3 and micro == 0:
+                        # another Python thread (the loader's prefetch): listed, not counted; a thread Python did
+                        # not start (the autograd engine's, running backward hooks): counted
+                        t = threading.Thread(target=sync_warning, name="prefetch")
+                        t.start()
+                        t.join()
+                        done = threading.Event()
+                        _thread.start_new_thread(lambda: (sync_warning(), done.set()), ())
+                        assert done.wait(10)
+                    warnings.warn("some other warning", UserWarning)  # shown as usual, not counted
+                    engine.step()
+        finally:
+            probe.finish()
+    windows = probe.counter.windows
+    assert [w.step for w in windows] == list(plan)
+    assert [w.count for w in windows] == [n + (step == 3) for step, n in plan.items()]
+    assert [sum(w.background.values()) for w in windows] == [0, 0, 1, 0, 0, 0]
+    assert "[prefetch]" in next(iter(windows[2].background))
+    assert all(src.startswith("tests/test_gpu_check.py:") for w in windows for src in w.syncs)
+    assert probe.loss_values() == {s: [float(s), float(s + 1)] for s in plan}
+    assert warnings.showwarning is not probe.counter._show  # uninstalled
+
+    args = argparse.Namespace(max_steps=6, log_interval=7, save_interval=5, eval_interval=0)
+    result = probe.result(args, 0, None)
+    # clean steps: not 1-2 (first two), not 5 (save) nor 6 (after the save; final)
+    assert result["syncs"]["steps"] == [3, 4] and result["syncs"]["max"] == 2 and result["syncs"]["mean"] == 2.0
+    assert result["start_step"] == 0 and result["final_step"] == 6 and result["losses"]["3"] == [3.0, 4.0]
+
+
+def test_probe_counts_an_explicit_synchronize_once_and_switches_to_deterministic_kernels():
+    counter = pretrain_probe.SyncCounter()
+    owner = types.SimpleNamespace(synchronize=sync_warning)  # like Stream.synchronize, which also warns
+    counter._wrap(owner, "synchronize")
+    with warnings.catch_warnings():
+        counter.install(explicit=False)
+        try:
+            owner.synchronize()
+            owner.synchronize()
+            sync_warning()
+        finally:
+            counter.uninstall()
+    assert owner.synchronize is sync_warning  # restored
+    (window,) = [counter.boundary(1)]
+    assert window.count == 3 and sum(v for k, v in window.syncs.items() if k.endswith("(synchronize)")) == 2
+
+    engine = FakeEngine(accum=1)
+    probe = pretrain_probe.Probe(deterministic_from=2, count_syncs=False)
+    try:
+        probe.attach(engine)
+        flags = []
+        for step in range(1, 5):
+            engine.backward(torch.tensor(1.0))
+            engine.step()
+            flags.append(torch.are_deterministic_algorithms_enabled())
+        assert flags == [False, True, True, True]
+        assert [w.deterministic for w in probe.counter.windows] == [False, False, True, True]
+    finally:
+        torch.use_deterministic_algorithms(False)
+        probe.finish()
+
+
+def test_clean_steps_leave_out_start_logging_saving_and_deterministic_steps():
+    # the GPU rows: 30 steps, a save at 20, logging at the last step only, deterministic kernels from 20 on
+    assert pretrain_probe.clean_steps(1, 30, 31, 20, 0, 20) == list(range(3, 20))
+    assert pretrain_probe.clean_steps(21, 30, 31, 20, 0, 20) == []  # the resumed process: all deterministic
+    assert pretrain_probe.clean_steps(1, 12, 4, 100, 6) == [3, 10, 11]  # 4, 8 logged; 6 evaluated; 5, 7, 9 after them; 12 last
+    windows = [pretrain_probe.Window(s, 0.1 * s, {"a.py:1": 1, "b.py:2": s % 2}) for s in range(1, 6)]
+    summary = pretrain_probe.summarize_windows(windows, [2, 3])
+    assert summary["max"] == 2 and summary["mean"] == 1.5 and summary["per_step_by_source"] == {"a.py:1": 1.0, "b.py:2": 0.5}
+    assert summary["seconds_mean"] == pytest.approx(0.25)
+
+
+def test_pretrain_rows_and_their_deepspeed_configs():
+    from pipeline.settings import resolve_batch
+
+    assert gcp.parse_rows("all") == list(gcp.ALL_ROWS)
+    for bad in ("z0-fp16", "z4-bf16", "zero2-bf16", "z1-fp8", "z1-bf16,z1-bf16"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            gcp.parse_rows(bad)
+    cuda = gcp.plan_rows(list(gcp.ALL_ROWS), "cuda")
+    assert [(r.stage, r.precision, r.expect_optimizer) for r in cuda] == [
+        (0, "bf16", "FusedLamb"), (1, "bf16", "our Lamb"), (1, "fp16", "our Lamb"), (2, "bf16", "our Lamb"),
+        (2, "fp16", "our Lamb"), (3, "bf16", "our Lamb"), (3, "fp16", "our Lamb")]
+    assert {r.expect_optimizer for r in gcp.plan_rows(list(gcp.ALL_ROWS), "cpu")} == {"our Lamb"}
+    for row in [*cuda, gcp.PretrainRow(0, "fp32", "FusedLamb")]:
+        shipped = json.loads(row.shipped_config().read_text())
+        ds = gcp.derive_ds_config(row, 64, 2, 30, 10)
+        assert ds["zero_optimization"]["stage"] == row.stage
+        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (128, 64) and "gradient_accumulation_steps" not in ds
+        batch = resolve_batch(ds, 1)
+        assert (batch.micro, batch.accum) == (64, 2)
+        assert ds["scheduler"]["params"]["warmup_num_steps"] == 10 and ds["scheduler"]["params"]["total_num_steps"] == 30
+        assert ds["optimizer"] == shipped["optimizer"] and ds["optimizer"]["params"]["bias_correction"] is False
+        assert ds.get("fp16", {}).get("enabled", False) == (row.precision == "fp16")
+        assert ds.get("bf16", {}).get("enabled", False) == (row.precision == "bf16")
+        if row.stage == 0:
+            assert "data_types" not in ds and ds["zero_optimization"] == {"stage": 0}
+        elif row.stage > 1:  # the shipped stage's own settings are kept
+            assert ds["zero_optimization"] == shipped["zero_optimization"]
+
+
+def test_resume_comparison_is_bit_exact():
+    straight = {"1": [9.0, 9.1], "4": [8.0, 8.1], "5": [7.5, 7.25], "6": [7.0, 6.9]}
+    assert gcp.compare_resume(straight, {"5": [7.5, 7.25], "6": [7.0, 6.9]}, 4, 4, 6).ok
+    first = gcp.compare_resume(straight, {"5": [7.5, 7.250000001], "6": [7.0, 6.9]}, 4, 4, 6)
+    assert not first.ok and first.note.startswith("step 5:") and "first step after the checkpoint" in first.note
+    later = gcp.compare_resume(straight, {"5": [7.5, 7.25], "6": [7.0, 6.8999]}, 4, 4, 6)
+    assert not later.ok and later.note.startswith("step 6:") and "step 5 matched" in later.note
+    assert "started at step 0" in gcp.compare_resume(straight, {"5": [7.5, 7.25], "6": [7.0, 6.9]}, 0, 4, 6).note
+    assert "no loss recorded for step(s) 6" in gcp.compare_resume(straight, {"5": [7.5, 7.25]}, 4, 4, 6).note
+    assert not gcp.compare_resume({"5": [float("nan")]}, {"5": [float("nan")]}, 4, 4, 5).ok  # NaN is never exact
+
+
+
+def row_result(tmp_path, row, *, rc=0, optimizer="our multi-tensor LAMB (ZeRO-2 partitions)", probe_optimizer="Lamb",
+               syncs=1, resumed_rc=0, resumed=None, export=True, log_extra=""):
+    """A RowResult as the section would have made it, from constructed process outcomes."""
+    folder = tmp_path / row.key
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "straight.log"
+    log.write_text(f"12:00:00 [rank 0] INFO albert-pretrain: optimizer: {optimizer}\n{log_extra}")
+    losses = {str(s): [10.0 - 0.1 * s, 10.05 - 0.1 * s] for s in range(1, 31)}
+    probe = {"start_step": 0, "losses": losses, "optimizer": probe_optimizer, "peak_memory_bytes": 5 * 2**30,
+             "syncs": {"max": syncs, "mean": syncs, "steps": list(range(3, 20)), "seconds_mean": 0.05, "per_step_by_source":
+                       {} if syncs is None else {"pipeline/pretrain.py:470": 1.0, "deepspeed/utils/timer.py:237 (synchronize)": syncs - 1.0}}}
+    r = gcp.RowResult(row, flops_per_step=4e12, samples_per_step=128, nominal_peak=989e12)
+    r.straight = gcp.ProcessResult(rc, 20.0, log, probe if rc == 0 else None)
+    if rc == 0:
+        resumed_losses = resumed or {k: v for k, v in losses.items() if int(k) > 20}
+        rlog = folder / "resumed.log"
+        rlog.write_text("RuntimeError: resumed run broke\n" if resumed_rc else "")
+        r.resumed = gcp.ProcessResult(resumed_rc, 15.0, rlog, {"start_step": 20, "losses": resumed_losses} if resumed_rc == 0 else None)
+        if resumed_rc == 0:
+            r.resume = gcp.compare_resume(losses, resumed_losses, 20, 20, 30)
+        r.export = gcp.Check(export, "AlbertForPreTraining loads" if export else "from_pretrained failed: missing keys")
+    return r
+
+
+def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
+    rows = gcp.plan_rows(list(gcp.ALL_ROWS), "cuda")
+    z0, z1b, z1h, z2b, z2h, z3b, z3h = rows
+    fused = "DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)"
+    results = [
+        row_result(tmp_path, z0, optimizer=fused, probe_optimizer="FusedLamb"),  # passes
+        row_result(tmp_path, z1b, syncs=3),  # too many host syncs
+        row_result(tmp_path, z1h, resumed={str(s): [1.0, 1.0] for s in range(21, 31)}),  # resumed losses differ
+        row_result(tmp_path, z2b, rc=1, log_extra="Traceback (most recent call last):\nRuntimeError: CUDA error: out of memory\n"),
+        row_result(tmp_path, z2h, rc=None),  # timed out
+        row_result(tmp_path, z3b, export=False),
+        row_result(tmp_path, z3h, resumed_rc=1),
+    ]
+    problems = {r.row.key: gcp.row_problems(r, count_syncs=True) for r in results}
+    assert problems["z0-bf16"] == []
+    assert problems["z1-bf16"] == ["3 host syncs in one optimizer step (at most 1): 1 x pipeline/pretrain.py:470, "
+                                   "2 x deepspeed/utils/timer.py:237 (synchronize)"]
+    assert problems["z1-fp16"][0].startswith("resume not exact: step 21:")
+    assert problems["z2-bf16"] == ["albert-pretrain exited 1: RuntimeError: CUDA error: out of memory"]
+    assert problems["z2-fp16"][0].startswith("albert-pretrain timed out after 20 s (log: ")
+    assert problems["z3-bf16"] == ["export: from_pretrained failed: missing keys"]
+    assert problems["z3-fp16"] == ["resumed albert-pretrain exited 1: RuntimeError: resumed run broke"]
+
+    report = gpu_check.Report()
+    gcp.report_rows(results, True, report)
+    assert gpu_check.exit_code(report) == 1 and gpu_check.exit_code(gpu_check.Report()) == 0
+    assert len(report.failures) == 6
+    for r, failure in zip(results[1:], report.failures, strict=True):
+        assert failure.startswith(f"albert-pretrain {r.row.name} ({r.row.key}): ")
+
+    (headers, cells), = markdown_tables(gcp.format_table(results, count_syncs=True))
+    assert headers == gcp.HEADERS
+    by_key = {r.row.key: dict(zip(headers, c)) for r, c in zip(results, cells, strict=True)}
+    good = by_key["z0-bf16"]
+    assert (good["optimizer"], good["samples/s"], good["host syncs / step"], good["peak GPU memory (MiB)"]) == ("FusedLamb", "2,560", "1", "5,120")
+    assert good["MFU (nominal peak)"] == f"{4e12 / 0.05 / 989e12:.1%}" and good["result"] == "PASS"
+    assert (good["resume exact"], good["export loads"]) == ("yes", "yes")
+    assert by_key["z1-fp16"]["resume exact"] == "no" and by_key["z3-bf16"]["export loads"] == "no"
+    assert by_key["z2-bf16"]["result"].startswith("FAIL: albert-pretrain exited 1") and by_key["z2-bf16"]["samples/s"] == "-"
+    assert all(c["result"].startswith("FAIL") for k, c in by_key.items() if k != "z0-bf16")
+
+
+def test_the_fusedlamb_row_fails_unless_the_log_says_fusedlamb_ran(tmp_path):
+    (z0,) = gcp.plan_rows(["z0-bf16"], "cuda")
+    # albert-pretrain falls back to our LAMB when FusedLamb cannot be built: the ZeRO-0 row must not pass then
+    fell_back = row_result(tmp_path, z0, optimizer="our multi-tensor LAMB (ZeRO-0, whole tensors); DeepSpeed FusedLamb off: "
+                                                   "its JIT build failed (CalledProcessError: ...)")
+    assert gcp.row_problems(fell_back, True) == [
+        "expected FusedLamb but the log says our Lamb (DeepSpeed wraps Lamb)"]
+    silent = row_result(tmp_path, z0, optimizer="nothing about the optimizer")
+    assert "the log says no optimizer line" in gcp.row_problems(silent, True)[0]
+    not_built = gcp.RowResult(z0, error="not run: the row needs DeepSpeed's FusedLamb, which is not available here (...)")
+    assert gcp.row_problems(not_built, True) == [not_built.error]
+    # on CPU the ZeRO-0 row runs our LAMB, and host syncs are not counted
+    (cpu_z0,) = gcp.plan_rows(["z0-bf16"], "cpu")
+    cpu = row_result(tmp_path, cpu_z0, optimizer="our multi-tensor LAMB (ZeRO-0, whole tensors)", syncs=None)
+    assert gcp.row_problems(cpu, count_syncs=False) == []
+    (headers, cells), = markdown_tables(gcp.format_table([cpu], count_syncs=False, cuda=False))
+    assert headers == gcp.CPU_HEADERS and cells[0][5] == "n/a (CPU)" and cells[0][-1] == "PASS"
+    # a row left out for the time budget is reported, not failed
+    skipped = gcp.RowResult(z0, skipped=["skipped: budget (3 s left of 450 s; needs about 25 s)"])
+    assert gcp.row_problems(skipped, True) == []
+    (_, cells), = markdown_tables(gcp.format_table([skipped], count_syncs=True))
+    assert cells[0][-1].startswith("skipped: budget")
+
+
+def test_the_script_exits_non_zero_naming_the_rows_that_could_not_run(tmp_path):
+    """End to end through gpu_check.py's exit code: section 5 given no usable shards fails every row, by name."""
+    proc = run_check("--smoke", "--sections", "5", "--pretrain-data", str(tmp_path / "no-shards"), timeout=180)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    (headers, rows), = markdown_tables(section(proc.stdout, 5))
+    assert [r[-1].split(": ")[:2] for r in rows] == [["FAIL", "not run"]] * 2
+    verdict = proc.stdout.strip().splitlines()[-1]
+    assert verdict.startswith("2 check(s) FAILED: albert-pretrain ZeRO-0 bf16 (z0-bf16): not run: no shards")
+    assert "albert-pretrain ZeRO-3 fp16 (z3-fp16): not run: no shards" in verdict and "no readable manifest.json" in verdict
+
+
+def test_fp16_rows_allow_the_loss_scalers_own_read(tmp_path):
+    """DeepSpeed's fp16 loss scaler reads its overflow flag every step: one sync more than bf16 is allowed there."""
+    z1h = next(r for r in gcp.plan_rows(list(gcp.ALL_ROWS), "cuda") if r.key == "z1-fp16")
+    assert gcp.row_problems(row_result(tmp_path, z1h, syncs=2), count_syncs=True) == []
+    assert "(at most 2)" in gcp.row_problems(row_result(tmp_path, z1h, syncs=3), count_syncs=True)[0]

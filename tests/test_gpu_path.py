@@ -156,3 +156,14 @@ def test_bf16_fp32_accumulation_at_zero0_is_refused_in_one_line():
         check_precision(ds, allow_fp16_on_cpu=False)
     ds["zero_optimization"]["stage"] = 1
     assert check_precision(ds, allow_fp16_on_cpu=False) == "bf16"
+
+
+def test_deepspeed_throughput_timer_is_off_unless_the_config_sets_it(tmp_path):
+    """DeepSpeed's throughput timer synchronises the GPU twice per micro-batch; the loop reports throughput itself."""
+    from pipeline.settings import load_ds_config
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(ds_config(2)))
+    assert load_ds_config(path, 2)[0]["timers"] == {"throughput": {"enabled": False}}
+    path.write_text(json.dumps({**ds_config(2), "timers": {"throughput": {"enabled": True, "synchronized": False}}}))
+    assert load_ds_config(path, 2)[0]["timers"]["throughput"]["enabled"] is True
