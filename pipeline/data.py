@@ -271,3 +271,13 @@ class PretrainingData:
             self._stop.set()
             self._thread.join(timeout=10)
             self._thread = None
+
+
+def to_device(batch: dict, device) -> dict:
+    """The CPU batch on the device (asynchronous copies from the loader's pinned memory on CUDA). A batch without
+    padding goes without its input mask, so that attention runs without one: the flash kernel takes no mask.
+    Decided on the CPU tensor, so no host sync."""
+    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "input_mask"}
+    if not bool(batch["input_mask"].all()):
+        out["input_mask"] = batch["input_mask"].to(device, non_blocking=True)
+    return out

@@ -82,6 +82,24 @@ class BatchRecorder:
         self.file.close()
 
 
+def train_record(engine, sums: dict[str, float], seconds: float, data_wait: float, epoch: int, loss_scale: float) -> dict[str, Any]:
+    """The metrics line of a logged training step, logged too: `sums` from IntervalSums.reduce over `seconds`."""
+    grad_norm = engine.get_global_grad_norm()
+    record = {
+        "step": engine.global_steps, "samples": int(engine.global_samples), "loss": sums["loss"], "mlm_loss": sums["mlm_loss"],
+        "sop_loss": sums["sop_loss"], "mlm_accuracy": sums["mlm_accuracy"], "sop_accuracy": sums["sop_accuracy"],
+        "lr": float(engine.get_lr()[0]), "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "loss_scale": loss_scale, "samples_per_sec": sums["samples"] / seconds, "tokens_per_sec": sums["tokens"] / seconds,
+        "data_wait_sec": data_wait, "epoch": epoch,
+    }  # fmt: skip
+    log.info(
+        "step %d: loss %.4f (MLM %.4f, SOP %.4f), MLM acc %.3f, SOP acc %.3f, lr %.2e, %.1f samples/s, data wait %.2f s",
+        record["step"], record["loss"], record["mlm_loss"], record["sop_loss"], record["mlm_accuracy"], record["sop_accuracy"],
+        record["lr"], record["samples_per_sec"], record["data_wait_sec"],
+    )  # fmt: skip
+    return record
+
+
 class Metrics:
     def __init__(self, output: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled

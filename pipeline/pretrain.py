@@ -22,56 +22,10 @@ from typing import Any
 from data_prep.launchers import launcher_rank
 
 from .engine import build_engine, loss_scale
-from .metrics import BatchRecorder, IntervalSums, Metrics
-from .settings import BatchSizes, TrainError, check_data_against_model, fill_scheduler, load_ds_config
-
-EXAMPLE = (
-    "torchrun --nproc_per_node 2 -m pipeline.pretrain --deepspeed_config ds_configs/cpu-zero2-bf16-lamb.json "
-    "--model-config albert-tiny --data data/shards --eval-data data/eval --output runs/tiny --max-steps 200"
-)
+from .metrics import BatchRecorder, IntervalSums, Metrics, train_record
+from .settings import BatchSizes, TrainError, check_data_against_model, fill_scheduler, load_ds_config, parse_args
 
 log = logging.getLogger("albert-pretrain")
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="albert-pretrain",
-        description="Pretrain ALBERT (MLM + sentence-order prediction) on shards from `albert-data`, with DeepSpeed.",
-        epilog=f"example:\n  {EXAMPLE}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        allow_abbrev=False,  # slurm/pretrain.sbatch reads --data/--output from the arguments: no abbreviations
-    )
-    a = p.add_argument
-    a("--deepspeed_config", "--deepspeed-config", required=True, type=Path, help="DeepSpeed JSON config (batch, precision, ZeRO, optimizer, scheduler)")
-    a("--model-config", required=True, help="model config JSON (Hugging Face AlbertConfig keys) or a shipped name: albert-tiny, albert-base, ...")
-    a("--data", required=True, type=Path, help="shard folder with manifest.json (from `albert-data shard`)")
-    a("--eval-data", type=Path, default=None, help="shard folder for evaluation")
-    a("--output", required=True, type=Path, help="checkpoints/, tensorboard/, metrics.jsonl go here")
-    a("--max-steps", type=int, required=True, help="optimizer steps to train in all (a resumed run continues to this step)")
-    a("--save-interval", type=int, default=1000, help="save a checkpoint every N steps (and at the end)")
-    a("--eval-interval", type=int, default=1000, help="evaluate every N steps (and at the end)")
-    a("--eval-batches", type=int, default=100, help="micro-batches per rank in an evaluation")
-    a("--log-interval", type=int, default=10, help="write a metrics line every N steps")
-    a("--seed", type=int, default=42, help="model initialisation and data order")
-    a("--resume", default="auto", help="auto (newest complete checkpoint in OUTPUT), never, or a checkpoint folder")
-    a("--keep-checkpoints", type=int, default=3, help="complete checkpoints to keep")
-    a("--init-from", type=Path, default=None, help="start from the weights of a Hugging Face ALBERT folder (albert-export output)")
-    a("--activation-checkpointing", action="store_true", help="recompute layer activations in backward (long sequences)")
-    a("--attention", choices=["auto", "sdpa", "math"], default="auto",
-      help="sdpa: scaled_dot_product_attention (fused kernels); math: explicit form; auto: sdpa, except explicit on CPU in bf16")
-    a("--compile", choices=["auto", "on", "off"], default="auto",
-      help="torch.compile the shared layers and MLM head: auto = on CUDA only (no faster on CPU, measured)")
-    a("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
-    a("--no-fused-lamb", action="store_true", help="use our multi-tensor LAMB also where DeepSpeed's FusedLamb applies (CUDA, ZeRO-0)")
-    a("--no-malloc-tuning", action="store_true", help="CPU: keep glibc's malloc defaults (see pipeline/malloc.py)")
-    a("--no-tf32", action="store_true", help="GPU: fp32 matmuls in full IEEE precision instead of TF32 (Ampere and newer)")
-    a("--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping")
-    a("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
-    a("--allow-fp16-on-cpu", action="store_true", help="testing only: run DeepSpeed's fp16 path on a CPU that lacks fp16 support")
-    a("--record-batches", action="store_true", help="write each rank's examples (CRC32 of input_ids) per step to OUTPUT/batches-rank<r>.jsonl")
-    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
-    a("-v", "--verbose", action="store_true")
-    return p.parse_args(argv)
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -90,20 +44,10 @@ class StopRequest:
         log.warning("received %s: stopping after this step", signal.Signals(signum).name)
 
 
-def to_device(batch: dict, device) -> dict:
-    """The CPU batch on the device (asynchronous copies from the loader's pinned memory on CUDA). A batch without
-    padding goes without its input mask, so that attention runs without one: the flash kernel takes no mask.
-    Decided on the CPU tensor, so no host sync."""
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "input_mask"}
-    if not bool(batch["input_mask"].all()):
-        out["input_mask"] = batch["input_mask"].to(device, non_blocking=True)
-    return out
-
-
 def evaluate(run: Run, folder: Path, max_batches: int) -> dict[str, float]:
     import torch
 
-    from .data import PretrainingData
+    from .data import PretrainingData, to_device
 
     engine, batch = run.engine, run.batch
     data = PretrainingData(folder, batch.micro, 1, run.rank, batch.world, run.args.seed, pin_memory=run.device.type == "cuda")
@@ -217,6 +161,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     import torch
 
     from . import checkpoint as ckpt
+    from .data import to_device
 
     args, engine, data, batch, comm = run.args, run.engine, run.data, run.batch, run.comm
     step = start = engine.global_steps
@@ -270,7 +215,9 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             raise TrainError(f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); "
                              f"the last good checkpoint is in {run.ckpt_dir}")
         if step % args.log_interval == 0 or step == args.max_steps or stopping:
-            record = log_record(run, acc.reduce(), time.perf_counter() - t_last)
+            wait = comm.max_(comm.tensor([data.data_wait])).item()  # the slowest rank's
+            record = train_record(engine, acc.reduce(), time.perf_counter() - t_last, wait, data.state.epoch,
+                                  loss_scale(engine, run.precision))
             metrics.log(record)
             summary["first"] = summary["first"] or record
             summary["last"] = record
@@ -295,26 +242,6 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         recorder.close()
     summary["step"] = step
     return summary
-
-
-def log_record(run: Run, r: dict[str, float], seconds: float) -> dict[str, Any]:
-    """The metrics line of a logged step (collective: the data wait is the slowest rank's)."""
-    engine = run.engine
-    wait = run.comm.max_(run.comm.tensor([run.data.data_wait]))
-    grad_norm = engine.get_global_grad_norm()
-    record = {
-        "step": engine.global_steps, "samples": int(engine.global_samples), "loss": r["loss"], "mlm_loss": r["mlm_loss"],
-        "sop_loss": r["sop_loss"], "mlm_accuracy": r["mlm_accuracy"], "sop_accuracy": r["sop_accuracy"],
-        "lr": float(engine.get_lr()[0]), "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "loss_scale": loss_scale(engine, run.precision), "samples_per_sec": r["samples"] / seconds,
-        "tokens_per_sec": r["tokens"] / seconds, "data_wait_sec": float(wait.item()), "epoch": run.data.state.epoch,
-    }  # fmt: skip
-    log.info(
-        "step %d: loss %.4f (MLM %.4f, SOP %.4f), MLM acc %.3f, SOP acc %.3f, lr %.2e, %.1f samples/s, data wait %.2f s",
-        record["step"], r["loss"], r["mlm_loss"], r["sop_loss"], r["mlm_accuracy"], r["sop_accuracy"], record["lr"],
-        record["samples_per_sec"], record["data_wait_sec"],
-    )  # fmt: skip
-    return record
 
 
 def main(argv: list[str] | None = None) -> int:

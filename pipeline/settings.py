@@ -1,14 +1,63 @@
-"""Settings of a run, checked before any work: batch sizes from the DeepSpeed config, the schedule, data vs model.
+"""Settings of a run: albert-pretrain's command line, and the checks made before any work (batch sizes from the
+DeepSpeed config, the schedule, data vs model).
 
 Each problem is a `TrainError` with a one-line message that says what to change.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+EXAMPLE = (
+    "torchrun --nproc_per_node 2 -m pipeline.pretrain --deepspeed_config ds_configs/cpu-zero2-bf16-lamb.json "
+    "--model-config albert-tiny --data data/shards --eval-data data/eval --output runs/tiny --max-steps 200"
+)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="albert-pretrain",
+        description="Pretrain ALBERT (MLM + sentence-order prediction) on shards from `albert-data`, with DeepSpeed.",
+        epilog=f"example:\n  {EXAMPLE}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # slurm/pretrain.sbatch reads --data/--output from the arguments: no abbreviations
+    )
+    a = p.add_argument
+    a("--deepspeed_config", "--deepspeed-config", required=True, type=Path, help="DeepSpeed JSON config (batch, precision, ZeRO, optimizer, scheduler)")
+    a("--model-config", required=True, help="model config JSON (Hugging Face AlbertConfig keys) or a shipped name: albert-tiny, albert-base, ...")
+    a("--data", required=True, type=Path, help="shard folder with manifest.json (from `albert-data shard`)")
+    a("--eval-data", type=Path, default=None, help="shard folder for evaluation")
+    a("--output", required=True, type=Path, help="checkpoints/, tensorboard/, metrics.jsonl go here")
+    a("--max-steps", type=int, required=True, help="optimizer steps to train in all (a resumed run continues to this step)")
+    a("--save-interval", type=int, default=1000, help="save a checkpoint every N steps (and at the end)")
+    a("--eval-interval", type=int, default=1000, help="evaluate every N steps (and at the end)")
+    a("--eval-batches", type=int, default=100, help="micro-batches per rank in an evaluation")
+    a("--log-interval", type=int, default=10, help="write a metrics line every N steps")
+    a("--seed", type=int, default=42, help="model initialisation and data order")
+    a("--resume", default="auto", help="auto (newest complete checkpoint in OUTPUT), never, or a checkpoint folder")
+    a("--keep-checkpoints", type=int, default=3, help="complete checkpoints to keep")
+    a("--init-from", type=Path, default=None, help="start from the weights of a Hugging Face ALBERT folder (albert-export output)")
+    a("--activation-checkpointing", action="store_true", help="recompute layer activations in backward (long sequences)")
+    a("--attention", choices=["auto", "sdpa", "math"], default="auto",
+      help="sdpa: scaled_dot_product_attention (fused kernels); math: explicit form; auto: sdpa, except explicit on CPU in bf16")
+    a("--compile", choices=["auto", "on", "off"], default="auto",
+      help="torch.compile the shared layers and MLM head: auto = on CUDA only (no faster on CPU, measured)")
+    a("--no-compile", dest="compile", action="store_const", const="off", help="same as --compile off")
+    a("--no-fused-lamb", action="store_true", help="use our multi-tensor LAMB also where DeepSpeed's FusedLamb applies (CUDA, ZeRO-0)")
+    a("--no-malloc-tuning", action="store_true", help="CPU: keep glibc's malloc defaults (see pipeline/malloc.py)")
+    a("--no-tf32", action="store_true", help="GPU: fp32 matmuls in full IEEE precision instead of TF32 (Ampere and newer)")
+    a("--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping")
+    a("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
+    a("--allow-fp16-on-cpu", action="store_true", help="testing only: run DeepSpeed's fp16 path on a CPU that lacks fp16 support")
+    a("--record-batches", action="store_true", help="write each rank's examples (CRC32 of input_ids) per step to OUTPUT/batches-rank<r>.jsonl")
+    a("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+    a("-v", "--verbose", action="store_true")
+    return p.parse_args(argv)
 
 
 class TrainError(Exception):

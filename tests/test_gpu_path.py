@@ -81,7 +81,7 @@ def test_rng_state_carries_a_cuda_field():
 def test_unpadded_batches_go_without_a_mask_and_compute_the_same():
     from model_fixtures import make_batch, small_config
     from pipeline.model import AlbertForPreTraining
-    from pipeline.pretrain import to_device
+    from pipeline.data import to_device
 
     cfg = small_config()
     model = AlbertForPreTraining(cfg).eval()
