@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from bench_model import matmul_peaks, model_flops
+from harness import markdown_table, matmul_peaks, model_flops
 
 from data_prep.demo import prepare_demo_data
 from pipeline.distributed import free_port
@@ -122,14 +122,15 @@ def main() -> None:
           f"{torch.get_num_threads()} cores; median of steps {args.skip + 1}-{args.steps}; matmul peak fp32 "
           f"{peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")  # fmt: skip
     glibc = args.malloc_defaults
-    print("| config | precision | plain ms | fused ms | speed-up | fused tok/s | plain MFU | fused MFU | data wait plain | data wait fused |"
-          + (" plain, glibc malloc ms | our malloc vs glibc's |" if glibc else ""))
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if glibc else ""))
+    headers = ["config", "precision", "plain ms", "fused ms", "speed-up", "fused tok/s", "plain MFU", "fused MFU", "data wait plain",
+               "data wait fused", *(["plain, glibc malloc ms", "our malloc vs glibc's"] if glibc else [])]
+    cells = []
     for name, precision, r in rows:
         pl, fu, pk = r["plain"], r["fused"], peak[precision]
-        print(f"| {name} | {precision} | {pl['step_ms']:.0f} | {fu['step_ms']:.0f} | {pl['step_ms'] / fu['step_ms']:.2f}x | "
-              f"{fu['tokens_s']:.0f} | {pl['flop_s'] / pk:.1%} | {fu['flop_s'] / pk:.1%} | {pl['wait']:.2%} | {fu['wait']:.2%} |"
-              + (f" {r['glibc']['step_ms']:.0f} | {r['glibc']['step_ms'] / pl['step_ms']:.2f}x |" if glibc else ""))  # fmt: skip
+        cells.append([name, precision, f"{pl['step_ms']:.0f}", f"{fu['step_ms']:.0f}", f"{pl['step_ms'] / fu['step_ms']:.2f}x",
+                      f"{fu['tokens_s']:.0f}", f"{pl['flop_s'] / pk:.1%}", f"{fu['flop_s'] / pk:.1%}", f"{pl['wait']:.2%}", f"{fu['wait']:.2%}",
+                      *([f"{r['glibc']['step_ms']:.0f}", f"{r['glibc']['step_ms'] / pl['step_ms']:.2f}x"] if glibc else [])])
+    print(markdown_table(headers, cells, numeric=set(range(2, len(headers)))))
 
 
 if __name__ == "__main__":

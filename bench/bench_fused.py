@@ -4,7 +4,7 @@ For each config and precision: the plain model (explicit attention, eager) and t
 (SDPA or "auto" attention, torch.compile'd shared layer and MLM head), same weights, same batch.
 Their steps alternate so that noise from other work hits both alike; each path's fastest step is
 reported. A step is forward + backward + our LAMB's step. Compile time (the first step) is reported
-apart. MFU is against the matmul peak measured in the same run (see bench_model.py).
+apart. MFU is against the matmul peak measured in the same run (bench/harness.py).
 
 Example:
     python bench/bench_fused.py --configs albert-tiny --precisions fp32 --steps 3
@@ -13,11 +13,11 @@ Example:
 import argparse
 import copy
 import logging
-import time
+from functools import partial
 
 import torch
 import torch._dynamo
-from bench_model import make_batch, matmul_peaks, model_flops, sync, train_step
+from harness import make_batch, markdown_table, matmul_peaks, model_flops, time_steps, timed, train_step
 
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import Lamb, lamb_param_groups
@@ -25,14 +25,6 @@ from pipeline.malloc import tune_malloc
 from pipeline.model import AlbertConfig, AlbertForPreTraining
 
 log = logging.getLogger("bench_fused")
-
-
-def timed_step(model: AlbertForPreTraining, opt: torch.optim.Optimizer, batch: dict, device: torch.device, bf16: bool) -> float:
-    sync(device)
-    t = time.perf_counter()
-    train_step(model, opt, batch, device, torch.bfloat16 if bf16 else torch.float32)
-    sync(device)
-    return time.perf_counter() - t
 
 
 def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.device, seq: int, batch_size: int) -> dict:
@@ -46,21 +38,18 @@ def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.devic
     apply_fused(plain, PLAIN, device)
     for line in apply_fused(fused, FusedOptions(attention=args.attention, compile="on"), device):
         log.info("%s: %s", name, line)
-    batch = {k: v.to(device) for k, v in make_batch(cfg, batch_size, seq, args.predictions).items()}
-    runs = {k: (m, Lamb(lamb_param_groups(m, 0.01), lr=1e-4)) for k, m in (("plain", plain), ("fused", fused))}
-    first = {k: timed_step(m, o, batch, device, bf16) for k, (m, o) in runs.items()}  # fused: includes compiling
-    times = {k: [] for k in runs}
-    for i in range(args.warmup + args.steps):
-        for k, (m, o) in (runs.items() if i % 2 == 0 else reversed(runs.items())):
-            dt = timed_step(m, o, batch, device, bf16)
-            if i >= args.warmup:
-                times[k].append(dt)
+    batch = make_batch(cfg, batch_size, seq, args.predictions, device=device)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    steps = {k: partial(train_step, m, Lamb(lamb_param_groups(m, 0.01), lr=1e-4), batch, device, dtype)
+             for k, m in (("plain", plain), ("fused", fused))}
+    first = {k: timed(step, device)[0] for k, step in steps.items()}  # fused: includes compiling
+    times = time_steps(steps, args.warmup, args.steps, device)
     flops = model_flops(cfg, batch_size, seq, args.predictions)
     row = {"config": name, "dtype": "bf16" if bf16 else "fp32", "compile_s": first["fused"] - first["plain"], "seq": seq, "batch": batch_size}
     for k, ts in times.items():
-        row[f"{k}_ms"] = 1000 * min(ts)  # noise only ever adds time: the fastest step is the cleanest
-        row[f"{k}_tok_s"] = batch_size * seq / min(ts)
-        row[f"{k}_flop_s"] = flops / min(ts)
+        row[f"{k}_ms"] = 1000 * ts.fastest
+        row[f"{k}_tok_s"] = batch_size * seq / ts.fastest
+        row[f"{k}_flop_s"] = flops / ts.fastest
     log.info("%s %s seq %d: plain %.1f ms, fused %.1f ms (first fused step +%.0f s)", name, row["dtype"], seq, row["plain_ms"], row["fused_ms"], row["compile_s"])
     return row
 
@@ -98,13 +87,11 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
     print(f"\n{where}; {args.predictions} predictions per sequence; step = fwd + bwd + LAMB; "
           f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")
-    print("| config | precision | batch x seq | plain ms | fused ms | plain tok/s | fused tok/s | speed-up | plain MFU | fused MFU | compile s |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
-        pk = peak[r["dtype"]]
-        print(f"| {r['config']} | {r['dtype']} | {r['batch']} x {r['seq']} | {r['plain_ms']:.1f} | {r['fused_ms']:.1f} | {r['plain_tok_s']:.0f} | "
-              f"{r['fused_tok_s']:.0f} | {r['plain_ms'] / r['fused_ms']:.2f}x | {r['plain_flop_s'] / pk:.1%} | "
-              f"{r['fused_flop_s'] / pk:.1%} | {r['compile_s']:.0f} |")
+    cells = [[r["config"], r["dtype"], f"{r['batch']} x {r['seq']}", f"{r['plain_ms']:.1f}", f"{r['fused_ms']:.1f}", f"{r['plain_tok_s']:.0f}",
+              f"{r['fused_tok_s']:.0f}", f"{r['plain_ms'] / r['fused_ms']:.2f}x", f"{r['plain_flop_s'] / peak[r['dtype']]:.1%}",
+              f"{r['fused_flop_s'] / peak[r['dtype']]:.1%}", f"{r['compile_s']:.0f}"] for r in rows]
+    print(markdown_table(["config", "precision", "batch x seq", "plain ms", "fused ms", "plain tok/s", "fused tok/s", "speed-up",
+                          "plain MFU", "fused MFU", "compile s"], cells, numeric=set(range(3, 11))))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import importlib.util
 import logging
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time

@@ -13,74 +13,20 @@ Example:
 """
 
 import argparse
-import contextlib
 import logging
 import os
-import time
+from functools import partial
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from harness import CPU, make_batch, markdown_table, matmul_peaks, model_flops, time_steps, train_step  # noqa: E402
 
 from pipeline.hf import to_hf_state_dict  # noqa: E402
 from pipeline.malloc import tune_malloc  # noqa: E402
 from pipeline.model import AlbertConfig, AlbertForPreTraining  # noqa: E402
 
 log = logging.getLogger("bench_model")
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5, device: torch.device | str = "cpu") -> float:
-    """Best FLOP/s of an n x n x n matmul."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else lambda: None
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def matmul_peaks(precisions: list[str], device: torch.device | str = "cpu", before: dict[str, float] | None = None) -> dict[str, float]:
-    """{precision: FLOP/s} of a large matmul; with `before` (measured before the models), the better of the two:
-    other work on a shared machine lowers the peak for a while."""
-    return {k: max(matmul_peak(PRECISIONS[k], device=device), (before or {}).get(k, 0.0)) for k in precisions}
-
-
-def model_flops(cfg: AlbertConfig, batch: int, seq: int, predictions: int, gathered_last_layer: bool = True) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3 x forward). gathered_last_layer: as our model
-    runs it, the last layer's queries, attention output and FFN for the [CLS] and prediction rows only (keys
-    and values for all tokens); False: the full last layer, as transformers' model computes it."""
-    H, E, I, V = cfg.hidden_size, cfg.embedding_size, cfg.intermediate_size, cfg.vocab_size
-    layers = cfg.num_hidden_layers * cfg.inner_group_num
-    qo, kv, ffn, attention = 2 * 2 * H * H, 2 * 2 * H * H, 2 * 2 * H * I, 2 * 2 * seq * H  # per row
-    layer = seq * (qo + kv + ffn + attention)
-    last = seq * kv + (1 + predictions) * (qo + ffn + attention) if gathered_last_layer else layer
-    per_sequence = seq * 2 * E * H + (layers - 1) * layer + last + predictions * (2 * H * E + 2 * E * V)
-    return 3 * batch * per_sequence
-
-
-def make_batch(cfg: AlbertConfig, batch: int, seq: int, predictions: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Pretraining-like batch: ~10% short sequences, 15% of tokens masked (at most `predictions`)."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)
-    lengths = torch.where(torch.rand(batch, generator=g) < 0.1, torch.randint(seq // 4, seq, (batch,), generator=g), seq)
-    mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
-    positions = torch.zeros(batch, predictions, dtype=torch.long)
-    for b in range(batch):
-        n = min(predictions, max(1, round(0.15 * int(lengths[b]))))
-        positions[b, :n] = (torch.randperm(int(lengths[b]) - 2, generator=g)[:n] + 1).sort().values
-    return {
-        "input_ids": ids * mask, "input_mask": mask, "segment_ids": (torch.arange(seq)[None, :] >= lengths[:, None] // 2).long() * mask,
-        "masked_lm_positions": positions, "masked_lm_ids": torch.randint(5, cfg.vocab_size, (batch, predictions), generator=g) * (positions > 0),
-        "next_sentence_labels": torch.randint(0, 2, (batch,), generator=g),
-    }
 
 
 def hf_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -90,41 +36,6 @@ def hf_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         labels[b, batch["masked_lm_positions"][b][valid[b]]] = batch["masked_lm_ids"][b][valid[b]]
     return {"input_ids": batch["input_ids"], "attention_mask": batch["input_mask"], "token_type_ids": batch["segment_ids"],
             "labels": labels, "sentence_order_label": batch["next_sentence_labels"]}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def autocast(device: torch.device, dtype: torch.dtype):
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
-
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, batch: dict[str, torch.Tensor], device: torch.device,
-               dtype: torch.dtype = torch.float32, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
-    """One training step of our model (the benchmarks' unit): autocast forward unless fp32, backward (through
-    `scaler`'s loss scale if given), optimizer step; returns the loss."""
-    with autocast(device, dtype):
-        loss = model(**batch).loss
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.detach()
-
-
-def step_time(model: torch.nn.Module, inputs: dict, bf16: bool) -> float:
-    model.zero_grad(set_to_none=True)
-    t = time.perf_counter()
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(**inputs).loss
-    loss.backward()
-    return time.perf_counter() - t
 
 
 def compare(name: str, bf16: bool, args: argparse.Namespace) -> dict:
@@ -137,18 +48,14 @@ def compare(name: str, bf16: bool, args: argparse.Namespace) -> dict:
     hf = transformers.AlbertForPreTraining(hf_cfg).train()
     hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)  # same weights (decoder is tied)
     batch = make_batch(cfg, args.batch, args.seq, args.predictions)
-    runs = {"ours": (ours, batch), "hf": (hf, hf_inputs(batch))}
-    times = {k: [] for k in runs}
-    for i in range(args.warmup + args.steps):
-        for k, (model, inputs) in (runs.items() if i % 2 == 0 else reversed(runs.items())):
-            dt = step_time(model, inputs, bf16)
-            if i >= args.warmup:
-                times[k].append(dt)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    steps = {"ours": partial(train_step, ours, None, batch, CPU, dtype), "hf": partial(train_step, hf, None, hf_inputs(batch), CPU, dtype)}
+    times = time_steps(steps, args.warmup, args.steps)
     flops = {"ours": model_flops(cfg, args.batch, args.seq, args.predictions),  # what each really computes
              "hf": model_flops(cfg, args.batch, args.seq, args.predictions, gathered_last_layer=False)}
     row = {"config": name, "precision": "bf16 autocast" if bf16 else "fp32", "dtype": "bf16" if bf16 else "fp32"}
     for k, ts in times.items():
-        t = min(ts)  # noise from other work only ever adds time: the fastest step is the cleanest
+        t = ts.fastest
         row[f"{k}_tok_s"] = args.batch * args.seq / t
         row[f"{k}_flop_s"] = flops[k] / t
     row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
@@ -189,11 +96,9 @@ def main() -> None:
 
     print(f"\nbatch {args.batch} x seq {args.seq}, {args.predictions} predictions, {args.threads} threads; "
           f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s\n")
-    print("| config | precision | ours tok/s | HF tok/s | ours / HF | ours MFU | HF MFU |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        print(f"| {r['config']} | {r['precision']} | {r['ours_tok_s']:.0f} | {r['hf_tok_s']:.0f} | "
-              f"{r['speedup']:.2f}x | {r['ours_mfu']:.1%} | {r['hf_mfu']:.1%} |")
+    print(markdown_table(["config", "precision", "ours tok/s", "HF tok/s", "ours / HF", "ours MFU", "HF MFU"],
+                         [[r["config"], r["precision"], f"{r['ours_tok_s']:.0f}", f"{r['hf_tok_s']:.0f}", f"{r['speedup']:.2f}x",
+                           f"{r['ours_mfu']:.1%}", f"{r['hf_mfu']:.1%}"] for r in rows], numeric={2, 3, 4, 5, 6}))
 
 
 if __name__ == "__main__":

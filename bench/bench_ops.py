@@ -24,12 +24,11 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from functools import partial
 
 import torch
 import torch.nn.functional as F
-from bench_model import make_batch, train_step
+from harness import CPU, make_batch, time_step, time_steps, train_step
 
 from pipeline.fused import gelu_tanh_by_sigmoid
 from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
@@ -37,14 +36,21 @@ from pipeline.malloc import malloc_tuning_unavailable, tune_malloc
 from pipeline.model import AlbertConfig, AlbertForPreTraining
 
 
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
+PROFILED_STEPS = 3
+
+
 def best_ms(fn, reps: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * min(times)
+    """The fastest of `reps` calls after one untimed call, in ms."""
+    return 1000 * time_step(fn, 1, reps).fastest
+
+
+def profile_ops(step) -> list:
+    """The profiler's per-op totals over PROFILED_STEPS calls of `step` (CPU time in us)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for _ in range(PROFILED_STEPS):
+            step()
+    return prof.key_averages()
 
 
 def step_profile() -> None:
@@ -53,21 +59,14 @@ def step_profile() -> None:
     model = AlbertForPreTraining(cfg).train()
     opt = Lamb(lamb_param_groups(model, 0.01), lr=1e-4)
     batch = make_batch(cfg, 8, 128, 20)
-
-    def step() -> None:
-        train_step(model, opt, batch, torch.device("cpu"), torch.bfloat16)
-
+    step = partial(train_step, model, opt, batch, CPU, torch.bfloat16)
     for _ in range(3):
         step()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(3):
-            step()
-    groups = {"matmuls": ("aten::mm", "aten::addmm", "aten::bmm"), "softmax / log-softmax": ("softmax",),
-              "gelu": ("gelu",), "dtype copies": ("aten::copy_",)}  # fmt: skip
-    events = prof.key_averages()
+    events = profile_ops(step)
+    groups = {"matmuls": MATMUL_OPS, "softmax / log-softmax": ("softmax",), "gelu": ("gelu",), "dtype copies": ("aten::copy_",)}
     total = sum(e.self_cpu_time_total for e in events)
     lamb = next((e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#Lamb")), 0)
-    print(f"\n1. albert-tiny bf16 step (batch 8 x 128), share of CPU time ({total / 3e3:.0f} ms a step):")
+    print(f"\n1. albert-tiny bf16 step (batch 8 x 128), share of CPU time ({total / PROFILED_STEPS / 1e3:.0f} ms a step):")
     for name, keys in groups.items():
         share = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys)) / total
         print(f"   {name:22s} {share:6.1%}")
@@ -84,28 +83,17 @@ def fused_profile() -> None:
     torch.manual_seed(0)
     plain = AlbertForPreTraining(cfg).train().to(torch.bfloat16)
     fused = copy.deepcopy(plain)
-    apply_fused(plain, PLAIN, torch.device("cpu"))
-    apply_fused(fused, FusedOptions(compile="on"), torch.device("cpu"))
+    apply_fused(plain, PLAIN, CPU)
+    apply_fused(fused, FusedOptions(compile="on"), CPU)
     batch = make_batch(cfg, 8, 128, 20)
-    steps = {name: (lambda m=m: (m(**batch).loss.backward(), m.zero_grad(set_to_none=True))) for name, m in (("plain", plain), ("compiled", fused))}
-    for step in steps.values():
-        for _ in range(3):  # compiles, warms up
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(10):  # alternating, so that noise hits both alike
-        for name, step in steps.items():
-            t = time.perf_counter()
-            step()
-            times[name].append(1000 * (time.perf_counter() - t))
-    best = {name: min(ts) for name, ts in times.items()}
+    steps = {name: partial(train_step, m, None, batch, CPU) for name, m in (("plain", plain), ("compiled", fused))}
+    times = time_steps(steps, 3, 10)  # warmup: compiling, then settling
+    best = {name: 1000 * ts.fastest for name, ts in times.items()}
     print("\n5. albert-tiny forward + backward, bf16 weights, batch 8 x 128, vocabulary 8,000:")
     for name, step in steps.items():
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                step()
-        events = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in events) / 3e3
-        matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::addmm", "aten::bmm")) / 3e3
+        events = profile_ops(step)
+        total = sum(e.self_cpu_time_total for e in events) / PROFILED_STEPS / 1e3
+        matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / PROFILED_STEPS / 1e3
         print(f"   {name:8s} fastest step {best[name]:.1f} ms; profiled {total:.1f} ms a step: matmuls {matmul:.1f} ms "
               f"({matmul / total:.0%}), the rest {total - matmul:.1f} ms")
     print(f"   compiled / plain: {best['plain'] / best['compiled']:.2f}x")
@@ -119,11 +107,7 @@ def malloc_child(config: str, tuned: bool, steps: int) -> None:
     torch.manual_seed(0)
     model = AlbertForPreTraining(cfg).train().to(torch.bfloat16)
     batch = make_batch(cfg, 8, 128, 20)
-
-    def step() -> None:
-        model(**batch).loss.backward()
-        model.zero_grad(set_to_none=True)
-
+    step = partial(train_step, model, None, batch, CPU)
     step()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     ms = best_ms(step, reps=steps)

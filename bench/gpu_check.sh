@@ -33,7 +33,7 @@ cd "$REPO"
 # what the check imports beyond torch, asked first: a GPU image without them fails here with a clear line
 python3 -c 'import deepspeed, safetensors, h5py' 2>/dev/null || {
     echo "gpu_check.sh: python3 cannot import deepspeed, safetensors and h5py; on an offline GPU machine carry the wheels" \
-         "from bench/gpu_wheels.sh (README: GPU check)" >&2
+         "from bench/gpu_wheels.sh (docs/performance.md: GPU check)" >&2
     exit 2
 }
 # section 5 also needs transformers (does the export load?) and, to make its shards from the Wikipedia excerpt

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench_model import model_flops
+from gpu_check_common import Budget, Peaks, Report, SectionSkipped
+from harness import markdown_table, model_flops
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "pretrain_probe.py"
@@ -569,18 +570,11 @@ def row_cells(r: RowResult, count_syncs: bool) -> list[str]:
     ]
 
 
-def markdown_table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---:" if i in numeric else "---" for i in range(len(headers))) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def format_table(results: list[RowResult], count_syncs: bool, cuda: bool = True) -> str:
     return markdown_table(HEADERS if cuda else CPU_HEADERS, [row_cells(r, count_syncs) for r in results], numeric={3, 4, 6})
 
 
-def report_rows(results: list[RowResult], count_syncs: bool, report: Any) -> None:
+def report_rows(results: list[RowResult], count_syncs: bool, report: Report) -> None:
     """One failure per failing row, naming it (gpu_check then exits non-zero)."""
     for r in results:
         problems = row_problems(r, count_syncs)
@@ -639,9 +633,9 @@ def hf_loads(folder: Path, shards: Path) -> Check:
 # --------------------------------------------------------------------------------------------- the section
 
 
-def pretrain_section(args: argparse.Namespace, device: Any, budget: Any, report: Any, peaks: Any, fused_reason: str | None,
+def pretrain_section(args: argparse.Namespace, device: Any, budget: Budget, report: Report, peaks: Peaks | None, fused_reason: str | None,
                      prep: ShardPrep | None) -> None:
-    """Section 5 (see the module docstring). `budget`, `report` and `peaks` are gpu_check's."""
+    """Section 5 (see the module docstring)."""
     import tempfile
 
     s = Settings.from_args(args)
@@ -694,7 +688,7 @@ def model_config(name: str, attrs: dict[str, Any]) -> Any:
 
 
 def run_rows(results: list[RowResult], s: Settings, cfg: Any, attrs: dict[str, Any], shards: Path, work: Path, device: Any,
-             budget: Any, est: dict[str, float], peaks: Any, fused_reason: str | None) -> dict[str, Any]:
+             budget: Budget, est: dict[str, float], peaks: Peaks | None, fused_reason: str | None) -> dict[str, Any]:
     from pipeline.checkpoint import tag_for
 
     cuda = device.type == "cuda"
@@ -720,7 +714,7 @@ def run_rows(results: list[RowResult], s: Settings, cfg: Any, attrs: dict[str, A
                 continue
             try:
                 budget.check(est["straight"], reserve_s=waves * est["resume_wave"])
-            except Exception as e:  # SectionSkipped: the rest of the rows do not fit either
+            except SectionSkipped as e:  # the rest of the rows do not fit either
                 r.skipped.append(str(e))
                 continue
             folder = work / r.row.key
@@ -783,7 +777,7 @@ def _resume(cmd: list[str], folder: Path, device_type: str, timeout: Callable[[]
     return ProcessResult(rc, seconds, folder / "resumed.log", read_probe(folder / "resumed.json"))
 
 
-def emit_section(results: list[RowResult], s: Settings, device: Any, report: Any, facts: dict[str, Any], prep: ShardPrep | None) -> None:
+def emit_section(results: list[RowResult], s: Settings, device: Any, report: Report, facts: dict[str, Any], prep: ShardPrep | None) -> None:
     cuda = device.type == "cuda"
     cfg = facts.get("cfg")
     model = s.config
@@ -811,7 +805,7 @@ def emit_section(results: list[RowResult], s: Settings, device: Any, report: Any
         f"checkpoint to step {s.steps}, whose per-step losses must equal the straight run's bit for bit (resume exact), with {det}.",
         f"- samples/s and MFU: the mean of the clean steps' times (steps 3 to {s.save_step - 1}: not the first two, no logging, "
         "saving or evaluation in or just before them), host clock between optimizer-step boundaries; MFU = model matmul FLOPs "
-        "(bench_model.model_flops) per second against the GPU's nominal dense bf16/fp16 peak.",
+        "(bench/harness.py model_flops) per second against the GPU's nominal dense bf16/fp16 peak.",
         ("- host syncs / step: the most in one clean step (torch.cuda.set_sync_debug_mode('warn') warnings, plus calls of "
          f"torch.cuda.synchronize and Event.synchronize, which that mode does not report); a row fails above {MAX_SYNCS}, "
          f"an fp16 row above {MAX_SYNCS_FP16} (DeepSpeed's loss scaler reads its overflow flag every step). "

@@ -22,7 +22,10 @@ sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 import gpu_check
+import gpu_check_common as common
+import gpu_check_parity
 import gpu_check_pretrain as gcp
+import gpu_check_steps
 import pretrain_probe
 
 
@@ -65,7 +68,7 @@ def test_smoke_run_prints_every_table(smoke):
     assert "all checks passed" in out
 
     (headers, rows), = markdown_tables(section(out, 1))
-    assert headers == gpu_check.STEP_HEADERS
+    assert headers == gpu_check_steps.STEP_HEADERS
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
         ("albert-tiny", shape, precision, "our Lamb") for shape in ("8 x 32", "4 x 64") for precision in ("fp32", "bf16")]
     for r in rows:
@@ -112,39 +115,39 @@ def test_smoke_run_prints_every_table(smoke):
     ("NVIDIA H100 NVL", None), ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 3090", None), ("cpu", None),
 ])
 def test_nominal_peak_by_device_name(name, tflops):
-    assert gpu_check.nominal_peak_tflops(name) == tflops
+    assert common.nominal_peak_tflops(name) == tflops
 
 
 def test_peak_override_and_unknown():
-    assert gpu_check.resolve_peaks(torch.device("cpu"), 500.0).nominal == 500e12
-    peaks = gpu_check.resolve_peaks(torch.device("cpu"), None)
+    assert common.resolve_peaks(torch.device("cpu"), 500.0).nominal == 500e12
+    peaks = common.resolve_peaks(torch.device("cpu"), None)
     assert peaks.nominal is None and "unknown" in peaks.describe()
 
 
 def test_lamb_parity_is_zero_against_itself_and_catches_a_different_rule():
     cfg = small_config()
     cpu = torch.device("cpu")
-    batches = gpu_check.batches_on(cpu, cfg, 4, 32, count=2)
-    params = gpu_check.shipped_lamb_params()
+    batches = common.batches_on(cpu, cfg, 4, 32, count=2)
+    params = common.shipped_lamb_params()
     on, off = {**params, "bias_correction": True}, {**params, "bias_correction": False}
     tol = 1e-5  # the default of --parity-tol
 
-    same = gpu_check.lamb_parity(cfg, gpu_check.our_lamb(on), gpu_check.our_lamb(on), batches, 6, cpu)
+    same = gpu_check_parity.lamb_parity(cfg, common.our_lamb(on), common.our_lamb(on), batches, 6, cpu)
     assert same.max_abs == 0.0 and same.rel == 0.0 and same.agrees(tol)
 
     # The smallest real difference the tolerance is meant to catch: weight decay 0.01 vs 0.02.
-    other_decay = gpu_check.lamb_parity(cfg, gpu_check.our_lamb(on), gpu_check.our_lamb({**on, "weight_decay": 0.02}), batches, 6, cpu)
+    other_decay = gpu_check_parity.lamb_parity(cfg, common.our_lamb(on), common.our_lamb({**on, "weight_decay": 0.02}), batches, 6, cpu)
     assert other_decay.rel > 2 * tol and not other_decay.agrees(tol)
 
     # FusedLamb's rule (its kernel restated in torch): equal to ours without bias correction, and to ours with
     # FusedLamb's bias correction moved into the learning rate; not equal to ours with bias correction.
     def fused(p):
-        return gpu_check.fused_lamb_factory(p, gpu_check.FusedLambReference)
+        return gpu_check_parity.fused_lamb_factory(p, gpu_check_parity.FusedLambReference)
 
-    assert gpu_check.lamb_parity(cfg, fused(off), gpu_check.our_lamb(off), batches, 6, cpu).rel < tol / 10
-    factor = gpu_check.bias_correction_factor(params["betas"])
-    assert gpu_check.lamb_parity(cfg, fused(on), gpu_check.our_lamb(off), batches, 6, cpu, lr_factor_b=factor).rel < tol / 10
-    assert gpu_check.lamb_parity(cfg, fused(on), gpu_check.our_lamb(on), batches, 6, cpu).rel > 100 * tol
+    assert gpu_check_parity.lamb_parity(cfg, fused(off), common.our_lamb(off), batches, 6, cpu).rel < tol / 10
+    factor = gpu_check_parity.bias_correction_factor(params["betas"])
+    assert gpu_check_parity.lamb_parity(cfg, fused(on), common.our_lamb(off), batches, 6, cpu, lr_factor_b=factor).rel < tol / 10
+    assert gpu_check_parity.lamb_parity(cfg, fused(on), common.our_lamb(on), batches, 6, cpu).rel > 100 * tol
 
 
 @pytest.mark.parametrize("bias_correction", [True, False])
@@ -159,10 +162,10 @@ def test_fused_lamb_factory_builds_deepspeeds_fusedlamb(bias_correction, monkeyp
             return object()
 
     monkeypatch.setattr(fused_lamb, "FusedLambBuilder", NoKernel)
-    params = {**gpu_check.shipped_lamb_params(), "bias_correction": bias_correction}
+    params = {**common.shipped_lamb_params(), "bias_correction": bias_correction}
     from pipeline.model import AlbertForPreTraining
 
-    opt = gpu_check.fused_lamb_factory(params)(AlbertForPreTraining(small_config()))
+    opt = gpu_check_parity.fused_lamb_factory(params)(AlbertForPreTraining(small_config()))
     assert isinstance(opt, fused_lamb.FusedLamb)
     decay, no_decay = opt.param_groups
     assert decay["bias_correction"] is bias_correction
@@ -172,11 +175,11 @@ def test_fused_lamb_factory_builds_deepspeeds_fusedlamb(bias_correction, monkeyp
 
 
 def test_zero_budget_skips_every_section():
-    with pytest.raises(gpu_check.SectionSkipped, match="skipped: budget"):
-        gpu_check.Budget(0).check(1.0)
-    gpu_check.Budget(100).check(10.0, reserve_s=50.0)
-    with pytest.raises(gpu_check.SectionSkipped, match="50 s kept for later sections"):
-        gpu_check.Budget(100).check(60.0, reserve_s=50.0)
+    with pytest.raises(common.SectionSkipped, match="skipped: budget"):
+        common.Budget(0).check(1.0)
+    common.Budget(100).check(10.0, reserve_s=50.0)
+    with pytest.raises(common.SectionSkipped, match="50 s kept for later sections"):
+        common.Budget(100).check(60.0, reserve_s=50.0)
 
     proc = run_check("--smoke", "--budget", "0", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -405,9 +408,9 @@ def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
     assert problems["z3-bf16"] == ["export: from_pretrained failed: missing keys"]
     assert problems["z3-fp16"] == ["resumed albert-pretrain exited 1: RuntimeError: resumed run broke"]
 
-    report = gpu_check.Report()
+    report = common.Report()
     gcp.report_rows(results, True, report)
-    assert gpu_check.exit_code(report) == 1 and gpu_check.exit_code(gpu_check.Report()) == 0
+    assert gpu_check.exit_code(report) == 1 and gpu_check.exit_code(common.Report()) == 0
     assert len(report.failures) == 6
     for r, failure in zip(results[1:], report.failures, strict=True):
         assert failure.startswith(f"albert-pretrain {r.row.name} ({r.row.key}): ")
