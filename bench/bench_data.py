@@ -80,9 +80,25 @@ def build_corpus(docs_dir: Path, target_mb: int, out: Path, files: int = 8) -> i
 def run_shard(corpus: Path, spm: Path, out: Path, workers: int, dupe: int, seq: int, sample: bool) -> dict:
     """One `albert-data shard` run: its time, or (sample=True) the peak memory of its process tree. The two are
     measured in separate runs: the sampler reads /proc every 20 ms and would slow the run it times."""
-    cmd = [sys.executable, "-m", "data_prep", "shard", "--input", str(corpus), "--spm-model", str(spm),
-           "--output", str(out), "--max-seq-length", str(seq), "--dupe-factor", str(dupe),
-           "--workers", str(workers), "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "shard",
+        "--input",
+        str(corpus),
+        "--spm-model",
+        str(spm),
+        "--output",
+        str(out),
+        "--max-seq-length",
+        str(seq),
+        "--dupe-factor",
+        str(dupe),
+        "--workers",
+        str(workers),
+        "--no-progress",
+    ]
     stop, peak = threading.Event(), []
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -96,7 +112,11 @@ def run_shard(corpus: Path, spm: Path, out: Path, workers: int, dupe: int, seq: 
         sampler.join()
     if proc.returncode:
         raise SystemExit(f"shard failed:\n{err}")
-    return {"seconds": seconds, "examples": Manifest.load(out).data["num_examples"], "peak_mb": peak[0] / 1e6 if peak else 0.0}
+    return {
+        "seconds": seconds,
+        "examples": Manifest.load(out).data["num_examples"],
+        "peak_mb": peak[0] / 1e6 if peak else 0.0,
+    }
 
 
 def main() -> None:
@@ -106,8 +126,12 @@ def main() -> None:
     p.add_argument("--dupe-factor", type=int, default=2)
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=25000, help="the excerpt supports at most ~25.5k pieces")
-    p.add_argument("--repeats", type=at_least_one, default=3,
-                   help="timed runs of each row, interleaved; the fastest is reported (noise only adds time); memory: one more run")
+    p.add_argument(
+        "--repeats",
+        type=at_least_one,
+        default=3,
+        help="timed runs of each row, interleaved; the fastest is reported (noise only adds time); memory: one more run",
+    )
     args = p.parse_args()
     setup_logging(False)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
@@ -119,28 +143,54 @@ def main() -> None:
         for rep in range(args.repeats + 1):  # interleaved, so that a noisy minute does not hit one row only
             for size, w in runs:
                 sample = rep == args.repeats
-                log.info("shard: %d MB, %d worker(s), %s", size, w, "memory" if sample else f"timed run {rep + 1} of {args.repeats}")
-                r = run_shard(tmp / f"c{size}", spm, tmp / f"s{size}-{w}", w, args.dupe_factor, args.max_seq_length, sample)
+                log.info(
+                    "shard: %d MB, %d worker(s), %s",
+                    size,
+                    w,
+                    "memory" if sample else f"timed run {rep + 1} of {args.repeats}",
+                )
+                r = run_shard(
+                    tmp / f"c{size}", spm, tmp / f"s{size}-{w}", w, args.dupe_factor, args.max_seq_length, sample
+                )
                 shutil.rmtree(tmp / f"s{size}-{w}")
                 runs[size, w].append(r)
-        rows = [(size, w, nbytes[size], {"seconds": min(r["seconds"] for r in rs[:-1]), "examples": rs[0]["examples"],
-                                         "peak_mb": rs[-1]["peak_mb"], "all": [r["seconds"] for r in rs[:-1]]})
-                for (size, w), rs in runs.items()]  # fmt: skip
+        rows = [
+            (
+                size,
+                w,
+                nbytes[size],
+                {
+                    "seconds": min(r["seconds"] for r in rs[:-1]),
+                    "examples": rs[0]["examples"],
+                    "peak_mb": rs[-1]["peak_mb"],
+                    "all": [r["seconds"] for r in rs[:-1]],
+                },
+            )
+            for (size, w), rs in runs.items()
+        ]
     base = {size: r for size, w, _, r in rows if w == min(args.workers)}
-    print(f"\nalbert-data shard: seq {args.max_seq_length}, dupe factor {args.dupe_factor}, vocab {args.vocab_size}, "
-          f"tokenization, HDF5 writing and the process start included; fastest of {args.repeats} runs; "
-          "peak memory from one more run, sampled\n")  # fmt: skip
-    print("| corpus | workers | seconds (all runs) | MB/s of text | examples/s | examples/s per worker | speed-up | peak memory, PSS (MB) |")
+    print(
+        f"\nalbert-data shard: seq {args.max_seq_length}, dupe factor {args.dupe_factor}, vocab {args.vocab_size}, "
+        f"tokenization, HDF5 writing and the process start included; fastest of {args.repeats} runs; "
+        "peak memory from one more run, sampled\n"
+    )
+    print(
+        "| corpus | workers | seconds (all runs) | MB/s of text | examples/s | examples/s per worker | speed-up | peak memory, PSS (MB) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for size, w, nbytes, r in rows:
         eps = r["examples"] / r["seconds"]
-        print(f"| {size} MB | {w} | {r['seconds']:.1f} ({', '.join(f'{x:.1f}' for x in r['all'])}) | {nbytes / 1e6 / r['seconds']:.2f} | {eps:,.0f} | {eps / w:,.0f} | "
-              f"{base[size]['seconds'] / r['seconds']:.2f}x | {r['peak_mb']:.0f} |")  # fmt: skip
+        print(
+            f"| {size} MB | {w} | {r['seconds']:.1f} ({', '.join(f'{x:.1f}' for x in r['all'])}) | {nbytes / 1e6 / r['seconds']:.2f} | {eps:,.0f} | {eps / w:,.0f} | "
+            f"{base[size]['seconds'] / r['seconds']:.2f}x | {r['peak_mb']:.0f} |"
+        )
     sizes = sorted(args.sizes)
     if len(sizes) > 1:
         for w in args.workers:
             peaks = {s: r["peak_mb"] for s, ww, _, r in rows if ww == w}
-            print(f"\npeak memory {sizes[-1]} MB / {sizes[0]} MB corpus, {w} worker(s): {peaks[sizes[-1]] / peaks[sizes[0]]:.2f}x")
+            print(
+                f"\npeak memory {sizes[-1]} MB / {sizes[0]} MB corpus, {w} worker(s): {peaks[sizes[-1]] / peaks[sizes[0]]:.2f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -56,10 +56,34 @@ def run(name: str, precision: str, path: str, data: Path, args: argparse.Namespa
     model_cfg = work / f"{name}.json"
     cfg.to_json(model_cfg)
     out = work / f"{name}-{precision}-{path}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port", str(free_port()),
-           "-m", "pipeline.pretrain", "--deepspeed_config", str(ds_config(precision, args.micro, work / f"ds-{precision}.json")),
-           "--model-config", str(model_cfg), "--data", str(data), "--output", str(out), "--max-steps", str(args.steps),
-           "--log-interval", "1", "--save-interval", str(10**9), "--eval-interval", "0", *({**PATHS, "glibc": GLIBC}[path])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.ranks),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "pipeline.pretrain",
+        "--deepspeed_config",
+        str(ds_config(precision, args.micro, work / f"ds-{precision}.json")),
+        "--model-config",
+        str(model_cfg),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        str(args.steps),
+        "--log-interval",
+        "1",
+        "--save-interval",
+        str(10**9),
+        "--eval-interval",
+        "0",
+        *({**PATHS, "glibc": GLIBC}[path]),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // args.ranks)), "DS_ACCELERATOR": "cpu"}
     log.info("%s %s %s: %s", name, precision, path, " ".join(cmd[2:]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)
@@ -113,23 +137,52 @@ def main() -> None:
             cfg = AlbertConfig.from_name_or_path(name)
             cfg.vocab_size = json.loads((data / "manifest.json").read_text())["vocab"]["vocab_size"]
             for precision in precisions:
-                r = {k: summarise(run(name, precision, k, data, args, Path(tmp)), cfg, seq, predictions, global_batch, args.skip)
-                     for k in [*PATHS, *(["glibc"] if args.malloc_defaults else [])]}  # fmt: skip
+                r = {
+                    k: summarise(
+                        run(name, precision, k, data, args, Path(tmp)), cfg, seq, predictions, global_batch, args.skip
+                    )
+                    for k in [*PATHS, *(["glibc"] if args.malloc_defaults else [])]
+                }
                 rows.append((name, precision, r))
     peak = matmul_peaks(["fp32", "bf16"], before=peak)
 
-    print(f"\n{args.ranks} ranks (torchrun, gloo, ZeRO-2, our LAMB), micro-batch {args.micro} per rank x seq {seq}, "
-          f"{torch.get_num_threads()} cores; median of steps {args.skip + 1}-{args.steps}; matmul peak fp32 "
-          f"{peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")  # fmt: skip
+    print(
+        f"\n{args.ranks} ranks (torchrun, gloo, ZeRO-2, our LAMB), micro-batch {args.micro} per rank x seq {seq}, "
+        f"{torch.get_num_threads()} cores; median of steps {args.skip + 1}-{args.steps}; matmul peak fp32 "
+        f"{peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n"
+    )
     glibc = args.malloc_defaults
-    headers = ["config", "precision", "plain ms", "fused ms", "speed-up", "fused tok/s", "plain MFU", "fused MFU", "data wait plain",
-               "data wait fused", *(["plain, glibc malloc ms", "our malloc vs glibc's"] if glibc else [])]
+    headers = [
+        "config",
+        "precision",
+        "plain ms",
+        "fused ms",
+        "speed-up",
+        "fused tok/s",
+        "plain MFU",
+        "fused MFU",
+        "data wait plain",
+        "data wait fused",
+        *(["plain, glibc malloc ms", "our malloc vs glibc's"] if glibc else []),
+    ]
     cells = []
     for name, precision, r in rows:
         pl, fu, pk = r["plain"], r["fused"], peak[precision]
-        cells.append([name, precision, f"{pl['step_ms']:.0f}", f"{fu['step_ms']:.0f}", f"{pl['step_ms'] / fu['step_ms']:.2f}x",
-                      f"{fu['tokens_s']:.0f}", f"{pl['flop_s'] / pk:.1%}", f"{fu['flop_s'] / pk:.1%}", f"{pl['wait']:.2%}", f"{fu['wait']:.2%}",
-                      *([f"{r['glibc']['step_ms']:.0f}", f"{r['glibc']['step_ms'] / pl['step_ms']:.2f}x"] if glibc else [])])
+        cells.append(
+            [
+                name,
+                precision,
+                f"{pl['step_ms']:.0f}",
+                f"{fu['step_ms']:.0f}",
+                f"{pl['step_ms'] / fu['step_ms']:.2f}x",
+                f"{fu['tokens_s']:.0f}",
+                f"{pl['flop_s'] / pk:.1%}",
+                f"{fu['flop_s'] / pk:.1%}",
+                f"{pl['wait']:.2%}",
+                f"{fu['wait']:.2%}",
+                *([f"{r['glibc']['step_ms']:.0f}", f"{r['glibc']['step_ms'] / pl['step_ms']:.2f}x"] if glibc else []),
+            ]
+        )
     print(markdown_table(headers, cells, numeric=set(range(2, len(headers)))))
 
 

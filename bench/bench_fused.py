@@ -40,17 +40,33 @@ def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.devic
         log.info("%s: %s", name, line)
     batch = make_batch(cfg, batch_size, seq, args.predictions, device=device)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    steps = {k: partial(train_step, m, Lamb(lamb_param_groups(m, 0.01), lr=1e-4), batch, device, dtype)
-             for k, m in (("plain", plain), ("fused", fused))}
+    steps = {
+        k: partial(train_step, m, Lamb(lamb_param_groups(m, 0.01), lr=1e-4), batch, device, dtype)
+        for k, m in (("plain", plain), ("fused", fused))
+    }
     first = {k: timed(step, device)[0] for k, step in steps.items()}  # fused: includes compiling
     times = time_steps(steps, args.warmup, args.steps, device)
     flops = model_flops(cfg, batch_size, seq, args.predictions)
-    row = {"config": name, "dtype": "bf16" if bf16 else "fp32", "compile_s": first["fused"] - first["plain"], "seq": seq, "batch": batch_size}
+    row = {
+        "config": name,
+        "dtype": "bf16" if bf16 else "fp32",
+        "compile_s": first["fused"] - first["plain"],
+        "seq": seq,
+        "batch": batch_size,
+    }
     for k, ts in times.items():
         row[f"{k}_ms"] = 1000 * ts.fastest
         row[f"{k}_tok_s"] = batch_size * seq / ts.fastest
         row[f"{k}_flop_s"] = flops / ts.fastest
-    log.info("%s %s seq %d: plain %.1f ms, fused %.1f ms (first fused step +%.0f s)", name, row["dtype"], seq, row["plain_ms"], row["fused_ms"], row["compile_s"])
+    log.info(
+        "%s %s seq %d: plain %.1f ms, fused %.1f ms (first fused step +%.0f s)",
+        name,
+        row["dtype"],
+        seq,
+        row["plain_ms"],
+        row["fused_ms"],
+        row["compile_s"],
+    )
     return row
 
 
@@ -61,7 +77,12 @@ def main() -> None:
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "math"], help="the fused run's attention")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--long-seq", type=int, default=512, help="also albert-base at this length (batch scaled to the same tokens); 0: no")
+    p.add_argument(
+        "--long-seq",
+        type=int,
+        default=512,
+        help="also albert-base at this length (batch scaled to the same tokens); 0: no",
+    )
     p.add_argument("--predictions", type=int, default=20, help="max_predictions_per_seq")
     p.add_argument("--steps", type=int, default=5, help="timed steps per path (the fastest is reported)")
     p.add_argument("--warmup", type=int, default=1)
@@ -79,19 +100,53 @@ def main() -> None:
     peak = matmul_peaks(["fp32", "bf16"], device)
     runs = [(c, prec, args.seq, args.batch) for c in args.configs.split(",") for prec in precisions]
     if args.long_seq and "albert-base" in args.configs.split(","):
-        runs += [("albert-base", prec, args.long_seq, max(1, args.batch * args.seq // args.long_seq)) for prec in precisions]
+        runs += [
+            ("albert-base", prec, args.long_seq, max(1, args.batch * args.seq // args.long_seq)) for prec in precisions
+        ]
     rows = [compare(c, prec == "bf16", args, device, seq, b) for c, prec, seq, b in runs]
     # Other work on a shared machine lowers the peak for a while: best of before and after.
     peak = matmul_peaks(["fp32", "bf16"], device, before=peak)
 
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {args.threads} threads"
-    print(f"\n{where}; {args.predictions} predictions per sequence; step = fwd + bwd + LAMB; "
-          f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n")
-    cells = [[r["config"], r["dtype"], f"{r['batch']} x {r['seq']}", f"{r['plain_ms']:.1f}", f"{r['fused_ms']:.1f}", f"{r['plain_tok_s']:.0f}",
-              f"{r['fused_tok_s']:.0f}", f"{r['plain_ms'] / r['fused_ms']:.2f}x", f"{r['plain_flop_s'] / peak[r['dtype']]:.1%}",
-              f"{r['fused_flop_s'] / peak[r['dtype']]:.1%}", f"{r['compile_s']:.0f}"] for r in rows]
-    print(markdown_table(["config", "precision", "batch x seq", "plain ms", "fused ms", "plain tok/s", "fused tok/s", "speed-up",
-                          "plain MFU", "fused MFU", "compile s"], cells, numeric=set(range(3, 11))))
+    print(
+        f"\n{where}; {args.predictions} predictions per sequence; step = fwd + bwd + LAMB; "
+        f"matmul peak fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peak['bf16'] / 1e9:.0f} GFLOP/s\n"
+    )
+    cells = [
+        [
+            r["config"],
+            r["dtype"],
+            f"{r['batch']} x {r['seq']}",
+            f"{r['plain_ms']:.1f}",
+            f"{r['fused_ms']:.1f}",
+            f"{r['plain_tok_s']:.0f}",
+            f"{r['fused_tok_s']:.0f}",
+            f"{r['plain_ms'] / r['fused_ms']:.2f}x",
+            f"{r['plain_flop_s'] / peak[r['dtype']]:.1%}",
+            f"{r['fused_flop_s'] / peak[r['dtype']]:.1%}",
+            f"{r['compile_s']:.0f}",
+        ]
+        for r in rows
+    ]
+    print(
+        markdown_table(
+            [
+                "config",
+                "precision",
+                "batch x seq",
+                "plain ms",
+                "fused ms",
+                "plain tok/s",
+                "fused tok/s",
+                "speed-up",
+                "plain MFU",
+                "fused MFU",
+                "compile s",
+            ],
+            cells,
+            numeric=set(range(3, 11)),
+        )
+    )
 
 
 if __name__ == "__main__":

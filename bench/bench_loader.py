@@ -47,12 +47,36 @@ def build_shards(work: Path, dupe_factor: int, seq: int) -> Path:
     """Corpus, vocabulary and shards from the excerpt under `work` (reused when already there)."""
     corpus, spm, out = work / "corpus", work / "vocab" / "spiece", work / f"shards-seq{seq}-dupe{dupe_factor}"
     steps = [
-        (corpus / "corpus-00003.txt", ["corpus", "--input", str(wikipedia_excerpt()), "--output", str(corpus), "--num-files", "4"]),
-        (spm.with_suffix(".model"), ["vocab", "--input", str(corpus), "--output-prefix", str(spm), "--vocab-size", "8000"]),
-        (out / "manifest.json", ["shard", "--input", str(corpus), "--spm-model", str(spm.with_suffix(".model")), "--output", str(out),
-                                 "--max-seq-length", str(seq), "--dupe-factor", str(dupe_factor), "--num-shards", "4",
-                                 "--workers", str(min(4, os.cpu_count() or 1)), "--no-progress"]),
-    ]  # fmt: skip
+        (
+            corpus / "corpus-00003.txt",
+            ["corpus", "--input", str(wikipedia_excerpt()), "--output", str(corpus), "--num-files", "4"],
+        ),
+        (
+            spm.with_suffix(".model"),
+            ["vocab", "--input", str(corpus), "--output-prefix", str(spm), "--vocab-size", "8000"],
+        ),
+        (
+            out / "manifest.json",
+            [
+                "shard",
+                "--input",
+                str(corpus),
+                "--spm-model",
+                str(spm.with_suffix(".model")),
+                "--output",
+                str(out),
+                "--max-seq-length",
+                str(seq),
+                "--dupe-factor",
+                str(dupe_factor),
+                "--num-shards",
+                "4",
+                "--workers",
+                str(min(4, os.cpu_count() or 1)),
+                "--no-progress",
+            ],
+        ),
+    ]
     for done, cmd in steps:
         if not done.exists():
             log.info("albert-data %s", cmd[0])
@@ -82,7 +106,13 @@ def consume(make, batches: int, step_ms: float, busy: bool) -> dict:
     finally:
         data.close()
     stall = data.data_wait
-    return {"wall": wall, "stall": stall, "startup": first_wait, "steady": (stall - first_wait) / max(wall - startup, 1e-9), "rate": batches / wall}
+    return {
+        "wall": wall,
+        "stall": stall,
+        "startup": first_wait,
+        "steady": (stall - first_wait) / max(wall - startup, 1e-9),
+        "rate": batches / wall,
+    }
 
 
 def median_run(runs: list[dict]) -> dict:
@@ -100,19 +130,46 @@ def load_baseline(path: Path):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None, help="a shard folder to read (default: build shards from the excerpt)")
-    p.add_argument("--work", type=Path, default=None, help="folder for the built shards, reused by later runs (default: a temporary one)")
-    p.add_argument("--dupe-factor", type=int, default=10, help="built shards: passes over the excerpt (10: ~44k examples)")
+    p.add_argument(
+        "--data", type=Path, default=None, help="a shard folder to read (default: build shards from the excerpt)"
+    )
+    p.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="folder for the built shards, reused by later runs (default: a temporary one)",
+    )
+    p.add_argument(
+        "--dupe-factor", type=int, default=10, help="built shards: passes over the excerpt (10: ~44k examples)"
+    )
     p.add_argument("--max-seq-length", type=int, default=128, help="built shards: sequence length")
     p.add_argument("--micro", type=int, default=64, help="micro-batch size")
     p.add_argument("--window", type=int, default=8192, help="shuffle window in rows (the loader's default)")
-    p.add_argument("--prefetch", type=int, nargs="+", default=[0, 1], metavar="WINDOWS",
-                   help="read-ahead settings to compare, in windows (0: none, each window read when first needed; 1: the default)")
-    p.add_argument("--baseline", type=Path, default=None, metavar="FILE", help="also run the PretrainingData of this copy of pipeline/data.py")
+    p.add_argument(
+        "--prefetch",
+        type=int,
+        nargs="+",
+        default=[0, 1],
+        metavar="WINDOWS",
+        help="read-ahead settings to compare, in windows (0: none, each window read when first needed; 1: the default)",
+    )
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="also run the PretrainingData of this copy of pipeline/data.py",
+    )
     p.add_argument("--batches", type=int, default=3000, help="micro-batches per run")
     p.add_argument("--step-ms", type=float, default=1.0, help="consumer time per micro-batch")
-    p.add_argument("--busy", action="store_true", help="also run a consumer that spins in Python (holds the GIL) instead of sleeping")
-    p.add_argument("--repeats", type=int, default=1, help="runs per row, interleaved; the one with the median stall is shown")
+    p.add_argument(
+        "--busy",
+        action="store_true",
+        help="also run a consumer that spins in Python (holds the GIL) instead of sleeping",
+    )
+    p.add_argument(
+        "--repeats", type=int, default=1, help="runs per row, interleaved; the one with the median stall is shown"
+    )
     args = p.parse_args(argv)
     if args.batches < 2 or args.repeats < 1:
         p.error("--batches must be at least 2 and --repeats at least 1")
@@ -124,30 +181,55 @@ def main(argv: list[str] | None = None) -> int:
         if seq != 128:
             log.warning("%s: sequences of %d tokens, not 128", folder, seq)
         log.info("%s: %d examples of %d tokens", folder, attrs["num_examples"], seq)
-        loaders = {f"prefetch={n}": functools.partial(PretrainingData, folder, args.micro, 1, window=args.window, prefetch=n)
-                   for n in args.prefetch}  # fmt: skip
+        loaders = {
+            f"prefetch={n}": functools.partial(PretrainingData, folder, args.micro, 1, window=args.window, prefetch=n)
+            for n in args.prefetch
+        }
         if args.baseline:
-            loaders[f"{args.baseline.name} (its defaults)"] = functools.partial(load_baseline(args.baseline), folder, args.micro, 1, window=args.window)
-        modes = [("sleep", args.step_ms), *([("busy", args.step_ms)] if args.busy else []), ("none (producer alone)", 0.0)]
+            loaders[f"{args.baseline.name} (its defaults)"] = functools.partial(
+                load_baseline(args.baseline), folder, args.micro, 1, window=args.window
+            )
+        modes = [
+            ("sleep", args.step_ms),
+            *([("busy", args.step_ms)] if args.busy else []),
+            ("none (producer alone)", 0.0),
+        ]
         rows = [(name, mode, step) for mode, step in modes for name in loaders]
         runs: dict[tuple, list[dict]] = {row: [] for row in rows}
         for rep in range(args.repeats):  # interleaved, so that a noisy minute does not hit one row only
             for name, mode, step in rows:
-                log.info("%s, consumer %s (%g ms per micro-batch), run %d of %d", name, mode, step, rep + 1, args.repeats)
+                log.info(
+                    "%s, consumer %s (%g ms per micro-batch), run %d of %d", name, mode, step, rep + 1, args.repeats
+                )
                 runs[name, mode, step].append(consume(loaders[name], args.batches, step, mode == "busy"))
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    window_mb = args.window // args.micro * args.micro * (3 * seq + 2 * attrs["attributes"]["max_predictions_per_seq"] + 1) * 8 / 2**20
-    print(f"\nloader stall: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {platform.node()}, {cpus} cores "
-          f"({platform.processor() or platform.machine()}), torch {torch.__version__}, h5py {h5py.__version__}")
-    print(f"{args.micro} x {seq} micro-batches, window {args.window} rows ({window_mb:.0f} MB prepared, int64), {args.batches} micro-batches "
-          f"per run, the run with the median stall of {args.repeats}; stall = data_wait; start-up = the first batch's wait\n")  # fmt: skip
-    print("| loader | consumer | ms per micro-batch | micro-batches | wall s | stall s | start-up s | stall after start-up, % of run | micro-batches/s |")
+    window_mb = (
+        args.window
+        // args.micro
+        * args.micro
+        * (3 * seq + 2 * attrs["attributes"]["max_predictions_per_seq"] + 1)
+        * 8
+        / 2**20
+    )
+    print(
+        f"\nloader stall: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}, {platform.node()}, {cpus} cores "
+        f"({platform.processor() or platform.machine()}), torch {torch.__version__}, h5py {h5py.__version__}"
+    )
+    print(
+        f"{args.micro} x {seq} micro-batches, window {args.window} rows ({window_mb:.0f} MB prepared, int64), {args.batches} micro-batches "
+        f"per run, the run with the median stall of {args.repeats}; stall = data_wait; start-up = the first batch's wait\n"
+    )
+    print(
+        "| loader | consumer | ms per micro-batch | micro-batches | wall s | stall s | start-up s | stall after start-up, % of run | micro-batches/s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, mode, step in rows:
         r = median_run(runs[name, mode, step])
         share = "-" if not step else f"{100 * r['steady']:.2f}%"
-        print(f"| {name} | {mode} | {step:g} | {args.batches} | {r['wall']:.2f} | {r['stall']:.3f} | {r['startup']:.3f} | {share} | {r['rate']:,.0f} |")
+        print(
+            f"| {name} | {mode} | {step:g} | {args.batches} | {r['wall']:.2f} | {r['stall']:.3f} | {r['startup']:.3f} | {share} | {r['rate']:,.0f} |"
+        )
     return 0
 
 

@@ -34,8 +34,13 @@ def hf_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     valid = batch["masked_lm_positions"] > 0
     for b in range(labels.shape[0]):
         labels[b, batch["masked_lm_positions"][b][valid[b]]] = batch["masked_lm_ids"][b][valid[b]]
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["input_mask"], "token_type_ids": batch["segment_ids"],
-            "labels": labels, "sentence_order_label": batch["next_sentence_labels"]}
+    return {
+        "input_ids": batch["input_ids"],
+        "attention_mask": batch["input_mask"],
+        "token_type_ids": batch["segment_ids"],
+        "labels": labels,
+        "sentence_order_label": batch["next_sentence_labels"],
+    }
 
 
 def compare(name: str, bf16: bool, args: argparse.Namespace) -> dict:
@@ -49,17 +54,29 @@ def compare(name: str, bf16: bool, args: argparse.Namespace) -> dict:
     hf.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)  # same weights (decoder is tied)
     batch = make_batch(cfg, args.batch, args.seq, args.predictions)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    steps = {"ours": partial(train_step, ours, None, batch, CPU, dtype), "hf": partial(train_step, hf, None, hf_inputs(batch), CPU, dtype)}
+    steps = {
+        "ours": partial(train_step, ours, None, batch, CPU, dtype),
+        "hf": partial(train_step, hf, None, hf_inputs(batch), CPU, dtype),
+    }
     times = time_steps(steps, args.warmup, args.steps)
-    flops = {"ours": model_flops(cfg, args.batch, args.seq, args.predictions),  # what each really computes
-             "hf": model_flops(cfg, args.batch, args.seq, args.predictions, gathered_last_layer=False)}
+    flops = {
+        "ours": model_flops(cfg, args.batch, args.seq, args.predictions),  # what each really computes
+        "hf": model_flops(cfg, args.batch, args.seq, args.predictions, gathered_last_layer=False),
+    }
     row = {"config": name, "precision": "bf16 autocast" if bf16 else "fp32", "dtype": "bf16" if bf16 else "fp32"}
     for k, ts in times.items():
         t = ts.fastest
         row[f"{k}_tok_s"] = args.batch * args.seq / t
         row[f"{k}_flop_s"] = flops[k] / t
     row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
-    log.info("%s %s: ours %.0f tok/s, HF %.0f tok/s (%.2fx)", name, row["precision"], row["ours_tok_s"], row["hf_tok_s"], row["speedup"])
+    log.info(
+        "%s %s: ours %.0f tok/s, HF %.0f tok/s (%.2fx)",
+        name,
+        row["precision"],
+        row["ours_tok_s"],
+        row["hf_tok_s"],
+        row["speedup"],
+    )
     return row
 
 
@@ -87,18 +104,40 @@ def main() -> None:
     # The peak is measured before and after the models (best of both), as other work on a shared
     # machine lowers it for a while; MFU uses the final value.
     peaks = matmul_peaks(["fp32", "bf16"])
-    log.info("matmul peak: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%d threads)", peaks["fp32"] / 1e9, peaks["bf16"] / 1e9, args.threads)
+    log.info(
+        "matmul peak: fp32 %.0f GFLOP/s, bf16 %.0f GFLOP/s (%d threads)",
+        peaks["fp32"] / 1e9,
+        peaks["bf16"] / 1e9,
+        args.threads,
+    )
     rows = [compare(c, prec == "bf16", args) for c in args.configs.split(",") for prec in precisions]
     peaks = matmul_peaks(["fp32", "bf16"], before=peaks)
     for r in rows:
         for k in ("ours", "hf"):
             r[f"{k}_mfu"] = r[f"{k}_flop_s"] / peaks[r["dtype"]]
 
-    print(f"\nbatch {args.batch} x seq {args.seq}, {args.predictions} predictions, {args.threads} threads; "
-          f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s\n")
-    print(markdown_table(["config", "precision", "ours tok/s", "HF tok/s", "ours / HF", "ours MFU", "HF MFU"],
-                         [[r["config"], r["precision"], f"{r['ours_tok_s']:.0f}", f"{r['hf_tok_s']:.0f}", f"{r['speedup']:.2f}x",
-                           f"{r['ours_mfu']:.1%}", f"{r['hf_mfu']:.1%}"] for r in rows], numeric={2, 3, 4, 5, 6}))
+    print(
+        f"\nbatch {args.batch} x seq {args.seq}, {args.predictions} predictions, {args.threads} threads; "
+        f"matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s\n"
+    )
+    print(
+        markdown_table(
+            ["config", "precision", "ours tok/s", "HF tok/s", "ours / HF", "ours MFU", "HF MFU"],
+            [
+                [
+                    r["config"],
+                    r["precision"],
+                    f"{r['ours_tok_s']:.0f}",
+                    f"{r['hf_tok_s']:.0f}",
+                    f"{r['speedup']:.2f}x",
+                    f"{r['ours_mfu']:.1%}",
+                    f"{r['hf_mfu']:.1%}",
+                ]
+                for r in rows
+            ],
+            numeric={2, 3, 4, 5, 6},
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
 from pipeline.malloc import malloc_tuning_unavailable, tune_malloc
 from pipeline.model import AlbertConfig, AlbertForPreTraining
 
-
 MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm")
 PROFILED_STEPS = 3
 
@@ -63,10 +62,17 @@ def step_profile() -> None:
     for _ in range(3):
         step()
     events = profile_ops(step)
-    groups = {"matmuls": MATMUL_OPS, "softmax / log-softmax": ("softmax",), "gelu": ("gelu",), "dtype copies": ("aten::copy_",)}
+    groups = {
+        "matmuls": MATMUL_OPS,
+        "softmax / log-softmax": ("softmax",),
+        "gelu": ("gelu",),
+        "dtype copies": ("aten::copy_",),
+    }
     total = sum(e.self_cpu_time_total for e in events)
     lamb = next((e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#Lamb")), 0)
-    print(f"\n1. albert-tiny bf16 step (batch 8 x 128), share of CPU time ({total / PROFILED_STEPS / 1e3:.0f} ms a step):")
+    print(
+        f"\n1. albert-tiny bf16 step (batch 8 x 128), share of CPU time ({total / PROFILED_STEPS / 1e3:.0f} ms a step):"
+    )
     for name, keys in groups.items():
         share = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in keys)) / total
         print(f"   {name:22s} {share:6.1%}")
@@ -94,8 +100,10 @@ def fused_profile() -> None:
         events = profile_ops(step)
         total = sum(e.self_cpu_time_total for e in events) / PROFILED_STEPS / 1e3
         matmul = sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / PROFILED_STEPS / 1e3
-        print(f"   {name:8s} fastest step {best[name]:.1f} ms; profiled {total:.1f} ms a step: matmuls {matmul:.1f} ms "
-              f"({matmul / total:.0%}), the rest {total - matmul:.1f} ms")
+        print(
+            f"   {name:8s} fastest step {best[name]:.1f} ms; profiled {total:.1f} ms a step: matmuls {matmul:.1f} ms "
+            f"({matmul / total:.0%}), the rest {total - matmul:.1f} ms"
+        )
     print(f"   compiled / plain: {best['plain'] / best['compiled']:.2f}x")
 
 
@@ -119,18 +127,34 @@ def malloc_compare(threads: int) -> None:
     if reason:
         print(f"\n6. malloc: not measured ({reason})")
         return
-    print("\n6. forward + backward, bf16 weights, batch 8 x 128; glibc defaults vs pipeline/malloc.py, alternating fresh processes;")
+    print(
+        "\n6. forward + backward, bf16 weights, batch 8 x 128; glibc defaults vs pipeline/malloc.py, alternating fresh processes;"
+    )
     print("   per mode: the median over processes of each one's fastest step [range], page faults per step (median):")
     for config, steps, processes in (("albert-tiny", 15, 5), ("albert-base", 4, 3)):
         runs: dict[str, list[tuple[float, float]]] = {"defaults": [], "tuned": []}
         for _ in range(processes):
             for mode in runs:
-                cmd = [sys.executable, __file__, "--threads", str(threads), "--malloc-child", f"{config}:{mode}:{steps}"]
-                ms, faults = map(float, subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-2:])
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--threads",
+                    str(threads),
+                    "--malloc-child",
+                    f"{config}:{mode}:{steps}",
+                ]
+                ms, faults = map(
+                    float, subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-2:]
+                )
                 runs[mode].append((ms, faults))
-        med = {mode: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs)) for mode, rs in runs.items()}
-        cells = [f"{mode} {med[mode][0]:.1f} ms [{min(r[0] for r in rs):.1f}-{max(r[0] for r in rs):.1f}], {med[mode][1]:.0f} faults"
-                 for mode, rs in runs.items()]
+        med = {
+            mode: (statistics.median(r[0] for r in rs), statistics.median(r[1] for r in rs))
+            for mode, rs in runs.items()
+        }
+        cells = [
+            f"{mode} {med[mode][0]:.1f} ms [{min(r[0] for r in rs):.1f}-{max(r[0] for r in rs):.1f}], {med[mode][1]:.0f} faults"
+            for mode, rs in runs.items()
+        ]
         print(f"   {config}: {'; '.join(cells)} ({med['defaults'][0] / med['tuned'][0]:.2f}x)")
 
 
@@ -149,19 +173,39 @@ def main() -> None:
     logits = torch.randn(160, 30000).bfloat16()
     argmax, max_idx = best_ms(lambda: logits.argmax(-1)), best_ms(lambda: logits.max(-1).indices)
     assert torch.equal(logits.argmax(-1), logits.max(-1).indices)
-    print(f"\n2. bf16 logits [160, 30000]: argmax {argmax:.2f} ms, max().indices {max_idx:.2f} ms ({argmax / max_idx:.1f}x)")
+    print(
+        f"\n2. bf16 logits [160, 30000]: argmax {argmax:.2f} ms, max().indices {max_idx:.2f} ms ({argmax / max_idx:.1f}x)"
+    )
 
     x = torch.randn(1 << 20).bfloat16()
-    print("\n3. per million bf16 values: " + ", ".join(
-        f"{name} {best_ms(fn):.2f} ms" for name, fn in (
-            ("gelu tanh (gelu_new)", lambda: F.gelu(x, approximate="tanh")), ("gelu erf", lambda: F.gelu(x)),
-            ("tanh", lambda: torch.tanh(x)), ("sigmoid", lambda: torch.sigmoid(x)))))  # fmt: skip
+    print(
+        "\n3. per million bf16 values: "
+        + ", ".join(
+            f"{name} {best_ms(fn):.2f} ms"
+            for name, fn in (
+                ("gelu tanh (gelu_new)", lambda: F.gelu(x, approximate="tanh")),
+                ("gelu erf", lambda: F.gelu(x)),
+                ("tanh", lambda: torch.tanh(x)),
+                ("sigmoid", lambda: torch.sigmoid(x)),
+            )
+        )
+    )
     compiled = {}
-    for name, act in (("through tanh", partial(F.gelu, approximate="tanh")), ("through sigmoid (pipeline/fused.py)", gelu_tanh_by_sigmoid)):
-        y, bias, grad = x.view(1024, 1024).clone().requires_grad_(), torch.zeros(1024, dtype=torch.bfloat16), torch.ones(1024, 1024).bfloat16()
-        fn = torch.compile(lambda y=y, act=act: act(y + bias).backward(grad), dynamic=False)
+    for name, act in (
+        ("through tanh", partial(F.gelu, approximate="tanh")),
+        ("through sigmoid (pipeline/fused.py)", gelu_tanh_by_sigmoid),
+    ):
+        y, bias, grad = (
+            x.view(1024, 1024).clone().requires_grad_(),
+            torch.zeros(1024, dtype=torch.bfloat16),
+            torch.ones(1024, 1024).bfloat16(),
+        )
+        fn = torch.compile(lambda y=y, act=act, bias=bias, grad=grad: act(y + bias).backward(grad), dynamic=False)
         compiled[name] = best_ms(fn, reps=20)
-    print("   compiled gelu_new (bias + gelu, forward + backward): " + ", ".join(f"{k} {v:.2f} ms" for k, v in compiled.items()))
+    print(
+        "   compiled gelu_new (bias + gelu, forward + backward): "
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in compiled.items())
+    )
 
     g = torch.Generator().manual_seed(1)
     numels = torch.randint(1000, 1_000_000, (30,), generator=g).tolist()
@@ -170,8 +214,10 @@ def main() -> None:
     flat.grad = torch.randn(flat.numel(), generator=g)
     opt = Lamb([{"params": [flat], "weight_decay": 0.01, "adapt": True}], lr=1e-3, bias_correction=False)
     opt.register_flat(flat, FlatLayout.contiguous(numels, offsets, 0, flat.numel()))
-    print(f"\n4. our LAMB step on one flat partition of {flat.numel() / 1e6:.0f}M elements in {len(numels)} "
-          f"segments: {best_ms(opt.step, reps=5):.0f} ms")
+    print(
+        f"\n4. our LAMB step on one flat partition of {flat.numel() / 1e6:.0f}M elements in {len(numels)} "
+        f"segments: {best_ms(opt.step, reps=5):.0f} ms"
+    )
     fused_profile()
     malloc_compare(args.threads)
 

@@ -37,7 +37,6 @@ Example:
     python bench/gpu_check.py --device cpu --smoke       # the CPU smoke run (about 1.5 minutes on 2 cores)
 """
 
-
 from __future__ import annotations
 
 import time
@@ -73,7 +72,7 @@ log = logging.getLogger("gpu_check")
 
 
 def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """"64x128,16x512" -> [(64, 128), (16, 512)] (batch x seq)."""
+    """ "64x128,16x512" -> [(64, 128), (16, 512)] (batch x seq)."""
     shapes = []
     for part in text.split(","):
         batch, _, seq = part.strip().partition("x")
@@ -91,16 +90,26 @@ def environment_lines(device: torch.device, args: argparse.Namespace) -> list[st
     lines = [f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}"]
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        lines.append(f"- GPU: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
-                     f"{_driver()}")
+        lines.append(
+            f"- GPU: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
+            f"{_driver()}"
+        )
     else:
         lines.append(f"- device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
     cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", no CUDA build"
-    cudnn = f", cuDNN {torch.backends.cudnn.version()}" if device.type == "cuda" and torch.backends.cudnn.is_available() else ""
-    lines.append(f"- torch {versions['torch']}{cuda}{cudnn}; deepspeed {versions['deepspeed']}; "
-                 f"Python {platform.python_version()}")
-    lines.append(f"- time budget {args.budget:.0f} s{'; smoke settings' if args.smoke else ''}; "
-                 f"torch.compile {args.compile}; attention {args.attention}")
+    cudnn = (
+        f", cuDNN {torch.backends.cudnn.version()}"
+        if device.type == "cuda" and torch.backends.cudnn.is_available()
+        else ""
+    )
+    lines.append(
+        f"- torch {versions['torch']}{cuda}{cudnn}; deepspeed {versions['deepspeed']}; "
+        f"Python {platform.python_version()}"
+    )
+    lines.append(
+        f"- time budget {args.budget:.0f} s{'; smoke settings' if args.smoke else ''}; "
+        f"torch.compile {args.compile}; attention {args.attention}"
+    )
     return lines
 
 
@@ -113,8 +122,13 @@ def _version(dist_name: str) -> str:
 
 def _driver() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20, check=True)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        )
         return f", driver {out.stdout.split()[0]}"
     except (OSError, subprocess.SubprocessError, IndexError):
         return ""
@@ -127,19 +141,29 @@ def probe_fused_lamb(device: torch.device, timeout_s: float) -> str | None:
         return "skipped: needs CUDA"
     if timeout_s < 10:
         return f"not tried: budget ({timeout_s:.0f} s left for building it)"
-    code = ("from deepspeed.ops.op_builder import FusedLambBuilder as B; b = B(); "
-            "assert b.is_compatible(verbose=False), 'FusedLambBuilder: not compatible with this machine'; b.load(verbose=False)")
+    code = (
+        "from deepspeed.ops.op_builder import FusedLambBuilder as B; b = B(); "
+        "assert b.is_compatible(verbose=False), 'FusedLambBuilder: not compatible with this machine'; b.load(verbose=False)"
+    )
     t = time.monotonic()
     # its own session: on a timeout the compiler processes it started (ninja, nvcc) are killed with it
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "DS_ACCELERATOR": "cuda"}, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cuda"},
+        start_new_session=True,
+    )
     try:
         output, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        return (f"not available: building it took over {timeout_s:.0f} s (a stale 'lock' file under "
-                "~/.cache/torch_extensions/*/fused_lamb makes builds hang)")
+        return (
+            f"not available: building it took over {timeout_s:.0f} s (a stale 'lock' file under "
+            "~/.cache/torch_extensions/*/fused_lamb makes builds hang)"
+        )
     if proc.returncode != 0:
         output = output or ""
         log.warning("FusedLamb build/load failed; the end of its output:\n%s", output[-4000:])
@@ -153,10 +177,21 @@ def probe_fused_lamb(device: torch.device, timeout_s: float) -> str | None:
 
 
 SMOKE: dict[str, Any] = {
-    "configs": ["albert-tiny"], "shapes": [(8, 32), (4, 64)], "warmup": 1, "steps": 3, "matmul_n": 512,
-    "parity_config": "albert-tiny", "parity_shape": (4, 32), "parity_steps": 8,
-    "fp16_config": "albert-tiny", "fp16_shape": (4, 32), "fp16_steps": 40, "loss_scale_window": 10,
-    "zero_configs": ["albert-tiny"], "zero_shape": (4, 32), "zero_steps": 3,
+    "configs": ["albert-tiny"],
+    "shapes": [(8, 32), (4, 64)],
+    "warmup": 1,
+    "steps": 3,
+    "matmul_n": 512,
+    "parity_config": "albert-tiny",
+    "parity_shape": (4, 32),
+    "parity_steps": 8,
+    "fp16_config": "albert-tiny",
+    "fp16_shape": (4, 32),
+    "fp16_steps": 40,
+    "loss_scale_window": 10,
+    "zero_configs": ["albert-tiny"],
+    "zero_shape": (4, 32),
+    "zero_steps": 3,
     **gpu_check_pretrain.SMOKE,
 }
 SECTIONS = {1, 2, 3, 4, 5}
@@ -166,33 +201,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
-    a("--smoke", action="store_true", help="tiny settings (albert-tiny, short sequences, few steps): checks the code paths")
-    a("--budget", type=float, default=450.0, help="seconds for the whole run; sections that no longer fit are skipped (default 450)")
-    a("--configs", type=lambda s: s.split(","), default=["albert-base"], help="section 1: shipped config names (e.g. albert-base,albert-large)")
-    a("--shapes", type=parse_shapes, default=[(64, 128), (16, 512)], help="section 1: BATCHxSEQ list (default 64x128,16x512)")
-    a("--precisions", type=lambda s: s.split(","), default=None, help="section 1: fp16,bf16 (default; fp32,bf16 on CPU)")
+    a(
+        "--smoke",
+        action="store_true",
+        help="tiny settings (albert-tiny, short sequences, few steps): checks the code paths",
+    )
+    a(
+        "--budget",
+        type=float,
+        default=450.0,
+        help="seconds for the whole run; sections that no longer fit are skipped (default 450)",
+    )
+    a(
+        "--configs",
+        type=lambda s: s.split(","),
+        default=["albert-base"],
+        help="section 1: shipped config names (e.g. albert-base,albert-large)",
+    )
+    a(
+        "--shapes",
+        type=parse_shapes,
+        default=[(64, 128), (16, 512)],
+        help="section 1: BATCHxSEQ list (default 64x128,16x512)",
+    )
+    a(
+        "--precisions",
+        type=lambda s: s.split(","),
+        default=None,
+        help="section 1: fp16,bf16 (default; fp32,bf16 on CPU)",
+    )
     a("--warmup", type=int, default=3, help="section 1: untimed steps per row")
     a("--steps", type=int, default=10, help="section 1: timed steps per row (the median is reported)")
-    a("--attention", choices=["auto", "sdpa", "math"], default="auto", help="the model's attention (auto = SDPA on CUDA)")
-    a("--compile", choices=["off", "on"], default="off", help="section 1: torch.compile the shared layers (costs budget)")
+    a(
+        "--attention",
+        choices=["auto", "sdpa", "math"],
+        default="auto",
+        help="the model's attention (auto = SDPA on CUDA)",
+    )
+    a(
+        "--compile",
+        choices=["off", "on"],
+        default="off",
+        help="section 1: torch.compile the shared layers (costs budget)",
+    )
     a("--peak-tflops", type=float, default=None, help="nominal dense fp16/bf16 peak of this GPU, overriding the table")
     a("--matmul-n", type=int, default=None, help="matrix size of the measured matmul peak (default 8192 on CUDA)")
-    a("--fused-lamb-build-timeout", type=float, default=240.0, help="seconds allowed for building DeepSpeed's FusedLamb")
+    a(
+        "--fused-lamb-build-timeout",
+        type=float,
+        default=240.0,
+        help="seconds allowed for building DeepSpeed's FusedLamb",
+    )
     a("--parity-config", default="albert-base", help="section 2: config")
     a("--parity-shape", type=lambda s: parse_shapes(s)[0], default=(16, 128), help="section 2: BATCHxSEQ")
     a("--parity-steps", type=int, default=20, help="section 2: optimizer steps")
-    a("--parity-tol", type=float, default=1e-5, help="section 2: largest rel. diff at which the two optimizers agree (see gpu_check_parity.PARITY_TOL_WHY)")
+    a(
+        "--parity-tol",
+        type=float,
+        default=1e-5,
+        help="section 2: largest rel. diff at which the two optimizers agree (see gpu_check_parity.PARITY_TOL_WHY)",
+    )
     a("--fp16-config", default="albert-base", help="section 3: config")
     a("--fp16-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 3: BATCHxSEQ")
     a("--fp16-steps", type=int, default=200, help="section 3: steps")
     a("--loss-scale-window", type=int, default=50, help="section 3: DeepSpeed's loss_scale_window")
     a("--fp16-on-cpu", action="store_true", help="testing only: run section 3 on CPU with DeepSpeed's fp16 override")
     a("--zero-configs", type=lambda s: s.split(","), default=["albert-base"], help="section 4: configs")
-    a("--zero-stages", type=lambda s: [int(x) for x in s.split(",")], default=[0, 1, 2, 3], help="section 4: ZeRO stages")
+    a(
+        "--zero-stages",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[0, 1, 2, 3],
+        help="section 4: ZeRO stages",
+    )
     a("--zero-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 4: BATCHxSEQ")
     a("--zero-steps", type=int, default=3, help="section 4: steps per stage")
     gpu_check_pretrain.add_arguments(p)
-    a("--sections", type=lambda s: {int(x) for x in s.split(",")}, default=SECTIONS, help="which sections to run (default 1,2,3,4,5)")
+    a(
+        "--sections",
+        type=lambda s: {int(x) for x in s.split(",")},
+        default=SECTIONS,
+        help="which sections to run (default 1,2,3,4,5)",
+    )
     a("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:  # the smoke values replace the defaults, not what was given explicitly
@@ -222,8 +311,12 @@ def resolve_device(choice: str) -> torch.device:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
     budget = Budget(args.budget, start=STARTED)
@@ -238,10 +331,20 @@ def main(argv: list[str] | None = None) -> int:
     # Rough seconds per unit (a section-1 row, a parity comparison, the fp16 run, a ZeRO stage), and what each
     # later section needs at least, kept back from the earlier ones.
     scale = 0.3 if args.smoke else 1.0
-    args.row_seconds, args.parity_seconds, args.fp16_seconds, args.zero_seconds = 6 * scale, 8 * scale, 40 * scale, 15 * scale
+    args.row_seconds, args.parity_seconds, args.fp16_seconds, args.zero_seconds = (
+        6 * scale,
+        8 * scale,
+        40 * scale,
+        15 * scale,
+    )
     fp16_runs = device.type == "cuda" or args.fp16_on_cpu
     pretrain_need = gpu_check_pretrain.section_need(args, device.type)
-    least = {2: args.parity_seconds, 3: args.fp16_seconds if fp16_runs else 0.0, 4: 2 * args.zero_seconds, 5: pretrain_need}
+    least = {
+        2: args.parity_seconds,
+        3: args.fp16_seconds if fp16_runs else 0.0,
+        4: 2 * args.zero_seconds,
+        5: pretrain_need,
+    }
     reserve = {k: sum(least[j] for j in args.sections if j > k) for k in (1, 2, 3, 4)}
     # Section 5's shards are made in the background (albert-data in child processes) while sections 1-4 run.
     prep = None
@@ -257,14 +360,21 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(prep.folder.parent, ignore_errors=True)
 
 
-def run_sections(args: argparse.Namespace, device: torch.device, budget: Budget, reserve: dict[int, float],
-                 prep: gpu_check_pretrain.ShardPrep | None) -> int:
+def run_sections(
+    args: argparse.Namespace,
+    device: torch.device,
+    budget: Budget,
+    reserve: dict[int, float],
+    prep: gpu_check_pretrain.ShardPrep | None,
+) -> int:
     report = Report()
     report.emit(f"## GPU check: {'smoke run' if args.smoke else 'ALBERT on DeepSpeed'}\n")
     report.emit("\n".join(environment_lines(device, args)))
     peaks = resolve_peaks(device, args.peak_tflops)
     t = time.monotonic()
-    fused_reason = probe_fused_lamb(device, min(args.fused_lamb_build_timeout, budget.left() - reserve[1] - args.row_seconds))
+    fused_reason = probe_fused_lamb(
+        device, min(args.fused_lamb_build_timeout, budget.left() - reserve[1] - args.row_seconds)
+    )
     loaded = f"builds and loads (checked in a child process in {time.monotonic() - t:.0f} s, JIT build included)"
     report.emit(f"- DeepSpeed FusedLamb: {fused_reason or loaded}")
 
@@ -286,7 +396,11 @@ def run_sections(args: argparse.Namespace, device: torch.device, budget: Budget,
             gpu_check_pretrain.pretrain_section(args, device, budget, report, peaks, fused_reason, prep)
 
     spent = args.budget - budget.left()
-    verdict = "all checks passed" if not report.failures else f"{len(report.failures)} check(s) FAILED: " + "; ".join(report.failures)
+    verdict = (
+        "all checks passed"
+        if not report.failures
+        else f"{len(report.failures)} check(s) FAILED: " + "; ".join(report.failures)
+    )
     report.emit(f"\n{verdict} ({spent:.0f} s of the {args.budget:.0f} s budget)")
     shutdown_distributed()  # else torch warns at exit, and can hang or abort there
     return exit_code(report)

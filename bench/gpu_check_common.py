@@ -72,8 +72,9 @@ class Budget:
         left = self.left()
         if left - reserve_s < need_s:
             kept = f", {reserve_s:.0f} s kept for later sections" if reserve_s > 0 else ""
-            raise SectionSkipped(f"skipped: budget ({max(left, 0):.0f} s left of {self.total_s:.0f} s{kept}; "
-                                 f"needs about {need_s:.0f} s)")
+            raise SectionSkipped(
+                f"skipped: budget ({max(left, 0):.0f} s left of {self.total_s:.0f} s{kept}; needs about {need_s:.0f} s)"
+            )
 
 
 class Report:
@@ -126,14 +127,19 @@ class Peaks:
 
     def measure(self, precisions: list[str], device: torch.device, n: int) -> None:
         """Measure (again): each precision keeps the best of its measurements."""
-        self.measured.update(matmul_peaks(precisions, device, before=self.measured, n=n, reps=20 if device.type == "cuda" else 3))
+        self.measured.update(
+            matmul_peaks(precisions, device, before=self.measured, n=n, reps=20 if device.type == "cuda" else 3)
+        )
 
     def nominal_for(self, precision: str) -> float | None:
         return self.nominal if precision in ("fp16", "bf16") else None
 
     def describe(self) -> str:
-        nominal = (f"{self.nominal / 1e12:.0f} TFLOP/s ({self.nominal_source})" if self.nominal
-                   else f"unknown ({self.nominal_source})")
+        nominal = (
+            f"{self.nominal / 1e12:.0f} TFLOP/s ({self.nominal_source})"
+            if self.nominal
+            else f"unknown ({self.nominal_source})"
+        )
         measured = ", ".join(f"{k} {v / 1e12:.3g} TFLOP/s" for k, v in self.measured.items()) or "not measured"
         return f"- nominal dense fp16/bf16 peak: {nominal}; measured matmul peak: {measured}"
 
@@ -145,7 +151,10 @@ def resolve_peaks(device: torch.device, override: float | None) -> Peaks:
         return Peaks(None, "CPU: no nominal table")
     name = torch.cuda.get_device_name(device)
     tflops = nominal_peak_tflops(name)
-    return Peaks(tflops * 1e12 if tflops else None, f"table entry for {name!r}" if tflops else f"{name!r} not in the table; pass --peak-tflops")
+    return Peaks(
+        tflops * 1e12 if tflops else None,
+        f"table entry for {name!r}" if tflops else f"{name!r} not in the table; pass --peak-tflops",
+    )
 
 
 # --------------------------------------------------------------------------------------------- batches, LAMB, memory
@@ -156,7 +165,9 @@ def predictions_for(seq: int) -> int:
     return math.ceil(0.15 * seq)
 
 
-def batches_on(device: torch.device, cfg: AlbertConfig, batch: int, seq: int, count: int = 1) -> list[dict[str, torch.Tensor]]:
+def batches_on(
+    device: torch.device, cfg: AlbertConfig, batch: int, seq: int, count: int = 1
+) -> list[dict[str, torch.Tensor]]:
     """`count` different synthetic batches (seeds 0, 1, ...) on `device`."""
     return [make_batch(cfg, batch, seq, predictions_for(seq), seed=i, device=device) for i in range(count)]
 
@@ -173,10 +184,12 @@ def lamb_ds_config(params: dict[str, Any]) -> dict[str, Any]:
 
 def our_lamb(params: dict[str, Any]) -> OptimizerFactory:
     """Our Lamb as albert-pretrain gets it (select_optimizer with FusedLamb not allowed)."""
+
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
         opt = select_optimizer(model, lamb_ds_config(params), allow_fused=False)[0]
         assert isinstance(opt, Lamb)
         return opt
+
     return make
 
 

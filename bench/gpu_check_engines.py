@@ -62,8 +62,12 @@ def make_engine(cfg: AlbertConfig, ds: dict[str, Any], fused: FusedOptions, devi
 def engine_ds_config(micro: int, stage: int, precision: str, **extra: Any) -> dict[str, Any]:
     shipped = json.loads(SHIPPED_DS_CONFIG.read_text())
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-        "optimizer": shipped["optimizer"], "zero_optimization": {"stage": stage}, "steps_per_print": 10**9,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "optimizer": shipped["optimizer"],
+        "zero_optimization": {"stage": stage},
+        "steps_per_print": 10**9,
     }
     if precision == "bf16":
         ds["bf16"] = {"enabled": True}
@@ -84,19 +88,29 @@ def short_optimizer(description: str) -> str:
     return "FusedLamb" if "FusedLamb (" in description.split(";")[0] else "our Lamb"
 
 
-def fp16_section(args: argparse.Namespace, device: torch.device, budget: Budget, report: Report, reserve_s: float) -> None:
+def fp16_section(
+    args: argparse.Namespace, device: torch.device, budget: Budget, report: Report, reserve_s: float
+) -> None:
     """Section 3."""
     from pipeline.engine import loss_scale
     from pipeline.precision import check_precision
 
     if device.type != "cuda" and not args.fp16_on_cpu:
-        raise SectionSkipped("skipped: needs CUDA (DeepSpeed refuses fp16 on this CPU; --fp16-on-cpu runs it with "
-                             "DeepSpeed's documented testing override)")
+        raise SectionSkipped(
+            "skipped: needs CUDA (DeepSpeed refuses fp16 on this CPU; --fp16-on-cpu runs it with "
+            "DeepSpeed's documented testing override)"
+        )
     budget.check(args.fp16_seconds, reserve_s)
     batch_size, seq = args.fp16_shape
     cfg = AlbertConfig.from_name_or_path(args.fp16_config)
-    fp16 = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": args.loss_scale_window,
-            "hysteresis": 2, "min_loss_scale": 1}
+    fp16 = {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": args.loss_scale_window,
+        "hysteresis": 2,
+        "min_loss_scale": 1,
+    }
     ds = engine_ds_config(batch_size, 2, "fp16", fp16=fp16)
     check_precision(ds, allow_fp16_on_cpu=args.fp16_on_cpu)  # albert-pretrain's own check (and the CPU override)
     ensure_distributed()
@@ -126,14 +140,19 @@ def fp16_section(args: argparse.Namespace, device: torch.device, budget: Budget,
     first, last = statistics.fmean(losses[:window]), statistics.fmean(losses[-window:])
     nan = not all(math.isfinite(x) for x in losses)
     changes = [(i, scales[i]) for i in range(1, len(scales)) if scales[i] != scales[i - 1]]
-    report.emit(f"{args.fp16_config}, batch {batch_size} x {seq}, {n} steps over 4 fixed batches (cycled, so the loss can fall), "
-                f"deepspeed.initialize with ZeRO-2 fp16 and dynamic loss scaling (initial_scale_power 16, loss_scale_window "
-                f"{args.loss_scale_window}, hysteresis 2, min_loss_scale 1), gradient clipping 1.0; {description}; "
-                f"{seconds:.1f} s.\n")
+    report.emit(
+        f"{args.fp16_config}, batch {batch_size} x {seq}, {n} steps over 4 fixed batches (cycled, so the loss can fall), "
+        f"deepspeed.initialize with ZeRO-2 fp16 and dynamic loss scaling (initial_scale_power 16, loss_scale_window "
+        f"{args.loss_scale_window}, hysteresis 2, min_loss_scale 1), gradient clipping 1.0; {description}; "
+        f"{seconds:.1f} s.\n"
+    )
     trajectory = " -> ".join(f"{s:g} (after step {i})" for i, s in changes[:12]) + (" ..." if len(changes) > 12 else "")
     growth = any(b > a for a, b in itertools.pairwise(scales))
     rows = [
-        ["loss scale: first / min / max / final", f"{scales[0]:g} / {min(scales):g} / {max(scales):g} / {scales[-1]:g}"],
+        [
+            "loss scale: first / min / max / final",
+            f"{scales[0]:g} / {min(scales):g} / {max(scales):g} / {scales[-1]:g}",
+        ],
         ["loss scale changes", f"{len(changes)}: {trajectory or 'none'}"],
         ["loss scale grew after a clean window", "yes" if growth else "no"],
         ["overflow-skipped steps", f"{skipped[-1] if skipped else 0} of {n}"],
@@ -153,9 +172,14 @@ def fp16_section(args: argparse.Namespace, device: torch.device, budget: Budget,
     report.emit(markdown_table(["fp16 engine", "value"], rows))
     every = max(1, n // 8)
     marks = sorted({0, *range(every - 1, n, every), n - 1})
-    report.emit("\n" + markdown_table(["step", "loss", "loss scale after the step", "skipped steps so far"],
-                                      [[str(i + 1), f"{losses[i]:.4f}", f"{scales[i + 1]:g}", str(skipped[i])] for i in marks],
-                                      numeric={1, 2, 3}))
+    report.emit(
+        "\n"
+        + markdown_table(
+            ["step", "loss", "loss scale after the step", "skipped steps so far"],
+            [[str(i + 1), f"{losses[i]:.4f}", f"{scales[i + 1]:g}", str(skipped[i])] for i in marks],
+            numeric={1, 2, 3},
+        )
+    )
 
 
 def memory_now(device: torch.device) -> int:
@@ -166,8 +190,14 @@ def memory_now(device: torch.device) -> int:
     return psutil.Process().memory_info().rss
 
 
-def zero_memory_section(args: argparse.Namespace, device: torch.device, budget: Budget, report: Report,
-                        fused_reason: str | None, reserve_s: float = 0.0) -> None:
+def zero_memory_section(
+    args: argparse.Namespace,
+    device: torch.device,
+    budget: Budget,
+    report: Report,
+    fused_reason: str | None,
+    reserve_s: float = 0.0,
+) -> None:
     """Section 4."""
     batch_size, seq = args.zero_shape
     cuda = device.type == "cuda"
@@ -188,26 +218,54 @@ def zero_memory_section(args: argparse.Namespace, device: torch.device, budget: 
                 log.exception("ZeRO-%d row failed", stage)
                 rows.append(head + [f"error: {type(e).__name__}: {str(e)[:150]}"] + [""] * 6)
                 report.fail(f"ZeRO memory {name} stage {stage}: {type(e).__name__}: {e}")
-    what = ("torch.cuda.max_memory_allocated after reset_peak_memory_stats, from the model's construction to the last step "
-            "(above what was allocated before)" if cuda else
-            "CPU: the process's resident memory (psutil RSS) sampled after initialize and after each step, minus before "
-            "the model; allocator caching makes it a rough measure")
-    report.emit(f"bf16, batch {batch_size} x {seq}, {args.zero_steps} steps per stage, one process (world size 1), engines built "
-                f"as albert-pretrain builds them (pipeline.engine.build_engine) with "
-                f"the LAMB of {SHIPPED_DS_CONFIG.name}. Memory: {what}. With one rank ZeRO has nothing to partition "
-                "across, so the stages show each one's own buffers and overheads, not the savings of a multi-GPU run.\n")
-    report.emit(markdown_table(["config", "ZeRO stage", "optimizer", "DeepSpeed wrapper", "after initialize (MiB)",
-                                "peak (MiB)", "left after release (MiB)", "ms/step", "loss"], rows, numeric={4, 5, 6, 7, 8}))
+    what = (
+        "torch.cuda.max_memory_allocated after reset_peak_memory_stats, from the model's construction to the last step "
+        "(above what was allocated before)"
+        if cuda
+        else "CPU: the process's resident memory (psutil RSS) sampled after initialize and after each step, minus before "
+        "the model; allocator caching makes it a rough measure"
+    )
+    report.emit(
+        f"bf16, batch {batch_size} x {seq}, {args.zero_steps} steps per stage, one process (world size 1), engines built "
+        f"as albert-pretrain builds them (pipeline.engine.build_engine) with "
+        f"the LAMB of {SHIPPED_DS_CONFIG.name}. Memory: {what}. With one rank ZeRO has nothing to partition "
+        "across, so the stages show each one's own buffers and overheads, not the savings of a multi-GPU run.\n"
+    )
+    report.emit(
+        markdown_table(
+            [
+                "config",
+                "ZeRO stage",
+                "optimizer",
+                "DeepSpeed wrapper",
+                "after initialize (MiB)",
+                "peak (MiB)",
+                "left after release (MiB)",
+                "ms/step",
+                "loss",
+            ],
+            rows,
+            numeric={4, 5, 6, 7, 8},
+        )
+    )
 
 
-def zero_memory_row(cfg: AlbertConfig, stage: int, batch: dict[str, torch.Tensor], args: argparse.Namespace,
-                    device: torch.device, fused_ok: bool) -> list[str]:
+def zero_memory_row(
+    cfg: AlbertConfig,
+    stage: int,
+    batch: dict[str, torch.Tensor],
+    args: argparse.Namespace,
+    device: torch.device,
+    fused_ok: bool,
+) -> list[str]:
     free_memory(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = memory_now(device)
     ds = engine_ds_config(int(batch["input_ids"].shape[0]), stage, "bf16")
-    engine, description = make_engine(cfg, ds, FusedOptions(attention=args.attention, compile="off", fused_lamb=fused_ok), device)
+    engine, description = make_engine(
+        cfg, ds, FusedOptions(attention=args.attention, compile="off", fused_lamb=fused_ok), device
+    )
     wrapper = type(engine.optimizer).__name__
     after_init = memory_now(device) - base
     peak_sampled = after_init
@@ -224,5 +282,12 @@ def zero_memory_row(cfg: AlbertConfig, stage: int, batch: dict[str, torch.Tensor
     del engine, out
     free_memory(device)
     left = memory_now(device) - base
-    return [short_optimizer(description), wrapper, fmt_mib(after_init), fmt_mib(peak), fmt_mib(left),
-            f"{1000 * statistics.median(times):.1f}", f"{loss:.4f}"]
+    return [
+        short_optimizer(description),
+        wrapper,
+        fmt_mib(after_init),
+        fmt_mib(peak),
+        fmt_mib(left),
+        f"{1000 * statistics.median(times):.1f}",
+        f"{loss:.4f}",
+    ]

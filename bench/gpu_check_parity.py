@@ -55,10 +55,26 @@ class FusedLambReference(torch.optim.Optimizer):
     its weight against eps and weight decay, so no FusedLamb setting reproduces it.
     """
 
-    def __init__(self, params: Any, lr: float = 1e-3, bias_correction: bool = True, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, max_coeff: float = 10.0, min_coeff: float = 0.01) -> None:
-        defaults = {"lr": lr, "bias_correction": bias_correction, "betas": tuple(betas), "eps": eps,
-                    "weight_decay": weight_decay, "max_coeff": max_coeff, "min_coeff": min_coeff}
+    def __init__(
+        self,
+        params: Any,
+        lr: float = 1e-3,
+        bias_correction: bool = True,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_coeff: float = 10.0,
+        min_coeff: float = 0.01,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "bias_correction": bias_correction,
+            "betas": tuple(betas),
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "max_coeff": max_coeff,
+            "min_coeff": min_coeff,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -78,19 +94,27 @@ class FusedLambReference(torch.optim.Optimizer):
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 u = m / (v.sqrt() + group["eps"]) + group["weight_decay"] * p
                 w_norm, u_norm = p.norm(), u.norm()
-                ratio = (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"]) if w_norm > 0 and u_norm > 0 else 1.0
-                step_size = group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t) if group["bias_correction"] else group["lr"]
+                ratio = (
+                    (w_norm / u_norm).clamp(group["min_coeff"], group["max_coeff"])
+                    if w_norm > 0 and u_norm > 0
+                    else 1.0
+                )
+                step_size = (
+                    group["lr"] * math.sqrt(1 - b2**t) / (1 - b1**t) if group["bias_correction"] else group["lr"]
+                )
                 p.sub_(step_size * ratio * u)
 
 
 def fused_lamb_factory(params: dict[str, Any], cls: type | None = None) -> OptimizerFactory:
     """FusedLamb (or `cls`, e.g. FusedLambReference) on select_optimizer's groups, built directly: the parity
     check also compares settings (bias correction on) that select_optimizer would not give it."""
+
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
         from deepspeed.ops.lamb import FusedLamb
 
         rest = {k: v for k, v in params.items() if k != "weight_decay"}
         return (cls or FusedLamb)(fused_lamb_param_groups(model, float(params.get("weight_decay", 0.0))), **rest)
+
     return make
 
 
@@ -106,8 +130,16 @@ class Parity:
         return finite and self.rel <= tol
 
 
-def lamb_parity(cfg: AlbertConfig, make_a: OptimizerFactory, make_b: OptimizerFactory, batches: list[dict[str, torch.Tensor]],
-                steps: int, device: torch.device, lr_factor_b: Callable[[int], float] | None = None, seed: int = 0) -> Parity:
+def lamb_parity(
+    cfg: AlbertConfig,
+    make_a: OptimizerFactory,
+    make_b: OptimizerFactory,
+    batches: list[dict[str, torch.Tensor]],
+    steps: int,
+    device: torch.device,
+    lr_factor_b: Callable[[int], float] | None = None,
+    seed: int = 0,
+) -> Parity:
     """Train two copies of one model (fp32, explicit attention: deterministic) on the same batches, cycled,
     with optimizers A and B; `lr_factor_b(t)` multiplies B's learning rate at step t (1-based)."""
     torch.manual_seed(seed)
@@ -160,19 +192,54 @@ def parity_comparisons(params: dict[str, Any], fused_available: bool) -> list[Co
     factor = bias_correction_factor(tuple(params.get("betas", (0.9, 0.999))))
     comparisons = [
         Comparison("control: our Lamb vs itself", "our Lamb", "our Lamb", our_lamb(on), our_lamb(on), True),
-        Comparison("bias_correction off in both (the shipped configs, ALBERT's LAMB)", f"{fused_name}", "our Lamb", fused(off), our_lamb(off), True),
-        Comparison("FusedLamb bias_correction on; ours off, lr x sqrt(1-b2^t)/(1-b1^t)", f"{fused_name}", "our Lamb",
-                   fused(on), our_lamb(off), True, factor),
-        Comparison("bias_correction on in both (FusedLamb's default; not selected by select_optimizer)", f"{fused_name}", "our Lamb", fused(on), our_lamb(on), False),
+        Comparison(
+            "bias_correction off in both (the shipped configs, ALBERT's LAMB)",
+            f"{fused_name}",
+            "our Lamb",
+            fused(off),
+            our_lamb(off),
+            True,
+        ),
+        Comparison(
+            "FusedLamb bias_correction on; ours off, lr x sqrt(1-b2^t)/(1-b1^t)",
+            f"{fused_name}",
+            "our Lamb",
+            fused(on),
+            our_lamb(off),
+            True,
+            factor,
+        ),
+        Comparison(
+            "bias_correction on in both (FusedLamb's default; not selected by select_optimizer)",
+            f"{fused_name}",
+            "our Lamb",
+            fused(on),
+            our_lamb(on),
+            False,
+        ),
     ]
     if fused_available:
-        comparisons.append(Comparison("FusedLamb kernel vs its torch restatement (bias_correction on)", "FusedLamb",
-                                      "FusedLambReference", fused(on), fused_lamb_factory(on, FusedLambReference), True))
+        comparisons.append(
+            Comparison(
+                "FusedLamb kernel vs its torch restatement (bias_correction on)",
+                "FusedLamb",
+                "FusedLambReference",
+                fused(on),
+                fused_lamb_factory(on, FusedLambReference),
+                True,
+            )
+        )
     return comparisons
 
 
-def parity_section(args: argparse.Namespace, device: torch.device, budget: Budget, report: Report,
-                   fused_reason: str | None, reserve_s: float) -> None:
+def parity_section(
+    args: argparse.Namespace,
+    device: torch.device,
+    budget: Budget,
+    report: Report,
+    fused_reason: str | None,
+    reserve_s: float,
+) -> None:
     """Section 2."""
     params = shipped_lamb_params()
     batch_size, seq = args.parity_shape
@@ -196,33 +263,62 @@ def parity_section(args: argparse.Namespace, device: torch.device, budget: Budge
             ok = agrees == comp.expect_equal
             verdict = ("PASS" if ok else "FAIL") + (" (agree)" if agrees else " (differ)")
             if not ok:
-                report.fail(f"LAMB parity: {comp.name}: rel. diff {r.rel:.2e}, expected "
-                            f"{'<=' if comp.expect_equal else '>'} {args.parity_tol:g}")
-            rows.append([comp.name, comp.a, comp.b, f"{r.max_abs:.2e}", f"{r.rel:.2e}",
-                         f"{r.losses_a[0]:.4f} -> {r.losses_a[-1]:.4f}", f"{r.losses_b[0]:.4f} -> {r.losses_b[-1]:.4f}",
-                         "agree" if comp.expect_equal else "differ", verdict])
+                report.fail(
+                    f"LAMB parity: {comp.name}: rel. diff {r.rel:.2e}, expected "
+                    f"{'<=' if comp.expect_equal else '>'} {args.parity_tol:g}"
+                )
+            rows.append(
+                [
+                    comp.name,
+                    comp.a,
+                    comp.b,
+                    f"{r.max_abs:.2e}",
+                    f"{r.rel:.2e}",
+                    f"{r.losses_a[0]:.4f} -> {r.losses_a[-1]:.4f}",
+                    f"{r.losses_b[0]:.4f} -> {r.losses_b[-1]:.4f}",
+                    "agree" if comp.expect_equal else "differ",
+                    verdict,
+                ]
+            )
             if comp.name.startswith("bias_correction"):
                 curves.append((comp, r))
     except SectionSkipped as e:
         rows.append([str(e)] + [""] * 8)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
-        report.emit(f"{args.parity_config}, fp32, batch {batch_size} x {seq}, {args.parity_steps} steps over 4 fixed batches, "
-                    f"two copies of one model (explicit attention), LAMB parameters of {SHIPPED_DS_CONFIG.name} at a "
-                    f"constant lr {params['lr']:g}. rel. diff = ||w_A - w_B|| / ||w_A - w_0||; the two agree when it is at most "
-                    f"{args.parity_tol:g}. {PARITY_TOL_WHY}\n")
+        report.emit(
+            f"{args.parity_config}, fp32, batch {batch_size} x {seq}, {args.parity_steps} steps over 4 fixed batches, "
+            f"two copies of one model (explicit attention), LAMB parameters of {SHIPPED_DS_CONFIG.name} at a "
+            f"constant lr {params['lr']:g}. rel. diff = ||w_A - w_B|| / ||w_A - w_0||; the two agree when it is at most "
+            f"{args.parity_tol:g}. {PARITY_TOL_WHY}\n"
+        )
         if fused_reason is not None:
-            report.emit(f"- FusedLamb: {fused_reason}; compared through FusedLambReference, a torch restatement of its CUDA "
-                        "kernel (checked against the kernel on a GPU)\n")
-        report.emit(markdown_table(["comparison", "A", "B", "max abs diff", "rel. diff", "loss A", "loss B", "expected", "result"],
-                                   rows, numeric={3, 4}))
+            report.emit(
+                f"- FusedLamb: {fused_reason}; compared through FusedLambReference, a torch restatement of its CUDA "
+                "kernel (checked against the kernel on a GPU)\n"
+            )
+        report.emit(
+            markdown_table(
+                ["comparison", "A", "B", "max abs diff", "rel. diff", "loss A", "loss B", "expected", "result"],
+                rows,
+                numeric={3, 4},
+            )
+        )
         factor = bias_correction_factor(tuple(params["betas"]))
-        report.emit(f"\nWith bias_correction on, FusedLamb multiplies every step by sqrt(1-b2^t)/(1-b1^t) (betas {tuple(params['betas'])}): "
-                    + ", ".join(f"t={t} {factor(t):.2f}" for t in (1, 10, 100, 1000, 3125))
-                    + ". Our Lamb has no such factor: it corrects the moments before eps, weight decay and the trust ratio.")
+        report.emit(
+            f"\nWith bias_correction on, FusedLamb multiplies every step by sqrt(1-b2^t)/(1-b1^t) (betas {tuple(params['betas'])}): "
+            + ", ".join(f"t={t} {factor(t):.2f}" for t in (1, 10, 100, 1000, 3125))
+            + ". Our Lamb has no such factor: it corrects the moments before eps, weight decay and the trust ratio."
+        )
     if curves:
-        headers = ["step"] + [f"{'A' if i == 0 else 'B'}: {c.a if i == 0 else c.b}, {c.name.split(' (')[0]}"
-                              for c, _ in curves for i in (0, 1)]
-        lines = [[str(t + 1)] + [f"{x[t]:.5f}" for _, r in curves for x in (r.losses_a, r.losses_b)] for t in range(args.parity_steps)]
+        headers = ["step"] + [
+            f"{'A' if i == 0 else 'B'}: {c.a if i == 0 else c.b}, {c.name.split(' (')[0]}"
+            for c, _ in curves
+            for i in (0, 1)
+        ]
+        lines = [
+            [str(t + 1)] + [f"{x[t]:.5f}" for _, r in curves for x in (r.losses_a, r.losses_b)]
+            for t in range(args.parity_steps)
+        ]
         report.emit("\nLoss curves (the loss of each step, before its update):\n")
         report.emit(markdown_table(headers, lines, numeric=set(range(1, len(headers)))))

@@ -62,21 +62,49 @@ MAX_SYNCS_FP16 = 2
 def max_syncs(precision: str) -> int:
     return MAX_SYNCS_FP16 if precision == "fp16" else MAX_SYNCS
 
-HEADERS = ["ZeRO stage", "precision", "optimizer", "samples/s", "MFU (nominal peak)", "host syncs / step",
-           "peak GPU memory (MiB)", "resume exact", "export loads", "result"]
+
+HEADERS = [
+    "ZeRO stage",
+    "precision",
+    "optimizer",
+    "samples/s",
+    "MFU (nominal peak)",
+    "host syncs / step",
+    "peak GPU memory (MiB)",
+    "resume exact",
+    "export loads",
+    "result",
+]
 CPU_HEADERS = [h if h != "peak GPU memory (MiB)" else "peak RSS (MiB)" for h in HEADERS]
 
 # Settings on CUDA (the defaults) and in the CPU smoke run (gpu_check.py --smoke), per argument.
-DEFAULTS: dict[str, Any] = {"pretrain_config": "albert-base", "pretrain_steps": 30, "pretrain_save_step": 20, "pretrain_micro": 64,
-                            "pretrain_accum": 2, "pretrain_warmup": 10, "pretrain_vocab": 8000, "pretrain_dupe": 2,
-                            "pretrain_parallel": 4, "pretrain_timeout": 240.0}
-SMOKE: dict[str, Any] = {"pretrain_config": "albert-tiny", "pretrain_steps": 8, "pretrain_save_step": 5, "pretrain_micro": 4,
-                         "pretrain_accum": 2, "pretrain_warmup": 2, "pretrain_vocab": 4000, "pretrain_dupe": 1,
-                         "pretrain_parallel": 2, "pretrain_timeout": 180.0}
+DEFAULTS: dict[str, Any] = {
+    "pretrain_config": "albert-base",
+    "pretrain_steps": 30,
+    "pretrain_save_step": 20,
+    "pretrain_micro": 64,
+    "pretrain_accum": 2,
+    "pretrain_warmup": 10,
+    "pretrain_vocab": 8000,
+    "pretrain_dupe": 2,
+    "pretrain_parallel": 4,
+    "pretrain_timeout": 240.0,
+}
+SMOKE: dict[str, Any] = {
+    "pretrain_config": "albert-tiny",
+    "pretrain_steps": 8,
+    "pretrain_save_step": 5,
+    "pretrain_micro": 4,
+    "pretrain_accum": 2,
+    "pretrain_warmup": 2,
+    "pretrain_vocab": 4000,
+    "pretrain_dupe": 1,
+    "pretrain_parallel": 2,
+    "pretrain_timeout": 180.0,
+}
 # Rough seconds, for the time budget: one straight run (process start, DeepSpeed set-up, the steps, two saves), one
 # wave of resumed runs (several processes at a time).
-ESTIMATES = {"cuda": {"straight": 25.0, "resume_wave": 25.0},
-             "cpu": {"straight": 20.0, "resume_wave": 25.0}}
+ESTIMATES = {"cuda": {"straight": 25.0, "resume_wave": 25.0}, "cpu": {"straight": 20.0, "resume_wave": 25.0}}
 
 
 # --------------------------------------------------------------------------------------------- rows and configs
@@ -103,17 +131,21 @@ class PretrainRow:
 
 
 def parse_rows(text: str) -> list[str]:
-    """"z1-bf16,z3-fp16" -> the keys, checked; "all" -> every CUDA row."""
+    """ "z1-bf16,z3-fp16" -> the keys, checked; "all" -> every CUDA row."""
     if text.strip() == "all":
         return list(ALL_ROWS)
     keys = [k.strip() for k in text.split(",") if k.strip()]
     for key in keys:
         stage, _, precision = key.partition("-")
         if not (len(stage) == 2 and stage[0] == "z" and stage[1] in "0123" and precision in PRECISIONS):
-            raise argparse.ArgumentTypeError(f"{key!r}: expected z<stage>-<precision> such as z2-bf16 (stages 0-3; {', '.join(PRECISIONS)})")
+            raise argparse.ArgumentTypeError(
+                f"{key!r}: expected z<stage>-<precision> such as z2-bf16 (stages 0-3; {', '.join(PRECISIONS)})"
+            )
         if key == "z0-fp16":
-            raise argparse.ArgumentTypeError("z0-fp16: albert-pretrain refuses fp16 at ZeRO-0 (DeepSpeed 0.19 never scales the "
-                                             "loss there); the ZeRO-0 row is bf16 or fp32")
+            raise argparse.ArgumentTypeError(
+                "z0-fp16: albert-pretrain refuses fp16 at ZeRO-0 (DeepSpeed 0.19 never scales the "
+                "loss there); the ZeRO-0 row is bf16 or fp32"
+            )
     if len(set(keys)) != len(keys) or not keys:
         raise argparse.ArgumentTypeError(f"{text!r}: name each row once")
     return keys
@@ -172,35 +204,87 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
-        return cls(args.pretrain_config, args.pretrain_steps, args.pretrain_save_step, args.pretrain_micro, args.pretrain_accum,
-                   args.pretrain_warmup, args.pretrain_vocab, args.pretrain_dupe, args.pretrain_parallel, args.pretrain_timeout,
-                   args.pretrain_deterministic == "on", args.attention, args.pretrain_data, args.pretrain_work)
+        return cls(
+            args.pretrain_config,
+            args.pretrain_steps,
+            args.pretrain_save_step,
+            args.pretrain_micro,
+            args.pretrain_accum,
+            args.pretrain_warmup,
+            args.pretrain_vocab,
+            args.pretrain_dupe,
+            args.pretrain_parallel,
+            args.pretrain_timeout,
+            args.pretrain_deterministic == "on",
+            args.attention,
+            args.pretrain_data,
+            args.pretrain_work,
+        )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     a = p.add_argument
-    a("--pretrain-rows", type=parse_rows, default=None,
-      help=f"section 5: rows z<stage>-<precision>, or all (default on CUDA: {','.join(ALL_ROWS)}; CPU: {','.join(SMOKE_ROWS)})")
-    a("--pretrain-config", default=DEFAULTS["pretrain_config"], help="section 5: shipped model config (its vocabulary becomes the shards')")
+    a(
+        "--pretrain-rows",
+        type=parse_rows,
+        default=None,
+        help=f"section 5: rows z<stage>-<precision>, or all (default on CUDA: {','.join(ALL_ROWS)}; CPU: {','.join(SMOKE_ROWS)})",
+    )
+    a(
+        "--pretrain-config",
+        default=DEFAULTS["pretrain_config"],
+        help="section 5: shipped model config (its vocabulary becomes the shards')",
+    )
     a("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"], help="section 5: optimizer steps per run")
-    a("--pretrain-save-step", type=int, default=DEFAULTS["pretrain_save_step"], help="section 5: the checkpoint the second process resumes from")
+    a(
+        "--pretrain-save-step",
+        type=int,
+        default=DEFAULTS["pretrain_save_step"],
+        help="section 5: the checkpoint the second process resumes from",
+    )
     a("--pretrain-micro", type=int, default=DEFAULTS["pretrain_micro"], help="section 5: micro-batch")
     a("--pretrain-accum", type=int, default=DEFAULTS["pretrain_accum"], help="section 5: gradient accumulation steps")
     a("--pretrain-warmup", type=int, default=DEFAULTS["pretrain_warmup"], help="section 5: the schedule's warmup steps")
-    a("--pretrain-vocab", type=int, default=DEFAULTS["pretrain_vocab"], help="section 5: vocabulary trained on the excerpt")
+    a(
+        "--pretrain-vocab",
+        type=int,
+        default=DEFAULTS["pretrain_vocab"],
+        help="section 5: vocabulary trained on the excerpt",
+    )
     a("--pretrain-dupe", type=int, default=DEFAULTS["pretrain_dupe"], help="section 5: albert-data shard --dupe-factor")
-    a("--pretrain-data", type=Path, default=None, help="section 5: shards to use (albert-data shard output) instead of making them")
-    a("--pretrain-work", type=Path, default=None, help="section 5: keep runs, logs and probe JSON here (default: a temporary folder)")
+    a(
+        "--pretrain-data",
+        type=Path,
+        default=None,
+        help="section 5: shards to use (albert-data shard output) instead of making them",
+    )
+    a(
+        "--pretrain-work",
+        type=Path,
+        default=None,
+        help="section 5: keep runs, logs and probe JSON here (default: a temporary folder)",
+    )
     a("--pretrain-parallel", type=int, default=DEFAULTS["pretrain_parallel"], help="section 5: resumed runs at a time")
-    a("--pretrain-timeout", type=float, default=DEFAULTS["pretrain_timeout"], help="section 5: seconds per albert-pretrain process")
-    a("--pretrain-deterministic", choices=["on", "off"], default="on",
-      help="section 5: deterministic kernels from the save step on in both processes (off: compare as they run)")
+    a(
+        "--pretrain-timeout",
+        type=float,
+        default=DEFAULTS["pretrain_timeout"],
+        help="section 5: seconds per albert-pretrain process",
+    )
+    a(
+        "--pretrain-deterministic",
+        choices=["on", "off"],
+        default="on",
+        help="section 5: deterministic kernels from the save step on in both processes (off: compare as they run)",
+    )
 
 
 def check_arguments(args: argparse.Namespace, error: Callable[[str], None]) -> None:
     if not 4 <= args.pretrain_save_step < args.pretrain_steps:
-        error("--pretrain-save-step: at least 4 (steps 3 .. save step - 1 are the clean steps timed and counted) "
-              "and below --pretrain-steps")
+        error(
+            "--pretrain-save-step: at least 4 (steps 3 .. save step - 1 are the clean steps timed and counted) "
+            "and below --pretrain-steps"
+        )
     if min(args.pretrain_micro, args.pretrain_accum, args.pretrain_parallel) < 1 or args.pretrain_warmup < 0:
         error("--pretrain-micro, --pretrain-accum, --pretrain-parallel: at least 1; --pretrain-warmup: at least 0")
     if args.pretrain_warmup >= args.pretrain_steps:
@@ -247,16 +331,42 @@ class ShardPrep:
             try:
                 excerpt = wikipedia_excerpt()
             except Exception as e:  # noqa: BLE001 - e.g. no network and no cached copy
-                raise PrepError(f"the Wikipedia excerpt is not available ({type(e).__name__}: {e}); carry .cache/corpora "
-                                "(made by `make demo` or the tests) or pass --pretrain-data") from None
+                raise PrepError(
+                    f"the Wikipedia excerpt is not available ({type(e).__name__}: {e}); carry .cache/corpora "
+                    "(made by `make demo` or the tests) or pass --pretrain-data"
+                ) from None
             corpus, vocab, shards = self.folder / "corpus", self.folder / "vocab" / "spiece", self.folder / "shards"
             steps = [
-                ["corpus", "--input", str(excerpt), "--output", str(corpus), "--num-files", "4", "--workers", str(self.workers)],
+                [
+                    "corpus",
+                    "--input",
+                    str(excerpt),
+                    "--output",
+                    str(corpus),
+                    "--num-files",
+                    "4",
+                    "--workers",
+                    str(self.workers),
+                ],
                 ["vocab", "--input", str(corpus), "--output-prefix", str(vocab), "--vocab-size", str(self.vocab_size)],
-                ["shard", "--input", str(corpus), "--spm-model", f"{vocab}.model", "--output", str(shards), "--dupe-factor",
-                 str(self.dupe_factor), "--num-shards", "2", "--workers", str(self.workers), "--no-progress"],
+                [
+                    "shard",
+                    "--input",
+                    str(corpus),
+                    "--spm-model",
+                    f"{vocab}.model",
+                    "--output",
+                    str(shards),
+                    "--dupe-factor",
+                    str(self.dupe_factor),
+                    "--num-shards",
+                    "2",
+                    "--workers",
+                    str(self.workers),
+                    "--no-progress",
+                ],
                 ["verify", "--no-progress", str(shards)],
-            ]  # fmt: skip
+            ]
             for step in steps:
                 self._command(step)
             self.shards = shards
@@ -274,15 +384,22 @@ class ShardPrep:
         with open(logfile, "a") as out:
             out.write(f"$ albert-data {' '.join(args)}\n")
             out.flush()
-            self._proc = subprocess.Popen([sys.executable, "-m", "data_prep", *args], cwd=REPO, env=child_env(), stdout=out,
-                                          stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "data_prep", *args],
+                cwd=REPO,
+                env=child_env(),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
             rc = self._proc.wait()
         if rc != 0:
             tail = [line for line in logfile.read_text(errors="replace").splitlines() if line.strip()][-3:]
             hint = ""
             if any("No module named" in line for line in tail):
-                hint = (" (a package albert-data needs is missing here: carry its wheels, e.g. blingfire and mwparserfromhell, "
-                        "or make the shards elsewhere and pass --pretrain-data)")
+                hint = (
+                    " (a package albert-data needs is missing here: carry its wheels, e.g. blingfire and mwparserfromhell, "
+                    "or make the shards elsewhere and pass --pretrain-data)"
+                )
             raise PrepError(f"albert-data {args[0]} failed (exit {rc}): {' | '.join(tail)[-400:]}{hint}")
 
     def wait(self, timeout: float) -> Path:
@@ -320,10 +437,23 @@ def child_env(device_type: str = "cpu") -> dict[str, str]:
     own process group, whose RANK / WORLD_SIZE / MASTER_PORT must not leak into a child's)."""
     from pipeline.distributed import free_port
 
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR", "MASTER_PORT",
-            "CROSS_RANK", "DS_LAUNCHER")
-    env = {k: v for k, v in os.environ.items()
-           if k not in drop and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "PMI_", "TORCHELASTIC_"))}
+    drop = (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "LOCAL_WORLD_SIZE",
+        "GROUP_RANK",
+        "ROLE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "CROSS_RANK",
+        "DS_LAUNCHER",
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in drop and not k.startswith(("SLURM_", "OMPI_", "PMIX_", "PMI_", "TORCHELASTIC_"))
+    }
     env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *([env["PYTHONPATH"]] if env.get("PYTHONPATH") else [])])
     if device_type == "cpu":
@@ -383,14 +513,42 @@ def run_logged(cmd: list[str], logfile: Path, env: dict[str, str], timeout_s: fl
     return rc, time.monotonic() - t
 
 
-def pretrain_command(probe_out: Path, ds: Path, model: Path, data: Path, output: Path, s: Settings, row: PretrainRow,
-                     cuda: bool, resume: Path | None = None) -> list[str]:
+def pretrain_command(
+    probe_out: Path,
+    ds: Path,
+    model: Path,
+    data: Path,
+    output: Path,
+    s: Settings,
+    row: PretrainRow,
+    cuda: bool,
+    resume: Path | None = None,
+) -> list[str]:
     probe = [sys.executable, str(PROBE), "--probe-out", str(probe_out)]
     if s.deterministic:
         probe += ["--deterministic-from", str(s.save_step)]
-    args = ["--deepspeed_config", str(ds), "--model-config", str(model), "--data", str(data), "--output", str(output),
-            "--max-steps", str(s.steps), "--log-interval", str(s.steps + 1), "--save-interval", str(s.save_step),
-            "--eval-interval", "0", "--compile", "off", "--attention", s.attention]  # fmt: skip
+    args = [
+        "--deepspeed_config",
+        str(ds),
+        "--model-config",
+        str(model),
+        "--data",
+        str(data),
+        "--output",
+        str(output),
+        "--max-steps",
+        str(s.steps),
+        "--log-interval",
+        str(s.steps + 1),
+        "--save-interval",
+        str(s.save_step),
+        "--eval-interval",
+        "0",
+        "--compile",
+        "off",
+        "--attention",
+        s.attention,
+    ]
     args += ["--resume", str(resume) if resume is not None else "never"]
     if row.precision == "fp16" and not cuda:
         args.append("--allow-fp16-on-cpu")  # albert-pretrain's switch for testing its fp16 path on a CPU
@@ -462,19 +620,26 @@ def sdpa_from_log(text: str) -> str | None:
     for line in text.splitlines():
         for marker in ("SDPA kernel on", "attention: "):
             if marker in line:
-                text_ = line[line.index(marker):].strip()
+                text_ = line[line.index(marker) :].strip()
                 if marker == "SDPA kernel on":
                     return text_
                 found = found or text_
     return found
 
 
-def compare_resume(straight: dict[str, list[float]], resumed: dict[str, list[float]], resumed_start: int | None,
-                   save_step: int, final_step: int) -> Check:
+def compare_resume(
+    straight: dict[str, list[float]],
+    resumed: dict[str, list[float]],
+    resumed_start: int | None,
+    save_step: int,
+    final_step: int,
+) -> Check:
     """Exact when the resumed process started at `save_step` and every step after it to `final_step` has the same
     micro-batch losses, bit for bit, as the straight run."""
     if resumed_start != save_step:
-        return Check(False, f"the second process started at step {resumed_start}, not at the checkpoint's step {save_step}")
+        return Check(
+            False, f"the second process started at step {resumed_start}, not at the checkpoint's step {save_step}"
+        )
     steps = range(save_step + 1, final_step + 1)
     missing = [s for s in steps if str(s) not in straight or str(s) not in resumed]
     if missing:
@@ -482,11 +647,17 @@ def compare_resume(straight: dict[str, list[float]], resumed: dict[str, list[flo
     for s in steps:
         a, b = straight[str(s)], resumed[str(s)]
         if a != b:
-            rel = max((abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b)), default=float("inf")) if len(a) == len(b) else float("inf")
-            where = ("the first step after the checkpoint: the restored weights, data position or loss scale differ"
-                     if s == save_step + 1 else
-                     f"step {save_step + 1} matched (weights and data restored), a later step did not: optimizer state, "
-                     "schedule or kernel nondeterminism")
+            rel = (
+                max((abs(x - y) / max(abs(x), 1e-30) for x, y in zip(a, b)), default=float("inf"))
+                if len(a) == len(b)
+                else float("inf")
+            )
+            where = (
+                "the first step after the checkpoint: the restored weights, data position or loss scale differ"
+                if s == save_step + 1
+                else f"step {save_step + 1} matched (weights and data restored), a later step did not: optimizer state, "
+                "schedule or kernel nondeterminism"
+            )
             return Check(False, f"step {s}: loss {a[-1]!r} straight vs {b[-1]!r} resumed (relative {rel:.1e}); {where}")
     n = sum(len(straight[str(s)]) for s in steps)
     return Check(True, f"steps {save_step + 1}-{final_step}: {n} micro-batch losses identical")
@@ -504,8 +675,10 @@ def row_problems(r: RowResult, count_syncs: bool) -> list[str]:
     p = r.probe
     seen = r.optimizer_seen()
     if seen != r.row.expect_optimizer or (r.row.expect_optimizer == "FusedLamb" and p.get("optimizer") != "FusedLamb"):
-        problems.append(f"expected {r.row.expect_optimizer} but the log says {seen or 'no optimizer line'}"
-                        f" (DeepSpeed wraps {p.get('optimizer')})")
+        problems.append(
+            f"expected {r.row.expect_optimizer} but the log says {seen or 'no optimizer line'}"
+            f" (DeepSpeed wraps {p.get('optimizer')})"
+        )
     losses = [x for v in p.get("losses", {}).values() for x in v]
     bad = [k for k, v in p.get("losses", {}).items() if not all(math.isfinite(x) for x in v)]
     if not losses:
@@ -517,7 +690,9 @@ def row_problems(r: RowResult, count_syncs: bool) -> list[str]:
         if syncs.get("max") is None:
             problems.append("no clean optimizer step to count host syncs on (raise --pretrain-save-step)")
         elif syncs["max"] > max_syncs(r.row.precision):
-            problems.append(f"{syncs['max']} host syncs in one optimizer step (at most {max_syncs(r.row.precision)}): {sync_sources(syncs)}")
+            problems.append(
+                f"{syncs['max']} host syncs in one optimizer step (at most {max_syncs(r.row.precision)}): {sync_sources(syncs)}"
+            )
     if r.resumed is not None and not r.resumed.ok:
         problems.append(f"resumed albert-pretrain {r.resumed.failure()}")
     elif r.resume is not None and not r.resume.ok:
@@ -571,7 +746,9 @@ def row_cells(r: RowResult, count_syncs: bool) -> list[str]:
 
 
 def format_table(results: list[RowResult], count_syncs: bool, cuda: bool = True) -> str:
-    return markdown_table(HEADERS if cuda else CPU_HEADERS, [row_cells(r, count_syncs) for r in results], numeric={3, 4, 6})
+    return markdown_table(
+        HEADERS if cuda else CPU_HEADERS, [row_cells(r, count_syncs) for r in results], numeric={3, 4, 6}
+    )
 
 
 def report_rows(results: list[RowResult], count_syncs: bool, report: Report) -> None:
@@ -593,8 +770,17 @@ def export_check(checkpoints: Path, out: Path, shards: Path, timeout: Callable[[
     env = child_env("cpu")
     env.pop("DS_ACCELERATOR", None)  # albert-export picks the CPU itself
     env["CUDA_VISIBLE_DEVICES"] = ""  # and must need no GPU
-    cmd = [sys.executable, "-m", "pipeline.export", "--checkpoint", str(checkpoints), "--output", str(out),
-           "--spm-model", str(shards / "spiece.model")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.export",
+        "--checkpoint",
+        str(checkpoints),
+        "--output",
+        str(out),
+        "--spm-model",
+        str(shards / "spiece.model"),
+    ]
     rc, seconds = run_logged(cmd, out.with_suffix(".log"), env, timeout_s)
     if rc != 0:
         return Check(False, "albert-export " + ProcessResult(rc, seconds, out.with_suffix(".log"), {}).failure())
@@ -615,7 +801,9 @@ def hf_loads(folder: Path, shards: Path) -> Check:
 
     transformers.logging.disable_progress_bar()
     model, info = AlbertForPreTraining.from_pretrained(str(folder), output_loading_info=True)
-    wrong = {k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")}
+    wrong = {
+        k: v for k, v in info.items() if v and k in ("missing_keys", "unexpected_keys", "mismatched_keys", "error_msgs")
+    }
     if wrong:
         return Check(False, f"from_pretrained reported {wrong}"[:400])
     first = sorted(shards.glob("shard-*.h5"))[0]
@@ -623,7 +811,9 @@ def hf_loads(folder: Path, shards: Path) -> Check:
         batch = {k: torch.from_numpy(f[k][:2].astype("int64")) for k in ("input_ids", "input_mask", "segment_ids")}
     model.eval()
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["input_mask"], token_type_ids=batch["segment_ids"])
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["input_mask"], token_type_ids=batch["segment_ids"]
+        )
     if not (torch.isfinite(out.prediction_logits).all() and torch.isfinite(out.sop_logits).all()):
         return Check(False, "the loaded model gives non-finite logits")
     n = sum(p.numel() for p in model.parameters())
@@ -633,8 +823,15 @@ def hf_loads(folder: Path, shards: Path) -> Check:
 # --------------------------------------------------------------------------------------------- the section
 
 
-def pretrain_section(args: argparse.Namespace, device: Any, budget: Budget, report: Report, peaks: Peaks | None, fused_reason: str | None,
-                     prep: ShardPrep | None) -> None:
+def pretrain_section(
+    args: argparse.Namespace,
+    device: Any,
+    budget: Budget,
+    report: Report,
+    peaks: Peaks | None,
+    fused_reason: str | None,
+    prep: ShardPrep | None,
+) -> None:
     """Section 5 (see the module docstring)."""
     import tempfile
 
@@ -687,8 +884,19 @@ def model_config(name: str, attrs: dict[str, Any]) -> Any:
     return cfg
 
 
-def run_rows(results: list[RowResult], s: Settings, cfg: Any, attrs: dict[str, Any], shards: Path, work: Path, device: Any,
-             budget: Budget, est: dict[str, float], peaks: Peaks | None, fused_reason: str | None) -> dict[str, Any]:
+def run_rows(
+    results: list[RowResult],
+    s: Settings,
+    cfg: Any,
+    attrs: dict[str, Any],
+    shards: Path,
+    work: Path,
+    device: Any,
+    budget: Budget,
+    est: dict[str, float],
+    peaks: Peaks | None,
+    fused_reason: str | None,
+) -> dict[str, Any]:
     from pipeline.checkpoint import tag_for
 
     cuda = device.type == "cuda"
@@ -724,12 +932,23 @@ def run_rows(results: list[RowResult], s: Settings, cfg: Any, attrs: dict[str, A
             ds_path.write_text(json.dumps(derive_ds_config(r.row, s.micro, s.accum, s.steps, s.warmup), indent=1))
             try:
                 log.info("albert-pretrain %s: straight run", r.row.name)
-                cmd = pretrain_command(folder / "straight.json", ds_path, model_path, shards, folder / "straight", s, r.row, cuda)
-                rc, seconds = run_logged(cmd, folder / "straight.log", child_env(device.type), max(timeout(), MIN_PROCESS_S))
+                cmd = pretrain_command(
+                    folder / "straight.json", ds_path, model_path, shards, folder / "straight", s, r.row, cuda
+                )
+                rc, seconds = run_logged(
+                    cmd, folder / "straight.log", child_env(device.type), max(timeout(), MIN_PROCESS_S)
+                )
                 r.straight = ProcessResult(rc, seconds, folder / "straight.log", read_probe(folder / "straight.json"))
-                log.info("albert-pretrain %s: straight run %s in %.0f s", r.row.name, "ok" if r.straight.ok else "FAILED", seconds)
+                log.info(
+                    "albert-pretrain %s: straight run %s in %.0f s",
+                    r.row.name,
+                    "ok" if r.straight.ok else "FAILED",
+                    seconds,
+                )
                 if r.straight.ok:
-                    exports[i] = pool.submit(export_check, folder / "straight" / "checkpoints", folder / "hf", shards, timeout)
+                    exports[i] = pool.submit(
+                        export_check, folder / "straight" / "checkpoints", folder / "hf", shards, timeout
+                    )
             except Exception as e:  # noqa: BLE001 - a row's own error, not the section's
                 log.exception("row %s", r.row.name)
                 r.error = f"{type(e).__name__}: {e}"
@@ -744,8 +963,17 @@ def run_rows(results: list[RowResult], s: Settings, cfg: Any, attrs: dict[str, A
                 continue
             folder = work / r.row.key
             checkpoint = folder / "straight" / "checkpoints" / tag_for(s.save_step)
-            cmd = pretrain_command(folder / "resumed.json", folder / "ds_config.json", model_path, shards, folder / "resumed", s,
-                                   r.row, cuda, resume=checkpoint)
+            cmd = pretrain_command(
+                folder / "resumed.json",
+                folder / "ds_config.json",
+                model_path,
+                shards,
+                folder / "resumed",
+                s,
+                r.row,
+                cuda,
+                resume=checkpoint,
+            )
             resumes[i] = pool.submit(_resume, cmd, folder, device.type, timeout)
         for i, future in resumes.items():
             r = results[i]
@@ -753,16 +981,27 @@ def run_rows(results: list[RowResult], s: Settings, cfg: Any, attrs: dict[str, A
             if r.resumed is None:
                 r.skipped.append("resume: skipped for the time budget")
             elif r.resumed.ok:
-                r.resume = compare_resume(r.probe.get("losses", {}), r.resumed.probe.get("losses", {}),  # type: ignore[union-attr]
-                                          r.resumed.probe.get("start_step"), s.save_step, s.steps)  # type: ignore[union-attr]
+                r.resume = compare_resume(
+                    r.probe.get("losses", {}),
+                    r.resumed.probe.get("losses", {}),  # type: ignore[union-attr]
+                    r.resumed.probe.get("start_step"),
+                    s.save_step,
+                    s.steps,
+                )  # type: ignore[union-attr]
         for i, future in exports.items():
             results[i].export = future.result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     from pipeline.model import AlbertConfig
 
-    return {"cfg": cfg, "base_vocab": AlbertConfig.from_name_or_path(s.config).vocab_size, "seq": seq, "predictions": predictions,
-            "flops": flops, "examples": attrs.get("num_examples")}
+    return {
+        "cfg": cfg,
+        "base_vocab": AlbertConfig.from_name_or_path(s.config).vocab_size,
+        "seq": seq,
+        "predictions": predictions,
+        "flops": flops,
+        "examples": attrs.get("num_examples"),
+    }
 
 
 MIN_PROCESS_S = 10.0  # a process is not started with less time than this left (it would only time out)
@@ -777,20 +1016,31 @@ def _resume(cmd: list[str], folder: Path, device_type: str, timeout: Callable[[]
     return ProcessResult(rc, seconds, folder / "resumed.log", read_probe(folder / "resumed.json"))
 
 
-def emit_section(results: list[RowResult], s: Settings, device: Any, report: Report, facts: dict[str, Any], prep: ShardPrep | None) -> None:
+def emit_section(
+    results: list[RowResult], s: Settings, device: Any, report: Report, facts: dict[str, Any], prep: ShardPrep | None
+) -> None:
     cuda = device.type == "cuda"
     cfg = facts.get("cfg")
     model = s.config
     if cfg is not None and cfg.vocab_size != facts["base_vocab"]:
-        model = (f"{s.config} with the shards' vocabulary of {cfg.vocab_size:,} pieces instead of {facts['base_vocab']:,}"
-                 + (" (SentencePiece caps a vocabulary trained on the excerpt at about 25,500)" if s.data is None else ""))
-    data = (f"{s.data}" if s.data is not None else
-            f"made here from the Wikipedia excerpt with albert-data corpus / vocab ({s.vocab:,}) / shard (dupe factor {s.dupe}) / "
-            f"verify{f', {prep.seconds:.0f} s in the background' if prep is not None and prep.seconds else ''}")
+        model = (
+            f"{s.config} with the shards' vocabulary of {cfg.vocab_size:,} pieces instead of {facts['base_vocab']:,}"
+            + (" (SentencePiece caps a vocabulary trained on the excerpt at about 25,500)" if s.data is None else "")
+        )
+    data = (
+        f"{s.data}"
+        if s.data is not None
+        else f"made here from the Wikipedia excerpt with albert-data corpus / vocab ({s.vocab:,}) / shard (dupe factor {s.dupe}) / "
+        f"verify{f', {prep.seconds:.0f} s in the background' if prep is not None and prep.seconds else ''}"
+    )
     examples = f", {facts['examples']:,} examples" if facts.get("examples") else ""
     seq = f" x seq {facts['seq']}, {facts['predictions']} predictions" if facts else ""
-    det = (f"torch.use_deterministic_algorithms(True) (and CUBLAS_WORKSPACE_CONFIG=:4096:8) from step {s.save_step} on in both "
-           "processes, so that their kernels round alike" if s.deterministic else "kernels as they run (--pretrain-deterministic off)")
+    det = (
+        f"torch.use_deterministic_algorithms(True) (and CUBLAS_WORKSPACE_CONFIG=:4096:8) from step {s.save_step} on in both "
+        "processes, so that their kernels round alike"
+        if s.deterministic
+        else "kernels as they run (--pretrain-deterministic off)"
+    )
     lines = [
         f"`albert-pretrain` itself (bench/pretrain_probe.py runs its main() and measures from outside), one process, world size 1, "
         f"{'NCCL' if cuda else 'gloo'}; {model}; micro-batch {s.micro} x {s.accum} accumulation steps{seq}; shards: {data}{examples}. "
@@ -806,11 +1056,14 @@ def emit_section(results: list[RowResult], s: Settings, device: Any, report: Rep
         f"- samples/s and MFU: the mean of the clean steps' times (steps 3 to {s.save_step - 1}: not the first two, no logging, "
         "saving or evaluation in or just before them), host clock between optimizer-step boundaries; MFU = model matmul FLOPs "
         "(bench/harness.py model_flops) per second against the GPU's nominal dense bf16/fp16 peak.",
-        ("- host syncs / step: the most in one clean step (torch.cuda.set_sync_debug_mode('warn') warnings, plus calls of "
-         f"torch.cuda.synchronize and Event.synchronize, which that mode does not report); a row fails above {MAX_SYNCS}, "
-         f"an fp16 row above {MAX_SYNCS_FP16} (DeepSpeed's loss scaler reads its overflow flag every step). "
-         "Peak memory: torch.cuda.max_memory_allocated of the straight run." if cuda else
-         "- host syncs: not counted on CPU. Peak memory: the straight run's peak RSS."),
+        (
+            "- host syncs / step: the most in one clean step (torch.cuda.set_sync_debug_mode('warn') warnings, plus calls of "
+            f"torch.cuda.synchronize and Event.synchronize, which that mode does not report); a row fails above {MAX_SYNCS}, "
+            f"an fp16 row above {MAX_SYNCS_FP16} (DeepSpeed's loss scaler reads its overflow flag every step). "
+            "Peak memory: torch.cuda.max_memory_allocated of the straight run."
+            if cuda
+            else "- host syncs: not counted on CPU. Peak memory: the straight run's peak RSS."
+        ),
     ]
     report.emit("\n".join(lines) + "\n")
     report.emit(format_table(results, cuda, cuda))

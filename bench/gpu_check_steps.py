@@ -51,15 +51,19 @@ SDPA_KERNELS = {  # profiler op name -> what ran
 
 def selected_fused_lamb(params: dict[str, Any]) -> OptimizerFactory:
     """DeepSpeed's FusedLamb as albert-pretrain gets it: select_optimizer must pick it for these settings."""
+
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
         opt, _, description = select_optimizer(model, lamb_ds_config(params), allow_fused=True)
         if isinstance(opt, Lamb):
             raise TypeError(f"select_optimizer did not pick FusedLamb: {description}")
         return opt
+
     return make
 
 
-def attention_kernels(model: AlbertForPreTraining, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> str:
+def attention_kernels(
+    model: AlbertForPreTraining, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> str:
     """Which attention kernel one forward + backward really ran, read from the profiler's op names."""
     from torch.profiler import ProfilerActivity, profile
 
@@ -69,10 +73,14 @@ def attention_kernels(model: AlbertForPreTraining, batch: dict[str, torch.Tensor
     found = [label for op, label in SDPA_KERNELS.items() if op in names]
     if found:
         return "SDPA " + " + ".join(found)
-    return "SDPA (kernel not identified)" if "aten::scaled_dot_product_attention" in names else "explicit matmul + softmax"
+    return (
+        "SDPA (kernel not identified)" if "aten::scaled_dot_product_attention" in names else "explicit matmul + softmax"
+    )
 
 
-def flash_with_padding_mask(model: AlbertForPreTraining, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> str:
+def flash_with_padding_mask(
+    model: AlbertForPreTraining, batch: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype
+) -> str:
     """Force SDPA's flash backend on the model's forward (which passes a boolean padding mask)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -107,17 +115,39 @@ class StepRow:
         achieved = self.flops / self.seconds
         nominal = peaks.nominal_for(self.precision)
         measured = peaks.measured.get(self.precision)
-        return head + [self.attention, f"{1000 * self.seconds:.1f}", f"{self.batch * self.seq / self.seconds:,.0f}",
-                       f"{achieved / 1e12:.3g}", f"{achieved / nominal:.1%}" if nominal else "unknown",
-                       f"{achieved / measured:.1%}" if measured else "not measured"]
+        return head + [
+            self.attention,
+            f"{1000 * self.seconds:.1f}",
+            f"{self.batch * self.seq / self.seconds:,.0f}",
+            f"{achieved / 1e12:.3g}",
+            f"{achieved / nominal:.1%}" if nominal else "unknown",
+            f"{achieved / measured:.1%}" if measured else "not measured",
+        ]
 
 
-STEP_HEADERS = ["config", "batch x seq", "precision", "optimizer", "attention kernel", "ms/step", "tokens/s", "TFLOP/s",
-                "MFU (nominal peak)", "MFU (measured matmul peak)"]
+STEP_HEADERS = [
+    "config",
+    "batch x seq",
+    "precision",
+    "optimizer",
+    "attention kernel",
+    "ms/step",
+    "tokens/s",
+    "TFLOP/s",
+    "MFU (nominal peak)",
+    "MFU (measured matmul peak)",
+]
 
 
-def step_time_section(args: argparse.Namespace, device: torch.device, budget: Budget, report: Report, peaks: Peaks,
-                      fused_reason: str | None, reserve_s: float) -> None:
+def step_time_section(
+    args: argparse.Namespace,
+    device: torch.device,
+    budget: Budget,
+    report: Report,
+    peaks: Peaks,
+    fused_reason: str | None,
+    reserve_s: float,
+) -> None:
     """Section 1."""
     params = shipped_lamb_params()
     optimizers = [("our Lamb", our_lamb(params))]
@@ -134,7 +164,9 @@ def step_time_section(args: argparse.Namespace, device: torch.device, budget: Bu
         # them. Dynamo counts graphs per code object across models, so reset it per config and allow them all, or
         # later rows would silently run eagerly at its recompile limit (8).
         torch._dynamo.reset()
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 4 * len(args.shapes) * len(precisions))
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, 4 * len(args.shapes) * len(precisions)
+        )
         torch.manual_seed(0)
         model = AlbertForPreTraining(cfg).to(device).train()
         for line in apply_fused(model, FusedOptions(attention=args.attention, compile=args.compile), device):
@@ -152,12 +184,20 @@ def step_time_section(args: argparse.Namespace, device: torch.device, budget: Bu
                         budget.check(args.row_seconds, reserve_s)
                         if not kernels:
                             kernels = attention_kernels(model, batch, device, dtype)
-                            if name == args.configs[0] and (batch_size, seq) == args.shapes[0] and kernels.startswith("SDPA"):
-                                flash_lines.append(f"- {precision}, {name}: forcing the flash backend with the model's padding mask: "
-                                                   f"{flash_with_padding_mask(model, batch, device, dtype)}")
+                            if (
+                                name == args.configs[0]
+                                and (batch_size, seq) == args.shapes[0]
+                                and kernels.startswith("SDPA")
+                            ):
+                                flash_lines.append(
+                                    f"- {precision}, {name}: forcing the flash backend with the model's padding mask: "
+                                    f"{flash_with_padding_mask(model, batch, device, dtype)}"
+                                )
                         row.attention = kernels
                         # fp16 runs under a dynamic loss scale, as DeepSpeed's fp16 mode does
-                        scaler = torch.amp.GradScaler(device.type, init_scale=2.0**16) if dtype == torch.float16 else None
+                        scaler = (
+                            torch.amp.GradScaler(device.type, init_scale=2.0**16) if dtype == torch.float16 else None
+                        )
                         step = partial(train_step, model, make(model), batch, device, dtype, scaler)
                         times = time_step(step, args.warmup, args.steps, device)
                         row.seconds, row.loss = times.median, float(times.last)
@@ -165,8 +205,16 @@ def step_time_section(args: argparse.Namespace, device: torch.device, budget: Bu
                         if not math.isfinite(row.loss):
                             row.note = "loss not finite"
                             report.fail(f"step time {name} {batch_size}x{seq} {precision} {label}: loss {row.loss}")
-                        log.info("%s %dx%d %s %s: %.1f ms/step, loss %.3f", name, batch_size, seq, precision, label,
-                                 1000 * row.seconds, row.loss)
+                        log.info(
+                            "%s %dx%d %s %s: %.1f ms/step, loss %.3f",
+                            name,
+                            batch_size,
+                            seq,
+                            precision,
+                            label,
+                            1000 * row.seconds,
+                            row.loss,
+                        )
                     except SectionSkipped as e:
                         row.note = str(e)
                     except Exception as e:
@@ -179,17 +227,21 @@ def step_time_section(args: argparse.Namespace, device: torch.device, budget: Bu
         gc.collect()
     if any(r.seconds is not None for r in rows):
         peaks.measure(precisions, device, args.matmul_n)  # other work may have lowered the first measurement
-    report.emit(f"Step = forward + backward + optimizer step, one process, fp32 weights; bf16 = autocast, fp16 = autocast + "
-                f"dynamic loss scaling (torch.amp.GradScaler, initial scale 2^16). Median of {args.steps} timed steps after "
-                f"{args.warmup} warmup; tokens/s counts padded positions; FLOPs = matmul FLOPs of forward x 3 "
-                f"(bench/harness.py model_flops). Optimizers built by pipeline.lamb_deepspeed.select_optimizer with the LAMB "
-                f"parameters of {SHIPPED_DS_CONFIG.name}.\n")
+    report.emit(
+        f"Step = forward + backward + optimizer step, one process, fp32 weights; bf16 = autocast, fp16 = autocast + "
+        f"dynamic loss scaling (torch.amp.GradScaler, initial scale 2^16). Median of {args.steps} timed steps after "
+        f"{args.warmup} warmup; tokens/s counts padded positions; FLOPs = matmul FLOPs of forward x 3 "
+        f"(bench/harness.py model_flops). Optimizers built by pipeline.lamb_deepspeed.select_optimizer with the LAMB "
+        f"parameters of {SHIPPED_DS_CONFIG.name}.\n"
+    )
     report.emit(peaks.describe())
     notes = []
     if fused_reason is not None:
         notes.append(f"- FusedLamb: {fused_reason}")
     skipped_precisions = sorted(set(args.precisions) - set(precisions))
     if skipped_precisions:
-        notes.append(f"- {', '.join(skipped_precisions)}: skipped: needs CUDA (fp16 autocast and loss scaling are GPU paths)")
+        notes.append(
+            f"- {', '.join(skipped_precisions)}: skipped: needs CUDA (fp16 autocast and loss scaling are GPU paths)"
+        )
     report.emit("\n".join(notes + flash_lines) + "\n")
     report.emit(markdown_table(STEP_HEADERS, [r.cells(peaks) for r in rows], numeric={5, 6, 7, 8, 9}))

@@ -61,7 +61,9 @@ class StepTimes:
         return statistics.median(self.seconds)
 
 
-def time_steps(steps: Mapping[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device | str = CPU) -> dict[str, StepTimes]:
+def time_steps(
+    steps: Mapping[str, Callable[[], Any]], warmup: int, repeats: int, device: torch.device | str = CPU
+) -> dict[str, StepTimes]:
     """Call every step warmup + repeats times, the steps taking turns (the order reversed every round, so that none
     always runs right after another); {name: its timed calls}."""
     times = {name: StepTimes([]) for name in steps}
@@ -91,8 +93,14 @@ def autocast(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractCon
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
-def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer | None, batch: dict[str, torch.Tensor], device: torch.device,
-               dtype: torch.dtype = torch.float32, scaler: torch.amp.GradScaler | None = None) -> torch.Tensor:
+def train_step(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer | None,
+    batch: dict[str, torch.Tensor],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
     """One training step (the benchmarks' unit): forward under autocast unless fp32, backward (through `scaler`'s loss
     scale if given), the optimizer's step when there is one; the gradients are released at the end, so that every step
     allocates them alike. Returns the loss (still on the device: reading it would sync)."""
@@ -120,8 +128,13 @@ def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5, device: torch.
     return 2 * n**3 / time_step(lambda: a @ b, 1, reps, device).fastest
 
 
-def matmul_peaks(precisions: list[str], device: torch.device | str = CPU, before: Mapping[str, float] | None = None,
-                 n: int = 4096, reps: int = 5) -> dict[str, float]:
+def matmul_peaks(
+    precisions: list[str],
+    device: torch.device | str = CPU,
+    before: Mapping[str, float] | None = None,
+    n: int = 4096,
+    reps: int = 5,
+) -> dict[str, float]:
     """{precision: FLOP/s} of a large matmul; with `before` (an earlier measurement, e.g. from before the models ran),
     the better of the two: other work on a shared machine lowers the peak for a while."""
     return {k: max(matmul_peak(DTYPES[k], n, reps, device), (before or {}).get(k, 0.0)) for k in precisions}
@@ -131,7 +144,7 @@ def model_flops(cfg: AlbertConfig, batch: int, seq: int, predictions: int, gathe
     """Matmul FLOPs of one training step (forward + backward = 3 x forward). gathered_last_layer: as our model
     runs it, the last layer's queries, attention output and FFN for the [CLS] and prediction rows only (keys
     and values for all tokens); False: the full last layer, as transformers' model computes it."""
-    H, E, I, V = cfg.hidden_size, cfg.embedding_size, cfg.intermediate_size, cfg.vocab_size
+    H, E, I, V = cfg.hidden_size, cfg.embedding_size, cfg.intermediate_size, cfg.vocab_size  # noqa: E741 (the paper's names)
     layers = cfg.num_hidden_layers * cfg.inner_group_num
     qo, kv, ffn, attention = 2 * 2 * H * H, 2 * 2 * H * H, 2 * 2 * H * I, 2 * 2 * seq * H  # per row
     layer = seq * (qo + kv + ffn + attention)
@@ -143,21 +156,27 @@ def model_flops(cfg: AlbertConfig, batch: int, seq: int, predictions: int, gathe
 # --------------------------------------------------------------------------------------------- batches and tables
 
 
-def make_batch(cfg: AlbertConfig, batch: int, seq: int, predictions: int, seed: int = 0,
-               device: torch.device | str = CPU) -> dict[str, torch.Tensor]:
+def make_batch(
+    cfg: AlbertConfig, batch: int, seq: int, predictions: int, seed: int = 0, device: torch.device | str = CPU
+) -> dict[str, torch.Tensor]:
     """Pretraining-like batch: ~10% short sequences, 15% of tokens masked (at most `predictions`). Drawn on the CPU
     (the same batch for a seed on every device), then moved to `device`."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(5, cfg.vocab_size, (batch, seq), generator=g)
-    lengths = torch.where(torch.rand(batch, generator=g) < 0.1, torch.randint(seq // 4, seq, (batch,), generator=g), seq)
+    lengths = torch.where(
+        torch.rand(batch, generator=g) < 0.1, torch.randint(seq // 4, seq, (batch,), generator=g), seq
+    )
     mask = (torch.arange(seq)[None, :] < lengths[:, None]).long()
     positions = torch.zeros(batch, predictions, dtype=torch.long)
     for b in range(batch):
         n = min(predictions, max(1, round(0.15 * int(lengths[b]))))
         positions[b, :n] = (torch.randperm(int(lengths[b]) - 2, generator=g)[:n] + 1).sort().values
     tensors = {
-        "input_ids": ids * mask, "input_mask": mask, "segment_ids": (torch.arange(seq)[None, :] >= lengths[:, None] // 2).long() * mask,
-        "masked_lm_positions": positions, "masked_lm_ids": torch.randint(5, cfg.vocab_size, (batch, predictions), generator=g) * (positions > 0),
+        "input_ids": ids * mask,
+        "input_mask": mask,
+        "segment_ids": (torch.arange(seq)[None, :] >= lengths[:, None] // 2).long() * mask,
+        "masked_lm_positions": positions,
+        "masked_lm_ids": torch.randint(5, cfg.vocab_size, (batch, predictions), generator=g) * (positions > 0),
         "next_sentence_labels": torch.randint(0, 2, (batch,), generator=g),
     }
     return {k: v.to(device) for k, v in tensors.items()}
@@ -165,7 +184,9 @@ def make_batch(cfg: AlbertConfig, batch: int, seq: int, predictions: int, seed: 
 
 def markdown_table(headers: list[str], rows: list[list[str]], numeric: set[int] = frozenset()) -> str:
     """A Markdown table; the columns in `numeric` right-aligned. A '|' inside a cell becomes '/' (it would end the cell)."""
-    lines = ["| " + " | ".join(headers) + " |",
-             "|" + "|".join("---:" if i in numeric else "---" for i in range(len(headers))) + "|"]
+    lines = [
+        "| " + " | ".join(headers) + " |",
+        "|" + "|".join("---:" if i in numeric else "---" for i in range(len(headers))) + "|",
+    ]
     lines += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
     return "\n".join(lines)

@@ -202,15 +202,27 @@ class SyncCounter:
         self._installed.append((owner, name, original))
 
 
-def clean_steps(first_step: int, last_step: int, log_interval: int, save_interval: int, eval_interval: int,
-                deterministic_from: int | None = None, skip_first: int = 2) -> list[int]:
+def clean_steps(
+    first_step: int,
+    last_step: int,
+    log_interval: int,
+    save_interval: int,
+    eval_interval: int,
+    deterministic_from: int | None = None,
+    skip_first: int = 2,
+) -> list[int]:
     """The steps whose window is an ordinary production step: not among the first `skip_first` of this process
     (first_step is the first step it trains), not a logging, saving or evaluation step nor the step right after
     one (the loop logs, saves and evaluates after a step's boundary, so that work lands in the next window), not
     the final step (logged and saved), and before `deterministic_from`."""
+
     def busy(s: int) -> bool:
-        return (s % log_interval == 0 or s % save_interval == 0 or bool(eval_interval and s % eval_interval == 0)
-                or s >= last_step)
+        return (
+            s % log_interval == 0
+            or s % save_interval == 0
+            or bool(eval_interval and s % eval_interval == 0)
+            or s >= last_step
+        )
 
     steps = []
     for s in range(first_step + skip_first, last_step + 1):
@@ -295,8 +307,11 @@ class Probe:
             self.count_syncs = device.type == "cuda"
         wrapper = getattr(engine, "optimizer", None)
         client = getattr(wrapper, "optimizer", wrapper)
-        self.info.update(device=str(device), optimizer=type(client).__name__ if client is not None else None,
-                         optimizer_wrapper=type(wrapper).__name__ if wrapper is not None else None)
+        self.info.update(
+            device=str(device),
+            optimizer=type(client).__name__ if client is not None else None,
+            optimizer_wrapper=type(wrapper).__name__ if wrapper is not None else None,
+        )
 
         def step(*args, **kwargs):
             if probe.count_syncs:
@@ -332,7 +347,9 @@ class Probe:
 
         torch.use_deterministic_algorithms(True)
         if hasattr(torch.utils, "deterministic"):
-            torch.utils.deterministic.fill_uninitialized_memory = False  # filling every torch.empty would only cost time
+            torch.utils.deterministic.fill_uninitialized_memory = (
+                False  # filling every torch.empty would only cost time
+            )
         self.counter.deterministic = True
 
     def finish(self) -> None:
@@ -361,8 +378,14 @@ class Probe:
         last = windows[-1].step if windows else None
         steps: list[int] = []
         if self.start_step is not None and last is not None:
-            steps = clean_steps(self.start_step + 1, int(pretrain_args.max_steps), int(pretrain_args.log_interval),
-                                int(pretrain_args.save_interval), int(pretrain_args.eval_interval), self.deterministic_from)
+            steps = clean_steps(
+                self.start_step + 1,
+                int(pretrain_args.max_steps),
+                int(pretrain_args.log_interval),
+                int(pretrain_args.save_interval),
+                int(pretrain_args.eval_interval),
+                self.deterministic_from,
+            )
         summary = summarize_windows(windows, steps)
         if not self.count_syncs:
             summary.update(max=None, mean=None, per_step_by_source={})
@@ -375,22 +398,39 @@ class Probe:
         except Exception as e:  # noqa: BLE001 - a failed run may leave the device unusable; the losses are then lost
             losses, error = {}, error or f"reading the losses: {type(e).__name__}: {e}"
         return {
-            "returncode": returncode, "error": error, "start_step": self.start_step, "final_step": last,
-            "deterministic_from": self.deterministic_from, "counted_syncs": bool(self.count_syncs),
-            "syncs": summary, "losses": losses, "peak_memory_bytes": int(memory), "memory_kind": memory_kind,
-            "log_lines": self.log_lines.lines, "windows": [asdict(w) for w in windows], **self.info,
-        }  # fmt: skip
+            "returncode": returncode,
+            "error": error,
+            "start_step": self.start_step,
+            "final_step": last,
+            "deterministic_from": self.deterministic_from,
+            "counted_syncs": bool(self.count_syncs),
+            "syncs": summary,
+            "losses": losses,
+            "peak_memory_bytes": int(memory),
+            "memory_kind": memory_kind,
+            "log_lines": self.log_lines.lines,
+            "windows": [asdict(w) for w in windows],
+            **self.info,
+        }
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
-        raise SystemExit("pretrain_probe: usage: pretrain_probe.py [--probe-out FILE] [--deterministic-from STEP] -- <albert-pretrain args>")
+        raise SystemExit(
+            "pretrain_probe: usage: pretrain_probe.py [--probe-out FILE] [--deterministic-from STEP] -- <albert-pretrain args>"
+        )
     cut = argv.index("--")
-    p = argparse.ArgumentParser(prog="pretrain_probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--probe-out", type=Path, default=None, help="the JSON (default: the run's --output folder/probe.json)")
-    p.add_argument("--deterministic-from", type=int, default=None, help="deterministic kernels from this step's boundary on")
-    return p.parse_args(argv[:cut]), argv[cut + 1:]
+    p = argparse.ArgumentParser(
+        prog="pretrain_probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--probe-out", type=Path, default=None, help="the JSON (default: the run's --output folder/probe.json)"
+    )
+    p.add_argument(
+        "--deterministic-from", type=int, default=None, help="deterministic kernels from this step's boundary on"
+    )
+    return p.parse_args(argv[:cut]), argv[cut + 1 :]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,14 +29,25 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -> None:
     from .readers import FORMATS
 
-    p.add_argument("--input", nargs="+", required=inputs_required, metavar="PATH", help="input files or folders (recursed)")
-    p.add_argument("--format", default="auto", choices=FORMATS, help="input format; auto: .xml/.xml.bz2 wiki, .jsonl jsonl, else docs")
-    p.add_argument("--num-files", type=int, default=None, help="number of balanced corpus files (default: 4 x workers, at least 4)")
+    p.add_argument(
+        "--input", nargs="+", required=inputs_required, metavar="PATH", help="input files or folders (recursed)"
+    )
+    p.add_argument(
+        "--format",
+        default="auto",
+        choices=FORMATS,
+        help="input format; auto: .xml/.xml.bz2 wiki, .jsonl jsonl, else docs",
+    )
+    p.add_argument(
+        "--num-files", type=int, default=None, help="number of balanced corpus files (default: 4 x workers, at least 4)"
+    )
 
 
 def _add_vocab_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--vocab-size", type=int, default=30000, help="SentencePiece pieces (ALBERT: 30000)")
-    p.add_argument("--input-sentence-size", type=int, default=10_000_000, help="sentences sampled for training (large corpora)")
+    p.add_argument(
+        "--input-sentence-size", type=int, default=10_000_000, help="sentences sampled for training (large corpora)"
+    )
 
 
 def _add_shard_args(p: argparse.ArgumentParser) -> None:
@@ -48,12 +59,30 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dupe-factor", type=int, default=5, help="passes over the corpus with different masks and pairs")
     g.add_argument("--short-seq-prob", type=float, default=0.1)
     g.add_argument("--seed", type=int, default=12345)
-    g.add_argument("--num-shards", type=int, default=0, help="output HDF5 files; 0: auto, one per 16 MB of input x dupe factor (each is shuffled in memory)")
-    g.add_argument("--piece-mb", type=float, default=8.0,
-                   help="input files are cut at document boundaries into pieces of about this size, one task each, "
-                        "so that a single big file keeps every worker busy (part of the settings: it changes the examples)")
-    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --output, keeping finished work (a finished one is only checked)")
-    g.add_argument("--mpi", default="auto", choices=("auto", "on", "off"), help="split the work over MPI ranks (auto: when an MPI launcher started us: mpirun, srun --mpi=pmix; on: require it, also checking srun's task count)")
+    g.add_argument(
+        "--num-shards",
+        type=int,
+        default=0,
+        help="output HDF5 files; 0: auto, one per 16 MB of input x dupe factor (each is shuffled in memory)",
+    )
+    g.add_argument(
+        "--piece-mb",
+        type=float,
+        default=8.0,
+        help="input files are cut at document boundaries into pieces of about this size, one task each, "
+        "so that a single big file keeps every worker busy (part of the settings: it changes the examples)",
+    )
+    g.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --output, keeping finished work (a finished one is only checked)",
+    )
+    g.add_argument(
+        "--mpi",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="split the work over MPI ranks (auto: when an MPI launcher started us: mpirun, srun --mpi=pmix; on: require it, also checking srun's task count)",
+    )
 
 
 def _add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:
@@ -75,16 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         # allow_abbrev=False: slurm/prep.sbatch reads --output from the arguments; an abbreviation would slip past it
-        return sub.add_parser(name, help=help, description=help, epilog=f"example:\n  {EXAMPLES[name]}", formatter_class=_formatter,
-                              allow_abbrev=False)
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help,
+            epilog=f"example:\n  {EXAMPLES[name]}",
+            formatter_class=_formatter,
+            allow_abbrev=False,
+        )
 
-    p = add("corpus", "read raw inputs, write documents in the standard format (one sentence per line, blank line between documents)")
+    p = add(
+        "corpus",
+        "read raw inputs, write documents in the standard format (one sentence per line, blank line between documents)",
+    )
     _add_corpus_args(p)
     p.add_argument("--output", required=True, type=Path, help="folder for corpus-NNNNN.txt")
     _add_common(p)
 
-    p = add("vocab", "train a SentencePiece unigram vocabulary with ALBERT's settings; writes PREFIX.model and PREFIX.vocab")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="documents in the standard format (files or folders)")
+    p = add(
+        "vocab", "train a SentencePiece unigram vocabulary with ALBERT's settings; writes PREFIX.model and PREFIX.vocab"
+    )
+    p.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH", help="documents in the standard format (files or folders)"
+    )
     p.add_argument("--output-prefix", required=True, type=Path)
     p.add_argument("--format", default="auto", help="input format (see `corpus`)")
     p.add_argument("--seed", type=int, default=12345)
@@ -92,9 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = add("shard", "make SOP pairs with n-gram whole-word masking; write shuffled HDF5 shards and manifest.json")
-    p.add_argument("--input", nargs="+", required=True, metavar="PATH", help="documents in the standard format (files or folders)")
+    p.add_argument(
+        "--input", nargs="+", required=True, metavar="PATH", help="documents in the standard format (files or folders)"
+    )
     p.add_argument("--spm-model", required=True, type=Path, help="SentencePiece model from `albert-data vocab`")
-    p.add_argument("--output", required=True, type=Path, help="folder for shard-NNNNN.h5, manifest.json and spiece.model")
+    p.add_argument(
+        "--output", required=True, type=Path, help="folder for shard-NNNNN.h5, manifest.json and spiece.model"
+    )
     _add_shard_args(p)
     _add_common(p)
 
@@ -149,12 +195,16 @@ def _sentences(paths: list[Path], fmt: str):
             yield from doc
 
 
-def train_vocab_from(inputs: list, prefix: Path, vocab_size: int, sentence_size: int, seed: int, workers: int, fmt: str = "auto") -> Path:
+def train_vocab_from(
+    inputs: list, prefix: Path, vocab_size: int, sentence_size: int, seed: int, workers: int, fmt: str = "auto"
+) -> Path:
     from . import readers
     from .vocab import VocabSettings, train_vocab
 
     files = readers.expand_inputs(inputs)
-    settings = VocabSettings(vocab_size=vocab_size, input_sentence_size=sentence_size, seed=seed, threads=max(1, workers))
+    settings = VocabSettings(
+        vocab_size=vocab_size, input_sentence_size=sentence_size, seed=seed, threads=max(1, workers)
+    )
     return train_vocab(_sentences(files, fmt), prefix, settings)
 
 
@@ -164,13 +214,32 @@ def run(args: argparse.Namespace) -> int:
         from .corpus import write_corpus
         from .readers import expand_inputs
 
-        write_corpus(expand_inputs(args.input), args.output, _corpus_files(args), args.format, args.workers, progress=progress)
+        write_corpus(
+            expand_inputs(args.input), args.output, _corpus_files(args), args.format, args.workers, progress=progress
+        )
     elif args.command == "vocab":
-        train_vocab_from(args.input, args.output_prefix, args.vocab_size, args.input_sentence_size, args.seed, args.workers, args.format)
+        train_vocab_from(
+            args.input,
+            args.output_prefix,
+            args.vocab_size,
+            args.input_sentence_size,
+            args.seed,
+            args.workers,
+            args.format,
+        )
     elif args.command == "shard":
         from .sharding import shard_corpus
 
-        shard_corpus(args.input, args.spm_model, args.output, _shard_settings(args), args.workers, args.resume, progress, args.mpi)
+        shard_corpus(
+            args.input,
+            args.spm_model,
+            args.output,
+            _shard_settings(args),
+            args.workers,
+            args.resume,
+            progress,
+            args.mpi,
+        )
     elif args.command == "inspect":
         from .inspection import inspect_shard
         from .vocab import Vocab
@@ -210,29 +279,59 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     if world.rank == 0:
         try:
             if out.exists() and any(out.iterdir()) and not args.resume:
-                raise DataPrepError(f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder")
+                raise DataPrepError(
+                    f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder"
+                )
             if not corpus_done.exists():
                 shutil.rmtree(corpus_dir, ignore_errors=True)
-                write_corpus(expand_inputs(args.input), corpus_dir, _corpus_files(args), args.format, args.workers, progress=progress)
+                write_corpus(
+                    expand_inputs(args.input),
+                    corpus_dir,
+                    _corpus_files(args),
+                    args.format,
+                    args.workers,
+                    progress=progress,
+                )
                 corpus_done.touch()
             if spm_model is None:
                 spm_model = vocab_prefix.with_name("spiece.model")
                 if not spm_model.exists():
-                    train_vocab_from([corpus_dir], vocab_prefix, args.vocab_size, args.input_sentence_size, args.seed, args.workers, "docs")
+                    train_vocab_from(
+                        [corpus_dir],
+                        vocab_prefix,
+                        args.vocab_size,
+                        args.input_sentence_size,
+                        args.seed,
+                        args.workers,
+                        "docs",
+                    )
         except DataPrepError as e:
             error = str(e)
     error, spm_model = world.bcast((error, spm_model))
     if error:
         raise DataPrepError(error)
     # (shards already complete: shard_corpus checks them and returns)
-    shard_corpus([corpus_dir], spm_model, shards_dir, _shard_settings(args), args.workers, shards_dir.exists(), progress, args.mpi)
+    shard_corpus(
+        [corpus_dir],
+        spm_model,
+        shards_dir,
+        _shard_settings(args),
+        args.workers,
+        shards_dir.exists(),
+        progress,
+        args.mpi,
+    )
     if world.rank == 0:
         log.info("prepared %s: corpus %s, vocabulary %s, shards %s", out, corpus_dir, spm_model, shards_dir)
 
 
 def setup_logging(verbose: bool) -> None:
     rank = launcher_rank() if launched_by_mpi() else None
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if rank is None else f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if rank is None
+        else f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
+    )
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S")
 
 

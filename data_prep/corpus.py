@@ -185,20 +185,32 @@ def _warn_stale(output_dir: Path, prefix: str, num_files: int) -> None:
     """Files of an earlier run with more output files would be read as part of this corpus."""
     stale = []
     for path in sorted(output_dir.glob(f"{prefix}-*.txt")):
-        index = path.stem[len(prefix) + 1:]
+        index = path.stem[len(prefix) + 1 :]
         if index.isdigit() and int(index) >= num_files:
             stale.append(path)
     if stale:
-        log.warning("%s: %d file(s) of an earlier run remain beyond the %d written now (%s…); delete them",
-                    output_dir, len(stale), num_files, stale[0].name)
+        log.warning(
+            "%s: %d file(s) of an earlier run remain beyond the %d written now (%s…); delete them",
+            output_dir,
+            len(stale),
+            num_files,
+            stale[0].name,
+        )
 
 
 def _log_summary(stats: CorpusStats, files: list[Path], output_dir: Path) -> None:
     mb_in = stats.bytes / 1e6
     log.info(
         "corpus: %d documents, %d sentences from %d file(s) (%.1f MB) -> %d file(s) in %s (%.1f MB) in %.1fs (%.1f MB/s)",
-        stats.documents, stats.sentences, stats.files, mb_in, len(stats.output_files), output_dir,
-        stats.bytes_written / 1e6, stats.seconds, mb_in / stats.seconds if stats.seconds else 0.0,
+        stats.documents,
+        stats.sentences,
+        stats.files,
+        mb_in,
+        len(stats.output_files),
+        output_dir,
+        stats.bytes_written / 1e6,
+        stats.seconds,
+        mb_in / stats.seconds if stats.seconds else 0.0,
     )
     skipped = {
         "empty files": stats.empty_files,
@@ -214,5 +226,9 @@ def _log_summary(stats: CorpusStats, files: list[Path], output_dir: Path) -> Non
         log.info("corpus: %s", noted)
     empty = sum(1 for p in stats.output_files if p.stat().st_size == 0)
     if empty:
-        log.warning("%s: %d of %d output files are empty (fewer documents than files)",
-                    output_dir, empty, len(stats.output_files))
+        log.warning(
+            "%s: %d of %d output files are empty (fewer documents than files)",
+            output_dir,
+            empty,
+            len(stats.output_files),
+        )

@@ -40,14 +40,42 @@ def prepare_demo_data(output: Path, workers: int = 2, vocab_size: int = 8000, du
     corpus, vocab, train, eval_ = output / "corpus", output / "vocab" / "spiece", output / "train", output / "eval"
     spm = vocab.with_name("spiece.model")
     if not (corpus / "corpus-00003.txt").exists():
-        _run(["corpus", "--input", str(wikipedia_excerpt()), "--output", str(corpus), "--num-files", "4", "--workers", str(workers)])
+        _run(
+            [
+                "corpus",
+                "--input",
+                str(wikipedia_excerpt()),
+                "--output",
+                str(corpus),
+                "--num-files",
+                "4",
+                "--workers",
+                str(workers),
+            ]
+        )
     if not spm.exists():
         _run(["vocab", "--input", str(corpus), "--output-prefix", str(vocab), "--vocab-size", str(vocab_size)])
     files = [str(corpus / f"corpus-{i:05d}.txt") for i in range(4)]
     for folder, inputs, dupe, shards in ((train, files[:3], dupe_factor, 4), (eval_, files[3:], 1, 1)):
         if not (folder / "manifest.json").exists():
-            _run(["shard", "--input", *inputs, "--spm-model", str(spm), "--output", str(folder), "--dupe-factor", str(dupe),
-                  "--num-shards", str(shards), "--workers", str(workers), "--resume"])  # fmt: skip
+            _run(
+                [
+                    "shard",
+                    "--input",
+                    *inputs,
+                    "--spm-model",
+                    str(spm),
+                    "--output",
+                    str(folder),
+                    "--dupe-factor",
+                    str(dupe),
+                    "--num-shards",
+                    str(shards),
+                    "--workers",
+                    str(workers),
+                    "--resume",
+                ]
+            )
         problems = verify_folder(folder)
         if problems:
             raise DataPrepError("; ".join(problems))
@@ -74,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write("\n".join(inspect_shard(first, num_examples=1)) + "\n")
     log.info(
         "demo data ready and verified: %s (%d examples), %s (%d examples)",
-        data.train, Manifest.load(data.train).data["num_examples"], data.eval, Manifest.load(data.eval).data["num_examples"],
-    )  # fmt: skip
+        data.train,
+        Manifest.load(data.train).data["num_examples"],
+        data.eval,
+        Manifest.load(data.eval).data["num_examples"],
+    )
     return 0
 
 

@@ -26,8 +26,16 @@ log = logging.getLogger(__name__)
 
 GENSIM_VERSION = "4.4.0"
 # Any wheel holds the same test data; pinning one keeps the download identical everywhere.
-_WHEEL_TAGS = ("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11",
-               "--implementation", "cp", "--abi", "cp311")
+_WHEEL_TAGS = (
+    "--platform",
+    "manylinux_2_28_x86_64",
+    "--python-version",
+    "3.11",
+    "--implementation",
+    "cp",
+    "--abi",
+    "cp311",
+)
 _REPO = Path(__file__).resolve().parents[1]
 
 
@@ -88,8 +96,19 @@ def _fetch(member: _Member, cache_dir: Path | None) -> Path:
 def _download_wheel(dest: Path) -> Path:
     spec = f"gensim=={GENSIM_VERSION}"
     log.info("downloading the %s wheel (~28 MB) for its demo corpora (pip download --no-deps)", spec)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           *_WHEEL_TAGS, "--quiet", "--dest", str(dest), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        *_WHEEL_TAGS,
+        "--quiet",
+        "--dest",
+        str(dest),
+        spec,
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True)
     wheels = sorted(dest.glob("gensim-*.whl"))
     if result.returncode != 0 or not wheels:

@@ -45,7 +45,9 @@ class ExampleSettings:
         if not 8 <= self.max_seq_length <= 65535:
             raise DataPrepError(f"--max-seq-length {self.max_seq_length}: must be in [8, 65535]")
         if not 1 <= self.max_predictions_per_seq <= self.max_seq_length - 3:
-            raise DataPrepError(f"--max-predictions-per-seq {self.max_predictions_per_seq}: must be in [1, max_seq_length - 3]")
+            raise DataPrepError(
+                f"--max-predictions-per-seq {self.max_predictions_per_seq}: must be in [1, max_seq_length - 3]"
+            )
         if not 0.0 < self.masked_lm_prob < 1.0:
             raise DataPrepError(f"--masked-lm-prob {self.masked_lm_prob}: must be in (0, 1)")
         if not 1 <= self.ngram <= 10:
@@ -85,7 +87,7 @@ class ExampleStats:
     ngram_hist: list[int] = field(default_factory=list)  # index n: n-grams of n words masked
     length_hist: list[int] = field(default_factory=list)  # 8 bins over [0, max_seq_length]
 
-    def merge(self, other: "ExampleStats") -> None:
+    def merge(self, other: ExampleStats) -> None:
         for name, value in vars(other).items():
             if isinstance(value, list):
                 mine = getattr(self, name)
@@ -107,7 +109,12 @@ def _ngram_cdfs(ngram: int) -> np.ndarray:
 
 
 def pair_documents(
-    sent_lengths: np.ndarray, doc_sentences: np.ndarray, max_num_tokens: int, short_seq_prob: float, rng: np.random.Generator, stats: ExampleStats
+    sent_lengths: np.ndarray,
+    doc_sentences: np.ndarray,
+    max_num_tokens: int,
+    short_seq_prob: float,
+    rng: np.random.Generator,
+    stats: ExampleStats,
 ) -> np.ndarray:
     """Chunk each document into SOP pairs. Returns int64 [n, 4]: A start, A end = B start, B end
     (token offsets into the batch's flat token array), swapped flag."""
@@ -283,7 +290,12 @@ def make_examples(
     stats.replaced_random += int(to_random.sum())
     stats.kept += int((~to_mask & ~to_random).sum())
     lengths = length[keep]
-    stats.merge(ExampleStats(ngram_hist=hist.tolist(), length_hist=np.bincount(np.minimum(lengths * 8 // (L + 1), 7), minlength=8).tolist()))
+    stats.merge(
+        ExampleStats(
+            ngram_hist=hist.tolist(),
+            length_hist=np.bincount(np.minimum(lengths * 8 // (L + 1), 7), minlength=8).tolist(),
+        )
+    )
     if not keep.all():
         records = records[keep]
     return records

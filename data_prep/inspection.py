@@ -51,7 +51,9 @@ def render_example(rec: np.void, vocab: Vocab) -> str:
         out.append(piece.replace("\u2581", " "))
     text = " ".join("".join(out).split())
     label = int(rec["next_sentence_labels"])
-    return f"sop_label={label} ({'swapped' if label else 'in order'}) length={length} predictions={len(preds)}\n  {text}"
+    return (
+        f"sop_label={label} ({'swapped' if label else 'in order'}) length={length} predictions={len(preds)}\n  {text}"
+    )
 
 
 @dataclass
@@ -96,7 +98,9 @@ class ShardStats:
     def lines(self) -> list[str]:
         n = max(self.examples, 1)
         spans = max(sum(self.span_words), 1)
-        hist = ", ".join(f"{k}{'+' if k == 6 else ''}: {100 * v / spans:.1f}%" for k, v in enumerate(self.span_words) if k)
+        hist = ", ".join(
+            f"{k}{'+' if k == 6 else ''}: {100 * v / spans:.1f}%" for k, v in enumerate(self.span_words) if k
+        )
         lengths = ", ".join(f"{v}" for v in self.length_hist)
         return [
             f"examples: {self.examples}",
@@ -172,7 +176,10 @@ def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[st
     flag("masked position outside the sequence", (real & ~inside).any(1))
     at = ids[rows[:, None], np.clip(pos, 0, L - 1)]
     flag("masked position on [CLS]/[SEP]", (real & ((at == vocab.sep_id) | (at == vocab.cls_id))).any(1))
-    flag("masked_lm_ids on a prediction is [CLS]/[SEP]/padding", (real & ((lm == 0) | (lm == vocab.cls_id) | (lm == vocab.sep_id))).any(1))
+    flag(
+        "masked_lm_ids on a prediction is [CLS]/[SEP]/padding",
+        (real & ((lm == 0) | (lm == vocab.cls_id) | (lm == vocab.sep_id))).any(1),
+    )
     flag("non-zero masked_lm_ids on prediction padding", (~real & (lm != 0)).any(1))
 
 
@@ -225,7 +232,9 @@ def verify_folder(folder: Path, progress: bool = False) -> list[str]:
                 }
                 for key, (shape, dtype) in expect.items():
                     if f[key].shape != shape or f[key].dtype != dtype:
-                        problems.append(f"{path}: dataset {key} is {f[key].shape} {f[key].dtype}, expected {shape} {np.dtype(dtype)}")
+                        problems.append(
+                            f"{path}: dataset {key} is {f[key].shape} {f[key].dtype}, expected {shape} {np.dtype(dtype)}"
+                        )
                 for key in ("vocab_sha256", "max_seq_length", "max_predictions_per_seq"):
                     if key in attrs and (key not in f.attrs or f.attrs[key] != attrs[key]):
                         problems.append(f"{path}: attribute {key} differs from {MANIFEST}")
@@ -245,5 +254,7 @@ def verify_folder(folder: Path, progress: bool = False) -> list[str]:
         for kind, (count, first) in found.items():
             problems.append(f"{path}: {kind}: {count} rows (first: row {first})")
     if total != manifest.data.get("num_examples", total):
-        problems.append(f"{folder / MANIFEST}: num_examples {manifest.data['num_examples']} but the shards hold {total}")
+        problems.append(
+            f"{folder / MANIFEST}: num_examples {manifest.data['num_examples']} but the shards hold {total}"
+        )
     return problems

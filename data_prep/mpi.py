@@ -16,6 +16,7 @@ from .launchers import SIZE_VARS, launched_by_mpi
 
 log = logging.getLogger(__name__)
 
+
 def launched_size() -> tuple[int, str] | None:
     """(number of processes, the variable that says so) when a launcher started us, else None."""
     for var in SIZE_VARS:
@@ -65,7 +66,9 @@ def get_world(mode: str = "auto") -> World:
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise DataPrepError(f"MPI is needed here (--mpi {mode}) but mpi4py cannot be imported ({e}); install mpi4py built against the launcher's MPI") from None
+        raise DataPrepError(
+            f"MPI is needed here (--mpi {mode}) but mpi4py cannot be imported ({e}); install mpi4py built against the launcher's MPI"
+        ) from None
 
     comm = MPI.COMM_WORLD
     world = World(comm.Get_rank(), comm.Get_size(), comm)

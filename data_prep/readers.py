@@ -234,8 +234,9 @@ def _start_file(path: Path, stats: ReadStats) -> bool:
 # --- readers --------------------------------------------------------------------------------
 
 
-def iter_documents(path: Path, fmt: str = "auto", stats: ReadStats | None = None, piece: tuple[int, int] | None = None
-                   ) -> Iterator[list[str]]:  # fmt: skip
+def iter_documents(
+    path: Path, fmt: str = "auto", stats: ReadStats | None = None, piece: tuple[int, int] | None = None
+) -> Iterator[list[str]]:
     """Documents of one file, each a non-empty list of non-empty sentences (no newlines). `piece`, for
     the "docs" format only: the byte range from docs_pieces() to read instead of the whole file."""
     stats = stats if stats is not None else ReadStats()
@@ -407,7 +408,7 @@ def _docs(path: Path, stats: ReadStats, piece: tuple[int, int] | None = None) ->
 
 
 def _prose(path: Path, stats: ReadStats, per_file: bool) -> Iterator[RawDocument]:
-    """"paragraphs" (a blank line ends a document) and "files" (the file is one document)."""
+    """ "paragraphs" (a blank line ends a document) and "files" (the file is one document)."""
     if not _start_file(path, stats):
         return
     found = False

@@ -30,12 +30,12 @@ import gc
 import json
 import logging
 import multiprocessing
-import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -143,10 +143,16 @@ class Piece:
 
 
 def _pieces(files: list[Path], piece_bytes: int) -> list[Piece]:
-    return [Piece(f, k, str(path), a, b) for f, path in enumerate(files) for k, (a, b) in enumerate(readers.docs_pieces(path, piece_bytes))]
+    return [
+        Piece(f, k, str(path), a, b)
+        for f, path in enumerate(files)
+        for k, (a, b) in enumerate(readers.docs_pieces(path, piece_bytes))
+    ]
 
 
-def _batches(path: Path, piece: tuple[int, int], settings: ShardSettings, read_stats: readers.ReadStats) -> Iterator[list[list[str]]]:
+def _batches(
+    path: Path, piece: tuple[int, int], settings: ShardSettings, read_stats: readers.ReadStats
+) -> Iterator[list[list[str]]]:
     batch: list[list[str]] = []
     n_sent = 0
     for doc in readers.iter_documents(path, settings.input_format, read_stats, piece):
@@ -238,7 +244,12 @@ def _reduce_shard(task: tuple[int, str, ShardSettings, dict[str, Any]]) -> dict[
     order = np.random.default_rng([settings.seed, 1, shard]).permutation(len(records))
     final = paths.output / shard_name(shard)
     write_shard(final, records, {**attrs, "shard_index": shard, "num_shards": settings.num_shards}, order)
-    result = {"name": final.name, "num_examples": int(len(records)), "sha256": sha256_file(final), "bytes": final.stat().st_size}
+    result = {
+        "name": final.name,
+        "num_examples": int(len(records)),
+        "sha256": sha256_file(final),
+        "bytes": final.stat().st_size,
+    }
     _write_json(paths.shard_done(shard), result)
     shutil.rmtree(paths.shard_folder(shard), ignore_errors=True)
     return result
@@ -302,11 +313,17 @@ def _prepare_output(paths: _Paths, settings_doc: dict[str, Any], resume: bool) -
     saved = paths.work / "settings.json"
     if out.exists() and any(out.iterdir()):
         if not resume:
-            return f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder", False
+            return (
+                f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder",
+                False,
+            )
         if (out / MANIFEST).exists() and not paths.work.exists():
             return _check_complete(out, settings_doc), True
         if not saved.exists():
-            return f"{out}: not an interrupted `albert-data shard` output (no {WORK}/settings.json); cannot resume", False
+            return (
+                f"{out}: not an interrupted `albert-data shard` output (no {WORK}/settings.json); cannot resume",
+                False,
+            )
         if json.loads(saved.read_text()) != settings_doc:
             return f"{out}: --resume with settings or inputs different from the interrupted run ({saved})", False
         return None, False
@@ -327,12 +344,21 @@ def _check_complete(out: Path, settings_doc: dict[str, Any]) -> str | None:
         if made["inputs"] != settings_doc["inputs"]:
             was = {(i["path"], i["bytes"]) for i in made["inputs"] or []}
             now = {(i["path"], i["bytes"]) for i in settings_doc["inputs"]}
-            what = "inputs (" + "; ".join([f"{p}: {b} bytes then" for p, b in sorted(was - now)] + [f"{p}: {b} bytes now" for p, b in sorted(now - was)])[:500] + ")"
+            what = (
+                "inputs ("
+                + "; ".join(
+                    [f"{p}: {b} bytes then" for p, b in sorted(was - now)]
+                    + [f"{p}: {b} bytes now" for p, b in sorted(now - was)]
+                )[:500]
+                + ")"
+            )
         else:
             what = "settings" if made["settings"] != settings_doc["settings"] else "vocabulary"
         return f"{out}: already complete, but made with other {what} ({MANIFEST}); choose another --output"
     files = [(s["name"], s.get("bytes")) for s in data["shards"]] + [(data["vocab"].get("file", "spiece.model"), None)]
-    missing = [name for name, size in files if not (out / name).is_file() or size not in (None, (out / name).stat().st_size)]
+    missing = [
+        name for name, size in files if not (out / name).is_file() or size not in (None, (out / name).stat().st_size)
+    ]
     if missing:
         return f"{out}: {MANIFEST} lists files that are missing or of another size: {', '.join(missing)}; remove the folder and run again"
     return None
@@ -353,7 +379,9 @@ def shard_corpus(
     settings.check()
     files = readers.expand_inputs(inputs)
     if settings.num_shards == 0:
-        settings = dataclasses.replace(settings, num_shards=auto_num_shards(sum(f.stat().st_size for f in files), settings.dupe_factor))
+        settings = dataclasses.replace(
+            settings, num_shards=auto_num_shards(sum(f.stat().st_size for f in files), settings.dupe_factor)
+        )
         log.info("--num-shards auto: %d", settings.num_shards)
     spm_path = str(Path(spm_model).resolve())
     vocab = _vocab(spm_path)  # refuses a bad model before any work; the forked tasks inherit it
@@ -371,7 +399,11 @@ def shard_corpus(
         raise DataPrepError(error)
     if complete:
         if world.rank == 0:
-            log.info("%s: shards already complete (%s, no unfinished work; same settings and inputs): nothing to do", paths.output, MANIFEST)
+            log.info(
+                "%s: shards already complete (%s, no unfinished work; same settings and inputs): nothing to do",
+                paths.output,
+                MANIFEST,
+            )
         return Manifest.load(paths.output) if world.rank == 0 else None
     world.barrier()
     progress = progress and world.rank == 0
@@ -422,7 +454,12 @@ def shard_corpus(
             "shards": per_shard,
             "settings": settings.to_dict(),
             "attributes": attrs,
-            "vocab": {"file": "spiece.model", "sha256": vocab.sha256, "vocab_size": vocab.vocab_size, "source": str(spm_model)},
+            "vocab": {
+                "file": "spiece.model",
+                "sha256": vocab.sha256,
+                "vocab_size": vocab.vocab_size,
+                "source": str(spm_model),
+            },
             "inputs": settings_doc["inputs"],
             "stats": totals,
         }

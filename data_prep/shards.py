@@ -52,8 +52,14 @@ def write_shard(path: Path, records: np.ndarray, attrs: dict[str, Any], order: n
         for name in FIELDS:
             shape = (n,) + records.dtype[name].shape
             # (an empty shard, possible with more shards than examples, cannot be chunked)
-            storage = dict(chunks=(min(CHUNK_ROWS, n),) + shape[1:], compression="gzip", compression_opts=1, shuffle=True) if n else {}
-            datasets[name] = f.create_dataset(name, shape=shape, dtype=records.dtype[name].base, track_times=False, **storage)
+            storage = (
+                dict(chunks=(min(CHUNK_ROWS, n),) + shape[1:], compression="gzip", compression_opts=1, shuffle=True)
+                if n
+                else {}
+            )
+            datasets[name] = f.create_dataset(
+                name, shape=shape, dtype=records.dtype[name].base, track_times=False, **storage
+            )
         for start in range(0, n, WRITE_ROWS):
             part = records[order[start : start + WRITE_ROWS]]
             for name, ds in datasets.items():
@@ -85,7 +91,7 @@ class Manifest:
         return self.data["shards"]
 
     @classmethod
-    def load(cls, folder: Path) -> "Manifest":
+    def load(cls, folder: Path) -> Manifest:
         path = Path(folder) / MANIFEST
         if not path.is_file():
             raise DataPrepError(f"{path}: no manifest (not a shard folder made by `albert-data shard`?)")
@@ -97,7 +103,9 @@ class Manifest:
             if key not in data:
                 raise DataPrepError(f"{path}: missing key {key!r}")
         if data["format"] != FORMAT or data["schema_version"] != SCHEMA_VERSION:
-            raise DataPrepError(f"{path}: format {data['format']} v{data['schema_version']}, expected {FORMAT} v{SCHEMA_VERSION}")
+            raise DataPrepError(
+                f"{path}: format {data['format']} v{data['schema_version']}, expected {FORMAT} v{SCHEMA_VERSION}"
+            )
         return cls(data)
 
     def save(self, folder: Path) -> None:

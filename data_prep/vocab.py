@@ -11,9 +11,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import unicodedata
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -91,7 +91,9 @@ def train_vocab(sentences: Iterable[str], output_prefix: Path, settings: VocabSe
     import sentencepiece as spm
 
     if settings.vocab_size > MAX_VOCAB_SIZE:
-        raise DataPrepError(f"--vocab-size {settings.vocab_size}: the shards store ids as uint16, at most {MAX_VOCAB_SIZE}")
+        raise DataPrepError(
+            f"--vocab-size {settings.vocab_size}: the shards store ids as uint16, at most {MAX_VOCAB_SIZE}"
+        )
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(settings.seed)
@@ -162,7 +164,9 @@ class Vocab:
         for piece in CONTROL_SYMBOLS:
             i = sp.piece_to_id(piece)
             if i == sp.unk_id() or not sp.is_control(i):
-                raise DataPrepError(f"{self.path}: the vocabulary has no control symbol {piece} (train it with `albert-data vocab`)")
+                raise DataPrepError(
+                    f"{self.path}: the vocabulary has no control symbol {piece} (train it with `albert-data vocab`)"
+                )
             ids[piece] = i
         self.cls_id, self.sep_id, self.mask_id = ids[CLS], ids[SEP], ids[MASK]
         if sp.pad_id() != 0:

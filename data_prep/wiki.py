@@ -68,18 +68,50 @@ _DISAMBIG_RE = re.compile(
 # Sections after these headings are citations and link lists.
 _SKIP_SECTIONS = frozenset(
     {
-        "references", "external links", "see also", "further reading", "notes",
-        "bibliography", "sources", "citations", "footnotes", "notes and references",
-        "references and notes", "works cited", "gallery", "links",
+        "references",
+        "external links",
+        "see also",
+        "further reading",
+        "notes",
+        "bibliography",
+        "sources",
+        "citations",
+        "footnotes",
+        "notes and references",
+        "references and notes",
+        "works cited",
+        "gallery",
+        "links",
     }
 )
 # Tags whose whole content is not prose.
 _DROP_TAGS = frozenset(
     {
-        "ref", "references", "table", "gallery", "math", "chem", "ce", "score", "pre",
-        "syntaxhighlight", "source", "timeline", "imagemap", "graph", "mapframe",
-        "maplink", "templatedata", "hiero", "inputbox", "categorytree", "noinclude",
-        "includeonly", "indicator", "ul", "ol",
+        "ref",
+        "references",
+        "table",
+        "gallery",
+        "math",
+        "chem",
+        "ce",
+        "score",
+        "pre",
+        "syntaxhighlight",
+        "source",
+        "timeline",
+        "imagemap",
+        "graph",
+        "mapframe",
+        "maplink",
+        "templatedata",
+        "hiero",
+        "inputbox",
+        "categorytree",
+        "noinclude",
+        "includeonly",
+        "indicator",
+        "ul",
+        "ol",
     }
 )
 _LIST_TAGS = frozenset({"li", "dt", "dd"})
@@ -87,17 +119,56 @@ _BREAK_TAGS = frozenset({"br", "hr", "p", "blockquote", "poem", "div", "center"}
 # Link prefixes that hide the link entirely (media, categories, project pages).
 _DROP_NAMESPACES = frozenset(
     {
-        "file", "image", "media", "category", "template", "wikipedia", "wp", "project",
-        "help", "portal", "user", "user talk", "talk", "special", "mediawiki", "module",
-        "draft", "book", "timedtext", "gadget", "topic",
+        "file",
+        "image",
+        "media",
+        "category",
+        "template",
+        "wikipedia",
+        "wp",
+        "project",
+        "help",
+        "portal",
+        "user",
+        "user talk",
+        "talk",
+        "special",
+        "mediawiki",
+        "module",
+        "draft",
+        "book",
+        "timedtext",
+        "gadget",
+        "topic",
     }
 )
 # Sister projects render inline with their label: keep the text.
 _SISTER_PROJECTS = frozenset(
     {
-        "wikt", "wiktionary", "s", "wikisource", "q", "wikiquote", "b", "wikibooks",
-        "n", "wikinews", "v", "wikiversity", "voy", "wikivoyage", "species", "wikispecies",
-        "commons", "c", "d", "wikidata", "m", "meta", "mw", "w",
+        "wikt",
+        "wiktionary",
+        "s",
+        "wikisource",
+        "q",
+        "wikiquote",
+        "b",
+        "wikibooks",
+        "n",
+        "wikinews",
+        "v",
+        "wikiversity",
+        "voy",
+        "wikivoyage",
+        "species",
+        "wikispecies",
+        "commons",
+        "c",
+        "d",
+        "wikidata",
+        "m",
+        "meta",
+        "mw",
+        "w",
     }
 )
 # Interlanguage prefixes are written in lower case: "de", "fr", "zh-min-nan", "simple".
@@ -105,8 +176,16 @@ _LANG_PREFIX_RE = re.compile(r"[a-z]{2,3}(?:-[a-z]{2,8})*|simple")
 
 # Templates that stand for one character or short string.
 _SYMBOL_TEMPLATES = {
-    "mdash": "—", "mdashb": "—", "ndash": "–", "snd": " – ", "spaced ndash": " – ",
-    "nbsp": " ", "'": "'", "'s": "'s", "-": "-", "=": "=",
+    "mdash": "—",
+    "mdashb": "—",
+    "ndash": "–",
+    "snd": " – ",
+    "spaced ndash": " – ",
+    "nbsp": " ",
+    "'": "'",
+    "'s": "'s",
+    "-": "-",
+    "=": "=",
 }
 
 _LIST_MARK = "\ue000"  # private-use sentinel: "this line was a list item"
@@ -306,8 +385,21 @@ def _template_text(node: Template) -> str:
         args = _positional(node)
         return args[-1] if len(args) >= 2 else ""
     if name.startswith("lang-") or name in (
-        "nowrap", "nobr", "small", "smaller", "big", "nobold", "noitalic", "sic", "vanchor",
-        "em", "strong", "angbr", "nihongo", "korean", "zh",
+        "nowrap",
+        "nobr",
+        "small",
+        "smaller",
+        "big",
+        "nobold",
+        "noitalic",
+        "sic",
+        "vanchor",
+        "em",
+        "strong",
+        "angbr",
+        "nihongo",
+        "korean",
+        "zh",
     ):
         args = _positional(node)
         return args[0] if args else ""

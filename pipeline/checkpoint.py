@@ -57,7 +57,9 @@ def resolve_resume(mode: str, folder: Path) -> Path | None:
         return found[-1] if found else None
     path = Path(mode)
     if not (path / COMPLETE).is_file():
-        raise CheckpointError(f"{path}: not a complete checkpoint (no {COMPLETE}); pass a folder such as {folder}/{tag_for(100)}")
+        raise CheckpointError(
+            f"{path}: not a complete checkpoint (no {COMPLETE}); pass a folder such as {folder}/{tag_for(100)}"
+        )
     return path
 
 
@@ -93,8 +95,10 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         if cuda is not None:
             torch.cuda.set_rng_state(cuda)
         else:
-            log.warning("the checkpoint holds no CUDA random state (written without a GPU): dropout draws on the GPU "
-                        "start from the seed, not where the run stopped")
+            log.warning(
+                "the checkpoint holds no CUDA random state (written without a GPU): dropout draws on the GPU "
+                "start from the seed, not where the run stopped"
+            )
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -130,7 +134,9 @@ def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_
 
 def load(engine, tag_dir: Path) -> dict:
     """Collective. Restores model, optimizer, scheduler and RNG states; returns the client state."""
-    _, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True)
+    _, client_state = engine.load_checkpoint(
+        str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
     if client_state is None:
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
     rng = tag_dir / f"rng-rank{dist.get_rank()}.pt"

@@ -24,9 +24,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import h5py
 import numpy as np
@@ -126,14 +126,19 @@ class PretrainingData:
             problem = _check_shard(path, entry["num_examples"], self.seq_len) if path.exists() else "missing"
             if problem:
                 if not skip_bad_shards:
-                    raise DataError(f"{path}: {problem} (run `albert-data verify {self.folder}`; --skip-bad-shards skips it)")
+                    raise DataError(
+                        f"{path}: {problem} (run `albert-data verify {self.folder}`; --skip-bad-shards skips it)"
+                    )
                 log.warning("skipping shard %s: %s", path, problem)
                 self.skipped_shards.append(entry["name"])
                 continue
             shards.append(_Shard(path, entry["num_examples"]))
         self.shards = shards
         # blocks: (shard index, first row, rows)
-        self.blocks = np.array([(s, a, min(BLOCK, sh.rows - a)) for s, sh in enumerate(shards) for a in range(0, sh.rows, BLOCK)], dtype=np.int64).reshape(-1, 3)
+        self.blocks = np.array(
+            [(s, a, min(BLOCK, sh.rows - a)) for s, sh in enumerate(shards) for a in range(0, sh.rows, BLOCK)],
+            dtype=np.int64,
+        ).reshape(-1, 3)
         self.num_examples = int(self.blocks[:, 2].sum()) if len(self.blocks) else 0
         per_step = micro_batch_size * grad_accum * world
         self.steps_per_epoch = self.num_examples // per_step
@@ -165,7 +170,9 @@ class PretrainingData:
         np.cumsum(order[:, 2], out=starts[1:])
         return order, starts
 
-    def _read_window(self, files: dict, order: np.ndarray, starts: np.ndarray, lo: int, hi: int) -> dict[str, np.ndarray]:
+    def _read_window(
+        self, files: dict, order: np.ndarray, starts: np.ndarray, lo: int, hi: int
+    ) -> dict[str, np.ndarray]:
         """Rows [lo, hi) of the epoch's virtual sequence."""
         parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
         b = int(np.searchsorted(starts, lo, side="right")) - 1
@@ -181,7 +188,9 @@ class PretrainingData:
                 for k in FIELDS:
                     parts[k].append(f[k][first + a : first + a + take])
             except (OSError, KeyError, ValueError) as e:
-                raise DataError(f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or truncated") from None
+                raise DataError(
+                    f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or truncated"
+                ) from None
             lo += take
             b += 1
         return {k: np.concatenate(v) for k, v in parts.items()}

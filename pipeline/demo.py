@@ -51,7 +51,11 @@ def most_frequent_piece_baseline(train: Path, eval_: Path, vocab_size: int) -> t
     """The MLM accuracy of always predicting the piece most often masked in `train`: (its id, on train, on eval)."""
     train_counts, eval_counts = masked_piece_counts(train, vocab_size), masked_piece_counts(eval_, vocab_size)
     top = int(train_counts.argmax())
-    return top, float(train_counts[top] / max(train_counts.sum(), 1)), float(eval_counts[top] / max(eval_counts.sum(), 1))
+    return (
+        top,
+        float(train_counts[top] / max(train_counts.sum(), 1)),
+        float(eval_counts[top] / max(eval_counts.sum(), 1)),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,10 +82,37 @@ def main(argv: list[str] | None = None) -> int:
     model_config = args.output / "albert-tiny-demo.json"
     cfg.to_json(model_config)
     train_dir = args.output / "train"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(args.ranks), "--master_port", str(free_port()),
-           "-m", "pipeline.pretrain", "--deepspeed_config", str(args.deepspeed_config), "--model-config", str(model_config),
-           "--data", str(data.train), "--eval-data", str(data.eval), "--output", str(train_dir), "--max-steps", str(args.steps),
-           "--log-interval", "10", "--save-interval", "100", "--eval-interval", "100", "--eval-batches", "20"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(args.ranks),
+        "--master_port",
+        str(free_port()),
+        "-m",
+        "pipeline.pretrain",
+        "--deepspeed_config",
+        str(args.deepspeed_config),
+        "--model-config",
+        str(model_config),
+        "--data",
+        str(data.train),
+        "--eval-data",
+        str(data.eval),
+        "--output",
+        str(train_dir),
+        "--max-steps",
+        str(args.steps),
+        "--log-interval",
+        "10",
+        "--save-interval",
+        "100",
+        "--eval-interval",
+        "100",
+        "--eval-batches",
+        "20",
+    ]
     log.info("pretraining: %s", " ".join(cmd[2:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     if subprocess.run(cmd, cwd=REPO, env=env).returncode:
@@ -89,7 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     hf_dir = args.output / "hf"
-    cmd = [sys.executable, "-m", "pipeline.export", "--checkpoint", str(train_dir / "checkpoints"), "--output", str(hf_dir), "--spm-model", str(data.spm_model)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.export",
+        "--checkpoint",
+        str(train_dir / "checkpoints"),
+        "--output",
+        str(hf_dir),
+        "--spm-model",
+        str(data.spm_model),
+    ]
     if subprocess.run(cmd, cwd=REPO, env=env).returncode:
         log.error("export failed")
         return 1
@@ -110,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if evals:
         e = evals[-1]
-        summary.append(f"  eval (step {e['step']}): loss {e['loss']:.3f}, MLM accuracy {e['mlm_accuracy']:.3f} (baseline {top_eval:.3f}), "
-                       f"SOP accuracy {e['sop_accuracy']:.3f} (chance {SOP_CHANCE:.3f})")  # fmt: skip
+        summary.append(
+            f"  eval (step {e['step']}): loss {e['loss']:.3f}, MLM accuracy {e['mlm_accuracy']:.3f} (baseline {top_eval:.3f}), "
+            f"SOP accuracy {e['sop_accuracy']:.3f} (chance {SOP_CHANCE:.3f})"
+        )
     summary += [
         f"  metrics       {train_dir / 'metrics.jsonl'}",
         f"  TensorBoard   tensorboard --logdir {train_dir / 'tensorboard'}",

@@ -24,7 +24,6 @@ from data_prep.launchers import launched_by_mpi
 log = logging.getLogger(__name__)
 
 
-
 class RendezvousError(Exception):
     """Rank 0 cannot be reached: reported on one line, long before the process-group timeout."""
 
@@ -44,14 +43,16 @@ def free_port() -> int:
 def first_host(nodelist: str) -> str:
     """The first host of a Slurm node list ("node[1-2],gpu7" -> "node1"), by scontrol when present."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True)
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=30, check=True
+        )
         return out.stdout.split()[0]
     except (OSError, subprocess.SubprocessError, IndexError):
         # no scontrol (e.g. inside a container): the first item outside brackets, each bracket at its first value
         # ("rack[1-2]-n[03,07]-ib,gpu7" -> "rack1-n03-ib")
         first = re.split(r",(?![^\[]*\])", nodelist)[0]
         while m := re.search(r"\[([^\]]*)\]", first):
-            first = first[: m.start()] + re.split(r"[-,]", m.group(1))[0] + first[m.end():]
+            first = first[: m.start()] + re.split(r"[-,]", m.group(1))[0] + first[m.end() :]
         return first
 
 
@@ -59,7 +60,9 @@ def slurm_rendezvous(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """(MASTER_ADDR, MASTER_PORT) of a Slurm job's tasks: the values already set (slurm/pretrain.sbatch exports
     RDZV_ADDR / RDZV_PORT as them), else the first node of the step (of the job, in the batch script) and
     20000 + SLURM_JOB_ID % 20000."""
-    addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost")))
+    addr = env.get("MASTER_ADDR") or first_host(
+        env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "localhost"))
+    )
     port = env.get("MASTER_PORT") or str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
     return addr, port
 
@@ -101,7 +104,9 @@ def check_rendezvous(timeout: float) -> None:
         except OSError as e:
             last = e
             time.sleep(1.0)
-    raise RendezvousError(f"rank {os.environ['RANK']}: cannot reach rank 0 at {host}:{port} within {timeout:.0f} s ({last}); check that the nodes can reach each other")
+    raise RendezvousError(
+        f"rank {os.environ['RANK']}: cannot reach rank 0 at {host}:{port} within {timeout:.0f} s ({last}); check that the nodes can reach each other"
+    )
 
 
 def gpu_index(local_rank: int, visible: int) -> int:
@@ -140,8 +145,13 @@ def init_distributed(launch: Launch, timeout_s: float) -> tuple[int, int, int]:
         if launch.mpi_discovery:
             local = int(os.environ.get("LOCAL_RANK", 0))
             torch.cuda.set_device(gpu_index(local, torch.cuda.device_count()))
-        log.info("local rank %d -> cuda:%d of %d visible GPU(s) (CUDA_VISIBLE_DEVICES=%s)", local, torch.cuda.current_device(),
-                 torch.cuda.device_count(), os.environ.get("CUDA_VISIBLE_DEVICES", "all"))
+        log.info(
+            "local rank %d -> cuda:%d of %d visible GPU(s) (CUDA_VISIBLE_DEVICES=%s)",
+            local,
+            torch.cuda.current_device(),
+            torch.cuda.device_count(),
+            os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
+        )
     return rank, world, local
 
 
@@ -153,4 +163,3 @@ def shutdown_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-

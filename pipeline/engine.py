@@ -26,7 +26,9 @@ def build_model(cfg, ds: dict[str, Any], activation_checkpointing: bool):
     return model
 
 
-def build_engine(cfg, ds: dict[str, Any], fused, device, activation_checkpointing: bool = False, init_from: Path | None = None):
+def build_engine(
+    cfg, ds: dict[str, Any], fused, device, activation_checkpointing: bool = False, init_from: Path | None = None
+):
     """Model (from `init_from`'s Hugging Face weights if given), its fused paths, our LAMB or FusedLamb, and the
     DeepSpeed engine; returns (engine, the config DeepSpeed got, the optimizer's log line). Seed torch first."""
     import deepspeed
@@ -40,7 +42,13 @@ def build_engine(cfg, ds: dict[str, Any], fused, device, activation_checkpointin
     model = build_model(cfg, ds, activation_checkpointing)
     if init_from:
         load_initial_weights(model, init_from, stage)
-    dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float16 if ds.get("fp16", {}).get("enabled") else torch.float32
+    dtype = (
+        torch.bfloat16
+        if ds.get("bf16", {}).get("enabled")
+        else torch.float16
+        if ds.get("fp16", {}).get("enabled")
+        else torch.float32
+    )
     for line in apply_fused(model, fused, device, stage, dtype):
         log.info("%s", line)
     optimizer, ds_out, description = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
@@ -51,7 +59,9 @@ def build_engine(cfg, ds: dict[str, Any], fused, device, activation_checkpointin
         optimizer, ds_out, description = select_optimizer(model, ds, allow_fused=False)
         description += " (FusedLamb could not be built on every rank)"
     log.info("%s", description)
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds_out)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds_out
+    )
     attach_zero_partitions(engine, optimizer)
     return engine, ds_out, description
 

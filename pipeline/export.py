@@ -69,7 +69,7 @@ def consolidate(root: Path, tag: str) -> dict[str, torch.Tensor]:
             log.warning("%s: weights are stored as %s, exported as float32", tag_dir, next(iter(sd.values())).dtype)
     for prefix in WRAPPER_PREFIXES:
         if sd and all(k.startswith(prefix) for k in sd):
-            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            sd = {k[len(prefix) :]: v for k, v in sd.items()}
     return {k: v.float() for k, v in sd.items()}
 
 
@@ -94,7 +94,9 @@ def _consolidate_bf16_optimizer(tag_dir: Path, files: list[Path], first: dict) -
     for f in files:
         m = BF16_OPTIM_FILE.fullmatch(f.name)
         if m is None or m.group(2) != "00":
-            raise ValueError(f"{f}: not a BF16_Optimizer partition of model-parallel rank 00 (tensor parallelism is not supported)")
+            raise ValueError(
+                f"{f}: not a BF16_Optimizer partition of model-parallel rank 00 (tensor parallelism is not supported)"
+            )
         ranks[int(m.group(1))] = f
     world = len(ranks)
     if sorted(ranks) != list(range(world)):
@@ -103,13 +105,17 @@ def _consolidate_bf16_optimizer(tag_dir: Path, files: list[Path], first: dict) -
     for r, osd in enumerate(states):
         counts = osd.get("partition_count")
         if FP32_PARTITIONS not in osd or not counts or any(count != world for count in counts):
-            raise ValueError(f"{ranks[r]}: written as one of {counts} partitions, but {tag_dir} holds {world} optimizer files")
+            raise ValueError(
+                f"{ranks[r]}: written as one of {counts} partitions, but {tag_dir} holds {world} optimizer files"
+            )
     model_file = tag_dir / "mp_rank_00_model_states.pt"
     model_states = torch.load(model_file, map_location="cpu", weights_only=False)
     group_shapes = model_states.get("param_shapes")
     if not group_shapes or any(len(osd[FP32_PARTITIONS]) != len(group_shapes) for osd in states):
-        raise ValueError(f"{model_file}: param_shapes has {len(group_shapes or [])} parameter groups, the optimizer files "
-                         f"{[len(osd[FP32_PARTITIONS]) for osd in states]}")  # fmt: skip
+        raise ValueError(
+            f"{model_file}: param_shapes has {len(group_shapes or [])} parameter groups, the optimizer files "
+            f"{[len(osd[FP32_PARTITIONS]) for osd in states]}"
+        )
     align = 2 * world
     paddings = states[-1].get("group_paddings") or [None] * len(group_shapes)  # the last rank holds the padding
     sd = {}
@@ -117,13 +123,17 @@ def _consolidate_bf16_optimizer(tag_dir: Path, files: list[Path], first: dict) -
         parts = [osd[FP32_PARTITIONS][g] for osd in states]
         for r, part in enumerate(parts):
             if part.dtype != torch.float32 or part.numel() != parts[0].numel():
-                raise ValueError(f"{ranks[r]}: group {g}'s fp32 partition is {part.dtype} x {part.numel()}, rank 0's {parts[0].dtype} x {parts[0].numel()}")
+                raise ValueError(
+                    f"{ranks[r]}: group {g}'s fp32 partition is {part.dtype} x {part.numel()}, rank 0's {parts[0].dtype} x {parts[0].numel()}"
+                )
         numel = sum(math.prod(shape) for shape in shapes.values())
         padding = world * parts[0].numel() - numel
         if padding != -numel % align or paddings[g] != padding:
-            raise ValueError(f"{ranks[world - 1]}: parameter group {g} has {world} partitions of {parts[0].numel()} values "
-                             f"(padding {paddings[g]}), but its {len(shapes)} parameters in "
-                             f"{model_file.name} hold {numel}, padded to a multiple of {align}: {numel + (-numel % align)}")  # fmt: skip
+            raise ValueError(
+                f"{ranks[world - 1]}: parameter group {g} has {world} partitions of {parts[0].numel()} values "
+                f"(padding {paddings[g]}), but its {len(shapes)} parameters in "
+                f"{model_file.name} hold {numel}, padded to a multiple of {align}: {numel + (-numel % align)}"
+            )
         flat = torch.cat(parts)
         offset = 0
         for name, shape in shapes.items():
@@ -147,13 +157,17 @@ def find_model_config(root: Path, tag: str, model_config: str | None) -> AlbertC
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="albert-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="albert-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--checkpoint", required=True, help="DeepSpeed checkpoint folder (holding 'latest') or a tag folder")
     p.add_argument("--output", required=True, help="folder to write the Hugging Face model into")
     p.add_argument("--spm-model", help="SentencePiece model of the training data, for the tokenizer files")
     p.add_argument("--model-config", help="model config JSON (default: model_config.json next to the tags)")
     p.add_argument("--tag", help="checkpoint tag to export (default: the one in 'latest')")
-    p.add_argument("--cased", action="store_true", help="tokenizer does not lowercase (the vocabulary was trained cased)")
+    p.add_argument(
+        "--cased", action="store_true", help="tokenizer does not lowercase (the vocabulary was trained cased)"
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:

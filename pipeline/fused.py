@@ -63,7 +63,11 @@ def compile_unavailable(mode: str, device: torch.device, zero_stage: int) -> str
         return None if has_triton() else "no Triton for CUDA kernels"
     if device.type == "cpu":
         cxx = os.environ.get("CXX", "g++")
-        return None if shutil.which(cxx) or shutil.which("c++") or shutil.which("clang++") else f"no C++ compiler ({cxx}) for CPU kernels"
+        return (
+            None
+            if shutil.which(cxx) or shutil.which("c++") or shutil.which("clang++")
+            else f"no C++ compiler ({cxx}) for CPU kernels"
+        )
     return f"not set up for device {device.type}"
 
 
@@ -87,18 +91,27 @@ def sdpa_kernels(config, device: torch.device, dtype: torch.dtype) -> str:
     names = []
     for m in (None, mask):
         try:
-            names.append(SDPBackend(torch._fused_sdp_choice(q, q, q, m, config.attention_probs_dropout_prob, False)).name.lower())
+            names.append(
+                SDPBackend(torch._fused_sdp_choice(q, q, q, m, config.attention_probs_dropout_prob, False)).name.lower()
+            )
         except Exception as e:  # noqa: BLE001 - a private function: report, never fail the run over it
             names.append(f"unknown ({type(e).__name__})")
     return f"SDPA kernel on {device.type} in {str(dtype).removeprefix('torch.')}: {names[0]} for batches without padding, {names[1]} with padding"
 
 
-def apply_fused(model: AlbertForPreTraining, options: FusedOptions, device: torch.device, zero_stage: int = 0,
-                dtype: torch.dtype = torch.float32) -> list[str]:
+def apply_fused(
+    model: AlbertForPreTraining,
+    options: FusedOptions,
+    device: torch.device,
+    zero_stage: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> list[str]:
     """Switch the model's fused paths on as `options` ask and the machine allows; returns log lines."""
     model.set_attention(options.attention)
     lines = [describe_attention(options.attention, device)]
-    if options.attention == "sdpa" or (options.attention == "auto" and not (device.type == "cpu" and dtype == torch.bfloat16)):
+    if options.attention == "sdpa" or (
+        options.attention == "auto" and not (device.type == "cpu" and dtype == torch.bfloat16)
+    ):
         lines[0] += f"; {sdpa_kernels(model.config, device, dtype)}"
     reason = compile_unavailable(options.compile, device, zero_stage)
     if reason:
@@ -118,8 +131,10 @@ def apply_fused(model: AlbertForPreTraining, options: FusedOptions, device: torc
         layer.compile(dynamic=False)
     model.mlm_transform = torch.compile(model.mlm_transform, dynamic=False)
     backend = "Triton" if device.type == "cuda" else "C++/OpenMP"
-    lines.append(f"torch.compile: on for {len(layers)} shared layer(s) ({len(model.layer_schedule())} passes) and the MLM head "
-                 f"(Inductor, {backend} kernels{'; gelu_new through sigmoid' if sigmoid_gelu else ''}; compiled at the first step)")
+    lines.append(
+        f"torch.compile: on for {len(layers)} shared layer(s) ({len(model.layer_schedule())} passes) and the MLM head "
+        f"(Inductor, {backend} kernels{'; gelu_new through sigmoid' if sigmoid_gelu else ''}; compiled at the first step)"
+    )
     return lines
 
 

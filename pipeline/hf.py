@@ -50,8 +50,13 @@ HF_REDUNDANT = {"predictions.decoder.weight", "predictions.decoder.bias", "alber
 
 SPECIAL_PIECES = {0: "<pad>", 1: "<unk>", 2: "[CLS]", 3: "[SEP]", 4: "[MASK]"}
 SPECIAL_TOKENS = {
-    "bos_token": "[CLS]", "eos_token": "[SEP]", "unk_token": "<unk>", "sep_token": "[SEP]",
-    "pad_token": "<pad>", "cls_token": "[CLS]", "mask_token": "[MASK]",
+    "bos_token": "[CLS]",
+    "eos_token": "[SEP]",
+    "unk_token": "<unk>",
+    "sep_token": "[SEP]",
+    "pad_token": "<pad>",
+    "cls_token": "[CLS]",
+    "mask_token": "[MASK]",
 }
 
 
@@ -71,7 +76,7 @@ def to_hf_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Ten
             continue
         for ours, hf in PREFIXES:
             if name.startswith(ours):
-                out[hf + name[len(ours):]] = t
+                out[hf + name[len(ours) :]] = t
                 break
         else:
             raise ValueError(f"unexpected parameter {name!r} in the model state dict")
@@ -96,7 +101,7 @@ def from_hf_state_dict(hf_state_dict: dict[str, torch.Tensor]) -> dict[str, torc
             continue
         for ours, hf in PREFIXES:
             if name.startswith(hf):
-                out[ours + name[len(hf):]] = t
+                out[ours + name[len(hf) :]] = t
                 break
         else:
             raise ValueError(f"unexpected weight {name!r} in the Hugging Face checkpoint")
@@ -116,7 +121,9 @@ def check_state_dict(state_dict: dict[str, torch.Tensor], config: AlbertConfig, 
     got = {k: tuple(v.shape) for k, v in state_dict.items()}
     if set(got) != set(expected):
         missing, extra = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-        raise ValueError(f"{source}: parameters do not match the model config (missing {missing[:5]}, unexpected {extra[:5]})")
+        raise ValueError(
+            f"{source}: parameters do not match the model config (missing {missing[:5]}, unexpected {extra[:5]})"
+        )
     for k, shape in expected.items():
         if got[k] != shape:
             raise ValueError(f"{source}: {k} has shape {list(got[k])} but the model config implies {list(shape)}")
@@ -170,8 +177,12 @@ def check_spm_model(spm_model: Path, config: AlbertConfig) -> None:
 def write_tokenizer(spm_model: Path, config: AlbertConfig, out: Path, do_lower_case: bool) -> None:
     """spiece.model, tokenizer_config.json and special_tokens_map.json, as AlbertTokenizer reads them."""
     tokenizer_config = {
-        "tokenizer_class": "AlbertTokenizer", "do_lower_case": do_lower_case, "keep_accents": False,
-        "remove_space": True, "model_max_length": config.max_position_embeddings, **SPECIAL_TOKENS,
+        "tokenizer_class": "AlbertTokenizer",
+        "do_lower_case": do_lower_case,
+        "keep_accents": False,
+        "remove_space": True,
+        "model_max_length": config.max_position_embeddings,
+        **SPECIAL_TOKENS,
     }
     files = {
         "tokenizer_config.json": json.dumps(tokenizer_config, indent=2) + "\n",

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+
 @dataclass(frozen=True)
 class FlatLayout:
     """Where the parameters of one group lie inside one flat tensor.
@@ -70,8 +71,9 @@ class FlatLayout:
         return cls(torch.tensor(lengths, dtype=torch.long), torch.tensor(slots, dtype=torch.long), num_params, group)
 
     @classmethod
-    def contiguous(cls, numels: Sequence[int], offsets: Sequence[int], start: int, size: int,
-                   group: Any = None) -> FlatLayout:
+    def contiguous(
+        cls, numels: Sequence[int], offsets: Sequence[int], start: int, size: int, group: Any = None
+    ) -> FlatLayout:
         """The window [start, start + size) of a buffer where parameter j occupies
         [offsets[j], offsets[j] + numels[j]) and everything else is padding (ZeRO 1/2, BF16 optimizer)."""
         padding = len(numels)
@@ -87,8 +89,9 @@ class FlatLayout:
         return cls.from_segments(segments, padding, group)
 
     @classmethod
-    def per_parameter_shards(cls, numels: Sequence[int], shard_numels: Sequence[int], rank: int,
-                             group: Any = None) -> FlatLayout:
+    def per_parameter_shards(
+        cls, numels: Sequence[int], shard_numels: Sequence[int], rank: int, group: Any = None
+    ) -> FlatLayout:
         """ZeRO-3: every parameter is cut into equal shards (the last one zero-padded) and this rank's
         shards are concatenated; shard j holds elements [rank * shard, (rank + 1) * shard) of parameter j."""
         padding = len(numels)
@@ -140,9 +143,17 @@ class Lamb(torch.optim.Optimizer):
     DeepSpeed's LR schedulers apply.
     """
 
-    def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.01, bias_correction: bool = True,
-                 max_coeff: float = 10.0, min_coeff: float = 0.01) -> None:
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        max_coeff: float = 10.0,
+        min_coeff: float = 0.01,
+    ) -> None:
         if lr < 0 or eps < 0 or weight_decay < 0:
             raise ValueError(f"lr, eps and weight_decay must be >= 0 (got {lr}, {eps}, {weight_decay})")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -153,8 +164,16 @@ class Lamb(torch.optim.Optimizer):
         # Set before super().__init__, which calls add_param_group.
         self._whole: set[int] = set()
         self._layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        bias_correction=bias_correction, max_coeff=max_coeff, min_coeff=min_coeff, adapt=True)
+        defaults = dict(
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            bias_correction=bias_correction,
+            max_coeff=max_coeff,
+            min_coeff=min_coeff,
+            adapt=True,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -205,7 +224,8 @@ class Lamb(torch.optim.Optimizer):
                 raise RuntimeError(
                     f"LAMB got a tensor of shape {tuple(p.shape)} that is neither one of its parameters nor a "
                     "registered flat partition: call attach_zero_partitions(engine, optimizer) after "
-                    "deepspeed.initialize, or the trust ratios would be computed per partition")
+                    "deepspeed.initialize, or the trust ratios would be computed per partition"
+                )
         # Flat tensors without gradients still join the all-reduce in _scale_flat, so ranks stay in step.
         flat_with_grad = [p for p, _ in flat if p.grad is not None]
         params = whole + flat_with_grad
@@ -261,25 +281,30 @@ class Lamb(torch.optim.Optimizer):
         return updates
 
     @staticmethod
-    def _whole_ratios(group: dict[str, Any], params: list[torch.Tensor],
-                      updates: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _whole_ratios(
+        group: dict[str, Any], params: list[torch.Tensor], updates: list[torch.Tensor]
+    ) -> list[torch.Tensor]:
         w_norm = torch.stack(torch._foreach_norm(params))
         u_norm = torch.stack(torch._foreach_norm(updates))
         return list(_trust_ratio(w_norm, u_norm, group["min_coeff"], group["max_coeff"]).unbind())
 
-    def _scale_flat(self, group: dict[str, Any], flat: list[tuple[torch.Tensor, FlatLayout]],
-                    updates: dict[int, torch.Tensor]) -> None:
+    def _scale_flat(
+        self, group: dict[str, Any], flat: list[tuple[torch.Tensor, FlatLayout]], updates: dict[int, torch.Tensor]
+    ) -> None:
         """Scale each flat update by per-parameter ratios, norms summed over segments and ranks."""
         # Per segment (views into the flat tensors: no full-size temporaries), one pass each for w and u.
         sums = []  # [2, num_params] per flat tensor: squared norms of w and u, this rank's pieces
         for p, layout in flat:
             u = updates.get(id(p))
             w_sq = torch.stack(torch._foreach_norm(p.split(layout.sizes))).square()
-            u_sq = torch.stack(torch._foreach_norm(u.split(layout.sizes))).square() if u is not None \
+            u_sq = (
+                torch.stack(torch._foreach_norm(u.split(layout.sizes))).square()
+                if u is not None
                 else torch.zeros_like(w_sq)
+            )
             per_slot = torch.zeros(2, layout.num_params + 1, dtype=w_sq.dtype, device=p.device)
             per_slot.index_add_(1, layout.slots, torch.stack([w_sq, u_sq]))
-            sums.append(per_slot[:, :layout.num_params])
+            sums.append(per_slot[:, : layout.num_params])
         self._all_reduce_by_group(sums, [layout.group for _, layout in flat])
         for (p, layout), sq in zip(flat, sums, strict=True):
             u = updates.get(id(p))
@@ -290,7 +315,9 @@ class Lamb(torch.optim.Optimizer):
             scales = ratio[layout.slots]
             # Python floats are the fast path on the CPU; on a GPU reading them would be a host sync every step,
             # so there the 0-dim tensors go to the kernels as they are.
-            torch._foreach_mul_(list(u.split(layout.sizes)), scales.tolist() if scales.is_cpu else list(scales.unbind()))
+            torch._foreach_mul_(
+                list(u.split(layout.sizes)), scales.tolist() if scales.is_cpu else list(scales.unbind())
+            )
 
     @staticmethod
     def _all_reduce_by_group(sums: list[torch.Tensor], groups: list[Any]) -> None:

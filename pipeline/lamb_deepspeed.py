@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 # FusedLamb's keyword arguments that a DeepSpeed config may carry under "optimizer.params".
 FUSED_LAMB_PARAMS = frozenset(
-    {"lr", "bias_correction", "betas", "eps", "weight_decay", "max_grad_norm", "max_coeff", "min_coeff"})
+    {"lr", "bias_correction", "betas", "eps", "weight_decay", "max_grad_norm", "max_coeff", "min_coeff"}
+)
 
 
 def _zero_stage(ds_config: dict[str, Any]) -> int:
@@ -63,8 +64,9 @@ def fused_lamb_param_groups(model: nn.Module, weight_decay: float) -> list[dict[
     return groups
 
 
-def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: bool = True
-                     ) -> tuple[torch.optim.Optimizer | None, dict[str, Any], str]:
+def select_optimizer(
+    model: nn.Module, ds_config: dict[str, Any], allow_fused: bool = True
+) -> tuple[torch.optim.Optimizer | None, dict[str, Any], str]:
     """Build the LAMB a config's `"optimizer": {"type": "Lamb"}` asks for.
 
     Returns (optimizer, config to pass to deepspeed.initialize, one line for the log). For type
@@ -107,8 +109,11 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
         # FusedLamb JIT-builds its CUDA kernel in __init__; without a matching CUDA toolkit (nvcc, headers) on the
         # node the build fails. That must not stop a run that our LAMB can do as well: fall back and say why.
         try:
-            return FusedLamb(fused_lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params), config, \
-                "optimizer: DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)"
+            return (
+                FusedLamb(fused_lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params),
+                config,
+                "optimizer: DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)",
+            )
         except Exception as e:  # noqa: BLE001 - any build or load failure (MissingCUDAException, compiler errors, ...)
             why = f"its JIT build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else 'no message'})"
             log.warning("DeepSpeed FusedLamb could not be built, using our LAMB: %s", why)
@@ -118,8 +123,11 @@ def select_optimizer(model: nn.Module, ds_config: dict[str, Any], allow_fused: b
         where = f"ZeRO-{stage} partitions"
     else:
         where = "ZeRO-0, whole tensors"
-    return Lamb(lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params), config, \
-        f"optimizer: our multi-tensor LAMB ({where}, per-parameter trust ratios); DeepSpeed FusedLamb off: {why}"
+    return (
+        Lamb(lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params),
+        config,
+        f"optimizer: our multi-tensor LAMB ({where}, per-parameter trust ratios); DeepSpeed FusedLamb off: {why}",
+    )
 
 
 def fused_lamb_unavailable(config: dict[str, Any], params: dict[str, Any], allow_fused: bool) -> str | None:
@@ -131,8 +139,10 @@ def fused_lamb_unavailable(config: dict[str, Any], params: dict[str, Any], allow
     if _zero_stage(config) != 0:  # DeepSpeed hands a client optimizer flat partitions at ZeRO 1-3
         return f"it would see ZeRO-{_zero_stage(config)} flat partitions, not whole parameters"
     if params.get("bias_correction", True):  # FusedLamb's own default is True
-        return ("its bias correction is a step-size factor, not LAMB's corrected moments (set bias_correction false, "
-                "as ALBERT and the shipped configs do, to use it)")
+        return (
+            "its bias correction is a step-size factor, not LAMB's corrected moments (set bias_correction false, "
+            "as ALBERT and the shipped configs do, to use it)"
+        )
     return None
 
 
@@ -201,8 +211,9 @@ def _attach_stage3(zero: Any, lamb: Lamb) -> str:
     for i, flat_partition in enumerate(zero.fp32_partitioned_groups_flat):
         group = _dp_group(zero.sub_group_process_groups[i])
         params = zero.fp16_groups[i]
-        layout = FlatLayout.per_parameter_shards([p.ds_numel for p in params], [p.partition_numel() for p in params],
-                                                 dist.get_rank(group=group), group)
+        layout = FlatLayout.per_parameter_shards(
+            [p.ds_numel for p in params], [p.partition_numel() for p in params], dist.get_rank(group=group), group
+        )
         lamb.register_flat(flat_partition, layout)
         parts += len(params)
     return f"{parts} parameters in {len(zero.fp32_partitioned_groups_flat)} ZeRO-3 sub-group partitions"

@@ -27,7 +27,12 @@ TRIM_THRESHOLD = 1 << 30
 
 # Settings that fix what we would set (any of them turns glibc's dynamic mmap threshold off): the user chose.
 _ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-_TUNABLES = ("glibc.malloc.mmap_threshold", "glibc.malloc.trim_threshold", "glibc.malloc.top_pad", "glibc.malloc.mmap_max")
+_TUNABLES = (
+    "glibc.malloc.mmap_threshold",
+    "glibc.malloc.trim_threshold",
+    "glibc.malloc.top_pad",
+    "glibc.malloc.mmap_max",
+)
 
 
 def malloc_tuning_unavailable() -> str | None:
@@ -51,9 +56,17 @@ def tune_malloc() -> str:
     if reason:
         return f"malloc: left as the process has it ({reason})"
     libc = ctypes.CDLL(None)  # the process's own libc (no ldconfig lookup: that would fork)
-    refused = [name for name, param, value in (("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD), ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-               if not libc.mallopt(param, value)]  # fmt: skip
+    refused = [
+        name
+        for name, param, value in (
+            ("M_MMAP_THRESHOLD", M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+            ("M_TRIM_THRESHOLD", M_TRIM_THRESHOLD, TRIM_THRESHOLD),
+        )
+        if not libc.mallopt(param, value)
+    ]
     if refused:
         return f"malloc: glibc refused mallopt {', '.join(refused)}; its default kept there"
-    return (f"malloc: blocks under {MMAP_THRESHOLD >> 20} MiB from the heap, its free top trimmed only above {TRIM_THRESHOLD >> 30} GiB "
-            "(step buffers reused instead of page-faulted in again; --no-malloc-tuning keeps glibc's defaults)")
+    return (
+        f"malloc: blocks under {MMAP_THRESHOLD >> 20} MiB from the heap, its free top trimmed only above {TRIM_THRESHOLD >> 30} GiB "
+        "(step buffers reused instead of page-faulted in again; --no-malloc-tuning keeps glibc's defaults)"
+    )

@@ -37,8 +37,14 @@ class IntervalSums:
         mlm_count = float((batch["masked_lm_positions"] > 0).sum())
         sop_count = float(batch["next_sentence_labels"].numel())
         with torch.no_grad():
-            self.device_sums += torch.stack([out.mlm_loss.double() * mlm_count, out.sop_loss.double() * sop_count,
-                                             out.mlm_accuracy.double() * mlm_count, out.sop_accuracy.double() * sop_count])
+            self.device_sums += torch.stack(
+                [
+                    out.mlm_loss.double() * mlm_count,
+                    out.sop_loss.double() * sop_count,
+                    out.mlm_accuracy.double() * mlm_count,
+                    out.sop_accuracy.double() * sop_count,
+                ]
+            )
         for i, v in enumerate((mlm_count, sop_count, float(batch["input_mask"].sum()))):
             self.host_sums[i] += v
 
@@ -82,21 +88,39 @@ class BatchRecorder:
         self.file.close()
 
 
-def train_record(engine, sums: dict[str, float], seconds: float, data_wait: float, epoch: int, loss_scale: float) -> dict[str, Any]:
+def train_record(
+    engine, sums: dict[str, float], seconds: float, data_wait: float, epoch: int, loss_scale: float
+) -> dict[str, Any]:
     """The metrics line of a logged training step, logged too: `sums` from IntervalSums.reduce over `seconds`."""
     grad_norm = engine.get_global_grad_norm()
     record = {
-        "step": engine.global_steps, "samples": int(engine.global_samples), "loss": sums["loss"], "mlm_loss": sums["mlm_loss"],
-        "sop_loss": sums["sop_loss"], "mlm_accuracy": sums["mlm_accuracy"], "sop_accuracy": sums["sop_accuracy"],
-        "lr": float(engine.get_lr()[0]), "grad_norm": float(grad_norm) if grad_norm is not None else None,
-        "loss_scale": loss_scale, "samples_per_sec": sums["samples"] / seconds, "tokens_per_sec": sums["tokens"] / seconds,
-        "data_wait_sec": data_wait, "epoch": epoch,
-    }  # fmt: skip
+        "step": engine.global_steps,
+        "samples": int(engine.global_samples),
+        "loss": sums["loss"],
+        "mlm_loss": sums["mlm_loss"],
+        "sop_loss": sums["sop_loss"],
+        "mlm_accuracy": sums["mlm_accuracy"],
+        "sop_accuracy": sums["sop_accuracy"],
+        "lr": float(engine.get_lr()[0]),
+        "grad_norm": float(grad_norm) if grad_norm is not None else None,
+        "loss_scale": loss_scale,
+        "samples_per_sec": sums["samples"] / seconds,
+        "tokens_per_sec": sums["tokens"] / seconds,
+        "data_wait_sec": data_wait,
+        "epoch": epoch,
+    }
     log.info(
         "step %d: loss %.4f (MLM %.4f, SOP %.4f), MLM acc %.3f, SOP acc %.3f, lr %.2e, %.1f samples/s, data wait %.2f s",
-        record["step"], record["loss"], record["mlm_loss"], record["sop_loss"], record["mlm_accuracy"], record["sop_accuracy"],
-        record["lr"], record["samples_per_sec"], record["data_wait_sec"],
-    )  # fmt: skip
+        record["step"],
+        record["loss"],
+        record["mlm_loss"],
+        record["sop_loss"],
+        record["mlm_accuracy"],
+        record["sop_accuracy"],
+        record["lr"],
+        record["samples_per_sec"],
+        record["data_wait_sec"],
+    )
     return record
 
 
@@ -112,12 +136,16 @@ class Metrics:
             self._truncate_after(resume_step or 0)
         from torch.utils.tensorboard import SummaryWriter
 
-        self.tb = SummaryWriter(log_dir=str(output / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None)
+        self.tb = SummaryWriter(
+            log_dir=str(output / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None
+        )
         self.file = open(self.path, "a")
 
     def _truncate_after(self, step: int) -> None:
         """Lines logged after the checkpoint we resume from belong to a run that was lost: drop them."""
-        kept = [line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [
+            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
+        ]
         write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:

@@ -58,14 +58,47 @@ ACTIVATIONS = {
 # Keys Hugging Face writes into an ALBERT config.json that do not change our model (or that we
 # check below): accepted and ignored so that a transformers checkpoint's config loads as is.
 HF_EXTRA_KEYS = {
-    "_name_or_path", "architectures", "model_type", "transformers_version", "torch_dtype", "dtype",
-    "pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "decoder_start_token_id",
-    "classifier_dropout_prob", "tie_word_embeddings", "position_embedding_type", "chunk_size_feed_forward",
-    "down_scale_factor", "gap_size", "net_structure_type", "num_memory_blocks", "layers_to_keep",
-    "output_attentions", "output_hidden_states", "return_dict", "use_return_dict", "torchscript",
-    "id2label", "label2id", "num_labels", "problem_type", "finetuning_task", "tokenizer_class", "prefix",
-    "is_decoder", "is_encoder_decoder", "add_cross_attention", "cross_attention_hidden_size",
-    "tie_encoder_decoder", "pruned_heads", "use_cache", "task_specific_params", "_attn_implementation",
+    "_name_or_path",
+    "architectures",
+    "model_type",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "sep_token_id",
+    "decoder_start_token_id",
+    "classifier_dropout_prob",
+    "tie_word_embeddings",
+    "position_embedding_type",
+    "chunk_size_feed_forward",
+    "down_scale_factor",
+    "gap_size",
+    "net_structure_type",
+    "num_memory_blocks",
+    "layers_to_keep",
+    "output_attentions",
+    "output_hidden_states",
+    "return_dict",
+    "use_return_dict",
+    "torchscript",
+    "id2label",
+    "label2id",
+    "num_labels",
+    "problem_type",
+    "finetuning_task",
+    "tokenizer_class",
+    "prefix",
+    "is_decoder",
+    "is_encoder_decoder",
+    "add_cross_attention",
+    "cross_attention_hidden_size",
+    "tie_encoder_decoder",
+    "pruned_heads",
+    "use_cache",
+    "task_specific_params",
+    "_attn_implementation",
 }
 # HF keys that would describe a different model than ours: value they must have if present.
 HF_REQUIRED_VALUES = {
@@ -102,7 +135,9 @@ class AlbertConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            ok = (isinstance(value, f.type) or (f.type is float and isinstance(value, int))) and not isinstance(value, bool)
+            ok = (isinstance(value, f.type) or (f.type is float and isinstance(value, int))) and not isinstance(
+                value, bool
+            )
             if not ok:
                 raise ValueError(f"{f.name}: expected {f.type.__name__}, got {value!r}")
             if f.type is int and value < 1:
@@ -110,9 +145,13 @@ class AlbertConfig:
             if f.type is float:
                 object.__setattr__(self, f.name, float(value))  # JSON may say 0 for 0.0
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
         if self.num_hidden_layers % self.num_hidden_groups:
-            raise ValueError(f"num_hidden_groups: {self.num_hidden_groups} does not divide num_hidden_layers {self.num_hidden_layers}")
+            raise ValueError(
+                f"num_hidden_groups: {self.num_hidden_groups} does not divide num_hidden_layers {self.num_hidden_layers}"
+            )
         if self.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act: {self.hidden_act!r} is not supported (choose from {', '.join(ACTIVATIONS)})")
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
@@ -163,8 +202,15 @@ class AlbertConfig:
 
     def to_hf_dict(self) -> dict:
         """Our keys plus what transformers needs to build AlbertForPreTraining from config.json."""
-        return {"architectures": ["AlbertForPreTraining"], "model_type": "albert", **self.to_dict(),
-                "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 3, "tie_word_embeddings": True}
+        return {
+            "architectures": ["AlbertForPreTraining"],
+            "model_type": "albert",
+            **self.to_dict(),
+            "pad_token_id": 0,
+            "bos_token_id": 2,
+            "eos_token_id": 3,
+            "tie_word_embeddings": True,
+        }
 
     def to_json(self, path: str | os.PathLike) -> None:
         """Write the HF-compatible dict (loadable by `from_json` and by transformers), atomically."""
@@ -222,15 +268,20 @@ class Embeddings(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(segment_ids) + self.position_embeddings(positions)
+        x = (
+            self.word_embeddings(input_ids)
+            + self.token_type_embeddings(segment_ids)
+            + self.position_embeddings(positions)
+        )
         return F.dropout(self.norm(x), self.dropout, self.training)
 
 
 ATTENTION_IMPLS = ("auto", "sdpa", "math")
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float,
-              impl: str = "auto") -> torch.Tensor:
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, dropout_p: float, impl: str = "auto"
+) -> torch.Tensor:
     """Softmax attention, q [B, nh, R, d], k and v [B, nh, L, d], mask broadcastable to [B, nh, R, L]
     (True = attend) or None (attend everywhere: what makes the flash kernel eligible). "sdpa": PyTorch's fused kernels (flash / memory-efficient on CUDA, the fused
     CPU kernel on CPU); "math": the explicit form (two matmuls and a softmax); "auto": SDPA except
@@ -390,6 +441,11 @@ def count_parameters(model: nn.Module) -> int:
 
 
 __all__ = [
-    "AlbertConfig", "AlbertForPreTraining", "ATTENTION_IMPLS", "PreTrainingOutput", "init_albert_weights",
-    "count_parameters", "CONFIG_DIR",
+    "AlbertConfig",
+    "AlbertForPreTraining",
+    "ATTENTION_IMPLS",
+    "PreTrainingOutput",
+    "init_albert_weights",
+    "count_parameters",
+    "CONFIG_DIR",
 ]

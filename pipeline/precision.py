@@ -10,7 +10,7 @@ class PrecisionError(ValueError):
 
 
 def check_precision(ds: dict[str, Any], allow_fp16_on_cpu: bool) -> str:
-    """"fp16", "bf16" or "fp32" from the DeepSpeed config, refusing what cannot work here."""
+    """ "fp16", "bf16" or "fp32" from the DeepSpeed config, refusing what cannot work here."""
     import torch
 
     fp16, bf16 = ds.get("fp16", {}).get("enabled", False), ds.get("bf16", {}).get("enabled", False)
@@ -18,11 +18,15 @@ def check_precision(ds: dict[str, Any], allow_fp16_on_cpu: bool) -> str:
     if fp16 and bf16:
         raise PrecisionError("DeepSpeed config: fp16 and bf16 are both enabled; choose one")
     if fp16 and stage == 0:
-        raise PrecisionError("fp16 with ZeRO stage 0 is broken in DeepSpeed 0.19 (the loss is never scaled); use ZeRO 1-3 or bf16")
+        raise PrecisionError(
+            "fp16 with ZeRO stage 0 is broken in DeepSpeed 0.19 (the loss is never scaled); use ZeRO 1-3 or bf16"
+        )
     accum_dtype = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower()
     if bf16 and stage == 0 and accum_dtype in ("fp32", "float32", "float"):
-        raise PrecisionError("bf16 with data_types.grad_accum_dtype fp32 needs ZeRO 1-3 (DeepSpeed 0.19 refuses it at ZeRO-0); "
-                             "use ZeRO-1 or drop the setting")
+        raise PrecisionError(
+            "bf16 with data_types.grad_accum_dtype fp32 needs ZeRO 1-3 (DeepSpeed 0.19 refuses it at ZeRO-0); "
+            "use ZeRO-1 or drop the setting"
+        )
     if fp16 and not torch.cuda.is_available():
         if not allow_fp16_on_cpu:
             raise PrecisionError("fp16 needs a GPU; on CPU use a bf16 or fp32 config (ds_configs/cpu-*.json)")

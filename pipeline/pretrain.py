@@ -50,7 +50,8 @@ def evaluate(run: Run, folder: Path, max_batches: int) -> dict[str, float]:
     from .data import PretrainingData, to_device
 
     engine, batch = run.engine, run.batch
-    data = PretrainingData(folder, batch.micro, 1, run.rank, batch.world, run.args.seed, pin_memory=run.device.type == "cuda")
+    pin = run.device.type == "cuda"
+    data = PretrainingData(folder, batch.micro, 1, run.rank, batch.world, run.args.seed, pin_memory=pin)
     acc = IntervalSums(run.comm)
     engine.eval()
     try:
@@ -107,8 +108,10 @@ def setup(args: argparse.Namespace) -> Run:
     rank, world, _ = init_distributed(launch, args.dist_timeout)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    log.info("launcher: %s, %d rank(s), backend %s, rendezvous %s:%s", launch.launcher, world, dist.get_backend(),
-             os.environ.get("MASTER_ADDR", "?"), os.environ.get("MASTER_PORT", "?"))
+    rendezvous = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    log.info(
+        "launcher: %s, %d rank(s), backend %s, rendezvous %s", launch.launcher, world, dist.get_backend(), rendezvous
+    )
 
     ds, batch = load_ds_config(args.deepspeed_config, world)
     try:
@@ -119,11 +122,11 @@ def setup(args: argparse.Namespace) -> Run:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
         cfg = AlbertConfig.from_name_or_path(args.model_config)
-        data = PretrainingData(args.data, batch.micro, batch.accum, rank, world, args.seed, skip_bad_shards=args.skip_bad_shards,
-                               pin_memory=device.type == "cuda")
+        loader = dict(rank=rank, world=world, seed=args.seed, pin_memory=device.type == "cuda")
+        data = PretrainingData(args.data, batch.micro, batch.accum, skip_bad_shards=args.skip_bad_shards, **loader)
         check_data_against_model(data, cfg, args.data)
         if args.eval_data:
-            check_data_against_model(PretrainingData(args.eval_data, batch.micro, 1, rank, world, args.seed), cfg, args.eval_data)
+            check_data_against_model(PretrainingData(args.eval_data, batch.micro, 1, **loader), cfg, args.eval_data)
     except (ValueError, DataError) as e:
         raise TrainError(str(e)) from None
     if data.skipped_shards:
@@ -138,18 +141,20 @@ def setup(args: argparse.Namespace) -> Run:
     log.info("%s", set_tf32(device, enabled=not args.no_tf32))
     torch.manual_seed(args.seed)
     fused = FusedOptions(attention=args.attention, compile=args.compile, fused_lamb=not args.no_fused_lamb)
-    engine, ds, _ = build_engine(cfg, ds, fused, device, args.activation_checkpointing, None if resume_from else args.init_from)
-    model = engine.module
+    init_from = None if resume_from else args.init_from
+    engine, ds, _ = build_engine(cfg, ds, fused, device, args.activation_checkpointing, init_from)
+    millions = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) / 1e6
     log.info(
-        "model: %.2fM parameters; data: %d examples, %d steps per epoch (%d left out per epoch); batch %d = %d x %d x %d rank(s); %s, ZeRO-%d",
-        sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters()) / 1e6,
-        data.num_examples, data.steps_per_epoch, data.dropped_per_epoch, batch.global_size, batch.micro, batch.accum, world, precision, stage,
-    )  # fmt: skip
+        f"model: {millions:.2f}M parameters; data: {data.num_examples} examples, {data.steps_per_epoch} steps per epoch "
+        f"({data.dropped_per_epoch} left out per epoch); batch {batch.global_size} = {batch.micro} x {batch.accum} x "
+        f"{world} rank(s); {precision}, ZeRO-{stage}"
+    )
     if resume_from:
         data.load_state_dict(ckpt.load(engine, resume_from)["loader"])
-    meta = {"world_size": world, "zero_stage": stage, "precision": precision, "global_batch": batch.global_size,
-            "data": str(args.data), "model_config": cfg.to_dict()}  # fmt: skip
-    return Run(args, engine, data, batch, cfg, ds, precision, rank, meta, resume_from is not None, engine.device, Comm(engine.device))
+    meta = dict(world_size=world, zero_stage=stage, precision=precision, global_batch=batch.global_size)
+    meta.update(data=str(args.data), model_config=cfg.to_dict())
+    resumed = resume_from is not None
+    return Run(args, engine, data, batch, cfg, ds, precision, rank, meta, resumed, engine.device, Comm(engine.device))
 
 
 def train(run: Run, stop: StopRequest) -> dict[str, Any]:
@@ -173,13 +178,15 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         log.info("already at step %d of --max-steps %d: nothing to train", step, args.max_steps)
 
     def save() -> None:
-        ckpt.save(engine, run.ckpt_dir, step, {"loader": data.state_dict()}, run.meta, run.cfg.to_hf_dict(), args.keep_checkpoints)
+        state = {"loader": data.state_dict()}
+        ckpt.save(engine, run.ckpt_dir, step, state, run.meta, run.cfg.to_hf_dict(), args.keep_checkpoints)
 
     def run_eval() -> None:
         if args.eval_data:
             r = evaluate(run, args.eval_data, args.eval_batches)
             metrics.log({"split": "eval", "step": step, **r})
-            log.info("eval step %d: loss %.4f, MLM accuracy %.4f, SOP accuracy %.4f", step, r["loss"], r["mlm_accuracy"], r["sop_accuracy"])
+            accuracies = f"MLM accuracy {r['mlm_accuracy']:.4f}, SOP accuracy {r['sop_accuracy']:.4f}"
+            log.info("eval step %d: loss %.4f, %s", step, r["loss"], accuracies)
 
     batches = iter(data)
     t_last, data.data_wait = time.perf_counter(), 0.0
@@ -206,18 +213,22 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         # every rank stops at the same step, whichever rank saw the problem or signal: the step's one host read
         nonfinite, stopping = (v > 0 for v in flags.tolist())
         if nonfinite and run.precision != "fp16":
-            raise TrainError(f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
-                             f"The last good checkpoint is in {run.ckpt_dir}")  # fmt: skip
+            raise TrainError(
+                f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
+                f"The last good checkpoint is in {run.ckpt_dir}"
+            )
         engine.step()
         step = engine.global_steps
         floor = run.ds.get("fp16", {}).get("min_loss_scale", 1)
         if nonfinite and loss_scale(engine, run.precision) <= floor:
-            raise TrainError(f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); "
-                             f"the last good checkpoint is in {run.ckpt_dir}")
+            raise TrainError(
+                f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); "
+                f"the last good checkpoint is in {run.ckpt_dir}"
+            )
         if step % args.log_interval == 0 or step == args.max_steps or stopping:
             wait = comm.max_(comm.tensor([data.data_wait])).item()  # the slowest rank's
-            record = train_record(engine, acc.reduce(), time.perf_counter() - t_last, wait, data.state.epoch,
-                                  loss_scale(engine, run.precision))
+            seconds, scale = time.perf_counter() - t_last, loss_scale(engine, run.precision)
+            record = train_record(engine, acc.reduce(), seconds, wait, data.state.epoch, scale)
             metrics.log(record)
             summary["first"] = summary["first"] or record
             summary["last"] = record
@@ -271,11 +282,9 @@ def main(argv: list[str] | None = None) -> int:
         shutdown_distributed()
     if summary.get("first") and summary.get("last"):
         f, l_ = summary["first"], summary["last"]
-        log.info(
-            "done: step %d; MLM accuracy %.3f -> %.3f, SOP accuracy %.3f -> %.3f; metrics %s, TensorBoard %s",
-            summary["step"], f["mlm_accuracy"], l_["mlm_accuracy"], f["sop_accuracy"], l_["sop_accuracy"],
-            args.output / "metrics.jsonl", args.output / "tensorboard",
-        )  # fmt: skip
+        mlm, sop = (f"{f[k]:.3f} -> {l_[k]:.3f}" for k in ("mlm_accuracy", "sop_accuracy"))
+        where = f"metrics {args.output / 'metrics.jsonl'}, TensorBoard {args.output / 'tensorboard'}"
+        log.info("done: step %d; MLM accuracy %s, SOP accuracy %s; %s", summary["step"], mlm, sop, where)
     return 0
 
 

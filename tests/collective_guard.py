@@ -12,8 +12,20 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter", "reduce_scatter_tensor",
-               "broadcast", "reduce", "all_to_all", "all_to_all_single", "barrier", "gather", "scatter")
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "broadcast",
+    "reduce",
+    "all_to_all",
+    "all_to_all_single",
+    "barrier",
+    "gather",
+    "scatter",
+)
 
 
 def record_calls(calls: list[dict]) -> None:
@@ -25,8 +37,15 @@ def record_calls(calls: list[dict]) -> None:
             module = caller.f_globals.get("__name__", "")
             if module.startswith("pipeline"):
                 tensor = args[0] if args and hasattr(args[0], "device") else kwargs.get("tensor")
-                calls.append({"collective": _name, "module": module, "line": caller.f_lineno, "function": caller.f_code.co_name,
-                              "device": str(tensor.device) if tensor is not None else None})
+                calls.append(
+                    {
+                        "collective": _name,
+                        "module": module,
+                        "line": caller.f_lineno,
+                        "function": caller.f_code.co_name,
+                        "device": str(tensor.device) if tensor is not None else None,
+                    }
+                )
             return _original(*args, **kwargs)
 
         setattr(dist, name, guarded)

@@ -37,7 +37,9 @@ def _remove_stale_deepspeed_shm():
     mapped = set()
     for maps in Path("/proc").glob("[0-9]*/maps"):
         try:
-            mapped.update(line.split()[-1] for line in maps.read_text().splitlines() if "deepspeed_allreduce_buffer" in line)
+            mapped.update(
+                line.split()[-1] for line in maps.read_text().splitlines() if "deepspeed_allreduce_buffer" in line
+            )
         except OSError:
             continue
     for f in shm.glob("deepspeed_allreduce_buffer_*"):
@@ -77,5 +79,8 @@ def wiki_shards(wiki_corpus, spm_model, tmp_path_factory) -> Path:
     from data_prep.cli import main
 
     out = tmp_path_factory.mktemp("shards") / "out"
-    assert main(["shard", "--input", str(wiki_corpus), "--spm-model", str(spm_model), "--output", str(out), *SHARD_ARGS]) == 0
+    assert (
+        main(["shard", "--input", str(wiki_corpus), "--spm-model", str(spm_model), "--output", str(out), *SHARD_ARGS])
+        == 0
+    )
     return out

@@ -41,7 +41,11 @@ def accumulation_buffers(optimizer: Any) -> tuple[str, str, list[Any]]:
     if name == "BF16_Optimizer":
         return "fp32_groups_gradients_flat", str(optimizer.grad_acc_dtype), list(optimizer.fp32_groups_gradients_flat)
     if name == "DeepSpeedZeroOptimizer_Stage3":
-        return "grad_partitions_flat_buffer", str(optimizer.gradient_accumulation_dtype), [optimizer.grad_partitions_flat_buffer]
+        return (
+            "grad_partitions_flat_buffer",
+            str(optimizer.gradient_accumulation_dtype),
+            [optimizer.grad_partitions_flat_buffer],
+        )
     if name == "DeepSpeedZeroOptimizer":
         declared = str(optimizer.gradient_accumulation_dtype)
         groups = range(len(optimizer.bit16_groups))
@@ -64,7 +68,6 @@ def accumulation_buffers(optimizer: Any) -> tuple[str, str, list[Any]]:
 
 
 def describe(optimizer: Any) -> dict[str, Any]:
-    import torch
 
     where, declared, tensors = accumulation_buffers(optimizer)
     return {
@@ -89,10 +92,10 @@ def engine_config(shipped: dict[str, Any], keep_data_types: bool) -> dict[str, A
 
 def run(shipped: dict[str, Any], keep_data_types: bool) -> dict[str, Any]:
     import torch
-
     from model_fixtures import make_batch, small_config
-    from pipeline.fused import PLAIN
+
     from pipeline.engine import build_engine
+    from pipeline.fused import PLAIN
 
     cfg = small_config()
     torch.manual_seed(0)

@@ -81,12 +81,29 @@ def ds_config(stage: int, world: int, precision: str, steps: int) -> dict[str, A
     config: dict[str, Any] = {
         "train_batch_size": GLOBAL_BATCH,
         "train_micro_batch_size_per_gpu": GLOBAL_BATCH // world,
-        "optimizer": {"type": "Lamb", "params": {"lr": LR, "betas": [0.9, 0.999], "eps": 1e-6,
-                                                 "weight_decay": 0.01, "bias_correction": True,
-                                                 "max_grad_norm": 1.0, "max_coeff": 10.0, "min_coeff": 0.01}},
-        "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": LR,
-                                                           "warmup_num_steps": 3, "total_num_steps": steps,
-                                                           "warmup_type": "linear"}},
+        "optimizer": {
+            "type": "Lamb",
+            "params": {
+                "lr": LR,
+                "betas": [0.9, 0.999],
+                "eps": 1e-6,
+                "weight_decay": 0.01,
+                "bias_correction": True,
+                "max_grad_norm": 1.0,
+                "max_coeff": 10.0,
+                "min_coeff": 0.01,
+            },
+        },
+        "scheduler": {
+            "type": "WarmupDecayLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": LR,
+                "warmup_num_steps": 3,
+                "total_num_steps": steps,
+                "warmup_type": "linear",
+            },
+        },
         "zero_optimization": {"stage": stage, **ZERO_LAYOUT_OPTIONS.get(stage, {})},
         "steps_per_print": 10**9,
     }
@@ -124,7 +141,7 @@ def train(engine: Any, first: int, last: int) -> tuple[list[float], list[float]]
     losses, lrs = [], []
     for step in range(first, last):
         ids, targets = global_batch(step)
-        loss = engine(ids[rank * micro:(rank + 1) * micro], targets[rank * micro:(rank + 1) * micro])
+        loss = engine(ids[rank * micro : (rank + 1) * micro], targets[rank * micro : (rank + 1) * micro])
         engine.backward(loss)
         lrs.append(float(engine.optimizer.param_groups[0]["lr"]))
         engine.step()
@@ -159,8 +176,9 @@ def run(name: str, stage: int, steps: int, checkpoint_dir: Path) -> dict[str, An
     engine.load_checkpoint(str(checkpoint_dir), tag="half")
     result["resumed_losses"], _ = train(engine, half, steps)
     result["resumed_params"] = gathered_params(engine)
-    result["resumed_state"] = [{k: (v if isinstance(v, int) else tuple(v.shape)) for k, v in s.items()}
-                               for s in optimizer.state.values()]
+    result["resumed_state"] = [
+        {k: (v if isinstance(v, int) else tuple(v.shape)) for k, v in s.items()} for s in optimizer.state.values()
+    ]
     return result
 
 
@@ -176,8 +194,9 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("pipeline.lamb").setLevel(logging.INFO)
     deepspeed.init_distributed(dist_backend="gloo", timeout=datetime.timedelta(seconds=120))
-    results = {name: run(name, args.stage, args.steps, args.out.parent / f"ckpt-{args.stage}")
-               for name in args.runs.split(",")}
+    results = {
+        name: run(name, args.stage, args.steps, args.out.parent / f"ckpt-{args.stage}") for name in args.runs.split(",")
+    }
     if torch.distributed.get_rank() == 0:
         torch.save(results, args.out)
     torch.distributed.barrier()

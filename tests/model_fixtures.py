@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 
 from pipeline.distributed import free_port
-
 from pipeline.model import AlbertConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,13 +19,21 @@ REPO = Path(__file__).resolve().parents[1]
 
 def small_config(**overrides) -> AlbertConfig:
     """A model small enough for many forward/backward passes per second."""
-    base = dict(vocab_size=300, embedding_size=16, hidden_size=64, num_hidden_layers=4, num_attention_heads=4,
-                intermediate_size=128, max_position_embeddings=64)
+    base = dict(
+        vocab_size=300,
+        embedding_size=16,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=64,
+    )
     return AlbertConfig(**{**base, **overrides})
 
 
-def make_batch(cfg: AlbertConfig, batch: int = 4, seq: int = 24, predictions: int = 6, seed: int = 0,
-               max_id: int | None = None) -> dict[str, torch.Tensor]:
+def make_batch(
+    cfg: AlbertConfig, batch: int = 4, seq: int = 24, predictions: int = 6, seed: int = 0, max_id: int | None = None
+) -> dict[str, torch.Tensor]:
     """A batch in the HDF5 shard convention, with padded sequences and padded prediction slots."""
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(seq // 2, seq + 1, (batch,), generator=g)
@@ -40,8 +47,14 @@ def make_batch(cfg: AlbertConfig, batch: int = 4, seq: int = 24, predictions: in
         n = int(torch.randint(1, predictions + 1, (), generator=g))  # the rest are padding slots
         positions[b, :n] = (torch.randperm(int(lengths[b]) - 1, generator=g)[:n] + 1).sort().values
     labels = torch.randint(5, max_id or cfg.vocab_size, (batch, predictions), generator=g) * (positions > 0)
-    return {"input_ids": ids, "input_mask": mask, "segment_ids": segments, "masked_lm_positions": positions,
-            "masked_lm_ids": labels, "next_sentence_labels": torch.randint(0, 2, (batch,), generator=g)}
+    return {
+        "input_ids": ids,
+        "input_mask": mask,
+        "segment_ids": segments,
+        "masked_lm_positions": positions,
+        "masked_lm_ids": labels,
+        "next_sentence_labels": torch.randint(0, 2, (batch,), generator=g),
+    }
 
 
 def perturb_(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> torch.nn.Module:
@@ -53,8 +66,9 @@ def perturb_(model: torch.nn.Module, std: float = 0.1, seed: int = 1) -> torch.n
     return model
 
 
-def run_python(args: list[str], timeout: float = 120, distributed: bool = False,
-               pythonpath: str | None = None) -> subprocess.CompletedProcess:
+def run_python(
+    args: list[str], timeout: float = 120, distributed: bool = False, pythonpath: str | None = None
+) -> subprocess.CompletedProcess:
     """Run `python ARGS` from the repo root; with `distributed`, as rank 0 of a 1-process group;
     `pythonpath` (relative to the repo) is put first on the module search path."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu", "PYTHONWARNINGS": "ignore"}

@@ -56,7 +56,13 @@ def test_every_format_round_trips_through_the_standard_format(tmp_path: Path) ->
         ["Docs one."],
         ["Docs two.", "Docs three."],
     ]
-    assert (stats.files, stats.documents, stats.bad_json_lines, stats.skipped_pages, stats.empty_documents) == (3, 5, 1, 6, 1)
+    assert (stats.files, stats.documents, stats.bad_json_lines, stats.skipped_pages, stats.empty_documents) == (
+        3,
+        5,
+        1,
+        6,
+        1,
+    )
 
 
 @pytest.mark.slow
@@ -64,7 +70,10 @@ def test_workers_give_byte_identical_output(tmp_path: Path, monkeypatch: pytest.
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.xml.bz2").write_bytes(bz2.compress(make_dump().encode("utf-8")))
-    lines = [json.dumps({"text": f"Document number {i}. It has {i % 5 + 1} words of text. " * (i % 3 + 1)}) for i in range(300)]
+    lines = [
+        json.dumps({"text": f"Document number {i}. It has {i % 5 + 1} words of text. " * (i % 3 + 1)})
+        for i in range(300)
+    ]
     (src / "b.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_docs(src / "c.txt", [[f"Sentence {i}.", f"Another {i}."] for i in range(100)])
     (src / "d.xml").write_text(make_dump(), encoding="utf-8")

@@ -33,8 +33,12 @@ def epoch(data: PretrainingData) -> list[bytes]:
 
 
 def test_ranks_get_disjoint_shares_covering_the_data(wiki_shards):
-    everything = [r.tobytes() for s in Manifest.load(wiki_shards).shards for r in read_shard(wiki_shards / s["name"])["input_ids"]]
-    loaders = [PretrainingData(wiki_shards, micro_batch_size=4, grad_accum=2, rank=r, world=2, seed=1) for r in range(2)]
+    everything = [
+        r.tobytes() for s in Manifest.load(wiki_shards).shards for r in read_shard(wiki_shards / s["name"])["input_ids"]
+    ]
+    loaders = [
+        PretrainingData(wiki_shards, micro_batch_size=4, grad_accum=2, rank=r, world=2, seed=1) for r in range(2)
+    ]
     shares = [epoch(d) for d in loaders]
     assert len(shares[0]) == len(shares[1]) == loaders[0].steps_per_epoch * 8
     seen = shares[0] + shares[1]
@@ -47,7 +51,7 @@ def test_epochs_are_reshuffled_and_seeded(wiki_shards):
     a = PretrainingData(wiki_shards, 4, 1, seed=1)
     first = rows(itertools.islice(iter(a), a.micro_batches_per_epoch + 5))
     a.close()
-    assert first[: 20] != first[a.micro_batches_per_epoch * 4 : a.micro_batches_per_epoch * 4 + 20]
+    assert first[:20] != first[a.micro_batches_per_epoch * 4 : a.micro_batches_per_epoch * 4 + 20]
     assert epoch(PretrainingData(wiki_shards, 4, 1, seed=1))[:50] == first[:50]
     assert epoch(PretrainingData(wiki_shards, 4, 1, seed=2))[:50] != first[:50]
 
@@ -92,13 +96,19 @@ def loader_rows(batches) -> list[tuple[bytes, ...]]:
     return [key({k: b[k][i] for k in FIELDS}) for b in batches for i in range(len(b["input_ids"]))]
 
 
-def documented_order(folder, micro: int, accum: int, rank: int, world: int, seed: int, window: int, epochs: int) -> list[tuple[bytes, ...]]:
+def documented_order(
+    folder, micro: int, accum: int, rank: int, world: int, seed: int, window: int, epochs: int
+) -> list[tuple[bytes, ...]]:
     """The order the module docstring describes, computed from scratch: blocks of BLOCK rows permuted by
     (seed, epoch), the rank's contiguous share of whole steps, windows shuffled by (seed, epoch, rank, window)."""
     records = np.concatenate([read_shard(folder / s["name"]) for s in Manifest.load(folder).shards])
     sizes = [s["num_examples"] for s in Manifest.load(folder).shards]
     offsets = np.concatenate([[0], np.cumsum(sizes)])
-    blocks = [np.arange(offsets[s] + a, offsets[s] + min(a + BLOCK, n)) for s, n in enumerate(sizes) for a in range(0, n, BLOCK)]
+    blocks = [
+        np.arange(offsets[s] + a, offsets[s] + min(a + BLOCK, n))
+        for s, n in enumerate(sizes)
+        for a in range(0, n, BLOCK)
+    ]
     n = len(records)
     used = n // (micro * accum * world) * accum * micro
     win = max(1, window // micro) * micro
@@ -166,8 +176,16 @@ def test_shard_held_open_for_writing_elsewhere_is_read(wiki_shards, tmp_path, mo
     folder = tmp_path / "shards"
     shutil.copytree(wiki_shards, folder)
     path = folder / Manifest.load(folder).shards[0]["name"]
-    holder = subprocess.Popen([sys.executable, "-c", f"import h5py, sys; f = h5py.File({str(path)!r}, 'a'); print('open', flush=True); sys.stdin.read()"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, sys; f = h5py.File({str(path)!r}, 'a'); print('open', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "open"
         with pytest.raises(OSError, match="lock"):
@@ -183,7 +201,14 @@ def test_bench_loader_smoke(wiki_shards, capsys):
     spec = importlib.util.spec_from_file_location("bench_loader", REPO / "bench" / "bench_loader.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    assert bench.main(["--data", str(wiki_shards), "--micro", "8", "--window", "256", "--batches", "40", "--step-ms", "0.2"]) == 0
+    assert (
+        bench.main(
+            ["--data", str(wiki_shards), "--micro", "8", "--window", "256", "--batches", "40", "--step-ms", "0.2"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "stall after start-up, % of run" in out and "cores" in out
-    assert len([line for line in out.splitlines() if line.startswith("| prefetch=")]) == 4  # prefetch 0 and 1, with and without a consumer
+    assert (
+        len([line for line in out.splitlines() if line.startswith("| prefetch=")]) == 4
+    )  # prefetch 0 and 1, with and without a consumer

@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, VOCAB_SIZE
+
 from data_prep.inspection import verify_folder
 from data_prep.shards import Manifest
 
@@ -30,8 +30,25 @@ def test_demo_data_is_verified_and_reruns(tmp_path):
 
 def test_prepare_runs_every_stage_and_resumes(wiki_dump, tmp_path):
     out = tmp_path / "prep"
-    cmd = [sys.executable, "-m", "data_prep", "prepare", "--input", str(wiki_dump), "--output", str(out),
-           "--vocab-size", str(VOCAB_SIZE), "--num-files", "2", "--num-shards", "2", "--dupe-factor", "1", "--no-progress"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "prepare",
+        "--input",
+        str(wiki_dump),
+        "--output",
+        str(out),
+        "--vocab-size",
+        str(VOCAB_SIZE),
+        "--num-files",
+        "2",
+        "--num-shards",
+        "2",
+        "--dupe-factor",
+        "1",
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (out / "vocab" / "spiece.model").exists() and len(list((out / "corpus").glob("*.txt"))) == 2

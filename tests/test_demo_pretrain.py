@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO
 
 pytestmark = pytest.mark.integration  # tier: see pyproject.toml
@@ -16,8 +15,13 @@ pytestmark = pytest.mark.integration  # tier: see pyproject.toml
 
 def test_demo_end_to_end_short(tmp_path):
     out = tmp_path / "demo"
-    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--output", str(out), "--steps", "40"],
-                          capture_output=True, text=True, cwd=REPO, timeout=900)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.demo", "--output", str(out), "--steps", "40"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo summary: 40 steps" in proc.stdout and "MLM accuracy" in proc.stdout
     lines = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -30,7 +34,11 @@ def test_demo_end_to_end_short(tmp_path):
         "info = m[1]; assert not info['missing_keys'] and not info['unexpected_keys'], info;"
         "t = AlbertTokenizer.from_pretrained(sys.argv[1]); print(t.convert_tokens_to_ids(['[CLS]', '[SEP]', '[MASK]']))"
     )
-    check = subprocess.run([sys.executable, "-c", code, str(out / "hf")], capture_output=True, text=True,
-                           env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    check = subprocess.run(
+        [sys.executable, "-c", code, str(out / "hf")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip() == "[2, 3, 4]"

@@ -61,8 +61,12 @@ def test_shipped_bf16_configs_that_accumulate_do_so_in_fp32() -> None:
     assert gpu == ["gpu-zero1-bf16-lamb-4096.json", "gpu-zero2-bf16-lamb-4096.json", "gpu-zero3-bf16-lamb-4096.json"]
     for path in accumulating:
         cfg = json.loads(path.read_text())
-        assert cfg.get("data_types") == FP32_ACCUMULATION, f"{path.name}: bf16 with accumulation needs {FP32_ACCUMULATION}"
-        assert _stage(cfg) in (1, 2, 3), f"{path.name}: DeepSpeed refuses fp32 gradient accumulation with bf16 at ZeRO-0"
+        assert cfg.get("data_types") == FP32_ACCUMULATION, (
+            f"{path.name}: bf16 with accumulation needs {FP32_ACCUMULATION}"
+        )
+        assert _stage(cfg) in (1, 2, 3), (
+            f"{path.name}: DeepSpeed refuses fp32 gradient accumulation with bf16 at ZeRO-0"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +78,25 @@ def engines(tmp_path_factory) -> dict[str, Any]:
     zero0["zero_optimization"] = {"stage": 0}
     (tmp / "zero0-bf16.json").write_text(json.dumps(zero0))
     out = tmp / "report.json"
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-           "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    proc = subprocess.run([sys.executable, str(WORKER), "--out", str(out), *map(str, paths), str(tmp / "zero0-bf16.json")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # ~10 s; more if shm_comm is JIT-built
+    env = {
+        **os.environ,
+        "DS_ACCELERATOR": "cpu",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONWARNINGS": "ignore",
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+    }
+    proc = subprocess.run(
+        [sys.executable, str(WORKER), "--out", str(out), *map(str, paths), str(tmp / "zero0-bf16.json")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )  # ~10 s; more if shm_comm is JIT-built
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -116,6 +135,9 @@ def test_without_the_setting_deepspeed_would_accumulate_in_bf16(name: str, engin
 @pytest.mark.slow
 def test_deepspeed_refuses_fp32_accumulation_with_bf16_at_zero0(engines: dict[str, Any]) -> None:
     zero0 = engines["zero0-bf16.json"]
-    assert "NotImplementedError" in zero0["shipped"]["error"] and "grad_accum_dtype=torch.float32" in zero0["shipped"]["error"]
+    assert (
+        "NotImplementedError" in zero0["shipped"]["error"]
+        and "grad_accum_dtype=torch.float32" in zero0["shipped"]["error"]
+    )
     assert zero0["default"]["wrapper"] == "FP16_UnfusedOptimizer"  # bf16 sums in param.grad
     assert all(seen["dtypes"] == ["torch.bfloat16"] for seen in zero0["default"]["micro"])

@@ -38,8 +38,9 @@ def corpus(rng: np.random.Generator, docs: int = 300, max_sent: int = 16):
     return tokens, sent_lengths, doc_sentences
 
 
-def build(settings=ExampleSettings(), seed=0, docs=300, word_every=3, passes=8):
+def build(settings=None, seed=0, docs=300, word_every=3, passes=8):
     """`passes` passes over the corpus (like --dupe-factor) with one generator."""
+    settings = settings or ExampleSettings()
     tokens, sent_lengths, doc_sentences = corpus(np.random.default_rng(1234), docs)
     vocab = TableVocab(int(tokens.max()) + 1, word_every)
     stats = ExampleStats()

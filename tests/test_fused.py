@@ -52,7 +52,10 @@ def test_compiled_shared_layers_and_head_equal_plain():
     plain, fused = twins(cfg)
     apply_fused(plain, PLAIN, CPU)
     lines = apply_fused(fused, FusedOptions(attention="sdpa", compile="on"), CPU)
-    assert "torch.compile: on for 2 shared layer(s) (4 passes) and the MLM head" in lines[1] and "gelu_new through sigmoid" in lines[1]
+    assert (
+        "torch.compile: on for 2 shared layer(s) (4 passes) and the MLM head" in lines[1]
+        and "gelu_new through sigmoid" in lines[1]
+    )
     layers = [m for m in fused.modules() if isinstance(m, AlbertLayer)]
     assert len(layers) == 2 and all(m._compiled_call_impl is not None and m.act is gelu_tanh_by_sigmoid for m in layers)
     assert fused.act is gelu_tanh_by_sigmoid  # the MLM head's
@@ -75,17 +78,27 @@ def test_compiled_shared_layers_and_head_equal_plain():
 
 def test_gelu_by_sigmoid_is_gelu_new():
     x = torch.linspace(-12, 12, 100_001, dtype=torch.float64)
-    torch.testing.assert_close(gelu_tanh_by_sigmoid(x), torch.nn.functional.gelu(x, approximate="tanh"), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        gelu_tanh_by_sigmoid(x), torch.nn.functional.gelu(x, approximate="tanh"), rtol=1e-12, atol=1e-12
+    )
     x = x.float()
-    torch.testing.assert_close(gelu_tanh_by_sigmoid(x), torch.nn.functional.gelu(x, approximate="tanh"), rtol=2e-6, atol=1e-6)
+    torch.testing.assert_close(
+        gelu_tanh_by_sigmoid(x), torch.nn.functional.gelu(x, approximate="tanh"), rtol=2e-6, atol=1e-6
+    )
 
 
 def test_switches_turn_each_path_off_and_say_why():
     model = AlbertForPreTraining(small_config())
     lines = apply_fused(model, FusedOptions(attention="math", compile="off"), CPU)
-    assert lines == ["attention: explicit matmul + softmax form (switched to math)",
-                     "torch.compile: off (switched off); layers and MLM head run eagerly"]
-    assert all(m.attention_impl == "math" and m._compiled_call_impl is None for m in model.modules() if isinstance(m, AlbertLayer))
+    assert lines == [
+        "attention: explicit matmul + softmax form (switched to math)",
+        "torch.compile: off (switched off); layers and MLM head run eagerly",
+    ]
+    assert all(
+        m.attention_impl == "math" and m._compiled_call_impl is None
+        for m in model.modules()
+        if isinstance(m, AlbertLayer)
+    )
     assert "mlm_transform" not in vars(model)
     zero3 = apply_fused(AlbertForPreTraining(small_config()), FusedOptions(compile="on"), CPU, zero_stage=3)
     assert zero3[1].startswith("torch.compile: off (ZeRO-3")
@@ -116,5 +129,8 @@ def test_engine_trains_the_same_with_compiled_layers(wiki_shards, tmp_path):
         runs[name] = (proc.stderr, [m["loss"] for m in metrics(tmp_path / name)])
     assert re.search(r"torch\.compile: on for 1 shared layer\(s\) \(2 passes\)", runs["fused"][0])
     assert "scaled_dot_product_attention (fused CPU kernel) in fp32" in runs["fused"][0]
-    assert "torch.compile: off (switched off)" in runs["plain"][0] and "DeepSpeed FusedLamb off: no CUDA" in runs["plain"][0]
+    assert (
+        "torch.compile: off (switched off)" in runs["plain"][0]
+        and "DeepSpeed FusedLamb off: no CUDA" in runs["plain"][0]
+    )
     torch.testing.assert_close(runs["fused"][1], runs["plain"][1], rtol=1e-5, atol=0)

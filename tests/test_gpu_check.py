@@ -33,8 +33,15 @@ def run_check(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(k, None)
-    return subprocess.run([sys.executable, "bench/gpu_check.py", "--device", "cpu", *args], check=False, cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--device", "cpu", *args],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
@@ -52,7 +59,7 @@ def markdown_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
 def section(text: str, number: int) -> str:
     start = text.index(f"\n### {number}.")
     end = text.find("\n### ", start + 1)
-    return text[start:end if end > 0 else None]
+    return text[start : end if end > 0 else None]
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +74,13 @@ def test_smoke_run_prints_every_table(smoke):
     assert "- date: " in out and "- device: CPU" in out and "- torch " in out and "; deepspeed " in out
     assert "all checks passed" in out
 
-    (headers, rows), = markdown_tables(section(out, 1))
+    ((headers, rows),) = markdown_tables(section(out, 1))
     assert headers == gpu_check_steps.STEP_HEADERS
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
-        ("albert-tiny", shape, precision, "our Lamb") for shape in ("8 x 32", "4 x 64") for precision in ("fp32", "bf16")]
+        ("albert-tiny", shape, precision, "our Lamb")
+        for shape in ("8 x 32", "4 x 64")
+        for precision in ("fp32", "bf16")
+    ]
     for r in rows:
         assert float(r[5]) > 0 and float(r[6].replace(",", "")) > 0  # ms/step, tokens/s
         assert r[8] == "unknown" and r[9].endswith("%")  # no nominal CPU peak; MFU against the measured matmul peak
@@ -85,16 +95,19 @@ def test_smoke_run_prints_every_table(smoke):
 
     assert "skipped: needs CUDA" in section(out, 3)
 
-    (headers, rows), = markdown_tables(section(out, 4))
+    ((headers, rows),) = markdown_tables(section(out, 4))
     assert headers[:4] == ["config", "ZeRO stage", "optimizer", "DeepSpeed wrapper"] and "peak (MiB)" in headers
     assert [(r[1], r[2], r[3]) for r in rows] == [
-        ("0", "our Lamb", "FP16_UnfusedOptimizer"), ("1", "our Lamb", "DeepSpeedZeroOptimizer"),
-        ("2", "our Lamb", "DeepSpeedZeroOptimizer"), ("3", "our Lamb", "DeepSpeedZeroOptimizer_Stage3")]
+        ("0", "our Lamb", "FP16_UnfusedOptimizer"),
+        ("1", "our Lamb", "DeepSpeedZeroOptimizer"),
+        ("2", "our Lamb", "DeepSpeedZeroOptimizer"),
+        ("3", "our Lamb", "DeepSpeedZeroOptimizer_Stage3"),
+    ]
     assert all(float(r[-1]) > 0 for r in rows)  # a finite loss at every stage
 
     # Section 5: the real albert-pretrain, per row a straight run, a resumed second process and an export.
     text = section(out, 5)
-    (headers, rows), = markdown_tables(text)
+    ((headers, rows),) = markdown_tables(text)
     assert headers == gcp.CPU_HEADERS
     assert [(r[0], r[1], r[2]) for r in rows] == [("0", "bf16", "our Lamb"), ("3", "fp16", "our Lamb")]
     for r in rows:
@@ -108,12 +121,26 @@ def test_smoke_run_prints_every_table(smoke):
     assert not any(line.startswith("[20") for line in out.splitlines()) and "built successfully" not in out
 
 
-@pytest.mark.parametrize("name, tflops", [
-    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA GH200 480GB", 989),
-    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA L40S", 362), ("NVIDIA L40", 181),
-    ("NVIDIA L4", 121), ("NVIDIA A10", 125), ("AMD Instinct MI300X", 1307),
-    ("NVIDIA H100 NVL", None), ("NVIDIA A10G", None), ("NVIDIA GeForce RTX 3090", None), ("cpu", None),
-])
+@pytest.mark.parametrize(
+    "name, tflops",
+    [
+        ("NVIDIA H100 80GB HBM3", 989),
+        ("NVIDIA H100 PCIe", 756),
+        ("NVIDIA H200", 989),
+        ("NVIDIA GH200 480GB", 989),
+        ("NVIDIA A100-SXM4-80GB", 312),
+        ("NVIDIA A100 80GB PCIe", 312),
+        ("NVIDIA L40S", 362),
+        ("NVIDIA L40", 181),
+        ("NVIDIA L4", 121),
+        ("NVIDIA A10", 125),
+        ("AMD Instinct MI300X", 1307),
+        ("NVIDIA H100 NVL", None),
+        ("NVIDIA A10G", None),
+        ("NVIDIA GeForce RTX 3090", None),
+        ("cpu", None),
+    ],
+)
 def test_nominal_peak_by_device_name(name, tflops):
     assert common.nominal_peak_tflops(name) == tflops
 
@@ -136,7 +163,9 @@ def test_lamb_parity_is_zero_against_itself_and_catches_a_different_rule():
     assert same.max_abs == 0.0 and same.rel == 0.0 and same.agrees(tol)
 
     # The smallest real difference the tolerance is meant to catch: weight decay 0.01 vs 0.02.
-    other_decay = gpu_check_parity.lamb_parity(cfg, common.our_lamb(on), common.our_lamb({**on, "weight_decay": 0.02}), batches, 6, cpu)
+    other_decay = gpu_check_parity.lamb_parity(
+        cfg, common.our_lamb(on), common.our_lamb({**on, "weight_decay": 0.02}), batches, 6, cpu
+    )
     assert other_decay.rel > 2 * tol and not other_decay.agrees(tol)
 
     # FusedLamb's rule (its kernel restated in torch): equal to ours without bias correction, and to ours with
@@ -146,7 +175,10 @@ def test_lamb_parity_is_zero_against_itself_and_catches_a_different_rule():
 
     assert gpu_check_parity.lamb_parity(cfg, fused(off), common.our_lamb(off), batches, 6, cpu).rel < tol / 10
     factor = gpu_check_parity.bias_correction_factor(params["betas"])
-    assert gpu_check_parity.lamb_parity(cfg, fused(on), common.our_lamb(off), batches, 6, cpu, lr_factor_b=factor).rel < tol / 10
+    assert (
+        gpu_check_parity.lamb_parity(cfg, fused(on), common.our_lamb(off), batches, 6, cpu, lr_factor_b=factor).rel
+        < tol / 10
+    )
     assert gpu_check_parity.lamb_parity(cfg, fused(on), common.our_lamb(on), batches, 6, cpu).rel > 100 * tol
 
 
@@ -193,8 +225,20 @@ def test_fp16_section_runs_with_the_cpu_override(tmp_path):
     """The GPU-only fp16 engine section, run on CPU through DeepSpeed's documented testing override."""
     model = tmp_path / "model.json"
     model.write_text(json.dumps(TEST_MODEL))
-    proc = run_check("--sections", "3", "--fp16-on-cpu", "--fp16-config", str(model), "--fp16-shape", "4x32",
-                     "--fp16-steps", "24", "--loss-scale-window", "4", timeout=180)
+    proc = run_check(
+        "--sections",
+        "3",
+        "--fp16-on-cpu",
+        "--fp16-config",
+        str(model),
+        "--fp16-shape",
+        "4x32",
+        "--fp16-steps",
+        "24",
+        "--loss-scale-window",
+        "4",
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, trajectory = markdown_tables(section(proc.stdout, 3))
     values = dict(summary[1])
@@ -209,7 +253,11 @@ def test_fp16_section_runs_with_the_cpu_override(tmp_path):
 def sync_warning() -> None:
     """What torch emits at a synchronizing CUDA call under torch.cuda.set_sync_debug_mode("warn"): TORCH_WARN in
     c10/cuda/CUDAFunctions.cpp (warn_or_error_on_sync; that file is not in the CPU wheel), a UserWarning."""
-    warnings.warn(pretrain_probe.SYNC_WARNING + " (Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:164.)", UserWarning)
+    warnings.warn(
+        pretrain_probe.SYNC_WARNING + " (Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:164.)",
+        UserWarning,
+        stacklevel=2,
+    )
 
 
 class FakeEngine:
@@ -254,9 +302,9 @@ def test_probe_counts_the_sync_warnings_between_optimizer_steps():
                         t.start()
                         t.join()
                         done = threading.Event()
-                        _thread.start_new_thread(lambda: (sync_warning(), done.set()), ())
+                        _thread.start_new_thread(lambda done=done: (sync_warning(), done.set()), ())
                         assert done.wait(10)
-                    warnings.warn("some other warning", UserWarning)  # shown as usual, not counted
+                    warnings.warn("some other warning", UserWarning, stacklevel=1)  # shown as usual, not counted
                     engine.step()
         finally:
             probe.finish()
@@ -297,7 +345,7 @@ def test_probe_counts_an_explicit_synchronize_once_and_switches_to_deterministic
     try:
         probe.attach(engine)
         flags = []
-        for step in range(1, 5):
+        for _ in range(1, 5):
             engine.backward(torch.tensor(1.0))
             engine.step()
             flags.append(torch.are_deterministic_algorithms_enabled())
@@ -312,10 +360,18 @@ def test_clean_steps_leave_out_start_logging_saving_and_deterministic_steps():
     # the GPU rows: 30 steps, a save at 20, logging at the last step only, deterministic kernels from 20 on
     assert pretrain_probe.clean_steps(1, 30, 31, 20, 0, 20) == list(range(3, 20))
     assert pretrain_probe.clean_steps(21, 30, 31, 20, 0, 20) == []  # the resumed process: all deterministic
-    assert pretrain_probe.clean_steps(1, 12, 4, 100, 6) == [3, 10, 11]  # 4, 8 logged; 6 evaluated; 5, 7, 9 after them; 12 last
+    assert pretrain_probe.clean_steps(1, 12, 4, 100, 6) == [
+        3,
+        10,
+        11,
+    ]  # 4, 8 logged; 6 evaluated; 5, 7, 9 after them; 12 last
     windows = [pretrain_probe.Window(s, 0.1 * s, {"a.py:1": 1, "b.py:2": s % 2}) for s in range(1, 6)]
     summary = pretrain_probe.summarize_windows(windows, [2, 3])
-    assert summary["max"] == 2 and summary["mean"] == 1.5 and summary["per_step_by_source"] == {"a.py:1": 1.0, "b.py:2": 0.5}
+    assert (
+        summary["max"] == 2
+        and summary["mean"] == 1.5
+        and summary["per_step_by_source"] == {"a.py:1": 1.0, "b.py:2": 0.5}
+    )
     assert summary["seconds_mean"] == pytest.approx(0.25)
 
 
@@ -328,17 +384,28 @@ def test_pretrain_rows_and_their_deepspeed_configs():
             gcp.parse_rows(bad)
     cuda = gcp.plan_rows(list(gcp.ALL_ROWS), "cuda")
     assert [(r.stage, r.precision, r.expect_optimizer) for r in cuda] == [
-        (0, "bf16", "FusedLamb"), (1, "bf16", "our Lamb"), (1, "fp16", "our Lamb"), (2, "bf16", "our Lamb"),
-        (2, "fp16", "our Lamb"), (3, "bf16", "our Lamb"), (3, "fp16", "our Lamb")]
+        (0, "bf16", "FusedLamb"),
+        (1, "bf16", "our Lamb"),
+        (1, "fp16", "our Lamb"),
+        (2, "bf16", "our Lamb"),
+        (2, "fp16", "our Lamb"),
+        (3, "bf16", "our Lamb"),
+        (3, "fp16", "our Lamb"),
+    ]
     assert {r.expect_optimizer for r in gcp.plan_rows(list(gcp.ALL_ROWS), "cpu")} == {"our Lamb"}
     for row in [*cuda, gcp.PretrainRow(0, "fp32", "FusedLamb")]:
         shipped = json.loads(row.shipped_config().read_text())
         ds = gcp.derive_ds_config(row, 64, 2, 30, 10)
         assert ds["zero_optimization"]["stage"] == row.stage
-        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (128, 64) and "gradient_accumulation_steps" not in ds
+        assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"]) == (
+            128,
+            64,
+        ) and "gradient_accumulation_steps" not in ds
         batch = resolve_batch(ds, 1)
         assert (batch.micro, batch.accum) == (64, 2)
-        assert ds["scheduler"]["params"]["warmup_num_steps"] == 10 and ds["scheduler"]["params"]["total_num_steps"] == 30
+        assert (
+            ds["scheduler"]["params"]["warmup_num_steps"] == 10 and ds["scheduler"]["params"]["total_num_steps"] == 30
+        )
         assert ds["optimizer"] == shipped["optimizer"] and ds["optimizer"]["params"]["bias_correction"] is False
         assert ds.get("fp16", {}).get("enabled", False) == (row.precision == "fp16")
         assert ds.get("bf16", {}).get("enabled", False) == (row.precision == "bf16")
@@ -360,25 +427,49 @@ def test_resume_comparison_is_bit_exact():
     assert not gcp.compare_resume({"5": [float("nan")]}, {"5": [float("nan")]}, 4, 4, 5).ok  # NaN is never exact
 
 
-
-def row_result(tmp_path, row, *, rc=0, optimizer="our multi-tensor LAMB (ZeRO-2 partitions)", probe_optimizer="Lamb",
-               syncs=1, resumed_rc=0, resumed=None, export=True, log_extra=""):
+def row_result(
+    tmp_path,
+    row,
+    *,
+    rc=0,
+    optimizer="our multi-tensor LAMB (ZeRO-2 partitions)",
+    probe_optimizer="Lamb",
+    syncs=1,
+    resumed_rc=0,
+    resumed=None,
+    export=True,
+    log_extra="",
+):
     """A RowResult as the section would have made it, from constructed process outcomes."""
     folder = tmp_path / row.key
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "straight.log"
     log.write_text(f"12:00:00 [rank 0] INFO albert-pretrain: optimizer: {optimizer}\n{log_extra}")
     losses = {str(s): [10.0 - 0.1 * s, 10.05 - 0.1 * s] for s in range(1, 31)}
-    probe = {"start_step": 0, "losses": losses, "optimizer": probe_optimizer, "peak_memory_bytes": 5 * 2**30,
-             "syncs": {"max": syncs, "mean": syncs, "steps": list(range(3, 20)), "seconds_mean": 0.05, "per_step_by_source":
-                       {} if syncs is None else {"pipeline/pretrain.py:470": 1.0, "deepspeed/utils/timer.py:237 (synchronize)": syncs - 1.0}}}
+    probe = {
+        "start_step": 0,
+        "losses": losses,
+        "optimizer": probe_optimizer,
+        "peak_memory_bytes": 5 * 2**30,
+        "syncs": {
+            "max": syncs,
+            "mean": syncs,
+            "steps": list(range(3, 20)),
+            "seconds_mean": 0.05,
+            "per_step_by_source": {}
+            if syncs is None
+            else {"pipeline/pretrain.py:470": 1.0, "deepspeed/utils/timer.py:237 (synchronize)": syncs - 1.0},
+        },
+    }
     r = gcp.RowResult(row, flops_per_step=4e12, samples_per_step=128, nominal_peak=989e12)
     r.straight = gcp.ProcessResult(rc, 20.0, log, probe if rc == 0 else None)
     if rc == 0:
         resumed_losses = resumed or {k: v for k, v in losses.items() if int(k) > 20}
         rlog = folder / "resumed.log"
         rlog.write_text("RuntimeError: resumed run broke\n" if resumed_rc else "")
-        r.resumed = gcp.ProcessResult(resumed_rc, 15.0, rlog, {"start_step": 20, "losses": resumed_losses} if resumed_rc == 0 else None)
+        r.resumed = gcp.ProcessResult(
+            resumed_rc, 15.0, rlog, {"start_step": 20, "losses": resumed_losses} if resumed_rc == 0 else None
+        )
         if resumed_rc == 0:
             r.resume = gcp.compare_resume(losses, resumed_losses, 20, 20, 30)
         r.export = gcp.Check(export, "AlbertForPreTraining loads" if export else "from_pretrained failed: missing keys")
@@ -393,15 +484,22 @@ def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
         row_result(tmp_path, z0, optimizer=fused, probe_optimizer="FusedLamb"),  # passes
         row_result(tmp_path, z1b, syncs=3),  # too many host syncs
         row_result(tmp_path, z1h, resumed={str(s): [1.0, 1.0] for s in range(21, 31)}),  # resumed losses differ
-        row_result(tmp_path, z2b, rc=1, log_extra="Traceback (most recent call last):\nRuntimeError: CUDA error: out of memory\n"),
+        row_result(
+            tmp_path,
+            z2b,
+            rc=1,
+            log_extra="Traceback (most recent call last):\nRuntimeError: CUDA error: out of memory\n",
+        ),
         row_result(tmp_path, z2h, rc=None),  # timed out
         row_result(tmp_path, z3b, export=False),
         row_result(tmp_path, z3h, resumed_rc=1),
     ]
     problems = {r.row.key: gcp.row_problems(r, count_syncs=True) for r in results}
     assert problems["z0-bf16"] == []
-    assert problems["z1-bf16"] == ["3 host syncs in one optimizer step (at most 1): 1 x pipeline/pretrain.py:470, "
-                                   "2 x deepspeed/utils/timer.py:237 (synchronize)"]
+    assert problems["z1-bf16"] == [
+        "3 host syncs in one optimizer step (at most 1): 1 x pipeline/pretrain.py:470, "
+        "2 x deepspeed/utils/timer.py:237 (synchronize)"
+    ]
     assert problems["z1-fp16"][0].startswith("resume not exact: step 21:")
     assert problems["z2-bf16"] == ["albert-pretrain exited 1: RuntimeError: CUDA error: out of memory"]
     assert problems["z2-fp16"][0].startswith("albert-pretrain timed out after 20 s (log: ")
@@ -415,39 +513,52 @@ def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
     for r, failure in zip(results[1:], report.failures, strict=True):
         assert failure.startswith(f"albert-pretrain {r.row.name} ({r.row.key}): ")
 
-    (headers, cells), = markdown_tables(gcp.format_table(results, count_syncs=True))
+    ((headers, cells),) = markdown_tables(gcp.format_table(results, count_syncs=True))
     assert headers == gcp.HEADERS
     by_key = {r.row.key: dict(zip(headers, c)) for r, c in zip(results, cells, strict=True)}
     good = by_key["z0-bf16"]
-    assert (good["optimizer"], good["samples/s"], good["host syncs / step"], good["peak GPU memory (MiB)"]) == ("FusedLamb", "2,560", "1", "5,120")
+    assert (good["optimizer"], good["samples/s"], good["host syncs / step"], good["peak GPU memory (MiB)"]) == (
+        "FusedLamb",
+        "2,560",
+        "1",
+        "5,120",
+    )
     assert good["MFU (nominal peak)"] == f"{4e12 / 0.05 / 989e12:.1%}" and good["result"] == "PASS"
     assert (good["resume exact"], good["export loads"]) == ("yes", "yes")
     assert by_key["z1-fp16"]["resume exact"] == "no" and by_key["z3-bf16"]["export loads"] == "no"
-    assert by_key["z2-bf16"]["result"].startswith("FAIL: albert-pretrain exited 1") and by_key["z2-bf16"]["samples/s"] == "-"
+    assert (
+        by_key["z2-bf16"]["result"].startswith("FAIL: albert-pretrain exited 1")
+        and by_key["z2-bf16"]["samples/s"] == "-"
+    )
     assert all(c["result"].startswith("FAIL") for k, c in by_key.items() if k != "z0-bf16")
 
 
 def test_the_fusedlamb_row_fails_unless_the_log_says_fusedlamb_ran(tmp_path):
     (z0,) = gcp.plan_rows(["z0-bf16"], "cuda")
     # albert-pretrain falls back to our LAMB when FusedLamb cannot be built: the ZeRO-0 row must not pass then
-    fell_back = row_result(tmp_path, z0, optimizer="our multi-tensor LAMB (ZeRO-0, whole tensors); DeepSpeed FusedLamb off: "
-                                                   "its JIT build failed (CalledProcessError: ...)")
-    assert gcp.row_problems(fell_back, True) == [
-        "expected FusedLamb but the log says our Lamb (DeepSpeed wraps Lamb)"]
+    fell_back = row_result(
+        tmp_path,
+        z0,
+        optimizer="our multi-tensor LAMB (ZeRO-0, whole tensors); DeepSpeed FusedLamb off: "
+        "its JIT build failed (CalledProcessError: ...)",
+    )
+    assert gcp.row_problems(fell_back, True) == ["expected FusedLamb but the log says our Lamb (DeepSpeed wraps Lamb)"]
     silent = row_result(tmp_path, z0, optimizer="nothing about the optimizer")
     assert "the log says no optimizer line" in gcp.row_problems(silent, True)[0]
-    not_built = gcp.RowResult(z0, error="not run: the row needs DeepSpeed's FusedLamb, which is not available here (...)")
+    not_built = gcp.RowResult(
+        z0, error="not run: the row needs DeepSpeed's FusedLamb, which is not available here (...)"
+    )
     assert gcp.row_problems(not_built, True) == [not_built.error]
     # on CPU the ZeRO-0 row runs our LAMB, and host syncs are not counted
     (cpu_z0,) = gcp.plan_rows(["z0-bf16"], "cpu")
     cpu = row_result(tmp_path, cpu_z0, optimizer="our multi-tensor LAMB (ZeRO-0, whole tensors)", syncs=None)
     assert gcp.row_problems(cpu, count_syncs=False) == []
-    (headers, cells), = markdown_tables(gcp.format_table([cpu], count_syncs=False, cuda=False))
+    ((headers, cells),) = markdown_tables(gcp.format_table([cpu], count_syncs=False, cuda=False))
     assert headers == gcp.CPU_HEADERS and cells[0][5] == "n/a (CPU)" and cells[0][-1] == "PASS"
     # a row left out for the time budget is reported, not failed
     skipped = gcp.RowResult(z0, skipped=["skipped: budget (3 s left of 450 s; needs about 25 s)"])
     assert gcp.row_problems(skipped, True) == []
-    (_, cells), = markdown_tables(gcp.format_table([skipped], count_syncs=True))
+    ((_, cells),) = markdown_tables(gcp.format_table([skipped], count_syncs=True))
     assert cells[0][-1].startswith("skipped: budget")
 
 
@@ -455,11 +566,14 @@ def test_the_script_exits_non_zero_naming_the_rows_that_could_not_run(tmp_path):
     """End to end through gpu_check.py's exit code: section 5 given no usable shards fails every row, by name."""
     proc = run_check("--smoke", "--sections", "5", "--pretrain-data", str(tmp_path / "no-shards"), timeout=180)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    (headers, rows), = markdown_tables(section(proc.stdout, 5))
+    ((headers, rows),) = markdown_tables(section(proc.stdout, 5))
     assert [r[-1].split(": ")[:2] for r in rows] == [["FAIL", "not run"]] * 2
     verdict = proc.stdout.strip().splitlines()[-1]
     assert verdict.startswith("2 check(s) FAILED: albert-pretrain ZeRO-0 bf16 (z0-bf16): not run: no shards")
-    assert "albert-pretrain ZeRO-3 fp16 (z3-fp16): not run: no shards" in verdict and "no readable manifest.json" in verdict
+    assert (
+        "albert-pretrain ZeRO-3 fp16 (z3-fp16): not run: no shards" in verdict
+        and "no readable manifest.json" in verdict
+    )
 
 
 def test_fp16_rows_allow_the_loss_scalers_own_read(tmp_path):

@@ -8,16 +8,18 @@ import json
 
 import pytest
 import torch
-
 from conftest import REPO
 from engine_helpers import TEST_MODEL, ds_config, final_params, pretrain
+
 from pipeline.comm import CollectiveDeviceError, Comm
 from pipeline.distributed import gpu_index
 
 
 def test_comm_refuses_a_tensor_of_another_device_before_the_backend_sees_it():
     comm = Comm(torch.device("cuda", 0))  # the check needs no GPU: the tensor never reaches torch.distributed
-    with pytest.raises(CollectiveDeviceError, match=r"tensor on cpu reached a collective whose tensors must be on cuda:0"):
+    with pytest.raises(
+        CollectiveDeviceError, match=r"tensor on cpu reached a collective whose tensors must be on cuda:0"
+    ):
         comm.sum_(torch.zeros(2))
     with pytest.raises(CollectiveDeviceError):
         comm.max_(torch.zeros(1))
@@ -41,7 +43,9 @@ def test_fused_lamb_build_failure_falls_back_to_our_lamb(monkeypatch, caplog):
     from pipeline import lamb, lamb_deepspeed
     from pipeline.model import AlbertConfig, AlbertForPreTraining
 
-    monkeypatch.setattr(lamb_deepspeed, "_cuda_fused_lamb_available", lambda: True)  # claim CUDA, so the JIT build is attempted
+    monkeypatch.setattr(
+        lamb_deepspeed, "_cuda_fused_lamb_available", lambda: True
+    )  # claim CUDA, so the JIT build is attempted
     model = AlbertForPreTraining(AlbertConfig(**TEST_MODEL))
     ds = ds_config(stage=0)
     ds["optimizer"]["params"]["bias_correction"] = False
@@ -80,8 +84,9 @@ def test_rng_state_carries_a_cuda_field():
 
 def test_unpadded_batches_go_without_a_mask_and_compute_the_same():
     from model_fixtures import make_batch, small_config
-    from pipeline.model import AlbertForPreTraining
+
     from pipeline.data import to_device
+    from pipeline.model import AlbertForPreTraining
 
     cfg = small_config()
     model = AlbertForPreTraining(cfg).eval()
@@ -112,14 +117,37 @@ def test_every_collective_of_ours_goes_through_the_device_check(wiki_shards, tmp
     """A real 2-rank run (train, log, eval, save) with torch.distributed wrapped from outside: each collective our
     modules issue comes from pipeline.comm (which refuses a tensor of another device) or is LAMB's norm all-reduce on
     the partition's own device; a barrier carries no tensor."""
-    extra = ["--log-interval", "2", "--save-interval", "3", "--eval-interval", "2", "--eval-data", str(wiki_shards), "--eval-batches", "2"]
-    proc = pretrain(tmp_path, wiki_shards, ds_config(2, "bf16", accum=2), steps=4, nproc=2, extra=extra, script=REPO / "tests" / "collective_guard.py")
+    extra = [
+        "--log-interval",
+        "2",
+        "--save-interval",
+        "3",
+        "--eval-interval",
+        "2",
+        "--eval-data",
+        str(wiki_shards),
+        "--eval-batches",
+        "2",
+    ]
+    proc = pretrain(
+        tmp_path,
+        wiki_shards,
+        ds_config(2, "bf16", accum=2),
+        steps=4,
+        nproc=2,
+        extra=extra,
+        script=REPO / "tests" / "collective_guard.py",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):
         calls = json.loads((tmp_path / f"collectives-rank{rank}.json").read_text())
         via_comm = [c for c in calls if c["module"] == "pipeline.comm"]
-        assert {c["function"] for c in via_comm} >= {"sum_", "max_", "min_"}, calls  # step counts, flags, FusedLamb agreement
-        assert len(via_comm) >= 4 * 2 + 2, calls  # per step: the prediction count and the flags; metrics on logging steps
+        assert {c["function"] for c in via_comm} >= {"sum_", "max_", "min_"}, (
+            calls
+        )  # step counts, flags, FusedLamb agreement
+        assert len(via_comm) >= 4 * 2 + 2, (
+            calls
+        )  # per step: the prediction count and the flags; metrics on logging steps
         others = [c for c in calls if c["module"] != "pipeline.comm"]
         for c in others:
             assert c["collective"] == "barrier" or (c["module"] == "pipeline.lamb" and c["device"] == "cpu"), c

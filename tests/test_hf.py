@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from engine_helpers import ds_config, final_params, pretrain
 from model_fixtures import make_batch, perturb_, run_python, small_config
+from safetensors.torch import load_file
+
 from pipeline.export import main as export_main
 from pipeline.hf import export_hf, load_hf, to_hf_state_dict
 from pipeline.model import AlbertConfig, AlbertForPreTraining, count_parameters
@@ -77,12 +77,22 @@ def test_round_trip_is_exact(tmp_path):
     # The file holds what transformers saves itself: no tied decoder, HF names, split key/value.
     hf_model = transformers.AlbertForPreTraining(transformers.AlbertConfig(**cfg.to_hf_dict()))
     hf_model.save_pretrained(tmp_path / "hf_saved")
-    assert load_file(tmp_path / "model.safetensors").keys() == load_file(tmp_path / "hf_saved" / "model.safetensors").keys()
+    assert (
+        load_file(tmp_path / "model.safetensors").keys()
+        == load_file(tmp_path / "hf_saved" / "model.safetensors").keys()
+    )
 
 
 def test_load_hf_reads_transformers_own_folder(tmp_path):
-    hf_cfg = transformers.AlbertConfig(vocab_size=120, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                                       num_attention_heads=4, intermediate_size=64, num_hidden_groups=2)
+    hf_cfg = transformers.AlbertConfig(
+        vocab_size=120,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_hidden_groups=2,
+    )
     hf = transformers.AlbertForPreTraining(hf_cfg).eval()
     hf.save_pretrained(tmp_path)
     cfg, ours = load_hf(tmp_path)
@@ -96,8 +106,15 @@ def test_load_hf_reads_transformers_own_folder(tmp_path):
 
 def test_load_hf_reads_a_masked_lm_folder(tmp_path, caplog):
     """A released ALBERT may be an AlbertForMaskedLM: no pooler or SOP head, those start fresh."""
-    hf_cfg = transformers.AlbertConfig(vocab_size=120, embedding_size=16, hidden_size=32, num_hidden_layers=2,
-                                       num_attention_heads=4, intermediate_size=64, attention_probs_dropout_prob=0)
+    hf_cfg = transformers.AlbertConfig(
+        vocab_size=120,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        attention_probs_dropout_prob=0,
+    )
     hf = transformers.AlbertForMaskedLM(hf_cfg).eval()
     hf.save_pretrained(tmp_path)
     cfg, ours = load_hf(tmp_path)
@@ -130,13 +147,41 @@ def test_config_saved_by_transformers_loads_as_is(tmp_path):
 def train_spm(tmp_path, control_symbols="[CLS],[SEP],[MASK]"):
     import sentencepiece as spm
 
-    words = ["the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "albert", "shares", "layers", "across",
-             "depth", "sentence", "order", "prediction", "masked", "language", "model", "embedding"]
+    words = [
+        "the",
+        "quick",
+        "brown",
+        "fox",
+        "jumps",
+        "over",
+        "lazy",
+        "dog",
+        "albert",
+        "shares",
+        "layers",
+        "across",
+        "depth",
+        "sentence",
+        "order",
+        "prediction",
+        "masked",
+        "language",
+        "model",
+        "embedding",
+    ]
     lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(12)) for i in range(200)]
     (tmp_path / "corpus.txt").write_text("\n".join(lines) + "\n")
     spm.SentencePieceTrainer.train(
-        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "spm"), vocab_size=40, model_type="unigram",
-        pad_id=0, unk_id=1, bos_id=-1, eos_id=-1, control_symbols=control_symbols, minloglevel=2,
+        input=str(tmp_path / "corpus.txt"),
+        model_prefix=str(tmp_path / "spm"),
+        vocab_size=40,
+        model_type="unigram",
+        pad_id=0,
+        unk_id=1,
+        bos_id=-1,
+        eos_id=-1,
+        control_symbols=control_symbols,
+        minloglevel=2,
     )
     return tmp_path / "spm.model"
 
@@ -150,11 +195,19 @@ def test_tokenizer_export(tmp_path):
     with transformers_warnings() as logged:
         tok = transformers.AlbertTokenizer.from_pretrained(tmp_path / "hf")
     assert not logged, logged
-    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id] == [0, 1, 2, 3, 4]
+    assert [tok.pad_token_id, tok.unk_token_id, tok.cls_token_id, tok.sep_token_id, tok.mask_token_id] == [
+        0,
+        1,
+        2,
+        3,
+        4,
+    ]
     text = "the lazy fox shares depth"
     sp = spm.SentencePieceProcessor(model_file=str(model_file))
     assert tok(text)["input_ids"] == [2, *sp.encode(text), 3]
-    assert tok("the fox", "lazy dog", return_token_type_ids=True)["token_type_ids"] == [0] * (len(sp.encode("the fox")) + 2) + [1] * (len(sp.encode("lazy dog")) + 1)
+    assert tok("the fox", "lazy dog", return_token_type_ids=True)["token_type_ids"] == [0] * (
+        len(sp.encode("the fox")) + 2
+    ) + [1] * (len(sp.encode("lazy dog")) + 1)
 
 
 def test_tokenizer_export_refuses_other_special_ids(tmp_path):
@@ -263,12 +316,24 @@ def test_export_bf16_optimizer_checkpoint_of_two_ranks(wiki_shards, tmp_path):
     (tmp_path / "master").mkdir()
     ds = ds_config(1, "bf16", accum=2, data_types={"grad_accum_dtype": "fp32"})
     run = tmp_path / "run"
-    proc = pretrain(run, wiki_shards, ds, steps=3, nproc=2, script=tmp_path / "wrapper.py", env={"MASTER_WEIGHTS_DIR": str(tmp_path / "master")})
+    proc = pretrain(
+        run,
+        wiki_shards,
+        ds,
+        steps=3,
+        nproc=2,
+        script=tmp_path / "wrapper.py",
+        env={"MASTER_WEIGHTS_DIR": str(tmp_path / "master")},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     dump = torch.load(tmp_path / "master" / "master-3.pt")
-    assert dump["wrapper"] == "BF16_Optimizer" and "zero_stage" not in dump["keys"], dump["wrapper"]  # what zero_to_fp32 refuses
+    assert dump["wrapper"] == "BF16_Optimizer" and "zero_stage" not in dump["keys"], dump[
+        "wrapper"
+    ]  # what zero_to_fp32 refuses
     tag_dir = run / "checkpoints" / "step-00000003"
-    assert sorted(p.name for p in tag_dir.glob("*optim_states.pt")) == [f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
+    assert sorted(p.name for p in tag_dir.glob("*optim_states.pt")) == [
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)
+    ]
     master = dump["master"]
     # The master weights hold more than bf16 keeps: equality below tells them from the bf16 module weights.
     assert any(not torch.equal(v, v.bfloat16().float()) for v in master.values())
@@ -280,8 +345,21 @@ def test_export_bf16_optimizer_checkpoint_of_two_ranks(wiki_shards, tmp_path):
 
     albert_export = shutil.which("albert-export", path=str(Path(sys.executable).parent))
     out = tmp_path / "hf"
-    exported = subprocess.run([albert_export, "--checkpoint", str(run / "checkpoints"), "--output", str(out), "--spm-model", str(wiki_shards / "spiece.model")],
-                              capture_output=True, text=True, timeout=120, env={**os.environ, "DS_ACCELERATOR": "cpu"})  # fmt: skip
+    exported = subprocess.run(
+        [
+            albert_export,
+            "--checkpoint",
+            str(run / "checkpoints"),
+            "--output",
+            str(out),
+            "--spm-model",
+            str(wiki_shards / "spiece.model"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+    )
     assert exported.returncode == 0, exported.stderr
     hf_weights = load_hf_model(out).state_dict()
     for name, value in to_hf_state_dict(master).items():
@@ -304,11 +382,17 @@ def write_bf16_optimizer_checkpoint(tag_dir, groups: list[dict[str, torch.Tensor
             partitions[r].append(part.clone())
         paddings.append(padding)
     module = {name: p.bfloat16() for params in groups for name, p in params.items()}
-    torch.save({"module": module, "buffer_names": [], "param_shapes": shapes, "shared_params": {"tied.weight": "a.weight"}},
-               tag_dir / "mp_rank_00_model_states.pt")  # fmt: skip
+    torch.save(
+        {"module": module, "buffer_names": [], "param_shapes": shapes, "shared_params": {"tied.weight": "a.weight"}},
+        tag_dir / "mp_rank_00_model_states.pt",
+    )
     for r in range(world):
-        osd = {"single_partition_of_fp32_groups": partitions[r], "partition_count": [world] * len(groups),
-               "group_paddings": paddings if r == world - 1 else [0] * len(groups), "base_optimizer_state": {}}  # fmt: skip
+        osd = {
+            "single_partition_of_fp32_groups": partitions[r],
+            "partition_count": [world] * len(groups),
+            "group_paddings": paddings if r == world - 1 else [0] * len(groups),
+            "base_optimizer_state": {},
+        }
         torch.save({"optimizer_state_dict": osd}, tag_dir / f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt")
 
 
@@ -318,8 +402,10 @@ def test_consolidate_bf16_optimizer_partitions_of_any_world_size(tmp_path, monke
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # consolidate sets it if unset: keep the session's environment as it is
     g = torch.Generator().manual_seed(world)
-    groups = [{"a.weight": torch.randn(7, 5, generator=g), "b.bias": torch.randn(3, generator=g)},
-              {"c.weight": torch.randn(2, 2, 2, generator=g)}]  # fmt: skip
+    groups = [
+        {"a.weight": torch.randn(7, 5, generator=g), "b.bias": torch.randn(3, generator=g)},
+        {"c.weight": torch.randn(2, 2, 2, generator=g)},
+    ]
     write_bf16_optimizer_checkpoint(tmp_path / "step-1", groups, world)
     sd = consolidate(tmp_path, "step-1")
     expected = {**groups[0], **groups[1], "tied.weight": groups[0]["a.weight"]}
@@ -335,12 +421,17 @@ def test_consolidate_bf16_optimizer_names_the_file_that_does_not_add_up(tmp_path
     groups = [{"a.weight": torch.randn(7, 5), "b.bias": torch.randn(3)}]
     write_bf16_optimizer_checkpoint(tmp_path / "lost", groups, 3)
     (tmp_path / "lost" / "bf16_zero_pp_rank_2_mp_rank_00_optim_states.pt").unlink()  # a rank's file is missing
-    with pytest.raises(ValueError, match=r"bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: written as one of \[3\] partitions"):
+    with pytest.raises(
+        ValueError, match=r"bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt: written as one of \[3\] partitions"
+    ):
         consolidate(tmp_path, "lost")
     write_bf16_optimizer_checkpoint(tmp_path / "other-model", groups, 2)
     shapes = tmp_path / "other-model" / "mp_rank_00_model_states.pt"
     states = torch.load(shapes)
     states["param_shapes"][0]["b.bias"] = torch.Size([5])  # the model states describe another model
     torch.save(states, shapes)
-    with pytest.raises(ValueError, match=r"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: parameter group 0 has 2 partitions of 20 values"):
+    with pytest.raises(
+        ValueError,
+        match=r"bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt: parameter group 0 has 2 partitions of 20 values",
+    ):
         consolidate(tmp_path, "other-model")

@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 import torch
-
-from pipeline.distributed import free_port
-
 from lamb_worker import TinyNet
+
 import pipeline.lamb_deepspeed as lamb_module
+from pipeline.distributed import free_port
 from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
 from pipeline.lamb_deepspeed import fused_lamb_unavailable, select_optimizer
 
@@ -34,9 +33,19 @@ WRAPPERS = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSp
 # ---------------------------------------------------------------- single process
 
 
-def reference_lamb(weights: list[torch.Tensor], grads: list[list[torch.Tensor]], *, lr: float,
-                   betas: tuple[float, float], eps: float, decay: list[float], adapt: list[bool],
-                   bias_correction: bool, min_coeff: float, max_coeff: float) -> tuple[list[torch.Tensor], list[float]]:
+def reference_lamb(
+    weights: list[torch.Tensor],
+    grads: list[list[torch.Tensor]],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+    decay: list[float],
+    adapt: list[bool],
+    bias_correction: bool,
+    min_coeff: float,
+    max_coeff: float,
+) -> tuple[list[torch.Tensor], list[float]]:
     """LAMB written out per tensor, straight from the formula; also returns the unclamped ratios seen."""
     b1, b2 = betas
     w = [x.clone() for x in weights]
@@ -47,8 +56,8 @@ def reference_lamb(weights: list[torch.Tensor], grads: list[list[torch.Tensor]],
         for i, g in enumerate(step_grads):
             m[i] = b1 * m[i] + (1 - b1) * g
             v[i] = b2 * v[i] + (1 - b2) * g * g
-            m_hat = m[i] / (1 - b1 ** t) if bias_correction else m[i]
-            v_hat = v[i] / (1 - b2 ** t) if bias_correction else v[i]
+            m_hat = m[i] / (1 - b1**t) if bias_correction else m[i]
+            v_hat = v[i] / (1 - b2**t) if bias_correction else v[i]
             update = m_hat / (v_hat.sqrt() + eps) + decay[i] * w[i]
             ratio = 1.0
             w_norm, u_norm = float(w[i].norm()), float(update.norm())
@@ -74,16 +83,19 @@ def test_lamb_matches_the_formula_per_tensor(bias_correction: bool) -> None:
     weights, grads = _problem()
     hyper = dict(lr=0.05, betas=(0.9, 0.99), eps=1e-6, bias_correction=bias_correction, min_coeff=0.01, max_coeff=10.0)
     params = [w.clone().requires_grad_() for w in weights]
-    groups = [{"params": params[:4], "weight_decay": 0.01, "adapt": True},
-              {"params": params[4:], "weight_decay": 0.0, "adapt": False}]
+    groups = [
+        {"params": params[:4], "weight_decay": 0.01, "adapt": True},
+        {"params": params[4:], "weight_decay": 0.0, "adapt": False},
+    ]
     opt = Lamb(groups, **hyper)
     for step_grads in grads:
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         opt.step()
 
-    expected, raw = reference_lamb(weights, grads, decay=[0.01] * 4 + [0.0] * 2, adapt=[True] * 4 + [False] * 2,
-                                   **hyper)
+    expected, raw = reference_lamb(
+        weights, grads, decay=[0.01] * 4 + [0.0] * 2, adapt=[True] * 4 + [False] * 2, **hyper
+    )
     assert max(raw) > 10.0 and min(raw) < 0.01, "both clamps must be exercised"
     for p, e in zip(params, expected):
         torch.testing.assert_close(p.detach(), e, rtol=1e-5, atol=1e-7)
@@ -96,22 +108,24 @@ def _flatten(tensors: list[torch.Tensor], gap: int, tail: int) -> tuple[torch.Te
     offsets = [sum(numels[:i]) + i * gap for i in range(len(tensors))]
     flat = torch.zeros(offsets[-1] + numels[-1] + gap + tail)
     for t, offset in zip(tensors, offsets):
-        flat[offset:offset + t.numel()] = t.reshape(-1)
+        flat[offset : offset + t.numel()] = t.reshape(-1)
     return flat, numels, offsets
 
 
 def test_flat_tensor_with_layout_gives_per_parameter_lamb() -> None:
     weights, grads = _problem(seed=1)
     whole = [w.clone().requires_grad_() for w in weights]
-    whole_opt = Lamb([{"params": whole[:4], "adapt": True},
-                      {"params": whole[4:], "adapt": False, "weight_decay": 0.0}], lr=0.05)
+    whole_opt = Lamb(
+        [{"params": whole[:4], "adapt": True}, {"params": whole[4:], "adapt": False, "weight_decay": 0.0}], lr=0.05
+    )
     flats, layouts = [], []
     for part in (weights[:4], weights[4:]):
         flat, numels, offsets = _flatten(part, gap=3, tail=2)
         flats.append(flat.requires_grad_())
         layouts.append((numels, offsets))
-    flat_opt = Lamb([{"params": [flats[0]], "adapt": True},
-                     {"params": [flats[1]], "adapt": False, "weight_decay": 0.0}], lr=0.05)
+    flat_opt = Lamb(
+        [{"params": [flats[0]], "adapt": True}, {"params": [flats[1]], "adapt": False, "weight_decay": 0.0}], lr=0.05
+    )
     for flat, (numels, offsets) in zip(flats, layouts):
         flat_opt.register_flat(flat, FlatLayout.contiguous(numels, offsets, 0, flat.numel()))
 
@@ -126,7 +140,7 @@ def test_flat_tensor_with_layout_gives_per_parameter_lamb() -> None:
     for i, p in enumerate(whole):
         flat, (numels, offsets) = (flats[0], layouts[0]) if i < 4 else (flats[1], layouts[1])
         j = i if i < 4 else i - 4
-        piece = flat.detach()[offsets[j]:offsets[j] + numels[j]]
+        piece = flat.detach()[offsets[j] : offsets[j] + numels[j]]
         torch.testing.assert_close(piece, p.detach().reshape(-1), rtol=1e-5, atol=1e-7)
 
 
@@ -176,17 +190,42 @@ def test_param_groups_exclude_layernorms_and_biases() -> None:
     decay, no_decay = lamb_param_groups(model, weight_decay=0.01)
     assert (decay["weight_decay"], decay["adapt"]) == (0.01, True)
     assert (no_decay["weight_decay"], no_decay["adapt"]) == (0.0, False)
-    assert sorted(names[id(p)] for p in decay["params"]) == ["embed.weight", "out.weight", "proj.weight",
-                                                             "shared.weight"]
+    assert sorted(names[id(p)] for p in decay["params"]) == [
+        "embed.weight",
+        "out.weight",
+        "proj.weight",
+        "shared.weight",
+    ]
     assert sorted(names[id(p)] for p in no_decay["params"]) == sorted(
-        ["proj.bias", "shared.bias", "out.bias", "out_bias", "norm_in.weight", "norm_in.bias", "norm_shared.weight",
-         "norm_shared.bias"])
+        [
+            "proj.bias",
+            "shared.bias",
+            "out.bias",
+            "out_bias",
+            "norm_in.weight",
+            "norm_in.bias",
+            "norm_shared.weight",
+            "norm_shared.bias",
+        ]
+    )
 
 
 def _lamb_config(stage: int, **params: Any) -> dict[str, Any]:
-    return {"train_batch_size": 8, "zero_optimization": {"stage": stage},
-            "optimizer": {"type": "LAMB", "params": {"lr": 1e-3, "betas": [0.8, 0.9], "eps": 1e-6,
-                                                     "weight_decay": 0.01, "max_grad_norm": 1.0, **params}}}
+    return {
+        "train_batch_size": 8,
+        "zero_optimization": {"stage": stage},
+        "optimizer": {
+            "type": "LAMB",
+            "params": {
+                "lr": 1e-3,
+                "betas": [0.8, 0.9],
+                "eps": 1e-6,
+                "weight_decay": 0.01,
+                "max_grad_norm": 1.0,
+                **params,
+            },
+        },
+    }
 
 
 @pytest.mark.parametrize("stage", [0, 2])
@@ -203,7 +242,12 @@ def test_select_optimizer_builds_our_lamb_on_cpu(stage: int) -> None:
     assert description.startswith("optimizer: our multi-tensor LAMB") and f"ZeRO-{stage}" in description
     decay, no_decay = optimizer.param_groups
     assert (decay["lr"], decay["betas"], decay["max_coeff"], decay["min_coeff"], decay["bias_correction"]) == (
-        1e-3, (0.8, 0.9), 5.0, 0.1, False)
+        1e-3,
+        (0.8, 0.9),
+        5.0,
+        0.1,
+        False,
+    )
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.01, 0.0)
     assert (decay["adapt"], no_decay["adapt"]) == (True, False)
 
@@ -256,11 +300,32 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int], dict[s
     def results(stage: int) -> dict[str, Any]:
         if stage not in cache:
             out = tmp_path_factory.mktemp(f"lamb-zero{stage}") / "results.pt"
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu",
-                   "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1" if stage == 0 else "2",
-                   "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(WORKER),
-                   "--stage", str(stage), "--runs", STAGE_RUNS[stage], "--steps", "10", "--out", str(out)]
+            env = {
+                **os.environ,
+                "OMP_NUM_THREADS": "1",
+                "DS_ACCELERATOR": "cpu",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+            }
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                "1" if stage == 0 else "2",
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(free_port()),
+                str(WORKER),
+                "--stage",
+                str(stage),
+                "--runs",
+                STAGE_RUNS[stage],
+                "--steps",
+                "10",
+                "--out",
+                str(out),
+            ]
             proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
             assert proc.returncode == 0, f"worker failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
             cache[stage] = torch.load(out, weights_only=False)
@@ -305,11 +370,17 @@ def test_layouts_include_alignment_padding_and_zero3_sub_groups(launched: Callab
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("stage", "run", "wrapper"), [(1, "bf16acc", "BF16_Optimizer"),
-                                                       (2, "bf16", "DeepSpeedZeroOptimizer"),
-                                                       (3, "bf16", "DeepSpeedZeroOptimizer_Stage3")])
-def test_bf16_runs_per_parameter_lamb_on_fp32_masters(stage: int, run: str, wrapper: str,
-                                                      launched: Callable[[int], dict[str, Any]]) -> None:
+@pytest.mark.parametrize(
+    ("stage", "run", "wrapper"),
+    [
+        (1, "bf16acc", "BF16_Optimizer"),
+        (2, "bf16", "DeepSpeedZeroOptimizer"),
+        (3, "bf16", "DeepSpeedZeroOptimizer_Stage3"),
+    ],
+)
+def test_bf16_runs_per_parameter_lamb_on_fp32_masters(
+    stage: int, run: str, wrapper: str, launched: Callable[[int], dict[str, Any]]
+) -> None:
     reference = launched(0)["bf16"]  # ZeRO-0 bf16: DeepSpeed keeps one fp32 master per parameter
     assert reference["wrapper"] == "FP16_UnfusedOptimizer"
     assert max_relative_difference(reference["params"], launched(0)["fp32"]["params"]) < 2e-2
@@ -327,4 +398,5 @@ def test_zero2_checkpoint_round_trip_restores_lamb_state(launched: Callable[[int
     assert all(torch.equal(resume["resumed_params"][k], resume["params"][k]) for k in resume["params"])
     # step counts continue from the checkpoint (5 + 5), with the moments of the flat partitions
     assert resume["resumed_state"] and all(
-        s["step"] == 10 and s["exp_avg"] == s["exp_avg_sq"] for s in resume["resumed_state"])
+        s["step"] == 10 and s["exp_avg"] == s["exp_avg_sq"] for s in resume["resumed_state"]
+    )

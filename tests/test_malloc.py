@@ -46,7 +46,9 @@ def thp_always() -> bool:
 
 
 @pytest.mark.skipif(malloc_tuning_unavailable() is not None, reason="glibc malloc settings not applicable here")
-@pytest.mark.skipif(thp_always(), reason="transparent huge pages set to always: page faults are not counted in 4 KiB pages")
+@pytest.mark.skipif(
+    thp_always(), reason="transparent huge pages set to always: page faults are not counted in 4 KiB pages"
+)
 def test_tuned_malloc_stops_page_faults_per_step():
     touched = 10 * 20 * 2048  # 10 steps x 20 buffers x 2,048 pages of 4 KiB
     # glibc's starting thresholds (128 KiB): every buffer is a fresh mmap, so every page is faulted in each step.
@@ -73,11 +75,15 @@ def test_steps_aside_for_a_preloaded_allocator_or_given_settings(monkeypatch):
 
 
 @pytest.mark.skipif(malloc_tuning_unavailable() is not None, reason="glibc malloc settings not applicable here")
-@pytest.mark.skipif(thp_always(), reason="transparent huge pages set to always: page faults are not counted in 4 KiB pages")
+@pytest.mark.skipif(
+    thp_always(), reason="transparent huge pages set to always: page faults are not counted in 4 KiB pages"
+)
 def test_given_settings_are_left_alone():
     import os
 
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     plain, line = faults("tuned", env)
-    assert "left as the process has it (glibc malloc settings given in the environment (MALLOC_MMAP_THRESHOLD_))" in line
+    assert (
+        "left as the process has it (glibc malloc settings given in the environment (MALLOC_MMAP_THRESHOLD_))" in line
+    )
     assert plain > 10 * 20 * 1000, plain

@@ -6,8 +6,8 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-
 from model_fixtures import make_batch, perturb_, run_python, small_config
+
 from pipeline.model import CONFIG_DIR, AlbertConfig, AlbertForPreTraining, explicit_attention, init_albert_weights
 
 # Paper sizes (ALBERT table 1) of the shipped configs: L, H, heads, FFN.
@@ -114,7 +114,10 @@ def test_padding_predictions_and_padding_tokens_are_ignored():
         noisy = dict(batch, masked_lm_ids=torch.where(batch["masked_lm_positions"] == 0, 7, batch["masked_lm_ids"]))
         out2 = model(**noisy)
         # More padding tokens at the end (and other ids under them) change nothing.
-        extra = {k: F.pad(batch[k], (0, 8), value=9 if k == "input_ids" else 0) for k in ("input_ids", "input_mask", "segment_ids")}
+        extra = {
+            k: F.pad(batch[k], (0, 8), value=9 if k == "input_ids" else 0)
+            for k in ("input_ids", "input_mask", "segment_ids")
+        }
         out3 = model(**{**batch, **extra})
         # A batch without predictions: loss 0, not nan.
         empty = model(**dict(batch, masked_lm_positions=torch.zeros_like(batch["masked_lm_positions"])))

@@ -10,7 +10,6 @@ import time
 import psutil
 import pytest
 import torch
-
 from conftest import REPO
 from engine_helpers import TEST_MODEL, ds_config, final_params, metrics, pretrain
 
@@ -26,11 +25,33 @@ def ok(proc):
 
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
-    ok(pretrain(tmp_path, wiki_shards, ds_config(stage, "bf16"), steps=4, nproc=2, extra=["--eval-data", str(wiki_shards), "--eval-batches", "2"]))
+    ok(
+        pretrain(
+            tmp_path,
+            wiki_shards,
+            ds_config(stage, "bf16"),
+            steps=4,
+            nproc=2,
+            extra=["--eval-data", str(wiki_shards), "--eval-batches", "2"],
+        )
+    )
     lines = metrics(tmp_path)
     assert [m["step"] for m in lines] == [1, 2, 3, 4]
-    keys = {"step", "samples", "loss", "mlm_loss", "sop_loss", "mlm_accuracy", "sop_accuracy", "lr", "grad_norm",
-            "loss_scale", "samples_per_sec", "tokens_per_sec", "data_wait_sec"}  # fmt: skip
+    keys = {
+        "step",
+        "samples",
+        "loss",
+        "mlm_loss",
+        "sop_loss",
+        "mlm_accuracy",
+        "sop_accuracy",
+        "lr",
+        "grad_norm",
+        "loss_scale",
+        "samples_per_sec",
+        "tokens_per_sec",
+        "data_wait_sec",
+    }
     assert keys <= set(lines[-1]) and lines[-1]["samples"] == 4 * 8 and lines[-1]["loss_scale"] == 1.0
     assert all(0 < m["loss"] < 20 for m in lines)
     ev = metrics(tmp_path, "eval")
@@ -46,8 +67,17 @@ def test_tensorboard_gets_the_same_scalars(wiki_shards, tmp_path):
     ea = EventAccumulator(str(tmp_path / "tensorboard"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    assert {"train/loss", "train/mlm_accuracy", "train/sop_loss", "train/lr", "train/tokens_per_sec", "train/data_wait_sec"} <= tags
-    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([m["loss"] for m in metrics(tmp_path)], rel=1e-6)
+    assert {
+        "train/loss",
+        "train/mlm_accuracy",
+        "train/sop_loss",
+        "train/lr",
+        "train/tokens_per_sec",
+        "train/data_wait_sec",
+    } <= tags
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx(
+        [m["loss"] for m in metrics(tmp_path)], rel=1e-6
+    )
 
 
 def test_accumulation_equals_a_larger_micro_batch(wiki_shards, tmp_path):
@@ -86,7 +116,9 @@ def test_signal_saves_and_exits_then_resumes(wiki_shards, tmp_path):
         if (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 3:
             break
         time.sleep(0.2)
-    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True) if "pipeline.pretrain" in " ".join(p.cmdline())]
+    ranks = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "pipeline.pretrain" in " ".join(p.cmdline())
+    ]
     assert len(ranks) == 2
     ranks[1].send_signal(signal.SIGUSR1)  # one rank is told, both must stop at the same step
     out, _ = proc.communicate(timeout=240)
@@ -103,7 +135,14 @@ def test_signal_saves_and_exits_then_resumes(wiki_shards, tmp_path):
 def test_killed_during_save_previous_checkpoint_loads(wiki_shards, tmp_path):
     ds = ds_config(0, "fp32")
     ok(pretrain(tmp_path, wiki_shards, ds, steps=3))
-    killed = pretrain(tmp_path, wiki_shards, ds, steps=6, extra=["--save-interval", "5", "--fault", "kill-before-complete"], script=FAULT_WORKER)
+    killed = pretrain(
+        tmp_path,
+        wiki_shards,
+        ds,
+        steps=6,
+        extra=["--save-interval", "5", "--fault", "kill-before-complete"],
+        script=FAULT_WORKER,
+    )
     assert killed.returncode == -9
     partial = tmp_path / "checkpoints" / "step-00000005"
     assert partial.is_dir() and not (partial / "complete.json").exists()
@@ -114,7 +153,14 @@ def test_killed_during_save_previous_checkpoint_loads(wiki_shards, tmp_path):
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(wiki_shards, tmp_path):
     ds = ds_config(0, "fp32")
-    proc = pretrain(tmp_path, wiki_shards, ds, steps=8, extra=["--save-interval", "2", "--fault", "nan-at-step:5"], script=FAULT_WORKER)
+    proc = pretrain(
+        tmp_path,
+        wiki_shards,
+        ds,
+        steps=8,
+        extra=["--save-interval", "2", "--fault", "nan-at-step:5"],
+        script=FAULT_WORKER,
+    )
     assert proc.returncode == 2 and "step 5: the loss is not finite" in proc.stderr
     good = sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*") if (p / "complete.json").exists())
     assert good[-1] == "step-00000004"
@@ -130,7 +176,10 @@ def test_fp16_path_with_dynamic_loss_scaling(wiki_shards, tmp_path):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda ds, m: m.update(vocab_size=30000), "vocabulary has 4000 pieces but the model config says vocab_size 30000"),
+        (
+            lambda ds, m: m.update(vocab_size=30000),
+            "vocabulary has 4000 pieces but the model config says vocab_size 30000",
+        ),
         (lambda ds, m: m.update(max_position_embeddings=64), "exceed the model's max_position_embeddings 64"),
         (lambda ds, m: ds.update(train_batch_size=30), "train_batch_size 30"),
         (lambda ds, m: ds.update(fp16={"enabled": True}, zero_optimization={"stage": 0}), "fp16 with ZeRO stage 0"),

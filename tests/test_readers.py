@@ -25,9 +25,15 @@ def docs_of(path: Path, fmt: str = "auto", stats: ReadStats | None = None) -> li
 
 def test_docs_format(tmp_path: Path) -> None:
     path = tmp_path / "c.txt"
-    path.write_bytes(b"\xef\xbb\xbf\n\n  First sentence.  \nSecond one.\n\n\n \t \nThird.\r\nFourth.\r\n\r\nFifth, no newline")
+    path.write_bytes(
+        b"\xef\xbb\xbf\n\n  First sentence.  \nSecond one.\n\n\n \t \nThird.\r\nFourth.\r\n\r\nFifth, no newline"
+    )
     stats = ReadStats()
-    assert docs_of(path, "docs", stats) == [["First sentence.", "Second one."], ["Third.", "Fourth."], ["Fifth, no newline"]]
+    assert docs_of(path, "docs", stats) == [
+        ["First sentence.", "Second one."],
+        ["Third.", "Fourth."],
+        ["Fifth, no newline"],
+    ]
     assert (stats.files, stats.documents, stats.sentences, stats.bytes) == (1, 3, 5, path.stat().st_size)
 
 
@@ -234,8 +240,13 @@ def test_long_sentences_are_counted(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "fmt"),
     [
-        ("a.xml", "wiki"), ("a.XML.bz2", "wiki"), ("a.jsonl", "jsonl"), ("a.json", "jsonl"),
-        ("a.txt", "docs"), ("a", "docs"), ("a.bz2", "docs"),
+        ("a.xml", "wiki"),
+        ("a.XML.bz2", "wiki"),
+        ("a.jsonl", "jsonl"),
+        ("a.json", "jsonl"),
+        ("a.txt", "docs"),
+        ("a", "docs"),
+        ("a.bz2", "docs"),
     ],
 )
 def test_detect_format(name: str, fmt: str) -> None:
@@ -281,7 +292,9 @@ def test_read_stats_add_up() -> None:
 
 def test_corrupt_compressed_wiki_reports_the_file(tmp_path: Path) -> None:
     path = tmp_path / "w.xml.bz2"
-    data = bz2.compress(b"<mediawiki><page><title>A</title><ns>0</ns><revision><text>x</text></revision></page></mediawiki>" * 50)
+    data = bz2.compress(
+        b"<mediawiki><page><title>A</title><ns>0</ns><revision><text>x</text></revision></page></mediawiki>" * 50
+    )
     path.write_bytes(data[:-20])
     with pytest.raises(DataPrepError, match=rf"^{path}: "):
         docs_of(path)

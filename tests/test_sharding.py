@@ -14,8 +14,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO, SHARD_ARGS
+
 from data_prep.inspection import inspect_shard, verify_folder
 from data_prep.shards import FIELDS, Manifest, read_shard
 from data_prep.vocab import Vocab
@@ -29,7 +29,18 @@ def cli(*args: str, check: bool = False, **kw) -> subprocess.CompletedProcess:
 
 
 def shard_cmd(corpus: Path, spm: Path, out: Path, *extra: str) -> list[str]:
-    return ["shard", "--input", str(corpus), "--spm-model", str(spm), "--output", str(out), *SHARD_ARGS, "--no-progress", *extra]
+    return [
+        "shard",
+        "--input",
+        str(corpus),
+        "--spm-model",
+        str(spm),
+        "--output",
+        str(out),
+        *SHARD_ARGS,
+        "--no-progress",
+        *extra,
+    ]
 
 
 def shas(folder: Path) -> dict[str, str]:
@@ -108,7 +119,9 @@ def test_same_shards_with_two_mpi_ranks(wiki_corpus, spm_model, wiki_shards, tmp
     mpirun = shutil.which("mpirun")
     assert mpirun, "OpenMPI is installed by `make test` (.ci/system-deps.sh)"
     cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-m", "data_prep"]
-    proc = subprocess.run(cmd + shard_cmd(wiki_corpus, spm_model, tmp_path / "mpi"), capture_output=True, text=True, cwd=REPO, timeout=300)
+    proc = subprocess.run(
+        cmd + shard_cmd(wiki_corpus, spm_model, tmp_path / "mpi"), capture_output=True, text=True, cwd=REPO, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr
     assert "MPI: 2 ranks" in proc.stderr  # really two ranks, not two singletons
     assert shas(tmp_path / "mpi") == shas(wiki_shards)
@@ -118,8 +131,16 @@ def test_same_shards_with_two_mpi_ranks(wiki_corpus, spm_model, wiki_shards, tmp
 @pytest.mark.parametrize("stage", ["examples", "shards"])
 def test_killed_run_resumes_to_the_same_shards(stage, wiki_corpus, spm_model, wiki_shards, tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep", *shard_cmd(wiki_corpus, spm_model, out)], cwd=REPO, stderr=subprocess.DEVNULL)
-    marker = (lambda: list((out / ".work" / "done").glob("f*.json"))) if stage == "examples" else (lambda: list(out.glob("shard-*.h5")))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "data_prep", *shard_cmd(wiki_corpus, spm_model, out)],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+    )
+    marker = (
+        (lambda: list((out / ".work" / "done").glob("f*.json")))
+        if stage == "examples"
+        else (lambda: list(out.glob("shard-*.h5")))
+    )
     deadline = time.time() + 120
     while not marker() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.002)
@@ -152,24 +173,43 @@ def test_resume_of_a_finished_output_checks_it_and_succeeds(wiki_corpus, spm_mod
     assert "shards already complete" in proc.stderr and "examples/s" not in proc.stderr  # no summary: no work
     assert {f.name: f.stat().st_mtime_ns for f in out.iterdir()} == before and shas(out) == shas(wiki_shards)
     other = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume", "--seed", "8"))
-    assert other.returncode == 2 and "already complete, but made with other settings" in other.stderr and "Traceback" not in other.stderr
+    assert (
+        other.returncode == 2
+        and "already complete, but made with other settings" in other.stderr
+        and "Traceback" not in other.stderr
+    )
     # the same files named another way, from another folder, are the same run
     respelled = os.path.relpath(wiki_corpus, tmp_path)
-    assert subprocess.run([sys.executable, "-m", "data_prep", *shard_cmd(respelled, spm_model, out, "--resume")], cwd=tmp_path,
-                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "data_prep", *shard_cmd(respelled, spm_model, out, "--resume")],
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True,
+            text=True,
+        ).returncode
+        == 0
+    )
     # an input rewritten in place since (here: the manifest remembers another size) is not
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["inputs"][0]["bytes"] += 1
     (out / "manifest.json").write_text(json.dumps(manifest))
     changed = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
     was = manifest["inputs"][0]
-    assert changed.returncode == 2 and f"made with other inputs ({was['path']}: {was['bytes']} bytes then" in changed.stderr, changed.stderr
+    assert (
+        changed.returncode == 2
+        and f"made with other inputs ({was['path']}: {was['bytes']} bytes then" in changed.stderr
+    ), changed.stderr
     manifest["inputs"][0]["bytes"] -= 1
     (out / "manifest.json").write_text(json.dumps(manifest))
     first = Manifest.load(out).shards[0]["name"]
     (out / first).unlink()
     lost = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
-    assert lost.returncode == 2 and f"missing or of another size: {first}" in lost.stderr and "Traceback" not in lost.stderr
+    assert (
+        lost.returncode == 2
+        and f"missing or of another size: {first}" in lost.stderr
+        and "Traceback" not in lost.stderr
+    )
 
 
 @pytest.mark.integration
@@ -179,20 +219,30 @@ def test_launched_processes_that_mpi_runs_alone_are_refused(var, wiki_corpus, sp
     the whole work alone (srun without --mpi=pmix, mpi4py built against another MPI). Refused before any work."""
     launchers = ("SLURM_", "OMPI_", "PMI_", "PMIX_")
     env = {k: v for k, v in os.environ.items() if not k.startswith(launchers)} | {var: "2"}
-    mode = "on" if var.startswith("SLURM") else "auto"  # srun tasks are MPI ranks when asked (slurm/prep.sbatch: --mpi on)
+    mode = (
+        "on" if var.startswith("SLURM") else "auto"
+    )  # srun tasks are MPI ranks when asked (slurm/prep.sbatch: --mpi on)
     proc = cli(*shard_cmd(wiki_corpus, spm_model, tmp_path / "out", "--mpi", mode), env=env, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert f"{var}=2: 2 processes were started, but MPI sees a world of 1" in proc.stderr and "--mpi=pmix" in proc.stderr, proc.stderr
+    assert (
+        f"{var}=2: 2 processes were started, but MPI sees a world of 1" in proc.stderr and "--mpi=pmix" in proc.stderr
+    ), proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
     assert "MPI rank 0 of 1" in proc.stdout  # the rank's own line, as in a Slurm job's log
-    code = "import sys; from data_prep.mpi import get_world; w = get_world(sys.argv[1]); print(w.size, w.comm is not None)"
+    code = (
+        "import sys; from data_prep.mpi import get_world; w = get_world(sys.argv[1]); print(w.size, w.comm is not None)"
+    )
     if var.startswith("SLURM"):
         # in auto mode, srun tasks without an MPI plugin are independent single-process runs
-        alone = subprocess.run([sys.executable, "-c", code, "auto"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+        alone = subprocess.run(
+            [sys.executable, "-c", code, "auto"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120
+        )
         assert alone.returncode == 0 and alone.stdout.split("\n")[-2] == "1 False", alone.stdout + alone.stderr
     # a batch script's SLURM_NTASKS (the job's tasks, python started once without srun) is no such count
     env = {k: v for k, v in env.items() if k != var} | {"SLURM_NTASKS": "2"}
-    ok = subprocess.run([sys.executable, "-c", code, "on"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-c", code, "on"], env=env, capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert ok.returncode == 0 and ok.stdout.split("\n")[-2] == "1 True", ok.stdout + ok.stderr
 
 
@@ -207,7 +257,9 @@ def test_vocabulary_without_control_symbols_is_refused(wiki_corpus, tmp_path):
     import sentencepiece as spm
 
     text = [line for f in sorted(wiki_corpus.iterdir()) for line in f.read_text().splitlines() if line][:5000]
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text), model_prefix=str(tmp_path / "plain"), vocab_size=500, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text), model_prefix=str(tmp_path / "plain"), vocab_size=500, minloglevel=2
+    )
     proc = cli(*shard_cmd(wiki_corpus, tmp_path / "plain.model", tmp_path / "out"))
     assert proc.returncode == 2 and "[CLS]" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists(), "refused before any work"
@@ -254,7 +306,12 @@ def test_inspect_shows_text_masks_and_statistics(wiki_shards):
     lines = inspect_shard(wiki_shards / Manifest.load(wiki_shards).shards[0]["name"], num_examples=2)
     text = "\n".join(lines)
     assert text.count("-- example") == 2 and "[MASK]{" in text and "[CLS]" in text and "[SEP]" in text
-    assert "masked fraction:" in text and "SOP:" in text and "padding fraction:" in text and "masked spans in words" in text
+    assert (
+        "masked fraction:" in text
+        and "SOP:" in text
+        and "padding fraction:" in text
+        and "masked spans in words" in text
+    )
 
 
 def test_albert_tokenizer_gives_the_same_ids(spm_model, wiki_corpus, tmp_path):
@@ -277,8 +334,21 @@ def test_more_shards_than_examples_gives_valid_empty_shards(spm_model, tmp_path)
     doc = "The first sentence is here.\nA second one follows it.\nThen a third sentence.\nAnd the fourth ends it.\n"
     corpus.write_text("\n".join([doc] * 3))
     out = tmp_path / "out"
-    cli("shard", "--input", str(corpus), "--spm-model", str(spm_model), "--output", str(out), "--num-shards", "20",
-        "--dupe-factor", "1", "--no-progress", check=True)  # fmt: skip
+    cli(
+        "shard",
+        "--input",
+        str(corpus),
+        "--spm-model",
+        str(spm_model),
+        "--output",
+        str(out),
+        "--num-shards",
+        "20",
+        "--dupe-factor",
+        "1",
+        "--no-progress",
+        check=True,
+    )
     shards = Manifest.load(out).shards
     assert len(shards) == 20 and 0 < sum(s["num_examples"] for s in shards) < 20
     empty = next(s for s in shards if s["num_examples"] == 0)
@@ -293,10 +363,14 @@ def test_one_big_file_is_shared_by_the_workers(wiki_corpus, spm_model, tmp_path)
     big.write_text("".join(f.read_text() + "\n" for f in sorted(wiki_corpus.iterdir())))
     runs = {}
     for name, piece_mb, workers in (("whole", "1000", "1"), ("w1", "0.1", "1"), ("w2", "0.1", "2")):
-        proc = cli(*shard_cmd(big, spm_model, tmp_path / name, "--piece-mb", piece_mb, "--workers", workers), check=True)
+        proc = cli(
+            *shard_cmd(big, spm_model, tmp_path / name, "--piece-mb", piece_mb, "--workers", workers), check=True
+        )
         runs[name] = Manifest.load(tmp_path / name).data
         assert ("1 input files in 1 pieces" in proc.stderr) == (name == "whole"), proc.stderr
     assert shas(tmp_path / "w1") == shas(tmp_path / "w2")
-    counts = {n: (m["stats"]["documents"], m["stats"]["sentences"], m["stats"]["read"]["files"]) for n, m in runs.items()}
+    counts = {
+        n: (m["stats"]["documents"], m["stats"]["sentences"], m["stats"]["read"]["files"]) for n, m in runs.items()
+    }
     assert counts["whole"] == counts["w1"] == counts["w2"]
     assert runs["w1"]["settings"]["piece_bytes"] == int(0.1 * (1 << 20))

@@ -29,7 +29,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import REPO
 from engine_helpers import TEST_MODEL, ds_config
 
@@ -43,7 +42,17 @@ SEED = 42  # albert-pretrain's default --seed (the data order)
 PREP_JOB = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"]
 CPU_JOB = ["--nodes=2", "--gpus-per-node=0", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"]
 IMPOSSIBLE = {"PartitionConfig", "BadConstraints", "PartitionNodeLimit", "ReqNodeNotAvail", "InvalidQOS"}
-END_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+END_STATES = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -61,12 +70,24 @@ class Cluster:
             assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stdout}{proc.stderr}"
         return proc
 
-    def submit(self, script: Path | str, log: Path, sbatch_opts: list[str], args: list[str] = (), env: dict | None = None,
-               cwd: Path | None = None) -> str:  # fmt: skip
+    def submit(
+        self,
+        script: Path | str,
+        log: Path,
+        sbatch_opts: list[str],
+        args: list[str] = (),
+        env: dict | None = None,
+        cwd: Path | None = None,
+    ) -> str:
         proc = subprocess.run(
             ["sbatch", "--parsable", f"--output={log}", *sbatch_opts, str(script), *args],
-            env={**self.env, **(env or {})}, cwd=cwd or log.parent, check=False, capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
+            env={**self.env, **(env or {})},
+            cwd=cwd or log.parent,
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip().split(";")[0]
 
@@ -103,7 +124,10 @@ def private_extensions_dir(dest: Path) -> Path:
         shared = Path(os.environ["TORCH_EXTENSIONS_DIR"])
     else:  # as torch.utils.cpp_extension names it: ~/.cache/torch_extensions/py311_cpu (or _cu128 ...)
         accel = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
-        shared = Path(get_default_build_root()) / f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}"
+        shared = (
+            Path(get_default_build_root())
+            / f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{accel}"
+        )
     if shared.is_dir():
         for op in shared.iterdir():
             if op.is_dir() and not (op / "lock").exists() and any(op.glob("*.so")):
@@ -111,10 +135,16 @@ def private_extensions_dir(dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     # Build (or check) the op now, with the jobs' ninja (the venv's, first on PATH once the job activates the venv):
     # a build inside a job would cost the job a minute, and a ninja of another version rebuilds everything.
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(dest), "DS_ACCELERATOR": "cpu",
-           "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}"}  # fmt: skip
+    env = {
+        **os.environ,
+        "TORCH_EXTENSIONS_DIR": str(dest),
+        "DS_ACCELERATOR": "cpu",
+        "PATH": f"{REPO / '.venv' / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
     code = "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
-    proc = subprocess.run([sys.executable, "-c", code], env=env, check=False, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, check=False, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return dest
 
@@ -128,9 +158,16 @@ def cluster(tmp_path_factory):
     SLURM_ROOT.mkdir(parents=True, exist_ok=True)
     users = open(SLURM_ROOT / "sessions.lock", "a")
     fcntl.flock(users, fcntl.LOCK_SH)
-    env = {**os.environ, "LOCAL_SLURM_ROOT": str(SLURM_ROOT), "LOCAL_SLURM_NODES": "2", "LOCAL_SLURM_FAKE_GPUS": str(FAKE_GPUS)}
+    env = {
+        **os.environ,
+        "LOCAL_SLURM_ROOT": str(SLURM_ROOT),
+        "LOCAL_SLURM_NODES": "2",
+        "LOCAL_SLURM_FAKE_GPUS": str(FAKE_GPUS),
+    }
     try:
-        proc = subprocess.run(["bash", str(HARNESS), "start"], env=env, check=False, capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            ["bash", str(HARNESS), "start"], env=env, check=False, capture_output=True, text=True, timeout=900
+        )
         if proc.returncode == 3:
             pytest.skip(f"Slurm packages could not be installed: {proc.stderr.strip().splitlines()[-1:]}")
         assert proc.returncode == 0, f"local Slurm cluster did not start:\n{proc.stdout}{proc.stderr}"
@@ -147,7 +184,9 @@ def cluster(tmp_path_factory):
         fcntl.flock(users, fcntl.LOCK_UN)
         try:
             fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            subprocess.run(["bash", str(HARNESS), "stop"], env=env, check=False, capture_output=True, text=True, timeout=120)
+            subprocess.run(
+                ["bash", str(HARNESS), "stop"], env=env, check=False, capture_output=True, text=True, timeout=120
+            )
         except BlockingIOError:
             pass  # still in use by another session, which stops it
         finally:
@@ -171,7 +210,15 @@ def prepared(cluster, wiki_corpus, spm_model, tmp_path_factory):
     env = {"INPUT": str(wiki_corpus), "SPM_MODEL": str(spm_model), "OUTPUT": str(out), "NUM_SHARDS": "2"}
     job = cluster.submit(PREP, log, PREP_JOB, ["--dupe-factor", "1", "--seed", "7"], env=env)
     info = cluster.wait(job, log, timeout=300)
-    return {"job": job, "info": info, "log": log, "out": out, "seconds": time.monotonic() - t0, "cluster": cluster, "env": env}
+    return {
+        "job": job,
+        "info": info,
+        "log": log,
+        "out": out,
+        "seconds": time.monotonic() - t0,
+        "cluster": cluster,
+        "env": env,
+    }
 
 
 def test_prep_job_two_mpi_ranks_on_two_nodes_same_shards_as_one_process(prepared, wiki_corpus, spm_model, tmp_path):
@@ -185,11 +232,32 @@ def test_prep_job_two_mpi_ranks_on_two_nodes_same_shards_as_one_process(prepared
     assert re.search(r"^\[rank 1\] node node2 host \S+: MPI rank 1 of 2$", log, re.MULTILINE), log
     assert "MPI: 2 ranks" in log and "all shards verified" in log, log
     out = prepared["out"]
-    assert subprocess.run([sys.executable, "-m", "data_prep", "verify", str(out), "--no-progress"], cwd=REPO, check=False).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "data_prep", "verify", str(out), "--no-progress"], cwd=REPO, check=False
+        ).returncode
+        == 0
+    )
     # a single process with the same settings makes the same bytes
     single = tmp_path / "single"
-    args = ["shard", "--input", str(wiki_corpus), "--spm-model", str(spm_model), "--output", str(single), "--num-shards", "2",
-            "--dupe-factor", "1", "--seed", "7", "--mpi", "off", "--no-progress"]  # fmt: skip
+    args = [
+        "shard",
+        "--input",
+        str(wiki_corpus),
+        "--spm-model",
+        str(spm_model),
+        "--output",
+        str(single),
+        "--num-shards",
+        "2",
+        "--dupe-factor",
+        "1",
+        "--seed",
+        "7",
+        "--mpi",
+        "off",
+        "--no-progress",
+    ]
     assert main(args) == 0
     a, b = (json.loads((d / "manifest.json").read_text()) for d in (out, single))
     assert a["num_examples"] == b["num_examples"] > 0
@@ -230,7 +298,24 @@ def test_prep_job_prepare_command_corpus_on_rank0_then_shards_on_all(prepared, w
     assert rank_lines(text) == {0: "node1", 1: "node2"} and "MPI rank 1 of 2" in text and "MPI: 2 ranks" in text, text
     assert len(list((out / "corpus").glob("*.txt"))) == 4
     single = tmp_path / "single"
-    assert main(["prepare", "--input", str(wiki_corpus), "--output", str(single), "--num-shards", "2", "--mpi", "off", "--no-progress", *args]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--input",
+                str(wiki_corpus),
+                "--output",
+                str(single),
+                "--num-shards",
+                "2",
+                "--mpi",
+                "off",
+                "--no-progress",
+                *args,
+            ]
+        )
+        == 0
+    )
     a, b = (json.loads((d / "shards" / "manifest.json").read_text()) for d in (out, single))
     assert a["num_examples"] == b["num_examples"] > 0
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
@@ -255,8 +340,14 @@ def metrics_steps(out: Path) -> list[int]:
 
 def test_pretrain_job_cpu_two_ranks_on_two_nodes(cluster, prepared, tmp_path):
     out, log = tmp_path / "run", tmp_path / "pretrain.log"
-    env = {"ALBERT_CPU": "1", "DATA": str(prepared["out"]), "OUTPUT": str(out), "MAX_STEPS": "4", "LOG_INTERVAL": "1",
-           **write_configs(tmp_path / "configs")}  # fmt: skip
+    env = {
+        "ALBERT_CPU": "1",
+        "DATA": str(prepared["out"]),
+        "OUTPUT": str(out),
+        "MAX_STEPS": "4",
+        "LOG_INTERVAL": "1",
+        **write_configs(tmp_path / "configs"),
+    }
     # submitted as the README says, from the repository root with a relative path
     job = cluster.submit("slurm/pretrain.sbatch", log, CPU_JOB, ["--record-batches"], env=env, cwd=REPO)
     info = cluster.wait(job, log)
@@ -313,8 +404,15 @@ def test_pretrain_job_warned_checkpoints_requeues_and_resumes_sample_exact(clust
     dropped = n - per_epoch * MICRO * 2
     max_steps = per_epoch + 12  # one whole epoch, then into the next
     out, log = tmp_path / "run", tmp_path / "pretrain.log"
-    env = {"ALBERT_CPU": "1", "DATA": str(data), "OUTPUT": str(out), "MAX_STEPS": str(max_steps), "LOG_INTERVAL": "1",
-           "SAVE_INTERVAL": "100000", **write_configs(tmp_path / "configs")}  # fmt: skip
+    env = {
+        "ALBERT_CPU": "1",
+        "DATA": str(data),
+        "OUTPUT": str(out),
+        "MAX_STEPS": str(max_steps),
+        "LOG_INTERVAL": "1",
+        "SAVE_INTERVAL": "100000",
+        **write_configs(tmp_path / "configs"),
+    }
     job = cluster.submit(PRETRAIN, log, CPU_JOB, ["--record-batches", "--keep-checkpoints", "5"], env=env)
 
     # training is under way: warn the job as Slurm does before its time limit (--signal=USR1@...)
@@ -325,7 +423,9 @@ def test_pretrain_job_warned_checkpoints_requeues_and_resumes_sample_exact(clust
     cluster.run("scancel", "--signal=USR1", job)
 
     # the job saves, exits and requeues itself: same job ID, pending again
-    info = cluster.wait(job, log, timeout=300, until=lambda i: i.get("Restarts") == "1" or i.get("JobState") in END_STATES)
+    info = cluster.wait(
+        job, log, timeout=300, until=lambda i: i.get("Restarts") == "1" or i.get("JobState") in END_STATES
+    )
     text = read(log)
     assert info.get("Restarts") == "1", text
     stopped = re.search(r"stopped by a signal at step (\d+); checkpoint saved", text)
@@ -337,7 +437,9 @@ def test_pretrain_job_warned_checkpoints_requeues_and_resumes_sample_exact(clust
     # Slurm holds a requeued job for about 2 minutes (BeginTime) so that the old run's job credential, revoked with
     # one-second resolution, cannot be confused with the new one's; a few seconds are enough here: start it then
     if info.get("JobState") != "COMPLETED":
-        info = cluster.wait(job, log, timeout=60, until=lambda i: i.get("JobState") in {"PENDING", "RUNNING"} | END_STATES)
+        info = cluster.wait(
+            job, log, timeout=60, until=lambda i: i.get("JobState") in {"PENDING", "RUNNING"} | END_STATES
+        )
         time.sleep(3)
         cluster.run("scontrol", "update", f"JobId={job}", "StartTime=now", check=False)  # fails if it already started
 
@@ -351,7 +453,9 @@ def test_pretrain_job_warned_checkpoints_requeues_and_resumes_sample_exact(clust
     assert (out / "checkpoints" / f"step-{max_steps:08d}" / "complete.json").exists()
 
     # every step's examples, per rank, exactly as an uninterrupted run would have seen them
-    recorded = {r: [json.loads(line) for line in (out / f"batches-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)}
+    recorded = {
+        r: [json.loads(line) for line in (out / f"batches-rank{r}.jsonl").read_text().splitlines()] for r in (0, 1)
+    }
     expected = uninterrupted_order(data, max_steps)
     for r in (0, 1):
         assert [rec["step"] for rec in recorded[r]] == list(range(1, max_steps + 1))
@@ -371,14 +475,27 @@ def test_pretrain_job_gpu_mode_one_task_per_gpu(cluster, prepared, tmp_path):
     """The default (GPU) mode on nodes with 2 fake GPUs each: --gpus-per-node=1 gives 1 task per node that sees
     its GPU in CUDA_VISIBLE_DEVICES. torch finds no CUDA here, so the ranks still train over gloo on the CPU."""
     out, log = tmp_path / "run", tmp_path / "pretrain.log"
-    env = {"DATA": str(prepared["out"]), "OUTPUT": str(out), "MAX_STEPS": "3", "LOG_INTERVAL": "1", **write_configs(tmp_path / "configs")}
-    job = cluster.submit(PRETRAIN, log, ["--nodes=2", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"], env=env)
+    env = {
+        "DATA": str(prepared["out"]),
+        "OUTPUT": str(out),
+        "MAX_STEPS": "3",
+        "LOG_INTERVAL": "1",
+        **write_configs(tmp_path / "configs"),
+    }
+    job = cluster.submit(
+        PRETRAIN,
+        log,
+        ["--nodes=2", "--gpus-per-node=1", "--ntasks-per-node=1", "--cpus-per-task=1", "--time=20"],
+        env=env,
+    )
     info = cluster.wait(job, log)
     text = read(log)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
     assert "gpu mode, 2 node(s) [node[1-2]] x 1 task(s) = 2 rank(s), 1 CPU(s)/task, GPUs/node 1" in text, text
     assert rank_lines(text) == {0: "node1", 1: "node2"}, text
-    assert len(re.findall(r"^\[rank \d\] node node\d host \S+ local rank 0 of 2 GPUs 0$", text, re.MULTILINE)) == 2, text
+    assert len(re.findall(r"^\[rank \d\] node node\d host \S+ local rank 0 of 2 GPUs 0$", text, re.MULTILINE)) == 2, (
+        text
+    )
     assert metrics_steps(out) == [1, 2, 3]
 
 
@@ -386,8 +503,14 @@ def test_pretrain_job_scancel_saves_a_checkpoint_and_is_not_requeued(cluster, pr
     """`scancel JOBID` (SIGTERM to the batch script and the ranks): the ranks save before KillWait runs out; the
     script waits for them and does not requeue; the checkpoint is there to resume from."""
     out, log = tmp_path / "run", tmp_path / "pretrain.log"
-    env = {"ALBERT_CPU": "1", "DATA": str(prepared["out"]), "OUTPUT": str(out), "MAX_STEPS": "100000", "LOG_INTERVAL": "1",
-           **write_configs(tmp_path / "configs")}  # fmt: skip
+    env = {
+        "ALBERT_CPU": "1",
+        "DATA": str(prepared["out"]),
+        "OUTPUT": str(out),
+        "MAX_STEPS": "100000",
+        "LOG_INTERVAL": "1",
+        **write_configs(tmp_path / "configs"),
+    }
     job = cluster.submit(PRETRAIN, log, CPU_JOB, env=env)
     deadline = time.monotonic() + 400
     while len(metrics_steps(out)) < 2:
@@ -409,7 +532,12 @@ def test_pretrain_job_scancel_saves_a_checkpoint_and_is_not_requeued(cluster, pr
 
 def test_pretrain_job_missing_data_fails_fast(cluster, tmp_path):
     log = tmp_path / "pretrain.log"
-    env = {"ALBERT_CPU": "1", "DATA": str(tmp_path / "no-such-shards"), "OUTPUT": str(tmp_path / "run"), **write_configs(tmp_path / "c")}
+    env = {
+        "ALBERT_CPU": "1",
+        "DATA": str(tmp_path / "no-such-shards"),
+        "OUTPUT": str(tmp_path / "run"),
+        **write_configs(tmp_path / "c"),
+    }
     t0 = time.monotonic()
     info = cluster.wait(cluster.submit(PRETRAIN, log, CPU_JOB, env=env), log, timeout=120)
     text = read(log)
@@ -423,8 +551,15 @@ def test_pretrain_job_nodes_cannot_reach_rank0_fails_fast(cluster, prepared, tmp
     """Rank 0's address is one no node can reach (TEST-NET-1): rank 1 gives up after DIST_TIMEOUT with a clear
     message, srun ends rank 0 at once, and the job fails without waiting for the process-group timeout."""
     out, log = tmp_path / "run", tmp_path / "pretrain.log"
-    env = {"ALBERT_CPU": "1", "DATA": str(prepared["out"]), "OUTPUT": str(out), "MAX_STEPS": "2", "RDZV_ADDR": "192.0.2.1",
-           "DIST_TIMEOUT": "10", **write_configs(tmp_path / "configs")}  # fmt: skip
+    env = {
+        "ALBERT_CPU": "1",
+        "DATA": str(prepared["out"]),
+        "OUTPUT": str(out),
+        "MAX_STEPS": "2",
+        "RDZV_ADDR": "192.0.2.1",
+        "DIST_TIMEOUT": "10",
+        **write_configs(tmp_path / "configs"),
+    }
     t0 = time.monotonic()
     job = cluster.submit(PRETRAIN, log, CPU_JOB, env=env)
     info = cluster.wait(job, log, timeout=300)
@@ -445,8 +580,20 @@ def test_pretrain_job_nodes_cannot_reach_rank0_fails_fast(cluster, prepared, tmp
 
 
 def run_bash(script: str, env: dict[str, str], cwd: Path | None = None) -> subprocess.CompletedProcess:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in {"GPUS_PER_NODE", "REPO", "ALBERT_CPU"}}
-    return subprocess.run(["bash", "-c", script], env={**clean, **env}, cwd=cwd or REPO, check=False, capture_output=True, text=True, timeout=60)
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("SLURM_") and k not in {"GPUS_PER_NODE", "REPO", "ALBERT_CPU"}
+    }
+    return subprocess.run(
+        ["bash", "-c", script],
+        env={**clean, **env},
+        cwd=cwd or REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize(
@@ -463,33 +610,46 @@ def run_bash(script: str, env: dict[str, str], cwd: Path | None = None) -> subpr
     ],
 )
 def test_gpus_per_node_reads_the_forms_slurm_sets(env, gpus):
-    proc = run_bash('. slurm/common.sh && gpus_per_node', env)
+    proc = run_bash(". slurm/common.sh && gpus_per_node", env)
     assert proc.returncode == 0 and proc.stdout == gpus + "\n", proc.stdout + proc.stderr
 
 
 def test_option_value_is_the_one_argparse_keeps():
-    proc = run_bash('. slurm/common.sh && option_value --output d --data x --output a "b c" --output=e && option_value --output d --outputs z'
-                    ' && option_value --data d --data', {})  # fmt: skip
+    proc = run_bash(
+        '. slurm/common.sh && option_value --output d --data x --output a "b c" --output=e && option_value --output d --outputs z'
+        " && option_value --data d --data",
+        {},
+    )
     assert proc.stdout.split("\n") == ["e", "d", "", ""], proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"SLURM_GPUS_PER_NODE": "a100:four"}, "ERROR: cannot read the GPUs per node from SLURM_GPUS_PER_NODE=a100:four"),
+        (
+            {"SLURM_GPUS_PER_NODE": "a100:four"},
+            "ERROR: cannot read the GPUs per node from SLURM_GPUS_PER_NODE=a100:four",
+        ),
         ({"SLURM_GPUS": "16"}, "ERROR: the job has GPUs (SLURM_GPUS=16) but not their number per node"),
         ({"SLURM_JOB_GPUS": "0,1"}, "ERROR: the job has GPUs (SLURM_JOB_GPUS=0,1) but not their number per node"),
-        ({"SLURM_STEP_GPUS": "0"}, "ERROR: the job has GPUs (SLURM_STEP_GPUS=0) but not their number per node"),  # GPU index 0
+        (
+            {"SLURM_STEP_GPUS": "0"},
+            "ERROR: the job has GPUs (SLURM_STEP_GPUS=0) but not their number per node",
+        ),  # GPU index 0
     ],
 )
 def test_pretrain_job_with_gpus_it_cannot_count_stops(env, message, tmp_path):
     """Not CPU mode in silence: the job stops with a message; ALBERT_CPU=1 still chooses CPU mode."""
     job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "nodeA", "DATA": str(tmp_path / "none"), **env}
     proc = run_bash(f"bash {PRETRAIN}", job)
-    assert proc.returncode == 2 and message in proc.stdout and "GPUS_PER_NODE=N" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 2 and message in proc.stdout and "GPUS_PER_NODE=N" in proc.stdout, (
+        proc.stdout + proc.stderr
+    )
     assert " mode, " not in proc.stdout
     proc = run_bash(f"bash {PRETRAIN}", {**job, "ALBERT_CPU": "1"})
-    assert proc.returncode == 2 and "cpu mode, 1 node(s) [nodeA]" in proc.stdout and "ERROR: DATA=" in proc.stdout, proc.stdout
+    assert proc.returncode == 2 and "cpu mode, 1 node(s) [nodeA]" in proc.stdout and "ERROR: DATA=" in proc.stdout, (
+        proc.stdout
+    )
 
 
 def test_scripts_find_common_sh_as_a_spool_copy_or_say_they_cannot(tmp_path):
@@ -500,16 +660,31 @@ def test_scripts_find_common_sh_as_a_spool_copy_or_say_they_cannot(tmp_path):
     for script in (PREP, PRETRAIN):
         shutil.copy(script, spool / "slurm_script")
         lost = run_bash("bash slurm_script", {"SLURM_JOB_ID": "4242", "SLURM_SUBMIT_DIR": str(spool)}, cwd=spool)
-        assert lost.returncode == 2 and f"[{script.name}] ERROR: slurm/common.sh not found" in lost.stdout, lost.stdout + lost.stderr
+        assert lost.returncode == 2 and f"[{script.name}] ERROR: slurm/common.sh not found" in lost.stdout, (
+            lost.stdout + lost.stderr
+        )
         assert "set REPO" in lost.stdout
         manual = run_bash(f"bash {script}", {})
         assert manual.returncode == 2 and "ERROR: submit with sbatch" in manual.stdout, manual.stdout + manual.stderr
-    job = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "nodeA", "ALBERT_CPU": "1", "DATA": str(tmp_path / "none"), "MASTER_ADDR": "stale"}
+    job = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "nodeA",
+        "ALBERT_CPU": "1",
+        "DATA": str(tmp_path / "none"),
+        "MASTER_ADDR": "stale",
+    }
     for where in ({"SLURM_SUBMIT_DIR": str(REPO)}, {"SLURM_SUBMIT_DIR": str(spool), "REPO": str(REPO)}):
         found = run_bash("bash slurm_script", {**job, **where}, cwd=spool)
         assert found.returncode == 2 and f"repo {REPO}, python " in found.stdout, found.stdout + found.stderr
-        assert "rendezvous <first node>:<20000 + job id % 20000>" in found.stdout and f"ERROR: DATA={tmp_path / 'none'}: no manifest.json" in found.stdout
-    given = run_bash("bash slurm_script", {**job, "SLURM_SUBMIT_DIR": str(REPO), "RDZV_ADDR": "ib-node", "RDZV_PORT": "31000"}, cwd=spool)
+        assert (
+            "rendezvous <first node>:<20000 + job id % 20000>" in found.stdout
+            and f"ERROR: DATA={tmp_path / 'none'}: no manifest.json" in found.stdout
+        )
+    given = run_bash(
+        "bash slurm_script",
+        {**job, "SLURM_SUBMIT_DIR": str(REPO), "RDZV_ADDR": "ib-node", "RDZV_PORT": "31000"},
+        cwd=spool,
+    )
     assert "rendezvous ib-node:31000" in given.stdout, given.stdout
 
 
@@ -518,6 +693,12 @@ def test_first_host_without_scontrol(monkeypatch):
     from pipeline.distributed import first_host
 
     monkeypatch.setenv("PATH", "/nonexistent")
-    cases = {"node[1-2],gpu7": "node1", "node[01-04]-ib": "node01-ib", "rack[1-2]-n[03,07]-ib,gpu7": "rack1-n03-ib",
-             "gpu7": "gpu7", "node1,node2": "node1", "n[5]": "n5"}  # fmt: skip
+    cases = {
+        "node[1-2],gpu7": "node1",
+        "node[01-04]-ib": "node01-ib",
+        "rack[1-2]-n[03,07]-ib,gpu7": "rack1-n03-ib",
+        "gpu7": "gpu7",
+        "node1,node2": "node1",
+        "n[5]": "n5",
+    }
     assert {k: first_host(k) for k in cases} == cases

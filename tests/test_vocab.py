@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import sentencepiece as spm
-
 from conftest import REPO
+
 from data_prep.vocab import Vocab, normalize
 
 
@@ -28,7 +28,16 @@ def test_normalisation_matches_albert_tokenizer_preprocessing():
 
 
 def test_vocab_command_and_too_large_vocabulary(wiki_corpus, tmp_path):
-    cmd = [sys.executable, "-m", "data_prep", "vocab", "--input", str(wiki_corpus), "--output-prefix", str(tmp_path / "v")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        "vocab",
+        "--input",
+        str(wiki_corpus),
+        "--output-prefix",
+        str(tmp_path / "v"),
+    ]
     proc = subprocess.run(cmd + ["--vocab-size", "1000"], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "v.model").is_file() and (tmp_path / "v.vocab").is_file()

@@ -146,36 +146,60 @@ def test_skip_reason(title: str, text: str, ns: int, reason: str | None) -> None
         # references, with and without content, with templates inside
         ("One two three four five.<ref>A {{cite|x}} ref.</ref> Six.<ref name=a/>", ["One two three four five. Six."]),
         # nested templates vanish, inline prose templates keep their text
-        ("{{a|{{b|c}}}}It is {{convert|3|-|5|km}} wide and {{lang|fr|très}} nice.", ["It is 3 - 5 km wide and très nice."]),
-        ("Born {{as of|2010|lc=y}} in the city{{mdash}}a large one, they say.",
-         ["Born as of 2010 in the city—a large one, they say."]),
+        (
+            "{{a|{{b|c}}}}It is {{convert|3|-|5|km}} wide and {{lang|fr|très}} nice.",
+            ["It is 3 - 5 km wide and très nice."],
+        ),
+        (
+            "Born {{as of|2010|lc=y}} in the city{{mdash}}a large one, they say.",
+            ["Born as of 2010 in the city—a large one, they say."],
+        ),
         # links: text kept; files, categories, interlanguage gone; sister projects keep their label
-        ("See [[Foo]] and [[Bar|the bar]] and [[wikt:baz|baz]] and [[:fr:Qux|qux]] now.",
-         ["See Foo and the bar and baz and qux now."]),
+        (
+            "See [[Foo]] and [[Bar|the bar]] and [[wikt:baz|baz]] and [[:fr:Qux|qux]] now.",
+            ["See Foo and the bar and baz and qux now."],
+        ),
         ("A [[File:X.png|thumb|caption words here]] b c d e [[Image:Y.jpg]] f.", ["A b c d e f."]),
         ("Words here [[Category:Things]] and [[es:Cosa]] are gone.", ["Words here and are gone."]),
         # html entities and comments
         ("Fish &amp; chips &mdash; served <!-- not this --> hot every day.", ["Fish & chips — served hot every day."]),
         # headings dropped; reference-type sections dropped up to the next heading of their level
-        ("== Intro ==\nThe first paragraph is here.\n== See also ==\n* Something else entirely different and long.\n"
-         "=== Sub ===\nStill part of see also here.\n== Later ==\nThis one survives the cut.",
-         ["The first paragraph is here.", "This one survives the cut."]),
+        (
+            "== Intro ==\nThe first paragraph is here.\n== See also ==\n* Something else entirely different and long.\n"
+            "=== Sub ===\nStill part of see also here.\n== Later ==\nThis one survives the cut.",
+            ["The first paragraph is here.", "This one survives the cut."],
+        ),
         # tables and table leftovers
-        ("{| class=x\n|-\n| cell one two three four five\n|}\nAfter the table comes prose.", ["After the table comes prose."]),
+        (
+            "{| class=x\n|-\n| cell one two three four five\n|}\nAfter the table comes prose.",
+            ["After the table comes prose."],
+        ),
         # lists: only items that read like sentences
-        ("* [[Alpha]]\n* Beta gamma delta epsilon zeta\n* This item is a whole sentence.\n#: Indented quote that ends properly.",
-         ["This item is a whole sentence.", "Indented quote that ends properly."]),
+        (
+            "* [[Alpha]]\n* Beta gamma delta epsilon zeta\n* This item is a whole sentence.\n#: Indented quote that ends properly.",
+            ["This item is a whole sentence.", "Indented quote that ends properly."],
+        ),
         # bold and italic, even unbalanced
-        ("'''Bold''' and ''italic'' and '''''both''' text'' with ''unclosed markup here.",
-         ["Bold and italic and both text with unclosed markup here."]),
+        (
+            "'''Bold''' and ''italic'' and '''''both''' text'' with ''unclosed markup here.",
+            ["Bold and italic and both text with unclosed markup here."],
+        ),
         # too short to be prose
         ("Just four words here.\nThumb.", []),
         # empty parentheses left by removed pronunciation templates
-        ("'''Albedo''' ({{IPAc-en|æ|l}}) is the reflectivity of a surface.", ["Albedo is the reflectivity of a surface."]),
-        ("'''X''' ({{IPA|x}}; from Greek) is a letter of the alphabet.", ["X (from Greek) is a letter of the alphabet."]),
+        (
+            "'''Albedo''' ({{IPAc-en|æ|l}}) is the reflectivity of a surface.",
+            ["Albedo is the reflectivity of a surface."],
+        ),
+        (
+            "'''X''' ({{IPA|x}}; from Greek) is a letter of the alphabet.",
+            ["X (from Greek) is a letter of the alphabet."],
+        ),
         # tags: math and galleries dropped, others keep their text
-        ("The value <math>x^2</math> is E = mc<sup>2</sup> in <span>this</span> text.<gallery>A.jpg|cap</gallery>",
-         ["The value is E = mc2 in this text."]),
+        (
+            "The value <math>x^2</math> is E = mc<sup>2</sup> in <span>this</span> text.<gallery>A.jpg|cap</gallery>",
+            ["The value is E = mc2 in this text."],
+        ),
     ],
 )
 def test_clean_wikitext_rules(wikitext: str, expected: list[str]) -> None:
