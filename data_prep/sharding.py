@@ -489,10 +489,3 @@ def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> No
         ex.get("one_sentence_documents", 0),
         ex.get("dropped_without_predictions", 0),
     )
-
-
-def settings_from_dict(doc: dict[str, Any]) -> ShardSettings:
-    doc = dict(doc)
-    doc["examples"] = ExampleSettings(**doc["examples"])
-    names = {f.name for f in dataclasses.fields(ShardSettings)}
-    return ShardSettings(**{k: v for k, v in doc.items() if k in names})

@@ -195,6 +195,3 @@ class Vocab:
             encoded += self.sp.encode(chunk, num_threads=1, return_type="numpy")
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         return np.concatenate(encoded), lengths
-
-    def decode_ids(self, ids: Iterable[int]) -> list[str]:
-        return [self.pieces[i] for i in ids]
