@@ -18,15 +18,22 @@ from collections.abc import Mapping
 
 # Any of these means an MPI launcher started us (mpi4py then finds rank and size).
 MPI_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_SIZE", "PMI_RANK")
+# The process counts an MPI launcher (OpenMPI's mpirun, MPICH/Hydra) sets itself, unlike srun --mpi=pmix.
+MPIRUN_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")
 # How many processes the launcher started: the MPI launchers' own counts first (the ranks of an `mpirun` inside a
 # Slurm job inherit the SLURM_STEP_NUM_TASKS of its daemons' step, one task per node), then srun's step size.
-SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS")
+SIZE_VARS = (*MPIRUN_SIZE_VARS, "SLURM_STEP_NUM_TASKS")
 # This process's rank, for log lines, in the order the launchers are tried.
 RANK_VARS = ("RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "SLURM_PROCID")
 
 
 def launched_by_mpi(env: Mapping[str, str] = os.environ) -> bool:
     return any(v in env for v in MPI_VARS)
+
+
+def launched_by_mpirun(env: Mapping[str, str] = os.environ) -> bool:
+    """An mpirun started us, also inside a Slurm job, where its ranks inherit the Slurm variables of its daemons."""
+    return any(v in env for v in MPIRUN_SIZE_VARS)
 
 
 def launcher_rank(env: Mapping[str, str] = os.environ) -> str | None:

@@ -19,9 +19,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from data_prep.launchers import launched_by_mpi
+from data_prep.launchers import launched_by_mpi, launched_by_mpirun
 
 log = logging.getLogger(__name__)
+
+
+class LaunchError(Exception):
+    """A launch this process cannot run under (e.g. its GPU binding); reported on one line before any collective."""
 
 
 class RendezvousError(Exception):
@@ -72,6 +76,8 @@ def detect_launch() -> Launch:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return Launch("deepspeed" if "CROSS_RANK" in env or "DS_LAUNCHER" in env else "torchrun", False)
+    if launched_by_mpirun(env):  # before srun's variables, which an mpirun in a Slurm job passes on from its daemons
+        return Launch("mpirun", True)
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
@@ -118,22 +124,47 @@ def gpu_index(local_rank: int, visible: int) -> int:
     return local_rank % visible
 
 
+def choose_gpu(local: int, visible: int, mpi_discovery: bool, env: Mapping[str, str] = os.environ) -> int | None:
+    """The CUDA device of this rank, checked against what DeepSpeed will do with LOCAL_RANK.
+
+    torchrun, the deepspeed launcher, srun: gpu_index (LOCAL_RANK modulo the visible GPUs), which init_distributed
+    writes back to LOCAL_RANK. Under mpirun DeepSpeed sets LOCAL_RANK itself from OpenMPI's local rank (None here: the
+    device is known after discovery) and insists that the two agree, so there every rank must see all the node's GPUs."""
+    ompi_local = env.get("OMPI_COMM_WORLD_LOCAL_RANK")
+    if mpi_discovery:
+        if ompi_local is not None and int(ompi_local) >= visible:
+            raise LaunchError(
+                f"mpirun: OpenMPI local rank {ompi_local} but {visible} GPU(s) visible; under mpirun every rank must "
+                "see all its node's GPUs (DeepSpeed takes the device from OpenMPI's local rank): bind GPUs with srun "
+                "or torchrun instead"
+            )
+        return None
+    device = gpu_index(local, visible)
+    if device != local and ompi_local is not None:
+        raise LaunchError(
+            f"local rank {local} with {visible} visible GPU(s) would use cuda:{device}, but DeepSpeed requires LOCAL_RANK "
+            f"to equal OpenMPI's local rank ({ompi_local}): let every rank see all its node's GPUs"
+        )
+    return device
+
+
 def init_distributed(launch: Launch, timeout_s: float) -> tuple[int, int, int]:
     """Initialise torch.distributed through DeepSpeed (gloo on CPU, nccl on CUDA); returns (rank, world, local rank).
 
-    On CUDA, LOCAL_RANK is rewritten to the rank's GPU index (gpu_index) before DeepSpeed reads it: DeepSpeed takes
-    LOCAL_RANK as the device both for the process group (`device_id`) and for the engine. Under mpirun DeepSpeed sets
-    LOCAL_RANK itself from OpenMPI's local rank (and insists on it), so there each rank must see all the node's GPUs,
-    which is mpirun's default."""
+    On CUDA, LOCAL_RANK is rewritten to the rank's GPU index (choose_gpu) before DeepSpeed reads it: DeepSpeed takes
+    LOCAL_RANK as the device both for the process group (`device_id`) and for the engine. DeepSpeed features that
+    read LOCAL_RANK as a rank within the node (node-local checkpoint storage, pipeline checkpoint loading) are not
+    used by this project's configs."""
     import deepspeed
     import torch
 
     local = int(os.environ.get("LOCAL_RANK", 0))
     cuda = torch.cuda.is_available()
-    if cuda and not launch.mpi_discovery:
-        device = gpu_index(local, torch.cuda.device_count())
-        os.environ["LOCAL_RANK"] = str(device)
-        torch.cuda.set_device(device)
+    if cuda:
+        device = choose_gpu(local, torch.cuda.device_count(), launch.mpi_discovery)
+        if device is not None:
+            os.environ["LOCAL_RANK"] = str(device)
+            torch.cuda.set_device(device)
     deepspeed.init_distributed(
         dist_backend="nccl" if cuda else "gloo",
         auto_mpi_discovery=launch.mpi_discovery,
@@ -144,14 +175,10 @@ def init_distributed(launch: Launch, timeout_s: float) -> tuple[int, int, int]:
     if cuda:
         if launch.mpi_discovery:
             local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(gpu_index(local, torch.cuda.device_count()))
-        log.info(
-            "local rank %d -> cuda:%d of %d visible GPU(s) (CUDA_VISIBLE_DEVICES=%s)",
-            local,
-            torch.cuda.current_device(),
-            torch.cuda.device_count(),
-            os.environ.get("CUDA_VISIBLE_DEVICES", "all"),
-        )
+            torch.cuda.set_device(local)
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "all")
+        gpus = f"cuda:{torch.cuda.current_device()} of {torch.cuda.device_count()} visible GPU(s)"
+        log.info("local rank %d -> %s (CUDA_VISIBLE_DEVICES=%s)", local, gpus, visible)
     return rank, world, local
 
 

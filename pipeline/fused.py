@@ -120,6 +120,10 @@ def apply_fused(
     # A kernel that fails to compile falls back to eager for that graph, with a warning, instead of
     # stopping the run.
     torch._dynamo.config.suppress_errors = True
+    # A shared layer is called in up to 8 variants (train/eval x padding mask or not x all rows or the gathered
+    # last pass): Dynamo's default limit of 8 graphs per code object would leave no headroom before it falls back
+    # to eager without a word.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 16)
     layers = [m for m in model.modules() if isinstance(m, AlbertLayer)]  # each shared layer once
     sigmoid_gelu = device.type == "cpu" and model.config.hidden_act in TANH_GELUS
     if sigmoid_gelu:

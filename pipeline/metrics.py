@@ -107,6 +107,7 @@ def train_record(
         "samples_per_sec": sums["samples"] / seconds,
         "tokens_per_sec": sums["tokens"] / seconds,
         "data_wait_sec": data_wait,
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),  # overflow steps DeepSpeed skipped, in all
         "epoch": epoch,
     }
     log.info(

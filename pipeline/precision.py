@@ -44,12 +44,10 @@ def set_tf32(device, enabled: bool) -> str:
 
     if device.type != "cuda":
         return "TF32: not applicable (CPU)"
-    matmul = torch.backends.cuda.matmul
-    if hasattr(matmul, "fp32_precision"):  # torch >= 2.9
-        matmul.fp32_precision = "tf32" if enabled else "ieee"
-        torch.backends.cudnn.conv.fp32_precision = "tf32" if enabled else "ieee"
-    else:
-        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    # The legacy switches: in torch >= 2.9 they also set the new fp32_precision, whereas setting only the new one
+    # makes later readers of the legacy state (get_float32_matmul_precision, allow_tf32) raise "mix of the legacy
+    # and new APIs".
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
     if not enabled:
         return "TF32: off (--no-tf32): fp32 matmuls in full IEEE precision"
     has_tf32 = not torch.cuda.is_available() or torch.cuda.get_device_capability(device)[0] >= 8

@@ -188,6 +188,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             accuracies = f"MLM accuracy {r['mlm_accuracy']:.4f}, SOP accuracy {r['sop_accuracy']:.4f}"
             log.info("eval step %d: loss %.4f, %s", step, r["loss"], accuracies)
 
+    ckpt_note = f"the last good checkpoint is in {run.ckpt_dir}"
     batches = iter(data)
     t_last, data.data_wait = time.perf_counter(), 0.0
     while step < args.max_steps:
@@ -217,13 +218,17 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                 f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
                 f"The last good checkpoint is in {run.ckpt_dir}"
             )
-        engine.step()
+        try:
+            engine.step()
+        except Exception as e:  # DeepSpeed's fp16 loss scaler raises a bare Exception at its floor
+            if "loss scale already at minimum" not in str(e):
+                raise
+            raise TrainError(f"step {step + 1}: fp16 overflow with the loss scale at its floor; {ckpt_note}") from None
         step = engine.global_steps
         floor = run.ds.get("fp16", {}).get("min_loss_scale", 1)
         if nonfinite and loss_scale(engine, run.precision) <= floor:
             raise TrainError(
-                f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); "
-                f"the last good checkpoint is in {run.ckpt_dir}"
+                f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); {ckpt_note}"
             )
         if step % args.log_interval == 0 or step == args.max_steps or stopping:
             wait = comm.max_(comm.tensor([data.data_wait])).item()  # the slowest rank's
@@ -271,11 +276,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
     from .checkpoint import CheckpointError
-    from .distributed import RendezvousError, shutdown_distributed
+    from .distributed import LaunchError, RendezvousError, shutdown_distributed
 
     try:
         summary = train(setup(args), stop)
-    except (TrainError, CheckpointError, RendezvousError) as e:
+    except (TrainError, CheckpointError, LaunchError, RendezvousError) as e:
         log.error("%s", e)
         return 2
     finally:

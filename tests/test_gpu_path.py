@@ -61,14 +61,36 @@ def test_tf32_switch_is_cuda_only():
     from pipeline.precision import set_tf32
 
     matmul = torch.backends.cuda.matmul
-    before = matmul.fp32_precision
+    before = matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
-        assert "off" in set_tf32(torch.device("cuda", 0), enabled=False) and matmul.fp32_precision == "ieee"
-        assert "on" in set_tf32(torch.device("cuda", 0), enabled=True) and matmul.fp32_precision == "tf32"
-        matmul.fp32_precision = "ieee"
-        assert "not applicable" in set_tf32(torch.device("cpu"), enabled=True) and matmul.fp32_precision == "ieee"
+        assert "off" in set_tf32(torch.device("cuda", 0), enabled=False) and not matmul.allow_tf32
+        assert "on" in set_tf32(torch.device("cuda", 0), enabled=True) and matmul.allow_tf32
+        assert matmul.fp32_precision == "tf32" and torch.get_float32_matmul_precision() == "high"  # no mixed-API error
+        matmul.allow_tf32 = False
+        assert "not applicable" in set_tf32(torch.device("cpu"), enabled=True) and not matmul.allow_tf32
     finally:
-        matmul.fp32_precision = before
+        matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_mpirun_inside_a_slurm_job_is_mpirun_and_srun_with_pmix_is_srun(monkeypatch):
+    """An mpirun in a Slurm job starts its daemons with srun: its ranks inherit the daemons' SLURM_PROCID and
+    SLURM_STEP_NUM_TASKS, which must not be taken for theirs."""
+    import os
+
+    from pipeline.distributed import detect_launch
+
+    slurm = {
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_JOB_ID": "7",
+        "SLURM_STEP_NODELIST": "localhost",
+        "PATH": os.environ.get("PATH", ""),
+    }
+    monkeypatch.setattr(os, "environ", {**slurm, "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5"})
+    assert detect_launch().launcher == "mpirun" and "RANK" not in os.environ
+    monkeypatch.setattr(os, "environ", {**slurm, "PMIX_RANK": "1"})
+    assert detect_launch().launcher == "srun" and os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
 
 
 def test_rng_state_carries_a_cuda_field():
@@ -195,3 +217,14 @@ def test_deepspeed_throughput_timer_is_off_unless_the_config_sets_it(tmp_path):
     assert load_ds_config(path, 2)[0]["timers"] == {"throughput": {"enabled": False}}
     path.write_text(json.dumps({**ds_config(2), "timers": {"throughput": {"enabled": True, "synchronized": False}}}))
     assert load_ds_config(path, 2)[0]["timers"]["throughput"]["enabled"] is True
+
+
+def test_gpu_choice_agrees_with_what_deepspeed_does_with_local_rank():
+    from pipeline.distributed import LaunchError, choose_gpu
+
+    assert choose_gpu(3, 8, False, {}) == 3 and choose_gpu(3, 1, False, {}) == 0  # all GPUs seen; one bound GPU
+    assert choose_gpu(3, 8, True, {"OMPI_COMM_WORLD_LOCAL_RANK": "3"}) is None  # mpirun: DeepSpeed's discovery decides
+    with pytest.raises(LaunchError, match="under mpirun every rank must see all its node's GPUs"):
+        choose_gpu(0, 1, True, {"OMPI_COMM_WORLD_LOCAL_RANK": "1"})
+    with pytest.raises(LaunchError, match=r"would use cuda:0, but DeepSpeed requires LOCAL_RANK to equal OpenMPI's"):
+        choose_gpu(1, 1, False, {"OMPI_COMM_WORLD_LOCAL_RANK": "1"})

@@ -1,0 +1,706 @@
+"""albert-finetune: does the pretraining help? A downstream probe of an exported ALBERT.
+
+Fine-tunes transformers' AlbertForSequenceClassification, loaded from an ALBERT folder (what `albert-export`
+writes, or any ALBERT folder Hugging Face loads) with the folder's SentencePiece tokenizer, on a labelled text
+set, and reports accuracy, precision, recall, F1 and ROC-AUC as mean ± standard deviation over folds x seeds.
+The same architecture from random initialisation (`--baseline random-init`, the default) is trained and scored
+on the very same folds, seeds, batches and settings, and the report shows both and their paired difference.
+
+Evaluation: stratified k-fold cross-validation (`--folds`) of --data, or --data for training and `--dev FILE`
+for scoring; repeated for --seeds seeds (--seed, --seed+1, ...). Each seed reshuffles the folds, the batch
+order, the classifier head's initialisation and the dropout; within one fold and seed both models start from
+the same head and see the same batches, so the only difference is the encoder's weights.
+
+Training: AdamW (weight decay 0.01, none on biases and LayerNorm), linear warmup over the first 10% of the
+steps and linear decay to 0, gradient clipping at 1.0, dynamic padding; on CUDA when there is a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_prep.atomic import write_text
+
+from .labelled import Columns, LabelledDataError, LabelledSet, class_order, read_labelled
+from .probe_metrics import METRIC_NAMES, METRICS, classification_scores, paired_difference, summarise
+
+log = logging.getLogger("albert-finetune")
+
+PRETRAINED, RANDOM_INIT = "pretrained", "random-init"
+BASELINES = (RANDOM_INIT, "none")
+HEAD_KEYS = ("classifier.weight", "classifier.bias")
+DEFAULT_MAX_SEQ_LENGTH = 128
+PROGRESS_INTERVAL_S = 30.0  # log lines when stderr is not a terminal
+EXAMPLE = (
+    "example:\n"
+    "  albert-finetune --model runs/demo/hf --data reviews.tsv --text-column sentence --label-column label \\\n"
+    "      --folds 5 --seeds 3 --epochs 3 --lr 3e-5 --output runs/probe\n"
+    "  albert-finetune --model hf/ --data train.jsonl --dev dev.jsonl --text-column premise \\\n"
+    "      --text-pair-column hypothesis --label-column label --output runs/probe-nli"
+)
+
+
+class ModelFolderError(ValueError):
+    """An ALBERT folder that cannot be used; the message names the folder and the problem."""
+
+
+class SettingsError(ValueError):
+    """A flag value the probe cannot run with; the message names the flag."""
+
+
+USER_ERRORS = (LabelledDataError, ModelFolderError, SettingsError)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 3
+    lr: float = 3e-5
+    batch_size: int = 32
+    max_seq_length: int | None = None  # None: DEFAULT_MAX_SEQ_LENGTH, or the model's positions if fewer
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    model: Path
+    data: Path
+    output: Path
+    columns: Columns = field(default_factory=Columns)
+    dev: Path | None = None
+    folds: int = 5
+    seeds: int = 1
+    seed: int = 42
+    baseline: str = RANDOM_INIT
+    positive_label: str | None = None
+    device: str = "auto"
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+    def check(self) -> None:
+        t = self.train
+        for name, value, low in (
+            ("--folds", self.folds, 2),
+            ("--seeds", self.seeds, 1),
+            ("--epochs", t.epochs, 1),
+            ("--batch-size", t.batch_size, 1),
+            ("--max-seq-length", t.max_seq_length, 4),
+        ):
+            if value is not None and value < low:
+                raise SettingsError(f"{name} {value}: must be at least {low}")
+        if self.seed < 0:
+            raise SettingsError(f"--seed {self.seed}: must be 0 or more")
+        if not t.lr > 0:
+            raise SettingsError(f"--lr {t.lr}: must be positive")
+        if self.baseline not in BASELINES:
+            raise SettingsError(f"--baseline {self.baseline}: one of {', '.join(BASELINES)}")
+
+
+@dataclass
+class Task:
+    """The labelled data with labels as class ids, and what the metrics need to know about the classes."""
+
+    data: LabelledSet
+    dev: LabelledSet | None
+    classes: list[str]
+    positive: int | None  # the positive class id of a binary task, None for more classes
+    y: np.ndarray
+    y_dev: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class Split:
+    seed: int
+    fold: int | None  # None: --dev
+    train: np.ndarray  # indices into --data
+    test: np.ndarray  # indices into --data (cross-validation) or into --dev
+
+    @property
+    def name(self) -> str:
+        return f"seed {self.seed}" + ("" if self.fold is None else f" fold {self.fold + 1}")
+
+
+@dataclass
+class Encoded:
+    input_ids: list[list[int]]
+    token_type_ids: list[list[int]]
+    truncated: int
+
+
+def prepare_task(cfg: ProbeConfig) -> Task:
+    """Read --data and --dev and check they make a classification task the chosen evaluation can score."""
+    data = read_labelled(cfg.data, cfg.columns)
+    dev = read_labelled(cfg.dev, cfg.columns) if cfg.dev is not None else None
+    counts = data.class_counts()
+    if len(counts) < 2:
+        raise LabelledDataError(
+            f"{data.path}: every example has the label {next(iter(counts))!r}; a classifier needs two classes or more"
+        )
+    if dev is not None:
+        for label, line in zip(dev.labels, dev.lines):
+            if label not in counts:
+                raise LabelledDataError(
+                    f"{dev.path}: line {line}: label {label!r} does not occur in the training data {data.path}"
+                )
+    else:
+        label = min(class_order(counts), key=counts.__getitem__)
+        if (smallest := counts[label]) < cfg.folds:
+            raise LabelledDataError(
+                f"{data.path}: class {label!r} has {smallest} example{'s' if smallest > 1 else ''}, fewer than "
+                f"--folds {cfg.folds}: lower --folds or give a --dev file"
+            )
+    classes = class_order(counts)
+    if dev is not None and (absent := [c for c in classes if c not in dev.class_counts()]):
+        log.warning("%s: no examples of %s; ROC-AUC is undefined (n/a) on it", dev.path, ", ".join(map(repr, absent)))
+    positive = None
+    if len(classes) == 2:
+        chosen = classes[-1] if cfg.positive_label is None else cfg.positive_label
+        if chosen not in classes:
+            raise LabelledDataError(f"{data.path}: --positive-label {chosen!r} is not one of the labels {classes}")
+        positive = classes.index(chosen)
+    elif cfg.positive_label is not None:
+        raise LabelledDataError(f"{data.path}: {len(classes)} classes; --positive-label is for binary tasks")
+    index = {c: i for i, c in enumerate(classes)}
+    y = np.array([index[label] for label in data.labels], dtype=np.int64)
+    y_dev = None if dev is None else np.array([index[label] for label in dev.labels], dtype=np.int64)
+    return Task(data, dev, classes, positive, y, y_dev)
+
+
+def make_splits(task: Task, cfg: ProbeConfig) -> list[Split]:
+    """Stratified folds (or --data/--dev) for each seed; the same list serves every model."""
+    from sklearn.model_selection import StratifiedKFold
+
+    splits = []
+    for seed in range(cfg.seed, cfg.seed + cfg.seeds):
+        if task.dev is not None:
+            splits.append(Split(seed, None, np.arange(len(task.y)), np.arange(len(task.y_dev))))
+            continue
+        folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
+        for k, (train, test) in enumerate(folds.split(np.zeros(len(task.y)), task.y)):
+            splits.append(Split(seed, k, train, test))
+    return splits
+
+
+def run_seed(split: Split) -> int:
+    """The seed of one fold of one seed: model initialisation, batch order, dropout."""
+    return int(np.random.SeedSequence([split.seed, 0 if split.fold is None else split.fold + 1]).generate_state(1)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ALBERT folder
+
+
+@dataclass
+class AlbertFolder:
+    path: Path
+    tokenizer: object
+    config: object  # transformers.AlbertConfig with the task's labels
+    encoder_state: dict[str, torch.Tensor]  # the folder's weights, without the new classification head
+
+
+def load_albert_folder(folder: Path, classes: list[str], max_seq_length: int | None = None) -> AlbertFolder:
+    if not folder.is_dir():
+        raise ModelFolderError(f"{folder}: no such folder")
+    for name, what in (("config.json", "model config"), ("spiece.model", "SentencePiece model of the tokenizer")):
+        if not (folder / name).is_file():
+            hint = " (albert-export writes it when given --spm-model)" if name == "spiece.model" else ""
+            raise ModelFolderError(f"{folder}: no {name}, the {what}{hint}")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never ask the Hub
+    from transformers import AlbertForSequenceClassification, AutoConfig, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    try:
+        config = AutoConfig.from_pretrained(
+            folder,
+            num_labels=len(classes),
+            id2label=dict(enumerate(classes)),
+            label2id={c: i for i, c in enumerate(classes)},
+        )
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{folder}: config.json cannot be read ({_first_line(e)})") from None
+    if config.model_type != "albert":
+        raise ModelFolderError(f"{folder}: config.json describes a {config.model_type!r} model, not ALBERT")
+    if max_seq_length is not None and max_seq_length > config.max_position_embeddings:
+        raise ModelFolderError(
+            f"{folder}: --max-seq-length {max_seq_length} exceeds the model's {config.max_position_embeddings} positions"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelFolderError(f"{folder}: the tokenizer cannot be loaded ({_first_line(e)})") from None
+    if len(tokenizer) > config.vocab_size:
+        raise ModelFolderError(f"{folder}: the tokenizer has {len(tokenizer)} pieces, the model {config.vocab_size}")
+    # transformers' own load report would list the pretraining heads left out; the check below says what matters.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        model, info = AlbertForSequenceClassification.from_pretrained(folder, config=config, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelFolderError(f"{folder}: the weights cannot be loaded ({_first_line(e)})") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    missing = set(info["missing_keys"]) - set(HEAD_KEYS)
+    if missing - {k for k in missing if k.startswith("albert.pooler.")}:
+        raise ModelFolderError(f"{folder}: no weights for {', '.join(sorted(missing)[:5])}; not an ALBERT checkpoint")
+    if missing:
+        log.warning("%s: no pooler weights; the pooler starts from random initialisation too", folder)
+    if info.get("mismatched_keys"):
+        raise ModelFolderError(f"{folder}: weights of the wrong shape: {sorted(info['mismatched_keys'])[:5]}")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in set(HEAD_KEYS) | missing}
+    return AlbertFolder(folder, tokenizer, config, state)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def new_model(folder: AlbertFolder, kind: str, seed: int):
+    """AlbertForSequenceClassification with the folder's weights (pretrained) or none (random-init); the head and
+    everything not loaded are initialised from `seed`, identically for both kinds."""
+    from transformers import AlbertForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = AlbertForSequenceClassification(folder.config)
+    if kind == PRETRAINED:
+        missing, unexpected = model.load_state_dict(folder.encoder_state, strict=False)
+        if unexpected or not set(missing) <= set(HEAD_KEYS) | {k for k in missing if k.startswith("albert.pooler.")}:
+            raise RuntimeError(f"loading the encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokens, batches, training and prediction
+
+
+def encode(tokenizer, data: LabelledSet, max_seq_length: int) -> Encoded:
+    """[CLS] text [SEP] (pair [SEP]) ids and segment ids, truncated to max_seq_length (longest text first)."""
+    pairs = data.pairs
+    full = tokenizer(data.texts, pairs, add_special_tokens=True)["input_ids"]
+    truncated = sum(len(ids) > max_seq_length for ids in full)
+    enc = tokenizer(data.texts, pairs, truncation=True, max_length=max_seq_length, return_token_type_ids=True)
+    return Encoded(enc["input_ids"], enc["token_type_ids"], truncated)
+
+
+def collate(enc: Encoded, idx, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    rows = [enc.input_ids[i] for i in idx]
+    length = max(len(r) for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    types = torch.zeros((len(rows), length), dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for j, i in enumerate(idx):
+        n = len(enc.input_ids[i])
+        ids[j, :n] = torch.tensor(enc.input_ids[i])
+        types[j, :n] = torch.tensor(enc.token_type_ids[i])
+        mask[j, :n] = 1
+    return {"input_ids": ids.to(device), "token_type_ids": types.to(device), "attention_mask": mask.to(device)}
+
+
+def steps_per_run(n_train: int, t: TrainSettings) -> int:
+    return t.epochs * math.ceil(n_train / t.batch_size)
+
+
+def train(
+    model, enc: Encoded, y: np.ndarray, idx: np.ndarray, t: TrainSettings, seed: int, pad_id: int, device, progress
+):
+    """Fine-tune in place; returns the mean training loss of the last epoch."""
+    from transformers import get_linear_schedule_with_warmup
+
+    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
+    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr
+    )
+    total = steps_per_run(len(idx), t)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(t.warmup_ratio * total), total)
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.as_tensor(y)
+    model.to(device).train()
+    epoch_loss = math.nan
+    for _ in range(t.epochs):
+        order = idx[torch.randperm(len(idx), generator=generator).numpy()]
+        losses = []
+        for start in range(0, len(order), t.batch_size):
+            batch = order[start : start + t.batch_size]
+            out = model(**collate(enc, batch, pad_id, device), labels=labels[torch.as_tensor(batch)].to(device))
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(out.loss.item())
+            progress.step(losses[-1])
+        epoch_loss = float(np.mean(losses))
+    return epoch_loss
+
+
+@torch.inference_mode()
+def predict(model, enc: Encoded, idx: np.ndarray, batch_size: int, pad_id: int, device) -> np.ndarray:
+    """Class probabilities (len(idx) x classes), float64."""
+    model.to(device).eval()
+    out = []
+    for start in range(0, len(idx), batch_size):
+        logits = model(**collate(enc, idx[start : start + batch_size], pad_id, device)).logits
+        out.append(torch.softmax(logits.double(), dim=-1).cpu().numpy())
+    return np.concatenate(out)
+
+
+class Progress:
+    """A tqdm bar over all optimizer steps on a terminal; a log line every PROGRESS_INTERVAL_S seconds otherwise."""
+
+    def __init__(self, total: int, interval_s: float = PROGRESS_INTERVAL_S):
+        self.total, self.done, self.interval_s, self.what = total, 0, interval_s, ""
+        self.start = self.last = time.monotonic()
+        tty = sys.stderr.isatty()
+        self.bar = tqdm(total=total, unit="step", desc="fine-tuning", dynamic_ncols=True) if tty else None
+
+    def run(self, what: str) -> None:
+        self.what = what
+        if self.bar is not None:
+            self.bar.set_description(what)
+
+    def step(self, loss: float) -> None:
+        self.done += 1
+        if self.bar is not None:
+            self.bar.update()
+            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.interval_s:
+            self.last = now
+            elapsed = now - self.start
+            log.info(
+                "step %d/%d (%.0f%%) %s: loss %.4f; %.0f s elapsed, about %.0f s left",
+                self.done,
+                self.total,
+                100 * self.done / self.total,
+                self.what,
+                loss,
+                elapsed,
+                elapsed * (self.total - self.done) / self.done,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def logging(self):
+        """Route log lines around the bar while it is shown."""
+        if self.bar is None:
+            return nullcontext()
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        return logging_redirect_tqdm()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The probe
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise SettingsError(f"--device {name}: no CUDA device is available")
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise SettingsError(f"--device {name}: {_first_line(e)}") from None
+
+
+def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | None = None) -> dict:
+    """Fine-tune and score every model on every split; write results.json (after each run) and return it."""
+    cfg.check()
+    device = resolve_device(cfg.device)
+    task = prepare_task(cfg) if task is None else task
+    folder = load_albert_folder(cfg.model, task.classes, cfg.train.max_seq_length)
+    if cfg.train.max_seq_length is None:
+        length = min(DEFAULT_MAX_SEQ_LENGTH, folder.config.max_position_embeddings)
+        cfg = replace(cfg, train=replace(cfg.train, max_seq_length=length))
+    splits = make_splits(task, cfg)
+    kinds = [PRETRAINED] + ([RANDOM_INIT] if cfg.baseline == RANDOM_INIT else [])
+    enc = encode(folder.tokenizer, task.data, cfg.train.max_seq_length)
+    enc_dev = encode(folder.tokenizer, task.dev, cfg.train.max_seq_length) if task.dev is not None else None
+    for e, d in ((enc, task.data), (enc_dev, task.dev)):
+        if e is not None and e.truncated:
+            log.warning(
+                "%s: %d of %d examples are longer than --max-seq-length %d pieces and were truncated",
+                d.path,
+                e.truncated,
+                len(d),
+                cfg.train.max_seq_length,
+            )
+    pad_id = folder.tokenizer.pad_token_id
+    counts = task.data.class_counts()
+    log.info(
+        "%s: %d examples (%s), %s; model %s on %s",
+        task.data.path,
+        len(task.data),
+        ", ".join(f"{c} {counts[c]}" for c in task.classes),
+        describe_evaluation(cfg, task),
+        cfg.model,
+        device,
+    )
+    results = {
+        "complete": False,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": shlex.join(command) if command else None,
+        "machine": machine(device),
+        "model": str(cfg.model),
+        "data": {"path": str(task.data.path), "format": task.data.format, "examples": len(task.data)},
+        "dev": None if task.dev is None else {"path": str(task.dev.path), "examples": len(task.dev)},
+        "settings": settings_dict(cfg),
+        "evaluation": describe_evaluation(cfg, task),
+        "classes": task.classes,
+        "class_counts": {c: counts[c] for c in task.classes},
+        "positive_label": None if task.positive is None else task.classes[task.positive],
+        "averaging": "binary (positive class)" if task.positive is not None else "macro; ROC-AUC macro one-vs-rest",
+        "truncated": {"data": enc.truncated, "dev": None if enc_dev is None else enc_dev.truncated},
+        "splits": [
+            {"seed": s.seed, "fold": s.fold, "train_examples": len(s.train), "test_indices": s.test.tolist()}
+            for s in splits
+        ],
+        "runs": [],
+        "summary": {},
+    }
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    total = len(kinds) * sum(steps_per_run(len(s.train), cfg.train) for s in splits)
+    progress = Progress(total)
+    test_enc, test_y = (enc, task.y) if task.dev is None else (enc_dev, task.y_dev)
+    try:
+        with progress.logging():
+            for i, split in enumerate(splits):
+                seed = run_seed(split)
+                for kind in kinds:
+                    progress.run(f"{kind} {split.name}")
+                    started = time.monotonic()
+                    model = new_model(folder, kind, seed)
+                    loss = train(model, enc, task.y, split.train, cfg.train, seed, pad_id, device, progress)
+                    probs = predict(model, test_enc, split.test, 2 * cfg.train.batch_size, pad_id, device)
+                    scores = classification_scores(test_y[split.test], probs, task.positive)
+                    row = {
+                        "model": kind,
+                        "seed": split.seed,
+                        "fold": split.fold,
+                        "train_examples": len(split.train),
+                        "test_examples": len(split.test),
+                        **scores,
+                        "train_loss": loss,
+                        "seconds": round(time.monotonic() - started, 2),
+                    }
+                    results["runs"].append(row)
+                    log.info(
+                        "%-11s %s (%d/%d): %s; train loss %.4f, %.1f s",
+                        kind,
+                        split.name,
+                        i + 1,
+                        len(splits),
+                        ", ".join(f"{METRIC_NAMES[m]} {scores[m]:.3f}" for m in METRICS),
+                        loss,
+                        row["seconds"],
+                    )
+                    del model
+                results["summary"] = summary(results["runs"], kinds)
+                write_results(cfg.output, results)
+    finally:
+        progress.close()
+    results["complete"] = True
+    write_results(cfg.output, results)
+    return results
+
+
+def summary(runs: list[dict], kinds: list[str]) -> dict:
+    by_kind = {k: [r for r in runs if r["model"] == k] for k in kinds}
+    out = {k: summarise(rows) for k, rows in by_kind.items()}
+    if RANDOM_INIT in by_kind and len(by_kind[RANDOM_INIT]) == len(by_kind[PRETRAINED]):
+        out["difference"] = paired_difference(by_kind[PRETRAINED], by_kind[RANDOM_INIT])
+    return out
+
+
+def write_results(output: Path, results: dict) -> None:
+    write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=True) + "\n")
+
+
+def describe_evaluation(cfg: ProbeConfig, task: Task) -> str:
+    seeds = f"{cfg.seeds} seed" + ("s" if cfg.seeds > 1 else "")
+    if task.dev is not None:
+        return f"trained on all of --data, scored on --dev ({len(task.dev)} examples) x {seeds}"
+    return f"{cfg.folds}-fold stratified cross-validation x {seeds}"
+
+
+def settings_dict(cfg: ProbeConfig) -> dict:
+    return {
+        "folds": cfg.folds if cfg.dev is None else None,
+        "seeds": cfg.seeds,
+        "seed": cfg.seed,
+        "baseline": cfg.baseline,
+        "text_column": cfg.columns.text,
+        "text_pair_column": cfg.columns.pair,
+        "label_column": cfg.columns.label,
+        **asdict(cfg.train),
+    }
+
+
+def machine(device: torch.device) -> str:
+    cpu = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} ({cpu})"
+    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def format_table(results: dict) -> str:
+    """The summary: one row per model (mean ± std over folds x seeds), then the paired difference."""
+    s = results["summary"]
+    width = 15
+    lines = [f"{'model':<12}" + "".join(f"{METRIC_NAMES[m]:>{width}}" for m in METRICS)]
+
+    def cell(v: dict, signed: bool = False) -> str:
+        if not math.isfinite(v["mean"]):
+            return f"{'n/a':>{width}}"
+        mean = f"{v['mean']:+.3f}" if signed else f"{v['mean']:.3f}"
+        return f"{mean} ± {v['std']:.3f}".rjust(width)
+
+    for kind in (PRETRAINED, RANDOM_INIT):
+        if kind in s:
+            lines.append(f"{kind:<12}" + "".join(cell(s[kind][m]) for m in METRICS))
+    if "difference" in s:
+        lines.append(f"{'difference':<12}" + "".join(cell(s["difference"][m], signed=True) for m in METRICS))
+    counts = ", ".join(f"{c} {n}" for c, n in results["class_counts"].items())
+    pos = results["positive_label"]
+    head = [
+        f"albert-finetune: {results['model']} on {results['data']['path']} ({results['data']['examples']} examples: {counts})",
+        f"  {results['evaluation']}; {settings_line(results['settings'])}",
+        "  "
+        + (f"precision, recall, F1 of the positive class {pos!r}" if pos is not None else "macro averages")
+        + "; mean ± std over folds x seeds"
+        + ("; difference: pretrained - random-init, paired over the same folds and seeds" if "difference" in s else ""),
+    ]
+    return "\n".join(head + lines)
+
+
+def settings_line(st: dict) -> str:
+    return (
+        f"{st['epochs']} epochs, lr {st['lr']:g}, batch {st['batch_size']}, max length {st['max_seq_length']}, "
+        f"seed {st['seed']}"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The command
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="albert-finetune",
+        description=__doc__.split("\n\n", 1)[1],
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--model", required=True, type=Path, help="ALBERT folder (albert-export's output) with spiece.model")
+    a("--data", required=True, type=Path, help="labelled file: TSV/CSV with a header, JSON lines, or fastText lines")
+    a("--text-column", default="text", help="column (TSV/CSV) or field (JSON lines) of the text (default: text)")
+    a("--text-pair-column", default=None, help="column or field of the second text, for sentence-pair tasks")
+    a("--label-column", default="label", help="column or field of the label (default: label)")
+    a("--dev", type=Path, default=None, help="score on this file (same format) instead of cross-validation")
+    a("--folds", type=int, default=5, help="stratified cross-validation folds when there is no --dev (default: 5)")
+    a("--seeds", type=int, default=1, help="repeat everything with this many seeds: --seed, --seed+1, ... (default: 1)")
+    a("--epochs", type=int, default=TrainSettings.epochs, help=f"default: {TrainSettings.epochs}")
+    a("--lr", type=float, default=TrainSettings.lr, help=f"AdamW's peak learning rate (default: {TrainSettings.lr:g})")
+    a("--batch-size", type=int, default=TrainSettings.batch_size, help=f"default: {TrainSettings.batch_size}")
+    a(
+        "--max-seq-length",
+        type=int,
+        default=None,
+        help=f"pieces per example, [CLS] and [SEP]s included; longer ones are truncated "
+        f"(default: {DEFAULT_MAX_SEQ_LENGTH}, or the model's positions if fewer)",
+    )
+    a("--seed", type=int, default=42, help="first seed: folds, initialisation, batch order, dropout (default: 42)")
+    a(
+        "--baseline",
+        default=RANDOM_INIT,
+        choices=BASELINES,
+        help="random-init: also train the same architecture from random weights on the same folds (default)",
+    )
+    a("--output", required=True, type=Path, help="folder for results.json")
+    a("--positive-label", default=None, help="binary tasks: the positive class (default: the last label in order)")
+    a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    a("-v", "--verbose", action="store_true")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> ProbeConfig:
+    return ProbeConfig(
+        model=args.model,
+        data=args.data,
+        output=args.output,
+        columns=Columns(text=args.text_column, label=args.label_column, pair=args.text_pair_column),
+        dev=args.dev,
+        folds=args.folds,
+        seeds=args.seeds,
+        seed=args.seed,
+        baseline=args.baseline,
+        positive_label=args.positive_label,
+        device=args.device,
+        train=TrainSettings(
+            epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_seq_length=args.max_seq_length
+        ),
+    )
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers' advisory warnings (e.g. about sequence lengths) are not for this command's users."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    cfg = config_from_args(args)
+    try:
+        cfg.check()
+        task = prepare_task(cfg)  # bad data is reported before transformers is imported
+        with _quiet_transformers():
+            results = run_probe(cfg, ["albert-finetune", *argv], task)
+    except USER_ERRORS as e:
+        log.error("%s", e)
+        return 2
+    sys.stdout.write("\n" + format_table(results) + "\n")
+    log.info("wrote %s", cfg.output / "results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
