@@ -54,13 +54,10 @@ log = logging.getLogger("gpu_check.pretrain")
 ALL_ROWS = ("z0-bf16", "z1-bf16", "z1-fp16", "z2-bf16", "z2-fp16", "z3-bf16", "z3-fp16")
 SMOKE_ROWS = ("z0-bf16", "z3-fp16")
 PRECISIONS = ("bf16", "fp16", "fp32")
-MAX_SYNCS = 1  # host syncs allowed in one optimizer step outside logging, saving and evaluation: the loop's flag read
-# fp16 adds DeepSpeed's own: its loss scaler reads the overflow flag to the host every step to decide whether to skip it.
-MAX_SYNCS_FP16 = 2
-
-
-def max_syncs(precision: str) -> int:
-    return MAX_SYNCS_FP16 if precision == "fp16" else MAX_SYNCS
+# Host syncs our code may make in one optimizer step outside logging, saving and evaluation: the loop's flag read.
+# DeepSpeed's own (its ZeRO optimizers' overflow and gradient-norm checks, the ZeRO-2 epilogue with overlap_comm,
+# fp16's loss scaler) are counted and listed, not judged: they are DeepSpeed's, per stage and config.
+MAX_SYNCS = 1
 
 
 HEADERS = [
@@ -689,9 +686,10 @@ def row_problems(r: RowResult, count_syncs: bool) -> list[str]:
         syncs = p.get("syncs") or {}
         if syncs.get("max") is None:
             problems.append("no clean optimizer step to count host syncs on (raise --pretrain-save-step)")
-        elif syncs["max"] > max_syncs(r.row.precision):
+        elif syncs.get("ours_max", syncs["max"]) > MAX_SYNCS:
+            ours = syncs.get("ours_max", syncs["max"])
             problems.append(
-                f"{syncs['max']} host syncs in one optimizer step (at most {max_syncs(r.row.precision)}): {sync_sources(syncs)}"
+                f"{ours} host syncs of ours in one optimizer step (at most {MAX_SYNCS}): {sync_sources(syncs)}"
             )
     if r.resumed is not None and not r.resumed.ok:
         problems.append(f"resumed albert-pretrain {r.resumed.failure()}")
@@ -712,8 +710,8 @@ def sync_cell(syncs: dict[str, Any] | None, count_syncs: bool) -> str:
         return "n/a (CPU)"
     if not syncs or syncs.get("max") is None:
         return "-"
-    mx, mean = syncs["max"], syncs["mean"]
-    return f"{mx}" if mean == mx else f"{mx} (mean {mean:.2f})"
+    mx, mean, ours = syncs["max"], syncs["mean"], syncs.get("ours_max", "?")
+    return f"{mx} (ours {ours})" if mean == mx else f"{mx} (mean {mean:.2f}; ours {ours})"
 
 
 def row_cells(r: RowResult, count_syncs: bool) -> list[str]:
@@ -1058,8 +1056,9 @@ def emit_section(
         "(bench/harness.py model_flops) per second against the GPU's nominal dense bf16/fp16 peak.",
         (
             "- host syncs / step: the most in one clean step (torch.cuda.set_sync_debug_mode('warn') warnings, plus calls of "
-            f"torch.cuda.synchronize and Event.synchronize, which that mode does not report); a row fails above {MAX_SYNCS}, "
-            f"an fp16 row above {MAX_SYNCS_FP16} (DeepSpeed's loss scaler reads its overflow flag every step). "
+            "torch.cuda.synchronize and Event.synchronize, which that mode does not report), in all and (ours) those made "
+            f"in pipeline/; a row fails when ours exceed {MAX_SYNCS}. DeepSpeed's own (overflow and gradient-norm checks, "
+            "the ZeRO-2 epilogue with overlap_comm, fp16's loss scaler) are listed below the table by source line. "
             "Peak memory: torch.cuda.max_memory_allocated of the straight run."
             if cuda
             else "- host syncs: not counted on CPU. Peak memory: the straight run's peak RSS."

@@ -234,6 +234,9 @@ def clean_steps(
     return steps
 
 
+OUR_CODE = ("pipeline/", "data_prep/")  # sources of the syncs our own code makes (the rest: DeepSpeed, torch)
+
+
 def summarize_windows(windows: list[Window], steps: list[int]) -> dict[str, Any]:
     """Syncs per optimizer step over `steps` (max, mean, per source), and their mean duration."""
     chosen = [w for w in windows if w.step in set(steps)]
@@ -243,9 +246,11 @@ def summarize_windows(windows: list[Window], steps: list[int]) -> dict[str, Any]
     for w in chosen:
         by_source.update(w.syncs)
     counts = [w.count for w in chosen]
+    ours = [sum(n for source, n in w.syncs.items() if source.startswith(OUR_CODE)) for w in chosen]
     return {
         "steps": [w.step for w in chosen],
         "max": max(counts),
+        "ours_max": max(ours),
         "mean": statistics.fmean(counts),
         "per_step_by_source": {k: v / len(chosen) for k, v in by_source.most_common()},
         "seconds_mean": statistics.fmean(w.seconds for w in chosen),

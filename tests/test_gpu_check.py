@@ -435,6 +435,7 @@ def row_result(
     optimizer="our multi-tensor LAMB (ZeRO-2 partitions)",
     probe_optimizer="Lamb",
     syncs=1,
+    ours=1,
     resumed_rc=0,
     resumed=None,
     export=True,
@@ -453,12 +454,13 @@ def row_result(
         "peak_memory_bytes": 5 * 2**30,
         "syncs": {
             "max": syncs,
+            "ours_max": ours,
             "mean": syncs,
             "steps": list(range(3, 20)),
             "seconds_mean": 0.05,
             "per_step_by_source": {}
             if syncs is None
-            else {"pipeline/pretrain.py:470": 1.0, "deepspeed/utils/timer.py:237 (synchronize)": syncs - 1.0},
+            else {"pipeline/pretrain.py:470": float(ours), "deepspeed/utils/timer.py:237 (synchronize)": syncs - ours},
         },
     }
     r = gcp.RowResult(row, flops_per_step=4e12, samples_per_step=128, nominal_peak=989e12)
@@ -482,7 +484,7 @@ def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
     fused = "DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)"
     results = [
         row_result(tmp_path, z0, optimizer=fused, probe_optimizer="FusedLamb"),  # passes
-        row_result(tmp_path, z1b, syncs=3),  # too many host syncs
+        row_result(tmp_path, z1b, syncs=4, ours=2),  # too many host syncs of ours
         row_result(tmp_path, z1h, resumed={str(s): [1.0, 1.0] for s in range(21, 31)}),  # resumed losses differ
         row_result(
             tmp_path,
@@ -497,7 +499,7 @@ def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
     problems = {r.row.key: gcp.row_problems(r, count_syncs=True) for r in results}
     assert problems["z0-bf16"] == []
     assert problems["z1-bf16"] == [
-        "3 host syncs in one optimizer step (at most 1): 1 x pipeline/pretrain.py:470, "
+        "2 host syncs of ours in one optimizer step (at most 1): 2 x pipeline/pretrain.py:470, "
         "2 x deepspeed/utils/timer.py:237 (synchronize)"
     ]
     assert problems["z1-fp16"][0].startswith("resume not exact: step 21:")
@@ -520,7 +522,7 @@ def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
     assert (good["optimizer"], good["samples/s"], good["host syncs / step"], good["peak GPU memory (MiB)"]) == (
         "FusedLamb",
         "2,560",
-        "1",
+        "1 (ours 1)",
         "5,120",
     )
     assert good["MFU (nominal peak)"] == f"{4e12 / 0.05 / 989e12:.1%}" and good["result"] == "PASS"
@@ -576,8 +578,10 @@ def test_the_script_exits_non_zero_naming_the_rows_that_could_not_run(tmp_path):
     )
 
 
-def test_fp16_rows_allow_the_loss_scalers_own_read(tmp_path):
-    """DeepSpeed's fp16 loss scaler reads its overflow flag every step: one sync more than bf16 is allowed there."""
+def test_deepspeeds_own_syncs_are_listed_not_judged(tmp_path):
+    """DeepSpeed's ZeRO optimizers and fp16 loss scaler sync on their own every step: counted and listed, while a
+    row fails only on syncs made by our code."""
     z1h = next(r for r in gcp.plan_rows(list(gcp.ALL_ROWS), "cuda") if r.key == "z1-fp16")
-    assert gcp.row_problems(row_result(tmp_path, z1h, syncs=2), count_syncs=True) == []
-    assert "(at most 2)" in gcp.row_problems(row_result(tmp_path, z1h, syncs=3), count_syncs=True)[0]
+    assert gcp.row_problems(row_result(tmp_path, z1h, syncs=9, ours=1), count_syncs=True) == []
+    assert "2 host syncs of ours" in gcp.row_problems(row_result(tmp_path, z1h, syncs=9, ours=2), count_syncs=True)[0]
+    assert gcp.sync_cell({"max": 9, "mean": 9, "ours_max": 1}, True) == "9 (ours 1)"
