@@ -23,7 +23,6 @@ import logging
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import torch
 from harness import markdown_table, matmul_peaks, model_flops
 
 from data_prep.demo import prepare_demo_data
-from pipeline.distributed import free_port
+from pipeline.distributed import torchrun_pretrain
 from pipeline.model import AlbertConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,34 +55,28 @@ def run(name: str, precision: str, path: str, data: Path, args: argparse.Namespa
     model_cfg = work / f"{name}.json"
     cfg.to_json(model_cfg)
     out = work / f"{name}-{precision}-{path}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(args.ranks),
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "pipeline.pretrain",
-        "--deepspeed_config",
-        str(ds_config(precision, args.micro, work / f"ds-{precision}.json")),
-        "--model-config",
-        str(model_cfg),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--max-steps",
-        str(args.steps),
-        "--log-interval",
-        "1",
-        "--save-interval",
-        str(10**9),
-        "--eval-interval",
-        "0",
-        *({**PATHS, "glibc": GLIBC}[path]),
-    ]
+    cmd = torchrun_pretrain(
+        args.ranks,
+        [
+            "--deepspeed_config",
+            str(ds_config(precision, args.micro, work / f"ds-{precision}.json")),
+            "--model-config",
+            str(model_cfg),
+            "--data",
+            str(data),
+            "--output",
+            str(out),
+            "--max-steps",
+            str(args.steps),
+            "--log-interval",
+            "1",
+            "--save-interval",
+            str(10**9),
+            "--eval-interval",
+            "0",
+            *({**PATHS, "glibc": GLIBC}[path]),
+        ],
+    )
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, torch.get_num_threads() // args.ranks)), "DS_ACCELERATOR": "cpu"}
     log.info("%s %s %s: %s", name, precision, path, " ".join(cmd[2:]))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, check=False)

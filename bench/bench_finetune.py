@@ -39,7 +39,7 @@ from data_prep.demo import prepare_demo_data  # noqa: E402
 from data_prep.demo_corpus import pang_lee_polarity  # noqa: E402
 from pipeline.checkpoint import complete_checkpoints  # noqa: E402
 from pipeline.demo import PROBE_SETTINGS  # noqa: E402
-from pipeline.distributed import free_port  # noqa: E402
+from pipeline.distributed import torchrun_pretrain  # noqa: E402
 from pipeline.model import AlbertConfig  # noqa: E402
 from pipeline.probe_metrics import paired_difference  # noqa: E402
 
@@ -55,39 +55,33 @@ def run(cmd: list[str], env: dict | None = None) -> None:
 def pretrain(args: argparse.Namespace, data, model_config: Path, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
-            str(args.ranks),
-            "--master_port",
-            str(free_port()),
-            "-m",
-            "pipeline.pretrain",
-            "--deepspeed_config",
-            str(args.deepspeed_config),
-            "--model-config",
-            str(model_config),
-            "--data",
-            str(data.train),
-            "--eval-data",
-            str(data.eval),
-            "--output",
-            str(out),
-            "--max-steps",
-            str(args.steps),
-            "--save-interval",
-            str(args.every),
-            "--eval-interval",
-            str(args.every),
-            "--eval-batches",
-            "20",
-            "--log-interval",
-            "10",
-            "--keep-checkpoints",
-            str(args.steps // args.every + 1),
-        ],
+        torchrun_pretrain(
+            args.ranks,
+            [
+                "--deepspeed_config",
+                str(args.deepspeed_config),
+                "--model-config",
+                str(model_config),
+                "--data",
+                str(data.train),
+                "--eval-data",
+                str(data.eval),
+                "--output",
+                str(out),
+                "--max-steps",
+                str(args.steps),
+                "--save-interval",
+                str(args.every),
+                "--eval-interval",
+                str(args.every),
+                "--eval-batches",
+                "20",
+                "--log-interval",
+                "10",
+                "--keep-checkpoints",
+                str(args.steps // args.every + 1),
+            ],
+        ),
         env,
     )
 

@@ -35,7 +35,7 @@ from data_prep.demo import prepare_demo_data
 from data_prep.demo_corpus import pang_lee_polarity
 from data_prep.errors import DataPrepError
 
-from .distributed import free_port
+from .distributed import torchrun_pretrain
 from .model import AlbertConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,37 +114,31 @@ def main(argv: list[str] | None = None) -> int:
     model_config = args.output / "albert-tiny-demo.json"
     cfg.to_json(model_config)
     train_dir = args.output / "train"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        str(args.ranks),
-        "--master_port",
-        str(free_port()),
-        "-m",
-        "pipeline.pretrain",
-        "--deepspeed_config",
-        str(args.deepspeed_config),
-        "--model-config",
-        str(model_config),
-        "--data",
-        str(data.train),
-        "--eval-data",
-        str(data.eval),
-        "--output",
-        str(train_dir),
-        "--max-steps",
-        str(args.steps),
-        "--log-interval",
-        "10",
-        "--save-interval",
-        "100",
-        "--eval-interval",
-        "100",
-        "--eval-batches",
-        "20",
-    ]
+    cmd = torchrun_pretrain(
+        args.ranks,
+        [
+            "--deepspeed_config",
+            str(args.deepspeed_config),
+            "--model-config",
+            str(model_config),
+            "--data",
+            str(data.train),
+            "--eval-data",
+            str(data.eval),
+            "--output",
+            str(train_dir),
+            "--max-steps",
+            str(args.steps),
+            "--log-interval",
+            "10",
+            "--save-interval",
+            "100",
+            "--eval-interval",
+            "100",
+            "--eval-batches",
+            "20",
+        ],
+    )
     log.info("pretraining: %s", " ".join(cmd[2:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     if subprocess.run(cmd, cwd=REPO, env=env).returncode:

@@ -15,6 +15,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
@@ -58,6 +59,13 @@ def first_host(nodelist: str) -> str:
         while m := re.search(r"\[([^\]]*)\]", first):
             first = first[: m.start()] + re.split(r"[-,]", m.group(1))[0] + first[m.end() :]
         return first
+
+
+def torchrun_pretrain(ranks: int, args: list[str]) -> list[str]:
+    """The command that runs `albert-pretrain ARGS` on RANKS local processes under torchrun, with this Python and a
+    free rendezvous port (the demo and the benchmarks launch it so)."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks)]
+    return [*torchrun, "--master_port", str(free_port()), "-m", "pipeline.pretrain", *args]
 
 
 def slurm_rendezvous(env: Mapping[str, str] = os.environ) -> tuple[str, str]:
