@@ -4,7 +4,7 @@ and resumable at the exact micro-batch.
 The order of an epoch:
 1. every shard is cut into blocks of BLOCK rows (the HDF5 chunk size, so a block is read whole);
    the blocks of all shards are permuted by (seed, epoch) into one virtual sequence of N rows;
-2. rank r takes the contiguous range [r * N // world, (r + 1) * N // world) of that sequence, so each
+2. rank r takes the contiguous range [r * (N // world), (r + 1) * (N // world)) of that sequence, so each
    rank reads only its own ~1/world of the data and the shares are disjoint;
 3. the range is read one window (about `window` rows) at a time, and each window is shuffled by
    (seed, epoch, rank, window). Memory holds a few windows, never a whole shard.
