@@ -38,9 +38,8 @@ from data_prep.cli import setup_logging  # noqa: E402
 from data_prep.demo import prepare_demo_data  # noqa: E402
 from data_prep.demo_corpus import pang_lee_polarity  # noqa: E402
 from pipeline.checkpoint import complete_checkpoints  # noqa: E402
-from pipeline.demo import PROBE_SETTINGS  # noqa: E402
+from pipeline.demo import PROBE_SETTINGS, pretrain_args, write_model_config  # noqa: E402
 from pipeline.distributed import torchrun_pretrain  # noqa: E402
-from pipeline.model import AlbertConfig  # noqa: E402
 from pipeline.probe_metrics import paired_difference  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -54,33 +53,10 @@ def run(cmd: list[str], env: dict | None = None) -> None:
 
 def pretrain(args: argparse.Namespace, data, model_config: Path, out: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+    keep = ["--keep-checkpoints", str(args.steps // args.every + 1)]  # every checkpoint of the curve
     run(
         torchrun_pretrain(
-            args.ranks,
-            [
-                "--deepspeed_config",
-                str(args.deepspeed_config),
-                "--model-config",
-                str(model_config),
-                "--data",
-                str(data.train),
-                "--eval-data",
-                str(data.eval),
-                "--output",
-                str(out),
-                "--max-steps",
-                str(args.steps),
-                "--save-interval",
-                str(args.every),
-                "--eval-interval",
-                str(args.every),
-                "--eval-batches",
-                "20",
-                "--log-interval",
-                "10",
-                "--keep-checkpoints",
-                str(args.steps // args.every + 1),
-            ],
+            args.ranks, [*pretrain_args(args.deepspeed_config, model_config, data, out, args.steps, args.every), *keep]
         ),
         env,
     )
@@ -129,11 +105,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = prepare_demo_data(args.work / "data")
     labelled = args.data or pang_lee_polarity()
-    vocab_size = json.loads((data.train / "manifest.json").read_text())["vocab"]["vocab_size"]
-    cfg = AlbertConfig.from_name_or_path("albert-tiny")
-    cfg.vocab_size = vocab_size
-    model_config = args.work / "albert-tiny-demo.json"
-    cfg.to_json(model_config)
+    vocab_size, model_config = write_model_config(data.train, args.work)
     train_dir = args.work / "train"
     pretrain(args, data, model_config, train_dir)
 

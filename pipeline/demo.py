@@ -47,6 +47,28 @@ SOP_CHANCE = 0.5  # the shards swap each pair with probability 0.5
 PROBE_SETTINGS = ["--lr", "5e-4", "--batch-size", "8", "--max-seq-length", "48", "--seed", "42"]
 
 
+def write_model_config(train: Path, folder: Path) -> tuple[int, Path]:
+    """albert-tiny with the vocabulary of the shards in `train`, written to FOLDER/albert-tiny-demo.json:
+    (vocabulary size, the file)."""
+    vocab_size = json.loads((train / "manifest.json").read_text())["vocab"]["vocab_size"]
+    cfg = AlbertConfig.from_name_or_path("albert-tiny")
+    cfg.vocab_size = vocab_size
+    path = folder / "albert-tiny-demo.json"
+    cfg.to_json(path)
+    return vocab_size, path
+
+
+def pretrain_args(ds_config: Path, model_config: Path, data, output: Path, steps: int, interval: int) -> list[str]:
+    """albert-pretrain's arguments for the demo model on the demo data (train and eval shards): a metrics line every
+    10 steps, a checkpoint and an evaluation (20 micro-batches) every `interval` steps."""
+    return [
+        *("--deepspeed_config", str(ds_config), "--model-config", str(model_config)),
+        *("--data", str(data.train), "--eval-data", str(data.eval), "--output", str(output), "--max-steps", str(steps)),
+        *("--log-interval", "10", "--save-interval", str(interval), "--eval-interval", str(interval)),
+        *("--eval-batches", "20"),
+    ]
+
+
 def masked_piece_counts(folder: Path, vocab_size: int) -> np.ndarray:
     """How often each piece id is a prediction target in a shard folder (padding slots, position 0, left out)."""
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -108,36 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 2
 
-    vocab_size = json.loads((data.train / "manifest.json").read_text())["vocab"]["vocab_size"]
-    cfg = AlbertConfig.from_name_or_path("albert-tiny")
-    cfg.vocab_size = vocab_size
-    model_config = args.output / "albert-tiny-demo.json"
-    cfg.to_json(model_config)
+    vocab_size, model_config = write_model_config(data.train, args.output)
     train_dir = args.output / "train"
     cmd = torchrun_pretrain(
-        args.ranks,
-        [
-            "--deepspeed_config",
-            str(args.deepspeed_config),
-            "--model-config",
-            str(model_config),
-            "--data",
-            str(data.train),
-            "--eval-data",
-            str(data.eval),
-            "--output",
-            str(train_dir),
-            "--max-steps",
-            str(args.steps),
-            "--log-interval",
-            "10",
-            "--save-interval",
-            "100",
-            "--eval-interval",
-            "100",
-            "--eval-batches",
-            "20",
-        ],
+        args.ranks, pretrain_args(args.deepspeed_config, model_config, data, train_dir, args.steps, 100)
     )
     log.info("pretraining: %s", " ".join(cmd[2:]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
