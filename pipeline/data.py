@@ -16,6 +16,13 @@ in PretrainingData); with `pin_memory` the batches are in page-locked memory, so
 An epoch yields the same number of micro-batches on every rank (whole optimizer steps; the remainder,
 fewer than one global batch, is left out and counted). The loader's position is (epoch, micro-batch):
 `state_dict()` goes into the checkpoint, and `load_state_dict()` continues with the very next example.
+
+Another number of ranks or micro-batch size (the same global batch) within an epoch: the position also names the
+plan it counts in (ranks, micro-batch, window). A loader with another plan takes the rows of the epoch that the
+saved plan had not handed out yet (in the order of the virtual sequence) and cuts them for its own ranks by the same
+rule (windows shuffled by (seed, epoch, rank, window, depth)), so each of them is seen exactly once; a further change
+in the same epoch applies the rule again to what is still unseen. The next epoch is the plain layout. Those rows are
+kept as runs of the virtual sequence (a few per rank), never as one index per row.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import h5py
@@ -43,10 +50,77 @@ class DataError(Exception):
     """A shard folder that cannot be used; the message names the file."""
 
 
+@dataclass(frozen=True)
+class Plan:
+    """How an epoch is cut among the ranks: what a position (micro-batches handed out per rank) counts in."""
+
+    world: int
+    micro: int
+    window: int  # rows shuffled together, a multiple of micro
+
+
 @dataclass
 class LoaderState:
     epoch: int = 0
-    micro_batch: int = 0  # micro-batches of this epoch already handed to the training loop
+    micro_batch: int = 0  # micro-batches of the current plan of this epoch already handed to the training loop
+    # earlier plans of this epoch, each with the micro-batches it handed out ({world, micro, window, micro_batch}):
+    # empty unless the run came back with another plan in the middle of the epoch
+    earlier: list[dict] = field(default_factory=list)
+
+
+class Runs:
+    """A sorted set of rows of the virtual sequence as runs (start, length); position i = the i-th row of the set."""
+
+    def __init__(self, starts: np.ndarray, lengths: np.ndarray):
+        keep = lengths > 0
+        self.starts, self.lengths = starts[keep].astype(np.int64), lengths[keep].astype(np.int64)
+        self.ends = np.cumsum(self.lengths)  # position after each run
+
+    @classmethod
+    def whole(cls, n: int) -> Runs:
+        return cls(np.array([0]), np.array([n]))
+
+    @classmethod
+    def of_sorted(cls, rows: np.ndarray) -> Runs:
+        """Runs of a sorted array of distinct rows."""
+        if not len(rows):
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        firsts = np.concatenate([[0], breaks])
+        return cls(rows[firsts], np.diff(np.concatenate([firsts, [len(rows)]])))
+
+    @classmethod
+    def concat(cls, parts: list[Runs]) -> Runs:
+        """Union of sets given in increasing order, adjacent runs merged."""
+        starts = np.concatenate([p.starts for p in parts]) if parts else np.zeros(0, np.int64)
+        lengths = np.concatenate([p.lengths for p in parts]) if parts else np.zeros(0, np.int64)
+        if len(starts) < 2:
+            return cls(starts, lengths)
+        joined = starts[1:] == starts[:-1] + lengths[:-1]
+        heads = np.concatenate([[0], np.flatnonzero(~joined) + 1])
+        return cls(starts[heads], np.add.reduceat(lengths, heads))
+
+    @property
+    def total(self) -> int:
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def slice(self, lo: int, hi: int) -> Runs:
+        """The rows at positions [lo, hi)."""
+        if hi <= lo:
+            return Runs(np.zeros(0, np.int64), np.zeros(0, np.int64))
+        a = int(np.searchsorted(self.ends, lo, side="right"))
+        b = int(np.searchsorted(self.ends, hi, side="left")) + 1
+        starts, lengths = self.starts[a:b].copy(), self.lengths[a:b].copy()
+        skip = lo - (int(self.ends[a - 1]) if a else 0)
+        starts[0] += skip
+        lengths[0] -= skip
+        lengths[-1] -= int(self.ends[b - 1]) - hi
+        return Runs(starts, lengths)
+
+    def at(self, positions: np.ndarray) -> np.ndarray:
+        """The rows at these positions."""
+        run = np.searchsorted(self.ends, positions, side="right")
+        return self.starts[run] + positions - (self.ends[run] - self.lengths[run])
 
 
 @dataclass(frozen=True)
@@ -146,7 +220,10 @@ class PretrainingData:
             raise DataError(f"{self.folder}: {self.num_examples} examples, fewer than one global batch of {per_step}")
         self.micro_batches_per_epoch = self.steps_per_epoch * grad_accum
         self.dropped_per_epoch = self.num_examples - self.steps_per_epoch * per_step
+        self.global_batch = per_step
+        self.plan = Plan(world, micro_batch_size, self.window)
         self.state = LoaderState()
+        self._rows = Runs.whole(self.num_examples)  # the rows the current plan of the epoch cuts among the ranks
         self._thread: threading.Thread | None = None
         self._unthreaded: Iterator | None = None  # the windows when prefetch is 0
         self._stop = threading.Event()
@@ -154,13 +231,72 @@ class PretrainingData:
 
     # ------------------------------------------------------------------------------------ position
     def state_dict(self) -> dict:
-        return asdict(self.state)
+        return {**asdict(self.state), "plan": asdict(self.plan)}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, plan: dict | None = None) -> None:
+        """Continue from a saved position. The plan it counts in is the state's own ("plan"), else `plan` (for
+        positions saved without one), else this loader's. With another plan, the rest of the epoch is re-cut for this
+        loader's ranks (see the module docstring)."""
         self.close()
-        self.state = LoaderState(**state)
-        if self.state.micro_batch >= self.micro_batches_per_epoch:
-            self.state = LoaderState(self.state.epoch + 1, 0)
+        saved = Plan(**(state.get("plan") or plan or asdict(self.plan)))
+        st = LoaderState(state["epoch"], state["micro_batch"], [dict(e) for e in state.get("earlier", [])])
+        if saved != self.plan and (st.micro_batch or st.earlier):
+            st = LoaderState(st.epoch, 0, [*st.earlier, {**asdict(saved), "micro_batch": st.micro_batch}])
+        self.state = st
+        self._rows = self._rows_of(st)
+        if self.state.micro_batch >= self._micro_batches(self._rows):
+            self._next_epoch()
+
+    @property
+    def remaining_in_epoch(self) -> int:
+        """Micro-batches this rank has still to hand out in the epoch in progress."""
+        return self._micro_batches(self._rows) - self.state.micro_batch
+
+    def _next_epoch(self) -> None:
+        self.state = LoaderState(self.state.epoch + 1, 0)
+        self._rows = Runs.whole(self.num_examples)
+
+    def _rows_of(self, state: LoaderState) -> Runs:
+        """The rows the current plan of state's epoch cuts: all of them, or what earlier plans left unseen."""
+        rows = Runs.whole(self.num_examples)
+        for depth, e in enumerate(state.earlier):
+            plan = Plan(e["world"], e["micro"], e["window"])
+            if self.global_batch % plan.world or (self.global_batch // plan.world) % plan.micro:
+                raise DataError(
+                    f"{self.folder}: a saved position counts in micro-batches of {plan.micro} on {plan.world} rank(s), "
+                    f"which does not divide this run's global batch of {self.global_batch}"
+                )
+            rows = self._unseen(state.epoch, rows, plan, e["micro_batch"], depth)
+        if state.earlier and rows.total % self.global_batch:  # a position saved between optimizer steps
+            raise DataError(f"{self.folder}: {rows.total} rows left in the epoch, not whole global batches")
+        return rows
+
+    def _cut(self, rows: Runs, plan: Plan, rank: int) -> tuple[int, int]:
+        """(first position, positions used) of rank's share of rows under plan."""
+        per_rank = rows.total // plan.world
+        used = rows.total // self.global_batch * (self.global_batch // plan.world)
+        return rank * per_rank, used
+
+    def _micro_batches(self, rows: Runs) -> int:
+        return self._cut(rows, self.plan, self.rank)[1] // self.micro
+
+    def _window_perm(self, epoch: int, rank: int, w: int, depth: int, n: int) -> np.ndarray:
+        key = [self.seed, epoch, rank, w] if depth == 0 else [self.seed, epoch, rank, w, depth]
+        return np.random.default_rng(key).permutation(n)
+
+    def _unseen(self, epoch: int, rows: Runs, plan: Plan, handed: int, depth: int) -> Runs:
+        """The rows of `rows` that `plan` had not handed out after `handed` micro-batches per rank, as runs."""
+        parts = []
+        cut = handed * plan.micro
+        w = cut // plan.window
+        for r in range(plan.world):
+            base, used = self._cut(rows, plan, r)
+            lo, hi = base + w * plan.window, base + min((w + 1) * plan.window, used)
+            if lo < hi:  # the window in progress: what its shuffle had not reached yet
+                rest = np.sort(self._window_perm(epoch, r, w, depth, hi - lo)[cut - w * plan.window :]) + lo
+                parts.append(Runs.of_sorted(rows.at(rest)))
+            parts.append(rows.slice(max(hi, lo), base + used))
+        return Runs.concat(parts)
 
     # ------------------------------------------------------------------------------------ order
     def _epoch_layout(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -170,48 +306,47 @@ class PretrainingData:
         np.cumsum(order[:, 2], out=starts[1:])
         return order, starts
 
-    def _read_window(
-        self, files: dict, order: np.ndarray, starts: np.ndarray, lo: int, hi: int
-    ) -> dict[str, np.ndarray]:
-        """Rows [lo, hi) of the epoch's virtual sequence."""
+    def _read_window(self, files: dict, order: np.ndarray, starts: np.ndarray, runs: Runs) -> dict[str, np.ndarray]:
+        """These rows of the epoch's virtual sequence, in order."""
         parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
-        b = int(np.searchsorted(starts, lo, side="right")) - 1
-        while lo < hi:
-            shard, first, rows = order[b]
-            a = lo - starts[b]
-            take = min(rows - a, hi - lo)
-            path = self.shards[shard].path
-            try:
-                if shard not in files:
-                    files[shard] = _open_shard(path)
-                f = files[shard]
-                for k in FIELDS:
-                    parts[k].append(f[k][first + a : first + a + take])
-            except (OSError, KeyError, ValueError) as e:
-                raise DataError(
-                    f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or truncated"
-                ) from None
-            lo += take
-            b += 1
+        for lo, n in zip(runs.starts.tolist(), runs.lengths.tolist()):
+            hi = lo + n
+            b = int(np.searchsorted(starts, lo, side="right")) - 1
+            while lo < hi:
+                shard, first, rows = order[b]
+                a = lo - starts[b]
+                take = min(rows - a, hi - lo)
+                path = self.shards[shard].path
+                try:
+                    if shard not in files:
+                        files[shard] = _open_shard(path)
+                    f = files[shard]
+                    for k in FIELDS:
+                        parts[k].append(f[k][first + a : first + a + take])
+                except (OSError, KeyError, ValueError) as e:
+                    raise DataError(
+                        f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or "
+                        "truncated"
+                    ) from None
+                lo += take
+                b += 1
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def _windows(self, start: LoaderState) -> Iterator[list[dict[str, torch.Tensor]]]:
         """The windows from `start` on (from start's micro-batch in its window), each as its micro-batches: views
         of the window's rows in training order, cast to int64 and, with pin_memory, page-locked."""
         files: dict = {}
-        epoch, mb = start.epoch, start.micro_batch
+        epoch, mb, plan_rows, depth = start.epoch, start.micro_batch, self._rows_of(start), len(start.earlier)
         try:
             while True:
                 order, starts = self._epoch_layout(epoch)
-                per_rank = self.num_examples // self.world
-                base = self.rank * per_rank
-                used = self.micro_batches_per_epoch * self.micro
+                base, used = self._cut(plan_rows, self.plan, self.rank)
                 w = (mb * self.micro) // self.window
                 while w * self.window < used:
                     lo = base + w * self.window
                     hi = base + min((w + 1) * self.window, used)
-                    rows = self._read_window(files, order, starts, lo, hi)
-                    perm = np.random.default_rng([self.seed, epoch, self.rank, w]).permutation(hi - lo)
+                    rows = self._read_window(files, order, starts, plan_rows.slice(lo, hi))
+                    perm = self._window_perm(epoch, self.rank, w, depth, hi - lo)
                     first = max(mb * self.micro - w * self.window, 0)
                     # micro-batch j of the window is perm[j * micro : (j + 1) * micro]: rows[perm] holds them back to back
                     ready = {k: torch.from_numpy(rows[k][perm[first:]].astype(np.int64)) for k in FIELDS}
@@ -221,7 +356,7 @@ class PretrainingData:
                     parts = [ready[k].split(self.micro) for k in FIELDS]  # views: no copy
                     yield [dict(zip(FIELDS, batch)) for batch in zip(*parts)]
                     w += 1
-                epoch, mb = epoch + 1, 0
+                epoch, mb, plan_rows, depth = epoch + 1, 0, Runs.whole(self.num_examples), 0
         finally:
             for f in files.values():
                 f.close()
@@ -250,7 +385,8 @@ class PretrainingData:
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         self.close()
-        start = LoaderState(**asdict(self.state))
+        start = LoaderState(self.state.epoch, self.state.micro_batch, list(self.state.earlier))
+        count = self._micro_batches(self._rows)
         if self.prefetch:
             self._stop = threading.Event()
             q: queue.Queue = queue.Queue(maxsize=self.prefetch)
@@ -268,8 +404,9 @@ class PretrainingData:
                 raise window
             for batch in window:
                 self.state.micro_batch += 1
-                if self.state.micro_batch == self.micro_batches_per_epoch:
-                    self.state = LoaderState(self.state.epoch + 1, 0)
+                if self.state.micro_batch == count:
+                    self._next_epoch()
+                    count = self.micro_batches_per_epoch
                 yield batch
 
     def close(self) -> None:

@@ -212,3 +212,74 @@ def test_bench_loader_smoke(wiki_shards, capsys):
     assert (
         len([line for line in out.splitlines() if line.startswith("| prefetch=")]) == 4
     )  # prefetch 0 and 1, with and without a consumer
+
+
+def _take(data: PretrainingData, n: int) -> list[bytes]:
+    try:
+        return rows(itertools.islice(iter(data), n))
+    finally:
+        data.close()
+
+
+def _plan_loaders(shards, world: int, micro: int, accum: int, state: dict | None, window: int = 64):
+    loaders = [PretrainingData(shards, micro, accum, rank=r, world=world, seed=9, window=window) for r in range(world)]
+    if state is not None:
+        for d in loaders:
+            d.load_state_dict(state)
+    return loaders
+
+
+@pytest.mark.parametrize(
+    "chain",
+    [
+        [(2, 4, 1, 37), (1, 8, 1, None)],  # 2 ranks -> 1 rank, mid-window (window 64 = 16 micro-batches of 4)
+        [(1, 4, 2, 26), (2, 2, 2, None)],  # 1 rank -> 2 ranks, the micro-batch split differently too
+        [(2, 4, 1, 37), (4, 2, 1, 25), (1, 4, 2, None)],  # two changes in one epoch
+        [(2, 4, 1, 32), (2, 2, 2, None)],  # the same ranks with another micro-batch size, at a window boundary
+    ],
+)
+def test_another_plan_sees_the_rest_of_the_epoch_exactly_once(wiki_shards, chain):
+    """Each part hands out its micro-batches (rank by rank), then the next plan continues from the saved position:
+    the epoch's examples are those of the first plan's straight epoch, each exactly once, whatever the chain."""
+    world, micro, accum, _ = chain[0]
+    straight = [epoch(d) for d in _plan_loaders(wiki_shards, world, micro, accum, None)]
+    seen: list[bytes] = []
+    state = None
+    for world, micro, accum, handed in chain:
+        loaders = _plan_loaders(wiki_shards, world, micro, accum, state)
+        n = handed if handed is not None else loaders[0].remaining_in_epoch
+        assert all(d.remaining_in_epoch == n for d in loaders) or handed is not None
+        parts = [_take(d, n) for d in loaders]
+        again = [_take(d, n) for d in _plan_loaders(wiki_shards, world, micro, accum, state)]
+        assert parts == again, "the same resume gave other batches"
+        seen += [r for p in parts for r in p]
+        ends = [d.state_dict() for d in loaders]
+        assert all(s == ends[0] for s in ends)
+        state = ends[0]
+    assert sorted(seen) == sorted(r for s in straight for r in s)
+    assert state["epoch"] == 1 and state["micro_batch"] == 0 and not state["earlier"]
+    # the next epoch is the last plan's plain layout
+    world, micro, accum, _ = chain[-1]
+    fresh = [PretrainingData(wiki_shards, micro, accum, rank=r, world=world, seed=9, window=64) for r in range(world)]
+    for d in fresh:
+        d.load_state_dict({"epoch": 1, "micro_batch": 0})
+    after = _plan_loaders(wiki_shards, world, micro, accum, state)
+    assert [_take(d, 10) for d in after] == [_take(d, 10) for d in fresh]
+
+
+def test_a_position_saved_without_its_plan_counts_in_the_given_one(wiki_shards):
+    """Checkpoints hold {epoch, micro_batch} without the plan: the caller passes the writer's."""
+    a = _plan_loaders(wiki_shards, 2, 4, 1, None)
+    for d in a:
+        _take(d, 10)
+    old = {"epoch": 0, "micro_batch": 10}
+    b = PretrainingData(wiki_shards, 8, 1, seed=9, window=64)
+    b.load_state_dict(old, plan={"world": 2, "micro": 4, "window": 64})
+    assert b.state.earlier == [{"world": 2, "micro": 4, "window": 64, "micro_batch": 10}]
+    assert b.remaining_in_epoch == b.micro_batches_per_epoch - 10
+
+
+def test_a_plan_that_does_not_divide_the_global_batch_is_refused(wiki_shards):
+    d = PretrainingData(wiki_shards, 4, 1, seed=9)
+    with pytest.raises(DataError, match="does not divide this run's global batch of 4"):
+        d.load_state_dict({"epoch": 0, "micro_batch": 3, "plan": {"world": 1, "micro": 8, "window": 64}})
