@@ -67,16 +67,52 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
     return json.loads((tag_dir / COMPLETE).read_text())
 
 
-def check_compatible(tag_dir: Path, world_size: int, zero_stage: int) -> dict[str, Any]:
+def check_compatible(tag_dir: Path, global_batch: int, model_config: dict[str, Any]) -> dict[str, Any]:
+    """Refuse, before any step, a checkpoint this run cannot continue: another model, another global batch. Another
+    number of ranks, micro-batch split or ZeRO stage is fine (see `same_layout`). Returns its metadata."""
     meta = read_meta(tag_dir)
-    if meta["world_size"] != world_size or meta["zero_stage"] != zero_stage:
+    if meta["global_batch"] != global_batch:
         raise CheckpointError(
-            f"{tag_dir}: written by {meta['world_size']} rank(s) at ZeRO-{meta['zero_stage']}, this run has "
-            f"{world_size} rank(s) at ZeRO-{zero_stage}; DeepSpeed's optimizer partitions load only as they were saved. "
-            f"Resume with the same number of ranks and ZeRO stage, or start a new run from its weights: "
+            f"{tag_dir}: written with a global batch of {meta['global_batch']}, this run has {global_batch}; the "
+            f"learning-rate schedule and the data position count in global batches. Set train_batch_size (or micro "
+            f"batch x accumulation x ranks) to {meta['global_batch']}, or start a new run from its weights: "
             f"`albert-export --checkpoint {tag_dir.parent} --output hf/` then `--init-from hf/`"
         )
+    saved = meta.get("model_config") or {}
+    differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+    if differ:
+        what = ", ".join(f"{k} {saved.get(k)} -> {model_config.get(k)}" for k in differ[:4])
+        raise CheckpointError(
+            f"{tag_dir}: written for another model ({what}); resume with its model config, or start a new run "
+            "(--output elsewhere)"
+        )
     return meta
+
+
+def same_layout(meta: dict[str, Any], world_size: int, zero_stage: int, precision: str, wrapper: str) -> bool:
+    """Whether DeepSpeed can load the checkpoint's optimizer partitions as they are (else `pipeline.reshard`)."""
+    saved = (meta["world_size"], meta["zero_stage"], meta["precision"], meta.get("optimizer_wrapper", wrapper))
+    return saved == (world_size, zero_stage, precision, wrapper)
+
+
+def describe_layout(world_size: int, zero_stage: int, precision: str) -> tuple[str, str]:
+    """A layout in words, as a checkpoint's ("2-rank ZeRO-2 (bf16)") and as a run's ("1 rank with ZeRO-0 (bf16)")."""
+    ranks = f"{world_size} rank{'s' if world_size != 1 else ''}"
+    return f"{world_size}-rank ZeRO-{zero_stage} ({precision})", f"{ranks} with ZeRO-{zero_stage} ({precision})"
+
+
+def loader_plan(tag_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
+    """The plan the saved loader position counts in, for positions saved without one: the writer's ranks and
+    micro-batch (from its DeepSpeed config) and the loader's default window."""
+    micro = meta.get("micro_batch")
+    if micro is None:
+        states = torch.load(
+            next(iter(sorted(tag_dir.glob("*model_states.pt")))), map_location="cpu", mmap=True, weights_only=False
+        )
+        micro = int(states["ds_config"]["train_micro_batch_size_per_gpu"])
+    from .data import DEFAULT_WINDOW
+
+    return {"world": meta["world_size"], "micro": micro, "window": max(1, DEFAULT_WINDOW // micro) * micro}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -133,14 +169,21 @@ def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_
 
 
 def load(engine, tag_dir: Path) -> dict:
-    """Collective. Restores model, optimizer, scheduler and RNG states; returns the client state."""
+    """Collective. Restores model, optimizer, scheduler and RNG states from a checkpoint of this run's layout;
+    returns the client state."""
     _, client_state = engine.load_checkpoint(
         str(tag_dir.parent), tag=tag_dir.name, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if client_state is None:
         raise CheckpointError(f"{tag_dir}: DeepSpeed could not load this checkpoint")
+    load_rng(tag_dir)
+    log.info("resumed from %s", tag_dir)
+    return client_state
+
+
+def load_rng(tag_dir: Path) -> bool:
+    """This rank's random generator states, where the checkpoint has a file for this rank."""
     rng = tag_dir / f"rng-rank{dist.get_rank()}.pt"
     if rng.exists():
         _set_rng_state(torch.load(rng, weights_only=False))
-    log.info("resumed from %s", tag_dir)
-    return client_state
+    return rng.exists()

@@ -44,6 +44,7 @@ from data_prep.shards import FIELDS, Manifest
 log = logging.getLogger(__name__)
 
 BLOCK = 1024
+DEFAULT_WINDOW = 8192  # rows shuffled together (rounded down to whole micro-batches)
 
 
 class DataError(Exception):
@@ -163,7 +164,7 @@ class PretrainingData:
         rank: int = 0,
         world: int = 1,
         seed: int = 0,
-        window: int = 8192,
+        window: int = DEFAULT_WINDOW,
         prefetch: int = 1,
         skip_bad_shards: bool = False,
         pin_memory: bool = False,

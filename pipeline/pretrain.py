@@ -95,6 +95,7 @@ def setup(args: argparse.Namespace) -> Run:
     import torch.distributed as dist
 
     from . import checkpoint as ckpt
+    from . import reshard
     from .comm import Comm
     from .data import DataError, PretrainingData
     from .distributed import check_rendezvous, detect_launch, init_distributed
@@ -133,8 +134,7 @@ def setup(args: argparse.Namespace) -> Run:
         log.warning("%d shard(s) skipped as unreadable: %s", len(data.skipped_shards), ", ".join(data.skipped_shards))
     fill_scheduler(ds, args.max_steps)
     resume_from = ckpt.resolve_resume(args.resume, args.output / "checkpoints")
-    if resume_from:
-        ckpt.check_compatible(resume_from, world, stage)
+    saved = ckpt.check_compatible(resume_from, batch.global_size, cfg.to_dict()) if resume_from else None
 
     if device.type == "cpu" and not args.no_malloc_tuning:
         log.info("%s", tune_malloc())  # before the model's and the engine's allocations
@@ -149,10 +149,19 @@ def setup(args: argparse.Namespace) -> Run:
         f"({data.dropped_per_epoch} left out per epoch); batch {batch.global_size} = {batch.micro} x {batch.accum} x "
         f"{world} rank(s); {precision}, ZeRO-{stage}"
     )
+    wrapper = type(engine.optimizer).__name__
     if resume_from:
-        data.load_state_dict(ckpt.load(engine, resume_from)["loader"])
+        if ckpt.same_layout(saved, world, stage, precision, wrapper):
+            client = ckpt.load(engine, resume_from)
+        else:  # another number of ranks, ZeRO stage or precision: converted per parameter
+            was = ckpt.describe_layout(saved["world_size"], saved["zero_stage"], saved["precision"])[0]
+            now = ckpt.describe_layout(world, stage, precision)[1]
+            fp16_both = saved["precision"] == precision == "fp16"
+            client = reshard.resume(engine, resume_from, was, now, fp16_both)
+        loader = client["loader"]
+        data.load_state_dict(loader, plan=None if "plan" in loader else ckpt.loader_plan(resume_from, saved))
     meta = dict(world_size=world, zero_stage=stage, precision=precision, global_batch=batch.global_size)
-    meta.update(data=str(args.data), model_config=cfg.to_dict())
+    meta.update(micro_batch=batch.micro, optimizer_wrapper=wrapper, data=str(args.data), model_config=cfg.to_dict())
     resumed = resume_from is not None
     return Run(args, engine, data, batch, cfg, ds, precision, rank, meta, resumed, engine.device, Comm(engine.device))
 
@@ -166,6 +175,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     import torch
 
     from . import checkpoint as ckpt
+    from . import reshard
     from .data import to_device
 
     args, engine, data, batch, comm = run.args, run.engine, run.data, run.batch, run.comm
@@ -177,8 +187,10 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     if step >= args.max_steps:
         log.info("already at step %d of --max-steps %d: nothing to train", step, args.max_steps)
 
+    names = reshard.lamb_names(engine.module)  # ZeRO-0's optimizer state is saved by position: name it
+
     def save() -> None:
-        state = {"loader": data.state_dict()}
+        state = {"loader": data.state_dict(), "lamb_param_names": names}
         ckpt.save(engine, run.ckpt_dir, step, state, run.meta, run.cfg.to_hf_dict(), args.keep_checkpoints)
 
     def run_eval() -> None:

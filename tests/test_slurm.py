@@ -373,6 +373,32 @@ def test_pretrain_job_cpu_two_ranks_on_two_nodes(cluster, prepared, tmp_path):
     assert info["JobState"] == "COMPLETED" and "already finished" in read(log2) and not rank_lines(read(log2))
 
 
+def test_pretrain_job_resubmitted_on_fewer_nodes_resumes(cluster, prepared, tmp_path):
+    """2 nodes x 1 rank for 3 steps, then the same job on 1 node: the checkpoint is converted (same global batch: the
+    config fixes train_batch_size, accumulation follows the ranks) and the run continues to step 5."""
+    out, configs = tmp_path / "run", write_configs(tmp_path / "configs")
+    ds = json.loads(Path(configs["DS_CONFIG"]).read_text())
+    del ds["gradient_accumulation_steps"]
+    ds["train_batch_size"] = 2 * MICRO
+    Path(configs["DS_CONFIG"]).write_text(json.dumps(ds))
+    env = {"ALBERT_CPU": "1", "DATA": str(prepared["out"]), "OUTPUT": str(out), "LOG_INTERVAL": "1", **configs}
+    log = tmp_path / "two.log"
+    info = cluster.wait(cluster.submit(PRETRAIN, log, CPU_JOB, env={**env, "MAX_STEPS": "3"}), log)
+    assert info["JobState"] == "COMPLETED" and metrics_steps(out) == [1, 2, 3], read(log)
+    (out / "finished.json").unlink()  # the run goes on to a later --max-steps
+    log = tmp_path / "one.log"
+    one_node = ["--nodes=1", *CPU_JOB[1:]]
+    info = cluster.wait(
+        cluster.submit(PRETRAIN, log, one_node, ["--record-batches"], env={**env, "MAX_STEPS": "5"}), log
+    )
+    text = read(log)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", text
+    assert "resuming at step 3 from a checkpoint of 2 rank(s) (ZeRO-2) on 1 rank(s): the training converts it" in text
+    assert "resuming a 2-rank ZeRO-2 (fp32) checkpoint on 1 rank with ZeRO-2 (fp32)" in text, text
+    assert metrics_steps(out) == [1, 2, 3, 4, 5]
+    assert json.loads((out / "checkpoints" / "step-00000005" / "complete.json").read_text())["world_size"] == 1
+
+
 def shard_examples(folder: Path) -> Counter:
     """CRC32 of every example's input_ids, as the engine's --record-batches computes it (int64 rows)."""
     seen: Counter = Counter()
