@@ -53,7 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--eval-batches", type=int, default=100, help="micro-batches per rank in an evaluation")
     a("--log-interval", type=int, default=10, help="write a metrics line every N steps")
     a("--seed", type=int, default=42, help="model initialisation and data order")
-    a("--resume", default="auto", help="auto (newest complete checkpoint in OUTPUT), never, or a checkpoint folder")
+    a(
+        "--resume",
+        default="auto",
+        help="auto (newest complete checkpoint in OUTPUT), never, or a checkpoint folder; one written with other ranks, "
+        "ZeRO stage or precision is converted (same global batch and model)",
+    )
     a("--keep-checkpoints", type=int, default=3, help="complete checkpoints to keep")
     a(
         "--init-from",
