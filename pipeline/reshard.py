@@ -165,6 +165,14 @@ def _read_partitions(tag_dir: Path, model_files: list[Path], optim_files: list[P
         raise ReshardError(
             f"{tag_dir}: optimizer files of ranks {[_rank_of(f) for f in optim_files]}, not 0..{world - 1}"
         )
+    for f, sd in zip(optim_files, sds):
+        counts = sd.get("partition_count")
+        counts = counts if isinstance(counts, list | tuple) else [counts]
+        if any(c is not None and int(c) != world for c in counts):
+            raise ReshardError(
+                f"{f}: written as one of {counts[0]} partitions, but {tag_dir} holds {world} optimizer file(s): "
+                "a rank's file is missing; resume from an earlier checkpoint (--resume PATH)"
+            )
     scale = _loss_scale(sds[0]["loss_scaler"]) if sds[0].get("loss_scaler") is not None else None
     if int(sds[0].get("zero_stage", 0)) == 3:
         params, step = _read_zero3(tag_dir, model_files, sds)

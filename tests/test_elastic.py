@@ -104,3 +104,13 @@ def test_a_checkpoint_that_cannot_continue_is_refused_before_any_step(change, me
     assert "Traceback" not in proc.stderr
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
     assert len(metrics(tmp_path)) == 3
+
+
+def test_a_checkpoint_with_a_missing_rank_file_is_named(wiki_shards, tmp_path):
+    ok(pretrain(tmp_path, wiki_shards, ds_config(2, "fp32", micro=4), steps=3, nproc=2))
+    tag = tmp_path / "checkpoints" / "step-00000003"
+    (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    proc = pretrain(tmp_path, wiki_shards, ds_config(0, "fp32", micro=8), steps=5)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert f"{tag}/zero_pp_rank_0_mp_rank_00_optim_states.pt: written as one of 2 partitions" in proc.stderr
+    assert len(metrics(tmp_path)) == 3
