@@ -114,3 +114,20 @@ def test_a_checkpoint_with_a_missing_rank_file_is_named(wiki_shards, tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert f"{tag}/zero_pp_rank_0_mp_rank_00_optim_states.pt: written as one of 2 partitions" in proc.stderr
     assert len(metrics(tmp_path)) == 3
+
+
+def test_a_checkpoint_without_plan_or_names_converts_as_well(wiki_shards, tmp_path):
+    """Checkpoints written before positions named their plan and ZeRO-0 state its parameters: the writer's ranks and
+    micro-batch come from complete.json and its DeepSpeed config, the names from LAMB's group order."""
+    run(tmp_path, wiki_shards, 1, 0, "fp32", 2, steps=4, total=8)
+    tag = tmp_path / "checkpoints" / "step-00000004"
+    states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
+    del states["lamb_param_names"], states["loader"]["plan"], states["loader"]["earlier"]
+    torch.save(states, tag / "mp_rank_00_model_states.pt")
+    meta = json.loads((tag / "complete.json").read_text())
+    del meta["micro_batch"], meta["optimizer_wrapper"]
+    (tag / "complete.json").write_text(json.dumps(meta))
+    run(tmp_path, wiki_shards, 2, 2, "fp32", 1, steps=8, total=8)
+    assert_same_state(*(torch.load(tmp_path / "probe" / f"{k}-step4.pt") for k in ("saved", "loaded")))
+    seen = examples(tmp_path)
+    assert len(seen) == 8 * GLOBAL and len(set(seen)) == len(seen)
