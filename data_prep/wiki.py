@@ -338,7 +338,7 @@ class _StreamPages:
         while not self._out and not self._ended:
             data = self._decompress()
             if not data and self._left <= 0:
-                rest = self._carry.strip()
+                rest = self._carry.strip() if self._started else b""  # before the first page: the header
                 if rest not in (b"", b"</mediawiki>"):
                     raise EOFError(f"the range ends inside a page ({len(rest)} bytes after the last </page>)")
                 self._out += b"</pages>"
@@ -406,7 +406,8 @@ def stream_offsets(index: Path) -> list[int]:
 def stream_ranges(path: Path, index: Path, target: int) -> list[tuple[int, int]]:
     """Byte ranges of about `target` compressed bytes covering a multistream dump, each cut at a stream
     offset of the index. The first starts at 0 (the dump's header stream) and the last ends at the end of
-    the file. They depend on the dump, its index and `target` alone."""
+    the file; the header stream before the first indexed one goes with the first range. They depend on the
+    dump, its index and `target` alone."""
     size = Path(path).stat().st_size
     offsets = stream_offsets(index)
     if offsets and offsets[-1] >= size:
@@ -414,7 +415,7 @@ def stream_ranges(path: Path, index: Path, target: int) -> list[tuple[int, int]]
             f"{index}: stream offset {offsets[-1]} lies beyond the end of {path} ({size} bytes): not its index"
         )
     cuts = [0]
-    for offset in offsets:
+    for offset in offsets[1:]:
         if offset - cuts[-1] >= target:
             cuts.append(offset)
     return list(zip(cuts, cuts[1:] + [size]))
