@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import REPO
 from test_wiki import EXPECTED_ARTICLE, make_dump
@@ -276,3 +277,23 @@ def test_two_mpi_ranks_write_the_same_corpus(tmp_path: Path) -> None:
     assert "MPI rank 1 of 2" in proc.stdout
     assert snapshot(tmp_path / "mpi") == snapshot(tmp_path / "ref")
     assert ref.documents == 404
+
+
+def test_random_bytes_are_refused_by_the_command(tmp_path: Path) -> None:
+    src = tmp_path / "random.txt"
+    src.write_bytes(np.random.default_rng(1).integers(1, 256, 200_000, dtype=np.uint8).tobytes())
+    cmd = [sys.executable, "-m", "data_prep", "corpus", "--input", str(src), "--output", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    [line] = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert f"{src}: " in line and "undecodable bytes" in line and "byte offset 0" in line
+    assert "--allow-bad-bytes" in line and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        cmd[:-1] + [str(tmp_path / "allowed"), "--allow-bad-bytes"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "undecodable byte sequence(s) replaced" in proc.stderr
