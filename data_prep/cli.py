@@ -45,6 +45,14 @@ def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -
         help="number of balanced corpus files; 0: auto, one per 128 MB of text, at least 4 (never depends on workers or ranks)",
     )
     p.add_argument(
+        "--part-mb",
+        type=float,
+        default=16.0,
+        help="inputs are read in parts of about this size, one task each and the unit of --resume: a docs file "
+        "in byte ranges, a multistream wiki dump (with its -index.txt.bz2 beside it) at stream offsets; "
+        "the output does not depend on it",
+    )
+    p.add_argument(
         "--allow-bad-bytes",
         action="store_true",
         help="read files with NUL bytes or more than 1%% undecodable bytes (refused by default: not UTF-8 text), "
@@ -189,6 +197,12 @@ def _corpus_files(args: argparse.Namespace) -> int:
     return args.num_files
 
 
+def _part_bytes(args: argparse.Namespace) -> int:
+    if args.part_mb <= 0:
+        raise DataPrepError(f"--part-mb {args.part_mb:g}: must be positive")
+    return max(1, int(args.part_mb * (1 << 20)))
+
+
 def _shard_settings(args: argparse.Namespace):
     from .examples import ExampleSettings
     from .sharding import ShardSettings
@@ -245,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
             resume=args.resume,
             mpi=args.mpi,
             allow_bad_bytes=args.allow_bad_bytes,
+            part_bytes=_part_bytes(args),
         )
     elif args.command == "vocab":
         train_vocab_from(
@@ -320,6 +335,7 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
             resume=True,
             mpi=args.mpi,
             allow_bad_bytes=args.allow_bad_bytes,
+            part_bytes=_part_bytes(args),
         )
         if world.rank == 0:
             corpus_done.touch()
