@@ -5,7 +5,7 @@ sentences repeated, the words of each repeat shuffled by a seeded generator, so 
 distinct and the character and word statistics stay those of real text), then runs `albert-data vocab` on it
 as a subprocess once per sample size and prints its peak resident memory (ru_maxrss of the child) and wall time.
 
-    python bench/bench_vocab.py                                # 2M-sentence corpus; samples of 10k, 100k, 1M
+    python bench/bench_vocab.py                                # 2M-sentence corpus; samples of 100k, 300k, 1M
     python bench/bench_vocab.py --samples 10000 100000 --corpus-sentences 500000 --vocab-size 8000
 """
 
@@ -55,7 +55,7 @@ def build_corpus(folder: Path, sentences: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    parser.add_argument("--samples", type=int, nargs="+", default=[100_000, 300_000, 1_000_000])
     parser.add_argument("--corpus-sentences", type=int, default=2_000_000)
     parser.add_argument("--vocab-size", type=int, default=30_000)
     parser.add_argument("--workers", type=int, default=2, help="SentencePiece threads")
