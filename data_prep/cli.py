@@ -36,7 +36,7 @@ def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -
         "--format",
         default="auto",
         choices=FORMATS,
-        help="input format; auto: .xml/.xml.bz2 wiki, .jsonl jsonl, else docs",
+        help="input format; auto: .xml wiki, .jsonl/.json jsonl, else docs (any of them may be .gz, .bz2, .xz)",
     )
     p.add_argument(
         "--num-files",
