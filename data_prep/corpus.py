@@ -386,7 +386,7 @@ class _Pool:
         # the dead worker's exit code is its own (-9 for SIGKILL); the others were ended with SIGTERM
         dead = {pid for pid, p in self._procs.items() if p.exitcode not in (None, -signal.SIGTERM)}
         names = []
-        for pid in dead:
+        for pid in dead if self.verb == "reading" else ():  # (only phase-1 tasks leave claims)
             claim = self.paths.work / "running" / f"{socket.gethostname()}-{pid}"
             if claim.exists():
                 names.append(claim.read_text())
