@@ -36,10 +36,27 @@ def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -
         "--format",
         default="auto",
         choices=FORMATS,
-        help="input format; auto: .xml/.xml.bz2 wiki, .jsonl jsonl, else docs",
+        help="input format; auto: .xml wiki, .jsonl/.json jsonl, else docs (any of them may be .gz, .bz2, .xz)",
     )
     p.add_argument(
-        "--num-files", type=int, default=None, help="number of balanced corpus files (default: 4 x workers, at least 4)"
+        "--num-files",
+        type=int,
+        default=0,
+        help="number of balanced corpus files; 0: auto, one per 128 MB of text, at least 4 (never depends on workers or ranks)",
+    )
+    p.add_argument(
+        "--part-mb",
+        type=float,
+        default=16.0,
+        help="inputs are read in parts of about this size, one task each and the unit of --resume: a docs file "
+        "in byte ranges, a multistream wiki dump (with its -index.txt.bz2 beside it) at stream offsets; "
+        "the output does not depend on it",
+    )
+    p.add_argument(
+        "--allow-bad-bytes",
+        action="store_true",
+        help="read files with NUL bytes or more than 1%% undecodable bytes (refused by default: not UTF-8 text), "
+        "replacing undecodable bytes by U+FFFD and counting them",
     )
 
 
@@ -119,6 +136,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_corpus_args(p)
     p.add_argument("--output", required=True, type=Path, help="folder for corpus-NNNNN.txt")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run in --output, keeping the input parts and files already finished",
+    )
+    p.add_argument(
+        "--mpi",
+        default="auto",
+        choices=("auto", "on", "off"),
+        help="split the input parts over MPI ranks (auto: when an MPI launcher started us: mpirun, srun --mpi=pmix)",
+    )
     _add_common(p)
 
     p = add(
@@ -165,7 +193,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _corpus_files(args: argparse.Namespace) -> int:
-    return args.num_files or max(4, 4 * args.workers)
+    """0: auto, from the size of the text (write_corpus), the same whatever the workers and ranks."""
+    return args.num_files
+
+
+def _part_bytes(args: argparse.Namespace) -> int:
+    if args.part_mb <= 0:
+        raise DataPrepError(f"--part-mb {args.part_mb:g}: must be positive")
+    return max(1, int(args.part_mb * (1 << 20)))
 
 
 def _shard_settings(args: argparse.Namespace):
@@ -215,7 +250,16 @@ def run(args: argparse.Namespace) -> int:
         from .readers import expand_inputs
 
         write_corpus(
-            expand_inputs(args.input), args.output, _corpus_files(args), args.format, args.workers, progress=progress
+            expand_inputs(args.input),
+            args.output,
+            _corpus_files(args),
+            args.format,
+            args.workers,
+            progress=progress,
+            resume=args.resume,
+            mpi=args.mpi,
+            allow_bad_bytes=args.allow_bad_bytes,
+            part_bytes=_part_bytes(args),
         )
     elif args.command == "vocab":
         train_vocab_from(
@@ -261,11 +305,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def prepare(args: argparse.Namespace, progress: bool) -> None:
-    """corpus -> vocab -> shard under one folder; with --resume, finished stages are kept.
+    """corpus -> vocab -> shard under one folder; with --resume, finished stages (and input parts) are kept.
 
-    Under MPI, rank 0 writes the corpus and the vocabulary, then all ranks make the shards."""
-    import shutil
-
+    Under MPI, all ranks write the corpus, rank 0 trains the vocabulary, then all ranks make the shards."""
     from .corpus import write_corpus
     from .mpi import get_world
     from .readers import expand_inputs
@@ -276,23 +318,29 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     corpus_done = out / ".corpus-done"
     world = get_world(args.mpi)
     error, spm_model = None, args.spm_model
+    if world.rank == 0 and out.exists() and any(out.iterdir()) and not args.resume:
+        error = f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder"
+    error = world.bcast(error)
+    if error:
+        raise DataPrepError(error)
+    if not corpus_done.exists():
+        # every rank takes its share; an interrupted corpus continues where it stopped
+        write_corpus(
+            expand_inputs(args.input),
+            corpus_dir,
+            _corpus_files(args),
+            args.format,
+            args.workers,
+            progress=progress,
+            resume=True,
+            mpi=args.mpi,
+            allow_bad_bytes=args.allow_bad_bytes,
+            part_bytes=_part_bytes(args),
+        )
+        if world.rank == 0:
+            corpus_done.touch()
     if world.rank == 0:
         try:
-            if out.exists() and any(out.iterdir()) and not args.resume:
-                raise DataPrepError(
-                    f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder"
-                )
-            if not corpus_done.exists():
-                shutil.rmtree(corpus_dir, ignore_errors=True)
-                write_corpus(
-                    expand_inputs(args.input),
-                    corpus_dir,
-                    _corpus_files(args),
-                    args.format,
-                    args.workers,
-                    progress=progress,
-                )
-                corpus_done.touch()
             if spm_model is None:
                 spm_model = vocab_prefix.with_name("spiece.model")
                 if not spm_model.exists():

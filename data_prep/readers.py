@@ -6,7 +6,12 @@ parsing XML/JSON, skipping non-articles) and yields `RawDocument`s; `process_raw
 expensive part (wiki markup cleaning, sentence splitting) and can run in a worker process.
 `iter_documents` chains the two in-process; the "docs" format has its own fast path.
 
-Everything streams: at most one document (plus one read chunk) is held in memory.
+Everything streams: at most one document (plus one read chunk) is held in memory. Compressed
+inputs (.gz, .bz2, .xz) are read through their compression in every format.
+
+Text that is not UTF-8 is refused, not silently turned into documents: a NUL byte (binary data), or
+undecodable bytes beyond `BAD_BYTES_FRACTION` of what was read, end the read with the file and the
+byte offset of the first offending byte. `allow_bad_bytes=True` replaces them and counts instead.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import BinaryIO
 
+from data_prep.compressed import DECOMPRESSION_ERRORS, compression, decompression_error, open_input, without_compression
 from data_prep.errors import DataPrepError
 from data_prep.sentences import (
     MAX_SENTENCE_CHARS,
@@ -43,6 +49,15 @@ CHUNK_BYTES = 256 << 10
 # Lines of the other text formats longer than this are read in pieces (and counted); a JSON
 # line longer than this is rejected as a bad line.
 MAX_LINE_CHARS = 16 << 20
+# Undecodable bytes tolerated before a text file is refused as not UTF-8: a UTF-8 file with stray
+# bytes from another encoding (a mis-pasted name, a web page's mojibake) has a few per 10,000;
+# Latin-1 or cp1252 prose has one per non-ASCII letter (1-3% in French or German), other 8-bit
+# encodings 20-80% and random or binary data about half its bytes. The fraction is judged from
+# _BAD_BYTES_SAMPLE bytes on (or at the end of a smaller file) so that one stray byte at the
+# start of a file is not a verdict.
+BAD_BYTES_FRACTION = 0.01
+_BAD_BYTES_SAMPLE = 64 << 10
+_ALLOW_HINT = "--allow-bad-bytes reads it anyway, replacing undecodable bytes"
 # Per file, the first few bad JSON lines are logged one by one, the rest only counted.
 _BAD_JSON_WARNINGS = 10
 
@@ -89,16 +104,16 @@ SENTENCES, PROSE, WIKITEXT = "sentences", "prose", "wikitext"
 
 # --- undecodable bytes ----------------------------------------------------------------------
 # A codec error handler that behaves like errors="replace" but counts. Handlers are global,
-# so the count goes to whichever ReadStats the current thread is reading for.
+# so the count goes to whichever reader the current thread is decoding for.
 _active = threading.local()
 
 
 def _count_and_replace(exc: UnicodeError) -> tuple[str, int]:
     if not isinstance(exc, UnicodeDecodeError):
         raise exc
-    stats = getattr(_active, "stats", None)
-    if stats is not None:
-        stats.replaced_chars += 1
+    reader = getattr(_active, "reader", None)
+    if reader is not None:
+        reader.undecodable(exc.start, exc.end)
     return "\ufffd", exc.end
 
 
@@ -106,25 +121,80 @@ _ERRORS = "data_prep.count_replace"
 codecs.register_error(_ERRORS, _count_and_replace)
 
 
-class _Text:
-    """Reads a UTF-8 file in chunks, with universal newlines, counting replaced bytes."""
+def _where(path: Path, offset: int) -> str:
+    return f"byte offset {offset}" + (" of the decompressed data" if compression(path) else "")
 
-    def __init__(self, stream: BinaryIO, stats: ReadStats, at_start: bool = True):
-        # utf-8-sig: a byte-order mark at the start of the file is dropped, not read as text.
-        self._decoder = codecs.getincrementaldecoder("utf-8-sig" if at_start else "utf-8")(errors=_ERRORS)
+
+class _Text:
+    """Reads a UTF-8 file in chunks, with universal newlines, counting replaced bytes and refusing
+    binary or non-UTF-8 data (see BAD_BYTES_FRACTION) unless `allow_bad_bytes`. `base`: the file
+    offset of the stream's first byte (a piece of a file), for the offsets in messages."""
+
+    def __init__(
+        self,
+        stream: BinaryIO,
+        stats: ReadStats,
+        path: Path,
+        at_start: bool = True,
+        base: int = 0,
+        allow_bad_bytes: bool = False,
+    ):
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_ERRORS)
         self._stream = stream
         self._stats = stats
+        self._path = path
+        self._at_start = at_start  # a byte-order mark here is dropped, not read as text
+        self._allow = allow_bad_bytes
         self._pending_cr = False
+        self._consumed = base  # file offset of the next byte to read
+        self._call_base = base  # file offset of the decoder's input in the current call
+        self._bad_bytes = 0
+        self._first_bad: int | None = None
+
+    def undecodable(self, start: int, end: int) -> None:
+        self._stats.replaced_chars += 1
+        self._bad_bytes += end - start
+        if self._first_bad is None:
+            self._first_bad = self._call_base + start
+
+    def _check(self, data: bytes, read_before: int) -> None:
+        if self._allow:
+            return
+        nul = data.find(b"\0")
+        if nul >= 0:
+            raise DataPrepError(
+                f"{self._path}: NUL byte at {_where(self._path, read_before + nul)}: binary data, not text ({_ALLOW_HINT})"
+            )
+        seen = self._consumed
+        if self._bad_bytes and (seen >= _BAD_BYTES_SAMPLE or not data) and self._bad_bytes > BAD_BYTES_FRACTION * seen:
+            raise DataPrepError(
+                f"{self._path}: {self._bad_bytes} undecodable bytes in the first {seen} bytes (more than "
+                f"{BAD_BYTES_FRACTION:.0%}), the first at {_where(self._path, self._first_bad)}: not UTF-8 text "
+                f"({_ALLOW_HINT})"
+            )
 
     def read(self) -> str:
         """The next non-empty chunk of text, or '' at the end of the file."""
         while True:
-            data = self._stream.read(CHUNK_BYTES)
-            _active.stats = self._stats
+            try:
+                data = self._stream.read(CHUNK_BYTES)
+            except DECOMPRESSION_ERRORS as exc:
+                if compression(self._path) is None:
+                    raise DataPrepError(f"{self._path}: cannot read ({exc})") from None
+                raise decompression_error(self._path, exc) from None
+            read_before = self._consumed
+            self._call_base = read_before - len(self._decoder.getstate()[0])
+            self._consumed += len(data)
+            _active.reader = self
             try:
                 text = self._decoder.decode(data, final=not data)
             finally:
-                _active.stats = None
+                _active.reader = None
+            self._check(data, read_before)
+            if self._at_start and text:
+                self._at_start = False
+                if text.startswith("\ufeff"):
+                    text = text[1:]
             if self._pending_cr:
                 text = "\r" + text
                 self._pending_cr = False
@@ -157,8 +227,9 @@ def _lines(text: _Text, bound: int) -> Iterator[tuple[str, bool]]:
 
 
 def detect_format(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith((".xml", ".xml.bz2")):
+    """By extension, looking through a compression suffix: .xml wiki, .jsonl/.json jsonl, else docs."""
+    name = without_compression(path.name.lower())
+    if name.endswith(".xml"):
         return "wiki"
     if name.endswith((".jsonl", ".json")):
         return "jsonl"
@@ -205,15 +276,11 @@ def _check_format(path: Path, fmt: str) -> str:
     return detect_format(path) if fmt == "auto" else fmt
 
 
-def _open(path: Path):
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise DataPrepError(f"{path}: no such file or directory") from None
-    except IsADirectoryError:
-        raise DataPrepError(f"{path}: is a directory (expand_inputs() lists its files)") from None
-    except OSError as exc:
-        raise DataPrepError(f"{path}: cannot read ({exc.strerror or exc})") from None
+def _open_raw(path: Path):
+    """The file's bytes as stored (seekable; for byte ranges of uncompressed files)."""
+    if compression(path):
+        raise ValueError(f"{path}: byte ranges are for uncompressed files")
+    return open_input(path)
 
 
 def _start_file(path: Path, stats: ReadStats) -> bool:
@@ -235,38 +302,51 @@ def _start_file(path: Path, stats: ReadStats) -> bool:
 
 
 def iter_documents(
-    path: Path, fmt: str = "auto", stats: ReadStats | None = None, piece: tuple[int, int] | None = None
+    path: Path,
+    fmt: str = "auto",
+    stats: ReadStats | None = None,
+    piece: tuple[int, int] | None = None,
+    allow_bad_bytes: bool = False,
 ) -> Iterator[list[str]]:
-    """Documents of one file, each a non-empty list of non-empty sentences (no newlines). `piece`, for
-    the "docs" format only: the byte range from docs_pieces() to read instead of the whole file."""
+    """Documents of one file, each a non-empty list of non-empty sentences (no newlines). `piece`: a byte
+    range to read instead of the whole file, from docs_pieces() for the "docs" format or from
+    wiki.stream_ranges() for a multistream wiki dump. `allow_bad_bytes`: replace and count undecodable
+    bytes (and keep NUL bytes) instead of refusing the file."""
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
     if _check_format(path, fmt) == "docs":
-        yield from _docs(path, stats, piece)
+        yield from _docs(path, stats, piece, allow_bad_bytes)
         return
-    if piece is not None:
-        raise ValueError("byte ranges are for the docs format only")
-    for raw in iter_raw_documents(path, fmt, stats):
+    for raw in iter_raw_documents(path, fmt, stats, piece, allow_bad_bytes):
         sentences, cut = process_raw(raw)
         if count_document(sentences, cut, stats):
             yield sentences
 
 
-def iter_raw_documents(path: Path, fmt: str = "auto", stats: ReadStats | None = None) -> Iterator[RawDocument]:
-    """The cheap, sequential stage: documents of one file before cleaning and splitting."""
+def iter_raw_documents(
+    path: Path,
+    fmt: str = "auto",
+    stats: ReadStats | None = None,
+    piece: tuple[int, int] | None = None,
+    allow_bad_bytes: bool = False,
+) -> Iterator[RawDocument]:
+    """The cheap, sequential stage: documents of one file (or of `piece` of it, see iter_documents)
+    before cleaning and splitting."""
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
     fmt = _check_format(path, fmt)
+    if piece is not None and fmt not in ("docs", "wiki"):
+        raise ValueError("byte ranges are for the docs and wiki formats only")
     if fmt == "docs":
         # Counted here as documents come ready-made; count_document() must not see them.
-        for doc in _docs(path, stats):
+        for doc in _docs(path, stats, piece, allow_bad_bytes):
             yield RawDocument(SENTENCES, tuple(doc))
     elif fmt == "wiki":
-        yield from _wiki(path, stats)
+        yield from _wiki(path, stats, piece)
     elif fmt == "jsonl":
-        yield from _jsonl(path, stats)
+        yield from _jsonl(path, stats, allow_bad_bytes)
     else:
-        yield from _prose(path, stats, per_file=(fmt == "files"))
+        yield from _prose(path, stats, per_file=(fmt == "files"), allow_bad_bytes=allow_bad_bytes)
 
 
 def process_raw(raw: RawDocument) -> tuple[list[str], int]:
@@ -342,10 +422,13 @@ def _search_from(stream: BinaryIO, pattern: re.Pattern, pos: int) -> int | None:
 def docs_pieces(path: Path, target: int) -> list[tuple[int, int]]:
     """Byte ranges of about `target` bytes covering a "docs" file, for sharding it in parallel. Each cut is
     just after a blank line that follows text, with text after it, so no document is cut and every range
-    holds at least one. The cuts depend on the file's bytes and `target` alone."""
+    holds at least one. The cuts depend on the file's bytes and `target` alone. A compressed file cannot be
+    entered in the middle: it is one range, the whole file."""
     size = Path(path).stat().st_size
     cuts = [0]
-    with _open(Path(path)) as f:
+    if compression(Path(path)):
+        return [(0, size)]
+    with _open_raw(Path(path)) as f:
         while cuts[-1] + target < size:
             cut = _search_from(f, _DOC_END, cuts[-1] + target - 1)  # -1: the text may end right at the target
             if cut is None or cut >= size or _search_from(f, _ANY_TEXT, cut) is None:
@@ -354,11 +437,15 @@ def docs_pieces(path: Path, target: int) -> list[tuple[int, int]]:
     return list(zip(cuts, cuts[1:] + [size]))
 
 
-def _docs(path: Path, stats: ReadStats, piece: tuple[int, int] | None = None) -> Iterator[list[str]]:
+def _docs(
+    path: Path, stats: ReadStats, piece: tuple[int, int] | None = None, allow_bad_bytes: bool = False
+) -> Iterator[list[str]]:
     """The "docs" format, the hot path of sharding: one sentence per line, blank line between
     documents. A line over MAX_SENTENCE_CHARS is cut at spaces into separate sentences; one
     longer than a read chunk is cut as it arrives, so it never sits in memory whole.
     With `piece` (from docs_pieces), only that byte range; the file is counted with its first piece."""
+    if piece is not None and compression(path):  # docs_pieces() gives a compressed file one piece, the whole
+        piece = None
     first = piece is None or piece[0] == 0
     if first and not _start_file(path, stats):
         return
@@ -367,9 +454,9 @@ def _docs(path: Path, stats: ReadStats, piece: tuple[int, int] | None = None) ->
     doc: list[str] = []
     tail = ""
     long_open = False  # the unfinished line in `tail` was already counted as long
-    with _open(path) as raw:
+    with open_input(path) if piece is None else _open_raw(path) as raw:
         stream = raw if piece is None else _Range(raw, *piece)
-        text = _Text(stream, stats, at_start=first)
+        text = _Text(stream, stats, path, first, 0 if piece is None else piece[0], allow_bad_bytes)
         while chunk := text.read():
             lines = (tail + chunk).split("\n") if tail else chunk.split("\n")
             tail = lines.pop()
@@ -407,15 +494,15 @@ def _docs(path: Path, stats: ReadStats, piece: tuple[int, int] | None = None) ->
     stats.sentences += sentences
 
 
-def _prose(path: Path, stats: ReadStats, per_file: bool) -> Iterator[RawDocument]:
+def _prose(path: Path, stats: ReadStats, per_file: bool, allow_bad_bytes: bool = False) -> Iterator[RawDocument]:
     """ "paragraphs" (a blank line ends a document) and "files" (the file is one document)."""
     if not _start_file(path, stats):
         return
     found = False
     buf: list[str] = []
     parts: list[str] = []  # pieces of a line longer than MAX_LINE_CHARS
-    with _open(path) as stream:
-        for piece, complete in _lines(_Text(stream, stats), MAX_LINE_CHARS):
+    with open_input(path) as stream:
+        for piece, complete in _lines(_Text(stream, stats, path, allow_bad_bytes=allow_bad_bytes), MAX_LINE_CHARS):
             if not complete:
                 if not parts:
                     stats.long_lines_split += 1
@@ -443,7 +530,7 @@ def _prose(path: Path, stats: ReadStats, per_file: bool) -> Iterator[RawDocument
         log.debug("%s: only whitespace, skipped", path)
 
 
-def _jsonl(path: Path, stats: ReadStats) -> Iterator[RawDocument]:
+def _jsonl(path: Path, stats: ReadStats, allow_bad_bytes: bool = False) -> Iterator[RawDocument]:
     """JSON lines, one document per line in its "text" field; bad lines are counted, skipped."""
     if not _start_file(path, stats):
         return
@@ -461,8 +548,8 @@ def _jsonl(path: Path, stats: ReadStats) -> Iterator[RawDocument]:
         if bad == _BAD_JSON_WARNINGS:
             log.warning("%s: further bad lines are counted but not logged", path)
 
-    with _open(path) as stream:
-        for piece, complete in _lines(_Text(stream, stats), MAX_LINE_CHARS):
+    with open_input(path) as stream:
+        for piece, complete in _lines(_Text(stream, stats, path, allow_bad_bytes=allow_bad_bytes), MAX_LINE_CHARS):
             if not complete:
                 overlong = True
                 continue
@@ -493,12 +580,13 @@ def _jsonl(path: Path, stats: ReadStats) -> Iterator[RawDocument]:
         log.warning("%s: %d bad JSON line(s) skipped", path, bad)
 
 
-def _wiki(path: Path, stats: ReadStats) -> Iterator[RawDocument]:
-    """Articles of a pages-articles dump; redirects, disambiguation and ns != 0 skipped."""
-    if not _start_file(path, stats):
+def _wiki(path: Path, stats: ReadStats, streams: tuple[int, int] | None = None) -> Iterator[RawDocument]:
+    """Articles of a pages-articles dump (or of the bz2 streams in byte range `streams` of a multistream
+    dump); redirects, disambiguation and ns != 0 skipped. The file is counted with its first range."""
+    if (streams is None or streams[0] == 0) and not _start_file(path, stats):
         return
     skipped: dict[str, int] = {}
-    for page in iter_pages(path):
+    for page in iter_pages(path, streams):
         reason = skip_reason(page)
         if reason is not None:
             stats.skipped_pages += 1

@@ -4,12 +4,17 @@ Text is normalised the way Hugging Face's AlbertTokenizer (and ALBERT's released
 does before SentencePiece sees it: whitespace collapsed, ``/'' turned into ", accents stripped
 (NFKD, combining marks removed) and lowercased. The same normalisation is applied when training and
 when encoding, so an exported `spiece.model` gives the same ids in AlbertTokenizer as in our shards.
+
+Training reads the corpus once, streaming, and keeps a uniform sample of at most `input_sentence_size`
+sentences (reservoir sampling, deterministic from the seed), so the memory is bounded by the sample, not by
+the corpus; only the sample is normalised and handed to SentencePiece.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -86,8 +91,52 @@ class VocabSettings:
     threads: int = 1
 
 
+def sample_sentences(sentences: Iterable[str], size: int, seed: int) -> tuple[list[str], int]:
+    """(at most `size` sentences drawn uniformly from `sentences` in one pass, in their original order; how many
+    there were). Reservoir sampling with geometric skips (Li's "Algorithm L"): memory is `size` sentences, and
+    the random draws (one generator seeded by `seed`) are O(size x log(n / size)), not one per sentence."""
+    if size < 1:
+        raise DataPrepError(f"--input-sentence-size {size}: must be at least 1")
+    rng = np.random.default_rng([seed, 0x5A3])
+
+    def draw() -> float:  # in (0, 1]: its log is finite
+        return 1.0 - rng.random()
+
+    it = iter(sentences)
+    sample: list[str] = []
+    for s in it:
+        sample.append(s)
+        if len(sample) == size:
+            break
+    positions = list(range(len(sample)))
+    n = len(sample)
+    if n < size:
+        return sample, n
+    w = math.exp(math.log(draw()) / size)
+    chosen = n + math.floor(math.log(draw()) / math.log1p(-w)) if w < 1 else n  # index of the next one kept
+    for i, s in enumerate(it, start=n):
+        n = i + 1
+        if i < chosen:
+            continue
+        j = int(rng.integers(size))
+        sample[j], positions[j] = s, i
+        w *= math.exp(math.log(draw()) / size)
+        chosen = i + 1 + (math.floor(math.log(draw()) / math.log1p(-w)) if w < 1 else 0)
+    order = sorted(range(size), key=positions.__getitem__)
+    return [sample[k] for k in order], n
+
+
+def _normalized(sample: list[str]) -> Iterator[str]:
+    """The sample normalised, each original released once SentencePiece has taken its copy."""
+    for i in range(0, len(sample), ENCODE_CHUNK):
+        chunk = sample[i : i + ENCODE_CHUNK]
+        sample[i : i + len(chunk)] = [""] * len(chunk)
+        yield from (normalize(s) for s in chunk)
+
+
 def train_vocab(sentences: Iterable[str], output_prefix: Path, settings: VocabSettings) -> Path:
-    """Train a unigram model on already sentence-split text; writes PREFIX.model and PREFIX.vocab."""
+    """Train a unigram model on already sentence-split text; writes PREFIX.model and PREFIX.vocab. At most
+    `settings.input_sentence_size` sentences, sampled uniformly (see sample_sentences), are used."""
     import sentencepiece as spm
 
     if settings.vocab_size > MAX_VOCAB_SIZE:
@@ -97,7 +146,16 @@ def train_vocab(sentences: Iterable[str], output_prefix: Path, settings: VocabSe
     output_prefix = Path(output_prefix)
     output_prefix.parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(settings.seed)
-    counted = _Counted(normalize(s) for s in sentences)
+    sample, total = sample_sentences(sentences, settings.input_sentence_size, settings.seed)
+    if total == 0:
+        raise DataPrepError("no sentences to train the vocabulary on")
+    log.info(
+        "vocabulary: training on %d of %d sentences (--input-sentence-size %d)",
+        len(sample),
+        total,
+        settings.input_sentence_size,
+    )
+    counted = _Counted(_normalized(sample))
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=counted,
@@ -111,8 +169,8 @@ def train_vocab(sentences: Iterable[str], output_prefix: Path, settings: VocabSe
             pad_piece=PAD,
             unk_piece=UNK,
             control_symbols=list(CONTROL_SYMBOLS),
-            input_sentence_size=settings.input_sentence_size,
-            shuffle_input_sentence=True,
+            input_sentence_size=0,  # the sample is already drawn: SentencePiece takes it whole, in order
+            shuffle_input_sentence=False,
             character_coverage=settings.character_coverage,
             max_sentence_length=settings.max_sentence_length,
             num_threads=settings.threads,
@@ -123,7 +181,7 @@ def train_vocab(sentences: Iterable[str], output_prefix: Path, settings: VocabSe
     if counted.n == 0:
         raise DataPrepError("no sentences to train the vocabulary on")
     model = output_prefix.with_name(output_prefix.name + ".model")
-    log.info("vocabulary: %d pieces from %d sentences -> %s", settings.vocab_size, counted.n, model)
+    log.info("vocabulary: %d pieces from %d of %d sentences -> %s", settings.vocab_size, counted.n, total, model)
     return model
 
 

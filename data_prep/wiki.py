@@ -1,8 +1,12 @@
 """Wikipedia `pages-articles` dumps: streaming page reader and wikitext → prose cleaning.
 
-Reading (`iter_pages`: bz2 + XML, ~20 MB/s, bz2 being most of it) is cheap and runs in the
-main process; cleaning (`clean_wikitext`, ~3 MB/s of XML per core, mostly mwparserfromhell's
-parse) is what `corpus --workers` parallelises.
+Reading (`iter_pages`: bz2 + XML, ~20 MB/s, bz2 being most of it) is cheap; cleaning
+(`clean_wikitext`, ~3 MB/s of XML per core, mostly mwparserfromhell's parse) is the expensive part.
+A multistream dump (`…-multistream.xml.bz2`, published with `…-multistream-index.txt.bz2`, whose
+lines are `offset:page_id:title`) is a concatenation of bz2 streams of ~100 pages each that
+decompress independently: `stream_ranges` cuts it at stream offsets into ranges that separate
+processes read in parallel (`iter_pages(path, streams=range)`), giving the same pages as reading
+the file whole.
 
 Cleaning rules (each is tested in tests/test_wiki.py):
 - comments, <ref>…</ref> and <ref/> are removed before parsing (a regex pass: references
@@ -33,6 +37,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import mwparserfromhell
 from mwparserfromhell.nodes import (
@@ -47,6 +52,7 @@ from mwparserfromhell.nodes import (
     Wikilink,
 )
 
+from data_prep.compressed import DECOMPRESSION_ERRORS, compression, decompression_error, open_input
 from data_prep.errors import DataPrepError
 
 log = logging.getLogger(__name__)
@@ -216,15 +222,19 @@ def _local(tag: str) -> str:
     return tag.rsplit("}", 1)[-1]
 
 
-def iter_pages(path: Path) -> Iterator[WikiPage]:
-    """Stream the pages of a `.xml` or `.xml.bz2` dump, keeping one page in memory at a time.
+def iter_pages(path: Path, streams: tuple[int, int] | None = None) -> Iterator[WikiPage]:
+    """Stream the pages of a `.xml` dump (or `.xml.bz2`, `.gz`, `.xz`), keeping one page in memory at a time.
+    `streams`: only the bz2 streams in this byte range of a multistream dump (from stream_ranges).
 
-    A truncated or corrupt file raises DataPrepError naming the file, not a traceback.
+    A truncated or corrupt file raises DataPrepError naming the file, not a traceback; so do bytes
+    that are not UTF-8, with the offset of the first one.
     """
-    opener = bz2.open if path.name.endswith(".bz2") else open
+    path = Path(path)
     try:
-        with opener(path, "rb") as stream:
-            context = ET.iterparse(stream, events=("start", "end"))
+        with open(path, "rb") if streams is not None else open_input(path) as raw:
+            source = _StreamPages(raw, *streams) if streams is not None else raw
+            checked = _Utf8Checked(source, path, 0 if streams is None else None)
+            context = ET.iterparse(checked, events=("start", "end"))
             root = None
             for event, elem in context:
                 if root is None:
@@ -236,11 +246,179 @@ def iter_pages(path: Path) -> Iterator[WikiPage]:
                 # memory stays flat however many pages the dump has.
                 root.clear()
     except ET.ParseError as exc:
-        raise DataPrepError(f"{path}: corrupt or truncated XML ({exc})") from None
-    except EOFError:
-        raise DataPrepError(f"{path}: truncated bz2 file (compressed stream ended early)") from None
-    except OSError as exc:
+        where = "" if streams is None else f" in the bz2 streams at bytes {streams[0]}-{streams[1]}"
+        raise DataPrepError(f"{path}: corrupt or truncated XML{where} ({exc})") from None
+    except FileNotFoundError:
+        raise DataPrepError(f"{path}: no such file or directory") from None
+    except DECOMPRESSION_ERRORS as exc:
+        if compression(path) or streams is not None:
+            raise decompression_error(path, exc) from None
         raise DataPrepError(f"{path}: cannot read ({exc})") from None
+
+
+class _Utf8Checked:
+    """Passes bytes through to the XML parser, refusing NUL bytes and invalid UTF-8 with the offset of
+    the first bad byte (the parser would only say "not well-formed" with a line and column).
+    `base`: the offset of the first byte, or None where offsets are not file offsets (stream ranges)."""
+
+    def __init__(self, stream, path: Path, base: int | None):
+        import codecs
+
+        self._stream, self._path, self._base = stream, path, base
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._read = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._stream.read(n)
+        nul = data.find(b"\0")
+        bad = None
+        if nul >= 0:
+            bad = (self._read + nul, "NUL byte")
+        else:
+            try:
+                self._decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                bad = (self._read - len(exc.object) + len(data) + exc.start, "byte that is not UTF-8")
+        if bad is not None:
+            offset, what = bad
+            where = (
+                f"{what} at byte offset {offset}{' of the decompressed data' if compression(self._path) else ''}"
+                if self._base is not None
+                else f"{what} in the decompressed streams"
+            )
+            raise DataPrepError(f"{self._path}: {where}: not UTF-8 XML")
+        self._read += len(data)
+        return data
+
+
+# Raw bytes read at a time from a multistream dump; bz2 blocks are at most 900 kB, so one read
+# decompresses to a few MB at most.
+_RAW_READ = 1 << 20
+_PAGE_OPEN, _PAGE_CLOSE = b"<page>", b"</page>"
+
+
+class _StreamPages:
+    """The bz2 streams in bytes [start, stop) of a multistream dump, decompressed and cut to whole
+    <page> elements inside one root element: the dump's own header (<mediawiki>, <siteinfo>) and
+    its closing tag are in streams of their own, and only pages matter. `<page>` cannot occur in
+    the text of an XML document (a "<" in text is escaped), so cutting at it is exact."""
+
+    def __init__(self, raw: BinaryIO, start: int, stop: int):
+        raw.seek(start)
+        self._raw, self._left = raw, stop - start
+        self._decompressor: bz2.BZ2Decompressor | None = None
+        self._carry = b""
+        self._started = False
+        self._out = bytearray(b"<pages>")
+        self._ended = False
+
+    def _decompress(self) -> bytes:
+        """The next decompressed bytes; b"" once the range is read."""
+        if self._left <= 0:
+            if self._decompressor is not None:
+                raise EOFError("a bz2 stream runs past the end of the range")
+            return b""
+        data = self._raw.read(min(_RAW_READ, self._left))
+        if not data:
+            raise EOFError("the file ends inside the range")
+        self._left -= len(data)
+        out = []
+        while data:
+            if self._decompressor is None:
+                self._decompressor = bz2.BZ2Decompressor()
+            out.append(self._decompressor.decompress(data))
+            if self._decompressor.eof:  # one stream done: the rest belongs to the next
+                data = self._decompressor.unused_data
+                self._decompressor = None
+            else:
+                data = b""
+        return b"".join(out)
+
+    def _fill(self) -> None:
+        while not self._out and not self._ended:
+            data = self._decompress()
+            if not data and self._left <= 0:
+                rest = self._carry.strip() if self._started else b""  # before the first page: the header
+                if rest not in (b"", b"</mediawiki>"):
+                    raise EOFError(f"the range ends inside a page ({len(rest)} bytes after the last </page>)")
+                self._out += b"</pages>"
+                self._ended = True
+                return
+            buf = self._carry + data
+            if not self._started:
+                i = buf.find(_PAGE_OPEN)
+                if i < 0:
+                    self._carry = buf[-len(_PAGE_OPEN) :]
+                    continue
+                buf, self._started = buf[i:], True
+            j = buf.rfind(_PAGE_CLOSE)
+            if j < 0:
+                self._carry = buf
+            else:
+                self._out += buf[: j + len(_PAGE_CLOSE)]
+                self._carry = buf[j + len(_PAGE_CLOSE) :]
+
+    def read(self, n: int = -1) -> bytes:
+        self._fill()
+        n = len(self._out) if n is None or n < 0 else n
+        data = bytes(self._out[:n])
+        del self._out[:n]
+        return data
+
+
+def multistream_index(path: Path) -> Path | None:
+    """The index published beside a multistream dump: `X-multistream.xml.bz2` -> `X-multistream-index.txt.bz2`
+    (or `.txt`); None when there is none."""
+    name = Path(path).name
+    if not name.endswith(".xml.bz2"):
+        return None
+    stem = name[: -len(".xml.bz2")]
+    for suffix in ("-index.txt.bz2", "-index.txt"):
+        index = Path(path).with_name(stem + suffix)
+        if index.is_file():
+            return index
+    return None
+
+
+def stream_offsets(index: Path) -> list[int]:
+    """The distinct stream offsets of a multistream index (`offset:page_id:title` per line), in order."""
+    offsets: list[int] = []
+    try:
+        with open_input(index) as f:
+            for lineno, line in enumerate(f, 1):
+                head = line.split(b":", 1)[0]
+                if not head.isdigit():
+                    if not line.strip():
+                        continue
+                    raise DataPrepError(f"{index}:{lineno}: not an `offset:page_id:title` line of a multistream index")
+                offset = int(head)
+                if not offsets or offset != offsets[-1]:
+                    if offsets and offset < offsets[-1]:
+                        raise DataPrepError(
+                            f"{index}:{lineno}: stream offsets go backwards ({offset} after {offsets[-1]})"
+                        )
+                    offsets.append(offset)
+    except DECOMPRESSION_ERRORS as exc:
+        raise decompression_error(index, exc) from None
+    return offsets
+
+
+def stream_ranges(path: Path, index: Path, target: int) -> list[tuple[int, int]]:
+    """Byte ranges of about `target` compressed bytes covering a multistream dump, each cut at a stream
+    offset of the index. The first starts at 0 (the dump's header stream) and the last ends at the end of
+    the file; the header stream before the first indexed one goes with the first range. They depend on the
+    dump, its index and `target` alone."""
+    size = Path(path).stat().st_size
+    offsets = stream_offsets(index)
+    if offsets and offsets[-1] >= size:
+        raise DataPrepError(
+            f"{index}: stream offset {offsets[-1]} lies beyond the end of {path} ({size} bytes): not its index"
+        )
+    cuts = [0]
+    for offset in offsets[1:]:
+        if offset - cuts[-1] >= target:
+            cuts.append(offset)
+    return list(zip(cuts, cuts[1:] + [size]))
 
 
 def _page_from_element(page: ET.Element) -> WikiPage:

@@ -1,18 +1,26 @@
-"""The corpus step: standard format, balanced split, atomic output, workers, bad inputs."""
+"""The corpus step: standard format, balanced split, atomic output, workers and ranks, resume, a killed
+worker, bounded open files, bad inputs."""
 
 from __future__ import annotations
 
 import bz2
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import REPO
 from test_wiki import EXPECTED_ARTICLE, make_dump
 
-from data_prep import corpus
-from data_prep.corpus import CorpusStats, write_corpus
+from data_prep.corpus import CorpusStats, plan_parts, write_corpus
 from data_prep.errors import DataPrepError
-from data_prep.readers import iter_documents
+from data_prep.readers import expand_inputs, iter_documents
 
 
 def read_corpus(folder: Path, prefix: str = "corpus") -> list[list[list[str]]]:
@@ -24,21 +32,25 @@ def write_docs(path: Path, docs: list[list[str]]) -> Path:
     return path
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("corpus-*.txt"))}
+
+
 def test_standard_format_and_balanced_split(tmp_path: Path) -> None:
-    # sizes in bytes with the newline: 100, 40, 30, 50, 10 (+1 for the blank line when not first)
+    # bytes of each document with its blank line: 101, 41, 31, 51, 11 (235 in all)
     docs = [["a" * 99], ["b" * 39], ["c" * 29], ["d" * 49], ["e" * 4, "f" * 4]]
     src = write_docs(tmp_path / "in.txt", docs)
     stats = write_corpus([src], tmp_path / "out", num_files=3, progress=False)
-    # fewest bytes first, ties to the lowest index:
-    # a->0 (100); b->1 (40); c->2 (30); d->2 (30+51=81); e->1 (40+11=51)
-    assert read_corpus(tmp_path / "out") == [[docs[0]], [docs[1], docs[4]], [docs[2], docs[3]]]
+    # in input order, cut at the first document end at or after 235 * i // 3 = 78, 156: after a (101), after c (173)
+    assert read_corpus(tmp_path / "out") == [[docs[0]], [docs[1], docs[2]], [docs[3], docs[4]]]
     files = [tmp_path / "out" / f"corpus-0000{i}.txt" for i in range(3)]
-    assert files[1].read_text() == "b" * 39 + "\n\n" + "eeee\nffff\n"  # blank line between, none at the end
+    assert files[1].read_text() == "b" * 39 + "\n\n" + "c" * 29 + "\n"  # blank line between, none at the end
     assert isinstance(stats, CorpusStats)
     assert stats.output_files == files
-    assert stats.bytes_written == sum(f.stat().st_size for f in files) == 100 + 51 + 81
+    assert stats.bytes_written == sum(f.stat().st_size for f in files) == 100 + 71 + 61
     assert (stats.documents, stats.sentences, stats.files) == (5, 6, 1)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [f.name for f in files]  # no temp files left
+    # no temporary files left; the hidden summary lets --resume recognise a finished run
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".corpus.json"] + [f.name for f in files]
 
 
 def test_every_format_round_trips_through_the_standard_format(tmp_path: Path) -> None:
@@ -65,9 +77,7 @@ def test_every_format_round_trips_through_the_standard_format(tmp_path: Path) ->
     )
 
 
-@pytest.mark.slow
-def test_workers_give_byte_identical_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    src = tmp_path / "in"
+def mixed_inputs(src: Path) -> Path:
     src.mkdir()
     (src / "a.xml.bz2").write_bytes(bz2.compress(make_dump().encode("utf-8")))
     lines = [
@@ -77,17 +87,35 @@ def test_workers_give_byte_identical_output(tmp_path: Path, monkeypatch: pytest.
     (src / "b.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_docs(src / "c.txt", [[f"Sentence {i}.", f"Another {i}."] for i in range(100)])
     (src / "d.xml").write_text(make_dump(), encoding="utf-8")
-    one = write_corpus([src], tmp_path / "w1", num_files=5, workers=1, progress=False)
-    submitted = []
-    real_submit = corpus._submit
-    monkeypatch.setattr(corpus, "_submit", lambda pool, batch: submitted.append(len(batch)) or real_submit(pool, batch))
-    two = write_corpus([src], tmp_path / "w2", num_files=5, workers=2, progress=False)
-    assert len(submitted) > 1  # the pool really ran, over several batches
-    for a, b in zip(one.output_files, two.output_files, strict=True):
-        assert a.read_bytes() == b.read_bytes()
-    for name in ("documents", "sentences", "skipped_pages", "empty_documents", "bytes_written"):
-        assert getattr(one, name) == getattr(two, name), name
-    assert one.documents == 2 * 2 + 300 + 100
+    return src
+
+
+@pytest.mark.slow
+def test_workers_give_byte_identical_output(tmp_path: Path) -> None:
+    src = mixed_inputs(tmp_path / "in")
+    # small parts: the docs file is cut in byte ranges, the JSON lines file is read by the main process and
+    # cleaned by the workers in batches, the others are whole tasks
+    parts = plan_parts(expand_inputs([src]), "auto", 2000)
+    assert [p.fmt for p in parts if p.start is not None] == ["docs"] * 2
+    assert [p.fmt for p in parts if p.streamed] == ["jsonl", "wiki"]
+    runs = {
+        (w, pb): write_corpus([src], tmp_path / f"w{w}-{pb}", num_files=5, workers=w, progress=False, part_bytes=pb)
+        for w, pb in ((1, 2000), (2, 2000), (2, 1 << 20))
+    }
+    one = runs[1, 2000]
+    for run in runs.values():
+        assert snapshot(run.output_files[0].parent) == snapshot(one.output_files[0].parent)
+        for name in ("documents", "sentences", "skipped_pages", "empty_documents", "bytes_written", "files"):
+            assert getattr(run, name) == getattr(one, name), name
+    assert one.documents == 2 * 2 + 300 + 100 and one.files == 4
+
+
+def test_default_number_of_files_does_not_depend_on_workers(tmp_path: Path) -> None:
+    src = write_docs(tmp_path / "a.txt", [[f"Doc {i}."] for i in range(20)])
+    one = write_corpus([src], tmp_path / "w1", workers=1, progress=False)
+    two = write_corpus([src], tmp_path / "w2", workers=2, progress=False)
+    assert len(one.output_files) == len(two.output_files) == 4  # small corpus: the minimum
+    assert snapshot(tmp_path / "w1") == snapshot(tmp_path / "w2")
 
 
 def test_missing_input_fails_before_any_work(tmp_path: Path) -> None:
@@ -106,7 +134,9 @@ def test_failure_leaves_no_partial_output(tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(DataPrepError, match=r"b\.xml\.bz2: truncated bz2"):
         write_corpus([good, bad], out, num_files=2, progress=False)
-    assert list(out.iterdir()) == []
+    assert [p.name for p in out.iterdir()] == [".work"]  # only what --resume continues from
+    with pytest.raises(DataPrepError, match="folder is not empty; pass --resume"):
+        write_corpus([good], out, num_files=2, progress=False)
 
 
 def test_no_documents_is_an_error(tmp_path: Path) -> None:
@@ -117,7 +147,8 @@ def test_no_documents_is_an_error(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "message"), [({"num_files": 0}, "output files"), ({"workers": 0}, "workers"), ({"fmt": "csv"}, "format")]
+    ("kwargs", "message"),
+    [({"num_files": -1}, "output files"), ({"workers": 0}, "workers"), ({"fmt": "csv"}, "format")],
 )
 def test_bad_settings_are_data_prep_errors(tmp_path: Path, kwargs: dict, message: str) -> None:
     src = write_docs(tmp_path / "a.txt", [["x."]])
@@ -128,7 +159,7 @@ def test_bad_settings_are_data_prep_errors(tmp_path: Path, kwargs: dict, message
 def test_fewer_documents_than_files_leaves_empty_files(tmp_path: Path) -> None:
     src = write_docs(tmp_path / "a.txt", [["One."], ["Two."]])
     stats = write_corpus([src], tmp_path / "out", num_files=4, progress=False)
-    assert [p.stat().st_size for p in stats.output_files] == [5, 5, 0, 0]
+    assert [p.stat().st_size for p in stats.output_files] == [5, 0, 5, 0]
 
 
 def test_lee_news_stories_as_paragraphs(tmp_path: Path) -> None:
@@ -148,3 +179,121 @@ def test_lee_news_stories_as_paragraphs(tmp_path: Path) -> None:
     assert stats.sentences > 2000
     sizes = [p.stat().st_size for p in stats.output_files]
     assert max(sizes) - min(sizes) < 3000  # balanced to within about one story
+
+
+def test_resume_skips_finished_parts_and_gives_the_same_files(tmp_path: Path) -> None:
+    src = tmp_path / "in"
+    src.mkdir()
+    good = {}
+    for k in range(3):
+        good[k] = write_docs(src / f"{k}.txt", [[f"File {k} doc {i}.", "Second."] for i in range(30)]).read_bytes()
+    ref = write_corpus([src], tmp_path / "ref", num_files=3, progress=False)
+    out = tmp_path / "out"
+    (src / "2.txt").write_bytes(b"\0" + good[2][1:])  # same size: the same inputs for --resume
+    with pytest.raises(DataPrepError, match=r"2\.txt: NUL byte at byte offset 0: binary data"):
+        write_corpus([src], out, num_files=3, progress=False)
+    assert sorted(p.name for p in (out / ".work" / "done").iterdir()) == ["p000000.json", "p000001.json"]
+    assert not list(out.glob("corpus-*"))
+    with pytest.raises(DataPrepError, match="folder is not empty; pass --resume"):
+        write_corpus([src], out, num_files=3, progress=False)
+    with pytest.raises(DataPrepError, match="different from the interrupted run"):
+        write_corpus([src], out, num_files=4, progress=False, resume=True)
+    (src / "2.txt").write_bytes(good[2])
+    (src / "0.txt").write_bytes(b"\0" + good[0][1:])  # finished before: not read again
+    resumed = write_corpus([src], out, num_files=3, progress=False, resume=True)
+    assert snapshot(out) == snapshot(tmp_path / "ref")
+    assert (resumed.documents, resumed.bytes_written) == (ref.documents, ref.bytes_written)
+    again = write_corpus([src], out, num_files=3, progress=False, resume=True)  # finished: only checked
+    assert again.documents == ref.documents and snapshot(out) == snapshot(tmp_path / "ref")
+
+
+def test_thousands_of_output_files_with_few_descriptors(tmp_path: Path) -> None:
+    """At most one part file and one output file are open at a time: 3,000 files under a limit of 64."""
+    src = write_docs(tmp_path / "a.txt", [[f"Doc {i}.", "Two."] for i in range(4000)])
+    code = (
+        "import resource, sys; from pathlib import Path; from data_prep.corpus import write_corpus; "
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)); "
+        "s = write_corpus([Path(sys.argv[1])], Path(sys.argv[2]), num_files=3000, progress=False); "
+        "print(len(s.output_files), s.documents)"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(src), str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["3000", "4000"]
+    assert sum(len(d) for d in read_corpus(tmp_path / "out")) == 4000
+
+
+@pytest.mark.slow
+def test_killed_worker_ends_the_run_and_resume_finishes_it(wiki_dump: Path, tmp_path: Path) -> None:
+    """SIGKILL of the worker cleaning the Wikipedia excerpt: the run ends within seconds with one line naming
+    the input and --resume; --resume keeps the parts finished meanwhile and gives the uninterrupted result."""
+    small = tmp_path / "small"
+    small.mkdir()
+    for k in range(3):
+        write_docs(small / f"{k}.txt", [[f"Small {k} doc {i}.", "Second."] for i in range(50)])
+    inputs = [str(wiki_dump), str(small)]
+    ref = write_corpus(inputs, tmp_path / "ref", num_files=4, progress=False)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_prep", "corpus", "--input", *inputs, "--output", str(out)]
+    cmd += ["--num-files", "4", "--workers", "2", "--mpi", "off"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running = out / ".work" / "running"
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline and proc.poll() is None:
+        for claim in running.glob("*") if running.exists() else ():
+            if claim.read_text() == str(wiki_dump):
+                victim = int(claim.name.rsplit("-", 1)[1])
+        time.sleep(0.05)
+    assert victim is not None, "the excerpt's worker never started"
+    time.sleep(0.5)  # well inside its cleaning (about 4 s)
+    os.kill(victim, signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - killed < 15
+    assert proc.returncode == 2
+    errors = [line for line in stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert f"{wiki_dump}: a worker process died while reading it (killed by signal 9" in errors[0]
+    assert "--resume" in errors[0]
+    assert len(list((out / ".work" / "done").iterdir())) == 3  # the small files, finished meanwhile
+    proc = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert snapshot(out) == snapshot(tmp_path / "ref")
+    assert f"{ref.documents} documents" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_two_mpi_ranks_write_the_same_corpus(tmp_path: Path) -> None:
+    src = mixed_inputs(tmp_path / "in")
+    ref = write_corpus([src], tmp_path / "ref", num_files=5, progress=False)
+    mpirun = shutil.which("mpirun")
+    assert mpirun, "OpenMPI is installed by `make test` (.ci/system-deps.sh)"
+    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, "-m", "data_prep"]
+    cmd += ["corpus", "--input", str(src), "--output", str(tmp_path / "mpi"), "--num-files", "5", "--mpi", "on"]
+    proc = subprocess.run(cmd + ["--part-mb", "0.002"], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "MPI rank 1 of 2" in proc.stdout
+    assert snapshot(tmp_path / "mpi") == snapshot(tmp_path / "ref")
+    assert ref.documents == 404
+
+
+def test_random_bytes_are_refused_by_the_command(tmp_path: Path) -> None:
+    src = tmp_path / "random.txt"
+    src.write_bytes(np.random.default_rng(1).integers(1, 256, 200_000, dtype=np.uint8).tobytes())
+    cmd = [sys.executable, "-m", "data_prep", "corpus", "--input", str(src), "--output", str(tmp_path / "out")]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2
+    [line] = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert f"{src}: " in line and "undecodable bytes" in line and "byte offset 0" in line
+    assert "--allow-bad-bytes" in line and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        cmd[:-1] + [str(tmp_path / "allowed"), "--allow-bad-bytes"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "undecodable byte sequence(s) replaced" in proc.stderr

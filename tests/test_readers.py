@@ -8,6 +8,7 @@ import logging
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from data_prep import readers
@@ -16,8 +17,8 @@ from data_prep.readers import ReadStats, detect_format, expand_inputs, iter_docu
 from data_prep.sentences import MAX_SENTENCE_CHARS, cut_long, split_sentences
 
 
-def docs_of(path: Path, fmt: str = "auto", stats: ReadStats | None = None) -> list[list[str]]:
-    return list(iter_documents(path, fmt, stats))
+def docs_of(path: Path, fmt: str = "auto", stats: ReadStats | None = None, **kwargs) -> list[list[str]]:
+    return list(iter_documents(path, fmt, stats, **kwargs))
 
 
 # --- docs -----------------------------------------------------------------------------------
@@ -81,11 +82,17 @@ def test_docs_pieces_cut_between_documents_only(tmp_path: Path, monkeypatch: pyt
         assert got == whole and stats == whole_stats, target
 
 
-def test_undecodable_bytes_are_replaced_and_counted(tmp_path: Path) -> None:
+def test_undecodable_bytes_are_refused_or_with_the_flag_replaced_and_counted(tmp_path: Path) -> None:
     path = tmp_path / "latin1.txt"
     path.write_bytes("Café au lait.\nNaïve text.\n".encode("latin-1") + b"\xff\xfe ok.\n")
+    with pytest.raises(
+        DataPrepError, match=rf"^{path}: 4 undecodable bytes in the first 33 bytes .*byte offset 3: not UTF-8"
+    ):
+        docs_of(path, "docs")
     stats = ReadStats()
-    assert docs_of(path, "docs", stats) == [["Caf\ufffd au lait.", "Na\ufffdve text.", "\ufffd\ufffd ok."]]
+    assert docs_of(path, "docs", stats, allow_bad_bytes=True) == [
+        ["Caf\ufffd au lait.", "Na\ufffdve text.", "\ufffd\ufffd ok."]
+    ]
     assert stats.replaced_chars == 4
 
 
@@ -93,8 +100,80 @@ def test_truncated_utf8_at_end_of_file_is_replaced(tmp_path: Path) -> None:
     path = tmp_path / "cut.txt"
     path.write_bytes("Snow ☃".encode()[:-1])
     stats = ReadStats()
-    assert docs_of(path, "docs", stats) == [["Snow \ufffd"]]
+    assert docs_of(path, "docs", stats, allow_bad_bytes=True) == [["Snow \ufffd"]]
     assert stats.replaced_chars == 1
+
+
+@pytest.mark.parametrize("fmt", ["docs", "paragraphs", "files", "jsonl", "auto"])
+def test_random_bytes_are_refused_with_the_offset_of_the_first_bad_byte(tmp_path: Path, fmt: str) -> None:
+    data = np.random.default_rng(0).integers(1, 256, 200_000, dtype=np.uint8).tobytes()  # no NUL: the fraction decides
+    path = tmp_path / "random.bin"
+    path.write_bytes(b"Plain text first.\n" * 10 + data)
+    first = 180 + data.decode("utf-8", errors="replace").index("\ufffd")
+    with pytest.raises(DataPrepError) as info:
+        docs_of(path, fmt)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and f"the first at byte offset {first}: not UTF-8 text" in message
+    assert "--allow-bad-bytes" in message and "\n" not in message
+    allowed = docs_of(path, fmt, allow_bad_bytes=True)  # replaced and counted, on request
+    assert allowed if fmt != "jsonl" else allowed == []  # (random lines are not JSON)
+
+
+def test_nul_bytes_are_refused_at_their_offset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(readers, "CHUNK_BYTES", 7)  # offsets counted across chunks
+    path = tmp_path / "nul.txt"
+    path.write_bytes(b"A fine line of text.\n\nAnother\x00one.\n")
+    for fmt in ("docs", "paragraphs", "jsonl"):
+        with pytest.raises(DataPrepError, match=rf"^{path}: NUL byte at byte offset 29: binary data, not text"):
+            docs_of(path, fmt)
+    assert docs_of(path, "docs", allow_bad_bytes=True) == [["A fine line of text."], ["Another\x00one."]]
+
+
+def test_a_few_stray_bytes_in_a_big_file_are_replaced_and_counted(tmp_path: Path) -> None:
+    path = tmp_path / "mostly.txt"
+    path.write_bytes(b"Good text here.\n\n" * 10_000 + b"Caf\xe9.\n")  # 1 bad byte in 170 kB
+    stats = ReadStats()
+    assert docs_of(path, "docs", stats)[-1] == ["Caf\ufffd."]
+    assert stats.replaced_chars == 1
+
+
+def test_offsets_in_a_piece_are_file_offsets(tmp_path: Path) -> None:
+    path = tmp_path / "c.txt"
+    path.write_bytes(b"One.\n\nTwo.\n\nThr\x00e.\n")
+    with pytest.raises(DataPrepError, match="NUL byte at byte offset 15"):
+        list(iter_documents(path, "docs", None, (12, path.stat().st_size)))
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_inputs_in_every_format(tmp_path: Path, suffix: str) -> None:
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    from test_wiki import make_dump
+
+    texts = {
+        "a.txt": ("docs", "One sentence.\nTwo.\n\nThird doc.\n"),
+        "b.txt": ("paragraphs", "Para one. Still one.\n\nPara two.\n"),
+        "c.txt": ("files", "Whole file. Is one document.\n"),
+        "d.jsonl": ("auto", json.dumps({"text": "Json text. Two sentences."}) + "\n"),
+        "e.xml": ("auto", make_dump()),
+    }
+    for name, (fmt, text) in texts.items():
+        plain = tmp_path / name
+        plain.write_text(text, encoding="utf-8")
+        packed = tmp_path / (name + suffix)
+        packed.write_bytes(compress(text.encode()))
+        expected = docs_of(plain, fmt)
+        assert expected and docs_of(packed, fmt) == expected, name
+        assert detect_format(packed) == detect_format(plain)
+    cut = tmp_path / ("cut.txt" + suffix)
+    cut.write_bytes(compress(b"Some text. " * 5000)[:-30])
+    with pytest.raises(DataPrepError, match=rf"^{cut}: (truncated|corrupt) {suffix[1:]}"):
+        docs_of(cut, "docs")
+    assert readers.docs_pieces(tmp_path / ("a.txt" + suffix), 1) == [
+        (0, (tmp_path / ("a.txt" + suffix)).stat().st_size)
+    ]
 
 
 def test_long_lines_are_cut_into_sentences(tmp_path: Path) -> None:
@@ -247,6 +326,9 @@ def test_long_sentences_are_counted(tmp_path: Path) -> None:
         ("a.txt", "docs"),
         ("a", "docs"),
         ("a.bz2", "docs"),
+        ("a.jsonl.gz", "jsonl"),
+        ("a.xml.xz", "wiki"),
+        ("a.txt.gz", "docs"),
     ],
 )
 def test_detect_format(name: str, fmt: str) -> None:

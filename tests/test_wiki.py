@@ -246,3 +246,17 @@ def test_real_wikipedia_excerpt(wiki_dump: Path) -> None:
         "Anarchism is a political philosophy that advocates self-governed societies based on voluntary institutions."
     )
     assert all(s and "\n" not in s and s == s.strip() for doc in docs for s in doc)
+
+
+def test_bytes_that_are_not_utf8_are_refused_with_their_offset(dump: Path, tmp_path: Path) -> None:
+    data = dump.read_bytes()
+    at = data.index(b"Widget is") if b"Widget is" in data else len(data) // 2
+    for bad, what in ((b"\xff", "byte that is not UTF-8"), (b"\x00", "NUL byte")):
+        path = tmp_path / "bad.xml"
+        path.write_bytes(data[:at] + bad + data[at:])
+        with pytest.raises(DataPrepError, match=rf"^{path}: {what} at byte offset {at}: not UTF-8 XML$"):
+            list(iter_documents(path))
+        packed = tmp_path / "bad.xml.bz2"
+        packed.write_bytes(bz2.compress(path.read_bytes()))
+        with pytest.raises(DataPrepError, match=rf"byte offset {at} of the decompressed data"):
+            list(iter_documents(packed))
