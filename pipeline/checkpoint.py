@@ -29,6 +29,10 @@ from data_prep.atomic import write_text
 log = logging.getLogger(__name__)
 
 COMPLETE = "complete.json"
+# model config keys that a run may change when it resumes: they shape no weight and no computation of the saved state
+TRAINING_ONLY = frozenset(
+    {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob", "initializer_range"}
+)
 PREFIX = "step-"
 
 
@@ -79,7 +83,8 @@ def check_compatible(tag_dir: Path, global_batch: int, model_config: dict[str, A
             f"`albert-export --checkpoint {tag_dir.parent} --output hf/` then `--init-from hf/`"
         )
     saved = meta.get("model_config") or {}
-    differ = sorted(k for k in set(saved) | set(model_config) if saved.get(k) != model_config.get(k))
+    keys = (set(saved) | set(model_config)) - TRAINING_ONLY
+    differ = sorted(k for k in keys if saved.get(k) != model_config.get(k))
     if differ:
         what = ", ".join(f"{k} {saved.get(k)} -> {model_config.get(k)}" for k in differ[:4])
         raise CheckpointError(

@@ -22,7 +22,8 @@ plan it counts in (ranks, micro-batch, window). A loader with another plan takes
 saved plan had not handed out yet (in the order of the virtual sequence) and cuts them for its own ranks by the same
 rule (windows shuffled by (seed, epoch, rank, window, depth)), so each of them is seen exactly once; a further change
 in the same epoch applies the rule again to what is still unseen. The next epoch is the plain layout. Those rows are
-kept as runs of the virtual sequence (a few per rank), never as one index per row.
+kept as runs of the virtual sequence (whole ranges, and about one run per unseen row of each old rank's window in
+progress), never as one index per row of the epoch.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 BLOCK = 1024
 DEFAULT_WINDOW = 8192  # rows shuffled together (rounded down to whole micro-batches)
+READ_GAP = 64  # rows: runs of a window closer than this are read as one range
 
 
 class DataError(Exception):
@@ -308,29 +310,45 @@ class PretrainingData:
         return order, starts
 
     def _read_window(self, files: dict, order: np.ndarray, starts: np.ndarray, runs: Runs) -> dict[str, np.ndarray]:
-        """These rows of the epoch's virtual sequence, in order."""
+        """These rows of the epoch's virtual sequence, in order. Runs less than READ_GAP rows apart are read as one
+        range and their rows picked from it: after another plan re-cut an epoch, a window's rows are scattered
+        (every other row of an old window), and one read per row would cost ~1 ms each."""
+        ends = runs.starts + runs.lengths
+        breaks = np.flatnonzero(runs.starts[1:] - ends[:-1] >= READ_GAP) + 1
         parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
-        for lo, n in zip(runs.starts.tolist(), runs.lengths.tolist()):
-            hi = lo + n
-            b = int(np.searchsorted(starts, lo, side="right")) - 1
-            while lo < hi:
-                shard, first, rows = order[b]
-                a = lo - starts[b]
-                take = min(rows - a, hi - lo)
-                path = self.shards[shard].path
-                try:
-                    if shard not in files:
-                        files[shard] = _open_shard(path)
-                    f = files[shard]
-                    for k in FIELDS:
-                        parts[k].append(f[k][first + a : first + a + take])
-                except (OSError, KeyError, ValueError) as e:
-                    raise DataError(
-                        f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or "
-                        "truncated"
-                    ) from None
-                lo += take
-                b += 1
+        for first, last in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(runs.starts)]])):
+            lo, hi = int(runs.starts[first]), int(ends[last - 1])
+            rows = self._read_range(files, order, starts, lo, hi)
+            if last - first > 1:
+                pick = np.concatenate([np.arange(a, b) for a, b in zip(runs.starts[first:last], ends[first:last])]) - lo
+                rows = {k: v[pick] for k, v in rows.items()}
+            for k in FIELDS:
+                parts[k].append(rows[k])
+        return {k: np.concatenate(v) for k, v in parts.items()}
+
+    def _read_range(
+        self, files: dict, order: np.ndarray, starts: np.ndarray, lo: int, hi: int
+    ) -> dict[str, np.ndarray]:
+        """Rows [lo, hi) of the epoch's virtual sequence."""
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
+        b = int(np.searchsorted(starts, lo, side="right")) - 1
+        while lo < hi:
+            shard, first, rows = order[b]
+            a = lo - starts[b]
+            take = min(rows - a, hi - lo)
+            path = self.shards[shard].path
+            try:
+                if shard not in files:
+                    files[shard] = _open_shard(path)
+                f = files[shard]
+                for k in FIELDS:
+                    parts[k].append(f[k][first + a : first + a + take])
+            except (OSError, KeyError, ValueError) as e:
+                raise DataError(
+                    f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or truncated"
+                ) from None
+            lo += take
+            b += 1
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def _windows(self, start: LoaderState) -> Iterator[list[dict[str, torch.Tensor]]]:

@@ -159,7 +159,10 @@ def setup(args: argparse.Namespace) -> Run:
             fp16_both = saved["precision"] == precision == "fp16"
             client = reshard.resume(engine, resume_from, was, now, fp16_both)
         loader = client["loader"]
-        data.load_state_dict(loader, plan=None if "plan" in loader else ckpt.loader_plan(resume_from, saved))
+        try:
+            data.load_state_dict(loader, plan=None if "plan" in loader else ckpt.loader_plan(resume_from, saved))
+        except DataError as e:
+            raise TrainError(f"{resume_from}: the saved data position cannot continue here: {e}") from None
     meta = dict(world_size=world, zero_stage=stage, precision=precision, global_batch=batch.global_size)
     meta.update(micro_batch=batch.micro, optimizer_wrapper=wrapper, data=str(args.data), model_config=cfg.to_dict())
     resumed = resume_from is not None

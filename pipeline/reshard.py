@@ -10,7 +10,8 @@ ZeRO-0 and do not cross ZeRO-1/2 <-> ZeRO-3. So the conversion is ours, in two h
 - `restore`: writes that state into an engine built as usual for this run: by hand at ZeRO-0 (the parameters, or
   FP16_UnfusedOptimizer's fp32 copies, and LAMB's per-tensor state); at ZeRO-1/2/3 and in BF16_Optimizer through
   DeepSpeed's per-parameter setters (`safe_set_full_fp32_param`, `safe_set_full_optimizer_state`) after LAMB's state
-  for the flat partitions exists, then the low-precision weights from the masters.
+  for the flat partitions exists (ZeRO-1/2, BF16_Optimizer) or piece by piece (ZeRO-3), then the low-precision
+  weights from the masters.
 
 The layouts read (DeepSpeed 0.19.8; what each file holds, by key):
   ZeRO-0 fp32         mp_rank_00_model_states.pt: module = fp32 weights; optimizer = LAMB's state_dict, one entry per
@@ -182,9 +183,7 @@ def _read_partitions(tag_dir: Path, model_files: list[Path], optim_files: list[P
     steps = set()
     for sd in sds:
         for g, mapping in enumerate(sd["param_slice_mappings"]):
-            st = sd["base_optimizer_state"]["state"][g]
-            steps.add(int(st["step"]))
-            flat = {"fp32": sd["single_partition_of_fp32_groups"][g], **{k: st[k] for k in MOMENTS}}
+            flat = _flat_state(sd["single_partition_of_fp32_groups"][g], sd["base_optimizer_state"], g, steps)
             for name, where in mapping.items():
                 d = pieces.setdefault(name, {k: [] for k in FIELDS})
                 for k, t in flat.items():
@@ -196,6 +195,14 @@ def _read_partitions(tag_dir: Path, model_files: list[Path], optim_files: list[P
     return params, _one_step(steps, optim_files[0]), wrapper, scale
 
 
+def _flat_state(fp32: torch.Tensor, lamb: dict, group: int, steps: set[int]) -> dict[str, torch.Tensor]:
+    """A flat partition's master and moments (zero, step 0, where no optimizer step was applied yet: fp16 runs whose
+    first steps all overflowed)."""
+    st = lamb.get("state", {}).get(group, {})
+    steps.add(int(st.get("step", 0)))
+    return {"fp32": fp32, **{k: st[k] if k in st else torch.zeros(fp32.numel()) for k in MOMENTS}}
+
+
 def _read_zero3(tag_dir: Path, model_files: list[Path], sds: list[dict]) -> tuple[dict, int]:
     world = len(sds)
     group_shapes = _load(next(f for f in model_files if _rank_of(f) == 0))["param_shapes"]
@@ -203,9 +210,7 @@ def _read_zero3(tag_dir: Path, model_files: list[Path], sds: list[dict]) -> tupl
     for g, shapes in enumerate(group_shapes):
         pieces: dict[str, dict[str, list[torch.Tensor]]] = {n: {k: [] for k in FIELDS} for n in shapes}
         for sd in sds:
-            st = sd["optimizer_state_dict"]["state"][g]
-            steps.add(int(st["step"]))
-            flat = {"fp32": sd["fp32_flat_groups"][g], **{k: st[k] for k in MOMENTS}}
+            flat = _flat_state(sd["fp32_flat_groups"][g], sd["optimizer_state_dict"], g, steps)
             offset = 0
             for name, shape in shapes.items():
                 part = math.ceil(math.prod(shape) / world)
@@ -266,24 +271,22 @@ def restore(engine: Any, state: TrainingState) -> None:
                     master.copy_(d["fp32"])
                     p.copy_(d["fp32"].to(p.dtype))
                     _set_state(optimizer, master, state.step, **{k: d[k] for k in MOMENTS})
-        else:
+        elif hasattr(wrapper, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            for t in flat:
+                _set_state(optimizer, t, state.step)
+            _restore_zero3(wrapper, optimizer, params, name_of)
+        else:  # ZeRO-1/2, BF16_Optimizer
             # DeepSpeed links each parameter's fragment to the optimizer's state on its first step; the setters
             # need the state to exist (else they raise on the rank holding the fragment while the others wait).
             for t in flat:
                 _set_state(optimizer, t, state.step)
-            if hasattr(wrapper, "_lazy_init_hp_params_optimizer_state"):
-                wrapper._lazy_init_hp_params_optimizer_state()
+            wrapper._lazy_init_hp_params_optimizer_state()
             for name, p in engine.module.named_parameters():
                 d = params[name]
                 safe_set_full_fp32_param(p, d["fp32"])
                 for k in MOMENTS:
                     safe_set_full_optimizer_state(p, d[k], k)
-            if hasattr(wrapper, "update_lp_params"):  # ZeRO-1/2, BF16_Optimizer: the module's weights from the masters
-                wrapper.update_lp_params()
-            else:  # ZeRO-3: the module's partitions from the masters (the same tensors in fp32)
-                for low, master in zip(wrapper.fp16_partitioned_groups_flat, wrapper.fp32_partitioned_groups_flat):
-                    if low is not master:
-                        low.copy_(master)
+            wrapper.update_lp_params()  # the module's weights from the masters (collective)
     engine.global_steps = state.global_steps
     engine.global_samples = state.global_samples
     engine.skipped_steps = state.skipped_steps
@@ -293,6 +296,33 @@ def restore(engine: Any, state: TrainingState) -> None:
             group["lr"] = lr  # what the scheduler's last step set, as a same-layout load restores it
     if state.loss_scale:
         _restore_loss_scale(wrapper, state.loss_scale)
+
+
+def _restore_zero3(wrapper: Any, optimizer: Any, params: dict, name_of: dict[int, str]) -> None:
+    """ZeRO-3: each parameter's piece of this rank, written into the flat masters and moments. DeepSpeed's setters
+    cannot do it: they read ceil(numel / world) values from rank x that far, past the end of a parameter whose size
+    the ranks do not divide (a 2-value bias on 4 ranks). The last piece is zero-padded, as DeepSpeed pads it."""
+    import torch.distributed as dist
+
+    for i, group in enumerate(wrapper.fp16_groups):
+        pg = wrapper.sub_group_process_groups[i]
+        rank = dist.get_rank(group=dist.group.WORLD if pg is None else pg)
+        master = wrapper.fp32_partitioned_groups_flat[i]
+        targets = {"fp32": master, **{k: optimizer.state[master][k] for k in MOMENTS}}
+        offset = 0
+        for p in group:
+            size = p.partition_numel()
+            d = params[name_of[id(p)]]
+            for key, dst in targets.items():
+                piece = d[key].flatten()[rank * size : (rank + 1) * size]
+                dst.narrow(0, offset, size).zero_()
+                dst.narrow(0, offset, piece.numel()).copy_(piece)
+            offset += size
+        if offset != master.numel():
+            raise ReshardError(f"ZeRO-3 sub-group {i}: {master.numel()} values on this rank, the parameters {offset}")
+        low = wrapper.fp16_partitioned_groups_flat[i]
+        if low is not None and low is not master:  # bf16/fp16: the module's partition from the master
+            low.copy_(master)
 
 
 def _restore_loss_scale(wrapper: Any, scale: dict[str, float]) -> None:

@@ -54,6 +54,7 @@ def examples(out) -> list[int]:
         ((2, 2, "fp32", 1), (1, 0, "fp32", 2)),  # 2 ranks ZeRO-2 -> 1 rank ZeRO-0, accumulation 2
         ((1, 0, "fp32", 2), (2, 2, "fp32", 1)),  # 1 rank -> 2 ranks
         ((2, 3, "fp32", 1), (2, 1, "fp32", 2)),  # ZeRO-3 -> ZeRO-1, the micro-batch split differently
+        ((2, 2, "fp32", 1), (4, 3, "fp32", 1)),  # into ZeRO-3 on 4 ranks: the SOP bias (2 values) not divisible
         ((2, 2, "bf16", 1), (1, 0, "bf16", 1)),  # bf16: ZeRO-2 -> FP16_UnfusedOptimizer's masters at ZeRO-0
     ],
 )
