@@ -1,8 +1,9 @@
 """Metadata calls of a command on the files under given folders, counted with `strace -f` (children included).
 
-`traced(cmd)` runs the command under strace (seccomp-bpf: only the traced calls stop the process, so the cost is
-small) and returns what it did under each folder: files created (distinct paths opened with O_CREAT), opens,
+`traced(cmd, roots)` runs the command under strace (seccomp-bpf: only the traced calls stop the process, so the cost
+is small) and returns what it did under the folders: files created (distinct paths opened with O_CREAT), opens,
 mkdir, unlink, rename and stat calls. What a parallel filesystem's metadata servers see is these calls.
+`traced_log` keeps the log (timestamped) for `count` to split by time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 CALLS = "openat,open,creat,mkdir,mkdirat,unlink,unlinkat,rmdir,rename,renameat,renameat2,newfstatat,stat,lstat,statx"
-_LINE = re.compile(r'^\d+\s+(\w+)\((?:AT_FDCWD|\d+|-?\d+<[^>]*>)?,?\s*"([^"]*)"(.*)\)\s+=\s+(-?\d+)')
+# -ttt -y: `1700000000.123456 unlinkat(3</out/.work/spill>, "f00000-p00000.bin", 0) = 0`
+_LINE = re.compile(r'^([\d.]+)\s+(\w+)\((?:AT_FDCWD(?:<[^>]*>)?, |\d+<([^>]*)>, |\d+, )?"([^"]*)"(.*)\)\s+=\s+(-?\d+)')
 _KIND = {
     "openat": "open",
     "open": "open",
@@ -50,26 +52,43 @@ def available() -> bool:
     return shutil.which("strace") is not None
 
 
-def count(log: Path, root: Path) -> Metadata:
-    """The calls of an strace log on paths under `root` (absolute paths, as the commands here are given)."""
-    prefix = str(root).rstrip("/") + "/"
+def count(log: Path, roots: list[Path], since: float = 0.0, until: float = float("inf")) -> Metadata:
+    """The calls of an strace log (-ttt) on paths under `roots` (absolute paths, as the commands here are given), made
+    between the times `since` and `until` (seconds since the epoch)."""
+    prefixes = tuple(str(root).rstrip("/") + "/" for root in roots)
     meta = Metadata()
-    for line in log.read_text(errors="replace").splitlines():
+    lines = (line for f in sorted(log.iterdir()) for line in f.read_text(errors="replace").splitlines())
+    for line in lines:
         m = _LINE.match(line)
-        if not m or not (m.group(2) + "/").startswith(prefix):
+        if not m:
             continue
-        name, path, rest = m.group(1), m.group(2), m.group(3)
-        meta.calls[_KIND.get(name, name)] += 1
-        if _KIND.get(name) == "open" and ("O_CREAT" in rest or name == "creat") and int(m.group(4)) >= 0:
+        name, folder, path, rest, result = m.group(2), m.group(3), m.group(4), m.group(5), int(m.group(6))
+        if folder and not path.startswith("/"):  # relative to a folder's descriptor (rmtree, for one)
+            path = f"{folder}/{path}" if path else folder  # (fstat: the descriptor's own file)
+        if not (path + "/").startswith(prefixes) or not since <= float(m.group(1)) < until:
+            continue
+        kind = _KIND.get(name, name)
+        meta.calls[kind] += 1
+        if kind == "open" and ("O_CREAT" in rest or name == "creat") and result >= 0:
             meta.created.add(path)
     return meta
 
 
-def traced(cmd: list[str], roots: list[Path], **kw) -> tuple[subprocess.CompletedProcess, list[Metadata]]:
-    """Run `cmd` under strace; (its result, the metadata calls under each root)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        log = Path(tmp) / "strace.log"
-        proc = subprocess.run(
-            ["strace", "-f", "-qq", "--seccomp-bpf", "-e", f"trace={CALLS}", "-o", str(log), *cmd], **kw
-        )
-        return proc, [count(log, root) for root in roots]
+def traced_log(cmd: list[str], **kw) -> tuple[subprocess.CompletedProcess, Path]:
+    """Run `cmd` under strace; (its result, the log: a temporary folder, one file per process (-ff: no call split
+    over two lines by another process's), that the caller removes)."""
+    log = Path(tempfile.mkdtemp(prefix="strace-"))
+    proc = subprocess.run(
+        ["strace", "-ff", "-qq", "-ttt", "-y", "--seccomp-bpf", "-e", f"trace={CALLS}", "-o", str(log / "pid"), *cmd],
+        **kw,
+    )
+    return proc, log
+
+
+def traced(cmd: list[str], roots: list[Path], **kw) -> tuple[subprocess.CompletedProcess, Metadata]:
+    """Run `cmd` under strace; (its result, its metadata calls under `roots`)."""
+    proc, log = traced_log(cmd, **kw)
+    try:
+        return proc, count(log, roots)
+    finally:
+        shutil.rmtree(log)

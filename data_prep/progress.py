@@ -63,10 +63,10 @@ class LogLines:
         elapsed = max(now - self.started, 1e-9)
         rate = self.done / elapsed
         eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
-        scale, unit = (1 << 20, "MB") if self.unit == "B" else (1, self.unit)
+        scale, unit, digits = (1 << 20, "MB", 1) if self.unit == "B" else (1, self.unit, 0)
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (
-            f"{self.desc}: {self.done / scale:.0f}/{self.total / scale:.0f} {unit} ({pct:.1f}%), "
+            f"{self.desc}: {self.done / scale:.{digits}f}/{self.total / scale:.{digits}f} {unit} ({pct:.1f}%), "
             f"{rate / scale:.3g} {unit}/s, ETA {eta}"
         )
 
@@ -81,4 +81,7 @@ def progress(desc: str, total: int, unit: str = "task", bar: bool = True, every:
         with tqdm(total=total, desc=desc, unit=unit, unit_scale=unit == "B", dynamic_ncols=True) as t:
             yield t
     else:
-        yield LogLines(desc, total, unit, default_seconds() if every is None else every)
+        lines = LogLines(desc, total, unit, default_seconds() if every is None else every)
+        yield lines
+        if lines.every > 0 and lines.last > lines.started:  # a phase that logged along the way also logs its end
+            log.info("%s (done)", lines.line(time.monotonic()))

@@ -14,6 +14,7 @@ piece is done. One file per piece (not one per piece and shard) keeps the files 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -86,14 +87,20 @@ def read_index(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def read_runs(path: Path, runs: np.ndarray, out: np.ndarray) -> None:
-    """Read runs of one spill file (rows: byte offset, records), in order, into `out` (exactly their records)."""
+    """Read runs of one spill file (rows: byte offset, records), in order, into `out` (exactly their records).
+    One open and no stat (os.open, positioned reads): a reduce opens every piece's file, the count that matters."""
     view = out.view(np.uint8)
     at = 0
-    with open(path, "rb", buffering=0) as f:
+    fd = os.open(path, os.O_RDONLY)
+    try:
         for offset, n in runs:
             nbytes = int(n) * out.dtype.itemsize
-            f.seek(int(offset))
-            got = f.readinto(view[at : at + nbytes])
-            if got != nbytes:
-                raise DataPrepError(f"{path}: truncated at byte {offset + got} (run of {n} records)")
+            got = 0
+            while got < nbytes:  # (a read returns at most about 2 GB)
+                step = os.preadv(fd, [view[at + got : at + nbytes]], int(offset) + got)
+                if step == 0:
+                    raise DataPrepError(f"{path}: truncated at byte {int(offset) + got} (run of {n} records)")
+                got += step
             at += nbytes
+    finally:
+        os.close(fd)

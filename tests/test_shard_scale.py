@@ -132,11 +132,11 @@ def test_files_created_are_one_per_piece_and_per_shard(wiki_corpus, spm_model, w
         "data_prep",
         *shard_cmd(wiki_corpus, spm_model, out, "--piece-mb", "0.1", "--num-shards", "40", "--workers", "2"),
     ]
-    proc, [meta] = syscalls.traced(cmd, [tmp_path], capture_output=True, text=True, cwd=REPO)
+    proc, meta = syscalls.traced(cmd, [tmp_path], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     pieces = int(proc.stderr.split(" input files in ")[1].split()[0])
     assert pieces > 20, proc.stderr
-    assert len(meta.created) <= pieces + 40 + 16, sorted(meta.created)
+    assert pieces + 40 <= len(meta.created) <= pieces + 40 + 16, sorted(meta.created)
     # the output folder, .work, .work/spill, once (mkdir(parents=True) first tries the deepest: 2 calls fail)
     assert meta.calls["mkdir"] <= 5, meta.calls
     assert verify_folder(out) == []

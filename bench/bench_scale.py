@@ -1,0 +1,308 @@
+"""A scaled-down cluster job of `albert-data shard`: hundreds of MB of text, small pieces, many shards, 2 workers, and
+2 MPI ranks; per phase: wall time, throughput per worker, peak memory per task, files created, metadata calls.
+
+The text is real: the Wikipedia excerpt and the Lee news corpus that data_prep/demo_corpus.py fetches, made into
+standard-format documents by `albert-data corpus`, then repeated (each copy in another seeded document order) up to
+--mb. One vocabulary is trained on the base text. Then `albert-data shard` runs as a subprocess:
+
+- 1 worker, 2 workers, and (--mpi) `mpirun -np 2` with 1 worker per rank: small pieces (--piece-mb) and many shards
+  (--shard-mb); the shards must be byte-identical across the three;
+- 2 workers at the default shard size (256 MB of records), for the memory of a reduce at that size.
+
+Every run is traced with `strace -f` (bench/syscalls.py: files created, open/mkdir/unlink/rename/stat calls under
+the input and output folders, split into phases by the time the first reduce task started). Each task's process
+records its wall time and memory (VmHWM, the peak resident set, and VmRSS when it started: the difference is what
+the task itself added) through this script's `probe` mode, which wraps the task functions from outside.
+
+    python bench/bench_scale.py                      # 256 MB of text, 1 MB pieces, 8 MB shards, with --mpi
+    python bench/bench_scale.py --mb 64 --no-mpi     # a quicker look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bench import syscalls  # noqa: E402
+
+PROBE_LOG = "BENCH_SCALE_PROBE_LOG"  # probe mode: where each task appends its line (JSON)
+
+
+# --------------------------------------------------------------------------------------------- probe mode
+
+
+def _status() -> dict[str, int]:
+    """VmRSS and VmHWM of this process, in bytes."""
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def probe(argv: list[str]) -> int:
+    """`albert-data ARGS` with each map and reduce task timed and its memory recorded (to $BENCH_SCALE_PROBE_LOG)."""
+    from data_prep import cli, sharding
+
+    log_path = os.environ[PROBE_LOG]
+
+    def recorded(phase: str, fn, size):
+        def task(args):
+            start, rss = time.time(), _status()["VmRSS"]
+            result = fn(args)
+            record = {"phase": phase, "start": start, "end": time.time(), "start_rss": rss, **_status(), **size(args)}
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            return result
+
+        return task
+
+    sharding._map_piece = recorded("map", sharding._map_piece, lambda a: {"bytes": a[0].stop - a[0].start})
+    sharding._reduce_shard = recorded(
+        "reduce", sharding._reduce_shard, lambda t: {"records": int(t.runs[:, 2].sum()), "shard": t.shard}
+    )
+    return cli.main(argv)
+
+
+# --------------------------------------------------------------------------------------------- the corpus
+
+
+def albert_data(*args: str, **kw) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True, **kw)
+    if proc.returncode:
+        raise SystemExit(f"albert-data {args[0]} failed:\n{proc.stderr}")
+    return proc
+
+
+def base_corpus(work: Path) -> Path:
+    """The Wikipedia excerpt and the Lee news corpus (one story a line, given as JSON lines) as documents."""
+    from data_prep.demo_corpus import lee_background, wikipedia_excerpt
+
+    base = work / "base"
+    if not base.exists():
+        lee = work / "lee.jsonl"
+        lines = [line for line in lee_background().read_text().splitlines() if line.strip()]
+        lee.write_text("".join(json.dumps({"text": line}) + "\n" for line in lines))
+        albert_data("corpus", "--input", str(wikipedia_excerpt()), str(lee), "--output", str(base), "--num-files", "4")
+    return base
+
+
+def scaled_corpus(base: Path, out: Path, mb: float, file_mb: float) -> int:
+    """Copies of the base documents, each in another seeded order, in files of about `file_mb`, to `mb` in all."""
+    docs = [d for f in sorted(base.glob("*.txt")) for d in f.read_text().split("\n\n") if d.strip()]
+    out.mkdir(parents=True)
+    target, file_bytes = int(mb * (1 << 20)), int(file_mb * (1 << 20))
+    written, copy, f, index = 0, 0, None, 0
+    while written < target:
+        random.Random(copy).shuffle(docs)
+        for doc in docs:
+            if f is None or f.tell() >= file_bytes:
+                if f is not None:
+                    f.close()
+                f = open(out / f"corpus-{index:05d}.txt", "w")
+                index += 1
+            text = doc.strip("\n") + "\n\n"
+            f.write(text)
+            written += len(text.encode())
+            if written >= target:
+                break
+        copy += 1
+    f.close()
+    return written
+
+
+# --------------------------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Phase:
+    wall: float  # first task start to last task end
+    task_seconds: float
+    units: float  # MB of input (map) or shards (reduce)
+    peak_rss: int  # the largest VmHWM of a task's process
+    peak_added: int  # the largest VmHWM - VmRSS at its start
+    largest_shard: int = 0  # reduce: bytes of records of the largest shard
+
+
+@dataclass
+class Run:
+    name: str
+    workers: int  # processes doing tasks at once, all ranks together
+    seconds: float
+    phases: dict[str, Phase]
+    metadata: dict[str, syscalls.Metadata]  # phase -> calls on the input and output folders
+    pieces: int
+    shards: int
+    shas: list[str]
+
+
+def run_shard(name: str, corpus: Path, spm: Path, out: Path, settings: list[str], workers: int, ranks: int) -> Run:
+    from data_prep.examples import record_dtype
+    from data_prep.shards import Manifest
+
+    shutil.rmtree(out, ignore_errors=True)
+    probe_log = out.with_suffix(".probe.jsonl")
+    probe_log.unlink(missing_ok=True)
+    launcher = (
+        [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks)]
+        if ranks > 1
+        else []
+    )
+    cmd = [*launcher, sys.executable, str(Path(__file__).resolve()), "probe", "shard", "--input", str(corpus)]
+    cmd += ["--spm-model", str(spm), "--output", str(out), "--workers", str(workers), "--no-progress", *settings]
+    started = time.time()
+    env = {**os.environ, PROBE_LOG: str(probe_log), "PYTHONPATH": str(REPO)}
+    proc, strace_log = syscalls.traced_log(cmd, capture_output=True, text=True, cwd=REPO, env=env)
+    seconds = time.time() - started
+    if proc.returncode:
+        raise SystemExit(f"{name}: albert-data shard failed:\n{proc.stderr}")
+    tasks = [json.loads(line) for line in probe_log.read_text().splitlines()]
+    itemsize = record_dtype(128, 20).itemsize
+    phases = {}
+    for phase in ("map", "reduce"):
+        mine = [t for t in tasks if t["phase"] == phase]
+        phases[phase] = Phase(
+            wall=max(t["end"] for t in mine) - min(t["start"] for t in mine),
+            task_seconds=sum(t["end"] - t["start"] for t in mine),
+            units=sum(t["bytes"] for t in mine) / (1 << 20) if phase == "map" else len(mine),
+            peak_rss=max(t["VmHWM"] for t in mine),
+            peak_added=max(t["VmHWM"] - t["start_rss"] for t in mine),
+            largest_shard=max((t.get("records", 0) * itemsize for t in mine), default=0),
+        )
+    reduce_from = min(t["start"] for t in tasks if t["phase"] == "reduce")
+    roots = [corpus, out]
+    metadata = {
+        "map": syscalls.count(strace_log, roots, until=reduce_from),
+        "reduce": syscalls.count(strace_log, roots, since=reduce_from),
+    }
+    shutil.rmtree(strace_log)
+    m = Manifest.load(out).data
+    pieces = int(proc.stderr.split(" input files in ")[1].split()[0])
+    return Run(
+        name, workers * ranks, seconds, phases, metadata, pieces, len(m["shards"]), [s["sha256"] for s in m["shards"]]
+    )
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def mb(n: float) -> str:
+    return f"{n / (1 << 20):.0f}"
+
+
+def report(runs: list[Run], text_mb: float) -> str:
+    from bench.harness import markdown_table
+
+    rows = []
+    for r in runs:
+        for phase, p in r.phases.items():
+            meta = r.metadata[phase]
+            per_worker = p.units / p.wall / min(r.workers, max(1, round(p.units)) if phase == "reduce" else r.workers)
+            rows.append(
+                [
+                    r.name,
+                    phase,
+                    f"{p.wall:.1f}",
+                    f"{per_worker:.2f} {'MB text/s' if phase == 'map' else 'shards/s'}",
+                    mb(p.peak_rss),
+                    mb(p.peak_added),
+                    mb(p.largest_shard) if phase == "reduce" else "",
+                    str(len(meta.created)),
+                    " ".join(f"{k} {meta.calls[k]}" for k in ("open", "mkdir", "unlink", "rename", "stat")),
+                ]
+            )
+    table = markdown_table(
+        [
+            "run",
+            "phase",
+            "wall s",
+            "per worker",
+            "peak RSS MB",
+            "added MB",
+            "largest shard MB",
+            "files created",
+            "metadata calls",
+        ],
+        rows,
+        numeric={2, 4, 5, 6, 7},
+    )
+    lines = [table, ""]
+    for r in runs:
+        created = sum(len(m.created) for m in r.metadata.values())
+        lines.append(
+            f"- {r.name}: {r.seconds:.1f} s in all; {r.pieces} pieces, {r.shards} shards: {created} files created "
+            f"(target <= pieces + shards + 16 = {r.pieces + r.shards + 16})"
+        )
+    by_name = {r.name: r for r in runs}
+    one, two = by_name.get("1 worker"), by_name.get("2 workers")
+    if one and two:
+        speed = (one.phases["map"].wall + one.phases["reduce"].wall) / (
+            two.phases["map"].wall + two.phases["reduce"].wall
+        )
+        lines.append(f"- shard step (map + reduce), 2 workers vs 1: {speed:.2f}x (target >= 1.8x)")
+    big = by_name.get("2 workers, 256 MB shards")
+    if big:
+        p = big.phases["reduce"]
+        lines.append(
+            f"- reduce at 256 MB shards: largest shard {mb(p.largest_shard)} MB of records, peak RSS {mb(p.peak_rss)} MB "
+            f"= {p.peak_rss / (256 << 20):.2f}x the target shard size (target <= 1.5x)"
+        )
+    same = {tuple(r.shas) for r in runs if r.shards == runs[0].shards}
+    lines.append(f"- shards byte-identical across the runs with the same settings: {'yes' if len(same) == 1 else 'NO'}")
+    lines.append(f"- input: {text_mb:.0f} MB of text")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "probe":
+        return probe(sys.argv[2:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mb", type=float, default=256, help="MB of text")
+    p.add_argument("--file-mb", type=float, default=16, help="size of each corpus file")
+    p.add_argument("--piece-mb", type=float, default=1, help="albert-data shard --piece-mb")
+    p.add_argument("--shard-mb", type=float, default=8, help="albert-data shard --shard-mb (many shards)")
+    p.add_argument("--dupe-factor", type=int, default=2)
+    p.add_argument("--no-mpi", dest="mpi", action="store_false", help="skip the mpirun -np 2 run")
+    p.add_argument("--no-default-shards", dest="big", action="store_false", help="skip the 256 MB shards run")
+    p.add_argument("--work", type=Path, default=REPO / "runs" / "bench_scale", help="folder for corpora and outputs")
+    args = p.parse_args()
+    if not syscalls.available():
+        raise SystemExit("strace is needed (apt-get install strace)")
+    args.work.mkdir(parents=True, exist_ok=True)
+    base = base_corpus(args.work)
+    spm = args.work / "vocab" / "spiece.model"
+    if not spm.exists():
+        albert_data("vocab", "--input", str(base), "--output-prefix", str(spm.with_suffix("")), "--vocab-size", "8000")
+    corpus = args.work / f"corpus-{args.mb:g}mb"
+    shutil.rmtree(corpus, ignore_errors=True)
+    text = scaled_corpus(base, corpus, args.mb, args.file_mb)
+    settings = ["--dupe-factor", str(args.dupe_factor), "--piece-mb", str(args.piece_mb)]
+    many = [*settings, "--shard-mb", str(args.shard_mb)]
+    plan = [("1 worker", many, 1, 1), ("2 workers", many, 2, 1)]
+    if args.mpi:
+        plan.append(("2 MPI ranks x 1 worker", many, 1, 2))
+    if args.big:
+        plan.append(("2 workers, 256 MB shards", [*settings, "--shard-mb", "256"], 2, 1))
+    runs = []
+    for name, flags, workers, ranks in plan:
+        runs.append(run_shard(name, corpus, spm, args.work / "out", flags, workers, ranks))
+        print(f"{name}: {runs[-1].seconds:.1f} s", file=sys.stderr, flush=True)
+    shutil.rmtree(args.work / "out", ignore_errors=True)
+    print(report(runs, text / (1 << 20)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
