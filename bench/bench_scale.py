@@ -7,7 +7,8 @@ standard-format documents by `albert-data corpus`, then repeated (each copy in a
 
 - 1 worker, 2 workers, and (--mpi) `mpirun -np 2` with 1 worker per rank: small pieces (--piece-mb) and many shards
   (--shard-mb); the shards must be byte-identical across the three;
-- 2 workers at the default shard size (256 MB of records), for the memory of a reduce at that size.
+- 2 workers with albert-data's defaults (8 MB pieces, dupe factor 5, 256 MB shards): the unit costs that
+  docs/scale.md projects to a cluster, and the memory of a reduce at the default shard size.
 
 Every run is traced with `strace -f` (bench/syscalls.py: files created, open/mkdir/unlink/rename/stat calls under
 the input and output folders, split into phases by the time the first reduce task started). Each task's process
@@ -36,6 +37,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import syscalls  # noqa: E402
 
+DEFAULTS = "2 workers, defaults (8 MB pieces, dupe 5, 256 MB shards)"
 PROBE_LOG = "BENCH_SCALE_PROBE_LOG"  # probe mode: where each task appends its line (JSON)
 
 
@@ -60,9 +62,17 @@ def probe(argv: list[str]) -> int:
 
     def recorded(phase: str, fn, size):
         def task(args):
-            start, rss = time.time(), _status()["VmRSS"]
+            start, rss, cpu = time.time(), _status()["VmRSS"], time.process_time()
             result = fn(args)
-            record = {"phase": phase, "start": start, "end": time.time(), "start_rss": rss, **_status(), **size(args)}
+            record = {
+                "phase": phase,
+                "start": start,
+                "end": time.time(),
+                "cpu": time.process_time() - cpu,
+                "start_rss": rss,
+                **_status(),
+                **size(args),
+            }
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             return result
@@ -130,7 +140,9 @@ def scaled_corpus(base: Path, out: Path, mb: float, file_mb: float) -> int:
 class Phase:
     wall: float  # first task start to last task end
     task_seconds: float
+    cpu_seconds: float  # of the tasks' processes: the unit cost, whatever else runs on the machine
     units: float  # MB of input (map) or shards (reduce)
+    records: int  # bytes of example records made (map) or shuffled and written (reduce)
     peak_rss: int  # the largest VmHWM of a task's process
     peak_added: int  # the largest VmHWM - VmRSS at its start
     largest_shard: int = 0  # reduce: bytes of records of the largest shard
@@ -146,6 +158,7 @@ class Run:
     pieces: int
     shards: int
     shas: list[str]
+    load: tuple[float, float]  # the machine's 1-minute load average before and after
 
 
 def run_shard(name: str, corpus: Path, spm: Path, out: Path, settings: list[str], workers: int, ranks: int) -> Run:
@@ -162,7 +175,7 @@ def run_shard(name: str, corpus: Path, spm: Path, out: Path, settings: list[str]
     )
     cmd = [*launcher, sys.executable, str(Path(__file__).resolve()), "probe", "shard", "--input", str(corpus)]
     cmd += ["--spm-model", str(spm), "--output", str(out), "--workers", str(workers), "--no-progress", *settings]
-    started = time.time()
+    started, load = time.time(), os.getloadavg()[0]
     env = {**os.environ, PROBE_LOG: str(probe_log), "PYTHONPATH": str(REPO)}
     proc, strace_log = syscalls.traced_log(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     seconds = time.time() - started
@@ -176,6 +189,8 @@ def run_shard(name: str, corpus: Path, spm: Path, out: Path, settings: list[str]
         phases[phase] = Phase(
             wall=max(t["end"] for t in mine) - min(t["start"] for t in mine),
             task_seconds=sum(t["end"] - t["start"] for t in mine),
+            cpu_seconds=sum(t["cpu"] for t in mine),
+            records=sum(t.get("records", 0) for t in tasks if t["phase"] == "reduce") * itemsize,
             units=sum(t["bytes"] for t in mine) / (1 << 20) if phase == "map" else len(mine),
             peak_rss=max(t["VmHWM"] for t in mine),
             peak_added=max(t["VmHWM"] - t["start_rss"] for t in mine),
@@ -190,8 +205,9 @@ def run_shard(name: str, corpus: Path, spm: Path, out: Path, settings: list[str]
     shutil.rmtree(strace_log)
     m = Manifest.load(out).data
     pieces = int(proc.stderr.split(" input files in ")[1].split()[0])
+    shas = [s["sha256"] for s in m["shards"]]
     return Run(
-        name, workers * ranks, seconds, phases, metadata, pieces, len(m["shards"]), [s["sha256"] for s in m["shards"]]
+        name, workers * ranks, seconds, phases, metadata, pieces, len(m["shards"]), shas, (load, os.getloadavg()[0])
     )
 
 
@@ -216,6 +232,9 @@ def report(runs: list[Run], text_mb: float) -> str:
                     phase,
                     f"{p.wall:.1f}",
                     f"{per_worker:.2f} {'MB text/s' if phase == 'map' else 'shards/s'}",
+                    f"{p.cpu_seconds / p.units:.2f} s/MB text"
+                    if phase == "map"
+                    else f"{p.cpu_seconds / (p.records / (1 << 30)):.1f} s/GB records",
                     mb(p.peak_rss),
                     mb(p.peak_added),
                     mb(p.largest_shard) if phase == "reduce" else "",
@@ -229,6 +248,7 @@ def report(runs: list[Run], text_mb: float) -> str:
             "phase",
             "wall s",
             "per worker",
+            "CPU",
             "peak RSS MB",
             "added MB",
             "largest shard MB",
@@ -236,14 +256,15 @@ def report(runs: list[Run], text_mb: float) -> str:
             "metadata calls",
         ],
         rows,
-        numeric={2, 4, 5, 6, 7},
+        numeric={2, 5, 6, 7, 8},
     )
     lines = [table, ""]
     for r in runs:
         created = sum(len(m.created) for m in r.metadata.values())
         lines.append(
             f"- {r.name}: {r.seconds:.1f} s in all; {r.pieces} pieces, {r.shards} shards: {created} files created "
-            f"(target <= pieces + shards + 16 = {r.pieces + r.shards + 16})"
+            f"(target <= pieces + shards + 16 = {r.pieces + r.shards + 16}); load average {r.load[0]:.1f} before, "
+            f"{r.load[1]:.1f} after ({os.cpu_count()} cores)"
         )
     by_name = {r.name: r for r in runs}
     one, two = by_name.get("1 worker"), by_name.get("2 workers")
@@ -252,14 +273,15 @@ def report(runs: list[Run], text_mb: float) -> str:
             two.phases["map"].wall + two.phases["reduce"].wall
         )
         lines.append(f"- shard step (map + reduce), 2 workers vs 1: {speed:.2f}x (target >= 1.8x)")
-    big = by_name.get("2 workers, 256 MB shards")
+    big = by_name.get(DEFAULTS)
     if big:
         p = big.phases["reduce"]
         lines.append(
-            f"- reduce at 256 MB shards: largest shard {mb(p.largest_shard)} MB of records, peak RSS {mb(p.peak_rss)} MB "
-            f"= {p.peak_rss / (256 << 20):.2f}x the target shard size (target <= 1.5x)"
+            f"- reduce at the default 256 MB shards: largest shard {mb(p.largest_shard)} MB of records, peak RSS "
+            f"{mb(p.peak_rss)} MB = {p.peak_rss / (256 << 20):.2f}x the target shard size (target <= 1.5x); "
+            f"{mb(p.peak_rss - p.largest_shard)} MB more than the shard"
         )
-    same = {tuple(r.shas) for r in runs if r.shards == runs[0].shards}
+    same = {tuple(r.shas) for r in runs if r.name != DEFAULTS}
     lines.append(f"- shards byte-identical across the runs with the same settings: {'yes' if len(same) == 1 else 'NO'}")
     lines.append(f"- input: {text_mb:.0f} MB of text")
     return "\n".join(lines)
@@ -275,7 +297,7 @@ def main() -> int:
     p.add_argument("--shard-mb", type=float, default=8, help="albert-data shard --shard-mb (many shards)")
     p.add_argument("--dupe-factor", type=int, default=2)
     p.add_argument("--no-mpi", dest="mpi", action="store_false", help="skip the mpirun -np 2 run")
-    p.add_argument("--no-default-shards", dest="big", action="store_false", help="skip the 256 MB shards run")
+    p.add_argument("--no-defaults", dest="big", action="store_false", help="skip the run with the default settings")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench_scale", help="folder for corpora and outputs")
     args = p.parse_args()
     if not syscalls.available():
@@ -294,7 +316,7 @@ def main() -> int:
     if args.mpi:
         plan.append(("2 MPI ranks x 1 worker", many, 1, 2))
     if args.big:
-        plan.append(("2 workers, 256 MB shards", [*settings, "--shard-mb", "256"], 2, 1))
+        plan.append((DEFAULTS, ["--piece-mb", "8", "--dupe-factor", "5", "--shard-mb", "256"], 2, 1))
     runs = []
     for name, flags, workers, ranks in plan:
         runs.append(run_shard(name, corpus, spm, args.work / "out", flags, workers, ranks))

@@ -70,7 +70,7 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=256.0,
         help="auto shard count: MB of example records per shard (uncompressed; each shard is shuffled in the memory "
-        "of one process: about 1.1 x this at its peak); 1 MB of text x dupe factor makes about 1.1 MB of records",
+        "of one process: its peak is about this plus 100 MB); 1 MB of text x dupe factor makes about 1 MB of records",
     )
     g.add_argument(
         "--piece-mb",
