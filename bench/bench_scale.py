@@ -218,6 +218,63 @@ def mb(n: float) -> str:
     return f"{n / (1 << 20):.0f}"
 
 
+@dataclass(frozen=True)
+class Cluster:
+    text_gb: float = 20.0  # English Wikipedia + books, clean text
+    nodes: int = 64
+    cores: int = 32  # workers per node (one MPI rank per node)
+
+
+def projection(run: Run, many: Run | None, text_mb: float, cluster: Cluster) -> str:
+    """The defaults run's unit costs (and, for the reduce's opens per piece, the many-shards run's) projected to the
+    cluster's corpus: pieces, shards, files, metadata calls, memory per process, time per phase."""
+    from bench.harness import markdown_table
+    from data_prep.sharding import ShardSettings, auto_num_shards
+
+    text = cluster.text_gb * (1 << 30)
+    workers = cluster.nodes * cluster.cores
+    m, r = run.phases["map"], run.phases["reduce"]
+    pieces = int(text // (8 << 20))
+    shards = auto_num_shards(int(text), ShardSettings(dupe_factor=5))
+    records = r.records / (text_mb * (1 << 20)) * text  # measured records per byte of text, at dupe 5
+    shard_bytes = records / shards
+    map_calls = run.metadata["map"].total / run.pieces
+    # reduce: one open of every piece's file per shard, plus what each shard costs alone
+    ref = many or run
+    pairs = ref.shards * ref.pieces
+    per_shard = (ref.metadata["reduce"].total - pairs) / ref.shards
+    map_cpu = m.cpu_seconds / m.units * text / (1 << 20)
+    red_cpu = r.cpu_seconds / (r.records / (1 << 30)) * records / (1 << 30)
+    map_task = m.cpu_seconds / run.pieces
+    red_task = r.cpu_seconds / run.shards * shard_bytes / max(r.records / run.shards, 1)
+    rows = [
+        [
+            "map",
+            f"{pieces:,} pieces",
+            f"{pieces:,}",
+            f"{pieces * map_calls:,.0f}",
+            f"{mb(m.peak_rss)} MB",
+            f"{map_cpu / 3600:.1f} core-h: {-(-pieces // workers) * map_task:.0f} s on {workers:,} workers "
+            f"({-(-pieces // workers)} waves of {map_task:.1f} s tasks)",
+        ],
+        [
+            "reduce",
+            f"{shards:,} shards of {mb(shard_bytes)} MB",
+            f"{shards:,}",
+            f"{shards * (pieces + per_shard):,.0f} ({shards * pieces:,} opens of spill files)",
+            f"{mb(shard_bytes + r.peak_rss - r.largest_shard)} MB",
+            f"{red_cpu / 3600:.1f} core-h: {red_task:.0f} s on {min(workers, shards):,} workers (1 task each)",
+        ],
+    ]
+    table = markdown_table(
+        ["phase", "tasks", "files created", "metadata calls", "memory per process", "time (CPU only)"], rows
+    )
+    return (
+        f"Projected: {cluster.text_gb:g} GB of text, dupe factor 5, seq 128, 8 MB pieces, 256 MB shards, "
+        f"{cluster.nodes} nodes x {cluster.cores} workers; {records / (1 << 30):.0f} GB of records\n\n{table}"
+    )
+
+
 def report(runs: list[Run], text_mb: float) -> str:
     from bench.harness import markdown_table
 
@@ -284,6 +341,8 @@ def report(runs: list[Run], text_mb: float) -> str:
     same = {tuple(r.shas) for r in runs if r.name != DEFAULTS}
     lines.append(f"- shards byte-identical across the runs with the same settings: {'yes' if len(same) == 1 else 'NO'}")
     lines.append(f"- input: {text_mb:.0f} MB of text")
+    if big:
+        lines += ["", projection(big, by_name.get("2 workers"), text_mb, Cluster())]
     return "\n".join(lines)
 
 
