@@ -2,8 +2,8 @@
 
 mpi4py is imported only when the environment says we run under a launcher, so plain runs need no MPI library.
 
-Failures never leave ranks waiting: an error decided on rank 0 and broadcast (`World.raise_together`) is raised on
-every rank at once (`SharedError`, each rank exits normally); any other exception on one rank of an MPI job (in a
+Failures never leave ranks waiting: an error found on any rank at a point where all of them check
+(`World.raise_together`) is raised on every rank at once (`SharedError`, each rank exits normally); any other exception on one rank of an MPI job (in a
 task or not: a full disk in a mkdir, a killed worker) is logged in one line and ends every rank with MPI_Abort
 (`World.abort_on_error` around the collective work, and an excepthook for whatever escapes it).
 """
@@ -35,7 +35,7 @@ def launched_size() -> tuple[int, str] | None:
 
 
 class SharedError(DataPrepError):
-    """An error raised on every rank together (decided on rank 0, broadcast): no rank is left waiting."""
+    """An error raised on every rank together (World.raise_together): no rank is left waiting."""
 
 
 @dataclass
@@ -60,10 +60,11 @@ class World:
         return per_rank[0] if self.comm is None else self.comm.scatter(per_rank, root=0)
 
     def raise_together(self, error: str | None) -> None:
-        """Rank 0's error message (None: no error) raised as SharedError on every rank."""
-        error = self.bcast(error)
-        if error:
-            raise SharedError(error)
+        """Any rank's error message (None: no error; the lowest rank's first) raised as SharedError on every rank."""
+        errors = [error] if self.comm is None else self.comm.allgather(error)
+        first = next((e for e in errors if e), None)
+        if first:
+            raise SharedError(first)
 
     def abort(self, code: int = 1) -> None:
         if self.comm is not None and self.size > 1:
