@@ -289,6 +289,8 @@ def report(runs: list[Run], text_mb: float) -> str:
                     phase,
                     f"{p.wall:.1f}",
                     f"{per_worker:.2f} {'MB text/s' if phase == 'map' else 'shards/s'}",
+                    f"{p.task_seconds / p.wall:.2f}",
+                    f"{p.cpu_seconds / p.task_seconds:.0%}",
                     f"{p.cpu_seconds / p.units:.2f} s/MB text"
                     if phase == "map"
                     else f"{p.cpu_seconds / (p.records / (1 << 30)):.1f} s/GB records",
@@ -305,6 +307,8 @@ def report(runs: list[Run], text_mb: float) -> str:
             "phase",
             "wall s",
             "per worker",
+            "tasks running",
+            "CPU share",
             "CPU",
             "peak RSS MB",
             "added MB",
@@ -313,7 +317,7 @@ def report(runs: list[Run], text_mb: float) -> str:
             "metadata calls",
         ],
         rows,
-        numeric={2, 5, 6, 7, 8},
+        numeric={2, 4, 5, 7, 8, 9, 10},
     )
     lines = [table, ""]
     for r in runs:
@@ -330,6 +334,10 @@ def report(runs: list[Run], text_mb: float) -> str:
             two.phases["map"].wall + two.phases["reduce"].wall
         )
         lines.append(f"- shard step (map + reduce), 2 workers vs 1: {speed:.2f}x (target >= 1.8x)")
+        lines.append(
+            "  (tasks running: task time / wall time, the workers kept busy; CPU share: CPU time / task time, below "
+            "100% when other processes compete for the cores)"
+        )
     big = by_name.get(DEFAULTS)
     if big:
         p = big.phases["reduce"]
@@ -355,6 +363,7 @@ def main() -> int:
     p.add_argument("--piece-mb", type=float, default=1, help="albert-data shard --piece-mb")
     p.add_argument("--shard-mb", type=float, default=8, help="albert-data shard --shard-mb (many shards)")
     p.add_argument("--dupe-factor", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="runs of 1 and 2 workers each, in turns; the fastest kept")
     p.add_argument("--no-mpi", dest="mpi", action="store_false", help="skip the mpirun -np 2 run")
     p.add_argument("--no-defaults", dest="big", action="store_false", help="skip the run with the default settings")
     p.add_argument("--work", type=Path, default=REPO / "runs" / "bench_scale", help="folder for corpora and outputs")
@@ -371,7 +380,9 @@ def main() -> int:
     text = scaled_corpus(base, corpus, args.mb, args.file_mb)
     settings = ["--dupe-factor", str(args.dupe_factor), "--piece-mb", str(args.piece_mb)]
     many = [*settings, "--shard-mb", str(args.shard_mb)]
-    plan = [("1 worker", many, 1, 1), ("2 workers", many, 2, 1)]
+    # 1 and 2 workers take turns, --repeats times: the fastest of each is kept (other work on the machine only
+    # ever adds time)
+    plan = [("1 worker", many, 1, 1), ("2 workers", many, 2, 1)] * args.repeats
     if args.mpi:
         plan.append(("2 MPI ranks x 1 worker", many, 1, 2))
     if args.big:
@@ -381,7 +392,11 @@ def main() -> int:
         runs.append(run_shard(name, corpus, spm, args.work / "out", flags, workers, ranks))
         print(f"{name}: {runs[-1].seconds:.1f} s", file=sys.stderr, flush=True)
     shutil.rmtree(args.work / "out", ignore_errors=True)
-    print(report(runs, text / (1 << 20)))
+    fastest = {}
+    for r in runs:
+        if r.name not in fastest or r.seconds < fastest[r.name].seconds:
+            fastest[r.name] = r
+    print(report(list(fastest.values()), text / (1 << 20)))
     return 0
 
 
