@@ -383,7 +383,9 @@ def _check_complete(out: Path, settings_doc: dict[str, Any]) -> str | None:
         data = Manifest.load(out).data
     except DataPrepError as e:
         return str(e)
-    made = {"settings": data["settings"], "inputs": data.get("inputs"), "vocab_sha256": data["vocab"].get("sha256")}
+    # (a folder made before --shard-mb existed: its shard count is recorded, so shard_bytes cannot change the bytes)
+    recorded = {"shard_bytes": settings_doc["settings"]["shard_bytes"], **data["settings"]}
+    made = {"settings": recorded, "inputs": data.get("inputs"), "vocab_sha256": data["vocab"].get("sha256")}
     if made != {key: settings_doc[key] for key in made}:
         if made["inputs"] != settings_doc["inputs"]:
             was = {(i["path"], i["bytes"]) for i in made["inputs"] or []}

@@ -2,6 +2,7 @@
 outside (the project's code has no fault hooks). FAULT is one of:
 - `kill-piece:NAME`: the map task of piece NAME (e.g. f00001-p00000) kills its own process with SIGKILL, as the
   kernel's OOM killer would;
+- `raise-piece:NAME`: the map task of piece NAME raises OSError ENOSPC (a full disk);
 - `kill-shard:N`: the reduce task of shard N kills its own process with SIGKILL;
 - `kill-first-piece-on-rank:R`: the first map task that MPI rank R runs kills its own process with SIGKILL;
 - `raise-on-rank:R`: MPI rank R fails outside any task, before the map phase (OSError EDQUOT, as a full quota
@@ -27,12 +28,16 @@ def _kill_self() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def kill_map(when) -> None:
+def _disk_full() -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/.work/spill/f00001-p00000.bin")
+
+
+def fail_map(when, fail) -> None:
     real = sharding._map_piece
 
     def map_piece(task):
         if when(task[0]):
-            _kill_self()
+            fail()
         return real(task)
 
     sharding._map_piece = map_piece
@@ -66,9 +71,11 @@ def main() -> int:
     kind, _, value = argv[i + 1].partition(":")
     del argv[i : i + 2]
     if kind == "kill-piece":
-        kill_map(lambda piece: piece.name == value)
+        fail_map(lambda piece: piece.name == value, _kill_self)
+    elif kind == "raise-piece":
+        fail_map(lambda piece: piece.name == value, _disk_full)
     elif kind == "kill-first-piece-on-rank":
-        kill_map(lambda piece: RANK == int(value))  # every task of that rank: its first one stops the run
+        fail_map(lambda piece: RANK == int(value), _kill_self)  # every task of that rank: its first stops the run
     elif kind == "kill-shard":
         kill_reduce(int(value))
     elif kind == "raise-on-rank":

@@ -67,6 +67,20 @@ def test_killed_worker_stops_the_run_and_resume_gives_the_same_shards(
     assert "shards: 3/3 shard (100.0%)" in resumed.stderr and "ETA" in resumed.stderr, resumed.stderr
 
 
+@pytest.mark.integration
+def test_task_that_raises_stops_the_run_with_its_piece_and_error(wiki_corpus, spm_model, tmp_path):
+    proc, seconds = faulty("raise-piece:f00001-p00000", *shard_cmd(wiki_corpus, spm_model, tmp_path / "out"))
+    assert proc.returncode == 2 and seconds < 60, proc.stderr
+    lines = errors(proc.stderr)
+    # the unexpected error's traceback (from the task's process) is logged, then the one line that says it all
+    assert "Traceback" in lines[0] or "failed:" in lines[0], proc.stderr
+    assert (
+        "examples: piece f00001-p00000" in lines[-1]
+        and "OSError: [Errno 28] No space left on device" in lines[-1]
+        and "--resume" in lines[-1]
+    ), proc.stderr
+
+
 @pytest.mark.mpi
 @pytest.mark.parametrize(
     "fault, says",
@@ -152,3 +166,33 @@ def test_auto_shard_count_keeps_shards_within_shard_mb(wiki_corpus, spm_model, t
     itemsize = record_dtype(128, 20).itemsize
     sizes = np.array([s["num_examples"] for s in m["shards"]]) * itemsize
     assert sizes.max() <= 1 << 20 and sizes.mean() > 0.6 * (1 << 20), sizes  # the estimate is an upper bound, close
+
+
+def test_progress_logs_lines_without_a_terminal(caplog):
+    """Under pytest stderr is no terminal: lines instead of a bar, at most every `every` seconds, and a last one."""
+    from data_prep.progress import progress
+
+    caplog.set_level("INFO", logger="data_prep.progress")
+    with progress("examples", total=4 << 20, unit="B", every=1e-6) as p:
+        time.sleep(0.001)
+        p.update(1 << 20)
+        time.sleep(0.001)
+        p.update(3 << 20)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("examples: 1.0/4.0 MB (25.0%), ") and "MB/s, ETA 0:00:00" in lines[0], lines
+    assert lines[-1].startswith("examples: 4.0/4.0 MB (100.0%)") and lines[-1].endswith("(done)"), lines
+    caplog.clear()
+    with progress("shards", total=3, unit="shard", every=0) as p:
+        p.update(3)
+    assert caplog.records == []
+
+
+def test_finished_folder_made_before_shard_mb_is_still_complete(wiki_corpus, spm_model, wiki_shards, tmp_path):
+    """A finished folder whose manifest has no shard_bytes (its shard count is recorded): --resume checks it, exit 0."""
+    out = tmp_path / "done"
+    shutil.copytree(wiki_shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["settings"]["shard_bytes"], manifest["versions"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
+    assert proc.returncode == 0 and "shards already complete" in proc.stderr, proc.stderr
