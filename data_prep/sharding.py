@@ -298,13 +298,6 @@ def _runs_by_shard(spills: list[Path], num_shards: int) -> tuple[list[np.ndarray
     return by_shard, counts
 
 
-def _run_phase(world: World, fn, tasks: list[Task], workers: int, desc: str, bar: bool, every, unit: str) -> list:
-    """This rank's tasks, then a barrier (a failure on any rank ends every rank: World.abort_on_error)."""
-    results = run_tasks(fn, tasks, workers, desc, bar, every, unit)
-    world.barrier()
-    return results
-
-
 def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Sum nested counters (ints and int lists) field by field."""
     total: dict[str, Any] = {}
@@ -437,40 +430,64 @@ def shard_corpus(
     except DataPrepError as e:
         error = str(e)
     world.raise_together(error)
+    job = _Job(
+        world,
+        files,
+        Path(spm_model),
+        spm_path,
+        vocab,
+        _Paths(Path(output)),
+        settings,
+        workers,
+        progress and world.rank == 0,
+        progress_seconds,
+    )
     with world.abort_on_error():
-        return _shard(
-            world,
-            files,
-            spm_model,
-            spm_path,
-            vocab,
-            Path(output),
-            settings,
-            workers,
-            resume,
-            started,
-            progress and world.rank == 0,
-            progress_seconds,
-        )
+        return _shard(job, resume, started)
 
 
-def _shard(
-    world: World,
-    files: list[Path],
-    spm_model: Path,
-    spm_path: str,
-    vocab: Vocab,
-    output: Path,
-    settings: ShardSettings,
-    workers: int,
-    resume: bool,
-    started: float,
-    bar: bool,
-    every: float | None,
-) -> Manifest | None:
-    paths = _Paths(output)
-    if world.rank == 0 and settings.num_shards:
-        est = estimated_record_bytes(sum(f.stat().st_size for f in files), settings) / settings.num_shards
+@dataclass
+class _Job:
+    """What every phase of one run needs."""
+
+    world: World
+    files: list[Path]
+    spm_model: Path  # as given (the manifest records it)
+    spm_path: str  # resolved (the tasks load it)
+    vocab: Vocab
+    paths: _Paths
+    settings: ShardSettings
+    workers: int
+    bar: bool  # progress bars (a terminal, rank 0)
+    every: float | None  # else progress lines every this many seconds
+
+    def run(self, fn, tasks: list[Task], desc: str, unit: str) -> list:
+        """This rank's tasks of a phase, then a barrier (a failure on any rank ends every rank: World.abort_on_error)."""
+        results = run_tasks(fn, tasks, self.workers, desc, self.bar, self.every, unit)
+        self.world.barrier()
+        return results
+
+    def attributes(self) -> dict[str, Any]:
+        """The HDF5 files' attributes (each shard adds its index and the count)."""
+        ex = self.settings.examples
+        return {
+            "max_seq_length": ex.max_seq_length,
+            "max_predictions_per_seq": ex.max_predictions_per_seq,
+            "vocab_size": self.vocab.vocab_size,
+            "vocab_sha256": self.vocab.sha256,
+            "seed": self.settings.seed,
+            "sentence_task": "sop",
+            "sop_label_swapped": 1,
+            "masked_lm_prob": ex.masked_lm_prob,
+            "ngram": ex.ngram,
+            "dupe_factor": self.settings.dupe_factor,
+        }
+
+
+def _shard(job: _Job, resume: bool, started: float) -> Manifest | None:
+    world, paths, settings = job.world, job.paths, job.settings
+    if world.rank == 0:
+        est = estimated_record_bytes(sum(f.stat().st_size for f in job.files), settings) / settings.num_shards
         log.info(
             "%d shards of about %.0f MB of records each (--shard-mb %g)",
             settings.num_shards,
@@ -481,8 +498,8 @@ def _shard(
         "work_format": WORK_FORMAT,
         "settings": settings.to_dict(),
         # resolved, with sizes: the same files however they are named, and a corpus rewritten in place is not the same
-        "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
-        "vocab_sha256": vocab.sha256,
+        "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in job.files],
+        "vocab_sha256": job.vocab.sha256,
         "versions": package_versions(),
     }
     error, complete = _prepare_output(paths, settings_doc, resume) if world.rank == 0 else (None, False)
@@ -495,79 +512,84 @@ def _shard(
                 MANIFEST,
             )
         return Manifest.load(paths.output) if world.rank == 0 else None
+    pieces = _pieces(job.files, settings.piece_bytes)
+    if world.rank == 0:
+        log.info("%d input files in %d pieces", len(job.files), len(pieces))
+    _map_phase(job, pieces)
+    per_piece, per_shard = _reduce_phase(job, pieces)
+    if world.rank != 0:
+        return None
+    totals = _sum_counts(per_piece)
+    manifest = _write_manifest(job, settings_doc, per_shard, totals)
+    shutil.rmtree(paths.work, ignore_errors=True)
+    log_summary(totals, manifest.data["num_examples"], time.perf_counter() - started)
+    return manifest
 
-    # phase 1: biggest pieces first, dealt round-robin to the ranks
-    pieces = _pieces(files, settings.piece_bytes)
+
+def _map_phase(job: _Job, pieces: list[Piece]) -> None:
+    """This rank's pieces not done yet: the biggest first, dealt round-robin to the ranks."""
+    world = job.world
     by_size = sorted(pieces, key=lambda p: (p.start - p.stop, p.file, p.index))
-    mine = [p for k, p in enumerate(by_size) if k % world.size == world.rank and not paths.spill(p).exists()]
-    if world.rank == 0:
-        log.info("%d input files in %d pieces", len(files), len(pieces))
-    tasks = [Task(p.describe(), (p, spm_path, str(paths.output), settings), p.stop - p.start) for p in mine]
-    _run_phase(world, _map_piece, tasks, workers, "examples", bar, every, "B")
+    mine = [p for k, p in enumerate(by_size) if k % world.size == world.rank and not job.paths.spill(p).exists()]
+    output = str(job.paths.output)
+    tasks = [Task(p.describe(), (p, job.spm_path, output, job.settings), p.stop - p.start) for p in mine]
+    job.run(_map_piece, tasks, "examples", "B")
 
-    # phase 2: rank 0 reads the pieces' indexes once and hands each rank the runs of its shards
-    spills = [paths.spill(p) for p in pieces]
+
+def _reduce_phase(job: _Job, pieces: list[Piece]) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    """Rank 0 reads the pieces' indexes once and hands each rank the runs of its shards; every rank makes its shards.
+    Returns, on rank 0, (each piece's counts, each shard's description in shard order); (None, None) elsewhere."""
+    world, num_shards = job.world, job.settings.num_shards
+    spills = [job.paths.spill(p) for p in pieces]
     if world.rank == 0:
-        by_shard, per_piece = _runs_by_shard(spills, settings.num_shards)
-        shares = [{s: by_shard[s] for s in range(r, settings.num_shards, world.size)} for r in range(world.size)]
+        by_shard, per_piece = _runs_by_shard(spills, num_shards)
+        shares = [{s: by_shard[s] for s in range(r, num_shards, world.size)} for r in range(world.size)]
+        del by_shard
     else:
         shares = per_piece = None
     share = world.scatter(shares)
     del shares
-    ex = settings.examples
-    attrs = {
-        "max_seq_length": ex.max_seq_length,
-        "max_predictions_per_seq": ex.max_predictions_per_seq,
-        "vocab_size": vocab.vocab_size,
-        "vocab_sha256": vocab.sha256,
-        "seed": settings.seed,
-        "sentence_task": "sop",
-        "sop_label_swapped": 1,
-        "masked_lm_prob": ex.masked_lm_prob,
-        "ngram": ex.ngram,
-        "dupe_factor": settings.dupe_factor,
-    }
-    spill_names = [str(p) for p in spills]
+    attrs, spill_names, output = job.attributes(), [str(p) for p in spills], str(job.paths.output)
     tasks = [
         Task(
             f"shard {s} ({shard_name(s)}, {int(runs[:, 2].sum())} examples)",
-            _ReduceTask(s, str(paths.output), settings, attrs, spill_names, runs),
+            _ReduceTask(s, output, job.settings, attrs, spill_names, runs),
         )
         for s, runs in share.items()
     ]
-    results = world.gather(_run_phase(world, _reduce_shard, tasks, workers, "shards", bar, every, "shard"))
+    results = world.gather(job.run(_reduce_shard, tasks, "shards", "shard"))
     if world.rank != 0:
-        return None
-
-    # manifest, from the pieces' counts and every rank's shards (a resumed run's finished shards described again)
+        return None, None
+    # every rank's shards (a resumed run's finished shards are described again)
     described = {r.pop("shard"): r for rank in results for r in rank}
-    per_shard = [described[s] for s in range(settings.num_shards)]
-    totals = _sum_counts(per_piece)
-    with atomic_path(paths.output / "spiece.model") as tmp:
-        shutil.copyfile(spm_model, tmp)
+    return per_piece, [described[s] for s in range(num_shards)]
+
+
+def _write_manifest(
+    job: _Job, settings_doc: dict[str, Any], per_shard: list[dict[str, Any]], totals: dict[str, Any]
+) -> Manifest:
+    with atomic_path(job.paths.output / "spiece.model") as tmp:
+        shutil.copyfile(job.spm_model, tmp)
     manifest = Manifest(
         {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
             "num_examples": sum(s["num_examples"] for s in per_shard),
             "shards": per_shard,
-            "settings": settings.to_dict(),
-            "attributes": attrs,
+            "settings": job.settings.to_dict(),
+            "attributes": job.attributes(),
             "vocab": {
                 "file": "spiece.model",
-                "sha256": vocab.sha256,
-                "vocab_size": vocab.vocab_size,
-                "source": str(spm_model),
+                "sha256": job.vocab.sha256,
+                "vocab_size": job.vocab.vocab_size,
+                "source": str(job.spm_model),
             },
             "inputs": settings_doc["inputs"],
             "versions": settings_doc["versions"],
             "stats": totals,
         }
     )
-    manifest.save(paths.output)
-    shutil.rmtree(paths.work, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    log_summary(totals, manifest.data["num_examples"], seconds)
+    manifest.save(job.paths.output)
     return manifest
 
 
