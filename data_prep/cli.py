@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .errors import DataPrepError
 from .launchers import launched_by_mpi, launcher_rank
+from .progress import default_seconds as default_progress_seconds
 
 log = logging.getLogger("albert-data")
 
@@ -93,9 +94,9 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--progress-seconds",
         type=float,
-        default=None,
+        default=default_progress_seconds(),
         help="without a terminal (a batch job's log), each rank logs its progress every this many seconds; 0: never "
-        "(default: $ALBERT_PROGRESS_SECONDS, else 60)",
+        "(the environment variable ALBERT_PROGRESS_SECONDS sets the default)",
     )
 
 
