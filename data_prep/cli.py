@@ -9,13 +9,14 @@ from pathlib import Path
 
 from .errors import DataPrepError
 from .launchers import launched_by_mpi, launcher_rank
+from .progress import default_seconds as default_progress_seconds
 
 log = logging.getLogger("albert-data")
 
 EXAMPLES = {
     "corpus": "albert-data corpus --input enwiki-latest-pages-articles.xml.bz2 --output corpus/ --num-files 64 --workers 8",
     "vocab": "albert-data vocab --input corpus/ --output-prefix vocab/spiece --vocab-size 30000",
-    "shard": "albert-data shard --input corpus/ --spm-model vocab/spiece.model --output shards/ --num-shards 64 --workers 8",
+    "shard": "albert-data shard --input corpus/ --spm-model vocab/spiece.model --output shards/ --shard-mb 256 --workers 8",
     "inspect": "albert-data inspect shards/shard-00000.h5 -n 3",
     "verify": "albert-data verify shards/",
     "prepare": "albert-data prepare --input enwiki-latest-pages-articles.xml.bz2 --output data/ --workers 8",
@@ -80,7 +81,14 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
         "--num-shards",
         type=int,
         default=0,
-        help="output HDF5 files; 0: auto, one per 16 MB of input x dupe factor (each is shuffled in memory)",
+        help="output HDF5 files; 0: auto, from --shard-mb (an explicit count overrides it)",
+    )
+    g.add_argument(
+        "--shard-mb",
+        type=float,
+        default=256.0,
+        help="auto shard count: MB of example records per shard (uncompressed; each shard is shuffled in the memory "
+        "of one process: its peak is about this plus 100 MB); 1 MB of text x dupe factor makes about 1 MB of records",
     )
     g.add_argument(
         "--piece-mb",
@@ -99,6 +107,13 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         choices=("auto", "on", "off"),
         help="split the work over MPI ranks (auto: when an MPI launcher started us: mpirun, srun --mpi=pmix; on: require it, also checking srun's task count)",
+    )
+    g.add_argument(
+        "--progress-seconds",
+        type=float,
+        default=default_progress_seconds(),
+        help="without a terminal (a batch job's log), each rank logs its progress every this many seconds; 0: never "
+        "(the environment variable ALBERT_PROGRESS_SECONDS sets the default)",
     )
 
 
@@ -218,6 +233,7 @@ def _shard_settings(args: argparse.Namespace):
         dupe_factor=args.dupe_factor,
         seed=args.seed,
         num_shards=args.num_shards,
+        shard_bytes=int(args.shard_mb * (1 << 20)),
         piece_bytes=int(args.piece_mb * (1 << 20)),
     )
 
@@ -283,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
             args.resume,
             progress,
             args.mpi,
+            args.progress_seconds,
         )
     elif args.command == "inspect":
         from .inspection import inspect_shard
@@ -368,6 +385,7 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
         shards_dir.exists(),
         progress,
         args.mpi,
+        args.progress_seconds,
     )
     if world.rank == 0:
         log.info("prepared %s: corpus %s, vocabulary %s, shards %s", out, corpus_dir, spm_model, shards_dir)

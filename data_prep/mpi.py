@@ -1,6 +1,11 @@
 """The set of cooperating processes: one plain process, or the ranks of an MPI job (mpirun / srun --mpi=pmix).
 
 mpi4py is imported only when the environment says we run under a launcher, so plain runs need no MPI library.
+
+Failures never leave ranks waiting: an error found on any rank at a point where all of them check
+(`World.raise_together`) is raised on every rank at once (`SharedError`, each rank exits normally); any other exception on one rank of an MPI job (in a
+task or not: a full disk in a mkdir, a killed worker) is logged in one line and ends every rank with MPI_Abort
+(`World.abort_on_error` around the collective work, and an excepthook for whatever escapes it).
 """
 
 from __future__ import annotations
@@ -8,6 +13,9 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +34,10 @@ def launched_size() -> tuple[int, str] | None:
     return None
 
 
+class SharedError(DataPrepError):
+    """An error raised on every rank together (World.raise_together): no rank is left waiting."""
+
+
 @dataclass
 class World:
     rank: int = 0
@@ -39,9 +51,44 @@ class World:
     def bcast(self, obj: Any) -> Any:
         return obj if self.comm is None else self.comm.bcast(obj, root=0)
 
+    def gather(self, obj: Any) -> list[Any] | None:
+        """Every rank's `obj` on rank 0 (in rank order), None on the others."""
+        return [obj] if self.comm is None else self.comm.gather(obj, root=0)
+
+    def scatter(self, per_rank: list[Any] | None) -> Any:
+        """Rank r gets per_rank[r] (a list given on rank 0)."""
+        return per_rank[0] if self.comm is None else self.comm.scatter(per_rank, root=0)
+
+    def raise_together(self, error: str | None) -> None:
+        """Any rank's error message (None: no error; the lowest rank's first) raised as SharedError on every rank."""
+        errors = [error] if self.comm is None else self.comm.allgather(error)
+        first = next((e for e in errors if e), None)
+        if first:
+            raise SharedError(first)
+
     def abort(self, code: int = 1) -> None:
         if self.comm is not None and self.size > 1:
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
             self.comm.Abort(code)
+
+    @contextmanager
+    def abort_on_error(self) -> Iterator[None]:
+        """Around collective work: an exception on this rank alone (anything but SharedError) is logged in one line
+        and ends every rank (MPI_Abort), where the others would wait for this one forever. Single process: raised."""
+        try:
+            yield
+        except SharedError:
+            raise
+        except BaseException as e:
+            if self.comm is None or self.size == 1:
+                raise
+            what = str(e) if isinstance(e, DataPrepError) else f"{type(e).__name__}: {e}"
+            log.error(
+                "%s; stopping all %d ranks (MPI_Abort)", what, self.size, exc_info=not isinstance(e, DataPrepError)
+            )
+            self.abort(2 if isinstance(e, DataPrepError) else 1)
+            raise
 
     def describe(self) -> str:
         """This rank's line for a job log: "[rank R] node N host H: MPI rank R of S"."""
@@ -84,5 +131,19 @@ def get_world(mode: str = "auto") -> World:
         )
     if world.rank == 0:
         log.info("MPI: %d ranks", world.size)
+    if world.size > 1:
+        _abort_on_uncaught(world)
     _mpi_world = world
     return world
+
+
+def _abort_on_uncaught(world: World) -> None:
+    """An exception that escapes everything on one rank: its traceback as usual, then MPI_Abort for every rank."""
+    previous = sys.excepthook
+
+    def hook(kind, value, tb) -> None:
+        previous(kind, value, tb)
+        log.error("uncaught %s on rank %d: stopping all %d ranks (MPI_Abort)", kind.__name__, world.rank, world.size)
+        world.abort(1)
+
+    sys.excepthook = hook

@@ -6,30 +6,35 @@ Two phases, each spread over worker processes and MPI ranks:
    about `piece_bytes`, so that one big file still keeps every worker busy): read documents in
    batches (a batch ends after `docs_per_batch` documents or `sentences_per_batch` sentences, so
    batches depend on the file alone), tokenize, make `dupe_factor` passes of examples, send each
-   example to a random shard, and append the records to `.work/buckets/sNNNNN/fNNNNN-pNNNNN.bin`.
-   A piece's marker `.work/done/fNNNNN-pNNNNN.json` (its counts) is written once all its records
-   are on disk.
-2. reduce, one task per shard: concatenate the shard's buckets in (file, piece) order, shuffle, and
-   write `shard-NNNNN.h5` (temporary name, then rename).
+   example to a random shard, and write the piece's records grouped by shard into one spill file
+   `.work/spill/fNNNNN-pNNNNN.bin` with a footer indexing the runs and holding the piece's counts
+   (data_prep/spill.py). The file is renamed into place when whole: it is the piece's done-marker.
+2. reduce, one task per shard: rank 0 reads the pieces' indexes once and hands each rank the runs of
+   its shards; a shard reads its runs in (file, piece) order, shuffles, and writes `shard-NNNNN.h5`
+   (temporary name, then rename: its presence means the shard is done).
 
-Every random draw comes from a generator seeded by (seed, file, piece, batch) or (seed, shard), and
-the pieces depend on the files alone, so the shards are byte-identical whatever the number of workers
-or ranks. Memory is bounded by one batch plus the bucket buffers in phase 1 and by one shard in
-phase 2, not by the corpus.
+Files created: one per piece, one per shard, and a few more (settings, manifest, vocabulary copy); the
+folders `.work` and `.work/spill` are made once by rank 0. Every random draw comes from a generator
+seeded by (seed, file, piece, batch) or (seed, shard), and the pieces depend on the files alone, so the
+shards are byte-identical whatever the number of workers or ranks. Memory is bounded by one batch plus
+SPILL_BUFFER_BYTES in phase 1 and by one shard (about `shard_bytes` with the auto shard count, see
+auto_num_shards) in phase 2, not by the corpus.
 
-An interrupted run continues with `resume=True`: pieces with a marker and shards already renamed
-are kept, the rest is redone. The settings must be the same as the first time. On a finished output
-(manifest.json, no `.work`) `resume=True` only checks that it is that run's, whole, and returns.
+A task that fails, or whose process dies (SIGKILL, the OOM killer), stops the run on every rank with a
+line naming the piece or shard (data_prep/tasks.py, data_prep/mpi.py). An interrupted run continues
+with `resume=True`: finished pieces and shards are kept, the rest is redone; the settings, inputs,
+vocabulary and the versions of the packages that decide the bytes must be those of the first time. On a
+finished output (manifest.json, no `.work`) `resume=True` only checks that it is that run's, whole, and
+returns.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import gc
+import importlib.metadata
 import json
 import logging
-import multiprocessing
 import shutil
 import time
 from collections.abc import Iterator
@@ -45,18 +50,44 @@ from .errors import DataPrepError
 from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
 from .mpi import World, get_world
 from .shards import FORMAT, MANIFEST, SCHEMA_VERSION, Manifest, shard_name, write_shard
+from .spill import SpillWriter, read_index, read_runs
+from .tasks import Task, run_tasks
 from .vocab import Vocab, sha256_file
 
 log = logging.getLogger(__name__)
 
 WORK = ".work"
-FLUSH_BYTES = 2 << 20  # bucket buffers of a map task are flushed to disk past this size
-SHARD_TEXT_BYTES = 16 << 20  # auto: input bytes x dupe_factor per shard (~14 MB of records at any seq length)
+WORK_FORMAT = 2  # the layout of `.work` (spill files); --resume refuses an interrupted run of another layout
+SPILL_BUFFER_BYTES = 32 << 20  # a map task's records are written as runs per shard past this size
+# Auto shard count: tokens per input byte, an upper bound for natural-language text (English Wikipedia with a 4,000-
+# piece vocabulary: 0.236; larger vocabularies give fewer tokens), so that shards come out at most about shard_bytes.
+TOKENS_PER_TEXT_BYTE = 0.25
+VERSIONED = ("albert-pretrain", "h5py", "numpy", "sentencepiece")  # the packages that decide the bytes of the shards
 
 
-def auto_num_shards(input_bytes: int, dupe_factor: int) -> int:
-    """Shards are shuffled in memory: size them so that memory stays flat in the corpus size."""
-    return max(1, -(-input_bytes * dupe_factor // SHARD_TEXT_BYTES))
+def estimated_record_bytes(input_bytes: int, settings: ShardSettings) -> int:
+    """Bytes of example records (what a reduce holds in memory) that `input_bytes` of text make: each token takes
+    one of max_seq_length slots of a record (examples are filled close to max_seq_length), dupe_factor times."""
+    ex = settings.examples
+    per_token = record_dtype(ex.max_seq_length, ex.max_predictions_per_seq).itemsize / ex.max_seq_length
+    return int(input_bytes * settings.dupe_factor * TOKENS_PER_TEXT_BYTE * per_token)
+
+
+def auto_num_shards(input_bytes: int, settings: ShardSettings) -> int:
+    """Shards are shuffled in memory: size them (shard_bytes of records each) so that memory stays flat in the corpus
+    size."""
+    return max(1, -(-estimated_record_bytes(input_bytes, settings) // settings.shard_bytes))
+
+
+def package_versions() -> dict[str, str]:
+    """The versions of the packages that decide the bytes of the shards (recorded; --resume refuses to mix them)."""
+    versions = {}
+    for name in VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
 
 
 @dataclass(frozen=True)
@@ -64,7 +95,8 @@ class ShardSettings:
     examples: ExampleSettings = field(default_factory=ExampleSettings)
     dupe_factor: int = 5
     seed: int = 12345
-    num_shards: int = 0  # 0: auto, from the input size (see auto_num_shards)
+    num_shards: int = 0  # 0: auto, from the input size and shard_bytes (see auto_num_shards)
+    shard_bytes: int = 256 << 20  # auto shard count: records per shard (a reduce holds one shard in memory)
     input_format: str = "docs"
     docs_per_batch: int = 1024
     piece_bytes: int = 8 << 20  # map tasks: ~1 s of work each on one core, so workers finish together
@@ -78,6 +110,8 @@ class ShardSettings:
             raise DataPrepError(f"--num-shards {self.num_shards}: must be at least 1 (or 0 for auto)")
         if self.piece_bytes < 1:
             raise DataPrepError(f"--piece-mb {self.piece_bytes / (1 << 20):g}: must be positive")
+        if self.shard_bytes < 1:
+            raise DataPrepError(f"--shard-mb {self.shard_bytes / (1 << 20):g}: must be positive")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -91,17 +125,17 @@ class _Paths:
     def work(self) -> Path:
         return self.output / WORK
 
-    def bucket(self, shard: int, task: Piece) -> Path:
-        return self.shard_folder(shard) / f"{task.name}.bin"
+    @property
+    def spill_folder(self) -> Path:
+        return self.work / "spill"
 
-    def shard_folder(self, shard: int) -> Path:
-        return self.work / "buckets" / f"s{shard:05d}"
+    def spill(self, piece: Piece) -> Path:
+        """The piece's records and counts; present only once whole (the piece is done)."""
+        return self.spill_folder / f"{piece.name}.bin"
 
-    def piece_done(self, task: Piece) -> Path:
-        return self.work / "done" / f"{task.name}.json"
-
-    def shard_done(self, shard: int) -> Path:
-        return self.work / "done" / f"s{shard:05d}.json"
+    @property
+    def settings(self) -> Path:
+        return self.work / "settings.json"
 
 
 @functools.cache
@@ -141,6 +175,9 @@ class Piece:
     def name(self) -> str:
         return f"f{self.file:05d}-p{self.index:05d}"
 
+    def describe(self) -> str:
+        return f"piece {self.name} ({self.path} bytes {self.start}-{self.stop})"
+
 
 def _pieces(files: list[Path], piece_bytes: int) -> list[Piece]:
     return [
@@ -169,123 +206,96 @@ def _write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, sort_keys=True))
 
 
-def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> dict[str, Any]:
-    """Phase 1 for one piece of an input file. Returns (and stores in its marker) the piece's counts."""
+def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> None:
+    """Phase 1 for one piece of an input file: its spill file (records grouped by shard, the piece's counts)."""
     piece, spm_model, output, settings = task
     paths = _Paths(Path(output))
     vocab = _vocab(spm_model)
     ex = settings.examples
     max_chars = 16 * ex.max_seq_length  # a longer sentence cannot fit one example anyway
-    buffers: list[list[np.ndarray]] = [[] for _ in range(settings.num_shards)]
-    buffered = 0
-    written: set[int] = set()
-
-    def flush() -> None:
-        for shard, parts in enumerate(buffers):
-            if parts:
-                # The first write truncates what an interrupted attempt left: the piece sends its examples to
-                # the same shards every time, so no leftover escapes (and no unlink pass over every shard).
-                with open(paths.bucket(shard, piece), "ab" if shard in written else "wb") as f:
-                    for part in parts:
-                        f.write(part.tobytes())
-                written.add(shard)
-                parts.clear()
-
     read_stats = readers.ReadStats()
     stats = ExampleStats()
     documents = sentences = 0
-    for batch_index, docs in enumerate(_batches(Path(piece.path), (piece.start, piece.stop), settings, read_stats)):
-        rng = np.random.default_rng([settings.seed, 0, piece.file, piece.index, batch_index])
-        flat = [s for d in docs for s in d]
-        tokens, lengths = vocab.encode(flat, max_chars)
-        doc_sentences = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-        documents += len(docs)
-        sentences += len(flat)
-        for _ in range(settings.dupe_factor):
-            records = make_examples(tokens, lengths, doc_sentences, vocab, ex, rng, stats)
-            dest = rng.integers(0, settings.num_shards, size=len(records))
-            order = np.argsort(dest, kind="stable")
-            bounds = np.searchsorted(dest[order], np.arange(settings.num_shards + 1))
-            for shard in range(settings.num_shards):
-                part = records[order[bounds[shard] : bounds[shard + 1]]]
-                if len(part):
-                    buffers[shard].append(part)
-                    buffered += part.nbytes
-        if buffered > FLUSH_BYTES:
-            flush()
-            buffered = 0
-        _release_freed_memory()
-    flush()
-    result = {
-        "file": piece.path,
-        "documents": documents,
-        "sentences": sentences,
-        "read": asdict(read_stats),
-        "examples": asdict(stats),
-    }
-    _write_json(paths.piece_done(piece), result)
-    return result
+    # (the temporary file exists already: opened without O_CREAT, one file created per piece)
+    with atomic_path(paths.spill(piece)) as tmp, open(tmp, "r+b") as f:
+        spill = SpillWriter(f, settings.num_shards, SPILL_BUFFER_BYTES)
+        batches = _batches(Path(piece.path), (piece.start, piece.stop), settings, read_stats)
+        for batch_index, docs in enumerate(batches):
+            rng = np.random.default_rng([settings.seed, 0, piece.file, piece.index, batch_index])
+            flat = [s for d in docs for s in d]
+            tokens, lengths = vocab.encode(flat, max_chars)
+            doc_sentences = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+            documents += len(docs)
+            sentences += len(flat)
+            for _ in range(settings.dupe_factor):
+                records = make_examples(tokens, lengths, doc_sentences, vocab, ex, rng, stats)
+                spill.add(records, rng.integers(0, settings.num_shards, size=len(records)))
+            _release_freed_memory()
+        spill.close(
+            {
+                "file": piece.path,
+                "documents": documents,
+                "sentences": sentences,
+                "read": asdict(read_stats),
+                "examples": asdict(stats),
+            }
+        )
 
 
-def _reduce_shard(task: tuple[int, str, ShardSettings, dict[str, Any]]) -> dict[str, Any]:
-    """Phase 2 for one shard: gather its buckets in (file, piece) order, shuffle, write the HDF5 file."""
-    shard, output, settings, attrs = task
-    paths = _Paths(Path(output))
-    ex = settings.examples
-    dtype = record_dtype(ex.max_seq_length, ex.max_predictions_per_seq)
-    # one listing of the shard's folder, not a lookup per piece; Piece.name is zero-padded: sorted is (file, piece) order
-    buckets = [(b, b.stat().st_size // dtype.itemsize) for b in sorted(paths.shard_folder(shard).glob("*.bin"))]
-    records = np.empty(sum(n for _, n in buckets), dtype=dtype)
-    start = 0
-    for b, n in buckets:  # read straight into one array: no second copy for concatenation
-        with open(b, "rb") as f:
-            f.readinto(records[start : start + n].view(np.uint8))
-        start += n
-    order = np.random.default_rng([settings.seed, 1, shard]).permutation(len(records))
-    final = paths.output / shard_name(shard)
-    write_shard(final, records, {**attrs, "shard_index": shard, "num_shards": settings.num_shards}, order)
-    result = {
-        "name": final.name,
-        "num_examples": int(len(records)),
-        "sha256": sha256_file(final),
-        "bytes": final.stat().st_size,
-    }
-    _write_json(paths.shard_done(shard), result)
-    shutil.rmtree(paths.shard_folder(shard), ignore_errors=True)
-    return result
+@dataclass(frozen=True)
+class _ReduceTask:
+    shard: int
+    output: str
+    settings: ShardSettings
+    attrs: dict[str, Any]
+    spills: list[str]  # every piece's spill file, in (file, piece) order
+    runs: np.ndarray  # the shard's runs, in order: piece (index into spills), byte offset, records
 
 
-def _run_tasks(fn, tasks: list, workers: int, desc: str, progress: bool) -> list:
-    """Each task runs in a fresh forked process (also with one worker): the memory a task used goes back
-    to the system when it ends, so the peak does not creep up with the number of tasks (the corpus size)."""
-    from tqdm import tqdm
+def _describe_shard(path: Path) -> dict[str, Any]:
+    import h5py
 
-    results = []
-    if not tasks:
-        return results
-    # The parent's objects go to the permanent generation: the tasks' garbage collections then do not
-    # touch (and so copy) the pages they inherited.
-    gc.collect()
-    gc.freeze()
-    try:
-        with tqdm(total=len(tasks), desc=desc, unit="task", disable=not progress, dynamic_ncols=True) as bar:
-            with multiprocessing.get_context("fork").Pool(min(workers, len(tasks)), maxtasksperchild=1) as pool:
-                for r in pool.imap_unordered(fn, tasks):
-                    results.append(r)
-                    bar.update()
-    finally:
-        gc.unfreeze()
-    return results
+    with h5py.File(path, "r") as f:
+        n = int(f.attrs["num_examples"])
+    return {"name": path.name, "num_examples": n, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def _run_phase(world: World, fn, tasks: list, workers: int, desc: str, progress: bool) -> None:
-    """This rank's tasks, then a barrier; a failure ends every rank (no one waits at the barrier forever)."""
-    try:
-        _run_tasks(fn, tasks, workers, desc, progress)
-    except BaseException:
-        world.abort()
-        raise
-    world.barrier()
+def _reduce_shard(task: _ReduceTask) -> dict[str, Any]:
+    """Phase 2 for one shard: read its runs in (file, piece) order, shuffle, write the HDF5 file. A shard already
+    written (an interrupted run) is only described."""
+    final = Path(task.output) / shard_name(task.shard)
+    if not final.exists():
+        ex = task.settings.examples
+        records = np.empty(
+            int(task.runs[:, 2].sum()), dtype=record_dtype(ex.max_seq_length, ex.max_predictions_per_seq)
+        )
+        start = 0
+        pieces, first = np.unique(task.runs[:, 0], return_index=True)
+        bounds = list(first) + [len(task.runs)]
+        for k, piece in enumerate(pieces):  # one open per piece; read straight into one array, no concatenation
+            runs = task.runs[bounds[k] : bounds[k + 1]]
+            n = int(runs[:, 2].sum())
+            read_runs(Path(task.spills[piece]), runs[:, 1:], records[start : start + n])
+            start += n
+        order = np.random.default_rng([task.settings.seed, 1, task.shard]).permutation(len(records))
+        attrs = {**task.attrs, "shard_index": task.shard, "num_shards": task.settings.num_shards}
+        write_shard(final, records, attrs, order)
+    return {"shard": task.shard, **_describe_shard(final)}
+
+
+def _runs_by_shard(spills: list[Path], num_shards: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+    """Read every piece's index once: (for each shard its runs: piece, byte offset, records, in (file, piece) order;
+    each piece's counts)."""
+    tables, counts = [], []
+    for k, path in enumerate(spills):
+        table, meta = read_index(path)
+        tables.append(np.column_stack([np.full(len(table), k, dtype=np.int64), table]))
+        counts.append(meta)
+    runs = np.concatenate(tables) if tables else np.zeros((0, 4), dtype=np.int64)
+    runs = runs[np.argsort(runs[:, 1], kind="stable")]  # by shard; within a shard still by piece, then run
+    bounds = np.searchsorted(runs[:, 1], np.arange(num_shards + 1))
+    by_shard = [runs[bounds[s] : bounds[s + 1]][:, [0, 2, 3]] for s in range(num_shards)]
+    return by_shard, counts
 
 
 def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -305,12 +315,34 @@ def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def _resume_refusal(out: Path, saved: dict[str, Any], settings_doc: dict[str, Any]) -> str | None:
+    """Why an interrupted run (its settings.json: `saved`) cannot be continued with `settings_doc`, or None."""
+    if saved.get("work_format") != WORK_FORMAT:
+        return (
+            f"{out}: an interrupted run of another albert-data version (work files of format "
+            f"{saved.get('work_format', 1)}, this version writes {WORK_FORMAT}) cannot be continued; "
+            "remove the folder and run again"
+        )
+    was, now = saved.get("versions", {}), settings_doc["versions"]
+    for name in sorted(set(was) | set(now)):
+        if was.get(name) != now.get(name):
+            return (
+                f"{out}: --resume with {name} {now.get(name)}, but the interrupted run used {name} {was.get(name)} "
+                "(the package versions decide the bytes of the shards); install that version or choose an empty folder"
+            )
+    if saved != settings_doc:
+        return (
+            f"{out}: --resume with settings or inputs different from the interrupted run ({out / WORK}/settings.json)"
+        )
+    return None
+
+
 def _prepare_output(paths: _Paths, settings_doc: dict[str, Any], resume: bool) -> tuple[str | None, bool]:
-    """Rank 0 checks and claims the output folder. Returns (an error message or None, whether it is already complete)."""
+    """Rank 0 checks and claims the output folder, and makes the folders (once, for every rank and task).
+    Returns (an error message or None, whether it is already complete)."""
     out = paths.output
     if out.exists() and not out.is_dir():
         return f"{out}: exists and is not a folder", False
-    saved = paths.work / "settings.json"
     if out.exists() and any(out.iterdir()):
         if not resume:
             return (
@@ -319,16 +351,21 @@ def _prepare_output(paths: _Paths, settings_doc: dict[str, Any], resume: bool) -
             )
         if (out / MANIFEST).exists() and not paths.work.exists():
             return _check_complete(out, settings_doc), True
-        if not saved.exists():
+        if not paths.settings.exists():
             return (
                 f"{out}: not an interrupted `albert-data shard` output (no {WORK}/settings.json); cannot resume",
                 False,
             )
-        if json.loads(saved.read_text()) != settings_doc:
-            return f"{out}: --resume with settings or inputs different from the interrupted run ({saved})", False
+        refusal = _resume_refusal(out, json.loads(paths.settings.read_text()), settings_doc)
+        if refusal:
+            return refusal, False
+        # what killed tasks left half-written (their temporary names): one listing of each folder
+        for folder in (out, paths.spill_folder):
+            for leftover in folder.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
         return None, False
-    (paths.work / "done").mkdir(parents=True, exist_ok=True)
-    _write_json(saved, settings_doc)
+    paths.spill_folder.mkdir(parents=True, exist_ok=True)
+    _write_json(paths.settings, settings_doc)
     return None, False
 
 
@@ -339,8 +376,10 @@ def _check_complete(out: Path, settings_doc: dict[str, Any]) -> str | None:
         data = Manifest.load(out).data
     except DataPrepError as e:
         return str(e)
-    made = {"settings": data["settings"], "inputs": data.get("inputs"), "vocab_sha256": data["vocab"].get("sha256")}
-    if made != settings_doc:
+    # (a folder made before --shard-mb existed: its shard count is recorded, so shard_bytes cannot change the bytes)
+    recorded = {"shard_bytes": settings_doc["settings"]["shard_bytes"], **data["settings"]}
+    made = {"settings": recorded, "inputs": data.get("inputs"), "vocab_sha256": data["vocab"].get("sha256")}
+    if made != {key: settings_doc[key] for key in made}:
         if made["inputs"] != settings_doc["inputs"]:
             was = {(i["path"], i["bytes"]) for i in made["inputs"] or []}
             now = {(i["path"], i["bytes"]) for i in settings_doc["inputs"]}
@@ -373,31 +412,99 @@ def shard_corpus(
     resume: bool = False,
     progress: bool = True,
     mpi: str = "auto",
+    progress_seconds: float | None = None,
 ) -> Manifest | None:
-    """Make the shards. Returns the manifest on rank 0 (None on the other MPI ranks)."""
+    """Make the shards. Returns the manifest on rank 0 (None on the other MPI ranks). `progress`: bars on a
+    terminal (rank 0); otherwise every rank logs a line every `progress_seconds` (data_prep/progress.py)."""
     started = time.perf_counter()
-    settings.check()
-    files = readers.expand_inputs(inputs)
-    if settings.num_shards == 0:
-        settings = dataclasses.replace(
-            settings, num_shards=auto_num_shards(sum(f.stat().st_size for f in files), settings.dupe_factor)
-        )
-        log.info("--num-shards auto: %d", settings.num_shards)
-    spm_path = str(Path(spm_model).resolve())
-    vocab = _vocab(spm_path)  # refuses a bad model before any work; the forked tasks inherit it
     world = get_world(mpi)
-    paths = _Paths(Path(output))
+    error = None
+    try:  # the same checks on every rank; an error on any of them is raised on all (none waits for the others)
+        settings.check()
+        files = readers.expand_inputs(inputs)
+        input_bytes = sum(f.stat().st_size for f in files)
+        if settings.num_shards == 0:
+            settings = dataclasses.replace(settings, num_shards=auto_num_shards(input_bytes, settings))
+        spm_path = str(Path(spm_model).resolve())
+        vocab = _vocab(spm_path)  # refuses a bad model before any work; the forked tasks inherit it
+    except DataPrepError as e:
+        error = str(e)
+    world.raise_together(error)
+    job = _Job(
+        world,
+        files,
+        Path(spm_model),
+        spm_path,
+        vocab,
+        _Paths(Path(output)),
+        settings,
+        workers,
+        progress and world.rank == 0,
+        progress_seconds,
+    )
+    with world.abort_on_error():
+        return _shard(job, resume, started)
+
+
+@dataclass
+class _Job:
+    """What every phase of one run needs."""
+
+    world: World
+    files: list[Path]
+    spm_model: Path  # as given (the manifest records it)
+    spm_path: str  # resolved (the tasks load it)
+    vocab: Vocab
+    paths: _Paths
+    settings: ShardSettings
+    workers: int
+    bar: bool  # progress bars (a terminal, rank 0)
+    every: float | None  # else progress lines every this many seconds
+
+    def run(self, fn, tasks: list[Task], desc: str, unit: str) -> list:
+        """This rank's tasks of a phase, then a barrier (a failure on any rank ends every rank: World.abort_on_error)."""
+        results = run_tasks(fn, tasks, self.workers, desc, self.bar, self.every, unit)
+        self.world.barrier()
+        return results
+
+    def attributes(self) -> dict[str, Any]:
+        """The HDF5 files' attributes (each shard adds its index and the count)."""
+        ex = self.settings.examples
+        return {
+            "max_seq_length": ex.max_seq_length,
+            "max_predictions_per_seq": ex.max_predictions_per_seq,
+            "vocab_size": self.vocab.vocab_size,
+            "vocab_sha256": self.vocab.sha256,
+            "seed": self.settings.seed,
+            "sentence_task": "sop",
+            "sop_label_swapped": 1,
+            "masked_lm_prob": ex.masked_lm_prob,
+            "ngram": ex.ngram,
+            "dupe_factor": self.settings.dupe_factor,
+        }
+
+
+def _shard(job: _Job, resume: bool, started: float) -> Manifest | None:
+    world, paths, settings = job.world, job.paths, job.settings
+    if world.rank == 0:
+        est = estimated_record_bytes(sum(f.stat().st_size for f in job.files), settings) / settings.num_shards
+        log.info(
+            "%d shards of about %.0f MB of records each (--shard-mb %g)",
+            settings.num_shards,
+            est / (1 << 20),
+            settings.shard_bytes / (1 << 20),
+        )
     settings_doc = {
+        "work_format": WORK_FORMAT,
         "settings": settings.to_dict(),
         # resolved, with sizes: the same files however they are named, and a corpus rewritten in place is not the same
-        "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
-        "vocab_sha256": vocab.sha256,
+        "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in job.files],
+        "vocab_sha256": job.vocab.sha256,
+        "versions": package_versions(),
     }
     error, complete = _prepare_output(paths, settings_doc, resume) if world.rank == 0 else (None, False)
-    error, complete = world.bcast((error, complete))
-    if error:
-        raise DataPrepError(error)
-    if complete:
+    world.raise_together(error)
+    if world.bcast(complete):
         if world.rank == 0:
             log.info(
                 "%s: shards already complete (%s, no unfinished work; same settings and inputs): nothing to do",
@@ -405,69 +512,84 @@ def shard_corpus(
                 MANIFEST,
             )
         return Manifest.load(paths.output) if world.rank == 0 else None
-    world.barrier()
-    progress = progress and world.rank == 0
-
-    # phase 1: biggest pieces first, dealt round-robin to the ranks
-    pieces = _pieces(files, settings.piece_bytes)
-    by_size = sorted(pieces, key=lambda p: (p.start - p.stop, p.file, p.index))
-    mine = [p for k, p in enumerate(by_size) if k % world.size == world.rank and not paths.piece_done(p).exists()]
+    pieces = _pieces(job.files, settings.piece_bytes)
     if world.rank == 0:
-        log.info("%d input files in %d pieces", len(files), len(pieces))
-    for s in range(settings.num_shards):
-        paths.shard_folder(s).mkdir(parents=True, exist_ok=True)
-    world.barrier()
-    tasks = [(p, spm_path, str(paths.output), settings) for p in mine]
-    _run_phase(world, _map_piece, tasks, workers, "examples", progress)
-
-    # phase 2
-    ex = settings.examples
-    attrs = {
-        "max_seq_length": ex.max_seq_length,
-        "max_predictions_per_seq": ex.max_predictions_per_seq,
-        "vocab_size": vocab.vocab_size,
-        "vocab_sha256": vocab.sha256,
-        "seed": settings.seed,
-        "sentence_task": "sop",
-        "sop_label_swapped": 1,
-        "masked_lm_prob": ex.masked_lm_prob,
-        "ngram": ex.ngram,
-        "dupe_factor": settings.dupe_factor,
-    }
-    todo = [s for s in range(settings.num_shards) if s % world.size == world.rank and not paths.shard_done(s).exists()]
-    tasks = [(s, str(paths.output), settings, attrs) for s in todo]
-    _run_phase(world, _reduce_shard, tasks, workers, "shards", progress)
+        log.info("%d input files in %d pieces", len(job.files), len(pieces))
+    _map_phase(job, pieces)
+    per_piece, per_shard = _reduce_phase(job, pieces)
     if world.rank != 0:
         return None
-
-    # manifest, from the markers on disk (so resumed and multi-rank runs are counted whole)
-    per_piece = [json.loads(paths.piece_done(p).read_text()) for p in pieces]
-    per_shard = [json.loads(paths.shard_done(s).read_text()) for s in range(settings.num_shards)]
     totals = _sum_counts(per_piece)
-    with atomic_path(paths.output / "spiece.model") as tmp:
-        shutil.copyfile(spm_model, tmp)
+    manifest = _write_manifest(job, settings_doc, per_shard, totals)
+    shutil.rmtree(paths.work, ignore_errors=True)
+    log_summary(totals, manifest.data["num_examples"], time.perf_counter() - started)
+    return manifest
+
+
+def _map_phase(job: _Job, pieces: list[Piece]) -> None:
+    """This rank's pieces not done yet: the biggest first, dealt round-robin to the ranks."""
+    world = job.world
+    by_size = sorted(pieces, key=lambda p: (p.start - p.stop, p.file, p.index))
+    mine = [p for k, p in enumerate(by_size) if k % world.size == world.rank and not job.paths.spill(p).exists()]
+    output = str(job.paths.output)
+    tasks = [Task(p.describe(), (p, job.spm_path, output, job.settings), p.stop - p.start) for p in mine]
+    job.run(_map_piece, tasks, "examples", "B")
+
+
+def _reduce_phase(job: _Job, pieces: list[Piece]) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+    """Rank 0 reads the pieces' indexes once and hands each rank the runs of its shards; every rank makes its shards.
+    Returns, on rank 0, (each piece's counts, each shard's description in shard order); (None, None) elsewhere."""
+    world, num_shards = job.world, job.settings.num_shards
+    spills = [job.paths.spill(p) for p in pieces]
+    if world.rank == 0:
+        by_shard, per_piece = _runs_by_shard(spills, num_shards)
+        shares = [{s: by_shard[s] for s in range(r, num_shards, world.size)} for r in range(world.size)]
+        del by_shard
+    else:
+        shares = per_piece = None
+    share = world.scatter(shares)
+    del shares
+    attrs, spill_names, output = job.attributes(), [str(p) for p in spills], str(job.paths.output)
+    tasks = [
+        Task(
+            f"shard {s} ({shard_name(s)}, {int(runs[:, 2].sum())} examples)",
+            _ReduceTask(s, output, job.settings, attrs, spill_names, runs),
+        )
+        for s, runs in share.items()
+    ]
+    results = world.gather(job.run(_reduce_shard, tasks, "shards", "shard"))
+    if world.rank != 0:
+        return None, None
+    # every rank's shards (a resumed run's finished shards are described again)
+    described = {r.pop("shard"): r for rank in results for r in rank}
+    return per_piece, [described[s] for s in range(num_shards)]
+
+
+def _write_manifest(
+    job: _Job, settings_doc: dict[str, Any], per_shard: list[dict[str, Any]], totals: dict[str, Any]
+) -> Manifest:
+    with atomic_path(job.paths.output / "spiece.model") as tmp:
+        shutil.copyfile(job.spm_model, tmp)
     manifest = Manifest(
         {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
             "num_examples": sum(s["num_examples"] for s in per_shard),
             "shards": per_shard,
-            "settings": settings.to_dict(),
-            "attributes": attrs,
+            "settings": job.settings.to_dict(),
+            "attributes": job.attributes(),
             "vocab": {
                 "file": "spiece.model",
-                "sha256": vocab.sha256,
-                "vocab_size": vocab.vocab_size,
-                "source": str(spm_model),
+                "sha256": job.vocab.sha256,
+                "vocab_size": job.vocab.vocab_size,
+                "source": str(job.spm_model),
             },
             "inputs": settings_doc["inputs"],
+            "versions": settings_doc["versions"],
             "stats": totals,
         }
     )
-    manifest.save(paths.output)
-    shutil.rmtree(paths.work, ignore_errors=True)
-    seconds = time.perf_counter() - started
-    log_summary(totals, manifest.data["num_examples"], seconds)
+    manifest.save(job.paths.output)
     return manifest
 
 

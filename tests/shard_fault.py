@@ -1,0 +1,89 @@
+"""`python tests/shard_fault.py --fault FAULT ALBERT-DATA-ARGS...`: `albert-data` with a fault injected from the
+outside (the project's code has no fault hooks). FAULT is one of:
+- `kill-piece:NAME`: the map task of piece NAME (e.g. f00001-p00000) kills its own process with SIGKILL, as the
+  kernel's OOM killer would;
+- `raise-piece:NAME`: the map task of piece NAME raises OSError ENOSPC (a full disk);
+- `kill-shard:N`: the reduce task of shard N kills its own process with SIGKILL;
+- `kill-first-piece-on-rank:R`: the first map task that MPI rank R runs kills its own process with SIGKILL;
+- `raise-on-rank:R`: MPI rank R fails outside any task, before the map phase (OSError EDQUOT, as a full quota
+  would), while the other ranks go on to their work.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_prep import cli, sharding  # noqa: E402
+
+RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _disk_full() -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "out/.work/spill/f00001-p00000.bin")
+
+
+def fail_map(when, fail) -> None:
+    real = sharding._map_piece
+
+    def map_piece(task):
+        if when(task[0]):
+            fail()
+        return real(task)
+
+    sharding._map_piece = map_piece
+
+
+def kill_reduce(shard: int) -> None:
+    real = sharding._reduce_shard
+
+    def reduce_shard(task):
+        if task.shard == shard:
+            _kill_self()
+        return real(task)
+
+    sharding._reduce_shard = reduce_shard
+
+
+def raise_on_rank(rank: int) -> None:
+    real = sharding._pieces
+
+    def pieces(*a, **k):
+        if RANK == rank:
+            raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "out/.work/spill")
+        return real(*a, **k)
+
+    sharding._pieces = pieces
+
+
+def main() -> int:
+    argv = sys.argv[1:]
+    i = argv.index("--fault")
+    kind, _, value = argv[i + 1].partition(":")
+    del argv[i : i + 2]
+    if kind == "kill-piece":
+        fail_map(lambda piece: piece.name == value, _kill_self)
+    elif kind == "raise-piece":
+        fail_map(lambda piece: piece.name == value, _disk_full)
+    elif kind == "kill-first-piece-on-rank":
+        fail_map(lambda piece: RANK == int(value), _kill_self)  # every task of that rank: its first stops the run
+    elif kind == "kill-shard":
+        kill_reduce(int(value))
+    elif kind == "raise-on-rank":
+        raise_on_rank(int(value))
+    else:
+        raise SystemExit(f"unknown fault {kind!r}")
+    return cli.main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""The `shard` step at cluster scale: files created, shard size by bytes, failures that stop every process promptly
+with a line naming the piece or shard, `--resume` after them, package versions, progress lines in batch jobs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+from test_sharding import cli, shard_cmd, shas
+
+from data_prep.examples import record_dtype
+from data_prep.inspection import verify_folder
+from data_prep.sharding import WORK_FORMAT, ShardSettings, auto_num_shards
+from data_prep.shards import Manifest
+
+sys.path.insert(0, str(REPO))
+from bench import syscalls  # noqa: E402
+
+FAULT = REPO / "tests" / "shard_fault.py"  # injects the fault from outside albert-data
+
+
+def faulty(
+    fault: str, *args: str, launcher: list[str] = (), timeout: float = 120
+) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [*launcher, sys.executable, str(FAULT), "--fault", fault, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=timeout,
+    )
+    return proc, time.monotonic() - started
+
+
+def errors(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if " ERROR " in line]
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "fault, names", [("kill-piece:f00001-p00000", "piece f00001-p00000"), ("kill-shard:1", "shard 1 (shard-00001.h5")]
+)
+def test_killed_worker_stops_the_run_and_resume_gives_the_same_shards(
+    fault, names, wiki_corpus, spm_model, wiki_shards, tmp_path
+):
+    """A worker process killed with SIGKILL (as by the OOM killer): the command exits non-zero at once with one line
+    naming the piece or shard and saying that --resume continues; --resume then gives the uninterrupted run's bytes,
+    logging its progress (no terminal) every --progress-seconds."""
+    out = tmp_path / "out"
+    proc, seconds = faulty(fault, *shard_cmd(wiki_corpus, spm_model, out, "--workers", "2"))
+    assert proc.returncode != 0 and seconds < 60, (proc.returncode, seconds, proc.stderr)
+    [line] = errors(proc.stderr)
+    assert names in line and "killed by SIGKILL" in line and "--resume" in line, line
+    assert "Traceback" not in proc.stderr and not (out / "manifest.json").exists()
+    resumed = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume", "--progress-seconds", "0.001"), check=True)
+    assert shas(out) == shas(wiki_shards)
+    assert Manifest.load(out).data["stats"] == Manifest.load(wiki_shards).data["stats"]
+    assert not (out / ".work").exists() and verify_folder(out) == []
+    assert "shards: 3/3 shard (100.0%)" in resumed.stderr and "ETA" in resumed.stderr, resumed.stderr
+
+
+@pytest.mark.integration
+def test_task_that_raises_stops_the_run_with_its_piece_and_error(wiki_corpus, spm_model, tmp_path):
+    proc, seconds = faulty("raise-piece:f00001-p00000", *shard_cmd(wiki_corpus, spm_model, tmp_path / "out"))
+    assert proc.returncode == 2 and seconds < 60, proc.stderr
+    lines = errors(proc.stderr)
+    # the unexpected error's traceback (from the task's process) is logged, then the one line that says it all
+    assert "Traceback" in lines[0] or "failed:" in lines[0], proc.stderr
+    assert (
+        "examples: piece f00001-p00000" in lines[-1]
+        and "OSError: [Errno 28] No space left on device" in lines[-1]
+        and "--resume" in lines[-1]
+    ), proc.stderr
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize(
+    "fault, says",
+    [
+        ("kill-first-piece-on-rank:1", "killed by SIGKILL"),  # in a task
+        ("raise-on-rank:1", "Disk quota exceeded"),  # outside any task, while rank 0 goes on to its work
+    ],
+)
+def test_failure_on_one_mpi_rank_stops_every_rank(fault, says, wiki_corpus, spm_model, tmp_path):
+    mpirun = shutil.which("mpirun")
+    assert mpirun, "OpenMPI is installed by `make test` (.ci/system-deps.sh)"
+    launcher = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2"]
+    out = tmp_path / "out"
+    proc, seconds = faulty(fault, *shard_cmd(wiki_corpus, spm_model, out, "--workers", "2"), launcher=launcher)
+    assert proc.returncode != 0 and seconds < 60, (proc.returncode, seconds, proc.stderr)
+    assert "MPI: 2 ranks" in proc.stderr
+    [line] = errors(proc.stderr)[:1]
+    assert "[rank 1]" in line and says in line and "stopping all 2 ranks" in line, proc.stderr
+    assert not (out / "manifest.json").exists()
+
+
+def _interrupted(wiki_corpus, spm_model, out: Path) -> dict:
+    proc, _ = faulty("kill-piece:f00002-p00000", *shard_cmd(wiki_corpus, spm_model, out))
+    assert proc.returncode != 0 and (out / ".work" / "settings.json").exists(), proc.stderr
+    return json.loads((out / ".work" / "settings.json").read_text())
+
+
+@pytest.mark.integration
+def test_resume_refuses_other_package_versions_settings_and_work_formats(wiki_corpus, spm_model, tmp_path):
+    out = tmp_path / "out"
+    saved = _interrupted(wiki_corpus, spm_model, out)
+    assert set(saved["versions"]) == {"albert-pretrain", "h5py", "numpy", "sentencepiece"}
+    now = saved["versions"]["numpy"]
+    cases = [
+        (
+            {**saved, "versions": {**saved["versions"], "numpy": "1.26.4"}},
+            f"--resume with numpy {now}, but the interrupted run used numpy 1.26.4",
+        ),
+        (
+            {**saved, "settings": {**saved["settings"], "seed": 1}},
+            "settings or inputs different from the interrupted run",
+        ),
+        (
+            {k: v for k, v in saved.items() if k not in ("work_format", "versions")},
+            f"another albert-data version (work files of format 1, this version writes {WORK_FORMAT}) cannot be continued; remove the folder",
+        ),
+    ]
+    for doc, message in cases:
+        (out / ".work" / "settings.json").write_text(json.dumps(doc))
+        proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(not syscalls.available(), reason="strace is not installed")
+def test_files_created_are_one_per_piece_and_per_shard(wiki_corpus, spm_model, wiki_shards, tmp_path):
+    """Small pieces and many shards: the files created stay pieces + shards + a few, and the folders are made once,
+    by one process (strace -f: the workers included)."""
+    out = tmp_path / "out"
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep",
+        *shard_cmd(wiki_corpus, spm_model, out, "--piece-mb", "0.1", "--num-shards", "40", "--workers", "2"),
+    ]
+    proc, meta = syscalls.traced(cmd, [tmp_path], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    pieces = int(proc.stderr.split(" input files in ")[1].split()[0])
+    assert pieces > 20, proc.stderr
+    assert pieces + 40 <= len(meta.created) <= pieces + 40 + 16, sorted(meta.created)
+    # the output folder, .work, .work/spill, once (mkdir(parents=True) first tries the deepest: 2 calls fail)
+    assert meta.calls["mkdir"] <= 5, meta.calls
+    assert verify_folder(out) == []
+
+
+def test_auto_shard_count_keeps_shards_within_shard_mb(wiki_corpus, spm_model, tmp_path):
+    out = tmp_path / "out"
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--num-shards", "0", "--shard-mb", "1"), check=True)
+    m = Manifest.load(out).data
+    input_bytes = sum(f.stat().st_size for f in wiki_corpus.iterdir())
+    settings = ShardSettings(dupe_factor=2, shard_bytes=1 << 20)
+    assert m["settings"]["num_shards"] == auto_num_shards(input_bytes, settings) > 3, proc.stderr
+    itemsize = record_dtype(128, 20).itemsize
+    sizes = np.array([s["num_examples"] for s in m["shards"]]) * itemsize
+    assert sizes.max() <= 1 << 20 and sizes.mean() > 0.6 * (1 << 20), sizes  # the estimate is an upper bound, close
+
+
+def test_progress_logs_lines_without_a_terminal(caplog):
+    """Under pytest stderr is no terminal: lines instead of a bar, at most every `every` seconds, and a last one."""
+    from data_prep.progress import progress
+
+    caplog.set_level("INFO", logger="data_prep.progress")
+    with progress("examples", total=4 << 20, unit="B", every=1e-6) as p:
+        time.sleep(0.001)
+        p.update(1 << 20)
+        time.sleep(0.001)
+        p.update(3 << 20)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("examples: 1.0/4.0 MB (25.0%), ") and "MB/s, ETA 0:00:00" in lines[0], lines
+    assert lines[-1].startswith("examples: 4.0/4.0 MB (100.0%)") and lines[-1].endswith("(done)"), lines
+    caplog.clear()
+    with progress("shards", total=3, unit="shard", every=0) as p:
+        p.update(3)
+    assert caplog.records == []
+
+
+def test_finished_folder_made_before_shard_mb_is_still_complete(wiki_corpus, spm_model, wiki_shards, tmp_path):
+    """A finished folder whose manifest has no shard_bytes (its shard count is recorded): --resume checks it, exit 0."""
+    out = tmp_path / "done"
+    shutil.copytree(wiki_shards, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["settings"]["shard_bytes"], manifest["versions"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
+    assert proc.returncode == 0 and "shards already complete" in proc.stderr, proc.stderr
