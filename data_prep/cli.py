@@ -108,18 +108,18 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
         choices=("auto", "on", "off"),
         help="split the work over MPI ranks (auto: when an MPI launcher started us: mpirun, srun --mpi=pmix; on: require it, also checking srun's task count)",
     )
-    g.add_argument(
-        "--progress-seconds",
-        type=float,
-        default=default_progress_seconds(),
-        help="without a terminal (a batch job's log), each rank logs its progress every this many seconds; 0: never "
-        "(the environment variable ALBERT_PROGRESS_SECONDS sets the default)",
-    )
 
 
 def _add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:
     if workers:
         p.add_argument("--workers", type=int, default=1, help="processes on this machine (per MPI rank)")
+        p.add_argument(
+            "--progress-seconds",
+            type=float,
+            default=default_progress_seconds(),
+            help="without a terminal (a batch job's log), each rank logs its progress every this many seconds; "
+            "0: never (the environment variable ALBERT_PROGRESS_SECONDS sets the default)",
+        )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
@@ -238,16 +238,37 @@ def _shard_settings(args: argparse.Namespace):
     )
 
 
-def _sentences(paths: list[Path], fmt: str):
+def _sentences(paths: list[Path], fmt: str, bar: bool, every: float | None):
+    """The sentences of the inputs, with progress counted in characters against the inputs' bytes (exact for
+    ASCII text in the standard format)."""
     from . import readers
+    from .progress import progress
 
-    for path in paths:
-        for doc in readers.iter_documents(path, fmt):
-            yield from doc
+    total = sum(p.stat().st_size for p in paths)
+    with progress("vocab sample", total, "B", bar, every) as p:
+        for path in paths:
+            chars = 0
+            for doc in readers.iter_documents(path, fmt):
+                for s in doc:
+                    chars += len(s) + 1
+                    yield s
+                chars += 1
+                if chars >= 1 << 22:
+                    p.update(chars)
+                    chars = 0
+            p.update(chars)
 
 
 def train_vocab_from(
-    inputs: list, prefix: Path, vocab_size: int, sentence_size: int, seed: int, workers: int, fmt: str = "auto"
+    inputs: list,
+    prefix: Path,
+    vocab_size: int,
+    sentence_size: int,
+    seed: int,
+    workers: int,
+    fmt: str = "auto",
+    bar: bool = False,
+    progress_every: float | None = None,
 ) -> Path:
     from . import readers
     from .vocab import VocabSettings, train_vocab
@@ -256,7 +277,7 @@ def train_vocab_from(
     settings = VocabSettings(
         vocab_size=vocab_size, input_sentence_size=sentence_size, seed=seed, threads=max(1, workers)
     )
-    return train_vocab(_sentences(files, fmt), prefix, settings)
+    return train_vocab(_sentences(files, fmt, bar, progress_every), prefix, settings)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -276,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
             mpi=args.mpi,
             allow_bad_bytes=args.allow_bad_bytes,
             part_bytes=_part_bytes(args),
+            progress_every=args.progress_seconds,
         )
     elif args.command == "vocab":
         train_vocab_from(
@@ -286,6 +308,8 @@ def run(args: argparse.Namespace) -> int:
             args.seed,
             args.workers,
             args.format,
+            progress,
+            args.progress_seconds,
         )
     elif args.command == "shard":
         from .sharding import shard_corpus
@@ -353,6 +377,7 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
             mpi=args.mpi,
             allow_bad_bytes=args.allow_bad_bytes,
             part_bytes=_part_bytes(args),
+            progress_every=args.progress_seconds,
         )
         if world.rank == 0:
             corpus_done.touch()
@@ -369,6 +394,8 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
                         args.seed,
                         args.workers,
                         "docs",
+                        progress,
+                        args.progress_seconds,
                     )
         except DataPrepError as e:
             error = str(e)

@@ -39,12 +39,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from data_prep.atomic import atomic_path, write_text
 from data_prep.compressed import compression
 from data_prep.errors import DataPrepError
 from data_prep.mpi import World, get_world
+from data_prep.progress import progress as progress_of
 from data_prep.readers import (
     FORMATS,
     SENTENCES,
@@ -58,6 +57,7 @@ from data_prep.readers import (
     iter_raw_documents,
     process_raw,
 )
+from data_prep.tasks import Task, run_tasks
 from data_prep.wiki import multistream_index, stream_ranges
 
 log = logging.getLogger(__name__)
@@ -179,12 +179,14 @@ def write_corpus(
     mpi: str = "off",
     allow_bad_bytes: bool = False,
     part_bytes: int = PART_BYTES,
+    progress_every: float | None = None,
 ) -> CorpusStats:
     """Write the documents of `inputs` to `output_dir/{prefix}-00000.txt` … (`num_files` files; 0: one per
     AUTO_FILE_BYTES of text, at least AUTO_MIN_FILES). Byte-identical whatever `workers` and the MPI ranks
     (`mpi`: auto, on, off as for `shard`). Files appear under their final names only once complete; a
     non-empty `output_dir` is refused unless `resume`, which continues an interrupted run (or, on a finished
-    one with the same settings and inputs, only returns its counts)."""
+    one with the same settings and inputs, only returns its counts). Progress: bars on rank 0 with `progress` on a
+    terminal, else a log line per rank every `progress_every` seconds (data_prep.progress)."""
     if num_files < 0:
         raise DataPrepError(f"{output_dir}: number of output files must be >= 1 (or 0: auto), got {num_files}")
     if workers < 1:
@@ -219,14 +221,14 @@ def write_corpus(
         if world.rank == 0:
             log.info("%s: corpus already complete (%s; same settings and inputs): nothing to do", paths.output, SUMMARY)
         return _stats_from(done, paths)
-    show = progress and world.rank == 0 and len(parts) > 1
+    bar = progress and world.rank == 0
 
     # phase 1: biggest parts first, dealt round-robin to the ranks
     by_size = sorted(parts, key=lambda p: (-p.size, p.index))
     mine = [p for k, p in enumerate(by_size) if k % world.size == world.rank and not paths.part_done(p).exists()]
     if world.rank == 0:
         log.info("corpus: %d input file(s) in %d part(s)", len(files), len(parts))
-    _run_phase(world, lambda: _read_parts(mine, paths, workers, allow_bad_bytes, show))
+    _run_phase(world, lambda: _read_parts(mine, paths, workers, allow_bad_bytes, bar, progress_every))
 
     # phase 2: every rank reads the same markers, so all agree on the counts and the cuts
     markers = [json.loads(paths.part_done(p).read_text()) for p in parts]
@@ -246,9 +248,14 @@ def write_corpus(
     cuts = {i: _boundary(layout, i * total // n_files) for i in {*todo, *(i + 1 for i in todo)} if 0 < i < n_files}
     cuts.update({0: 0, n_files: total})
     tasks = [
-        (_segments(layout, cuts[i], cuts[i + 1]), str(paths.output_file(i)), str(paths.output_done(i))) for i in todo
+        Task(
+            f"output file {paths.output_file(i)}",
+            (_segments(layout, cuts[i], cuts[i + 1]), str(paths.output_file(i)), str(paths.output_done(i))),
+            cuts[i + 1] - cuts[i],
+        )
+        for i in todo
     ]
-    _run_phase(world, lambda: _run_tasks(_write_output, tasks, paths, workers, show and len(tasks) > 1))
+    _run_phase(world, lambda: run_tasks(_write_output, tasks, workers, "corpus files", bar, progress_every, "B"))
 
     summary = {
         "settings": settings,
@@ -360,10 +367,10 @@ class _Pool:
     """A ProcessPoolExecutor whose dead worker (SIGKILL, out of memory, a crash) ends the run at once with
     a DataPrepError naming the part that worker was reading."""
 
-    def __init__(self, workers: int, paths: _Paths, verb: str = "reading"):
+    def __init__(self, workers: int, paths: _Paths):
         # spawn, not fork: a forked child would inherit tqdm's monitor thread, locks held and MPI's state.
         self.executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        self.paths, self.verb = paths, verb
+        self.paths = paths
         self.what: dict[Future, str] = {}
         self._procs: dict[int, Any] = {}
 
@@ -386,7 +393,7 @@ class _Pool:
         # the dead worker's exit code is its own (-9 for SIGKILL); the others were ended with SIGTERM
         dead = {pid for pid, p in self._procs.items() if p.exitcode not in (None, -signal.SIGTERM)}
         names = []
-        for pid in dead if self.verb == "reading" else ():  # (only phase-1 tasks leave claims)
+        for pid in dead:
             claim = self.paths.work / "running" / f"{socket.gethostname()}-{pid}"
             if claim.exists():
                 names.append(claim.read_text())
@@ -394,7 +401,7 @@ class _Pool:
         how = ", ".join(f"killed by signal {-c}" if c < 0 else f"exit code {c}" for c in codes) or "died"
         what = names[0] if len(names) == 1 else (self.what.get(fut) or "one of the parts in progress")
         return DataPrepError(
-            f"{what}: a worker process died while {self.verb} it ({how}; out of memory?); "
+            f"{what}: a worker process died while reading it ({how}; out of memory?); "
             "run the same command with --resume to continue"
         )
 
@@ -402,36 +409,39 @@ class _Pool:
         self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _read_parts(parts: list[Part], paths: _Paths, workers: int, allow_bad_bytes: bool, progress: bool) -> None:
+def _read_parts(
+    parts: list[Part], paths: _Paths, workers: int, allow_bad_bytes: bool, bar: bool, every: float | None
+) -> None:
     if not parts:
         return
-    if workers == 1:  # in this process, streamed parts too
-        for part in tqdm(parts, desc="corpus", unit=" parts", disable=not progress, dynamic_ncols=True):
-            _read_part((part, paths, allow_bad_bytes))
-        return
-    pool = _Pool(workers, paths)
-    try:
-        with tqdm(total=len(parts), desc="corpus", unit=" parts", disable=not progress, dynamic_ncols=True) as bar:
-            whole = [
-                pool.submit(_read_part, (p, paths, allow_bad_bytes), p.describe()) for p in parts if not p.streamed
-            ]
+    with progress_of("corpus parts", sum(p.size for p in parts), "B", bar, every) as shown:
+        if workers == 1:  # in this process, streamed parts too
+            for part in parts:
+                _read_part((part, paths, allow_bad_bytes))
+                shown.update(part.size)
+            return
+        pool = _Pool(workers, paths)
+        try:
+            whole = {
+                pool.submit(_read_part, (p, paths, allow_bad_bytes), p.describe()): p for p in parts if not p.streamed
+            }
             for part in (p for p in parts if p.streamed):
                 stats = ReadStats()
                 _write_part(paths, part, _streamed_documents(part, paths, pool, workers, allow_bad_bytes, stats), stats)
-                bar.update()
-                _check_finished(pool, whole, bar)
+                shown.update(part.size)
+                _check_finished(pool, whole, shown)
             while whole:
-                wait(whole, return_when=FIRST_COMPLETED)
-                _check_finished(pool, whole, bar)
-    finally:
-        pool.close()
+                wait(whole, timeout=1.0, return_when=FIRST_COMPLETED)
+                _check_finished(pool, whole, shown)
+        finally:
+            pool.close()
 
 
-def _check_finished(pool: _Pool, futures: list[Future], bar: tqdm) -> None:
+def _check_finished(pool: _Pool, futures: dict[Future, Part], shown) -> None:
     for fut in [f for f in futures if f.done()]:
         pool.result(fut)  # raises the worker's error
-        futures.remove(fut)
-        bar.update()
+        shown.update(futures.pop(fut).size)
+    shown.update(0)  # a due progress line
 
 
 def _streamed_documents(
@@ -477,25 +487,6 @@ def _collect(batch: list[RawDocument], fut: Future | None, pool: _Pool, stats: R
 
 
 # --- phase 2 -------------------------------------------------------------------------------------
-
-
-def _run_tasks(fn, tasks: list, paths: _Paths, workers: int, progress: bool) -> None:
-    """Write this rank's output files, in this process or a pool."""
-    if not tasks:
-        return
-    if workers == 1:
-        for task in tqdm(tasks, desc="files", unit=" files", disable=not progress, dynamic_ncols=True):
-            fn(task)
-        return
-    pool = _Pool(min(workers, len(tasks)), paths, "writing")
-    try:
-        futures = [pool.submit(fn, t, t[1]) for t in tasks]
-        with tqdm(total=len(tasks), desc="files", unit=" files", disable=not progress, dynamic_ncols=True) as bar:
-            while futures:
-                wait(futures, return_when=FIRST_COMPLETED)
-                _check_finished(pool, futures, bar)
-    finally:
-        pool.close()
 
 
 def _boundary(layout: list[tuple[str, int]], target: int) -> int:
