@@ -297,3 +297,24 @@ def test_random_bytes_are_refused_by_the_command(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "undecodable byte sequence(s) replaced" in proc.stderr
+
+
+@pytest.mark.integration
+def test_corpus_and_vocab_log_progress_lines_without_a_terminal(wiki_dump, wiki_corpus, tmp_path):
+    """In a batch job (stderr no terminal) each phase logs done/total, rate and ETA every --progress-seconds."""
+    from test_sharding import cli
+
+    every = ["--progress-seconds", "0.001"]
+    out = tmp_path / "corpus"
+    proc = cli("corpus", "--input", str(wiki_dump), "--output", str(out), "--num-files", "4", "--workers", "2", *every)
+    assert proc.returncode == 0, proc.stderr
+    for phase in ("corpus parts", "corpus files"):
+        assert f"{phase}: " in proc.stderr and "MB/s, ETA" in proc.stderr, proc.stderr
+        assert any(f"{phase}: " in line and "(100.0%)" in line for line in proc.stderr.splitlines()), proc.stderr
+    assert sorted(p.read_bytes() for p in out.glob("corpus-*.txt")) == sorted(
+        p.read_bytes() for p in wiki_corpus.glob("corpus-*.txt")
+    )
+    prefix = tmp_path / "vocab" / "spiece"
+    proc = cli("vocab", "--input", str(out), "--output-prefix", str(prefix), "--vocab-size", "400", *every)
+    assert proc.returncode == 0, proc.stderr
+    assert "vocab sample: " in proc.stderr and "MB/s, ETA" in proc.stderr, proc.stderr
