@@ -226,10 +226,15 @@ def _lines(text: _Text, bound: int) -> Iterator[tuple[str, bool]]:
 # --- inputs ---------------------------------------------------------------------------------
 
 
+# Wikipedia's part files: enwiki-latest-pages-articles1.xml-p1p41242.bz2 (".xml-p<first>p<last>")
+_WIKI_PART = re.compile(r"\.xml-p\d+p\d+$")
+
+
 def detect_format(path: Path) -> str:
-    """By extension, looking through a compression suffix: .xml wiki, .jsonl/.json jsonl, else docs."""
+    """By extension, looking through a compression suffix: .xml (and Wikipedia's part files, .xml-pNpM) wiki,
+    .jsonl/.json jsonl, else docs."""
     name = without_compression(path.name.lower())
-    if name.endswith(".xml"):
+    if name.endswith(".xml") or _WIKI_PART.search(name):
         return "wiki"
     if name.endswith((".jsonl", ".json")):
         return "jsonl"

@@ -329,6 +329,8 @@ def test_long_sentences_are_counted(tmp_path: Path) -> None:
         ("a.jsonl.gz", "jsonl"),
         ("a.xml.xz", "wiki"),
         ("a.txt.gz", "docs"),
+        ("enwiki-latest-pages-articles1.xml-p1p41242.bz2", "wiki"),  # Wikipedia's part files
+        ("enwiki-20240601-pages-articles-multistream27.xml-p76000000p77000000", "wiki"),
     ],
 )
 def test_detect_format(name: str, fmt: str) -> None:
