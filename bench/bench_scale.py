@@ -735,8 +735,35 @@ def shard_phase(args) -> None:
     for name, flags, workers, ranks in plan:
         runs.append(run_shard(name, corpus, spm, args.work / "out", flags, workers, ranks))
         print(f"{name}: {runs[-1].seconds:.1f} s", file=sys.stderr, flush=True)
+    # strace and the probe take CPU of their own: on 2 cores they compete with 2 workers. The wall clock of the plain
+    # command, 1 and 2 workers in turns, is the speed-up a user sees.
+    plain: dict[int, float] = {}
+    for workers in (1, 2) * args.repeats:
+        shutil.rmtree(args.work / "out", ignore_errors=True)
+        started = time.time()
+        albert_data(
+            "shard",
+            "--input",
+            str(corpus),
+            "--spm-model",
+            str(spm),
+            "--output",
+            str(args.work / "out"),
+            "--workers",
+            str(workers),
+            "--no-progress",
+            "--mpi",
+            "off",
+            *many,
+        )
+        plain[workers] = min(plain.get(workers, float("inf")), time.time() - started)
+        print(f"untraced, {workers} worker(s): {time.time() - started:.1f} s", file=sys.stderr, flush=True)
     shutil.rmtree(args.work / "out", ignore_errors=True)
     print(report(fastest(runs, lambda r: r.name), text / (1 << 20)))
+    print(
+        f"- the plain command (no strace, no probe), fastest of {args.repeats}: 1 worker {plain[1]:.1f} s, 2 workers "
+        f"{plain[2]:.1f} s: {plain[1] / plain[2]:.2f}x (target >= 1.8x); load average {os.getloadavg()[0]:.1f} after"
+    )
 
 
 def corpus_phase(args) -> None:
