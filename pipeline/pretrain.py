@@ -293,12 +293,19 @@ def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .distributed import LaunchError, RendezvousError, shutdown_distributed
 
+    run = None
     try:
-        summary = train(setup(args), stop)
+        run = setup(args)
+        summary = train(run, stop)
     except (TrainError, CheckpointError, LaunchError, RendezvousError) as e:
         log.error("%s", e)
         return 2
     finally:
+        # The loader's read-ahead thread is stopped on every way out: a daemon thread still inside torch or h5py at
+        # interpreter exit can abort the process ("terminate called without an active exception") after an error
+        # was reported, and the exit status would then be a signal's, not 2.
+        if run is not None:
+            run.data.close()
         shutdown_distributed()
     if summary.get("first") and summary.get("last"):
         f, l_ = summary["first"], summary["last"]
