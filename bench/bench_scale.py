@@ -99,6 +99,10 @@ def probe(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------- the corpus
 
 
+def calls_text(meta: syscalls.Metadata) -> str:
+    return " ".join(f"{k} {meta.calls[k]}" for k in ("open", "mkdir", "unlink", "rename", "stat"))
+
+
 def albert_data(*args: str, **kw) -> subprocess.CompletedProcess:
     proc = subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=REPO, capture_output=True, text=True, **kw)
     if proc.returncode:
@@ -308,7 +312,7 @@ def report(runs: list[Run], text_mb: float) -> str:
                     mb(p.peak_added),
                     mb(p.largest_shard) if phase == "reduce" else "",
                     str(len(meta.created)),
-                    " ".join(f"{k} {meta.calls[k]}" for k in ("open", "mkdir", "unlink", "rename", "stat")),
+                    calls_text(meta),
                 ]
             )
     table = markdown_table(
@@ -659,7 +663,7 @@ def corpus_report(runs: list[CorpusRun]) -> str:
                 mb(r.worker_rss) if r.worker_rss else "",
                 f"{r.parts}",
                 str(len(r.metadata.created)),
-                " ".join(f"{k} {r.metadata.calls[k]}" for k in ("open", "mkdir", "unlink", "rename", "stat")),
+                calls_text(r.metadata),
             ]
         )
     table = markdown_table(
