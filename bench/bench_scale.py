@@ -99,6 +99,13 @@ def probe(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------- the corpus
 
 
+def mpirun(ranks: int) -> list[str]:
+    """The launcher prefix of a command run on `ranks` MPI ranks (none for one)."""
+    if ranks <= 1:
+        return []
+    return [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks)]
+
+
 def calls_text(meta: syscalls.Metadata) -> str:
     return " ".join(f"{k} {meta.calls[k]}" for k in ("open", "mkdir", "unlink", "rename", "stat"))
 
@@ -182,12 +189,7 @@ def run_shard(name: str, corpus: Path, spm: Path, out: Path, settings: list[str]
     shutil.rmtree(out, ignore_errors=True)
     probe_log = out.with_suffix(".probe.jsonl")
     probe_log.unlink(missing_ok=True)
-    launcher = (
-        [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks)]
-        if ranks > 1
-        else []
-    )
-    cmd = [*launcher, sys.executable, str(Path(__file__).resolve()), "probe", "shard", "--input", str(corpus)]
+    cmd = [*mpirun(ranks), sys.executable, str(Path(__file__).resolve()), "probe", "shard", "--input", str(corpus)]
     cmd += ["--spm-model", str(spm), "--output", str(out), "--workers", str(workers), "--no-progress", *settings]
     started, load = time.time(), os.getloadavg()[0]
     env = {**os.environ, PROBE_LOG: str(probe_log), "PYTHONPATH": str(REPO)}
@@ -538,12 +540,15 @@ def run_corpus(name: str, wiki: WikiInput, out: Path, workers: int, ranks: int) 
     shutil.rmtree(out, ignore_errors=True)
     probe_log = out.with_suffix(".probe.jsonl")
     probe_log.unlink(missing_ok=True)
-    launcher = (
-        [shutil.which("mpirun") or "mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(ranks)]
-        if ranks > 1
-        else []
-    )
-    cmd = [*launcher, sys.executable, str(Path(__file__).resolve()), "probe", "corpus", "--input", str(wiki.folder)]
+    cmd = [
+        *mpirun(ranks),
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "probe",
+        "corpus",
+        "--input",
+        str(wiki.folder),
+    ]
     cmd += ["--output", str(out), "--workers", str(workers), "--part-mb", str(wiki.part_mb), "--no-progress"]
     started, load = time.time(), os.getloadavg()[0]
     env = {**os.environ, PROBE_LOG: str(probe_log), "PYTHONPATH": str(REPO)}
