@@ -26,7 +26,8 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from data_prep.cli import setup_logging, train_vocab_from  # noqa: E402
+from common.logs import setup_logging  # noqa: E402
+from data_prep.cli import train_vocab_from  # noqa: E402
 from data_prep.corpus import write_corpus  # noqa: E402
 from data_prep.demo_corpus import wikipedia_excerpt  # noqa: E402
 from data_prep.shards import Manifest  # noqa: E402

@@ -34,7 +34,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 from harness import markdown_table  # noqa: E402
 
-from data_prep.cli import setup_logging  # noqa: E402
+from common.logs import setup_logging  # noqa: E402
 from data_prep.demo import prepare_demo_data  # noqa: E402
 from data_prep.demo_corpus import pang_lee_polarity  # noqa: E402
 from pipeline.checkpoint import complete_checkpoints  # noqa: E402

@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 import h5py  # noqa: E402
 import torch  # noqa: E402
 
+from common.logs import setup_logging  # noqa: E402
 from data_prep.cli import main as albert_data  # noqa: E402
-from data_prep.cli import setup_logging  # noqa: E402
 from data_prep.demo_corpus import wikipedia_excerpt  # noqa: E402
 from data_prep.shards import Manifest  # noqa: E402
 from pipeline.data import PretrainingData  # noqa: E402

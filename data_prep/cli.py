@@ -7,8 +7,9 @@ import logging
 import sys
 from pathlib import Path
 
+from common.logs import setup_logging
+
 from .errors import DataPrepError
-from .launchers import launched_by_mpi, launcher_rank
 from .progress import default_seconds as default_progress_seconds
 
 log = logging.getLogger("albert-data")
@@ -416,16 +417,6 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     )
     if world.rank == 0:
         log.info("prepared %s: corpus %s, vocabulary %s, shards %s", out, corpus_dir, spm_model, shards_dir)
-
-
-def setup_logging(verbose: bool) -> None:
-    rank = launcher_rank() if launched_by_mpi() else None
-    fmt = (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
-        if rank is None
-        else f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s"
-    )
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=fmt, datefmt="%H:%M:%S")
 
 
 def main(argv: list[str] | None = None) -> int:

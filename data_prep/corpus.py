@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep.atomic import atomic_path, write_text
+from common.atomic import atomic_path, write_text
 from data_prep.compressed import compression
 from data_prep.errors import DataPrepError
 from data_prep.mpi import World, get_world

@@ -14,8 +14,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.logs import setup_logging
+
 from .cli import main as albert_data
-from .cli import setup_logging
 from .demo_corpus import wikipedia_excerpt
 from .errors import DataPrepError
 from .inspection import inspect_shard, verify_folder

@@ -19,8 +19,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+from common.launchers import SIZE_VARS, launched_by_mpi
+
 from .errors import DataPrepError
-from .launchers import SIZE_VARS, launched_by_mpi
 
 log = logging.getLogger(__name__)
 

@@ -44,8 +44,9 @@ from typing import Any
 
 import numpy as np
 
+from common.atomic import atomic_path, write_text
+
 from . import readers
-from .atomic import atomic_path, write_text
 from .errors import DataPrepError
 from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
 from .mpi import World, get_world

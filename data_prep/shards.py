@@ -26,7 +26,8 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .atomic import atomic_path, write_text
+from common.atomic import atomic_path, write_text
+
 from .errors import DataPrepError
 from .examples import record_dtype
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_prep.atomic import write_text
+from common.atomic import write_text
 
 log = logging.getLogger(__name__)
 

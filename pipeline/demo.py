@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 import sentencepiece as spm
 
-from data_prep.cli import setup_logging
+from common.logs import setup_logging
 from data_prep.demo import prepare_demo_data
 from data_prep.demo_corpus import pang_lee_polarity
 from data_prep.errors import DataPrepError

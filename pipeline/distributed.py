@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from data_prep.launchers import launched_by_mpi, launched_by_mpirun
+from common.launchers import launched_by_mpi, launched_by_mpirun
 
 log = logging.getLogger(__name__)
 

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from common.logs import setup_logging
+
 from .hf import check_state_dict, export_hf
 from .model import AlbertConfig
 
@@ -169,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         "--cased", action="store_true", help="tokenizer does not lowercase (the vocabulary was trained cased)"
     )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     try:
         root, tag = resolve_checkpoint(args.checkpoint, args.tag)
         config = find_model_config(root, tag, args.model_config)

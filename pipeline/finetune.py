@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.logs import setup_logging
+
 from .finetune_loop import (
     DEFAULT_MAX_SEQ_LENGTH,
     PRETRAINED,
@@ -408,11 +410,7 @@ def _quiet_transformers() -> Iterator[None]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose)
     cfg = config_from_args(args)
     try:
         cfg.check()

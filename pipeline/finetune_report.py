@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from data_prep.atomic import write_text
+from common.atomic import write_text
 
 from .finetune_loop import PRETRAINED, RANDOM_INIT
 from .probe_metrics import METRIC_NAMES, METRICS, paired_difference, summarise

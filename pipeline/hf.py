@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from data_prep.atomic import atomic_path
+from common.atomic import atomic_path
 
 from .model import AlbertConfig, AlbertForPreTraining
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from data_prep.atomic import write_text
+from common.atomic import write_text
 
 log = logging.getLogger(__name__)
 

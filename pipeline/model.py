@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from data_prep.atomic import atomic_path
+from common.atomic import atomic_path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from data_prep.launchers import launcher_rank
+from common.launchers import launcher_rank
+from common.logs import setup_logging
 
 from .engine import build_engine, loss_scale
 from .metrics import BatchRecorder, IntervalSums, Metrics, train_record
@@ -278,12 +279,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     stop = StopRequest()  # first: a warning that arrives during start-up still ends in a checkpoint
-    rank = launcher_rank() or "0"
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    setup_logging(args.verbose, rank=launcher_rank() or "0")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
     # DeepSpeed JIT-builds its ops with the first `ninja` on PATH; a different one (the venv's or the

@@ -7,7 +7,7 @@ changes that, differently per ZeRO stage (DeepSpeed 0.19.8):
   ZeRO-1: the engine swaps DeepSpeedZeroOptimizer for BF16_Optimizer, which sums into full-size fp32 buffers.
   ZeRO-2: DeepSpeedZeroOptimizer adds each micro-batch's reduced gradient into fp32 partition buffers.
   ZeRO-3: the partitioned gradient buffer (grad_partitions_flat_buffer) is fp32 instead of bf16.
-The slow test builds real engines from the shipped configs (tests/ds_config_worker.py) and looks at the buffer
+The slow test builds real engines from the shipped configs (tests/helpers/ds_config_worker.py) and looks at the buffer
 DeepSpeed accumulates into.
 """
 
@@ -27,7 +27,7 @@ from pipeline.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "ds_configs"
-WORKER = REPO / "tests" / "ds_config_worker.py"
+WORKER = REPO / "tests" / "helpers" / "ds_config_worker.py"
 FP32_ACCUMULATION = {"grad_accum_dtype": "fp32"}
 WRAPPERS = {1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
 

@@ -10,11 +10,11 @@ import json
 import pytest
 import torch
 from conftest import REPO
-from engine_helpers import TEST_MODEL, ds_config, metrics, pretrain
+from helpers.engine_helpers import TEST_MODEL, ds_config, metrics, pretrain
 
 pytestmark = pytest.mark.integration
 
-PROBE = REPO / "tests" / "state_probe.py"
+PROBE = REPO / "tests" / "helpers" / "state_probe.py"
 GLOBAL = 8
 
 

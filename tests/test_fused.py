@@ -5,8 +5,8 @@ import re
 
 import pytest
 import torch
-from engine_helpers import ds_config, metrics, pretrain
-from model_fixtures import make_batch, perturb_, small_config
+from helpers.engine_helpers import ds_config, metrics, pretrain
+from helpers.model_fixtures import make_batch, perturb_, small_config
 
 from pipeline.fused import PLAIN, FusedOptions, apply_fused, gelu_tanh_by_sigmoid
 from pipeline.lamb_deepspeed import select_optimizer

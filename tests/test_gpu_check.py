@@ -15,8 +15,8 @@ import warnings
 import pytest
 import torch
 from conftest import REPO
-from engine_helpers import TEST_MODEL
-from model_fixtures import small_config
+from helpers.engine_helpers import TEST_MODEL
+from helpers.model_fixtures import small_config
 
 sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 from conftest import REPO
-from engine_helpers import TEST_MODEL, ds_config, final_params, pretrain
+from helpers.engine_helpers import TEST_MODEL, ds_config, final_params, pretrain
 
 from pipeline.comm import CollectiveDeviceError, Comm
 from pipeline.distributed import gpu_index
@@ -105,7 +105,7 @@ def test_rng_state_carries_a_cuda_field():
 
 
 def test_unpadded_batches_go_without_a_mask_and_compute_the_same():
-    from model_fixtures import make_batch, small_config
+    from helpers.model_fixtures import make_batch, small_config
 
     from pipeline.data import to_device
     from pipeline.model import AlbertForPreTraining
@@ -158,7 +158,7 @@ def test_every_collective_of_ours_goes_through_the_device_check(wiki_shards, tmp
         steps=4,
         nproc=2,
         extra=extra,
-        script=REPO / "tests" / "collective_guard.py",
+        script=REPO / "tests" / "helpers" / "collective_guard.py",
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for rank in (0, 1):

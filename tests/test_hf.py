@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_helpers import ds_config, final_params, pretrain
-from model_fixtures import make_batch, perturb_, run_python, small_config
+from helpers.engine_helpers import ds_config, final_params, pretrain
+from helpers.model_fixtures import make_batch, perturb_, run_python, small_config
 from safetensors.torch import load_file
 
 from pipeline.export import main as export_main
@@ -220,7 +220,7 @@ def test_tokenizer_export_refuses_other_special_ids(tmp_path):
 
 DEEPSPEED_TRAIN = textwrap.dedent("""
     import datetime, sys, deepspeed, torch
-    from model_fixtures import make_batch, small_config
+    from helpers.model_fixtures import make_batch, small_config
     from pipeline.model import AlbertForPreTraining
 
     out = sys.argv[1]

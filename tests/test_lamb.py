@@ -1,6 +1,6 @@
 """pipeline.lamb: the LAMB math, the flat-partition layouts, config selection, and real 2-rank ZeRO runs.
 
-The distributed tests launch tests/lamb_worker.py with torchrun (gloo, CPU): one process at
+The distributed tests launch tests/helpers/lamb_worker.py with torchrun (gloo, CPU): one process at
 ZeRO-0 as the reference, two ranks at ZeRO 1, 2 and 3 with the same global batch and seed.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 import torch
-from lamb_worker import TinyNet
+from helpers.lamb_worker import TinyNet
 
 import pipeline.lamb_deepspeed as lamb_module
 from pipeline.distributed import free_port
@@ -25,7 +25,7 @@ from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
 from pipeline.lamb_deepspeed import fused_lamb_unavailable, select_optimizer
 
 REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "lamb_worker.py"
+WORKER = REPO / "tests" / "helpers" / "lamb_worker.py"
 STAGE_RUNS = {0: "fp32,bf16", 1: "fp32,naive,bf16acc", 2: "fp32,naive,bf16,resume", 3: "fp32,naive,bf16"}
 WRAPPERS = {1: "DeepSpeedZeroOptimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
 

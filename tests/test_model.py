@@ -6,7 +6,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from model_fixtures import make_batch, perturb_, run_python, small_config
+from helpers.model_fixtures import make_batch, perturb_, run_python, small_config
 
 from pipeline.model import CONFIG_DIR, AlbertConfig, AlbertForPreTraining, explicit_attention, init_albert_weights
 

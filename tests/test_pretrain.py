@@ -11,11 +11,11 @@ import psutil
 import pytest
 import torch
 from conftest import REPO
-from engine_helpers import TEST_MODEL, ds_config, final_params, metrics, pretrain
+from helpers.engine_helpers import TEST_MODEL, ds_config, final_params, metrics, pretrain
 
 pytestmark = pytest.mark.integration  # tier: see pyproject.toml
 
-FAULT_WORKER = REPO / "tests" / "fault_worker.py"  # injects the fault from outside albert-pretrain
+FAULT_WORKER = REPO / "tests" / "helpers" / "fault_worker.py"  # injects the fault from outside albert-pretrain
 
 
 def ok(proc):

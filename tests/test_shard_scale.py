@@ -23,7 +23,7 @@ from data_prep.shards import Manifest
 sys.path.insert(0, str(REPO))
 from bench import syscalls  # noqa: E402
 
-FAULT = REPO / "tests" / "shard_fault.py"  # injects the fault from outside albert-data
+FAULT = REPO / "tests" / "helpers" / "shard_fault.py"  # injects the fault from outside albert-data
 
 
 def faulty(

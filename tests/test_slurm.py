@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 import pytest
 from conftest import REPO
-from engine_helpers import TEST_MODEL, ds_config
+from helpers.engine_helpers import TEST_MODEL, ds_config
 
 HARNESS = REPO / "tests" / "slurm" / "local-slurm.sh"
 SLURM_ROOT = Path(os.environ.get("LOCAL_SLURM_ROOT", "/var/tmp/albert-slurm"))

@@ -1,4 +1,4 @@
-"""`python tests/collective_guard.py ALBERT-PRETRAIN-ARGS...`: albert-pretrain with torch.distributed's collectives
+"""`python tests/helpers/collective_guard.py ALBERT-PRETRAIN-ARGS...`: albert-pretrain with torch.distributed's collectives
 wrapped from the outside, recording each call made from the project's own modules (module, line, function, the
 tensor's device) into OUTPUT/collectives-rank<r>.json. The test checks that every collective our code issues passes through
 pipeline.comm, whose device check is the one gate between a tensor and the process group."""

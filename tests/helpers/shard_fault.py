@@ -1,4 +1,4 @@
-"""`python tests/shard_fault.py --fault FAULT ALBERT-DATA-ARGS...`: `albert-data` with a fault injected from the
+"""`python tests/helpers/shard_fault.py --fault FAULT ALBERT-DATA-ARGS...`: `albert-data` with a fault injected from the
 outside (the project's code has no fault hooks). FAULT is one of:
 - `kill-piece:NAME`: the map task of piece NAME (e.g. f00001-p00000) kills its own process with SIGKILL, as the
   kernel's OOM killer would;
@@ -17,7 +17,7 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from data_prep import cli, sharding  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""`python tests/fault_worker.py ALBERT-PRETRAIN-ARGS... --fault FAULT`: albert-pretrain with a fault injected from the
+"""`python tests/helpers/fault_worker.py ALBERT-PRETRAIN-ARGS... --fault FAULT`: albert-pretrain with a fault injected from the
 outside (`--fault FAULT` may stand anywhere; it is taken out before albert-pretrain parses the rest).
 
 FAULT is one of:

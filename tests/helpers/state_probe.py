@@ -1,4 +1,4 @@
-"""`python tests/state_probe.py ALBERT-PRETRAIN-ARGS... --probe DIR`: albert-pretrain that also writes, from the
+"""`python tests/helpers/state_probe.py ALBERT-PRETRAIN-ARGS... --probe DIR`: albert-pretrain that also writes, from the
 outside, the training state it saves and the one it resumes with, per parameter and by DeepSpeed's own getters:
 
     DIR/saved-step<N>.pt    just before each checkpoint of step N is written

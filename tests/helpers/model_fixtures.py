@@ -14,7 +14,7 @@ import torch
 from pipeline.distributed import free_port
 from pipeline.model import AlbertConfig
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def small_config(**overrides) -> AlbertConfig:

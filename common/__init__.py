@@ -1,0 +1,1 @@
+"""What `data_prep` and `pipeline` both use: atomic file writes, the launchers' environment variables, logging."""
