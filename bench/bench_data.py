@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from common.logs import setup_logging  # noqa: E402
 from data_prep.cli import train_vocab_from  # noqa: E402
 from data_prep.corpus import write_corpus  # noqa: E402
-from data_prep.demo_corpus import wikipedia_excerpt  # noqa: E402
+from data_prep.sample_corpora import wikipedia_excerpt  # noqa: E402
 from data_prep.shards import Manifest  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -121,19 +121,19 @@ def run_shard(corpus: Path, spm: Path, out: Path, workers: int, dupe: int, seq: 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="corpus sizes in MB")
-    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    p.add_argument("--dupe-factor", type=int, default=2)
-    p.add_argument("--max-seq-length", type=int, default=128)
-    p.add_argument("--vocab-size", type=int, default=25000, help="the excerpt supports at most ~25.5k pieces")
-    p.add_argument(
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="corpus sizes in MB")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--dupe-factor", type=int, default=2)
+    parser.add_argument("--max-seq-length", type=int, default=128)
+    parser.add_argument("--vocab-size", type=int, default=25000, help="the excerpt supports at most ~25.5k pieces")
+    parser.add_argument(
         "--repeats",
         type=at_least_one,
         default=3,
         help="timed runs of each row, interleaved; the fastest is reported (noise only adds time); memory: one more run",
     )
-    args = p.parse_args()
+    args = parser.parse_args()
     setup_logging(False)
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         tmp = Path(tmp)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from harness import markdown_table, matmul_peaks, model_flops
 
-from data_prep.demo import prepare_demo_data
+from data_prep.demo_data import prepare_demo_data
 from pipeline.distributed import torchrun_pretrain
 from pipeline.model import AlbertConfig
 

@@ -35,12 +35,12 @@ import torch  # noqa: E402
 from harness import markdown_table  # noqa: E402
 
 from common.logs import setup_logging  # noqa: E402
-from data_prep.demo import prepare_demo_data  # noqa: E402
-from data_prep.demo_corpus import pang_lee_polarity  # noqa: E402
+from data_prep.demo_data import prepare_demo_data  # noqa: E402
+from data_prep.sample_corpora import pang_lee_polarity  # noqa: E402
 from pipeline.checkpoint import complete_checkpoints  # noqa: E402
+from pipeline.classification_metrics import paired_difference  # noqa: E402
 from pipeline.demo import PROBE_SETTINGS, pretrain_args, write_model_config  # noqa: E402
 from pipeline.distributed import torchrun_pretrain  # noqa: E402
-from pipeline.probe_metrics import paired_difference  # noqa: E402
 
 log = logging.getLogger("bench")
 
@@ -83,23 +83,25 @@ def cell(v: dict, signed: bool = False) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--work", type=Path, default=REPO / "runs" / "bench-finetune", help="data, runs and probes go here")
-    p.add_argument("--steps", type=int, default=3000, help="pretraining steps (the demo: 300)")
-    p.add_argument("--every", type=int, default=300, help="a checkpoint, an evaluation and a probe every N steps")
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--deepspeed-config", type=Path, default=REPO / "ds_configs" / "cpu-zero2-bf16-lamb.json")
-    p.add_argument("--data", type=Path, default=None, help="labelled file (default: the demo's 200 movie reviews)")
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--label-column", default="label")
-    p.add_argument("--folds", type=int, default=4, help="the probe's folds (the demo's: 4)")
-    p.add_argument("--epochs", type=int, default=5, help="the probe's epochs (the demo's: 5)")
-    p.add_argument("--seeds", type=int, default=1, help="the probe's seeds")
-    args = p.parse_args(argv)
+    parser.add_argument(
+        "--work", type=Path, default=REPO / "runs" / "bench-finetune", help="data, runs and probes go here"
+    )
+    parser.add_argument("--steps", type=int, default=3000, help="pretraining steps (the demo: 300)")
+    parser.add_argument("--every", type=int, default=300, help="a checkpoint, an evaluation and a probe every N steps")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--deepspeed-config", type=Path, default=REPO / "ds_configs" / "cpu-zero2-bf16-lamb.json")
+    parser.add_argument("--data", type=Path, default=None, help="labelled file (default: the demo's 200 movie reviews)")
+    parser.add_argument("--text-column", default="text")
+    parser.add_argument("--label-column", default="label")
+    parser.add_argument("--folds", type=int, default=4, help="the probe's folds (the demo's: 4)")
+    parser.add_argument("--epochs", type=int, default=5, help="the probe's epochs (the demo's: 5)")
+    parser.add_argument("--seeds", type=int, default=1, help="the probe's seeds")
+    args = parser.parse_args(argv)
     if args.every < 1 or args.steps < args.every:
-        p.error("--every must be between 1 and --steps")
+        parser.error("--every must be between 1 and --steps")
     setup_logging(False)
     started = datetime.datetime.now().astimezone()
 
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     first = json.loads((args.work / "probe" / complete_checkpoints(checkpoints)[0].name / "results.json").read_text())
-    st = first["settings"]
+    settings = first["settings"]
     minutes = (datetime.datetime.now().astimezone() - started).total_seconds() / 60
     print(
         f"\nprobe learning curve: {started:%Y-%m-%d %H:%M %Z}, {platform.node()}, {cpus} cores "
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"probe: {first['data']['path']} ({first['data']['examples']} examples), {first['evaluation']}, "
-        f"{st['epochs']} epochs, lr {st['lr']:g}, batch {st['batch_size']}, max length {st['max_seq_length']}; "
+        f"{settings['epochs']} epochs, lr {settings['lr']:g}, batch {settings['batch_size']}, "
+        f"max length {settings['max_seq_length']}; "
         f"F1 of {first['positive_label']!r}; mean ± std over folds x seeds; Δ: paired difference with random init\n"
     )
     headers = ["step", "eval MLM acc", "eval SOP acc", "accuracy", "F1", "ROC-AUC", "Δ F1", "Δ ROC-AUC"]

@@ -71,23 +71,25 @@ def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.devic
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="albert-tiny,albert-base", help="comma-separated shipped config names")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
-    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "math"], help="the fused run's attention")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument(
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="albert-tiny,albert-base", help="comma-separated shipped config names")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    parser.add_argument(
+        "--attention", default="auto", choices=["auto", "sdpa", "math"], help="the fused run's attention"
+    )
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument(
         "--long-seq",
         type=int,
         default=512,
         help="also albert-base at this length (batch scaled to the same tokens); 0: no",
     )
-    p.add_argument("--predictions", type=int, default=20, help="max_predictions_per_seq")
-    p.add_argument("--steps", type=int, default=5, help="timed steps per path (the fastest is reported)")
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = p.parse_args()
+    parser.add_argument("--predictions", type=int, default=20, help="max_predictions_per_seq")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per path (the fastest is reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +97,7 @@ def main() -> None:
         log.info("%s", tune_malloc())  # as albert-pretrain does on CPU
     precisions = args.precisions.split(",")
     if set(precisions) - {"fp32", "bf16"}:
-        p.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
+        parser.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
 
     peak = matmul_peaks(["fp32", "bf16"], device)
     runs = [(c, prec, args.seq, args.batch) for c in args.configs.split(",") for prec in precisions]

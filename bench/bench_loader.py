@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from common.logs import setup_logging  # noqa: E402
 from data_prep.cli import main as albert_data  # noqa: E402
-from data_prep.demo_corpus import wikipedia_excerpt  # noqa: E402
+from data_prep.sample_corpora import wikipedia_excerpt  # noqa: E402
 from data_prep.shards import Manifest  # noqa: E402
 from pipeline.data import PretrainingData  # noqa: E402
 
@@ -129,23 +129,23 @@ def load_baseline(path: Path):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument(
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
         "--data", type=Path, default=None, help="a shard folder to read (default: build shards from the excerpt)"
     )
-    p.add_argument(
+    parser.add_argument(
         "--work",
         type=Path,
         default=None,
         help="folder for the built shards, reused by later runs (default: a temporary one)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--dupe-factor", type=int, default=10, help="built shards: passes over the excerpt (10: ~44k examples)"
     )
-    p.add_argument("--max-seq-length", type=int, default=128, help="built shards: sequence length")
-    p.add_argument("--micro", type=int, default=64, help="micro-batch size")
-    p.add_argument("--window", type=int, default=8192, help="shuffle window in rows (the loader's default)")
-    p.add_argument(
+    parser.add_argument("--max-seq-length", type=int, default=128, help="built shards: sequence length")
+    parser.add_argument("--micro", type=int, default=64, help="micro-batch size")
+    parser.add_argument("--window", type=int, default=8192, help="shuffle window in rows (the loader's default)")
+    parser.add_argument(
         "--prefetch",
         type=int,
         nargs="+",
@@ -153,26 +153,26 @@ def main(argv: list[str] | None = None) -> int:
         metavar="WINDOWS",
         help="read-ahead settings to compare, in windows (0: none, each window read when first needed; 1: the default)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--baseline",
         type=Path,
         default=None,
         metavar="FILE",
         help="also run the PretrainingData of this copy of pipeline/data.py",
     )
-    p.add_argument("--batches", type=int, default=3000, help="micro-batches per run")
-    p.add_argument("--step-ms", type=float, default=1.0, help="consumer time per micro-batch")
-    p.add_argument(
+    parser.add_argument("--batches", type=int, default=3000, help="micro-batches per run")
+    parser.add_argument("--step-ms", type=float, default=1.0, help="consumer time per micro-batch")
+    parser.add_argument(
         "--busy",
         action="store_true",
         help="also run a consumer that spins in Python (holds the GIL) instead of sleeping",
     )
-    p.add_argument(
+    parser.add_argument(
         "--repeats", type=int, default=1, help="runs per row, interleaved; the one with the median stall is shown"
     )
-    args = p.parse_args(argv)
+    args = parser.parse_args(argv)
     if args.batches < 2 or args.repeats < 1:
-        p.error("--batches must be at least 2 and --repeats at least 1")
+        parser.error("--batches must be at least 2 and --repeats at least 1")
     setup_logging(False)
     with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
         folder = args.data or build_shards(args.work or Path(tmp), args.dupe_factor, args.max_seq_length)

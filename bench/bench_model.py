@@ -65,9 +65,8 @@ def compare(name: str, bf16: bool, args: argparse.Namespace) -> dict:
     }
     row = {"config": name, "precision": "bf16 autocast" if bf16 else "fp32", "dtype": "bf16" if bf16 else "fp32"}
     for k, ts in times.items():
-        t = ts.fastest
-        row[f"{k}_tok_s"] = args.batch * args.seq / t
-        row[f"{k}_flop_s"] = flops[k] / t
+        row[f"{k}_tok_s"] = args.batch * args.seq / ts.fastest
+        row[f"{k}_flop_s"] = flops[k] / ts.fastest
     row["speedup"] = row["ours_tok_s"] / row["hf_tok_s"]
     log.info(
         "%s %s: ours %.0f tok/s, HF %.0f tok/s (%.2fx)",
@@ -81,17 +80,17 @@ def compare(name: str, bf16: bool, args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", default="albert-base,albert-tiny", help="comma-separated shipped config names")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--seq", type=int, default=128)
-    p.add_argument("--predictions", type=int, default=20, help="max_predictions_per_seq")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per model (the fastest is reported)")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--quick", action="store_true", help="short run: 3 timed steps, 1 warmup, batch 8")
-    args = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--configs", default="albert-base,albert-tiny", help="comma-separated shipped config names")
+    parser.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16 (autocast)")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--predictions", type=int, default=20, help="max_predictions_per_seq")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps per model (the fastest is reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--quick", action="store_true", help="short run: 3 timed steps, 1 warmup, batch 8")
+    args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     log.info("%s", tune_malloc())  # as albert-pretrain does on CPU
     if args.quick:
@@ -99,7 +98,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     precisions = args.precisions.split(",")
     if set(precisions) - {"fp32", "bf16"}:
-        p.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
+        parser.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
 
     # The peak is measured before and after the models (best of both), as other work on a shared
     # machine lowers it for a while; MFU uses the final value.

@@ -159,10 +159,12 @@ def malloc_compare(threads: int) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--malloc-child", default=None, help=argparse.SUPPRESS)  # CONFIG:defaults|tuned:STEPS (section 6)
-    args = p.parse_args()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument(
+        "--malloc-child", default=None, help=argparse.SUPPRESS
+    )  # CONFIG:defaults|tuned:STEPS (section 6)
+    args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.malloc_child:
         config, mode, steps = args.malloc_child.split(":")

@@ -1,7 +1,7 @@
 """Scaled-down cluster jobs of `albert-data shard` and `albert-data corpus`, 1 and 2 workers and 2 MPI ranks;
 per run: wall time, throughput per worker, peak memory per task, files created, metadata calls.
 
-Shard phase. The text is real: the Wikipedia excerpt and the Lee news corpus that data_prep/demo_corpus.py fetches,
+Shard phase. The text is real: the Wikipedia excerpt and the Lee news corpus that data_prep/sample_corpora.py fetches,
 made into standard-format documents by `albert-data corpus`, then repeated (each copy in another seeded document
 order) up to --mb. One vocabulary is trained on the base text. Then `albert-data shard` runs as a subprocess:
 
@@ -20,7 +20,8 @@ with 1 worker, 2 workers and (--mpi) `mpirun -np 2`; the corpus files must be by
 Every run is traced with `strace -f` (bench/syscalls.py: files created, open/mkdir/unlink/rename/stat calls under
 the input and output folders; for shard split into phases by the time the first reduce task started). Each task's
 process records its wall time and memory (VmHWM, the peak resident set, and VmRSS when it started: the difference
-is what the task itself added) through this script's `probe` mode, which wraps the task functions from outside.
+is what the task itself added) through this script's `record-tasks` mode, which wraps the task functions from
+outside.
 1 and 2 workers take turns --repeats times; the fastest of each is kept.
 
     python bench/bench_scale.py                      # both phases: 256 MB of text for shard, 48 MB of XML for corpus
@@ -48,10 +49,11 @@ sys.path.insert(0, str(REPO))
 from bench import syscalls  # noqa: E402
 
 DEFAULTS = "2 workers, defaults (8 MB pieces, dupe 5, 256 MB shards)"
-PROBE_LOG = "BENCH_SCALE_PROBE_LOG"  # probe mode: where each task appends its line (JSON)
+RECORD_TASKS = "record-tasks"  # the mode's first argument: `bench_scale.py record-tasks shard|corpus ARGS`
+TASK_LOG = "BENCH_SCALE_TASK_LOG"  # record-tasks mode: where each task appends its line (JSON)
 
 
-# --------------------------------------------------------------------------------------------- probe mode
+# ------------------------------------------------------------------------------------- record-tasks mode
 
 
 def _status() -> dict[str, int]:
@@ -64,11 +66,11 @@ def _status() -> dict[str, int]:
     return out
 
 
-def probe(argv: list[str]) -> int:
-    """`albert-data ARGS` with each map and reduce task timed and its memory recorded (to $BENCH_SCALE_PROBE_LOG)."""
+def record_shard_tasks(argv: list[str]) -> int:
+    """`albert-data ARGS` with each map and reduce task timed and its memory recorded (to $BENCH_SCALE_TASK_LOG)."""
     from data_prep import cli, sharding
 
-    log_path = os.environ[PROBE_LOG]
+    log_path = os.environ[TASK_LOG]
 
     def recorded(phase: str, fn, size):
         def task(args):
@@ -119,7 +121,7 @@ def albert_data(*args: str, **kw) -> subprocess.CompletedProcess:
 
 def base_corpus(work: Path) -> Path:
     """The Wikipedia excerpt and the Lee news corpus (one story a line, given as JSON lines) as documents."""
-    from data_prep.demo_corpus import lee_background, wikipedia_excerpt
+    from data_prep.sample_corpora import lee_background, wikipedia_excerpt
 
     base = work / "base"
     if not base.exists():
@@ -187,17 +189,17 @@ def run_shard(name: str, corpus: Path, spm: Path, out: Path, settings: list[str]
     from data_prep.shards import Manifest
 
     shutil.rmtree(out, ignore_errors=True)
-    probe_log = out.with_suffix(".probe.jsonl")
-    probe_log.unlink(missing_ok=True)
-    cmd = [*mpirun(ranks), sys.executable, str(Path(__file__).resolve()), "probe", "shard", "--input", str(corpus)]
+    task_log = out.with_suffix(".tasks.jsonl")
+    task_log.unlink(missing_ok=True)
+    cmd = [*mpirun(ranks), sys.executable, str(Path(__file__).resolve()), RECORD_TASKS, "shard", "--input", str(corpus)]
     cmd += ["--spm-model", str(spm), "--output", str(out), "--workers", str(workers), "--no-progress", *settings]
     started, load = time.time(), os.getloadavg()[0]
-    env = {**os.environ, PROBE_LOG: str(probe_log), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, TASK_LOG: str(task_log), "PYTHONPATH": str(REPO)}
     proc, strace_log = syscalls.traced_log(cmd, capture_output=True, text=True, cwd=REPO, env=env)
     seconds = time.time() - started
     if proc.returncode:
         raise SystemExit(f"{name}: albert-data shard failed:\n{proc.stderr}")
-    tasks = [json.loads(line) for line in probe_log.read_text().splitlines()]
+    tasks = [json.loads(line) for line in task_log.read_text().splitlines()]
     itemsize = record_dtype(128, 20).itemsize
     phases = {}
     for phase in ("map", "reduce"):
@@ -219,11 +221,19 @@ def run_shard(name: str, corpus: Path, spm: Path, out: Path, settings: list[str]
         "reduce": syscalls.count(strace_log, roots, since=reduce_from),
     }
     shutil.rmtree(strace_log)
-    m = Manifest.load(out).data
+    manifest = Manifest.load(out).data
     pieces = int(proc.stderr.split(" input files in ")[1].split()[0])
-    shas = [s["sha256"] for s in m["shards"]]
+    shas = [s["sha256"] for s in manifest["shards"]]
     return Run(
-        name, workers * ranks, seconds, phases, metadata, pieces, len(m["shards"]), shas, (load, os.getloadavg()[0])
+        name,
+        workers * ranks,
+        seconds,
+        phases,
+        metadata,
+        pieces,
+        len(manifest["shards"]),
+        shas,
+        (load, os.getloadavg()[0]),
     )
 
 
@@ -249,27 +259,27 @@ def projection(run: Run, many: Run | None, text_mb: float, cluster: Cluster) -> 
 
     text = cluster.text_gb * (1 << 30)
     workers = cluster.nodes * cluster.cores
-    m, r = run.phases["map"], run.phases["reduce"]
+    map_phase, reduce_phase = run.phases["map"], run.phases["reduce"]
     pieces = int(text // (8 << 20))
     shards = auto_num_shards(int(text), ShardSettings(dupe_factor=5))
-    records = r.records / (text_mb * (1 << 20)) * text  # measured records per byte of text, at dupe 5
+    records = reduce_phase.records / (text_mb * (1 << 20)) * text  # measured records per byte of text, at dupe 5
     shard_bytes = records / shards
     map_calls = run.metadata["map"].total / run.pieces
     # reduce: one open of every piece's file per shard, plus what each shard costs alone
     ref = many or run
     pairs = ref.shards * ref.pieces
     per_shard = (ref.metadata["reduce"].total - pairs) / ref.shards
-    map_cpu = m.cpu_seconds / m.units * text / (1 << 20)
-    red_cpu = r.cpu_seconds / (r.records / (1 << 30)) * records / (1 << 30)
-    map_task = m.cpu_seconds / run.pieces
-    red_task = r.cpu_seconds / run.shards * shard_bytes / max(r.records / run.shards, 1)
+    map_cpu = map_phase.cpu_seconds / map_phase.units * text / (1 << 20)
+    red_cpu = reduce_phase.cpu_seconds / (reduce_phase.records / (1 << 30)) * records / (1 << 30)
+    map_task = map_phase.cpu_seconds / run.pieces
+    red_task = reduce_phase.cpu_seconds / run.shards * shard_bytes / max(reduce_phase.records / run.shards, 1)
     rows = [
         [
             "map",
             f"{pieces:,} pieces",
             f"{pieces:,}",
             f"{pieces * map_calls:,.0f}",
-            f"{mb(m.peak_rss)} MB",
+            f"{mb(map_phase.peak_rss)} MB",
             f"{map_cpu / 3600:.1f} core-h: {-(-pieces // workers) * map_task:.0f} s on {workers:,} workers "
             f"({-(-pieces // workers)} waves of {map_task:.1f} s tasks)",
         ],
@@ -278,7 +288,7 @@ def projection(run: Run, many: Run | None, text_mb: float, cluster: Cluster) -> 
             f"{shards:,} shards of {mb(shard_bytes)} MB",
             f"{shards:,}",
             f"{shards * (pieces + per_shard):,.0f} ({shards * pieces:,} opens of spill files)",
-            f"{mb(shard_bytes + r.peak_rss - r.largest_shard)} MB",
+            f"{mb(shard_bytes + reduce_phase.peak_rss - reduce_phase.largest_shard)} MB",
             f"{red_cpu / 3600:.1f} core-h: {red_task:.0f} s on {min(workers, shards):,} workers (1 task each)",
         ],
     ]
@@ -356,11 +366,11 @@ def report(runs: list[Run], text_mb: float) -> str:
         )
     big = by_name.get(DEFAULTS)
     if big:
-        p = big.phases["reduce"]
+        reduce_phase = big.phases["reduce"]
         lines.append(
-            f"- reduce at the default 256 MB shards: largest shard {mb(p.largest_shard)} MB of records, peak RSS "
-            f"{mb(p.peak_rss)} MB = {p.peak_rss / (256 << 20):.2f}x the target shard size (target <= 1.5x); "
-            f"{mb(p.peak_rss - p.largest_shard)} MB more than the shard"
+            f"- reduce at the default 256 MB shards: largest shard {mb(reduce_phase.largest_shard)} MB of records, "
+            f"peak RSS {mb(reduce_phase.peak_rss)} MB = {reduce_phase.peak_rss / (256 << 20):.2f}x the target shard "
+            f"size (target <= 1.5x); {mb(reduce_phase.peak_rss - reduce_phase.largest_shard)} MB more than the shard"
         )
     same = {tuple(r.shas) for r in runs if r.name != DEFAULTS}
     lines.append(f"- shards byte-identical across the runs with the same settings: {'yes' if len(same) == 1 else 'NO'}")
@@ -373,11 +383,12 @@ def report(runs: list[Run], text_mb: float) -> str:
 # --------------------------------------------------------------------------------------------- the corpus step
 
 
-_ORIGINAL: dict = {}  # probe mode: the corpus task functions it wrapped (empty in a spawned worker: not wrapped there)
+# record-tasks mode: the corpus task functions it wrapped (empty in a spawned worker: not wrapped there)
+_ORIGINAL: dict = {}
 
 
 def _recorded(phase: str, name: str, args, size: dict) -> object:
-    """The corpus task function `name` on `args`, timed, with this process's memory appended to the probe log."""
+    """The corpus task function `name` on `args`, timed, with this process's memory appended to the task log."""
     from data_prep import corpus
 
     fn = _ORIGINAL.get(name) or getattr(corpus, name)
@@ -385,7 +396,7 @@ def _recorded(phase: str, name: str, args, size: dict) -> object:
     result = fn(args)
     record = {"phase": phase, "pid": os.getpid(), "start": start, "end": time.time(), "cpu": time.process_time() - cpu}
     record.update(start_rss=rss, **_status(), **size)
-    with open(os.environ[PROBE_LOG], "a") as f:
+    with open(os.environ[TASK_LOG], "a") as f:
         f.write(json.dumps(record) + "\n")
     return result
 
@@ -393,24 +404,28 @@ def _recorded(phase: str, name: str, args, size: dict) -> object:
 # module-level, so that corpus's spawned workers can unpickle them; they call the original task functions
 
 
-def probe_read_part(args):
+def recorded_read_part(args):
     return _recorded("read", "_read_part", args, {"bytes": args[0].size})
 
 
-def probe_clean_batch(args):
+def recorded_clean_batch(args):
     return _recorded("clean", "_clean_batch", args, {"docs": len(args[0])})
 
 
-def probe_write_output(args):
+def recorded_write_output(args):
     return _recorded("write", "_write_output", args, {"bytes": sum(hi - lo for _, lo, hi in args[0])})
 
 
-def probe_corpus(argv: list[str]) -> int:
+def record_corpus_tasks(argv: list[str]) -> int:
     """`albert-data corpus ARGS` with each part read, batch cleaned and file written timed and its memory recorded,
     and the main process's CPU time and peak memory (one line per rank, phase "main")."""
     from data_prep import cli, corpus
 
-    wrappers = {"_read_part": probe_read_part, "_clean_batch": probe_clean_batch, "_write_output": probe_write_output}
+    wrappers = {
+        "_read_part": recorded_read_part,
+        "_clean_batch": recorded_clean_batch,
+        "_write_output": recorded_write_output,
+    }
     for name, wrapper in wrappers.items():
         _ORIGINAL[name] = getattr(corpus, name)
         setattr(corpus, name, wrapper)
@@ -419,7 +434,7 @@ def probe_corpus(argv: list[str]) -> int:
         return cli.main(argv)
     finally:
         record = {"phase": "main", "pid": os.getpid(), "start": start, "end": time.time(), "cpu": time.process_time()}
-        with open(os.environ[PROBE_LOG], "a") as f:
+        with open(os.environ[TASK_LOG], "a") as f:
             f.write(json.dumps({**record, **_status()}) + "\n")
 
 
@@ -428,7 +443,7 @@ def _dump_parts() -> tuple[bytes, list[bytes], bytes]:
     import bz2
     import re
 
-    from data_prep.demo_corpus import wikipedia_excerpt
+    from data_prep.sample_corpora import wikipedia_excerpt
 
     xml = bz2.decompress(wikipedia_excerpt().read_bytes())
     starts = [m.start() for m in re.finditer(rb"  <page>", xml)]
@@ -538,25 +553,25 @@ def run_corpus(name: str, wiki: WikiInput, out: Path, workers: int, ranks: int) 
     import hashlib
 
     shutil.rmtree(out, ignore_errors=True)
-    probe_log = out.with_suffix(".probe.jsonl")
-    probe_log.unlink(missing_ok=True)
+    task_log = out.with_suffix(".tasks.jsonl")
+    task_log.unlink(missing_ok=True)
     cmd = [
         *mpirun(ranks),
         sys.executable,
         str(Path(__file__).resolve()),
-        "probe",
+        RECORD_TASKS,
         "corpus",
         "--input",
         str(wiki.folder),
     ]
     cmd += ["--output", str(out), "--workers", str(workers), "--part-mb", str(wiki.part_mb), "--no-progress"]
     started, load = time.time(), os.getloadavg()[0]
-    env = {**os.environ, PROBE_LOG: str(probe_log), "PYTHONPATH": str(REPO)}
+    env = {**os.environ, TASK_LOG: str(task_log), "PYTHONPATH": str(REPO)}
     proc, meta = syscalls.traced(cmd, [wiki.folder, out], capture_output=True, text=True, cwd=REPO, env=env)
     seconds = time.time() - started
     if proc.returncode:
         raise SystemExit(f"{name}: albert-data corpus failed:\n{proc.stderr}")
-    records = [json.loads(line) for line in probe_log.read_text().splitlines()]
+    records = [json.loads(line) for line in task_log.read_text().splitlines()]
     mains = [r for r in records if r["phase"] == "main"]
     main_pids = {r["pid"] for r in mains}
     reads = [r for r in records if r["phase"] in ("read", "clean")]
@@ -744,8 +759,8 @@ def shard_phase(args) -> None:
     for name, flags, workers, ranks in plan:
         runs.append(run_shard(name, corpus, spm, args.work / "out", flags, workers, ranks))
         print(f"{name}: {runs[-1].seconds:.1f} s", file=sys.stderr, flush=True)
-    # strace and the probe take CPU of their own: on 2 cores they compete with 2 workers. The wall clock of the plain
-    # command, 1 and 2 workers in turns, is the speed-up a user sees.
+    # strace and the task recording take CPU of their own: on 2 cores they compete with 2 workers. The wall clock of
+    # the plain command, 1 and 2 workers in turns, is the speed-up a user sees.
     plain: dict[int, float] = {}
     for workers in (1, 2) * args.repeats:
         shutil.rmtree(args.work / "out", ignore_errors=True)
@@ -770,8 +785,9 @@ def shard_phase(args) -> None:
     shutil.rmtree(args.work / "out", ignore_errors=True)
     print(report(fastest(runs, lambda r: r.name), text / (1 << 20)))
     print(
-        f"- the plain command (no strace, no probe), fastest of {args.repeats}: 1 worker {plain[1]:.1f} s, 2 workers "
-        f"{plain[2]:.1f} s: {plain[1] / plain[2]:.2f}x (target >= 1.8x); load average {os.getloadavg()[0]:.1f} after"
+        f"- the plain command (no strace, no task recording), fastest of {args.repeats}: 1 worker {plain[1]:.1f} s, "
+        f"2 workers {plain[2]:.1f} s: {plain[1] / plain[2]:.2f}x (target >= 1.8x); "
+        f"load average {os.getloadavg()[0]:.1f} after"
     )
 
 
@@ -799,22 +815,26 @@ def fastest(runs: list, key) -> list:
 
 
 def main() -> int:
-    if len(sys.argv) > 2 and sys.argv[1] == "probe":
-        return probe_corpus(sys.argv[2:]) if sys.argv[2] == "corpus" else probe(sys.argv[2:])
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--phases", nargs="+", choices=("shard", "corpus"), default=["shard", "corpus"])
-    p.add_argument("--mb", type=float, default=256, help="shard: MB of text")
-    p.add_argument("--file-mb", type=float, default=16, help="shard: size of each corpus file")
-    p.add_argument("--piece-mb", type=float, default=1, help="albert-data shard --piece-mb")
-    p.add_argument("--shard-mb", type=float, default=8, help="albert-data shard --shard-mb (many shards)")
-    p.add_argument("--dupe-factor", type=int, default=2)
-    p.add_argument("--xml-mb", type=float, default=48, help="corpus: MB of wiki XML")
-    p.add_argument("--wiki-files", type=int, default=8, help="corpus: number of part files")
-    p.add_argument("--repeats", type=int, default=1, help="runs of 1 and 2 workers each, in turns; the fastest kept")
-    p.add_argument("--no-mpi", dest="mpi", action="store_false", help="skip the mpirun -np 2 runs")
-    p.add_argument("--no-defaults", dest="big", action="store_false", help="shard: skip the run with the defaults")
-    p.add_argument("--work", type=Path, default=REPO / "runs" / "bench_scale", help="folder for corpora and outputs")
-    args = p.parse_args()
+    if len(sys.argv) > 2 and sys.argv[1] == RECORD_TASKS:
+        return record_corpus_tasks(sys.argv[2:]) if sys.argv[2] == "corpus" else record_shard_tasks(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--phases", nargs="+", choices=("shard", "corpus"), default=["shard", "corpus"])
+    parser.add_argument("--mb", type=float, default=256, help="shard: MB of text")
+    parser.add_argument("--file-mb", type=float, default=16, help="shard: size of each corpus file")
+    parser.add_argument("--piece-mb", type=float, default=1, help="albert-data shard --piece-mb")
+    parser.add_argument("--shard-mb", type=float, default=8, help="albert-data shard --shard-mb (many shards)")
+    parser.add_argument("--dupe-factor", type=int, default=2)
+    parser.add_argument("--xml-mb", type=float, default=48, help="corpus: MB of wiki XML")
+    parser.add_argument("--wiki-files", type=int, default=8, help="corpus: number of part files")
+    parser.add_argument(
+        "--repeats", type=int, default=1, help="runs of 1 and 2 workers each, in turns; the fastest kept"
+    )
+    parser.add_argument("--no-mpi", dest="mpi", action="store_false", help="skip the mpirun -np 2 runs")
+    parser.add_argument("--no-defaults", dest="big", action="store_false", help="shard: skip the run with the defaults")
+    parser.add_argument(
+        "--work", type=Path, default=REPO / "runs" / "bench_scale", help="folder for corpora and outputs"
+    )
+    args = parser.parse_args()
     if not syscalls.available():
         raise SystemExit("strace is needed (apt-get install strace)")
     args.work.mkdir(parents=True, exist_ok=True)

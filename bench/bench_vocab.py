@@ -24,8 +24,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from data_prep.corpus import write_corpus  # noqa: E402
-from data_prep.demo_corpus import wikipedia_excerpt  # noqa: E402
 from data_prep.readers import iter_documents  # noqa: E402
+from data_prep.sample_corpora import wikipedia_excerpt  # noqa: E402
 
 
 def build_corpus(folder: Path, sentences: int) -> int:

@@ -31,9 +31,9 @@ import numpy as np
 import sentencepiece as spm
 
 from common.logs import setup_logging
-from data_prep.demo import prepare_demo_data
-from data_prep.demo_corpus import pang_lee_polarity
+from data_prep.demo_data import prepare_demo_data
 from data_prep.errors import DataPrepError
+from data_prep.sample_corpora import pang_lee_polarity
 
 from .distributed import torchrun_pretrain
 from .model import AlbertConfig
@@ -92,16 +92,18 @@ def most_frequent_piece_baseline(train: Path, eval_: Path, vocab_size: int) -> t
 
 def probe_summary(results: dict) -> list[str]:
     """The downstream probe's rows: accuracy, F1 and ROC-AUC (mean ± std over folds) of both models."""
-    s, st = results["summary"], results["settings"]
+    settings = results["settings"]
     counts = " / ".join(f"{n} {c}" for c, n in results["class_counts"].items())
     lines = [
         f"  downstream probe: {results['data']['examples']} movie-review sentences ({counts}), "
-        f"{st['folds']}-fold stratified CV, {st['epochs']} epochs; mean ± std over folds; chance: accuracy and ROC-AUC 0.5",
+        f"{settings['folds']}-fold stratified CV, {settings['epochs']} epochs; mean ± std over folds; "
+        "chance: accuracy and ROC-AUC 0.5",
         f"    {'':<12} {'accuracy':<15} {'F1 (' + repr(results['positive_label']) + ')':<15} ROC-AUC",
     ]
     for kind in ("pretrained", "random-init"):
+        scores = results["summary"][kind]
         cells = [
-            "n/a" if s[kind][m]["mean"] is None else f"{s[kind][m]['mean']:.3f} ± {s[kind][m]['std']:.3f}"
+            "n/a" if scores[m]["mean"] is None else f"{scores[m]['mean']:.3f} ± {scores[m]['std']:.3f}"
             for m in ("accuracy", "f1", "roc_auc")
         ]
         lines.append((f"    {kind:<12} " + " ".join(f"{c:<15}" for c in cells)).rstrip())
@@ -109,19 +111,19 @@ def probe_summary(results: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         description="End-to-end demo on CPU: data preparation, 2-rank DeepSpeed pretraining, evaluation, Hugging Face "
         "export, downstream probe.",
         epilog="example:\n  python -m pipeline.demo --output runs/demo --steps 300",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--output", type=Path, default=Path("runs/demo"))
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps (global batch 32)")
-    p.add_argument("--ranks", type=int, default=2)
-    p.add_argument("--deepspeed-config", type=Path, default=REPO / "ds_configs" / "cpu-zero2-bf16-lamb.json")
-    p.add_argument("--probe-folds", type=int, default=4, help="cross-validation folds of the downstream probe")
-    p.add_argument("--probe-epochs", type=int, default=5, help="fine-tuning epochs of the downstream probe")
-    args = p.parse_args(argv)
+    parser.add_argument("--output", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--steps", type=int, default=300, help="optimizer steps (global batch 32)")
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--deepspeed-config", type=Path, default=REPO / "ds_configs" / "cpu-zero2-bf16-lamb.json")
+    parser.add_argument("--probe-folds", type=int, default=4, help="cross-validation folds of the downstream probe")
+    parser.add_argument("--probe-epochs", type=int, default=5, help="fine-tuning epochs of the downstream probe")
+    args = parser.parse_args(argv)
     setup_logging(False)
     try:
         data = prepare_demo_data(args.output / "data")
@@ -195,10 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         f"  loss          {first['loss']:.3f} -> {last['loss']:.3f}",
     ]
     if evals:
-        e = evals[-1]
+        last_eval = evals[-1]
         summary.append(
-            f"  eval (step {e['step']}): loss {e['loss']:.3f}, MLM accuracy {e['mlm_accuracy']:.3f} (baseline {top_eval:.3f}), "
-            f"SOP accuracy {e['sop_accuracy']:.3f} (chance {SOP_CHANCE:.3f})"
+            f"  eval (step {last_eval['step']}): loss {last_eval['loss']:.3f}, "
+            f"MLM accuracy {last_eval['mlm_accuracy']:.3f} (baseline {top_eval:.3f}), "
+            f"SOP accuracy {last_eval['sop_accuracy']:.3f} (chance {SOP_CHANCE:.3f})"
         )
     summary += probe_summary(json.loads((probe_dir / "results.json").read_text()))
     summary += [

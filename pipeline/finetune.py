@@ -33,13 +33,14 @@ import torch
 
 from common.logs import setup_logging
 
+from .classification_metrics import METRIC_NAMES, METRICS, classification_scores
 from .finetune_loop import (
     DEFAULT_MAX_SEQ_LENGTH,
     PRETRAINED,
     RANDOM_INIT,
+    FinetuneSettings,
     ModelFolderError,
     Progress,
-    TrainSettings,
     encode,
     load_albert_folder,
     new_model,
@@ -49,7 +50,6 @@ from .finetune_loop import (
 )
 from .finetune_report import format_table, machine, summary, write_results
 from .labelled import Columns, LabelledDataError, LabelledSet, class_order, read_labelled
-from .probe_metrics import METRIC_NAMES, METRICS, classification_scores
 
 log = logging.getLogger("albert-finetune")
 
@@ -64,11 +64,11 @@ EXAMPLE = (
 )
 
 
-class SettingsError(ValueError):
+class FlagValueError(ValueError):
     """A flag value the probe cannot run with; the message names the flag."""
 
 
-USER_ERRORS = (LabelledDataError, ModelFolderError, SettingsError)
+USER_ERRORS = (LabelledDataError, ModelFolderError, FlagValueError)
 
 
 @dataclass(frozen=True)
@@ -84,25 +84,24 @@ class ProbeConfig:
     baseline: str = RANDOM_INIT
     positive_label: str | None = None
     device: str = "auto"
-    train: TrainSettings = field(default_factory=TrainSettings)
+    train: FinetuneSettings = field(default_factory=FinetuneSettings)
 
     def check(self) -> None:
-        t = self.train
         for name, value, low in (
             ("--folds", self.folds, 2),
             ("--seeds", self.seeds, 1),
-            ("--epochs", t.epochs, 1),
-            ("--batch-size", t.batch_size, 1),
-            ("--max-seq-length", t.max_seq_length, 4),
+            ("--epochs", self.train.epochs, 1),
+            ("--batch-size", self.train.batch_size, 1),
+            ("--max-seq-length", self.train.max_seq_length, 4),
         ):
             if value is not None and value < low:
-                raise SettingsError(f"{name} {value}: must be at least {low}")
+                raise FlagValueError(f"{name} {value}: must be at least {low}")
         if self.seed < 0:
-            raise SettingsError(f"--seed {self.seed}: must be 0 or more")
-        if not t.lr > 0:
-            raise SettingsError(f"--lr {t.lr}: must be positive")
+            raise FlagValueError(f"--seed {self.seed}: must be 0 or more")
+        if not self.train.lr > 0:
+            raise FlagValueError(f"--lr {self.train.lr}: must be positive")
         if self.baseline not in BASELINES:
-            raise SettingsError(f"--baseline {self.baseline}: one of {', '.join(BASELINES)}")
+            raise FlagValueError(f"--baseline {self.baseline}: one of {', '.join(BASELINES)}")
 
 
 @dataclass
@@ -196,11 +195,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SettingsError(f"--device {name}: no CUDA device is available")
+        raise FlagValueError(f"--device {name}: no CUDA device is available")
     try:
         return torch.device(name)
     except RuntimeError as e:
-        raise SettingsError(f"--device {name}: {str(e).splitlines()[0]}") from None
+        raise FlagValueError(f"--device {name}: {str(e).splitlines()[0]}") from None
 
 
 def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | None = None) -> dict:
@@ -330,49 +329,76 @@ def settings_dict(cfg: ProbeConfig) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="albert-finetune",
         description=__doc__.split("\n\n", 1)[1],
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    a = p.add_argument
-    a("--model", required=True, type=Path, help="ALBERT folder (albert-export's output) with spiece.model")
-    a(
+    parser.add_argument(
+        "--model", required=True, type=Path, help="ALBERT folder (albert-export's output) with spiece.model"
+    )
+    parser.add_argument(
         "--data",
         required=True,
         type=Path,
         help="labelled file: TSV/CSV with a header, JSON lines, or fastText '__label__X text' lines (told apart by "
         "the extension, else the first line); labels may be any strings",
     )
-    a("--text-column", default="text", help="column (TSV/CSV) or field (JSON lines) of the text (default: text)")
-    a("--text-pair-column", default=None, help="column or field of the second text, for sentence-pair tasks")
-    a("--label-column", default="label", help="column or field of the label (default: label)")
-    a("--dev", type=Path, default=None, help="score on this file (same format) instead of cross-validation")
-    a("--folds", type=int, default=5, help="stratified cross-validation folds when there is no --dev (default: 5)")
-    a("--seeds", type=int, default=1, help="repeat everything with this many seeds: --seed, --seed+1, ... (default: 1)")
-    a("--epochs", type=int, default=TrainSettings.epochs, help=f"default: {TrainSettings.epochs}")
-    a("--lr", type=float, default=TrainSettings.lr, help=f"AdamW's peak learning rate (default: {TrainSettings.lr:g})")
-    a("--batch-size", type=int, default=TrainSettings.batch_size, help=f"default: {TrainSettings.batch_size}")
-    a(
+    parser.add_argument(
+        "--text-column", default="text", help="column (TSV/CSV) or field (JSON lines) of the text (default: text)"
+    )
+    parser.add_argument(
+        "--text-pair-column", default=None, help="column or field of the second text, for sentence-pair tasks"
+    )
+    parser.add_argument("--label-column", default="label", help="column or field of the label (default: label)")
+    parser.add_argument(
+        "--dev", type=Path, default=None, help="score on this file (same format) instead of cross-validation"
+    )
+    parser.add_argument(
+        "--folds", type=int, default=5, help="stratified cross-validation folds when there is no --dev (default: 5)"
+    )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        help="repeat everything with this many seeds: --seed, --seed+1, ... (default: 1)",
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=FinetuneSettings.epochs, help=f"default: {FinetuneSettings.epochs}"
+    )
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=FinetuneSettings.lr,
+        help=f"AdamW's peak learning rate (default: {FinetuneSettings.lr:g})",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=FinetuneSettings.batch_size, help=f"default: {FinetuneSettings.batch_size}"
+    )
+    parser.add_argument(
         "--max-seq-length",
         type=int,
         default=None,
         help=f"pieces per example, [CLS] and [SEP]s included; longer ones are truncated "
         f"(default: {DEFAULT_MAX_SEQ_LENGTH}, or the model's positions if fewer)",
     )
-    a("--seed", type=int, default=42, help="first seed: folds, initialisation, batch order, dropout (default: 42)")
-    a(
+    parser.add_argument(
+        "--seed", type=int, default=42, help="first seed: folds, initialisation, batch order, dropout (default: 42)"
+    )
+    parser.add_argument(
         "--baseline",
         default=RANDOM_INIT,
         choices=BASELINES,
         help="random-init: also train the same architecture from random weights on the same folds (default)",
     )
-    a("--output", required=True, type=Path, help="folder for results.json")
-    a("--positive-label", default=None, help="binary tasks: the positive class (default: the last label in order)")
-    a("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    a("-v", "--verbose", action="store_true", help="debug logging")
-    return p
+    parser.add_argument("--output", required=True, type=Path, help="folder for results.json")
+    parser.add_argument(
+        "--positive-label", default=None, help="binary tasks: the positive class (default: the last label in order)"
+    )
+    parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> ProbeConfig:
@@ -388,7 +414,7 @@ def config_from_args(args: argparse.Namespace) -> ProbeConfig:
         baseline=args.baseline,
         positive_label=args.positive_label,
         device=args.device,
-        train=TrainSettings(
+        train=FinetuneSettings(
             epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, max_seq_length=args.max_seq_length
         ),
     )

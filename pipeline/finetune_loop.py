@@ -35,7 +35,7 @@ class ModelFolderError(ValueError):
 
 
 @dataclass(frozen=True)
-class TrainSettings:
+class FinetuneSettings:
     """Fine-tuning hyperparameters, the same for every model, fold and seed."""
 
     epochs: int = 3
@@ -170,12 +170,20 @@ def collate(enc: Encoded, idx, pad_id: int, device: torch.device) -> dict[str, t
     return {"input_ids": ids.to(device), "token_type_ids": types.to(device), "attention_mask": mask.to(device)}
 
 
-def steps_per_run(n_train: int, t: TrainSettings) -> int:
-    return t.epochs * math.ceil(n_train / t.batch_size)
+def steps_per_run(n_train: int, settings: FinetuneSettings) -> int:
+    return settings.epochs * math.ceil(n_train / settings.batch_size)
 
 
 def train(
-    model, enc: Encoded, y: np.ndarray, idx: np.ndarray, t: TrainSettings, seed: int, pad_id: int, device, progress
+    model,
+    enc: Encoded,
+    y: np.ndarray,
+    idx: np.ndarray,
+    settings: FinetuneSettings,
+    seed: int,
+    pad_id: int,
+    device,
+    progress,
 ):
     """Fine-tune in place; returns the mean training loss of the last epoch."""
     from transformers import get_linear_schedule_with_warmup
@@ -183,22 +191,23 @@ def train(
     no_decay = [p for n, p in model.named_parameters() if n.endswith("bias") or "LayerNorm" in n]
     decay = [p for n, p in model.named_parameters() if not (n.endswith("bias") or "LayerNorm" in n)]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=t.lr
+        [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=settings.lr,
     )
-    total = steps_per_run(len(idx), t)
-    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(t.warmup_ratio * total), total)
+    total = steps_per_run(len(idx), settings)
+    scheduler = get_linear_schedule_with_warmup(optimizer, math.ceil(settings.warmup_ratio * total), total)
     generator = torch.Generator().manual_seed(seed)
     labels = torch.as_tensor(y)
     model.to(device).train()
     epoch_loss = math.nan
-    for _ in range(t.epochs):
+    for _ in range(settings.epochs):
         order = idx[torch.randperm(len(idx), generator=generator).numpy()]
         losses = []
-        for start in range(0, len(order), t.batch_size):
-            batch = order[start : start + t.batch_size]
+        for start in range(0, len(order), settings.batch_size):
+            batch = order[start : start + settings.batch_size]
             out = model(**collate(enc, batch, pad_id, device), labels=labels[torch.as_tensor(batch)].to(device))
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)

@@ -12,8 +12,8 @@ import torch
 
 from common.atomic import write_text
 
+from .classification_metrics import METRIC_NAMES, METRICS, paired_difference, summarise
 from .finetune_loop import PRETRAINED, RANDOM_INIT
-from .probe_metrics import METRIC_NAMES, METRICS, paired_difference, summarise
 
 
 def summary(runs: list[dict], kinds: list[str]) -> dict:
@@ -49,7 +49,7 @@ def machine(device: torch.device) -> str:
 
 def format_table(results: dict) -> str:
     """The summary: one row per model (mean ± std over folds x seeds), then the paired difference."""
-    s = results["summary"]
+    summaries = results["summary"]
     width = 15
     lines = [f"{'model':<12}" + "".join(f"{METRIC_NAMES[m]:>{width}}" for m in METRICS)]
 
@@ -60,25 +60,29 @@ def format_table(results: dict) -> str:
         return f"{mean} ± {v['std']:.3f}".rjust(width)
 
     for kind in (PRETRAINED, RANDOM_INIT):
-        if kind in s:
-            lines.append(f"{kind:<12}" + "".join(cell(s[kind][m]) for m in METRICS))
-    if "difference" in s:
-        lines.append(f"{'difference':<12}" + "".join(cell(s["difference"][m], signed=True) for m in METRICS))
+        if kind in summaries:
+            lines.append(f"{kind:<12}" + "".join(cell(summaries[kind][m]) for m in METRICS))
+    if "difference" in summaries:
+        lines.append(f"{'difference':<12}" + "".join(cell(summaries["difference"][m], signed=True) for m in METRICS))
     counts = ", ".join(f"{c} {n}" for c, n in results["class_counts"].items())
-    pos = results["positive_label"]
+    positive = results["positive_label"]
     head = [
         f"albert-finetune: {results['model']} on {results['data']['path']} ({results['data']['examples']} examples: {counts})",
         f"  {results['evaluation']}; {settings_line(results['settings'])}",
         "  "
-        + (f"precision, recall, F1 of the positive class {pos!r}" if pos is not None else "macro averages")
+        + (f"precision, recall, F1 of the positive class {positive!r}" if positive is not None else "macro averages")
         + "; mean ± std over folds x seeds"
-        + ("; difference: pretrained - random-init, paired over the same folds and seeds" if "difference" in s else ""),
+        + (
+            "; difference: pretrained - random-init, paired over the same folds and seeds"
+            if "difference" in summaries
+            else ""
+        ),
     ]
     return "\n".join(head + lines)
 
 
-def settings_line(st: dict) -> str:
+def settings_line(settings: dict) -> str:
     return (
-        f"{st['epochs']} epochs, lr {st['lr']:g}, batch {st['batch_size']}, max length {st['max_seq_length']}, "
-        f"seed {st['seed']}"
+        f"{settings['epochs']} epochs, lr {settings['lr']:g}, batch {settings['batch_size']}, "
+        f"max length {settings['max_seq_length']}, seed {settings['seed']}"
     )

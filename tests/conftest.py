@@ -52,7 +52,7 @@ def _remove_stale_deepspeed_shm():
 
 @pytest.fixture(scope="session")
 def wiki_dump() -> Path:
-    from data_prep.demo_corpus import wikipedia_excerpt
+    from data_prep.sample_corpora import wikipedia_excerpt
 
     return wikipedia_excerpt()
 

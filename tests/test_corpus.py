@@ -164,7 +164,7 @@ def test_fewer_documents_than_files_leaves_empty_files(tmp_path: Path) -> None:
 
 def test_lee_news_stories_as_paragraphs(tmp_path: Path) -> None:
     """Real text: the Lee corpus (one story per line) from the same wheel as the excerpt."""
-    from data_prep.demo_corpus import lee_background
+    from data_prep.sample_corpora import lee_background
 
     try:
         lee = lee_background()

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.integration  # tier: see pyproject.toml
 
 
 def test_demo_data_is_verified_and_reruns(tmp_path):
-    cmd = [sys.executable, "-m", "data_prep.demo", "--output", str(tmp_path / "data")]
+    cmd = [sys.executable, "-m", "data_prep.demo_data", "--output", str(tmp_path / "data")]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert "demo data ready and verified" in proc.stderr and "[MASK]{" in proc.stdout

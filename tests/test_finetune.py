@@ -17,12 +17,20 @@ import torch
 
 from data_prep.vocab import VocabSettings, train_vocab
 from pipeline import finetune
-from pipeline.finetune import ProbeConfig, TrainSettings, load_albert_folder, main, make_splits, new_model, prepare_task
+from pipeline.classification_metrics import classification_scores, mean_std, paired_difference, summarise
+from pipeline.finetune import (
+    FinetuneSettings,
+    ProbeConfig,
+    load_albert_folder,
+    main,
+    make_splits,
+    new_model,
+    prepare_task,
+)
 from pipeline.finetune_report import write_results
 from pipeline.hf import export_hf
 from pipeline.labelled import Columns, LabelledDataError, class_order, read_labelled
 from pipeline.model import AlbertConfig, AlbertForPreTraining
-from pipeline.probe_metrics import classification_scores, mean_std, paired_difference, summarise
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers")
@@ -193,8 +201,8 @@ def test_encodings_bom_and_windows_1252(tmp_path, caplog):
 
 def test_the_demo_labelled_set():
     """The demo's probe data: Pang & Lee's 200 sentences from the gensim wheel, cached as UTF-8 fastText lines."""
-    from data_prep.demo_corpus import pang_lee_polarity
     from data_prep.errors import DataPrepError
+    from data_prep.sample_corpora import pang_lee_polarity
 
     try:
         path = pang_lee_polarity()
@@ -392,7 +400,7 @@ def test_the_training_loop_learns_an_easy_task(hf_folder, sentiment_file):
     folder = load_albert_folder(hf_folder, task.classes, 48)
     enc = finetune.encode(folder.tokenizer, task.data, 48)
     everything = np.arange(len(task.y))
-    settings = TrainSettings(epochs=16, lr=3e-3, batch_size=8, max_seq_length=48)
+    settings = FinetuneSettings(epochs=16, lr=3e-3, batch_size=8, max_seq_length=48)
     pad = folder.tokenizer.pad_token_id
     before = finetune.predict(new_model(folder, "random-init", 1), enc, everything, 16, pad, torch.device("cpu"))
     model = new_model(folder, "random-init", 1)
@@ -479,7 +487,7 @@ def test_end_to_end_dev_set_pairs_and_three_classes(tmp_path, hf_folder, capsys)
 def test_splits_ignore_the_model(tmp_path):
     """make_splits depends on the labels and seeds only: one list serves every model."""
     f = write(tmp_path / "t.txt", "".join(f"__label__{'xyz'[i % 3]} w{i}\n" for i in range(27)))
-    cfg = config(tmp_path, f, folds=3, seeds=2, train=TrainSettings(epochs=1))
+    cfg = config(tmp_path, f, folds=3, seeds=2, train=FinetuneSettings(epochs=1))
     task = prepare_task(cfg)
     a, b = make_splits(task, cfg), make_splits(task, cfg)
     assert [(s.seed, s.fold, s.test.tolist()) for s in a] == [(s.seed, s.fold, s.test.tolist()) for s in b]

@@ -1,4 +1,5 @@
-"""The embedded demo corpora: real text fetched at run time from a package that ships it.
+"""Sample corpora for the demo, the tests and the benchmarks: real text fetched at run time from a package that
+ships it.
 
 No third-party text is committed to this repository. gensim's wheel carries, as test data,
 an excerpt of an English Wikipedia `pages-articles` dump (206 pages, ~100 of them real
@@ -102,7 +103,7 @@ def _fetch(member: _Member, cache_dir: Path | None) -> Path:
         raise DataPrepError(f"{cache_dir}: cannot create the cache directory ({exc.strerror or exc})") from None
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".download-") as tmp:
         wheel = _download_wheel(Path(tmp))
-        # Extract every demo file while the wheel is here: one download serves them all.
+        # Extract every sample file while the wheel is here: one download serves them all.
         for m in _ALL:
             _extract(wheel, m, cache_dir)
     return target
@@ -110,7 +111,7 @@ def _fetch(member: _Member, cache_dir: Path | None) -> Path:
 
 def _download_wheel(dest: Path) -> Path:
     spec = f"gensim=={GENSIM_VERSION}"
-    log.info("downloading the %s wheel (~28 MB) for its demo corpora (pip download --no-deps)", spec)
+    log.info("downloading the %s wheel (~28 MB) for its sample corpora (pip download --no-deps)", spec)
     cmd = [
         sys.executable,
         "-m",
@@ -129,7 +130,7 @@ def _download_wheel(dest: Path) -> Path:
     if result.returncode != 0 or not wheels:
         lines = [ln for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
         reason = lines[-1].strip() if lines else f"exit status {result.returncode}"
-        raise DataPrepError(f"pip download {spec}: failed to fetch the demo corpus ({reason})")
+        raise DataPrepError(f"pip download {spec}: failed to fetch the sample corpora ({reason})")
     return wheels[0]
 
 

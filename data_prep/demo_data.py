@@ -1,6 +1,7 @@
-"""The embedded default data: the Wikipedia excerpt shipped in gensim's wheel -> verified train and eval shards.
+"""The demo's data: the Wikipedia excerpt shipped in gensim's wheel (data_prep/sample_corpora.py) -> verified train
+and eval shards.
 
-    python -m data_prep.demo --output runs/demo
+    python -m data_prep.demo_data --output runs/demo/data
 
 Step by step, as a user would: `corpus` (4 files), `vocab`, `shard` of files 0-2 for training and of file 3
 for evaluation, `verify`, `inspect`. Re-running reuses what an earlier run finished.
@@ -17,9 +18,9 @@ from pathlib import Path
 from common.logs import setup_logging
 
 from .cli import main as albert_data
-from .demo_corpus import wikipedia_excerpt
 from .errors import DataPrepError
 from .inspection import inspect_shard, verify_folder
+from .sample_corpora import wikipedia_excerpt
 from .shards import Manifest
 
 log = logging.getLogger("demo")
@@ -86,7 +87,7 @@ def prepare_demo_data(output: Path, workers: int = 2, vocab_size: int = 8000, du
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="Prepare train and eval shards from the Wikipedia excerpt that ships inside gensim's wheel.",
-        epilog="example:\n  python -m data_prep.demo --output runs/demo/data --workers 2",
+        epilog="example:\n  python -m data_prep.demo_data --output runs/demo/data --workers 2",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output", type=Path, default=Path("runs/demo/data"))
