@@ -27,6 +27,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,7 +174,7 @@ def make_splits(task: Task, cfg: ProbeConfig) -> list[Split]:
 
     splits = []
     for seed in range(cfg.seed, cfg.seed + cfg.seeds):
-        if task.dev is not None:
+        if task.y_dev is not None:  # --dev
             splits.append(Split(seed, None, np.arange(len(task.y)), np.arange(len(task.y_dev))))
             continue
         folds = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
@@ -208,22 +209,23 @@ def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | N
     device = resolve_device(cfg.device)
     task = prepare_task(cfg) if task is None else task
     folder = load_albert_folder(cfg.model, task.classes, cfg.train.max_seq_length)
-    if cfg.train.max_seq_length is None:
-        length = min(DEFAULT_MAX_SEQ_LENGTH, folder.config.max_position_embeddings)
-        cfg = replace(cfg, train=replace(cfg.train, max_seq_length=length))
+    max_seq_length = cfg.train.max_seq_length
+    if max_seq_length is None:
+        max_seq_length = min(DEFAULT_MAX_SEQ_LENGTH, folder.config.max_position_embeddings)
+        cfg = replace(cfg, train=replace(cfg.train, max_seq_length=max_seq_length))
     splits = make_splits(task, cfg)
     kinds = [PRETRAINED] + ([RANDOM_INIT] if cfg.baseline == RANDOM_INIT else [])
-    enc = encode(folder.tokenizer, task.data, cfg.train.max_seq_length)
-    enc_dev = encode(folder.tokenizer, task.dev, cfg.train.max_seq_length) if task.dev is not None else None
-    for e, d in ((enc, task.data), (enc_dev, task.dev)):
-        if e is not None and e.truncated:
+    enc = encode(folder.tokenizer, task.data, max_seq_length)
+    enc_dev = encode(folder.tokenizer, task.dev, max_seq_length) if task.dev is not None else None
+    for encoded, labelled in ((enc, task.data), (enc_dev, task.dev)):
+        if encoded is not None and labelled is not None and encoded.truncated:
             log.info(
                 "%s: %d of %d examples (%.0f%%) are longer than --max-seq-length %d pieces: truncated",
-                d.path,
-                e.truncated,
-                len(d),
-                100 * e.truncated / len(d),
-                cfg.train.max_seq_length,
+                labelled.path,
+                encoded.truncated,
+                len(labelled),
+                100 * encoded.truncated / len(labelled),
+                max_seq_length,
             )
     pad_id = folder.tokenizer.pad_token_id
     counts = task.data.class_counts()
@@ -236,7 +238,7 @@ def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | N
         cfg.model,
         device,
     )
-    results = {
+    results: dict[str, Any] = {
         "complete": False,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": shlex.join(command) if command else None,
@@ -261,7 +263,7 @@ def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | N
     cfg.output.mkdir(parents=True, exist_ok=True)
     total = len(kinds) * sum(steps_per_run(len(s.train), cfg.train) for s in splits)
     progress = Progress(total)
-    test_enc, test_y = (enc, task.y) if task.dev is None else (enc_dev, task.y_dev)
+    test_enc, test_y = (enc, task.y) if enc_dev is None or task.y_dev is None else (enc_dev, task.y_dev)
     try:
         with progress.logging():
             for i, split in enumerate(splits):

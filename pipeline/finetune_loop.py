@@ -15,6 +15,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -61,8 +62,8 @@ class AlbertFolder:
     """What the probe takes from an ALBERT folder, loaded once for all runs."""
 
     path: Path
-    tokenizer: object
-    config: object  # transformers.AlbertConfig with the task's labels
+    tokenizer: Any  # transformers' tokenizer of the folder
+    config: Any  # transformers.AlbertConfig with the task's labels
     encoder_state: dict[str, torch.Tensor]  # the folder's weights, without the new classification head
 
 
@@ -104,8 +105,11 @@ def load_albert_folder(folder: Path, classes: list[str], max_seq_length: int | N
     hf_logging.disable_progress_bar()
     try:
         # A folder fine-tuned for another number of classes: its head is not used anyway.
-        model, info = AlbertForSequenceClassification.from_pretrained(
-            folder, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+        model, info = cast(
+            tuple[Any, dict[str, Any]],
+            AlbertForSequenceClassification.from_pretrained(
+                folder, config=config, output_loading_info=True, ignore_mismatched_sizes=True
+            ),
         )
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelFolderError(f"{folder}: the weights cannot be loaded ({_first_line(e)})") from None

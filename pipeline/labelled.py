@@ -17,6 +17,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -194,14 +195,12 @@ def _text(path: Path, line: int, value, name: str) -> str:
 
 def _read_table(path: Path, text: str, columns: Columns, delimiter: str) -> LabelledSet:
     # TSV as GLUE writes it: no quoting (quotes are text); CSV with the usual double-quote escaping.
-    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    quoting: Literal[0, 1, 2, 3] = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
-    header = None
-    for row in reader:
-        if any(cell.strip() for cell in row):
-            header = [cell.strip() for cell in row]
-            break
     kind = "TSV" if delimiter == "\t" else "CSV"
+    header = next(([cell.strip() for cell in row] for row in reader if any(cell.strip() for cell in row)), None)
+    if header is None:  # read_labelled refuses blank files; a CSV line of empty quoted cells gets here
+        raise LabelledDataError(f"{path}: no {kind} header line (every line is blank)")
     wanted = [c for c in (columns.text, columns.pair, columns.label) if c is not None]
     if missing := [c for c in wanted if c not in header]:
         raise _missing(path, f"{kind} column" + ("s" if len(missing) > 1 else ""), missing, header)

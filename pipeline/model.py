@@ -35,9 +35,11 @@ Every rank must run the loop (the gather is collective); rank 0's values are kep
 import dataclasses
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +50,7 @@ from common.atomic import atomic_path
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-ACTIVATIONS = {
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": partial(F.gelu, approximate="tanh"),  # ALBERT's default (tanh approximation)
     "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh"),  # same function, HF's other name
     "gelu": F.gelu,
@@ -135,11 +137,12 @@ class AlbertConfig:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            ok = (isinstance(value, f.type) or (f.type is float and isinstance(value, int))) and not isinstance(
+            expected = cast(type, f.type)  # the fields' annotations are classes: no postponed evaluation here
+            ok = (isinstance(value, expected) or (expected is float and isinstance(value, int))) and not isinstance(
                 value, bool
             )
             if not ok:
-                raise ValueError(f"{f.name}: expected {f.type.__name__}, got {value!r}")
+                raise ValueError(f"{f.name}: expected {expected.__name__}, got {value!r}")
             if f.type is int and value < 1:
                 raise ValueError(f"{f.name}: must be at least 1, got {value}")
             if f.type is float:
@@ -364,7 +367,7 @@ class AlbertForPreTraining(nn.Module):
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"attention: {impl!r} is not one of {', '.join(ATTENTION_IMPLS)}")
         for group in self.groups:
-            for layer in group:
+            for layer in cast(list[AlbertLayer], group):
                 layer.attention_impl = impl
 
     def mlm_transform(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -374,7 +377,8 @@ class AlbertForPreTraining(nn.Module):
     def layer_schedule(self) -> list[AlbertLayer]:
         """The layers in execution order (shared layers appear several times)."""
         per_group = self.config.num_hidden_layers / self.config.num_hidden_groups
-        return [layer for i in range(self.config.num_hidden_layers) for layer in self.groups[int(i / per_group)]]
+        groups = cast(list[list[AlbertLayer]], self.groups)
+        return [layer for i in range(self.config.num_hidden_layers) for layer in groups[int(i / per_group)]]
 
     def forward(
         self,
@@ -432,7 +436,7 @@ class AlbertForPreTraining(nn.Module):
             with torch.no_grad():
                 out.sop_accuracy = (sop_logits.argmax(-1) == labels).float().mean()
         losses = [x for x in (out.mlm_loss, out.sop_loss) if x is not None]
-        out.loss = sum(losses) if losses else None
+        out.loss = cast(torch.Tensor, sum(losses)) if losses else None
         return out
 
 
