@@ -39,9 +39,10 @@ def test_demo_end_to_end_short(tmp_path):
     assert any(m.get("split") == "eval" for m in lines)
     code = (
         "import sys, logging; from transformers import AlbertForPreTraining, AlbertTokenizer;"
-        "m = AlbertForPreTraining.from_pretrained(sys.argv[1], output_loading_info=True);"
-        "info = m[1]; assert not info['missing_keys'] and not info['unexpected_keys'], info;"
-        "t = AlbertTokenizer.from_pretrained(sys.argv[1]); print(t.convert_tokens_to_ids(['[CLS]', '[SEP]', '[MASK]']))"
+        "model, info = AlbertForPreTraining.from_pretrained(sys.argv[1], output_loading_info=True);"
+        "assert not info['missing_keys'] and not info['unexpected_keys'], info;"
+        "tokenizer = AlbertTokenizer.from_pretrained(sys.argv[1]);"
+        "print(tokenizer.convert_tokens_to_ids(['[CLS]', '[SEP]', '[MASK]']))"
     )
     check = subprocess.run(
         [sys.executable, "-c", code, str(out / "hf")],
