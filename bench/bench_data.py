@@ -69,9 +69,9 @@ def build_corpus(docs_dir: Path, target_mb: int, out: Path, files: int = 8) -> i
     handles = [open(out / f"part-{i:03d}.txt", "w") for i in range(files)]
     written, i = 0, 0
     while written < target_mb * 1_000_000:
-        d = docs[i % len(docs)]
-        handles[i % files].write(d)
-        written += len(d.encode())
+        doc = docs[i % len(docs)]
+        handles[i % files].write(doc)
+        written += len(doc.encode())
         i += 1
     for h in handles:
         h.close()
@@ -150,11 +150,11 @@ def main() -> None:
                     w,
                     "memory" if sample else f"timed run {rep + 1} of {args.repeats}",
                 )
-                r = run_shard(
+                result = run_shard(
                     tmp / f"c{size}", spm, tmp / f"s{size}-{w}", w, args.dupe_factor, args.max_seq_length, sample
                 )
                 shutil.rmtree(tmp / f"s{size}-{w}")
-                runs[size, w].append(r)
+                runs[size, w].append(result)
         rows = [
             (
                 size,

@@ -89,10 +89,10 @@ def consume(make, batches: int, step_ms: float, busy: bool) -> dict:
     """One run: `batches` micro-batches from the loader make() builds, each taking step_ms in the consumer."""
     data = make()
     step = step_ms / 1e3
-    it = iter(data)
+    batches_iter = iter(data)
     try:
         t0 = time.perf_counter()
-        next(it)
+        next(batches_iter)
         startup, first_wait = time.perf_counter() - t0, data.data_wait
         for _ in range(batches - 1):
             if busy:  # Python holding the GIL, as a loop that launches kernels without waiting for them
@@ -101,7 +101,7 @@ def consume(make, batches: int, step_ms: float, busy: bool) -> dict:
                     pass
             elif step:
                 time.sleep(step)
-            next(it)
+            next(batches_iter)
         wall = time.perf_counter() - t0
     finally:
         data.close()
@@ -225,10 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, mode, step in rows:
-        r = median_run(runs[name, mode, step])
-        share = "-" if not step else f"{100 * r['steady']:.2f}%"
+        run = median_run(runs[name, mode, step])
+        share = "-" if not step else f"{100 * run['steady']:.2f}%"
         print(
-            f"| {name} | {mode} | {step:g} | {args.batches} | {r['wall']:.2f} | {r['stall']:.3f} | {r['startup']:.3f} | {share} | {r['rate']:,.0f} |"
+            f"| {name} | {mode} | {step:g} | {args.batches} | {run['wall']:.2f} | {run['stall']:.3f} | {run['startup']:.3f} | {share} | {run['rate']:,.0f} |"
         )
     return 0
 

@@ -209,11 +209,11 @@ def main() -> None:
         + ", ".join(f"{k} {v:.2f} ms" for k, v in compiled.items())
     )
 
-    g = torch.Generator().manual_seed(1)
-    numels = torch.randint(1000, 1_000_000, (30,), generator=g).tolist()
+    generator = torch.Generator().manual_seed(1)
+    numels = torch.randint(1000, 1_000_000, (30,), generator=generator).tolist()
     offsets = [sum(numels[:i]) for i in range(len(numels))]
-    flat = torch.randn(sum(numels), generator=g)
-    flat.grad = torch.randn(flat.numel(), generator=g)
+    flat = torch.randn(sum(numels), generator=generator)
+    flat.grad = torch.randn(flat.numel(), generator=generator)
     opt = Lamb([{"params": [flat], "weight_decay": 0.01, "adapt": True}], lr=1e-3, bias_correction=False)
     opt.register_flat(flat, FlatLayout.contiguous(numels, offsets, 0, flat.numel()))
     print(

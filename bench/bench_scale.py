@@ -134,25 +134,25 @@ def base_corpus(work: Path) -> Path:
 
 def scaled_corpus(base: Path, out: Path, mb: float, file_mb: float) -> int:
     """Copies of the base documents, each in another seeded order, in files of about `file_mb`, to `mb` in all."""
-    docs = [d for f in sorted(base.glob("*.txt")) for d in f.read_text().split("\n\n") if d.strip()]
+    docs = [d for path in sorted(base.glob("*.txt")) for d in path.read_text().split("\n\n") if d.strip()]
     out.mkdir(parents=True)
     target, file_bytes = int(mb * (1 << 20)), int(file_mb * (1 << 20))
-    written, copy, f, index = 0, 0, None, 0
+    written, copy, out_file, index = 0, 0, None, 0
     while written < target:
         random.Random(copy).shuffle(docs)
         for doc in docs:
-            if f is None or f.tell() >= file_bytes:
-                if f is not None:
-                    f.close()
-                f = open(out / f"corpus-{index:05d}.txt", "w")
+            if out_file is None or out_file.tell() >= file_bytes:
+                if out_file is not None:
+                    out_file.close()
+                out_file = open(out / f"corpus-{index:05d}.txt", "w")
                 index += 1
             text = doc.strip("\n") + "\n\n"
-            f.write(text)
+            out_file.write(text)
             written += len(text.encode())
             if written >= target:
                 break
         copy += 1
-    f.close()
+    out_file.close()
     return written
 
 
@@ -613,14 +613,14 @@ def corpus_projection(runs: list[CorpusRun], enwiki: Enwiki) -> str:
     workers) and the 27 part files (each above --part-mb: read by its rank's main process, cleaned by its workers)."""
     from bench.harness import markdown_table
 
-    by = {(r.input.name, r.name): r for r in runs}
-    one = by.get(("part files", "1 worker")) or runs[0]
+    by_run = {(r.input.name, r.name): r for r in runs}
+    one = by_run.get(("part files", "1 worker")) or runs[0]
     xml_mb = one.input.xml_bytes / (1 << 20)
     cpu_per_mb = one.cpu / xml_mb  # all the work, one process: the per-core rate
     workers = enwiki.nodes * enwiki.cores
     xml = enwiki.xml_gb * 1024  # MB
     rows = []
-    multi = by.get(("multistream", "1 worker"))
+    multi = by_run.get(("multistream", "1 worker"))
     if multi:
         ratio = multi.input.xml_bytes / multi.input.stored_bytes
         parts = math.ceil(xml / ratio / 16)
@@ -634,7 +634,7 @@ def corpus_projection(runs: list[CorpusRun], enwiki: Enwiki) -> str:
                 f"on {workers:,} workers)",
             ]
         )
-    streamed2 = by.get(("part files, streamed", "2 workers"))
+    streamed2 = by_run.get(("part files, streamed", "2 workers"))
     if streamed2:
         s_mb = streamed2.input.xml_bytes / (1 << 20)
         # the main process reads (bz2, XML) the file alone; the workers clean its pages: the slower of the two
@@ -729,9 +729,9 @@ def corpus_report(runs: list[CorpusRun]) -> str:
     )
     same = {tuple(r.shas) for r in runs}
     lines.append(f"- corpus files byte-identical across all runs and inputs: {'yes' if len(same) == 1 else 'NO'}")
-    w = runs[0].input
+    wiki = runs[0].input
     lines.append(
-        f"- input: {w.xml_bytes / (1 << 20):.0f} MB of XML; {w.files} part files, {w.stored_bytes / (1 << 20):.1f} "
+        f"- input: {wiki.xml_bytes / (1 << 20):.0f} MB of XML; {wiki.files} part files, {wiki.stored_bytes / (1 << 20):.1f} "
         f"MB of bz2 (the Wikipedia excerpt's pages repeated, each copy in another order)"
     )
     lines += ["", corpus_projection(runs, Enwiki())]

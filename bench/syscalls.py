@@ -59,13 +59,14 @@ def count(log: Path, roots: list[Path], since: float = 0.0, until: float = float
     meta = Metadata()
     lines = (line for f in sorted(log.iterdir()) for line in f.read_text(errors="replace").splitlines())
     for line in lines:
-        m = _LINE.match(line)
-        if not m:
+        match = _LINE.match(line)
+        if not match:
             continue
-        name, folder, path, rest, result = m.group(2), m.group(3), m.group(4), m.group(5), int(m.group(6))
+        name, folder, path, rest = match.group(2, 3, 4, 5)
+        result = int(match.group(6))
         if folder and not path.startswith("/"):  # relative to a folder's descriptor (rmtree, for one)
             path = f"{folder}/{path}" if path else folder  # (fstat: the descriptor's own file)
-        if not (path + "/").startswith(prefixes) or not since <= float(m.group(1)) < until:
+        if not (path + "/").startswith(prefixes) or not since <= float(match.group(1)) < until:
             continue
         kind = _KIND.get(name, name)
         meta.calls[kind] += 1

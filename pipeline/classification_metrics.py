@@ -31,18 +31,18 @@ def classification_scores(y_true, probs, positive: int | None = None) -> dict[st
     if positive is not None:
         if classes != 2:
             raise ValueError(f"a positive class is for binary tasks, not {classes} classes")
-        p, r, f, _ = precision_recall_fscore_support(
+        precision, recall, f1, _ = precision_recall_fscore_support(
             y_true, y_pred, pos_label=positive, average="binary", zero_division=0
         )
     else:
-        p, r, f, _ = precision_recall_fscore_support(
+        precision, recall, f1, _ = precision_recall_fscore_support(
             y_true, y_pred, labels=range(classes), average="macro", zero_division=0
         )
     return {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "precision": float(p),
-        "recall": float(r),
-        "f1": float(f),
+        "precision": float(precision),
+        "recall": float(recall),
+        "f1": float(f1),
         "roc_auc": roc_auc(y_true, probs, positive),
     }
 
@@ -60,10 +60,14 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray, positive: int | None) -> floa
 
 def mean_std(values) -> dict[str, float]:
     """Mean and sample standard deviation (ddof 1; 0 for one value) of the finite values, and their count."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
-    if len(v) == 0:
+    finite = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if len(finite) == 0:
         return {"mean": math.nan, "std": math.nan, "n": 0}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+    return {
+        "mean": float(finite.mean()),
+        "std": float(finite.std(ddof=1)) if len(finite) > 1 else 0.0,
+        "n": int(len(finite)),
+    }
 
 
 def summarise(rows: list[dict]) -> dict[str, dict[str, float]]:

@@ -140,12 +140,14 @@ def export_hf(
     `spm_model`, AlbertTokenizer.from_pretrained) loads. `do_lower_case` goes to the tokenizer
     config: True (HF's and the released ALBERT's default) when the SentencePiece model was trained
     on lowercased text. Each file is written under a temporary name, then renamed."""
-    sd = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
-    check_state_dict(sd, config)
+    state_dict = state_dict_or_model.state_dict() if isinstance(state_dict_or_model, nn.Module) else state_dict_or_model
+    check_state_dict(state_dict, config)
     if spm_model is not None:
         check_spm_model(Path(spm_model), config)  # before writing anything
     # safetensors refuses tensors sharing memory (e.g. views of a flat ZeRO buffer): own copies.
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in to_hf_state_dict(sd).items()}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in to_hf_state_dict(state_dict).items()
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "model.safetensors") as tmp:
@@ -163,15 +165,17 @@ def check_spm_model(spm_model: Path, config: AlbertConfig) -> None:
 
     if not spm_model.is_file():
         raise ValueError(f"{spm_model}: no such SentencePiece model file")
-    sp = spm.SentencePieceProcessor(model_file=str(spm_model))
+    processor = spm.SentencePieceProcessor(model_file=str(spm_model))
     for i, piece in SPECIAL_PIECES.items():
-        if sp.get_piece_size() <= i or sp.id_to_piece(i) != piece:
+        if processor.get_piece_size() <= i or processor.id_to_piece(i) != piece:
             raise ValueError(
                 f"{spm_model}: id {i} must be {piece} for AlbertTokenizer (train with --pad_id=0 --unk_id=1 "
                 f"--control_symbols=[CLS],[SEP],[MASK])"
             )
-    if sp.get_piece_size() > config.vocab_size:
-        raise ValueError(f"{spm_model}: {sp.get_piece_size()} pieces but the model's vocab_size is {config.vocab_size}")
+    if processor.get_piece_size() > config.vocab_size:
+        raise ValueError(
+            f"{spm_model}: {processor.get_piece_size()} pieces but the model's vocab_size is {config.vocab_size}"
+        )
 
 
 def write_tokenizer(spm_model: Path, config: AlbertConfig, out: Path, do_lower_case: bool) -> None:
@@ -198,20 +202,22 @@ def write_tokenizer(spm_model: Path, config: AlbertConfig, out: Path, do_lower_c
 def load_hf(directory: str | os.PathLike) -> tuple[AlbertConfig, AlbertForPreTraining]:
     """Our config and model from a transformers ALBERT folder (config.json and model.safetensors
     or pytorch_model.bin), e.g. one written by `export_hf` or a released albert-*-v2."""
-    d = Path(directory)
-    config = AlbertConfig.from_json(d / "config.json")
-    if (d / "model.safetensors").is_file():
-        hf_sd = load_file(str(d / "model.safetensors"))
-    elif (d / "pytorch_model.bin").is_file():
-        hf_sd = torch.load(d / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    folder = Path(directory)
+    config = AlbertConfig.from_json(folder / "config.json")
+    if (folder / "model.safetensors").is_file():
+        hf_state_dict = load_file(str(folder / "model.safetensors"))
+    elif (folder / "pytorch_model.bin").is_file():
+        hf_state_dict = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise ValueError(f"{d}: no model.safetensors or pytorch_model.bin")
+        raise ValueError(f"{folder}: no model.safetensors or pytorch_model.bin")
     model = AlbertForPreTraining(config)
-    missing, unexpected = model.load_state_dict(from_hf_state_dict(hf_sd), strict=False)
+    missing, unexpected = model.load_state_dict(from_hf_state_dict(hf_state_dict), strict=False)
     # An AlbertForMaskedLM (or AlbertModel) folder has no SOP head: that one starts fresh.
     fresh = [k for k in missing if k.startswith(("pooler.", "sop_classifier."))]
     if unexpected or len(fresh) < len(missing):
-        raise ValueError(f"{d}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{folder}: weights do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     if fresh:
-        log.warning("%s: no weights for %s; initialised fresh", d, ", ".join(fresh))
+        log.warning("%s: no weights for %s; initialised fresh", folder, ", ".join(fresh))
     return config, model

@@ -204,7 +204,7 @@ def _read_table(path: Path, text: str, columns: Columns, delimiter: str) -> Labe
     wanted = [c for c in (columns.text, columns.pair, columns.label) if c is not None]
     if missing := [c for c in wanted if c not in header]:
         raise _missing(path, f"{kind} column" + ("s" if len(missing) > 1 else ""), missing, header)
-    at = {c: header.index(c) for c in wanted}
+    column_index = {c: header.index(c) for c in wanted}
     texts, pairs, labels, lines = [], [], [], []
     start = reader.line_num + 1
     for row in reader:
@@ -213,9 +213,9 @@ def _read_table(path: Path, text: str, columns: Columns, delimiter: str) -> Labe
             continue
         if len(row) != len(header):
             raise LabelledDataError(f"{path}: line {number} has {len(row)} {kind} fields, the header has {len(header)}")
-        texts.append(row[at[columns.text]])
+        texts.append(row[column_index[columns.text]])
         if columns.pair is not None:
-            pairs.append(row[at[columns.pair]])
-        labels.append(_label(path, number, row[at[columns.label]]))
+            pairs.append(row[column_index[columns.pair]])
+        labels.append(_label(path, number, row[column_index[columns.label]]))
         lines.append(number)
     return LabelledSet(path, kind.lower(), texts, labels, pairs if columns.pair is not None else None, lines)

@@ -46,8 +46,10 @@ def test_binary_scores_by_hand():
     probs = np.stack([1 - p1, p1], axis=1)
     # predictions 0 1 0 1 1: TP 2 (rows 3, 4), FP 1 (row 1), FN 1 (row 2), TN 1 (row 0)
     # AUC: positives {0.4, 0.8, 0.9} vs negatives {0.1, 0.6}: 5 of the 6 pairs are ordered right
-    s = classification_scores(y, probs, positive=1)
-    assert s == pytest.approx({"accuracy": 3 / 5, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "roc_auc": 5 / 6})
+    scores = classification_scores(y, probs, positive=1)
+    assert scores == pytest.approx(
+        {"accuracy": 3 / 5, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "roc_auc": 5 / 6}
+    )
     # class 0 as the positive one: predicted 0 at rows 0 and 2, of which row 0 is right; 1 of the 2 zeros found
     s0 = classification_scores(y, probs, positive=0)
     assert s0 == pytest.approx({"accuracy": 3 / 5, "precision": 1 / 2, "recall": 1 / 2, "f1": 1 / 2, "roc_auc": 5 / 6})
@@ -56,9 +58,9 @@ def test_binary_scores_by_hand():
 def test_binary_auc_counts_ties_as_half_and_nothing_predicted_as_zero():
     # positives {0.4, 0.4}, negatives {0.4, 0.3}: pairs 0.5 + 1 + 0.5 + 1 = 3 of 4; all predicted negative
     p1 = np.array([0.4, 0.4, 0.4, 0.3])
-    s = classification_scores([1, 1, 0, 0], np.stack([1 - p1, p1], axis=1), positive=1)
-    assert s["roc_auc"] == pytest.approx(3 / 4)
-    assert (s["precision"], s["recall"], s["f1"], s["accuracy"]) == (0.0, 0.0, 0.0, 0.5)
+    scores = classification_scores([1, 1, 0, 0], np.stack([1 - p1, p1], axis=1), positive=1)
+    assert scores["roc_auc"] == pytest.approx(3 / 4)
+    assert (scores["precision"], scores["recall"], scores["f1"], scores["accuracy"]) == (0.0, 0.0, 0.0, 0.5)
 
 
 def test_multiclass_macro_scores_by_hand():
@@ -75,9 +77,9 @@ def test_multiclass_macro_scores_by_hand():
     )
     # class 0: P 1/2 R 1/2, class 1: P 1/2 R 1/2, class 2: P 1 R 1 -> macro 2/3 each
     # one-vs-rest AUC: class 0: 7/8, class 1: 6.5/8 (one tie), class 2: 8/8 -> macro 2.6875 / 3
-    s = classification_scores(y, probs)
+    scores = classification_scores(y, probs)
     expected = {"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3, "roc_auc": 2.6875 / 3}
-    assert s == pytest.approx(expected)
+    assert scores == pytest.approx(expected)
 
 
 def test_multiclass_f1_is_the_mean_of_the_per_class_f1():
@@ -85,10 +87,10 @@ def test_multiclass_f1_is_the_mean_of_the_per_class_f1():
     pred = [0, 1, 1, 2, 2, 0]
     probs = np.eye(3)[pred] * 0.8 + 0.2 / 3
     # class 0: P 1/2 R 1/2 F 1/2; class 1: P 1/2 R 1 F 2/3; class 2: P 1 R 2/3 F 4/5
-    s = classification_scores(y, probs)
-    assert s["precision"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
-    assert s["recall"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
-    assert s["f1"] == pytest.approx((1 / 2 + 2 / 3 + 4 / 5) / 3)
+    scores = classification_scores(y, probs)
+    assert scores["precision"] == pytest.approx((1 / 2 + 1 / 2 + 1) / 3)
+    assert scores["recall"] == pytest.approx((1 / 2 + 1 + 2 / 3) / 3)
+    assert scores["f1"] == pytest.approx((1 / 2 + 2 / 3 + 4 / 5) / 3)
 
 
 def test_auc_is_nan_without_every_class_and_summaries_skip_it():
@@ -101,8 +103,8 @@ def test_auc_is_nan_without_every_class_and_summaries_skip_it():
     rows_a = [{m: v for m in ("accuracy", "precision", "recall", "f1", "roc_auc")} for v in (0.6, 0.8)]
     rows_b = [{m: v for m in ("accuracy", "precision", "recall", "f1", "roc_auc")} for v in (0.5, 0.5)]
     assert summarise(rows_a)["f1"] == {"mean": pytest.approx(0.7), "std": pytest.approx(math.sqrt(0.02)), "n": 2}
-    d = paired_difference(rows_a, rows_b)["roc_auc"]
-    assert d["mean"] == pytest.approx(0.2) and d["std"] == pytest.approx(math.sqrt(0.02))
+    difference = paired_difference(rows_a, rows_b)["roc_auc"]
+    assert difference["mean"] == pytest.approx(0.2) and difference["std"] == pytest.approx(math.sqrt(0.02))
 
 
 def test_results_json_writes_undefined_values_as_null(tmp_path):
@@ -133,19 +135,19 @@ def write(path: Path, text: str, encoding: str = "utf-8") -> Path:
 
 
 def test_tsv_with_header_pairs_and_string_labels(tmp_path):
-    f = write(
+    path = write(
         tmp_path / "nli.tsv",
         'id\tpremise\thypothesis\tlabel\n1\tA "quoted" man.\tA man.\tentailment\n\n2\tB\tC\tneutral\n',
     )
-    data = read_labelled(f, Columns(text="premise", pair="hypothesis", label="label"))
+    data = read_labelled(path, Columns(text="premise", pair="hypothesis", label="label"))
     assert data.format == "tsv"
     assert data.texts == ['A "quoted" man.', "B"] and data.pairs == ["A man.", "C"]
     assert data.labels == ["entailment", "neutral"] and data.lines == [2, 4]
 
 
 def test_csv_with_quoted_commas_and_pairs(tmp_path):
-    f = write(tmp_path / "pairs.csv", 'label,s1,s2\nyes,"one, two","three ""3"""\nno,"multi\nline",x\n')
-    data = read_labelled(f, Columns(text="s1", pair="s2"))
+    path = write(tmp_path / "pairs.csv", 'label,s1,s2\nyes,"one, two","three ""3"""\nno,"multi\nline",x\n')
+    data = read_labelled(path, Columns(text="s1", pair="s2"))
     assert data.format == "csv"
     assert data.texts == ["one, two", "multi\nline"] and data.pairs == ['three "3"', "x"]
     assert data.labels == ["yes", "no"] and data.lines == [2, 3]
@@ -157,21 +159,21 @@ def test_json_lines_with_numbers_booleans_and_pairs(tmp_path):
         {"q": "Not?", "a": "No.", "y": 0},
         {"q": "Sure?", "a": "Maybe.", "y": 2.0},
     ]
-    f = write(tmp_path / "qa.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
-    data = read_labelled(f, Columns(text="q", pair="a", label="y"))
+    path = write(tmp_path / "qa.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
+    data = read_labelled(path, Columns(text="q", pair="a", label="y"))
     assert (data.format, data.texts, data.pairs, data.labels) == (
         "jsonl",
         ["Is it?", "Not?", "Sure?"],
         ["Yes.", "No.", "Maybe."],
         ["1", "0", "2"],
     )
-    g = write(tmp_path / "flags.jsonl", '{"text": "a", "label": true}\n{"text": "b", "label": false}\n')
-    assert read_labelled(g).labels == ["true", "false"]
+    flags = write(tmp_path / "flags.jsonl", '{"text": "a", "label": true}\n{"text": "b", "label": false}\n')
+    assert read_labelled(flags).labels == ["true", "false"]
 
 
 def test_fasttext_lines(tmp_path):
-    f = write(tmp_path / "reviews.txt", "__label__pos a fine film .\n\n__label__neg  dull ,  dull\t.\n")
-    data = read_labelled(f)
+    path = write(tmp_path / "reviews.txt", "__label__pos a fine film .\n\n__label__neg  dull ,  dull\t.\n")
+    data = read_labelled(path)
     assert data.format == "fasttext"
     assert data.texts == ["a fine film .", "dull , dull ."] and data.labels == ["pos", "neg"] and data.pairs is None
 
@@ -191,12 +193,12 @@ def test_format_from_content_when_the_name_says_nothing(tmp_path, text, fmt):
 
 
 def test_encodings_bom_and_windows_1252(tmp_path, caplog):
-    f = write(tmp_path / "bom.csv", "\ufefftext,label\ncafé,a\n", "utf-8")
-    assert read_labelled(f).texts == ["café"]  # the BOM does not end up in the first column's name
-    g = write(tmp_path / "old.txt", "__label__pos clichés \u2014 fine\n", "cp1252")
+    path = write(tmp_path / "bom.csv", "\ufefftext,label\ncafé,a\n", "utf-8")
+    assert read_labelled(path).texts == ["café"]  # the BOM does not end up in the first column's name
+    old = write(tmp_path / "old.txt", "__label__pos clichés \u2014 fine\n", "cp1252")
     with caplog.at_level(logging.WARNING):
-        assert read_labelled(g).texts == ["clichés \u2014 fine"]
-    assert "not UTF-8" in caplog.text and str(g) in caplog.text
+        assert read_labelled(old).texts == ["clichés \u2014 fine"]
+    assert "not UTF-8" in caplog.text and str(old) in caplog.text
 
 
 def test_the_demo_labelled_set():
@@ -246,11 +248,11 @@ def test_class_order_is_numeric_for_integers():
     ],
 )
 def test_reader_errors(tmp_path, name, text, columns, expected):
-    f = write(tmp_path / name, text)
+    path = write(tmp_path / name, text)
     with pytest.raises(LabelledDataError) as e:
-        read_labelled(f, columns)
+        read_labelled(path, columns)
     message = str(e.value)
-    assert message.startswith(f"{f}: ") and expected in message and "\n" not in message
+    assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
 
 
 def config(tmp_path, data, **kw) -> ProbeConfig:
@@ -272,10 +274,10 @@ def test_task_errors_one_class_label_only_in_dev_and_small_classes(tmp_path):
 
 
 def test_binary_positive_class_defaults_to_the_last_label(tmp_path):
-    f = write(tmp_path / "t.tsv", "text\tlabel\na\t1\nb\t0\nc\t1\nd\t0\n")
-    task = prepare_task(config(tmp_path, f, folds=2))
+    path = write(tmp_path / "t.tsv", "text\tlabel\na\t1\nb\t0\nc\t1\nd\t0\n")
+    task = prepare_task(config(tmp_path, path, folds=2))
     assert task.classes == ["0", "1"] and task.positive == 1 and task.y.tolist() == [1, 0, 1, 0]
-    task = prepare_task(config(tmp_path, f, folds=2, positive_label="0"))
+    task = prepare_task(config(tmp_path, path, folds=2, positive_label="0"))
     assert task.positive == 0
 
 
@@ -388,10 +390,12 @@ def sentiment_file(tmp_path_factory) -> Path:
 
 def test_pretrained_and_random_init_share_the_head_but_not_the_encoder(hf_folder):
     folder = load_albert_folder(hf_folder, ["a", "b"], 32)
-    a, b = (new_model(folder, kind, seed=7).state_dict() for kind in ("pretrained", "random-init"))
-    assert torch.equal(a["classifier.weight"], b["classifier.weight"])
+    pretrained, random_init = (new_model(folder, kind, seed=7).state_dict() for kind in ("pretrained", "random-init"))
+    assert torch.equal(pretrained["classifier.weight"], random_init["classifier.weight"])
     name = "albert.encoder.albert_layer_groups.0.albert_layers.0.ffn.weight"
-    assert torch.equal(a[name], folder.encoder_state[name]) and not torch.equal(a[name], b[name])
+    assert torch.equal(pretrained[name], folder.encoder_state[name]) and not torch.equal(
+        pretrained[name], random_init[name]
+    )
 
 
 def test_the_training_loop_learns_an_easy_task(hf_folder, sentiment_file):
@@ -486,10 +490,10 @@ def test_end_to_end_dev_set_pairs_and_three_classes(tmp_path, hf_folder, capsys)
 
 def test_splits_ignore_the_model(tmp_path):
     """make_splits depends on the labels and seeds only: one list serves every model."""
-    f = write(tmp_path / "t.txt", "".join(f"__label__{'xyz'[i % 3]} w{i}\n" for i in range(27)))
-    cfg = config(tmp_path, f, folds=3, seeds=2, train=FinetuneSettings(epochs=1))
+    path = write(tmp_path / "t.txt", "".join(f"__label__{'xyz'[i % 3]} w{i}\n" for i in range(27)))
+    cfg = config(tmp_path, path, folds=3, seeds=2, train=FinetuneSettings(epochs=1))
     task = prepare_task(cfg)
-    a, b = make_splits(task, cfg), make_splits(task, cfg)
-    assert [(s.seed, s.fold, s.test.tolist()) for s in a] == [(s.seed, s.fold, s.test.tolist()) for s in b]
-    for s in a:
+    first, second = make_splits(task, cfg), make_splits(task, cfg)
+    assert [(s.seed, s.fold, s.test.tolist()) for s in first] == [(s.seed, s.fold, s.test.tolist()) for s in second]
+    for s in first:
         assert Counter(task.y[s.test].tolist()) == {0: 3, 1: 3, 2: 3}

@@ -72,8 +72,8 @@ def test_round_trip_is_exact(tmp_path):
     export_hf(ours, cfg, tmp_path)
     config2, model2 = load_hf(tmp_path)
     assert config2 == cfg
-    sd, sd2 = ours.state_dict(), model2.state_dict()
-    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+    state, state2 = ours.state_dict(), model2.state_dict()
+    assert state.keys() == state2.keys() and all(torch.equal(state[k], state2[k]) for k in state)
     # The file holds what transformers saves itself: no tied decoder, HF names, split key/value.
     hf_model = transformers.AlbertForPreTraining(transformers.AlbertConfig(**cfg.to_hf_dict()))
     hf_model.save_pretrained(tmp_path / "hf_saved")
@@ -203,11 +203,11 @@ def test_tokenizer_export(tmp_path):
         4,
     ]
     text = "the lazy fox shares depth"
-    sp = spm.SentencePieceProcessor(model_file=str(model_file))
-    assert tok(text)["input_ids"] == [2, *sp.encode(text), 3]
+    processor = spm.SentencePieceProcessor(model_file=str(model_file))
+    assert tok(text)["input_ids"] == [2, *processor.encode(text), 3]
     assert tok("the fox", "lazy dog", return_token_type_ids=True)["token_type_ids"] == [0] * (
-        len(sp.encode("the fox")) + 2
-    ) + [1] * (len(sp.encode("lazy dog")) + 1)
+        len(processor.encode("the fox")) + 2
+    ) + [1] * (len(processor.encode("lazy dog")) + 1)
 
 
 def test_tokenizer_export_refuses_other_special_ids(tmp_path):
@@ -401,17 +401,17 @@ def test_consolidate_bf16_optimizer_partitions_of_any_world_size(tmp_path, monke
     from pipeline.export import consolidate
 
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # consolidate sets it if unset: keep the session's environment as it is
-    g = torch.Generator().manual_seed(world)
+    generator = torch.Generator().manual_seed(world)
     groups = [
-        {"a.weight": torch.randn(7, 5, generator=g), "b.bias": torch.randn(3, generator=g)},
-        {"c.weight": torch.randn(2, 2, 2, generator=g)},
+        {"a.weight": torch.randn(7, 5, generator=generator), "b.bias": torch.randn(3, generator=generator)},
+        {"c.weight": torch.randn(2, 2, 2, generator=generator)},
     ]
     write_bf16_optimizer_checkpoint(tmp_path / "step-1", groups, world)
-    sd = consolidate(tmp_path, "step-1")
+    consolidated = consolidate(tmp_path, "step-1")
     expected = {**groups[0], **groups[1], "tied.weight": groups[0]["a.weight"]}
-    assert sd.keys() == expected.keys()
+    assert consolidated.keys() == expected.keys()
     for name, value in expected.items():
-        assert torch.equal(sd[name], value), name
+        assert torch.equal(consolidated[name], value), name
 
 
 def test_consolidate_bf16_optimizer_names_the_file_that_does_not_add_up(tmp_path, monkeypatch):

@@ -141,8 +141,8 @@ def test_labels_optional():
 
 def test_explicit_attention_equals_sdpa():
     """The form used on CPU in bf16 computes what SDPA computes (checked in fp32), with fewer query rows too."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(3, 4, n, 16, generator=g) for n in (7, 10, 10))
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 4, n, 16, generator=generator) for n in (7, 10, 10))
     mask = (torch.arange(10) < torch.tensor([10, 6, 3])[:, None])[:, None, None, :]
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(explicit_attention(q, k, v, mask), ref, rtol=0, atol=1e-6)
