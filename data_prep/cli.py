@@ -9,6 +9,7 @@ from pathlib import Path
 
 from common.logs import setup_logging
 
+from . import flags
 from .errors import DataPrepError
 from .progress import default_seconds as default_progress_seconds
 
@@ -42,13 +43,13 @@ def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -
     )
     p.add_argument(
         "--num-files",
-        type=int,
+        type=flags.FILE_COUNT,
         default=0,
         help="number of balanced corpus files; 0: auto, one per 128 MB of text, at least 4 (never depends on workers or ranks)",
     )
     p.add_argument(
         "--part-mb",
-        type=float,
+        type=flags.MEGABYTES,
         default=16.0,
         help="inputs are read in parts of about this size, one task each and the unit of --resume: a docs file "
         "in byte ranges, a multistream wiki dump (with its -index.txt.bz2 beside it) at stream offsets; "
@@ -63,37 +64,42 @@ def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -
 
 
 def _add_vocab_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vocab-size", type=int, default=30000, help="SentencePiece pieces (ALBERT: 30000)")
+    p.add_argument("--vocab-size", type=flags.VOCAB_SIZE, default=30000, help="SentencePiece pieces (ALBERT: 30000)")
     p.add_argument(
-        "--input-sentence-size", type=int, default=10_000_000, help="sentences sampled for training (large corpora)"
+        "--input-sentence-size",
+        type=flags.SENTENCES,
+        default=10_000_000,
+        help="sentences sampled for training (large corpora)",
     )
 
 
 def _add_shard_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("examples")
-    g.add_argument("--max-seq-length", type=int, default=128)
-    g.add_argument("--max-predictions-per-seq", type=int, default=20)
-    g.add_argument("--masked-lm-prob", type=float, default=0.15)
-    g.add_argument("--ngram", type=int, default=3, help="longest n-gram of whole words to mask; P(n) ~ 1/n")
-    g.add_argument("--dupe-factor", type=int, default=5, help="passes over the corpus with different masks and pairs")
-    g.add_argument("--short-seq-prob", type=float, default=0.1)
-    g.add_argument("--seed", type=int, default=12345)
+    g.add_argument("--max-seq-length", type=flags.SEQ_LENGTH, default=128)
+    g.add_argument("--max-predictions-per-seq", type=flags.PREDICTIONS, default=20)
+    g.add_argument("--masked-lm-prob", type=flags.OPEN_PROBABILITY, default=0.15)
+    g.add_argument("--ngram", type=flags.NGRAM, default=3, help="longest n-gram of whole words to mask; P(n) ~ 1/n")
+    g.add_argument(
+        "--dupe-factor", type=flags.DUPE_FACTOR, default=5, help="passes over the corpus with different masks and pairs"
+    )
+    g.add_argument("--short-seq-prob", type=flags.PROBABILITY, default=0.1)
+    g.add_argument("--seed", type=flags.SEED, default=12345)
     g.add_argument(
         "--num-shards",
-        type=int,
+        type=flags.FILE_COUNT,
         default=0,
         help="output HDF5 files; 0: auto, from --shard-mb (an explicit count overrides it)",
     )
     g.add_argument(
         "--shard-mb",
-        type=float,
+        type=flags.MEGABYTES,
         default=256.0,
         help="auto shard count: MB of example records per shard (uncompressed; each shard is shuffled in the memory "
         "of one process: its peak is about this plus 100 MB); 1 MB of text x dupe factor makes about 1 MB of records",
     )
     g.add_argument(
         "--piece-mb",
-        type=float,
+        type=flags.MEGABYTES,
         default=8.0,
         help="input files are cut at document boundaries into pieces of about this size, one task each, "
         "so that a single big file keeps every worker busy (part of the settings: it changes the examples)",
@@ -113,10 +119,10 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
 
 def _add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:
     if workers:
-        p.add_argument("--workers", type=int, default=1, help="processes on this machine (per MPI rank)")
+        p.add_argument("--workers", type=flags.WORKERS, default=1, help="processes on this machine (per MPI rank)")
         p.add_argument(
             "--progress-seconds",
-            type=float,
+            type=flags.SECONDS,
             default=default_progress_seconds(),
             help="without a terminal (a batch job's log), each rank logs its progress every this many seconds; "
             "0: never (the environment variable ALBERT_PROGRESS_SECONDS sets the default)",
@@ -173,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output-prefix", required=True, type=Path)
     p.add_argument("--format", default="auto", help="input format (see `corpus`)")
-    p.add_argument("--seed", type=int, default=12345)
+    p.add_argument("--seed", type=flags.SEED, default=12345)
     _add_vocab_args(p)
     _add_common(p)
 
@@ -190,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("inspect", "print examples decoded back to text (masks and labels shown) and statistics of a shard")
     p.add_argument("shard", type=Path)
-    p.add_argument("-n", "--num-examples", type=int, default=3)
+    p.add_argument("-n", "--num-examples", type=flags.EXAMPLES, default=3)
     p.add_argument("--spm-model", type=Path, default=None, help="default: spiece.model beside the shard")
     _add_common(p, workers=False)
 

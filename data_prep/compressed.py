@@ -5,15 +5,18 @@ from __future__ import annotations
 import bz2
 import gzip
 import lzma
+import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .errors import DataPrepError
 
-# What a corrupt or truncated compressed file raises while it is read.
-DECOMPRESSION_ERRORS = (EOFError, OSError, lzma.LZMAError)
+# What a corrupt or truncated compressed file raises while it is read: gzip reports a bad header or checksum as an
+# OSError but damaged deflate data as zlib.error, which is not one.
+DECOMPRESSION_ERRORS = (EOFError, OSError, lzma.LZMAError, zlib.error)
 
-_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+_OPENERS: dict[str, Callable[..., object]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 
 
 def compression(path: Path) -> str | None:
@@ -33,7 +36,7 @@ def open_input(path: Path) -> BinaryIO:
     path = Path(path)
     opener = _OPENERS.get(compression(path) or "", open)
     try:
-        return opener(path, "rb")
+        return cast(BinaryIO, opener(path, "rb"))
     except FileNotFoundError:
         raise DataPrepError(f"{path}: no such file or directory") from None
     except IsADirectoryError:

@@ -10,19 +10,56 @@ import h5py
 import numpy as np
 
 from .errors import DataPrepError
-from .shards import FIELDS, MANIFEST, Manifest, read_shard
+from .examples import record_dtype
+from .shards import FIELDS, MANIFEST, Manifest
 from .vocab import Vocab, sha256_file
 
 log = logging.getLogger(__name__)
 
 WINDOW = 8192  # rows read at a time: verify and inspect never hold a whole shard
 
+# What h5py raises on a damaged file: OSError for what HDF5 reports (a bad header, a compression filter failing on
+# corrupt chunk data), KeyError, ValueError or RuntimeError where damaged metadata makes a name or shape wrong.
+H5_ERRORS = (OSError, KeyError, ValueError, RuntimeError)
+
+
+class ShardReadError(DataPrepError):
+    """A shard that cannot be read: `where` names the part (a dataset and its rows, or the file), `error` what h5py
+    said."""
+
+    def __init__(self, path: Path, where: str, error: BaseException | str):
+        self.path, self.where, self.error = path, where, " ".join(str(error).split())
+        super().__init__(f"{path}: {where} unreadable ({self.error})")
+
+
+def _missing(f: h5py.File) -> list[str]:
+    """The FIELDS that are not datasets in `f` (absent, or a damaged name now pointing at something else)."""
+    return [name for name in FIELDS if not isinstance(f.get(name), h5py.Dataset)]
+
 
 def _windows(path: Path):
-    with h5py.File(path, "r") as f:
-        n = f["input_ids"].shape[0]
-    for start in range(0, n, WINDOW):
-        yield start, read_shard(path, start, min(start + WINDOW, n))
+    """(first row, records) for each WINDOW rows of a shard, read dataset by dataset so that an error names one."""
+    try:
+        f = h5py.File(path, "r")
+    except H5_ERRORS as e:
+        raise ShardReadError(path, "HDF5 file", e) from None
+    with f:
+        try:
+            if missing := _missing(f):
+                raise ShardReadError(path, f"dataset {missing[0]}", "missing, or not a dataset")
+            n, length = f["input_ids"].shape
+            predictions = f["masked_lm_positions"].shape[1]
+        except H5_ERRORS as e:
+            raise ShardReadError(path, "dataset shapes", e) from None
+        for start in range(0, n, WINDOW):
+            stop = min(start + WINDOW, n)
+            recs = np.zeros(stop - start, dtype=record_dtype(length, predictions))
+            for name in FIELDS:
+                try:
+                    recs[name] = f[name][start:stop]
+                except H5_ERRORS as e:
+                    raise ShardReadError(path, f"dataset {name} (rows {start}-{stop - 1})", e) from None
+            yield start, recs
 
 
 # ----------------------------------------------------------------------------------------------- inspect
@@ -130,14 +167,32 @@ def inspect_shard(path: Path, vocab: Vocab | None = None, num_examples: int = 3)
                 for i in range(min(num_examples, len(recs))):
                     out.append(f"-- example {i}: " + render_example(recs[i], vocab))
             stats.add(recs, vocab)
-    except (OSError, KeyError) as e:
-        raise DataPrepError(f"{path}: cannot read shard ({e})") from None
+    except ShardReadError as e:
+        verdict = _listed_checksum(path)
+        raise DataPrepError(f"{e}; {verdict}" if verdict else str(e)) from None
+    except (IndexError, ValueError) as e:  # ids or positions beyond the vocabulary or the sequence
+        verdict = _listed_checksum(path)
+        raise DataPrepError(
+            f"{path}: values out of range ({e}){'; ' + verdict if verdict else ''}; `albert-data verify` lists the rows"
+        ) from None
     out.append("-- statistics")
     out.extend(stats.lines())
     return out
 
 
 # ----------------------------------------------------------------------------------------------- verify
+
+
+def _listed_checksum(path: Path) -> str | None:
+    """The sha256 verdict on a shard listed in the manifest beside it, or None (no readable manifest lists it)."""
+    try:
+        manifest = Manifest.load(path.parent)
+    except DataPrepError:
+        return None
+    if _manifest_problem(path.parent, manifest) is not None:
+        return None
+    entry = next((e for e in manifest.shards if e["name"] == path.name), None)
+    return _checksum(path, entry["sha256"]) if entry else None
 
 
 def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[str, list[int]]) -> None:
@@ -151,7 +206,7 @@ def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[st
     rows = np.arange(n)
     lengths = mask.sum(1)
 
-    def flag(kind: str, bad: np.ndarray) -> None:
+    def flag(kind: str, bad: np.ndarray | np.bool_) -> None:
         if bad.any():
             lst = problems.setdefault(kind, [0, start + int(np.flatnonzero(bad)[0])])
             lst[0] += int(bad.sum())
@@ -183,8 +238,89 @@ def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[st
     flag("non-zero masked_lm_ids on prediction padding", (~real & (lm != 0)).any(1))
 
 
+def _checksum(path: Path, expected: str) -> str:
+    """The sha256 verdict on a shard, as it reads in a problem line."""
+    try:
+        same = sha256_file(path) == expected
+    except OSError as e:
+        return f"sha256 not computed: {e.strerror or e}"
+    return f"sha256 {'matches' if same else 'differs from'} {MANIFEST}"
+
+
+def _check_shard(path: Path, entry: dict, attrs: dict, vocab: Vocab) -> tuple[list[str], int]:
+    """The problems of one shard listed in the manifest, and its number of examples (0 when unreadable)."""
+    problems: list[str] = []
+    verdict = _checksum(path, entry["sha256"])
+    if not verdict.endswith(f"matches {MANIFEST}"):
+        problems.append(f"{path}: {verdict} (file changed or corrupt)")
+    L, P = attrs.get("max_seq_length"), attrs.get("max_predictions_per_seq")
+    try:
+        with h5py.File(path, "r") as f:
+            missing = _missing(f)
+            if missing:
+                return problems + [f"{path}: missing datasets {', '.join(missing)}; {verdict}"], 0
+            n = f["input_ids"].shape[0]
+            expect = {
+                "input_ids": ((n, L), np.uint16),
+                "input_mask": ((n, L), np.uint8),
+                "segment_ids": ((n, L), np.uint8),
+                "masked_lm_positions": ((n, P), np.uint16),
+                "masked_lm_ids": ((n, P), np.uint16),
+                "next_sentence_labels": ((n,), np.uint8),
+            }
+            for key, (shape, dtype) in expect.items():
+                if f[key].shape != shape or f[key].dtype != dtype:
+                    problems.append(
+                        f"{path}: dataset {key} is {f[key].shape} {f[key].dtype}, expected {shape} {np.dtype(dtype)}"
+                    )
+            for key in ("vocab_sha256", "max_seq_length", "max_predictions_per_seq"):
+                if key in attrs and (key not in f.attrs or not np.array_equal(f.attrs[key], attrs[key])):
+                    problems.append(f"{path}: attribute {key} differs from {MANIFEST}")
+            if f.attrs.get("sentence_task") != "sop":
+                problems.append(f"{path}: sentence_task attribute is not 'sop'")
+    except H5_ERRORS as e:
+        return problems + [f"{path}: not a readable HDF5 file ({' '.join(str(e).split())}); {verdict}"], 0
+    if n != entry["num_examples"]:
+        problems.append(f"{path}: {n} examples, {MANIFEST} says {entry['num_examples']}")
+    if any(p.startswith(f"{path}: dataset") for p in problems):
+        return problems, n
+    found: dict[str, list[int]] = {}
+    try:
+        for start, recs in _windows(path):
+            _check_records(recs, start, vocab, found)
+    except ShardReadError as e:  # the rows read so far were checked: their problems are reported too
+        problems.append(f"{e}; {verdict}")
+    for kind, (count, first) in found.items():
+        problems.append(f"{path}: {kind}: {count} rows (first: row {first})")
+    return problems, n
+
+
+def _manifest_problem(folder: Path, manifest: Manifest) -> str | None:
+    """What makes the manifest's own entries unusable (a hand-edited or damaged manifest), or None."""
+    path = folder / MANIFEST
+    vocab = manifest.data.get("vocab")
+    if (
+        not isinstance(vocab, dict)
+        or not isinstance(vocab.get("file"), str)
+        or not isinstance(vocab.get("sha256"), str)
+    ):
+        return f"{path}: vocab is not an object with string file and sha256"
+    if not isinstance(manifest.data.get("attributes", {}), dict) or not isinstance(manifest.shards, list):
+        return f"{path}: attributes is not an object or shards not a list"
+    for i, entry in enumerate(manifest.shards):
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("name"), str)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("num_examples"), int)
+        ):
+            return f"{path}: shards[{i}] is not an object with name, sha256 and num_examples"
+    return None
+
+
 def verify_folder(folder: Path, progress: bool = False) -> list[str]:
-    """Every problem found, one line each (empty when the folder is sound)."""
+    """Every problem found, one line each (empty when the folder is sound). A shard that cannot be read is one
+    line naming the file, the dataset (or the file's header) and whether its sha256 still matches the manifest."""
     from tqdm import tqdm
 
     folder = Path(folder)
@@ -194,15 +330,19 @@ def verify_folder(folder: Path, progress: bool = False) -> list[str]:
         manifest = Manifest.load(folder)
     except DataPrepError as e:
         return [str(e)]
+    if (bad := _manifest_problem(folder, manifest)) is not None:
+        return [bad]
     problems: list[str] = []
     attrs = manifest.data.get("attributes", {})
-    L, P = attrs.get("max_seq_length"), attrs.get("max_predictions_per_seq")
     vocab_path = folder / manifest.data["vocab"]["file"]
     if not vocab_path.is_file():
         return problems + [f"{vocab_path}: vocabulary named in {MANIFEST} is missing"]
     if sha256_file(vocab_path) != manifest.data["vocab"]["sha256"]:
         problems.append(f"{vocab_path}: sha256 differs from {MANIFEST}")
-    vocab = Vocab(vocab_path)
+    try:
+        vocab = Vocab(vocab_path)
+    except DataPrepError as e:
+        return problems + [str(e)]
     listed = {s["name"] for s in manifest.shards}
     for extra in sorted(p.name for p in folder.glob("*.h5")):
         if extra not in listed:
@@ -213,46 +353,9 @@ def verify_folder(folder: Path, progress: bool = False) -> list[str]:
         if not path.is_file():
             problems.append(f"{path}: missing")
             continue
-        if sha256_file(path) != entry["sha256"]:
-            problems.append(f"{path}: sha256 differs from {MANIFEST} (file changed or corrupt)")
-        try:
-            with h5py.File(path, "r") as f:
-                missing = [k for k in FIELDS if k not in f]
-                if missing:
-                    problems.append(f"{path}: missing datasets {', '.join(missing)}")
-                    continue
-                n = f["input_ids"].shape[0]
-                expect = {
-                    "input_ids": ((n, L), np.uint16),
-                    "input_mask": ((n, L), np.uint8),
-                    "segment_ids": ((n, L), np.uint8),
-                    "masked_lm_positions": ((n, P), np.uint16),
-                    "masked_lm_ids": ((n, P), np.uint16),
-                    "next_sentence_labels": ((n,), np.uint8),
-                }
-                for key, (shape, dtype) in expect.items():
-                    if f[key].shape != shape or f[key].dtype != dtype:
-                        problems.append(
-                            f"{path}: dataset {key} is {f[key].shape} {f[key].dtype}, expected {shape} {np.dtype(dtype)}"
-                        )
-                for key in ("vocab_sha256", "max_seq_length", "max_predictions_per_seq"):
-                    if key in attrs and (key not in f.attrs or f.attrs[key] != attrs[key]):
-                        problems.append(f"{path}: attribute {key} differs from {MANIFEST}")
-                if f.attrs.get("sentence_task") != "sop":
-                    problems.append(f"{path}: sentence_task attribute is not 'sop'")
-        except OSError as e:
-            problems.append(f"{path}: not a readable HDF5 file ({e})")
-            continue
-        if n != entry["num_examples"]:
-            problems.append(f"{path}: {n} examples, {MANIFEST} says {entry['num_examples']}")
+        found, n = _check_shard(path, entry, attrs, vocab)
+        problems.extend(found)
         total += n
-        if any(p.startswith(f"{path}: dataset") for p in problems):
-            continue
-        found: dict[str, list[int]] = {}
-        for start, recs in _windows(path):
-            _check_records(recs, start, vocab, found)
-        for kind, (count, first) in found.items():
-            problems.append(f"{path}: {kind}: {count} rows (first: row {first})")
     if total != manifest.data.get("num_examples", total):
         problems.append(
             f"{folder / MANIFEST}: num_examples {manifest.data['num_examples']} but the shards hold {total}"

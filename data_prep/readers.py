@@ -9,9 +9,12 @@ expensive part (wiki markup cleaning, sentence splitting) and can run in a worke
 Everything streams: at most one document (plus one read chunk) is held in memory. Compressed
 inputs (.gz, .bz2, .xz) are read through their compression in every format.
 
-Text that is not UTF-8 is refused, not silently turned into documents: a NUL byte (binary data), or
-undecodable bytes beyond `BAD_BYTES_FRACTION` of what was read, end the read with the file and the
-byte offset of the first offending byte. `allow_bad_bytes=True` replaces them and counts instead.
+Text is UTF-8, or UTF-16 or UTF-32 (LE or BE) when the file starts with that byte-order mark; a byte-order
+mark is never part of the text. A UTF-16 or UTF-32 file is read whole, as one range (docs_pieces). A file
+without a mark that looks like UTF-16 or UTF-32 is refused, naming the encoding. Text that does not decode is
+refused, not silently turned into documents: a NUL character (binary data), or undecodable bytes beyond
+`BAD_BYTES_FRACTION` of what was read, end the read with the file and the byte offset of the first offending
+byte. `allow_bad_bytes=True` replaces them and counts instead.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol, cast
 
 from data_prep.compressed import DECOMPRESSION_ERRORS, compression, decompression_error, open_input, without_compression
 from data_prep.errors import DataPrepError
@@ -125,31 +128,125 @@ def _where(path: Path, offset: int) -> str:
     return f"byte offset {offset}" + (" of the decompressed data" if compression(path) else "")
 
 
+# --- encodings ------------------------------------------------------------------------------
+# Text is UTF-8 unless it starts with a byte-order mark naming UTF-16 or UTF-32. UTF-32-LE's mark begins with
+# UTF-16-LE's, so it is tried first (a UTF-16 file cannot start with U+0000 and be text).
+_BOMS = (
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+BOM_BYTES = 4  # enough of a file's start to recognise any of them
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a text file is decoded: `codec` (Python's name), the length of its byte-order mark (0: none) and its
+    code unit in bytes (a UTF-16 or UTF-32 file can only be cut between code units)."""
+
+    codec: str
+    bom: int = 0
+
+    @property
+    def unit(self) -> int:
+        return {"utf-16-le": 2, "utf-16-be": 2, "utf-32-le": 4, "utf-32-be": 4}.get(self.codec, 1)
+
+    @property
+    def name(self) -> str:
+        return self.codec.upper()
+
+    @property
+    def iconv_name(self) -> str:
+        """As iconv spells it: UTF-16LE."""
+        return self.name.replace("-LE", "LE").replace("-BE", "BE")
+
+
+UTF8 = Encoding("utf-8")
+
+
+def sniff_encoding(head: bytes) -> Encoding:
+    """The encoding of text whose first bytes (BOM_BYTES or more, fewer only for a shorter file) are `head`."""
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            return Encoding(codec, len(bom))
+    return UTF8
+
+
+def file_encoding(path: Path) -> Encoding:
+    """The encoding of a file, from its first bytes (decompressed, for a compressed file)."""
+    with open_input(path) as stream:
+        try:
+            head = stream.read(BOM_BYTES)
+        except DECOMPRESSION_ERRORS as exc:
+            if compression(path) is None:
+                raise DataPrepError(f"{path}: cannot read ({exc})") from None
+            raise decompression_error(path, exc) from None
+    return sniff_encoding(head)
+
+
+# Without a byte-order mark, ASCII-range text in UTF-16 or UTF-32 has a zero byte at the same place of nearly every
+# code unit, and (characters U+0100, U+0200, ... being rare) almost never at the other; binary data and UTF-8 text
+# have no such pattern. Judged on the first _GUESS_BYTES bytes of a file that holds a NUL byte there.
+_GUESS_BYTES = 4096
+_GUESSES = (("utf-32-le", (2, 3), 0), ("utf-32-be", (0, 1), 3), ("utf-16-le", (1,), 0), ("utf-16-be", (0,), 1))
+
+
+def _zero_share(sample: bytes, unit: int, k: int) -> float:
+    """The share of the `unit`-byte units of `sample` whose byte `k` is zero."""
+    units = len(sample) // unit
+    return sample[k : units * unit : unit].count(0) / units
+
+
+def _guess_without_bom(head: bytes) -> Encoding | None:
+    """The UTF-16 or UTF-32 codec that `head`, the start of a file without a byte-order mark, looks like, or None."""
+    sample = head[:_GUESS_BYTES]
+    for codec, zero_at, nonzero_at in _GUESSES:
+        unit = Encoding(codec).unit
+        if len(sample) < 16 * unit:
+            continue
+        if all(_zero_share(sample, unit, k) > 0.5 for k in zero_at) and _zero_share(sample, unit, nonzero_at) < 0.02:
+            return Encoding(codec)
+    return None
+
+
+class _Readable(Protocol):
+    def read(self, n: int, /) -> bytes: ...
+
+
 class _Text:
-    """Reads a UTF-8 file in chunks, with universal newlines, counting replaced bytes and refusing
-    binary or non-UTF-8 data (see BAD_BYTES_FRACTION) unless `allow_bad_bytes`. `base`: the file
-    offset of the stream's first byte (a piece of a file), for the offsets in messages."""
+    """Reads a text file in chunks, with universal newlines, counting replaced bytes and refusing binary or
+    undecodable data (see BAD_BYTES_FRACTION) unless `allow_bad_bytes`. The encoding is UTF-8 unless the file
+    starts with a UTF-16 or UTF-32 byte-order mark; any byte-order mark is dropped, not read as text. `at_start`:
+    the stream starts at the file's start (where a byte-order mark is looked for); else it is a piece of a UTF-8
+    file (a UTF-16 or UTF-32 one is never cut) and `base` is the file offset of its first byte, for the offsets
+    in messages."""
 
     def __init__(
         self,
-        stream: BinaryIO,
+        stream: _Readable,
         stats: ReadStats,
         path: Path,
         at_start: bool = True,
         base: int = 0,
         allow_bad_bytes: bool = False,
     ):
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors=_ERRORS)
         self._stream = stream
         self._stats = stats
         self._path = path
-        self._at_start = at_start  # a byte-order mark here is dropped, not read as text
+        self._at_start = at_start
         self._allow = allow_bad_bytes
+        self._use(UTF8)
         self._pending_cr = False
         self._consumed = base  # file offset of the next byte to read
         self._call_base = base  # file offset of the decoder's input in the current call
         self._bad_bytes = 0
         self._first_bad: int | None = None
+
+    def _use(self, encoding: Encoding) -> None:
+        self._encoding = encoding
+        self._decoder = codecs.getincrementaldecoder(encoding.codec)(errors=_ERRORS)
 
     def undecodable(self, start: int, end: int) -> None:
         self._stats.replaced_chars += 1
@@ -157,53 +254,80 @@ class _Text:
         if self._first_bad is None:
             self._first_bad = self._call_base + start
 
-    def _check(self, data: bytes, read_before: int) -> None:
+    def _first_nul(self, data: bytes, offset: int) -> int:
+        """Index in `data` (at file offset `offset`) of the first NUL character, or -1: a zero byte in UTF-8, a
+        zero code unit (at a file offset that is a multiple of the unit) in UTF-16 and UTF-32."""
+        unit = self._encoding.unit
+        zero = bytes(unit)
+        i = data.find(zero)
+        while i >= 0 and (offset + i) % unit:
+            i = data.find(zero, i + 1)
+        return i
+
+    def _start(self, data: bytes) -> bytes:
+        """The first bytes of the file: its byte-order mark chooses the encoding and is dropped. A file without one
+        that looks like UTF-16 or UTF-32 is refused (even with `allow_bad_bytes`: it would become NUL-laden text)."""
+        self._at_start = False
+        encoding = sniff_encoding(data[:BOM_BYTES])
+        self._use(encoding)
+        if encoding.bom:
+            self._consumed += encoding.bom
+            return data[encoding.bom :]
+        if b"\0" in data[:_GUESS_BYTES] and (guess := _guess_without_bom(data)):
+            raise DataPrepError(
+                f"{self._path}: no byte-order mark, but the text looks like {guess.name} (a zero byte in every "
+                f"{guess.unit}-byte unit): convert it to UTF-8 (iconv -f {guess.iconv_name} -t UTF-8) or add a "
+                "byte-order mark"
+            )
+        return data
+
+    def _check(self, data: bytes, read_before: int, at_end: bool) -> None:
         if self._allow:
             return
-        nul = data.find(b"\0")
+        nul = self._first_nul(data, read_before)
         if nul >= 0:
+            what = "NUL byte" if self._encoding.unit == 1 else f"NUL character ({self._encoding.name})"
             raise DataPrepError(
-                f"{self._path}: NUL byte at {_where(self._path, read_before + nul)}: binary data, not text ({_ALLOW_HINT})"
+                f"{self._path}: {what} at {_where(self._path, read_before + nul)}: binary data, not text ({_ALLOW_HINT})"
             )
         seen = self._consumed
-        if self._bad_bytes and (seen >= _BAD_BYTES_SAMPLE or not data) and self._bad_bytes > BAD_BYTES_FRACTION * seen:
+        first = self._first_bad  # (set once there is a bad byte)
+        if first is not None and (seen >= _BAD_BYTES_SAMPLE or at_end) and self._bad_bytes > BAD_BYTES_FRACTION * seen:
             raise DataPrepError(
                 f"{self._path}: {self._bad_bytes} undecodable bytes in the first {seen} bytes (more than "
-                f"{BAD_BYTES_FRACTION:.0%}), the first at {_where(self._path, self._first_bad)}: not UTF-8 text "
-                f"({_ALLOW_HINT})"
+                f"{BAD_BYTES_FRACTION:.0%}), the first at {_where(self._path, first)}: not "
+                f"{self._encoding.name} text ({_ALLOW_HINT})"
             )
 
     def read(self) -> str:
         """The next non-empty chunk of text, or '' at the end of the file."""
         while True:
             try:
-                data = self._stream.read(CHUNK_BYTES)
+                raw = self._stream.read(CHUNK_BYTES)
             except DECOMPRESSION_ERRORS as exc:
                 if compression(self._path) is None:
                     raise DataPrepError(f"{self._path}: cannot read ({exc})") from None
                 raise decompression_error(self._path, exc) from None
+            at_end = not raw
+            data = self._start(raw) if self._at_start and raw else raw
             read_before = self._consumed
             self._call_base = read_before - len(self._decoder.getstate()[0])
             self._consumed += len(data)
             _active.reader = self
             try:
-                text = self._decoder.decode(data, final=not data)
+                text = self._decoder.decode(data, final=at_end)
             finally:
                 _active.reader = None
-            self._check(data, read_before)
-            if self._at_start and text:
-                self._at_start = False
-                if text.startswith("\ufeff"):
-                    text = text[1:]
+            self._check(data, read_before, at_end)
             if self._pending_cr:
                 text = "\r" + text
                 self._pending_cr = False
-            if data and text.endswith("\r"):  # may be the first half of a "\r\n"
+            if not at_end and text.endswith("\r"):  # may be the first half of a "\r\n"
                 text = text[:-1]
                 self._pending_cr = True
             if "\r" in text:
                 text = text.replace("\r\n", "\n").replace("\r", "\n")
-            if text or not data:
+            if text or at_end:
                 return text
 
 
@@ -359,9 +483,9 @@ def process_raw(raw: RawDocument) -> tuple[list[str], int]:
     if raw.kind == SENTENCES:
         return list(raw.payload), 0
     if raw.kind == WIKITEXT:
-        paragraphs = clean_wikitext(raw.payload)
+        paragraphs = clean_wikitext(cast(str, raw.payload))
     else:
-        paragraphs = _BLANK_LINES_RE.split(raw.payload)
+        paragraphs = _BLANK_LINES_RE.split(cast(str, raw.payload))
     sentences: list[str] = []
     cut = 0
     for paragraph in paragraphs:
@@ -428,10 +552,11 @@ def docs_pieces(path: Path, target: int) -> list[tuple[int, int]]:
     """Byte ranges of about `target` bytes covering a "docs" file, for sharding it in parallel. Each cut is
     just after a blank line that follows text, with text after it, so no document is cut and every range
     holds at least one. The cuts depend on the file's bytes and `target` alone. A compressed file cannot be
-    entered in the middle: it is one range, the whole file."""
+    entered in the middle, and the byte patterns searched for are UTF-8's: a compressed file, and a UTF-16 or
+    UTF-32 one, is one range, the whole file."""
     size = Path(path).stat().st_size
     cuts = [0]
-    if compression(Path(path)):
+    if compression(Path(path)) or file_encoding(Path(path)).unit > 1:
         return [(0, size)]
     with _open_raw(Path(path)) as f:
         while cuts[-1] + target < size:
@@ -451,6 +576,8 @@ def _docs(
     With `piece` (from docs_pieces), only that byte range; the file is counted with its first piece."""
     if piece is not None and compression(path):  # docs_pieces() gives a compressed file one piece, the whole
         piece = None
+    if piece is not None and piece != (0, path.stat().st_size) and file_encoding(path).unit > 1:
+        raise ValueError(f"{path}: a UTF-16 or UTF-32 file is read whole (docs_pieces gives it one range)")
     first = piece is None or piece[0] == 0
     if first and not _start_file(path, stats):
         return
