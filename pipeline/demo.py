@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         str(hf_dir),
         "--spm-model",
         str(data.spm_model),
+        "--overwrite",  # a rerun replaces the demo's own earlier export (albert-export refuses any other folder)
     ]
     if subprocess.run(cmd, cwd=REPO, env=env).returncode:
         log.error("export failed")

@@ -39,6 +39,7 @@ from .finetune_loop import (
     DEFAULT_MAX_SEQ_LENGTH,
     PRETRAINED,
     RANDOM_INIT,
+    AlbertFolder,
     FinetuneSettings,
     ModelFolderError,
     Progress,
@@ -203,12 +204,26 @@ def resolve_device(name: str) -> torch.device:
         raise FlagValueError(f"--device {name}: {str(e).splitlines()[0]}") from None
 
 
+def check_vocabulary_size(folder: AlbertFolder) -> None:
+    """A tokenizer with another number of pieces than the model's embedding table belongs to another model: its ids
+    would pick embeddings trained for other pieces."""
+    tokenizer: Any = folder.tokenizer
+    config: Any = folder.config
+    if len(tokenizer) != config.vocab_size:
+        raise ModelFolderError(
+            f"{folder.path}: the tokenizer (spiece.model) has {len(tokenizer)} pieces but config.json's vocab_size "
+            f"is {config.vocab_size}; export the model with the vocabulary it was trained on (albert-export "
+            "--spm-model)"
+        )
+
+
 def run_probe(cfg: ProbeConfig, command: list[str] | None = None, task: Task | None = None) -> dict:
     """Fine-tune and score every model on every split; write results.json (after each run) and return it."""
     cfg.check()
     device = resolve_device(cfg.device)
     task = prepare_task(cfg) if task is None else task
     folder = load_albert_folder(cfg.model, task.classes, cfg.train.max_seq_length)
+    check_vocabulary_size(folder)
     max_seq_length = cfg.train.max_seq_length
     if max_seq_length is None:
         max_seq_length = min(DEFAULT_MAX_SEQ_LENGTH, folder.config.max_position_embeddings)

@@ -160,7 +160,8 @@ def export_hf(
 
 
 def check_spm_model(spm_model: Path, config: AlbertConfig) -> None:
-    """Refuse a SentencePiece model whose special ids are not those AlbertTokenizer expects."""
+    """Refuse a SentencePiece model whose special ids are not those AlbertTokenizer expects, or whose piece count is
+    not the model's vocab_size."""
     import sentencepiece as spm
 
     if not spm_model.is_file():
@@ -172,7 +173,7 @@ def check_spm_model(spm_model: Path, config: AlbertConfig) -> None:
                 f"{spm_model}: id {i} must be {piece} for AlbertTokenizer (train with --pad_id=0 --unk_id=1 "
                 f"--control_symbols=[CLS],[SEP],[MASK])"
             )
-    if processor.get_piece_size() > config.vocab_size:
+    if processor.get_piece_size() != config.vocab_size:  # ids the model never learned, or embeddings no piece reaches
         raise ValueError(
             f"{spm_model}: {processor.get_piece_size()} pieces but the model's vocab_size is {config.vocab_size}"
         )

@@ -366,7 +366,7 @@ def hf_folder(tmp_path_factory) -> Path:
     text = [sentence(rng, GOOD if i % 2 else BAD) for i in range(400)]
     spm = train_vocab(text, folder / "vocab" / "spiece", VocabSettings(vocab_size=48, seed=1))
     cfg = AlbertConfig(
-        vocab_size=64,
+        vocab_size=48,
         embedding_size=16,
         hidden_size=32,
         num_hidden_layers=2,
