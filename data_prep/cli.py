@@ -360,13 +360,13 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     from .mpi import get_world
     from .readers import expand_inputs
     from .sharding import shard_corpus
-    from .stage import refuse_non_empty
+    from .stage import existing_output
 
     out: Path = args.output
     corpus_dir, vocab_prefix, shards_dir = out / "corpus", out / "vocab" / "spiece", out / "shards"
     corpus_done = out / ".corpus-done"
     world = get_world(args.mpi)
-    world.run_on_rank0(lambda: refuse_non_empty(out, args.resume))
+    world.run_on_rank0(lambda: existing_output(out, args.resume))
     if not corpus_done.exists():
         # every rank takes its share; an interrupted corpus continues where it stopped
         write_corpus(

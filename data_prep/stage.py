@@ -129,8 +129,9 @@ class Finished:
     files: list[tuple[str, int | None]]
 
 
-def refuse_non_empty(out: Path, resume: bool) -> bool:
-    """Whether `out` holds something; without --resume that is refused (nothing in it is touched)."""
+def existing_output(out: Path, resume: bool) -> bool:
+    """Whether `out` already holds something (a run to continue or check), which only --resume accepts: without it
+    a non-empty folder is refused, nothing in it touched."""
     if out.exists() and not out.is_dir():
         raise DataPrepError(f"{out}: exists and is not a folder")
     if not (out.exists() and any(out.iterdir())):
@@ -149,7 +150,7 @@ def prepare_output(
     files all there), False when the tasks are to run: a new folder (folders made, identity recorded) or an
     interrupted run of the same work format and identity (temporary files of killed tasks removed)."""
     out = folder.output
-    if refuse_non_empty(out, resume):
+    if existing_output(out, resume):
         if (out / folder.record).exists() and not folder.work.exists():
             _check_finished(folder, identity, finished_run())
             return True
