@@ -29,25 +29,25 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
     return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=36)
 
 
-def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -> None:
+def _add_corpus_args(parser: argparse.ArgumentParser, inputs_required: bool = True) -> None:
     from .readers import FORMATS
 
-    p.add_argument(
+    parser.add_argument(
         "--input", nargs="+", required=inputs_required, metavar="PATH", help="input files or folders (recursed)"
     )
-    p.add_argument(
+    parser.add_argument(
         "--format",
         default="auto",
         choices=FORMATS,
         help="input format; auto: .xml wiki, .jsonl/.json jsonl, else docs (any of them may be .gz, .bz2, .xz)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--num-files",
         type=flags.FILE_COUNT,
         default=0,
         help="number of balanced corpus files; 0: auto, one per 128 MB of text, at least 4 (never depends on workers or ranks)",
     )
-    p.add_argument(
+    parser.add_argument(
         "--part-mb",
         type=flags.MEGABYTES,
         default=16.0,
@@ -55,7 +55,7 @@ def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -
         "in byte ranges, a multistream wiki dump (with its -index.txt.bz2 beside it) at stream offsets; "
         "the output does not depend on it",
     )
-    p.add_argument(
+    parser.add_argument(
         "--allow-bad-bytes",
         action="store_true",
         help="read files with NUL bytes or more than 1%% undecodable bytes (refused by default: not UTF-8 text), "
@@ -63,9 +63,11 @@ def _add_corpus_args(p: argparse.ArgumentParser, inputs_required: bool = True) -
     )
 
 
-def _add_vocab_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--vocab-size", type=flags.VOCAB_SIZE, default=30000, help="SentencePiece pieces (ALBERT: 30000)")
-    p.add_argument(
+def _add_vocab_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--vocab-size", type=flags.VOCAB_SIZE, default=30000, help="SentencePiece pieces (ALBERT: 30000)"
+    )
+    parser.add_argument(
         "--input-sentence-size",
         type=flags.SENTENCES,
         default=10_000_000,
@@ -73,43 +75,43 @@ def _add_vocab_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_shard_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("examples")
-    g.add_argument("--max-seq-length", type=flags.SEQ_LENGTH, default=128)
-    g.add_argument("--max-predictions-per-seq", type=flags.PREDICTIONS, default=20)
-    g.add_argument("--masked-lm-prob", type=flags.OPEN_PROBABILITY, default=0.15)
-    g.add_argument("--ngram", type=flags.NGRAM, default=3, help="longest n-gram of whole words to mask; P(n) ~ 1/n")
-    g.add_argument(
+def _add_shard_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("examples")
+    group.add_argument("--max-seq-length", type=flags.SEQ_LENGTH, default=128)
+    group.add_argument("--max-predictions-per-seq", type=flags.PREDICTIONS, default=20)
+    group.add_argument("--masked-lm-prob", type=flags.OPEN_PROBABILITY, default=0.15)
+    group.add_argument("--ngram", type=flags.NGRAM, default=3, help="longest n-gram of whole words to mask; P(n) ~ 1/n")
+    group.add_argument(
         "--dupe-factor", type=flags.DUPE_FACTOR, default=5, help="passes over the corpus with different masks and pairs"
     )
-    g.add_argument("--short-seq-prob", type=flags.PROBABILITY, default=0.1)
-    g.add_argument("--seed", type=flags.SEED, default=12345)
-    g.add_argument(
+    group.add_argument("--short-seq-prob", type=flags.PROBABILITY, default=0.1)
+    group.add_argument("--seed", type=flags.SEED, default=12345)
+    group.add_argument(
         "--num-shards",
         type=flags.FILE_COUNT,
         default=0,
         help="output HDF5 files; 0: auto, from --shard-mb (an explicit count overrides it)",
     )
-    g.add_argument(
+    group.add_argument(
         "--shard-mb",
         type=flags.MEGABYTES,
         default=256.0,
         help="auto shard count: MB of example records per shard (uncompressed; each shard is shuffled in the memory "
         "of one process: its peak is about this plus 100 MB); 1 MB of text x dupe factor makes about 1 MB of records",
     )
-    g.add_argument(
+    group.add_argument(
         "--piece-mb",
         type=flags.MEGABYTES,
         default=8.0,
         help="input files are cut at document boundaries into pieces of about this size, one task each, "
         "so that a single big file keeps every worker busy (part of the settings: it changes the examples)",
     )
-    g.add_argument(
+    group.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run in --output, keeping finished work (a finished one is only checked)",
     )
-    g.add_argument(
+    group.add_argument(
         "--mpi",
         default="auto",
         choices=("auto", "on", "off"),
@@ -117,18 +119,18 @@ def _add_shard_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_common(p: argparse.ArgumentParser, workers: bool = True) -> None:
+def _add_common(parser: argparse.ArgumentParser, workers: bool = True) -> None:
     if workers:
-        p.add_argument("--workers", type=flags.WORKERS, default=1, help="processes on this machine (per MPI rank)")
-        p.add_argument(
+        parser.add_argument("--workers", type=flags.WORKERS, default=1, help="processes on this machine (per MPI rank)")
+        parser.add_argument(
             "--progress-seconds",
             type=flags.SECONDS,
             default=default_progress_seconds(),
             help="without a terminal (a batch job's log), each rank logs its progress every this many seconds; "
             "0: never (the environment variable ALBERT_PROGRESS_SECONDS sets the default)",
         )
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,11 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="examples:\n  " + "\n  ".join(EXAMPLES.values()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, help: str) -> argparse.ArgumentParser:
         # allow_abbrev=False: slurm/prep.sbatch reads --output from the arguments; an abbreviation would slip past it
-        return sub.add_parser(
+        return commands.add_parser(
             name,
             help=help,
             description=help,
@@ -152,65 +154,69 @@ def build_parser() -> argparse.ArgumentParser:
             allow_abbrev=False,
         )
 
-    p = add(
+    command = add(
         "corpus",
         "read raw inputs, write documents in the standard format (one sentence per line, blank line between documents)",
     )
-    _add_corpus_args(p)
-    p.add_argument("--output", required=True, type=Path, help="folder for corpus-NNNNN.txt")
-    p.add_argument(
+    _add_corpus_args(command)
+    command.add_argument("--output", required=True, type=Path, help="folder for corpus-NNNNN.txt")
+    command.add_argument(
         "--resume",
         action="store_true",
         help="continue an interrupted run in --output, keeping the input parts and files already finished",
     )
-    p.add_argument(
+    command.add_argument(
         "--mpi",
         default="auto",
         choices=("auto", "on", "off"),
         help="split the input parts over MPI ranks (auto: when an MPI launcher started us: mpirun, srun --mpi=pmix)",
     )
-    _add_common(p)
+    _add_common(command)
 
-    p = add(
+    command = add(
         "vocab", "train a SentencePiece unigram vocabulary with ALBERT's settings; writes PREFIX.model and PREFIX.vocab"
     )
-    p.add_argument(
+    command.add_argument(
         "--input", nargs="+", required=True, metavar="PATH", help="documents in the standard format (files or folders)"
     )
-    p.add_argument("--output-prefix", required=True, type=Path)
-    p.add_argument("--format", default="auto", help="input format (see `corpus`)")
-    p.add_argument("--seed", type=flags.SEED, default=12345)
-    _add_vocab_args(p)
-    _add_common(p)
+    command.add_argument("--output-prefix", required=True, type=Path)
+    command.add_argument("--format", default="auto", help="input format (see `corpus`)")
+    command.add_argument("--seed", type=flags.SEED, default=12345)
+    _add_vocab_args(command)
+    _add_common(command)
 
-    p = add("shard", "make SOP pairs with n-gram whole-word masking; write shuffled HDF5 shards and manifest.json")
-    p.add_argument(
+    command = add(
+        "shard", "make SOP pairs with n-gram whole-word masking; write shuffled HDF5 shards and manifest.json"
+    )
+    command.add_argument(
         "--input", nargs="+", required=True, metavar="PATH", help="documents in the standard format (files or folders)"
     )
-    p.add_argument("--spm-model", required=True, type=Path, help="SentencePiece model from `albert-data vocab`")
-    p.add_argument(
+    command.add_argument("--spm-model", required=True, type=Path, help="SentencePiece model from `albert-data vocab`")
+    command.add_argument(
         "--output", required=True, type=Path, help="folder for shard-NNNNN.h5, manifest.json and spiece.model"
     )
-    _add_shard_args(p)
-    _add_common(p)
+    _add_shard_args(command)
+    _add_common(command)
 
-    p = add("inspect", "print examples decoded back to text (masks and labels shown) and statistics of a shard")
-    p.add_argument("shard", type=Path)
-    p.add_argument("-n", "--num-examples", type=flags.EXAMPLES, default=3)
-    p.add_argument("--spm-model", type=Path, default=None, help="default: spiece.model beside the shard")
-    _add_common(p, workers=False)
+    command = add("inspect", "print examples decoded back to text (masks and labels shown) and statistics of a shard")
+    command.add_argument("shard", type=Path)
+    command.add_argument("-n", "--num-examples", type=flags.EXAMPLES, default=3)
+    command.add_argument("--spm-model", type=Path, default=None, help="default: spiece.model beside the shard")
+    _add_common(command, workers=False)
 
-    p = add("verify", "check every shard against manifest.json; exit 1 with one line per problem")
-    p.add_argument("folder", type=Path)
-    _add_common(p, workers=False)
+    command = add("verify", "check every shard against manifest.json; exit 1 with one line per problem")
+    command.add_argument("folder", type=Path)
+    _add_common(command, workers=False)
 
-    p = add("prepare", "corpus, vocab and shard in one go: OUTPUT/corpus, OUTPUT/vocab/spiece.model, OUTPUT/shards")
-    _add_corpus_args(p)
-    p.add_argument("--output", required=True, type=Path)
-    p.add_argument("--spm-model", type=Path, default=None, help="use this vocabulary instead of training one")
-    _add_vocab_args(p)
-    _add_shard_args(p)
-    _add_common(p)
+    command = add(
+        "prepare", "corpus, vocab and shard in one go: OUTPUT/corpus, OUTPUT/vocab/spiece.model, OUTPUT/shards"
+    )
+    _add_corpus_args(command)
+    command.add_argument("--output", required=True, type=Path)
+    command.add_argument("--spm-model", type=Path, default=None, help="use this vocabulary instead of training one")
+    _add_vocab_args(command)
+    _add_shard_args(command)
+    _add_common(command)
     return parser
 
 
@@ -251,19 +257,19 @@ def _sentences(paths: list[Path], fmt: str, bar: bool, every: float | None):
     from . import readers
     from .progress import progress
 
-    total = sum(p.stat().st_size for p in paths)
-    with progress("vocab sample", total, "B", bar, every) as p:
+    total = sum(path.stat().st_size for path in paths)
+    with progress("vocab sample", total, "B", bar, every) as shown:
         for path in paths:
             chars = 0
             for doc in readers.iter_documents(path, fmt):
-                for s in doc:
-                    chars += len(s) + 1
-                    yield s
+                for sentence in doc:
+                    chars += len(sentence) + 1
+                    yield sentence
                 chars += 1
                 if chars >= 1 << 22:
-                    p.update(chars)
+                    shown.update(chars)
                     chars = 0
-            p.update(chars)
+            shown.update(chars)
 
 
 def train_vocab_from(
@@ -360,17 +366,13 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     from .mpi import get_world
     from .readers import expand_inputs
     from .sharding import shard_corpus
+    from .stage import existing_output
 
     out: Path = args.output
     corpus_dir, vocab_prefix, shards_dir = out / "corpus", out / "vocab" / "spiece", out / "shards"
     corpus_done = out / ".corpus-done"
     world = get_world(args.mpi)
-    error, spm_model = None, args.spm_model
-    if world.rank == 0 and out.exists() and any(out.iterdir()) and not args.resume:
-        error = f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder"
-    error = world.bcast(error)
-    if error:
-        raise DataPrepError(error)
+    world.run_on_rank0(lambda: existing_output(out, args.resume))
     if not corpus_done.exists():
         # every rank takes its share; an interrupted corpus continues where it stopped
         write_corpus(
@@ -388,27 +390,26 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
         )
         if world.rank == 0:
             corpus_done.touch()
-    if world.rank == 0:
-        try:
-            if spm_model is None:
-                spm_model = vocab_prefix.with_name("spiece.model")
-                if not spm_model.exists():
-                    train_vocab_from(
-                        [corpus_dir],
-                        vocab_prefix,
-                        args.vocab_size,
-                        args.input_sentence_size,
-                        args.seed,
-                        args.workers,
-                        "docs",
-                        progress,
-                        args.progress_seconds,
-                    )
-        except DataPrepError as e:
-            error = str(e)
-    error, spm_model = world.bcast((error, spm_model))
-    if error:
-        raise DataPrepError(error)
+
+    def vocabulary() -> Path:
+        if args.spm_model is not None:
+            return args.spm_model
+        spm_model = vocab_prefix.with_name("spiece.model")
+        if not spm_model.exists():
+            train_vocab_from(
+                [corpus_dir],
+                vocab_prefix,
+                args.vocab_size,
+                args.input_sentence_size,
+                args.seed,
+                args.workers,
+                "docs",
+                progress,
+                args.progress_seconds,
+            )
+        return spm_model
+
+    spm_model = world.run_on_rank0(vocabulary)  # trained once, by rank 0
     # (shards already complete: shard_corpus checks them and returns)
     shard_corpus(
         [corpus_dir],

@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +58,11 @@ class World:
 
     def scatter(self, per_rank: list[Any] | None) -> Any:
         """Rank r gets per_rank[r] (a list given on rank 0)."""
-        return per_rank[0] if self.comm is None else self.comm.scatter(per_rank, root=0)
+        if self.comm is not None:
+            return self.comm.scatter(per_rank, root=0)
+        if per_rank is None:
+            raise ValueError("World.scatter: rank 0 gives the list")
+        return per_rank[0]
 
     def raise_together(self, error: str | None) -> None:
         """Any rank's error message (None: no error; the lowest rank's first) raised as SharedError on every rank."""
@@ -66,6 +70,18 @@ class World:
         first = next((e for e in errors if e), None)
         if first:
             raise SharedError(first)
+
+    def run_on_rank0(self, fn: Callable[[], Any]) -> Any:
+        """fn() on rank 0 (work on shared files that one process does), its result on every rank; a DataPrepError it
+        raises is raised on every rank (SharedError)."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = fn()
+            except DataPrepError as e:
+                error = str(e)
+        self.raise_together(error)
+        return self.bcast(result)
 
     def abort(self, code: int = 1) -> None:
         if self.comm is not None and self.size > 1:

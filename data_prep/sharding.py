@@ -20,12 +20,12 @@ shards are byte-identical whatever the number of workers or ranks. Memory is bou
 SPILL_BUFFER_BYTES in phase 1 and by one shard (about `shard_bytes` with the auto shard count, see
 auto_num_shards) in phase 2, not by the corpus.
 
-A task that fails, or whose process dies (SIGKILL, the OOM killer), stops the run on every rank with a
-line naming the piece or shard (data_prep/tasks.py, data_prep/mpi.py). An interrupted run continues
-with `resume=True`: finished pieces and shards are kept, the rest is redone; the settings, inputs,
-vocabulary and the versions of the packages that decide the bytes must be those of the first time. On a
-finished output (manifest.json, no `.work`) `resume=True` only checks that it is that run's, whole, and
-returns.
+Both phases run as a resumable stage (data_prep/stage.py): a task that fails, or whose process dies
+(SIGKILL, the OOM killer), stops the run on every rank with a line naming the piece or shard. An
+interrupted run continues with `resume=True`: finished pieces and shards are kept, the rest is redone;
+the settings, inputs, vocabulary and the versions of the packages that decide the bytes must be those of
+the first time. On a finished output (manifest.json, no `.work`) `resume=True` only checks that it is
+that run's, whole, and returns.
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
-import json
 import logging
 import shutil
 import time
@@ -44,20 +43,20 @@ from typing import Any
 
 import numpy as np
 
-from common.atomic import atomic_path, write_text
+from common.atomic import atomic_path
 
 from . import readers
 from .errors import DataPrepError
 from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
-from .mpi import World, get_world
-from .shards import FORMAT, MANIFEST, SCHEMA_VERSION, Manifest, shard_name, write_shard
+from .mpi import get_world
+from .shards import FORMAT, MANIFEST, MANIFEST_VERSION, SCHEMA_VERSION, Manifest, shard_name, write_shard
 from .spill import SpillWriter, read_index, read_runs
-from .tasks import Task, run_tasks
+from .stage import WORK, Finished, Stage, StageFolder, input_identity
+from .tasks import Task
 from .vocab import Vocab, sha256_file
 
 log = logging.getLogger(__name__)
 
-WORK = ".work"
 WORK_FORMAT = 2  # the layout of `.work` (spill files); --resume refuses an interrupted run of another layout
 SPILL_BUFFER_BYTES = 32 << 20  # a map task's records are written as runs per shard past this size
 # Auto shard count: tokens per input byte, an upper bound for natural-language text (English Wikipedia with a 4,000-
@@ -69,8 +68,10 @@ VERSIONED = ("albert-pretrain", "h5py", "numpy", "sentencepiece")  # the package
 def estimated_record_bytes(input_bytes: int, settings: ShardSettings) -> int:
     """Bytes of example records (what a reduce holds in memory) that `input_bytes` of text make: each token takes
     one of max_seq_length slots of a record (examples are filled close to max_seq_length), dupe_factor times."""
-    ex = settings.examples
-    per_token = record_dtype(ex.max_seq_length, ex.max_predictions_per_seq).itemsize / ex.max_seq_length
+    examples = settings.examples
+    per_token = (
+        record_dtype(examples.max_seq_length, examples.max_predictions_per_seq).itemsize / examples.max_seq_length
+    )
     return int(input_bytes * settings.dupe_factor * TOKENS_PER_TEXT_BYTE * per_token)
 
 
@@ -116,27 +117,6 @@ class ShardSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class _Paths:
-    output: Path
-
-    @property
-    def work(self) -> Path:
-        return self.output / WORK
-
-    @property
-    def spill_folder(self) -> Path:
-        return self.work / "spill"
-
-    def spill(self, piece: Piece) -> Path:
-        """The piece's records and counts; present only once whole (the piece is done)."""
-        return self.spill_folder / f"{piece.name}.bin"
-
-    @property
-    def settings(self) -> Path:
-        return self.work / "settings.json"
 
 
 @functools.cache
@@ -203,22 +183,22 @@ def _batches(
         yield batch
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    write_text(path, json.dumps(obj, sort_keys=True))
+def _spill_file(output: Path, piece: Piece) -> Path:
+    """The piece's records and counts; present only once whole (the piece is done)."""
+    return output / WORK / "spill" / f"{piece.name}.bin"
 
 
 def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> None:
     """Phase 1 for one piece of an input file: its spill file (records grouped by shard, the piece's counts)."""
     piece, spm_model, output, settings = task
-    paths = _Paths(Path(output))
     vocab = _vocab(spm_model)
-    ex = settings.examples
-    max_chars = 16 * ex.max_seq_length  # a longer sentence cannot fit one example anyway
+    examples = settings.examples
+    max_chars = 16 * examples.max_seq_length  # a longer sentence cannot fit one example anyway
     read_stats = readers.ReadStats()
     stats = ExampleStats()
     documents = sentences = 0
     # (the temporary file exists already: opened without O_CREAT, one file created per piece)
-    with atomic_path(paths.spill(piece)) as tmp, open(tmp, "r+b") as f:
+    with atomic_path(_spill_file(Path(output), piece)) as tmp, open(tmp, "r+b") as f:
         spill = SpillWriter(f, settings.num_shards, SPILL_BUFFER_BYTES)
         batches = _batches(Path(piece.path), (piece.start, piece.stop), settings, read_stats)
         for batch_index, docs in enumerate(batches):
@@ -229,7 +209,7 @@ def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> None:
             documents += len(docs)
             sentences += len(flat)
             for _ in range(settings.dupe_factor):
-                records = make_examples(tokens, lengths, doc_sentences, vocab, ex, rng, stats)
+                records = make_examples(tokens, lengths, doc_sentences, vocab, examples, rng, stats)
                 spill.add(records, rng.integers(0, settings.num_shards, size=len(records)))
             _release_freed_memory()
         spill.close(
@@ -266,9 +246,9 @@ def _reduce_shard(task: _ReduceTask) -> dict[str, Any]:
     written (an interrupted run) is only described."""
     final = Path(task.output) / shard_name(task.shard)
     if not final.exists():
-        ex = task.settings.examples
+        examples = task.settings.examples
         records = np.empty(
-            int(task.runs[:, 2].sum()), dtype=record_dtype(ex.max_seq_length, ex.max_predictions_per_seq)
+            int(task.runs[:, 2].sum()), dtype=record_dtype(examples.max_seq_length, examples.max_predictions_per_seq)
         )
         start = 0
         pieces, first = np.unique(task.runs[:, 0], return_index=True)
@@ -316,92 +296,27 @@ def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def _resume_refusal(out: Path, saved: dict[str, Any], settings_doc: dict[str, Any]) -> str | None:
-    """Why an interrupted run (its settings.json: `saved`) cannot be continued with `settings_doc`, or None."""
-    if saved.get("work_format") != WORK_FORMAT:
-        return (
-            f"{out}: an interrupted run of another albert-data version (work files of format "
-            f"{saved.get('work_format', 1)}, this version writes {WORK_FORMAT}) cannot be continued; "
-            "remove the folder and run again"
-        )
-    was, now = saved.get("versions", {}), settings_doc["versions"]
-    for name in sorted(set(was) | set(now)):
-        if was.get(name) != now.get(name):
-            return (
-                f"{out}: --resume with {name} {now.get(name)}, but the interrupted run used {name} {was.get(name)} "
-                "(the package versions decide the bytes of the shards); install that version or choose an empty folder"
-            )
-    if saved != settings_doc:
-        return (
-            f"{out}: --resume with settings or inputs different from the interrupted run ({out / WORK}/settings.json)"
-        )
-    return None
+def _finished_run(output: Path, settings: ShardSettings) -> Finished:
+    """What a finished folder's manifest says it was made from (its settings, inputs and vocabulary; not the package
+    versions: a finished run stands) and the files it lists."""
+    manifest = Manifest.load(output)
+    data = manifest.data
+    if manifest.version == 1:
+        data = _upgrade_manifest_v1(data, settings)
+    identity = {"settings": data["settings"], "inputs": data["inputs"], "vocab_sha256": data["vocab"]["sha256"]}
+    files = [(s["name"], s["bytes"]) for s in data["shards"]] + [(data["vocab"]["file"], None)]
+    return Finished(identity, files)
 
 
-def _prepare_output(paths: _Paths, settings_doc: dict[str, Any], resume: bool) -> tuple[str | None, bool]:
-    """Rank 0 checks and claims the output folder, and makes the folders (once, for every rank and task).
-    Returns (an error message or None, whether it is already complete)."""
-    out = paths.output
-    if out.exists() and not out.is_dir():
-        return f"{out}: exists and is not a folder", False
-    if out.exists() and any(out.iterdir()):
-        if not resume:
-            return (
-                f"{out}: folder is not empty; pass --resume to continue an interrupted run, or choose an empty folder",
-                False,
-            )
-        if (out / MANIFEST).exists() and not paths.work.exists():
-            return _check_complete(out, settings_doc), True
-        if not paths.settings.exists():
-            return (
-                f"{out}: not an interrupted `albert-data shard` output (no {WORK}/settings.json); cannot resume",
-                False,
-            )
-        refusal = _resume_refusal(out, json.loads(paths.settings.read_text()), settings_doc)
-        if refusal:
-            return refusal, False
-        # what killed tasks left half-written (their temporary names): one listing of each folder
-        for folder in (out, paths.spill_folder):
-            for leftover in folder.glob(".*.tmp"):
-                leftover.unlink(missing_ok=True)
-        return None, False
-    paths.spill_folder.mkdir(parents=True, exist_ok=True)
-    _write_json(paths.settings, settings_doc)
-    return None, False
-
-
-def _check_complete(out: Path, settings_doc: dict[str, Any]) -> str | None:
-    """A finished output folder met again by --resume: the same settings, inputs and vocabulary, and every file its
-    manifest lists there with its size (`albert-data verify` checks the contents). Returns an error message or None."""
-    try:
-        data = Manifest.load(out).data
-    except DataPrepError as e:
-        return str(e)
-    # (a folder made before --shard-mb existed: its shard count is recorded, so shard_bytes cannot change the bytes)
-    recorded = {"shard_bytes": settings_doc["settings"]["shard_bytes"], **data["settings"]}
-    made = {"settings": recorded, "inputs": data.get("inputs"), "vocab_sha256": data["vocab"].get("sha256")}
-    if made != {key: settings_doc[key] for key in made}:
-        if made["inputs"] != settings_doc["inputs"]:
-            was = {(i["path"], i["bytes"]) for i in made["inputs"] or []}
-            now = {(i["path"], i["bytes"]) for i in settings_doc["inputs"]}
-            what = (
-                "inputs ("
-                + "; ".join(
-                    [f"{p}: {b} bytes then" for p, b in sorted(was - now)]
-                    + [f"{p}: {b} bytes now" for p, b in sorted(now - was)]
-                )[:500]
-                + ")"
-            )
-        else:
-            what = "settings" if made["settings"] != settings_doc["settings"] else "vocabulary"
-        return f"{out}: already complete, but made with other {what} ({MANIFEST}); choose another --output"
-    files = [(s["name"], s.get("bytes")) for s in data["shards"]] + [(data["vocab"].get("file", "spiece.model"), None)]
-    missing = [
-        name for name, size in files if not (out / name).is_file() or size not in (None, (out / name).stat().st_size)
-    ]
-    if missing:
-        return f"{out}: {MANIFEST} lists files that are missing or of another size: {', '.join(missing)}; remove the folder and run again"
-    return None
+def _upgrade_manifest_v1(data: dict[str, Any], settings: ShardSettings) -> dict[str, Any]:
+    """A version-1 manifest in the layout of this version, for the check of a finished folder: made before
+    --shard-mb, it may not record shard_bytes (its shard count is recorded, so shard_bytes could not change the bytes:
+    the current one is taken); made before the inputs, shard sizes or vocabulary file were recorded, it lacks them
+    (no inputs: refused as made from other inputs; no sizes: not compared)."""
+    vocab = {"file": "spiece.model", "sha256": None, **data["vocab"]}
+    shards = [{"bytes": None, **shard} for shard in data["shards"]]
+    recorded = {"shard_bytes": settings.shard_bytes, **data["settings"]}
+    return {**data, "settings": recorded, "inputs": data.get("inputs"), "vocab": vocab, "shards": shards}
 
 
 def shard_corpus(
@@ -431,18 +346,9 @@ def shard_corpus(
     except DataPrepError as e:
         error = str(e)
     world.raise_together(error)
-    job = _Job(
-        world,
-        files,
-        Path(spm_model),
-        spm_path,
-        vocab,
-        _Paths(Path(output)),
-        settings,
-        workers,
-        progress and world.rank == 0,
-        progress_seconds,
-    )
+    folder = StageFolder(Path(output), "shard", WORK_FORMAT, MANIFEST, ("spill",))
+    stage = Stage(folder, world, workers, progress and world.rank == 0, progress_seconds)
+    job = _Job(stage, files, Path(spm_model), spm_path, vocab, settings)
     with world.abort_on_error():
         return _shard(job, resume, started)
 
@@ -451,106 +357,101 @@ def shard_corpus(
 class _Job:
     """What every phase of one run needs."""
 
-    world: World
+    stage: Stage
     files: list[Path]
     spm_model: Path  # as given (the manifest records it)
     spm_path: str  # resolved (the tasks load it)
     vocab: Vocab
-    paths: _Paths
     settings: ShardSettings
-    workers: int
-    bar: bool  # progress bars (a terminal, rank 0)
-    every: float | None  # else progress lines every this many seconds
 
-    def run(self, fn, tasks: list[Task], desc: str, unit: str) -> list:
-        """This rank's tasks of a phase, then a barrier (a failure on any rank ends every rank: World.abort_on_error)."""
-        results = run_tasks(fn, tasks, self.workers, desc, self.bar, self.every, unit)
-        self.world.barrier()
-        return results
+    @property
+    def output(self) -> Path:
+        return self.stage.folder.output
+
+    def identity(self) -> dict[str, Any]:
+        """What the shards' bytes depend on (data_prep/stage.py: --resume continues only the same)."""
+        return {
+            "settings": self.settings.to_dict(),
+            "inputs": input_identity(self.files),
+            "vocab_sha256": self.vocab.sha256,
+            "versions": package_versions(),
+        }
 
     def attributes(self) -> dict[str, Any]:
         """The HDF5 files' attributes (each shard adds its index and the count)."""
-        ex = self.settings.examples
+        examples = self.settings.examples
         return {
-            "max_seq_length": ex.max_seq_length,
-            "max_predictions_per_seq": ex.max_predictions_per_seq,
+            "max_seq_length": examples.max_seq_length,
+            "max_predictions_per_seq": examples.max_predictions_per_seq,
             "vocab_size": self.vocab.vocab_size,
             "vocab_sha256": self.vocab.sha256,
             "seed": self.settings.seed,
             "sentence_task": "sop",
             "sop_label_swapped": 1,
-            "masked_lm_prob": ex.masked_lm_prob,
-            "ngram": ex.ngram,
+            "masked_lm_prob": examples.masked_lm_prob,
+            "ngram": examples.ngram,
             "dupe_factor": self.settings.dupe_factor,
         }
 
 
 def _shard(job: _Job, resume: bool, started: float) -> Manifest | None:
-    world, paths, settings = job.world, job.paths, job.settings
+    stage, settings = job.stage, job.settings
+    world = stage.world
     if world.rank == 0:
-        est = estimated_record_bytes(sum(f.stat().st_size for f in job.files), settings) / settings.num_shards
+        estimate = estimated_record_bytes(sum(f.stat().st_size for f in job.files), settings) / settings.num_shards
         log.info(
             "%d shards of about %.0f MB of records each (--shard-mb %g)",
             settings.num_shards,
-            est / (1 << 20),
+            estimate / (1 << 20),
             settings.shard_bytes / (1 << 20),
         )
-    settings_doc = {
-        "work_format": WORK_FORMAT,
-        "settings": settings.to_dict(),
-        # resolved, with sizes: the same files however they are named, and a corpus rewritten in place is not the same
-        "inputs": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in job.files],
-        "vocab_sha256": job.vocab.sha256,
-        "versions": package_versions(),
-    }
-    error, complete = _prepare_output(paths, settings_doc, resume) if world.rank == 0 else (None, False)
-    world.raise_together(error)
-    if world.bcast(complete):
+    identity = job.identity()
+    if stage.open(identity, resume, lambda: _finished_run(job.output, settings)):
         if world.rank == 0:
             log.info(
                 "%s: shards already complete (%s, no unfinished work; same settings and inputs): nothing to do",
-                paths.output,
+                job.output,
                 MANIFEST,
             )
-        return Manifest.load(paths.output) if world.rank == 0 else None
+        return Manifest.load(job.output) if world.rank == 0 else None
     pieces = _pieces(job.files, settings.piece_bytes)
     if world.rank == 0:
         log.info("%d input files in %d pieces", len(job.files), len(pieces))
     _map_phase(job, pieces)
-    per_piece, per_shard = _reduce_phase(job, pieces)
-    if world.rank != 0:
+    reduced = _reduce_phase(job, pieces)
+    if reduced is None:  # not rank 0
+        stage.close()
         return None
+    per_piece, per_shard = reduced
     totals = _sum_counts(per_piece)
-    manifest = _write_manifest(job, settings_doc, per_shard, totals)
-    shutil.rmtree(paths.work, ignore_errors=True)
+    manifest = _write_manifest(job, identity, per_shard, totals)
+    stage.close()
     log_summary(totals, manifest.data["num_examples"], time.perf_counter() - started)
     return manifest
 
 
 def _map_phase(job: _Job, pieces: list[Piece]) -> None:
     """This rank's pieces not done yet: the biggest first, dealt round-robin to the ranks."""
-    world = job.world
-    by_size = sorted(pieces, key=lambda p: (p.start - p.stop, p.file, p.index))
-    mine = [p for k, p in enumerate(by_size) if k % world.size == world.rank and not job.paths.spill(p).exists()]
-    output = str(job.paths.output)
-    tasks = [Task(p.describe(), (p, job.spm_path, output, job.settings), p.stop - p.start) for p in mine]
-    job.run(_map_piece, tasks, "examples", "B")
+    output = job.output
+    mine = [p for p in job.stage.share(pieces, lambda p: p.stop - p.start) if not _spill_file(output, p).exists()]
+    tasks = [Task(p.describe(), (p, job.spm_path, str(output), job.settings), p.stop - p.start) for p in mine]
+    job.stage.run(_map_piece, tasks, "examples", "B")
 
 
-def _reduce_phase(job: _Job, pieces: list[Piece]) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]] | None]:
+def _reduce_phase(job: _Job, pieces: list[Piece]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
     """Rank 0 reads the pieces' indexes once and hands each rank the runs of its shards; every rank makes its shards.
-    Returns, on rank 0, (each piece's counts, each shard's description in shard order); (None, None) elsewhere."""
-    world, num_shards = job.world, job.settings.num_shards
-    spills = [job.paths.spill(p) for p in pieces]
+    Returns, on rank 0, (each piece's counts, each shard's description in shard order); None elsewhere."""
+    world, num_shards = job.stage.world, job.settings.num_shards
+    spills = [_spill_file(job.output, p) for p in pieces]
+    shares: list[dict[int, np.ndarray]] | None = None
+    per_piece: list[dict[str, Any]] = []
     if world.rank == 0:
         by_shard, per_piece = _runs_by_shard(spills, num_shards)
         shares = [{s: by_shard[s] for s in range(r, num_shards, world.size)} for r in range(world.size)]
         del by_shard
-    else:
-        shares = per_piece = None
     share = world.scatter(shares)
     del shares
-    attrs, spill_names, output = job.attributes(), [str(p) for p in spills], str(job.paths.output)
+    attrs, spill_names, output = job.attributes(), [str(p) for p in spills], str(job.output)
     tasks = [
         Task(
             f"shard {s} ({shard_name(s)}, {int(runs[:, 2].sum())} examples)",
@@ -558,23 +459,24 @@ def _reduce_phase(job: _Job, pieces: list[Piece]) -> tuple[list[dict[str, Any]] 
         )
         for s, runs in share.items()
     ]
-    results = world.gather(job.run(_reduce_shard, tasks, "shards", "shard"))
-    if world.rank != 0:
-        return None, None
+    results = world.gather(job.stage.run(_reduce_shard, tasks, "shards", "shard"))
+    if results is None:  # not rank 0
+        return None
     # every rank's shards (a resumed run's finished shards are described again)
     described = {r.pop("shard"): r for rank in results for r in rank}
     return per_piece, [described[s] for s in range(num_shards)]
 
 
 def _write_manifest(
-    job: _Job, settings_doc: dict[str, Any], per_shard: list[dict[str, Any]], totals: dict[str, Any]
+    job: _Job, identity: dict[str, Any], per_shard: list[dict[str, Any]], totals: dict[str, Any]
 ) -> Manifest:
-    with atomic_path(job.paths.output / "spiece.model") as tmp:
+    with atomic_path(job.output / "spiece.model") as tmp:
         shutil.copyfile(job.spm_model, tmp)
     manifest = Manifest(
         {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
+            "manifest_version": MANIFEST_VERSION,
             "num_examples": sum(s["num_examples"] for s in per_shard),
             "shards": per_shard,
             "settings": job.settings.to_dict(),
@@ -585,18 +487,18 @@ def _write_manifest(
                 "vocab_size": job.vocab.vocab_size,
                 "source": str(job.spm_model),
             },
-            "inputs": settings_doc["inputs"],
-            "versions": settings_doc["versions"],
+            "inputs": identity["inputs"],
+            "versions": identity["versions"],
             "stats": totals,
         }
     )
-    manifest.save(job.paths.output)
+    manifest.save(job.output)
     return manifest
 
 
 def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> None:
-    ex = totals.get("examples", {})
-    maskable = max(ex.get("maskable_tokens", 0), 1)
+    examples = totals.get("examples", {})
+    maskable = max(examples.get("maskable_tokens", 0), 1)
     log.info(
         "%d documents, %d sentences -> %d examples, %d tokens in %.1f s (%.0f examples/s); "
         "masked %.2f%% of maskable tokens; SOP swapped %.1f%%; skipped %d one-sentence documents, "
@@ -604,11 +506,11 @@ def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> No
         totals.get("documents", 0),
         totals.get("sentences", 0),
         num_examples,
-        ex.get("tokens", 0),
+        examples.get("tokens", 0),
         seconds,
         num_examples / max(seconds, 1e-9),
-        100.0 * ex.get("predictions", 0) / maskable,
-        100.0 * ex.get("swapped", 0) / max(num_examples, 1),
-        ex.get("one_sentence_documents", 0),
-        ex.get("dropped_without_predictions", 0),
+        100.0 * examples.get("predictions", 0) / maskable,
+        100.0 * examples.get("swapped", 0) / max(num_examples, 1),
+        examples.get("one_sentence_documents", 0),
+        examples.get("dropped_without_predictions", 0),
     )

@@ -31,9 +31,12 @@ from common.atomic import atomic_path, write_text
 from .errors import DataPrepError
 from .examples import record_dtype
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of the shard files (above); also in each file's attributes
 FORMAT = "albert-sop-mlm"
 MANIFEST = "manifest.json"
+# The layout of manifest.json. 1: without this field (some made before the shard size setting lack
+# settings.shard_bytes and versions); 2: also records manifest_version. A newer one is refused.
+MANIFEST_VERSION = 2
 FIELDS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids", "next_sentence_labels")
 CHUNK_ROWS = 1024
 WRITE_ROWS = 8 * CHUNK_ROWS  # whole chunks per write: each is compressed once
@@ -75,9 +78,9 @@ def write_shard(path: Path, records: np.ndarray, attrs: dict[str, Any], order: n
 def read_shard(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
     """Read rows [start, stop) of a shard as structured records."""
     with h5py.File(path, "r") as f:
-        L, P = f["input_ids"].shape[1], f["masked_lm_positions"].shape[1]
+        seq_length, predictions = f["input_ids"].shape[1], f["masked_lm_positions"].shape[1]
         stop = f["input_ids"].shape[0] if stop is None else stop
-        out = np.zeros(max(stop - start, 0), dtype=record_dtype(L, P))
+        out = np.zeros(max(stop - start, 0), dtype=record_dtype(seq_length, predictions))
         for name in FIELDS:
             out[name] = f[name][start:stop]
     return out
@@ -90,6 +93,11 @@ class Manifest:
     @property
     def shards(self) -> list[dict[str, Any]]:
         return self.data["shards"]
+
+    @property
+    def version(self) -> int:
+        """The manifest's layout (MANIFEST_VERSION); 1 for manifests that did not record it."""
+        return self.data.get("manifest_version", 1)
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
@@ -107,7 +115,13 @@ class Manifest:
             raise DataPrepError(
                 f"{path}: format {data['format']} v{data['schema_version']}, expected {FORMAT} v{SCHEMA_VERSION}"
             )
-        return cls(data)
+        manifest = cls(data)
+        if manifest.version > MANIFEST_VERSION:
+            raise DataPrepError(
+                f"{path}: made by a newer albert-data (manifest version {manifest.version}; this one reads up to "
+                f"{MANIFEST_VERSION})"
+            )
+        return manifest
 
     def save(self, folder: Path) -> None:
         path = Path(folder) / MANIFEST

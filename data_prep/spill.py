@@ -97,7 +97,7 @@ def read_runs(path: Path, runs: np.ndarray, out: np.ndarray) -> None:
             nbytes = int(n) * out.dtype.itemsize
             got = 0
             while got < nbytes:  # (a read returns at most about 2 GB)
-                step = os.preadv(fd, [view[at + got : at + nbytes]], int(offset) + got)
+                step = os.preadv(fd, [view[at + got : at + nbytes].data], int(offset) + got)
                 if step == 0:
                     raise DataPrepError(f"{path}: truncated at byte {int(offset) + got} (run of {n} records)")
                 got += step

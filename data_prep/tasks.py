@@ -8,7 +8,10 @@ process ended, and that `--resume` continues (finished tasks' files are kept: ev
 
 A fresh process per task (also with one worker) hands the memory a task used back to the system when it ends, so
 the peak does not creep up with the number of tasks. Each task's process is killed with its parent (Linux
-PR_SET_PDEATHSIG): an MPI_Abort of the parent leaves no orphan still writing.
+PR_SET_PDEATHSIG): an MPI_Abort of the parent leaves no orphan still writing. A task's argument reaches its process
+by the fork itself (nothing is pickled), so the tasks may also come from a generator that reads them from an input
+as the run goes (a file that only one process can read, cleaned by the workers in chunks): the parent takes the
+next task as soon as it has started one, so that its reading overlaps the tasks already running.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ import logging
 import multiprocessing
 import signal
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, cast
 
 from .errors import DataPrepError
 from .progress import progress
@@ -72,36 +75,43 @@ def _how_it_ended(exitcode: int | None) -> str:
 
 def run_tasks(
     fn: Callable[[Any], Any],
-    tasks: list[Task],
+    tasks: Iterable[Task],
     workers: int,
     desc: str,
     bar: bool,
     every: float | None = None,
     unit: str = "task",
+    total: int | None = None,
 ) -> list[Any]:
     """fn(task.args) for every task, at most `workers` at a time, each in its own forked process; the results in
-    the order they finished. Progress as data_prep.progress shows it, counting Task.size in `unit`. Raises TaskFailed at the first failure."""
+    the order they finished. Progress as data_prep.progress shows it, counting Task.size in `unit` against `total`
+    (default: the sum of the tasks' sizes; give it when `tasks` is a generator, which is then advanced one task ahead
+    of the processes started). Raises TaskFailed at the first failure."""
     results: list[Any] = []
-    if not tasks:
+    if total is None:
+        tasks = list(tasks)
+        total = sum(t.size for t in tasks)
+    source = iter(tasks)
+    ahead = next(source, None)
+    if ahead is None:
         return results
     ctx = multiprocessing.get_context("fork")
-    pending = list(reversed(tasks))
     running: dict[Connection, tuple[Task, Any]] = {}
     # The parent's objects go to the permanent generation: the tasks' garbage collections then do not touch (and
     # so copy) the pages they inherited.
     gc.collect()
     gc.freeze()
     try:
-        with progress(desc, sum(t.size for t in tasks), unit, bar, every) as p:
-            while pending or running:
-                while pending and len(running) < max(1, workers):
-                    task = pending.pop()
+        with progress(desc, total, unit, bar, every) as shown:
+            while ahead is not None or running:
+                while ahead is not None and len(running) < max(1, workers):
                     recv, send = ctx.Pipe(duplex=False)
-                    proc = ctx.Process(target=_child, args=(fn, task.args, send), daemon=True)
+                    proc = ctx.Process(target=_child, args=(fn, ahead.args, send), daemon=True)
                     proc.start()
                     send.close()  # the child holds the only write end: its death closes the pipe
-                    running[recv] = (task, proc)
-                for conn in wait(list(running), timeout=1.0):
+                    running[recv] = (Task(ahead.name, None, ahead.size), proc)  # (its argument is the child's now)
+                    ahead = next(source, None)
+                for conn in cast(list[Connection], wait(list(running), timeout=1.0)):
                     task, proc = running.pop(conn)
                     try:
                         status, value, detail = conn.recv()
@@ -119,8 +129,8 @@ def run_tasks(
                             log.error("%s: %s failed:\n%s", desc, task.name, detail.rstrip())
                         raise TaskFailed(f"{desc}: {task.name}: {value}; the run stopped; {RESUME_HINT}")
                     results.append(value)
-                    p.update(task.size)
-                p.update(0)
+                    shown.update(task.size)
+                shown.update(0)
     finally:
         for _, proc in running.values():
             proc.kill()

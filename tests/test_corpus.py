@@ -18,7 +18,7 @@ import pytest
 from conftest import REPO
 from test_wiki import EXPECTED_ARTICLE, make_dump
 
-from data_prep.corpus import CorpusStats, plan_parts, write_corpus
+from data_prep.corpus import SUMMARY_VERSION, WORK_FORMAT, CorpusStats, plan_parts, write_corpus
 from data_prep.errors import DataPrepError
 from data_prep.readers import expand_inputs, iter_documents
 
@@ -196,7 +196,7 @@ def test_resume_skips_finished_parts_and_gives_the_same_files(tmp_path: Path) ->
     assert not list(out.glob("corpus-*"))
     with pytest.raises(DataPrepError, match="folder is not empty; pass --resume"):
         write_corpus([src], out, num_files=3, progress=False)
-    with pytest.raises(DataPrepError, match="different from the interrupted run"):
+    with pytest.raises(DataPrepError, match="--resume with other settings than the interrupted run"):
         write_corpus([src], out, num_files=4, progress=False, resume=True)
     (src / "2.txt").write_bytes(good[2])
     (src / "0.txt").write_bytes(b"\0" + good[0][1:])  # finished before: not read again
@@ -224,6 +224,64 @@ def test_thousands_of_output_files_with_few_descriptors(tmp_path: Path) -> None:
     assert sum(len(d) for d in read_corpus(tmp_path / "out")) == 4000
 
 
+def test_resume_of_a_streamed_file_keeps_its_finished_chunks(tmp_path: Path) -> None:
+    """A JSON lines file above --part-mb is read by the main process and cleaned by the workers in chunks: a NUL
+    byte near its end stops the run there; --resume, the file repaired, keeps the chunks finished before (one of
+    them, altered on purpose, shows that it is not cleaned again) and gives the uninterrupted run's counts."""
+    src = tmp_path / "in.jsonl"
+    lines = [json.dumps({"text": f"Line {i} says something. It has a second sentence {i}."}) for i in range(12000)]
+    data = ("\n".join(lines) + "\n").encode()
+    src.write_bytes(data)
+    kw = {"num_files": 2, "workers": 2, "progress": False, "part_bytes": 20_000}
+    ref = write_corpus([src], tmp_path / "ref", **kw)
+    src.write_bytes(data[:-10] + b"\0" + data[-9:])  # same size: the same inputs for --resume
+    out = tmp_path / "out"
+    with pytest.raises(DataPrepError, match=r"in\.jsonl: NUL byte at byte offset"):
+        write_corpus([src], out, **kw)
+    done = out / ".work" / "done"
+    assert len(list(done.glob("p000000-c*.json"))) > 20 and not (done / "p000000.json").exists()
+    first = out / ".work" / "parts" / "p000000-c00000.txt"
+    first.write_bytes(first.read_bytes().replace(b"Line 0 says", b"LINE 0 SAYS"))
+    src.write_bytes(data)
+    resumed = write_corpus([src], out, resume=True, **kw)
+    expected = b"".join(snapshot(tmp_path / "ref").values()).replace(b"Line 0 says", b"LINE 0 SAYS")
+    assert b"".join(snapshot(out).values()) == expected
+    for name in ("documents", "sentences", "files", "bytes", "bytes_written"):
+        assert getattr(resumed, name) == getattr(ref, name), name
+    assert not (out / ".work").exists()
+
+
+def test_resume_refuses_other_work_formats_and_newer_folders(tmp_path: Path) -> None:
+    """An interrupted run of another layout of `.work` cannot be continued; a finished folder made by a newer
+    albert-data is refused, in one line each."""
+    src = write_docs(tmp_path / "a.txt", [["One."], ["Two."]])
+    out = tmp_path / "out"
+    write_corpus([src], out, num_files=2, progress=False)
+    summary = json.loads((out / ".corpus.json").read_text())
+    assert summary["summary_version"] == SUMMARY_VERSION
+    (out / ".corpus.json").write_text(json.dumps({**summary, "summary_version": SUMMARY_VERSION + 1}))
+    with pytest.raises(DataPrepError, match=r"\.corpus\.json: made by a newer albert-data \(summary version 2"):
+        write_corpus([src], out, num_files=2, progress=False, resume=True)
+    (out / ".work").mkdir()
+    (out / ".work" / "settings.json").write_text(json.dumps({"settings": {}, "inputs": []}))
+    with pytest.raises(DataPrepError, match=rf"work files of format 1, this version writes {WORK_FORMAT}\) cannot"):
+        write_corpus([src], out, num_files=2, progress=False, resume=True)
+
+
+def _child_reading(parent: int, path: Path) -> int | None:
+    """The pid of a child process of `parent` that has `path` open, if any."""
+    target = os.path.realpath(path)
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != parent:
+                continue
+            if any(os.path.realpath(fd) == target for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except (OSError, ValueError, IndexError):
+            continue
+    return None
+
+
 @pytest.mark.slow
 def test_killed_worker_ends_the_run_and_resume_finishes_it(wiki_dump: Path, tmp_path: Path) -> None:
     """SIGKILL of the worker cleaning the Wikipedia excerpt: the run ends within seconds with one line naming
@@ -238,13 +296,10 @@ def test_killed_worker_ends_the_run_and_resume_finishes_it(wiki_dump: Path, tmp_
     cmd = [sys.executable, "-m", "data_prep", "corpus", "--input", *inputs, "--output", str(out)]
     cmd += ["--num-files", "4", "--workers", "2", "--mpi", "off"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    running = out / ".work" / "running"
     victim = None
     deadline = time.monotonic() + 120
     while victim is None and time.monotonic() < deadline and proc.poll() is None:
-        for claim in running.glob("*") if running.exists() else ():
-            if claim.read_text() == str(wiki_dump):
-                victim = int(claim.name.rsplit("-", 1)[1])
+        victim = _child_reading(proc.pid, wiki_dump)
         time.sleep(0.05)
     assert victim is not None, "the excerpt's worker never started"
     time.sleep(0.5)  # well inside its cleaning (about 4 s)
@@ -255,7 +310,10 @@ def test_killed_worker_ends_the_run_and_resume_finishes_it(wiki_dump: Path, tmp_
     assert proc.returncode == 2
     errors = [line for line in stderr.splitlines() if " ERROR " in line]
     assert len(errors) == 1 and "Traceback" not in stderr, stderr
-    assert f"{wiki_dump}: a worker process died while reading it (killed by signal 9" in errors[0]
+    assert (
+        f"corpus parts: part p000000 ({wiki_dump}): its worker process (pid {victim}) was killed by SIGKILL"
+        in errors[0]
+    )
     assert "--resume" in errors[0]
     assert len(list((out / ".work" / "done").iterdir())) == 3  # the small files, finished meanwhile
     proc = subprocess.run(cmd + ["--resume"], cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -18,7 +18,7 @@ from test_sharding import cli, shard_cmd, shas
 from data_prep.examples import record_dtype
 from data_prep.inspection import verify_folder
 from data_prep.sharding import WORK_FORMAT, ShardSettings, auto_num_shards
-from data_prep.shards import Manifest
+from data_prep.shards import MANIFEST_VERSION, Manifest
 
 sys.path.insert(0, str(REPO))
 from bench import syscalls  # noqa: E402
@@ -117,11 +117,11 @@ def test_resume_refuses_other_package_versions_settings_and_work_formats(wiki_co
     cases = [
         (
             {**saved, "versions": {**saved["versions"], "numpy": "1.26.4"}},
-            f"--resume with numpy {now}, but the interrupted run used numpy 1.26.4",
+            f"--resume with other package versions (numpy 1.26.4 then, {now} now) than the interrupted run",
         ),
         (
             {**saved, "settings": {**saved["settings"], "seed": 1}},
-            "settings or inputs different from the interrupted run",
+            "--resume with other settings than the interrupted run",
         ),
         (
             {k: v for k, v in saved.items() if k not in ("work_format", "versions")},
@@ -188,11 +188,18 @@ def test_progress_logs_lines_without_a_terminal(caplog):
 
 
 def test_finished_folder_made_before_shard_mb_is_still_complete(wiki_corpus, spm_model, wiki_shards, tmp_path):
-    """A finished folder whose manifest has no shard_bytes (its shard count is recorded): --resume checks it, exit 0."""
+    """A finished folder whose manifest (version 1) has no shard_bytes (its shard count is recorded): --resume checks
+    it, exit 0. A manifest of a newer version than this albert-data reads is refused in one line."""
     out = tmp_path / "done"
     shutil.copytree(wiki_shards, out)
     manifest = json.loads((out / "manifest.json").read_text())
-    del manifest["settings"]["shard_bytes"], manifest["versions"]
+    assert manifest["manifest_version"] == MANIFEST_VERSION
+    del manifest["settings"]["shard_bytes"], manifest["versions"], manifest["manifest_version"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
     assert proc.returncode == 0 and "shards already complete" in proc.stderr, proc.stderr
+    (out / "manifest.json").write_text(json.dumps({**manifest, "manifest_version": MANIFEST_VERSION + 1}))
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
+    [line] = errors(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"manifest.json: made by a newer albert-data (manifest version {MANIFEST_VERSION + 1};" in line, line

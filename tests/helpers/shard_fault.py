@@ -57,10 +57,10 @@ def kill_reduce(shard: int) -> None:
 def raise_on_rank(rank: int) -> None:
     real = sharding._pieces
 
-    def pieces(*a, **k):
+    def pieces(*args, **kwargs):
         if RANK == rank:
             raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "out/.work/spill")
-        return real(*a, **k)
+        return real(*args, **kwargs)
 
     sharding._pieces = pieces
 
