@@ -77,8 +77,17 @@ def estimated_record_bytes(input_bytes: int, settings: ShardSettings) -> int:
 
 def auto_num_shards(input_bytes: int, settings: ShardSettings) -> int:
     """Shards are shuffled in memory: size them (shard_bytes of records each) so that memory stays flat in the corpus
-    size."""
-    return max(1, -(-estimated_record_bytes(input_bytes, settings) // settings.shard_bytes))
+    size. Never more shards than the examples the text can make (an upper estimate): a shard of none is a file for
+    nothing."""
+    examples = settings.examples
+    record = record_dtype(examples.max_seq_length, examples.max_predictions_per_seq).itemsize
+    if settings.shard_bytes < record:
+        raise DataPrepError(
+            f"--shard-mb: shards of {settings.shard_bytes} bytes are smaller than one example record ({record} bytes "
+            f"at --max-seq-length {examples.max_seq_length}); shards of a few MB or more keep the file count sensible"
+        )
+    total = estimated_record_bytes(input_bytes, settings)
+    return max(1, min(-(-total // settings.shard_bytes), total // record))
 
 
 def package_versions() -> dict[str, str]:

@@ -17,7 +17,7 @@ from test_sharding import cli, shard_cmd, shas
 
 from data_prep.examples import record_dtype
 from data_prep.inspection import verify_folder
-from data_prep.sharding import WORK_FORMAT, ShardSettings, auto_num_shards
+from data_prep.sharding import WORK_FORMAT, ShardSettings, auto_num_shards, estimated_record_bytes
 from data_prep.shards import MANIFEST_VERSION, Manifest
 
 sys.path.insert(0, str(REPO))
@@ -166,6 +166,17 @@ def test_auto_shard_count_keeps_shards_within_shard_mb(wiki_corpus, spm_model, t
     itemsize = record_dtype(128, 20).itemsize
     sizes = np.array([s["num_examples"] for s in m["shards"]]) * itemsize
     assert sizes.max() <= 1 << 20 and sizes.mean() > 0.6 * (1 << 20), sizes  # the estimate is an upper bound, close
+
+
+def test_shard_size_below_one_record_is_refused_and_the_count_never_exceeds_the_examples():
+    from data_prep.errors import DataPrepError
+
+    with pytest.raises(DataPrepError, match=r"--shard-mb: shards of 104 bytes are smaller than one example record \(\d+ bytes"):
+        auto_num_shards(10 << 20, ShardSettings(shard_bytes=int(0.0001 * 2**20)))
+    # one record per shard at most: 13 kB of text cannot make more examples than its records' worth
+    record = record_dtype(128, 20).itemsize
+    settings = ShardSettings(dupe_factor=1, shard_bytes=record)
+    assert auto_num_shards(13_000, settings) == estimated_record_bytes(13_000, settings) // record
 
 
 def test_progress_logs_lines_without_a_terminal(caplog):
