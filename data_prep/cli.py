@@ -372,6 +372,7 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     corpus_dir, vocab_prefix, shards_dir = out / "corpus", out / "vocab" / "spiece", out / "shards"
     corpus_done = out / ".corpus-done"
     world = get_world(args.mpi)
+    _shard_settings(args).check()  # the example settings' relations, before hours of corpus and vocabulary
     world.run_on_rank0(lambda: existing_output(out, args.resume))
     if not corpus_done.exists():
         # every rank takes its share; an interrupted corpus continues where it stopped

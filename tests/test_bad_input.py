@@ -234,6 +234,17 @@ def test_predictions_beyond_the_sequence_are_refused_before_any_work(
     assert not any(out.glob("*.h5"))
 
 
+def test_prepare_refuses_the_same_relation_before_the_corpus(wiki_dump: Path, tmp_path: Path, caplog) -> None:
+    out = tmp_path / "prepared"
+    args = ["prepare", "--input", str(wiki_dump), "--output", str(out), "--vocab-size", "100"]
+    with caplog.at_level(logging.ERROR):
+        assert cli.main([*args, "--max-seq-length", "16", "--max-predictions-per-seq", "14"]) == 2
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == [
+        "--max-predictions-per-seq 14: must be in [1, max_seq_length - 3]"
+    ]
+    assert not (out / "corpus").exists()
+
+
 # --- damaged shards -------------------------------------------------------------------------
 
 

@@ -171,7 +171,9 @@ def test_auto_shard_count_keeps_shards_within_shard_mb(wiki_corpus, spm_model, t
 def test_shard_size_below_one_record_is_refused_and_the_count_never_exceeds_the_examples():
     from data_prep.errors import DataPrepError
 
-    with pytest.raises(DataPrepError, match=r"--shard-mb: shards of 104 bytes are smaller than one example record \(\d+ bytes"):
+    with pytest.raises(
+        DataPrepError, match=r"--shard-mb: shards of 104 bytes are smaller than one example record \(\d+ bytes"
+    ):
         auto_num_shards(10 << 20, ShardSettings(shard_bytes=int(0.0001 * 2**20)))
     # one record per shard at most: 13 kB of text cannot make more examples than its records' worth
     record = record_dtype(128, 20).itemsize
