@@ -294,6 +294,17 @@ def train_vocab_from(
 
 
 def run(args: argparse.Namespace) -> int:
+    output = {"corpus": "output", "shard": "output", "prepare": "output", "vocab": "output_prefix"}.get(args.command)
+    if output is None:  # inspect and verify only read
+        return _run(args)
+    from .mpi import get_world
+    from .stage import one_writer
+
+    with one_writer(getattr(args, output), get_world(getattr(args, "mpi", "auto"))):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     if args.command == "corpus":
         from .corpus import write_corpus

@@ -27,12 +27,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from common.atomic import write_text
+from common.output_lock import LockUnsupported, OutputInUse, OutputLock
 
 from .errors import DataPrepError
 from .mpi import World
@@ -127,6 +129,26 @@ class Finished:
 
     identity: dict[str, Any]
     files: list[tuple[str, int | None]]
+
+
+@contextmanager
+def one_writer(out: Path, world: World) -> Iterator[None]:
+    """One run per output for the length of a command: rank 0 holds an flock on `.NAME.lock` beside `out` (in its
+    parent, so that the folder's own emptiness check is not disturbed); a second run is refused on every rank, naming
+    the holder's host and pid. The kernel releases the lock when its holder dies, SIGKILL included."""
+    lock, error = None, None
+    if world.rank == 0:
+        lock = OutputLock(out.parent, f".{out.name}.lock", label=str(out))
+        try:
+            lock.acquire()
+        except (OutputInUse, LockUnsupported) as e:
+            error = f"{e}; wait for it to end, or choose another output"
+    world.raise_together(error)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def existing_output(out: Path, resume: bool) -> bool:

@@ -376,3 +376,45 @@ def test_corpus_and_vocab_log_progress_lines_without_a_terminal(wiki_dump, wiki_
     proc = cli("vocab", "--input", str(out), "--output-prefix", str(prefix), "--vocab-size", "400", *every)
     assert proc.returncode == 0, proc.stderr
     assert "vocab sample: " in proc.stderr and "MB/s, ETA" in proc.stderr, proc.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("command", ["corpus", "shard", "prepare"])
+def test_a_second_writer_of_an_output_is_refused_and_a_killed_one_blocks_nothing(command, tmp_path, wiki_corpus):
+    """A real process holds the output's lock (as a running albert-data does); the command refuses in one line naming
+    it, writes nothing, and runs once the holder is SIGKILLed."""
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from data_prep.mpi import World; from data_prep.stage import "
+            "one_writer\nwith one_writer(Path(sys.argv[1]), World()):\n    print('held', flush=True); time.sleep(600)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        args = {
+            "corpus": ["corpus", "--input", str(wiki_corpus / "corpus-00000.txt"), "--output", str(out)],
+            "shard": ["shard", "--input", str(wiki_corpus), "--spm-model", "x.model", "--output", str(out)],
+            "prepare": ["prepare", "--input", str(wiki_corpus / "corpus-00000.txt"), "--output", str(out)],
+        }[command]
+        refused = subprocess.run([sys.executable, "-m", "data_prep.cli", *args], capture_output=True, text=True)
+        assert refused.returncode == 2, refused.stderr
+        errors = [line for line in refused.stderr.splitlines() if "ERROR" in line]
+        assert len(errors) == 1 and f"{out} is in use by pid {holder.pid} on host" in errors[0], refused.stderr
+        assert "Traceback" not in refused.stderr and not out.exists()
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    if command == "corpus":  # the kernel released the dead holder's lock: the next run goes ahead
+        args[-1] = str(out)
+        done = subprocess.run([sys.executable, "-m", "data_prep.cli", *args, "--num-files", "1"], capture_output=True)
+        assert done.returncode == 0, done.stderr
