@@ -115,7 +115,7 @@ def setup(args: argparse.Namespace) -> Run:
     batch, stage, precision = config.engine.batch, config.engine.zero_stage, config.engine.precision
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        cfg = AlbertConfig.from_name_or_path(config.model_config)
+        cfg = AlbertConfig.from_name_or_path(config.model_config_name)
         loader: dict[str, Any] = dict(rank=rank, world=world, seed=config.seed, pin_memory=device.type == "cuda")
         data = PretrainingData(config.data, batch.micro, batch.accum, skip_bad_shards=config.skip_bad_shards, **loader)
         check_data_against_model(data, cfg, config.data)

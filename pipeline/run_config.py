@@ -341,8 +341,7 @@ class RunConfig:
     once (`run_config`), before any work. Everything the run does reads them from here."""
 
     engine: EngineConfig
-    deepspeed_config: Path
-    model_config: str
+    model_config_name: str  # --model-config: a shipped name or a model config file
     data: Path
     eval_data: Path | None
     output: Path
@@ -374,8 +373,7 @@ def run_config(args: argparse.Namespace, world: int) -> RunConfig:
     ds = read_deepspeed_config(args.deepspeed_config)
     return RunConfig(
         engine=engine_config(ds, world, args.max_steps, args.allow_fp16_on_cpu),
-        deepspeed_config=args.deepspeed_config,
-        model_config=args.model_config,
+        model_config_name=args.model_config,
         data=args.data,
         eval_data=args.eval_data,
         output=args.output,
