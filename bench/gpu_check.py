@@ -4,7 +4,7 @@ Sections (each prints its table as soon as it is done; each is skipped, with the
 when the time budget is nearly spent):
   1. training-step time (forward + backward + optimizer step) of the shipped configs at each
      batch x seq, in fp16 (autocast + dynamic loss scaling with torch.amp.GradScaler) and bf16
-     (autocast), with DeepSpeed's FusedLamb and with our Lamb, both as pipeline.lamb_deepspeed.select_optimizer
+     (autocast), with DeepSpeed's FusedLamb and with our Lamb, both as pipeline.lamb_deepspeed.build_lamb
      builds them; ms/step (median of the timed steps), tokens/s, MFU against the GPU's nominal dense
      fp16/bf16 peak and against a matmul peak measured in the same run; which SDPA kernel ran
      (from the profiler) and whether flash attention accepts the model's padding mask;
@@ -199,90 +199,95 @@ SECTIONS = {1, 2, 3, 4, 5}
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
-    a("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
-    a(
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
+    p.add_argument(
         "--smoke",
         action="store_true",
         help="tiny settings (albert-tiny, short sequences, few steps): checks the code paths",
     )
-    a(
+    p.add_argument(
         "--budget",
         type=float,
         default=450.0,
         help="seconds for the whole run; sections that no longer fit are skipped (default 450)",
     )
-    a(
+    p.add_argument(
         "--configs",
         type=lambda s: s.split(","),
         default=["albert-base"],
         help="section 1: shipped config names (e.g. albert-base,albert-large)",
     )
-    a(
+    p.add_argument(
         "--shapes",
         type=parse_shapes,
         default=[(64, 128), (16, 512)],
         help="section 1: BATCHxSEQ list (default 64x128,16x512)",
     )
-    a(
+    p.add_argument(
         "--precisions",
         type=lambda s: s.split(","),
         default=None,
         help="section 1: fp16,bf16 (default; fp32,bf16 on CPU)",
     )
-    a("--warmup", type=int, default=3, help="section 1: untimed steps per row")
-    a("--steps", type=int, default=10, help="section 1: timed steps per row (the median is reported)")
-    a(
+    p.add_argument("--warmup", type=int, default=3, help="section 1: untimed steps per row")
+    p.add_argument("--steps", type=int, default=10, help="section 1: timed steps per row (the median is reported)")
+    p.add_argument(
         "--attention",
         choices=["auto", "sdpa", "math"],
         default="auto",
         help="the model's attention (auto = SDPA on CUDA)",
     )
-    a(
+    p.add_argument(
         "--compile",
         choices=["off", "on"],
         default="off",
         help="section 1: torch.compile the shared layers (costs budget)",
     )
-    a("--peak-tflops", type=float, default=None, help="nominal dense fp16/bf16 peak of this GPU, overriding the table")
-    a("--matmul-n", type=int, default=None, help="matrix size of the measured matmul peak (default 8192 on CUDA)")
-    a(
+    p.add_argument(
+        "--peak-tflops", type=float, default=None, help="nominal dense fp16/bf16 peak of this GPU, overriding the table"
+    )
+    p.add_argument(
+        "--matmul-n", type=int, default=None, help="matrix size of the measured matmul peak (default 8192 on CUDA)"
+    )
+    p.add_argument(
         "--fused-lamb-build-timeout",
         type=float,
         default=240.0,
         help="seconds allowed for building DeepSpeed's FusedLamb",
     )
-    a("--parity-config", default="albert-base", help="section 2: config")
-    a("--parity-shape", type=lambda s: parse_shapes(s)[0], default=(16, 128), help="section 2: BATCHxSEQ")
-    a("--parity-steps", type=int, default=20, help="section 2: optimizer steps")
-    a(
+    p.add_argument("--parity-config", default="albert-base", help="section 2: config")
+    p.add_argument("--parity-shape", type=lambda s: parse_shapes(s)[0], default=(16, 128), help="section 2: BATCHxSEQ")
+    p.add_argument("--parity-steps", type=int, default=20, help="section 2: optimizer steps")
+    p.add_argument(
         "--parity-tol",
         type=float,
         default=1e-5,
         help="section 2: largest rel. diff at which the two optimizers agree (see gpu_check_parity.PARITY_TOL_WHY)",
     )
-    a("--fp16-config", default="albert-base", help="section 3: config")
-    a("--fp16-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 3: BATCHxSEQ")
-    a("--fp16-steps", type=int, default=200, help="section 3: steps")
-    a("--loss-scale-window", type=int, default=50, help="section 3: DeepSpeed's loss_scale_window")
-    a("--fp16-on-cpu", action="store_true", help="testing only: run section 3 on CPU with DeepSpeed's fp16 override")
-    a("--zero-configs", type=lambda s: s.split(","), default=["albert-base"], help="section 4: configs")
-    a(
+    p.add_argument("--fp16-config", default="albert-base", help="section 3: config")
+    p.add_argument("--fp16-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 3: BATCHxSEQ")
+    p.add_argument("--fp16-steps", type=int, default=200, help="section 3: steps")
+    p.add_argument("--loss-scale-window", type=int, default=50, help="section 3: DeepSpeed's loss_scale_window")
+    p.add_argument(
+        "--fp16-on-cpu", action="store_true", help="testing only: run section 3 on CPU with DeepSpeed's fp16 override"
+    )
+    p.add_argument("--zero-configs", type=lambda s: s.split(","), default=["albert-base"], help="section 4: configs")
+    p.add_argument(
         "--zero-stages",
         type=lambda s: [int(x) for x in s.split(",")],
         default=[0, 1, 2, 3],
         help="section 4: ZeRO stages",
     )
-    a("--zero-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 4: BATCHxSEQ")
-    a("--zero-steps", type=int, default=3, help="section 4: steps per stage")
+    p.add_argument("--zero-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 4: BATCHxSEQ")
+    p.add_argument("--zero-steps", type=int, default=3, help="section 4: steps per stage")
     gpu_check_pretrain.add_arguments(p)
-    a(
+    p.add_argument(
         "--sections",
         type=lambda s: {int(x) for x in s.split(",")},
         default=SECTIONS,
         help="which sections to run (default 1,2,3,4,5)",
     )
-    a("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     if args.smoke:  # the smoke values replace the defaults, not what was given explicitly
         defaults = p.parse_args([])

@@ -20,8 +20,9 @@ import torch
 from harness import make_batch, matmul_peaks
 
 from pipeline.lamb import Lamb
-from pipeline.lamb_deepspeed import select_optimizer
+from pipeline.lamb_deepspeed import build_lamb
 from pipeline.model import AlbertConfig
+from pipeline.run_config import LambSettings
 
 log = logging.getLogger("gpu_check")
 
@@ -178,15 +179,11 @@ def shipped_lamb_params() -> dict[str, Any]:
     return params
 
 
-def lamb_ds_config(params: dict[str, Any]) -> dict[str, Any]:
-    return {"optimizer": {"type": "Lamb", "params": dict(params)}, "zero_optimization": {"stage": 0}}
-
-
 def our_lamb(params: dict[str, Any]) -> OptimizerFactory:
-    """Our Lamb as albert-pretrain gets it (select_optimizer with FusedLamb not allowed)."""
+    """Our Lamb as albert-pretrain gets it (build_lamb at ZeRO-0 with FusedLamb not allowed)."""
 
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
-        opt = select_optimizer(model, lamb_ds_config(params), allow_fused=False)[0]
+        opt = build_lamb(model, LambSettings.from_params(params), zero_stage=0, allow_fused=False).optimizer
         assert isinstance(opt, Lamb)
         return opt
 

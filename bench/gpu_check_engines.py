@@ -25,6 +25,7 @@ from harness import markdown_table, timed
 
 from pipeline.fused import FusedOptions
 from pipeline.model import AlbertConfig
+from pipeline.run_config import EngineConfig, Precision, engine_config
 
 log = logging.getLogger("gpu_check.engines")
 
@@ -50,13 +51,13 @@ def ensure_distributed() -> None:
         init_distributed(detect_launch(), timeout_s=120.0)
 
 
-def make_engine(cfg: AlbertConfig, ds: dict[str, Any], fused: FusedOptions, device: torch.device) -> tuple[Any, str]:
-    """An engine built as albert-pretrain builds it (pipeline.engine.build_engine); returns (engine, the optimizer's log line)."""
+def make_engine(cfg: AlbertConfig, config: EngineConfig, fused: FusedOptions, device: torch.device) -> tuple[Any, Any]:
+    """An engine built as albert-pretrain builds it (pipeline.engine.build_engine); returns (engine, the optimizer
+    chosen: pipeline.lamb_deepspeed.OptimizerChoice)."""
     from pipeline.engine import build_engine
 
     torch.manual_seed(0)
-    engine, _, description = build_engine(cfg, ds, fused, device)
-    return engine, description
+    return build_engine(cfg, config, fused, device)
 
 
 def engine_ds_config(micro: int, stage: int, precision: str, **extra: Any) -> dict[str, Any]:
@@ -84,16 +85,11 @@ def engine_step(engine: Any, batch: dict[str, torch.Tensor]) -> Any:
     return out
 
 
-def short_optimizer(description: str) -> str:
-    return "FusedLamb" if "FusedLamb (" in description.split(";")[0] else "our Lamb"
-
-
 def fp16_section(
     args: argparse.Namespace, device: torch.device, budget: Budget, report: Report, reserve_s: float
 ) -> None:
     """Section 3."""
     from pipeline.engine import loss_scale
-    from pipeline.precision import check_precision
 
     if device.type != "cuda" and not args.fp16_on_cpu:
         raise SectionSkipped(
@@ -111,19 +107,19 @@ def fp16_section(
         "hysteresis": 2,
         "min_loss_scale": 1,
     }
-    ds = engine_ds_config(batch_size, 2, "fp16", fp16=fp16)
-    check_precision(ds, allow_fp16_on_cpu=args.fp16_on_cpu)  # albert-pretrain's own check (and the CPU override)
+    # albert-pretrain's own checks; on CPU the engine is built with DeepSpeed's fp16 testing override
+    config = engine_config(engine_ds_config(batch_size, 2, "fp16", fp16=fp16), 1, allow_fp16_on_cpu=args.fp16_on_cpu)
     ensure_distributed()
-    engine, description = make_engine(cfg, ds, FusedOptions(attention=args.attention, compile="off"), device)
+    engine, optimizer = make_engine(cfg, config, FusedOptions(attention=args.attention, compile="off"), device)
     batches = batches_on(engine.device, cfg, batch_size, seq, count=4)
-    scales, losses, skipped = [loss_scale(engine, "fp16")], [], []
+    scales, losses, skipped = [loss_scale(engine, Precision.FP16)], [], []
     out = None
     t = time.monotonic()
     try:
         for step in range(args.fp16_steps):
             out = engine_step(engine, batches[step % len(batches)])
             losses.append(float(out.loss.detach()))
-            scales.append(loss_scale(engine, "fp16"))
+            scales.append(loss_scale(engine, Precision.FP16))
             skipped.append(engine.skipped_steps)
             if not math.isfinite(losses[-1]):
                 break
@@ -143,7 +139,7 @@ def fp16_section(
     report.emit(
         f"{args.fp16_config}, batch {batch_size} x {seq}, {n} steps over 4 fixed batches (cycled, so the loss can fall), "
         f"deepspeed.initialize with ZeRO-2 fp16 and dynamic loss scaling (initial_scale_power 16, loss_scale_window "
-        f"{args.loss_scale_window}, hysteresis 2, min_loss_scale 1), gradient clipping 1.0; {description}; "
+        f"{args.loss_scale_window}, hysteresis 2, min_loss_scale 1), gradient clipping 1.0; {optimizer.description}; "
         f"{seconds:.1f} s.\n"
     )
     trajectory = " -> ".join(f"{s:g} (after step {i})" for i, s in changes[:12]) + (" ..." if len(changes) > 12 else "")
@@ -262,9 +258,9 @@ def zero_memory_row(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     base = memory_now(device)
-    ds = engine_ds_config(int(batch["input_ids"].shape[0]), stage, "bf16")
-    engine, description = make_engine(
-        cfg, ds, FusedOptions(attention=args.attention, compile="off", fused_lamb=fused_ok), device
+    config = engine_config(engine_ds_config(int(batch["input_ids"].shape[0]), stage, "bf16"), 1)
+    engine, optimizer = make_engine(
+        cfg, config, FusedOptions(attention=args.attention, compile="off", fused_lamb=fused_ok), device
     )
     wrapper = type(engine.optimizer).__name__
     after_init = memory_now(device) - base
@@ -283,7 +279,7 @@ def zero_memory_row(
     free_memory(device)
     left = memory_now(device) - base
     return [
-        short_optimizer(description),
+        optimizer.kind.value,
         wrapper,
         fmt_mib(after_init),
         fmt_mib(peak),

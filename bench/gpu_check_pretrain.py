@@ -19,7 +19,7 @@ FusedLamb in bf16; ZeRO-0 in fp16 is refused by albert-pretrain's own checks), o
    save step (pretrain_probe --deterministic-from): without them, kernels that sum with atomics (attention
    backward, scatter-add) give the two processes different roundings after the first resumed step.
 
-A row fails (non-zero exit, the row named) when a process fails or times out, the log does not name the expected
+A row fails (non-zero exit, the row named) when a process fails or times out, the run did not choose the expected
 optimizer (FusedLamb at ZeRO-0 on CUDA), a clean optimizer step has more than one host sync (CUDA only), the
 resumed losses differ, or the export does not load.
 """
@@ -45,6 +45,8 @@ from typing import Any
 
 from gpu_check_common import Budget, Peaks, Report, SectionSkipped
 from harness import markdown_table, model_flops
+
+from pipeline.lamb_deepspeed import OptimizerKind
 
 REPO = Path(__file__).resolve().parents[1]
 PROBE = Path(__file__).resolve().parent / "pretrain_probe.py"
@@ -111,7 +113,7 @@ ESTIMATES = {"cuda": {"straight": 25.0, "resume_wave": 25.0}, "cpu": {"straight"
 class PretrainRow:
     stage: int
     precision: str
-    expect_optimizer: str  # "FusedLamb" | "our Lamb": what the albert-pretrain log must say
+    expect_optimizer: OptimizerKind  # what albert-pretrain must choose (its Run.optimizer, recorded by the probe)
 
     @property
     def key(self) -> str:
@@ -154,7 +156,7 @@ def plan_rows(keys: list[str], device_type: str) -> list[PretrainRow]:
     rows = []
     for key in keys:
         stage, precision = int(key[1]), key.split("-", 1)[1]
-        expect = "FusedLamb" if device_type == "cuda" and stage == 0 else "our Lamb"
+        expect = OptimizerKind.FUSED_LAMB if device_type == "cuda" and stage == 0 else OptimizerKind.OUR_LAMB
         rows.append(PretrainRow(stage, precision, expect))
     return rows
 
@@ -220,55 +222,70 @@ class Settings:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a(
+    p.add_argument(
         "--pretrain-rows",
         type=parse_rows,
         default=None,
         help=f"section 5: rows z<stage>-<precision>, or all (default on CUDA: {','.join(ALL_ROWS)}; CPU: {','.join(SMOKE_ROWS)})",
     )
-    a(
+    p.add_argument(
         "--pretrain-config",
         default=DEFAULTS["pretrain_config"],
         help="section 5: shipped model config (its vocabulary becomes the shards')",
     )
-    a("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"], help="section 5: optimizer steps per run")
-    a(
+    p.add_argument(
+        "--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"], help="section 5: optimizer steps per run"
+    )
+    p.add_argument(
         "--pretrain-save-step",
         type=int,
         default=DEFAULTS["pretrain_save_step"],
         help="section 5: the checkpoint the second process resumes from",
     )
-    a("--pretrain-micro", type=int, default=DEFAULTS["pretrain_micro"], help="section 5: micro-batch")
-    a("--pretrain-accum", type=int, default=DEFAULTS["pretrain_accum"], help="section 5: gradient accumulation steps")
-    a("--pretrain-warmup", type=int, default=DEFAULTS["pretrain_warmup"], help="section 5: the schedule's warmup steps")
-    a(
+    p.add_argument("--pretrain-micro", type=int, default=DEFAULTS["pretrain_micro"], help="section 5: micro-batch")
+    p.add_argument(
+        "--pretrain-accum", type=int, default=DEFAULTS["pretrain_accum"], help="section 5: gradient accumulation steps"
+    )
+    p.add_argument(
+        "--pretrain-warmup",
+        type=int,
+        default=DEFAULTS["pretrain_warmup"],
+        help="section 5: the schedule's warmup steps",
+    )
+    p.add_argument(
         "--pretrain-vocab",
         type=int,
         default=DEFAULTS["pretrain_vocab"],
         help="section 5: vocabulary trained on the excerpt",
     )
-    a("--pretrain-dupe", type=int, default=DEFAULTS["pretrain_dupe"], help="section 5: albert-data shard --dupe-factor")
-    a(
+    p.add_argument(
+        "--pretrain-dupe",
+        type=int,
+        default=DEFAULTS["pretrain_dupe"],
+        help="section 5: albert-data shard --dupe-factor",
+    )
+    p.add_argument(
         "--pretrain-data",
         type=Path,
         default=None,
         help="section 5: shards to use (albert-data shard output) instead of making them",
     )
-    a(
+    p.add_argument(
         "--pretrain-work",
         type=Path,
         default=None,
         help="section 5: keep runs, logs and probe JSON here (default: a temporary folder)",
     )
-    a("--pretrain-parallel", type=int, default=DEFAULTS["pretrain_parallel"], help="section 5: resumed runs at a time")
-    a(
+    p.add_argument(
+        "--pretrain-parallel", type=int, default=DEFAULTS["pretrain_parallel"], help="section 5: resumed runs at a time"
+    )
+    p.add_argument(
         "--pretrain-timeout",
         type=float,
         default=DEFAULTS["pretrain_timeout"],
         help="section 5: seconds per albert-pretrain process",
     )
-    a(
+    p.add_argument(
         "--pretrain-deterministic",
         choices=["on", "off"],
         default="on",
@@ -585,11 +602,10 @@ class RowResult:
     def probe(self) -> dict[str, Any]:
         return (self.straight.probe or {}) if self.straight else {}
 
-    def optimizer_seen(self) -> str | None:
-        """The optimizer the straight run's log names ("FusedLamb", "our Lamb"), or None."""
-        if not self.straight:
-            return None
-        return optimizer_from_log(self.straight.log_text())
+    def optimizer_seen(self) -> OptimizerKind | None:
+        """The optimizer the straight run chose (albert-pretrain's Run.optimizer, from the probe), or None."""
+        kind = self.probe.get("optimizer_kind")
+        return OptimizerKind(kind) if kind else None
 
     def samples_per_s(self) -> float | None:
         seconds = (self.probe.get("syncs") or {}).get("seconds_mean")
@@ -600,15 +616,6 @@ class RowResult:
         if rate is None or not self.nominal_peak or not self.samples_per_step:
             return None
         return self.flops_per_step * rate / self.samples_per_step / self.nominal_peak
-
-
-def optimizer_from_log(text: str) -> str | None:
-    for line in text.splitlines():
-        if "optimizer: DeepSpeed FusedLamb" in line:
-            return "FusedLamb"
-        if "optimizer: our multi-tensor LAMB" in line:
-            return "our Lamb"
-    return None
 
 
 def sdpa_from_log(text: str) -> str | None:
@@ -670,10 +677,10 @@ def row_problems(r: RowResult, count_syncs: bool) -> list[str]:
         return [f"albert-pretrain {r.straight.failure()}"]
     problems = []
     p = r.probe
-    seen = r.optimizer_seen()
-    if seen != r.row.expect_optimizer or (r.row.expect_optimizer == "FusedLamb" and p.get("optimizer") != "FusedLamb"):
+    seen, expected = r.optimizer_seen(), r.row.expect_optimizer
+    if seen is not expected or (expected is OptimizerKind.FUSED_LAMB and p.get("optimizer") != "FusedLamb"):
         problems.append(
-            f"expected {r.row.expect_optimizer} but the log says {seen or 'no optimizer line'}"
+            f"expected {expected} but the run chose {seen or 'no optimizer (none recorded)'}"
             f" (DeepSpeed wraps {p.get('optimizer')})"
         )
     losses = [x for v in p.get("losses", {}).values() for x in v]
@@ -915,7 +922,7 @@ def run_rows(
         for i, r in enumerate(results):
             r.flops_per_step, r.samples_per_step = flops, s.micro * s.accum
             r.nominal_peak = peaks.nominal_for(r.row.precision) if peaks is not None else None
-            if r.row.expect_optimizer == "FusedLamb" and fused_reason is not None:
+            if r.row.expect_optimizer is OptimizerKind.FUSED_LAMB and fused_reason is not None:
                 r.error = f"not run: the row needs DeepSpeed's FusedLamb, which is not available here ({fused_reason})"
                 continue
             try:

@@ -26,7 +26,6 @@ from gpu_check_common import (
     Report,
     SectionSkipped,
     batches_on,
-    lamb_ds_config,
     our_lamb,
     predictions_for,
     shipped_lamb_params,
@@ -34,9 +33,9 @@ from gpu_check_common import (
 from harness import DTYPES, autocast, markdown_table, model_flops, time_step, train_step
 
 from pipeline.fused import FusedOptions, apply_fused
-from pipeline.lamb import Lamb
-from pipeline.lamb_deepspeed import select_optimizer
+from pipeline.lamb_deepspeed import OptimizerKind, build_lamb
 from pipeline.model import AlbertConfig, AlbertForPreTraining
+from pipeline.run_config import LambSettings
 
 log = logging.getLogger("gpu_check.steps")
 
@@ -50,13 +49,13 @@ SDPA_KERNELS = {  # profiler op name -> what ran
 
 
 def selected_fused_lamb(params: dict[str, Any]) -> OptimizerFactory:
-    """DeepSpeed's FusedLamb as albert-pretrain gets it: select_optimizer must pick it for these settings."""
+    """DeepSpeed's FusedLamb as albert-pretrain gets it: build_lamb must pick it for these settings (ZeRO-0)."""
 
     def make(model: torch.nn.Module) -> torch.optim.Optimizer:
-        opt, _, description = select_optimizer(model, lamb_ds_config(params), allow_fused=True)
-        if isinstance(opt, Lamb):
-            raise TypeError(f"select_optimizer did not pick FusedLamb: {description}")
-        return opt
+        choice = build_lamb(model, LambSettings.from_params(params), zero_stage=0, allow_fused=True)
+        if choice.kind is not OptimizerKind.FUSED_LAMB or choice.optimizer is None:
+            raise TypeError(f"build_lamb did not pick FusedLamb: {choice.description}")
+        return choice.optimizer
 
     return make
 
@@ -231,7 +230,7 @@ def step_time_section(
         f"Step = forward + backward + optimizer step, one process, fp32 weights; bf16 = autocast, fp16 = autocast + "
         f"dynamic loss scaling (torch.amp.GradScaler, initial scale 2^16). Median of {args.steps} timed steps after "
         f"{args.warmup} warmup; tokens/s counts padded positions; FLOPs = matmul FLOPs of forward x 3 "
-        f"(bench/harness.py model_flops). Optimizers built by pipeline.lamb_deepspeed.select_optimizer with the LAMB "
+        f"(bench/harness.py model_flops). Optimizers built by pipeline.lamb_deepspeed.build_lamb with the LAMB "
         f"parameters of {SHIPPED_DS_CONFIG.name}.\n"
     )
     report.emit(peaks.describe())

@@ -21,8 +21,9 @@ engine's `step` and `backward` are wrapped on the instance:
   the autograd engine's threads (backward hooks) count as the loop's;
 - the loss handed to every `engine.backward` (kept on the device, read once at the end);
 - the time of every boundary (host clock), peak memory (CUDA: torch.cuda.max_memory_allocated; CPU: peak RSS),
-  the optimizer DeepSpeed wraps and its wrapper, and the log lines that say which optimizer, attention kernel
-  (the SDPA kernel line) and compile setting run.
+  the optimizer albert-pretrain chose (its Run.optimizer, as "optimizer_kind"), the optimizer DeepSpeed wraps and
+  its wrapper, and the log lines that say which optimizer, attention kernel (the SDPA kernel line) and compile
+  setting run.
 
 With --deterministic-from STEP, `torch.use_deterministic_algorithms(True)` is switched on at the boundary of
 that step (at once when the run resumes at or after it), and CUBLAS_WORKSPACE_CONFIG=:4096:8 is set before
@@ -453,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         # main() has configured logging by now (a handler added earlier would stop its basicConfig)
         logging.getLogger().addHandler(probe.log_lines)
         run = real_setup(a)
+        probe.info["optimizer_kind"] = run.optimizer.value
         probe.attach(run.engine)
         return run
 

@@ -9,6 +9,10 @@ Layout under `<output>/checkpoints/`:
 
 `--resume auto` takes the newest tag with complete.json; a save killed midway leaves a tag without it,
 which is ignored (and removed by the next save). The last `keep` complete checkpoints are kept.
+
+complete.json holds the run's layout (ranks, ZeRO stage, precision, batch, optimizer wrapper, model config) and the
+checkpoint's `format_version` (FORMAT_VERSION); what older checkpoints lack is filled in by version, here and in
+pipeline.reshard, and a newer version than this code knows is refused.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import logging
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,9 +30,17 @@ import torch.distributed as dist
 
 from common.atomic import write_text
 
+if TYPE_CHECKING:
+    from .run_config import EngineConfig, RunConfig
+
 log = logging.getLogger(__name__)
 
 COMPLETE = "complete.json"
+# complete.json's "format_version"; a checkpoint without one is version 1.
+#   1: written before checkpoints were numbered; complete.json may lack "micro_batch" and "optimizer_wrapper", the
+#      loader position its "plan", the client state "lamb_param_names" (each was added at another time).
+#   2: all of them are present.
+FORMAT_VERSION = 2
 # model config keys that a run may change when it resumes: they shape no weight and no computation of the saved state
 TRAINING_ONLY = frozenset(
     {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob", "initializer_range"}
@@ -67,8 +79,36 @@ def resolve_resume(mode: str, folder: Path) -> Path | None:
     return path
 
 
+def format_version(meta: dict[str, Any]) -> int:
+    return int(meta.get("format_version", 1))
+
+
 def read_meta(tag_dir: Path) -> dict[str, Any]:
-    return json.loads((tag_dir / COMPLETE).read_text())
+    """complete.json of a checkpoint this code can read (a newer format is refused)."""
+    meta = json.loads((tag_dir / COMPLETE).read_text())
+    version = format_version(meta)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{tag_dir}: checkpoint format version {version}, newer than this albert-pretrain reads ({FORMAT_VERSION}); "
+            "resume it with the version that wrote it"
+        )
+    return meta
+
+
+def run_meta(config: RunConfig, wrapper: str, model_config: dict[str, Any]) -> dict[str, Any]:
+    """What complete.json records of the run that writes it (`wrapper`: DeepSpeed's optimizer wrapper class)."""
+    engine = config.engine
+    return {
+        "format_version": FORMAT_VERSION,
+        "world_size": engine.batch.world,
+        "zero_stage": engine.zero_stage,
+        "precision": engine.precision.value,
+        "global_batch": engine.batch.global_size,
+        "micro_batch": engine.batch.micro,
+        "optimizer_wrapper": wrapper,
+        "data": str(config.data),
+        "model_config": model_config,
+    }
 
 
 def check_compatible(tag_dir: Path, global_batch: int, model_config: dict[str, Any]) -> dict[str, Any]:
@@ -94,10 +134,13 @@ def check_compatible(tag_dir: Path, global_batch: int, model_config: dict[str, A
     return meta
 
 
-def same_layout(meta: dict[str, Any], world_size: int, zero_stage: int, precision: str, wrapper: str) -> bool:
-    """Whether DeepSpeed can load the checkpoint's optimizer partitions as they are (else `pipeline.reshard`)."""
-    saved = (meta["world_size"], meta["zero_stage"], meta["precision"], meta.get("optimizer_wrapper", wrapper))
-    return saved == (world_size, zero_stage, precision, wrapper)
+def same_layout(meta: dict[str, Any], config: EngineConfig, wrapper: str) -> bool:
+    """Whether DeepSpeed can load the checkpoint's optimizer partitions as they are (else `pipeline.reshard`): the
+    same ranks, ZeRO stage, precision and DeepSpeed optimizer wrapper (`wrapper`: this run's). A version-1 checkpoint
+    that does not name its wrapper is taken to have this run's."""
+    saved_wrapper = meta.get("optimizer_wrapper", wrapper) if format_version(meta) == 1 else meta["optimizer_wrapper"]
+    saved = (meta["world_size"], meta["zero_stage"], meta["precision"], saved_wrapper)
+    return saved == (config.batch.world, config.zero_stage, config.precision.value, wrapper)
 
 
 def describe_layout(world_size: int, zero_stage: int, precision: str) -> tuple[str, str]:
@@ -106,9 +149,12 @@ def describe_layout(world_size: int, zero_stage: int, precision: str) -> tuple[s
     return f"{world_size}-rank ZeRO-{zero_stage} ({precision})", f"{ranks} with ZeRO-{zero_stage} ({precision})"
 
 
-def loader_plan(tag_dir: Path, meta: dict[str, Any]) -> dict[str, int]:
-    """The plan the saved loader position counts in, for positions saved without one: the writer's ranks and
-    micro-batch (from its DeepSpeed config) and the loader's default window."""
+def loader_plan(tag_dir: Path, meta: dict[str, Any]) -> dict[str, int] | None:
+    """The plan the saved loader position counts in where the position may not name one (version 1): the writer's
+    ranks and micro-batch (complete.json's, else from its DeepSpeed config) and the loader's default window. None
+    from version 2 on, where every position names its plan."""
+    if format_version(meta) >= 2:
+        return None
     micro = meta.get("micro_batch")
     if micro is None:
         states = torch.load(

@@ -32,9 +32,10 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -228,7 +229,7 @@ class PretrainingData:
         self.state = LoaderState()
         self._rows = Runs.whole(self.num_examples)  # the rows the current plan of the epoch cuts among the ranks
         self._thread: threading.Thread | None = None
-        self._unthreaded: Iterator | None = None  # the windows when prefetch is 0
+        self._unthreaded: Generator | None = None  # the windows when prefetch is 0
         self._stop = threading.Event()
         self.data_wait = 0.0  # seconds the consumer waited for batches (reset by the caller)
 
@@ -351,7 +352,7 @@ class PretrainingData:
             b += 1
         return {k: np.concatenate(v) for k, v in parts.items()}
 
-    def _windows(self, start: LoaderState) -> Iterator[list[dict[str, torch.Tensor]]]:
+    def _windows(self, start: LoaderState) -> Generator[list[dict[str, torch.Tensor]]]:
         """The windows from `start` on (from start's micro-batch in its window), each as its micro-batches: views
         of the window's rows in training order, cast to int64 and, with pin_memory, page-locked."""
         files: dict = {}
@@ -406,6 +407,7 @@ class PretrainingData:
         self.close()
         start = LoaderState(self.state.epoch, self.state.micro_batch, list(self.state.earlier))
         count = self._micro_batches(self._rows)
+        get: Callable[[], Any]
         if self.prefetch:
             self._stop = threading.Event()
             q: queue.Queue = queue.Queue(maxsize=self.prefetch)

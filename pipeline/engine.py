@@ -3,22 +3,30 @@ the GPU check): ALBERT initialised also under ZeRO-3, optional Hugging Face weig
 
 from __future__ import annotations
 
+import copy
 import logging
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .precision import allow_fp16_on_cpu
+from .run_config import EngineConfig, Precision
+
+if TYPE_CHECKING:
+    from .lamb_deepspeed import OptimizerChoice
 
 log = logging.getLogger("albert-pretrain")
 
 
-def build_model(cfg, ds: dict[str, Any], activation_checkpointing: bool):
+def build_model(cfg, config: EngineConfig, activation_checkpointing: bool):
     """The model, initialised the ALBERT way also under ZeRO-3 (where __init__'s initialisation is lost)."""
     import deepspeed
 
     from .model import AlbertForPreTraining, init_albert_weights
 
-    if ds.get("zero_optimization", {}).get("stage", 0) != 3:
+    if config.zero_stage != 3:
         return AlbertForPreTraining(cfg, gradient_checkpointing=activation_checkpointing)
-    with deepspeed.zero.Init(config_dict_or_path=ds):
+    with deepspeed.zero.Init(config_dict_or_path=copy.deepcopy(config.deepspeed)):
         model = AlbertForPreTraining(cfg, gradient_checkpointing=activation_checkpointing)
     for m in model.modules():
         with deepspeed.zero.GatheredParameters(list(m.parameters(recurse=False)), modifier_rank=0):
@@ -27,43 +35,44 @@ def build_model(cfg, ds: dict[str, Any], activation_checkpointing: bool):
 
 
 def build_engine(
-    cfg, ds: dict[str, Any], fused, device, activation_checkpointing: bool = False, init_from: Path | None = None
-):
+    cfg,
+    config: EngineConfig,
+    fused,
+    device,
+    activation_checkpointing: bool = False,
+    init_from: Path | None = None,
+) -> tuple[Any, OptimizerChoice]:
     """Model (from `init_from`'s Hugging Face weights if given), its fused paths, our LAMB or FusedLamb, and the
-    DeepSpeed engine; returns (engine, the config DeepSpeed got, the optimizer's log line). Seed torch first."""
+    DeepSpeed engine; returns (engine, the optimizer chosen, agreed by every rank). Seed torch first."""
     import deepspeed
-    import torch
 
     from .comm import Comm
     from .fused import apply_fused
-    from .lamb_deepspeed import attach_zero_partitions, select_optimizer
+    from .lamb_deepspeed import OptimizerKind, attach_zero_partitions, select_optimizer
 
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    model = build_model(cfg, ds, activation_checkpointing)
+    if config.fp16_on_cpu:
+        allow_fp16_on_cpu()  # before DeepSpeed reads the config (zero.Init at ZeRO-3, then initialize)
+    model = build_model(cfg, config, activation_checkpointing)
     if init_from:
-        load_initial_weights(model, init_from, stage)
-    dtype = (
-        torch.bfloat16
-        if ds.get("bf16", {}).get("enabled")
-        else torch.float16
-        if ds.get("fp16", {}).get("enabled")
-        else torch.float32
-    )
-    for line in apply_fused(model, fused, device, stage, dtype):
+        load_initial_weights(model, init_from, config.zero_stage)
+    for line in apply_fused(model, fused, device, config.zero_stage, config.precision.dtype):
         log.info("%s", line)
-    optimizer, ds_out, description = select_optimizer(model, ds, allow_fused=fused.fused_lamb)
+    choice = select_optimizer(model, config, allow_fused=fused.fused_lamb)
     # A rank whose FusedLamb build failed falls back to our LAMB; all ranks must then run the same optimizer.
-    uses_fused = description.startswith("optimizer: DeepSpeed FusedLamb")
+    uses_fused = choice.kind is OptimizerKind.FUSED_LAMB
     comm = Comm(device)
     if comm.min_(comm.tensor([float(uses_fused)])).item() < float(uses_fused):
-        optimizer, ds_out, description = select_optimizer(model, ds, allow_fused=False)
-        description += " (FusedLamb could not be built on every rank)"
-    log.info("%s", description)
+        fallback = select_optimizer(model, config, allow_fused=False)
+        choice = replace(fallback, description=fallback.description + " (FusedLamb could not be built on every rank)")
+    log.info("%s", choice.description)
     engine, *_ = deepspeed.initialize(
-        model=model, optimizer=optimizer, model_parameters=None if optimizer else model.parameters(), config=ds_out
+        model=model,
+        optimizer=choice.optimizer,
+        model_parameters=None if choice.optimizer else model.parameters(),
+        config=copy.deepcopy(config.deepspeed),
     )
-    attach_zero_partitions(engine, optimizer)
-    return engine, ds_out, description
+    attach_zero_partitions(engine, choice.optimizer)
+    return engine, choice
 
 
 def load_initial_weights(model, folder: Path, stage: int) -> None:
@@ -84,8 +93,9 @@ def load_initial_weights(model, folder: Path, stage: int) -> None:
     log.info("initialised from %s", folder)
 
 
-def loss_scale(engine, precision: str) -> float:
-    if precision != "fp16":
+def loss_scale(engine, precision: Precision) -> float:
+    if precision is not Precision.FP16:
         return 1.0
     opt = engine.optimizer
-    return float(getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", 1.0))
+    scale: Any = getattr(opt, "cur_scale", None) or getattr(opt, "loss_scale", 1.0)
+    return float(scale)

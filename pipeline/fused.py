@@ -127,13 +127,15 @@ def apply_fused(
     layers = [m for m in model.modules() if isinstance(m, AlbertLayer)]  # each shared layer once
     sigmoid_gelu = device.type == "cpu" and model.config.hidden_act in TANH_GELUS
     if sigmoid_gelu:
-        for module in [model, *layers]:
+        users: list[AlbertForPreTraining | AlbertLayer] = [model, *layers]  # the modules that call self.act
+        for module in users:
             module.act = gelu_tanh_by_sigmoid
     for layer in layers:
         # Static shapes: a run sees one batch shape (two graphs per layer: all rows, and the last
         # pass's [CLS] + masked rows), so dynamic-shape kernels would only cost speed.
         layer.compile(dynamic=False)
-    model.mlm_transform = torch.compile(model.mlm_transform, dynamic=False)
+    # the instance attribute shadows the method (checkpoints and parameter names are unchanged)
+    model.mlm_transform = torch.compile(model.mlm_transform, dynamic=False)  # type: ignore[method-assign]
     backend = "Triton" if device.type == "cuda" else "C++/OpenMP"
     lines.append(
         f"torch.compile: on for {len(layers)} shared layer(s) ({len(model.layer_schedule())} passes) and the MLM head "

@@ -1,17 +1,18 @@
 """Our LAMB inside DeepSpeed: the one module that knows DeepSpeed's optimizer wrappers (revisit it on a DeepSpeed
 upgrade).
 
-- `select_optimizer` builds the LAMB a config's `"optimizer": {"type": "Lamb"}` asks for: DeepSpeed's FusedLamb
-  where it computes LAMB (CUDA, ZeRO-0, no bias correction) and its CUDA kernel builds, our `pipeline.lamb.Lamb`
-  everywhere else.
+- `select_optimizer` builds the optimizer a run's `EngineConfig` asks for: for `"optimizer": {"type": "Lamb"}`
+  DeepSpeed's FusedLamb where it computes LAMB (CUDA, ZeRO-0, no bias correction) and its CUDA kernel builds, our
+  `pipeline.lamb.Lamb` everywhere else (`build_lamb`); for other types none (DeepSpeed builds the config's own).
+  It returns an `OptimizerChoice`: the optimizer, its `OptimizerKind` and the line the log gets.
 - `attach_zero_partitions` tells our Lamb where each parameter lies inside the flat partitions DeepSpeed's
   wrapper hands it (ZeRO 1/2, ZeRO-3, BF16_Optimizer, FP16_UnfusedOptimizer).
 
-Usage (the engine's side):
+Usage (the engine's side; `config` from pipeline.run_config.engine_config):
 
-    optimizer, ds_config, description = select_optimizer(model, ds_config)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, ...)
-    attach_zero_partitions(engine, optimizer)
+    choice = select_optimizer(model, config)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=choice.optimizer, config=config.deepspeed, ...)
+    attach_zero_partitions(engine, choice.optimizer)
 
 FusedLamb and bias correction: DeepSpeed's CUDA FusedLamb, with bias_correction true, does not correct the moments
 but multiplies the step by sqrt(1 - b2^t) / (1 - b1^t) after the trust ratio (0.15-0.98 over the first ~3,000
@@ -22,8 +23,9 @@ the same update as ours.
 
 from __future__ import annotations
 
-import copy
+import enum
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,17 +33,24 @@ import torch.distributed as dist
 from torch import nn
 
 from .lamb import FlatLayout, Lamb, lamb_param_groups
+from .run_config import EngineConfig, LambSettings
 
 log = logging.getLogger(__name__)
 
-# FusedLamb's keyword arguments that a DeepSpeed config may carry under "optimizer.params".
-FUSED_LAMB_PARAMS = frozenset(
-    {"lr", "bias_correction", "betas", "eps", "weight_decay", "max_grad_norm", "max_coeff", "min_coeff"}
-)
+
+class OptimizerKind(enum.StrEnum):
+    """Which optimizer a run steps with; the values are the names reports give them."""
+
+    FUSED_LAMB = "FusedLamb"  # DeepSpeed's FusedLamb (CUDA kernel, ZeRO-0)
+    OUR_LAMB = "our Lamb"  # pipeline.lamb.Lamb
+    FROM_CONFIG = "DeepSpeed's own"  # not LAMB: DeepSpeed builds the config's optimizer section (or none)
 
 
-def _zero_stage(ds_config: dict[str, Any]) -> int:
-    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+@dataclass(frozen=True)
+class OptimizerChoice:
+    optimizer: torch.optim.Optimizer | None  # None: DeepSpeed builds it from its config
+    kind: OptimizerKind
+    description: str  # the log line ("optimizer: ...")
 
 
 def _cuda_fused_lamb_available() -> bool:
@@ -64,81 +73,58 @@ def fused_lamb_param_groups(model: nn.Module, weight_decay: float) -> list[dict[
     return groups
 
 
-def select_optimizer(
-    model: nn.Module, ds_config: dict[str, Any], allow_fused: bool = True
-) -> tuple[torch.optim.Optimizer | None, dict[str, Any], str]:
-    """Build the LAMB a config's `"optimizer": {"type": "Lamb"}` asks for.
+def select_optimizer(model: nn.Module, config: EngineConfig, allow_fused: bool = True) -> OptimizerChoice:
+    """The optimizer for `config`: LAMB (`build_lamb`) for type Lamb; else none, DeepSpeed builds the config's own
+    from `config.deepspeed`."""
+    if config.lamb is not None:
+        return build_lamb(model, config.lamb, config.zero_stage, allow_fused)
+    if config.optimizer_type is None:
+        return OptimizerChoice(None, OptimizerKind.FROM_CONFIG, "optimizer: none in the DeepSpeed config")
+    return OptimizerChoice(
+        None, OptimizerKind.FROM_CONFIG, f"optimizer: DeepSpeed's {config.optimizer_type} from the config"
+    )
 
-    Returns (optimizer, config to pass to deepspeed.initialize, one line for the log). For type
-    Lamb the optimizer is built here on `lamb_param_groups` (so LayerNorms and biases are excluded
-    from decay and adaptation), the "optimizer" section is dropped, FusedLamb's `max_grad_norm`
-    becomes DeepSpeed's `gradient_clipping` (DeepSpeed clips before step and refuses
-    max_grad_norm itself), and ZeRO 1-3 get `zero_allow_untested_optimizer`. It is DeepSpeed's
-    FusedLamb on CUDA at ZeRO-0 without bias correction (with min_coeff = max_coeff = 1 in the
-    no-decay group, which turns adaptation off there, unless `allow_fused` is False) and our `Lamb`
-    everywhere else; the log line says why FusedLamb is not used (fused_lamb_unavailable). Other optimizer types: (None, the
-    config unchanged, a description).
-    """
-    section = ds_config.get("optimizer")
-    if not section:
-        return None, ds_config, "optimizer: none in the DeepSpeed config"
-    kind = str(section.get("type", ""))
-    if kind.lower() != "lamb":
-        return None, ds_config, f"optimizer: DeepSpeed's {kind} from the config"
-    params = dict(section.get("params") or {})
-    unknown = set(params) - FUSED_LAMB_PARAMS
-    if unknown:
-        raise ValueError(f"unsupported Lamb params {sorted(unknown)}; allowed: {sorted(FUSED_LAMB_PARAMS)}")
-    config = copy.deepcopy(ds_config)
-    del config["optimizer"]
-    max_grad_norm = float(params.pop("max_grad_norm", 0.0))
-    if max_grad_norm > 0:
-        clipping = float(config.get("gradient_clipping", 0.0))
-        if clipping > 0 and clipping != max_grad_norm:
-            raise ValueError(f"optimizer max_grad_norm {max_grad_norm} contradicts gradient_clipping {clipping}")
-        config["gradient_clipping"] = max_grad_norm
-    if "betas" in params:
-        params["betas"] = tuple(params["betas"])
-    weight_decay = float(params.pop("weight_decay", 0.0))
-    stage = _zero_stage(config)
 
-    why = fused_lamb_unavailable(config, params, allow_fused)
+def build_lamb(model: nn.Module, lamb: LambSettings, zero_stage: int, allow_fused: bool = True) -> OptimizerChoice:
+    """LAMB on `lamb_param_groups` (LayerNorms and biases excluded from decay and adaptation): DeepSpeed's FusedLamb on
+    CUDA at ZeRO-0 without bias correction (with min_coeff = max_coeff = 1 in the no-decay group, which turns
+    adaptation off there), unless `allow_fused` is False, and our `Lamb` everywhere else; the log line says why
+    FusedLamb is not used (fused_lamb_unavailable)."""
+    why = fused_lamb_unavailable(zero_stage, lamb, allow_fused)
     if why is None:
         from deepspeed.ops.lamb import FusedLamb
 
         # FusedLamb JIT-builds its CUDA kernel in __init__; without a matching CUDA toolkit (nvcc, headers) on the
         # node the build fails. That must not stop a run that our LAMB can do as well: fall back and say why.
         try:
-            return (
-                FusedLamb(fused_lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params),
-                config,
+            return OptimizerChoice(
+                FusedLamb(
+                    fused_lamb_param_groups(model, lamb.weight_decay), weight_decay=lamb.weight_decay, **lamb.params
+                ),
+                OptimizerKind.FUSED_LAMB,
                 "optimizer: DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)",
             )
         except Exception as e:  # noqa: BLE001 - any build or load failure (MissingCUDAException, compiler errors, ...)
             why = f"its JIT build failed ({type(e).__name__}: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else 'no message'})"
             log.warning("DeepSpeed FusedLamb could not be built, using our LAMB: %s", why)
 
-    if stage > 0:
-        config["zero_allow_untested_optimizer"] = True
-        where = f"ZeRO-{stage} partitions"
-    else:
-        where = "ZeRO-0, whole tensors"
-    return (
-        Lamb(lamb_param_groups(model, weight_decay), weight_decay=weight_decay, **params),
-        config,
+    where = f"ZeRO-{zero_stage} partitions" if zero_stage > 0 else "ZeRO-0, whole tensors"
+    return OptimizerChoice(
+        Lamb(lamb_param_groups(model, lamb.weight_decay), weight_decay=lamb.weight_decay, **lamb.params),
+        OptimizerKind.OUR_LAMB,
         f"optimizer: our multi-tensor LAMB ({where}, per-parameter trust ratios); DeepSpeed FusedLamb off: {why}",
     )
 
 
-def fused_lamb_unavailable(config: dict[str, Any], params: dict[str, Any], allow_fused: bool) -> str | None:
-    """Why DeepSpeed's FusedLamb is not used for this config, or None when it is."""
+def fused_lamb_unavailable(zero_stage: int, lamb: LambSettings, allow_fused: bool) -> str | None:
+    """Why DeepSpeed's FusedLamb is not used for these settings, or None when it is."""
     if not allow_fused:
         return "switched off"
     if not _cuda_fused_lamb_available():
         return "no CUDA"
-    if _zero_stage(config) != 0:  # DeepSpeed hands a client optimizer flat partitions at ZeRO 1-3
-        return f"it would see ZeRO-{_zero_stage(config)} flat partitions, not whole parameters"
-    if params.get("bias_correction", True):  # FusedLamb's own default is True
+    if zero_stage != 0:  # DeepSpeed hands a client optimizer flat partitions at ZeRO 1-3
+        return f"it would see ZeRO-{zero_stage} flat partitions, not whole parameters"
+    if lamb.bias_correction:
         return (
             "its bias correction is a step-size factor, not LAMB's corrected moments (set bias_correction false, "
             "as ALBERT and the shipped configs do, to use it)"
@@ -161,10 +147,11 @@ def attach_zero_partitions(engine: Any, optimizer: torch.optim.Optimizer | None)
     """
     if not isinstance(optimizer, Lamb):
         return
+    lamb: Lamb = optimizer
     wrapper = engine.optimizer
-    if wrapper is optimizer:
+    if wrapper is lamb:
         return
-    if getattr(wrapper, "optimizer", None) is not optimizer:
+    if getattr(wrapper, "optimizer", None) is not lamb:
         raise TypeError(f"{type(wrapper).__name__} does not wrap this Lamb")
 
     from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
@@ -173,14 +160,14 @@ def attach_zero_partitions(engine: Any, optimizer: torch.optim.Optimizer | None)
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     if isinstance(wrapper, DeepSpeedZeroOptimizer_Stage3):
-        described = _attach_stage3(wrapper, optimizer)
+        described = _attach_stage3(wrapper, lamb)
     elif isinstance(wrapper, DeepSpeedZeroOptimizer):
-        described = _attach_stage_1_2(wrapper, optimizer)
+        described = _attach_stage_1_2(wrapper, lamb)
     elif isinstance(wrapper, BF16_Optimizer):
-        described = _attach_bf16(wrapper, optimizer)
+        described = _attach_bf16(wrapper, lamb)
     elif isinstance(wrapper, FP16_UnfusedOptimizer):
         for fp32_group in wrapper.fp32_groups:
-            optimizer.register_whole(fp32_group)
+            lamb.register_whole(fp32_group)
         described = f"{sum(len(g) for g in wrapper.fp32_groups)} fp32 master tensors"
     else:
         raise TypeError(f"LAMB does not know the layout of DeepSpeed's {type(wrapper).__name__}")

@@ -150,7 +150,7 @@ class Metrics:
         write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
+        if self.tb is None:  # not enabled
             return
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         self.file.write(json.dumps(clean) + "\n")
@@ -162,6 +162,6 @@ class Metrics:
         self.tb.flush()
 
     def close(self) -> None:
-        if self.enabled:
+        if self.tb is not None:  # enabled
             self.file.close()
             self.tb.close()

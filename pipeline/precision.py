@@ -1,39 +1,15 @@
-"""Numeric precision of a run: the DeepSpeed config's fp16/bf16/fp32 choice, checked, and TF32 matmuls on GPUs."""
+"""Numeric precision of a run beyond the DeepSpeed config (whose fp16/bf16/fp32 choice pipeline.run_config checks):
+TF32 matmuls on GPUs, and DeepSpeed's fp16 testing override on CPU."""
 
 from __future__ import annotations
 
-from typing import Any
 
+def allow_fp16_on_cpu() -> None:
+    """DeepSpeed's documented override for testing its fp16 path on a CPU without fp16 support (albert-pretrain's
+    --allow-fp16-on-cpu; the run's config has checked that it was asked for)."""
+    from deepspeed.accelerator import get_accelerator
 
-class PrecisionError(ValueError):
-    """A precision setting this run cannot use; reported on one line before any step."""
-
-
-def check_precision(ds: dict[str, Any], allow_fp16_on_cpu: bool) -> str:
-    """ "fp16", "bf16" or "fp32" from the DeepSpeed config, refusing what cannot work here."""
-    import torch
-
-    fp16, bf16 = ds.get("fp16", {}).get("enabled", False), ds.get("bf16", {}).get("enabled", False)
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if fp16 and bf16:
-        raise PrecisionError("DeepSpeed config: fp16 and bf16 are both enabled; choose one")
-    if fp16 and stage == 0:
-        raise PrecisionError(
-            "fp16 with ZeRO stage 0 is broken in DeepSpeed 0.19 (the loss is never scaled); use ZeRO 1-3 or bf16"
-        )
-    accum_dtype = str(ds.get("data_types", {}).get("grad_accum_dtype", "")).lower()
-    if bf16 and stage == 0 and accum_dtype in ("fp32", "float32", "float"):
-        raise PrecisionError(
-            "bf16 with data_types.grad_accum_dtype fp32 needs ZeRO 1-3 (DeepSpeed 0.19 refuses it at ZeRO-0); "
-            "use ZeRO-1 or drop the setting"
-        )
-    if fp16 and not torch.cuda.is_available():
-        if not allow_fp16_on_cpu:
-            raise PrecisionError("fp16 needs a GPU; on CPU use a bf16 or fp32 config (ds_configs/cpu-*.json)")
-        from deepspeed.accelerator import get_accelerator
-
-        get_accelerator().is_fp16_supported = lambda: True  # the documented override for testing the fp16 path on CPU
-    return "fp16" if fp16 else "bf16" if bf16 else "fp32"
+    get_accelerator().is_fp16_supported = lambda: True
 
 
 def set_tf32(device, enabled: bool) -> str:

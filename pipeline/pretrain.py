@@ -17,14 +17,17 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common.launchers import launcher_rank
 from common.logs import setup_logging
 
 from .engine import build_engine, loss_scale
 from .metrics import BatchRecorder, IntervalSums, Metrics, train_record
-from .settings import BatchSizes, TrainError, check_data_against_model, fill_scheduler, load_ds_config, parse_args
+from .run_config import Precision, RunConfig, TrainError, check_data_against_model, parse_args, run_config
+
+if TYPE_CHECKING:
+    from .lamb_deepspeed import OptimizerKind
 
 log = logging.getLogger("albert-pretrain")
 
@@ -50,9 +53,9 @@ def evaluate(run: Run, folder: Path, max_batches: int) -> dict[str, float]:
 
     from .data import PretrainingData, to_device
 
-    engine, batch = run.engine, run.batch
+    engine, batch = run.engine, run.config.engine.batch
     pin = run.device.type == "cuda"
-    data = PretrainingData(folder, batch.micro, 1, run.rank, batch.world, run.args.seed, pin_memory=pin)
+    data = PretrainingData(folder, batch.micro, 1, run.rank, batch.world, run.config.seed, pin_memory=pin)
     acc = IntervalSums(run.comm)
     engine.eval()
     try:
@@ -68,26 +71,19 @@ def evaluate(run: Run, folder: Path, max_batches: int) -> dict[str, float]:
     return {k: r[k] for k in ("loss", "mlm_loss", "sop_loss", "mlm_accuracy", "sop_accuracy", "samples")}
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Run:
     """Everything the training loop needs, built by setup()."""
 
-    args: argparse.Namespace
+    config: RunConfig
     engine: Any
     data: Any  # PretrainingData
-    batch: BatchSizes
-    cfg: Any  # AlbertConfig
-    ds: dict[str, Any]
-    precision: str
+    model_config: Any  # AlbertConfig
+    optimizer: OptimizerKind  # the optimizer every rank steps with
     rank: int
-    meta: dict[str, Any]
     resumed: bool
     device: Any  # torch.device of the engine
     comm: Any  # pipeline.comm.Comm on that device
-
-    @property
-    def ckpt_dir(self) -> Path:
-        return self.args.output / "checkpoints"
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -103,7 +99,7 @@ def setup(args: argparse.Namespace) -> Run:
     from .fused import FusedOptions
     from .malloc import tune_malloc
     from .model import AlbertConfig
-    from .precision import PrecisionError, check_precision, set_tf32
+    from .precision import set_tf32
 
     launch = detect_launch()
     check_rendezvous(min(args.dist_timeout, 120.0))
@@ -115,59 +111,59 @@ def setup(args: argparse.Namespace) -> Run:
         "launcher: %s, %d rank(s), backend %s, rendezvous %s", launch.launcher, world, dist.get_backend(), rendezvous
     )
 
-    ds, batch = load_ds_config(args.deepspeed_config, world)
-    try:
-        precision = check_precision(ds, args.allow_fp16_on_cpu)
-    except PrecisionError as e:
-        raise TrainError(str(e)) from None
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    config = run_config(args, world)
+    batch, stage, precision = config.engine.batch, config.engine.zero_stage, config.engine.precision
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     try:
-        cfg = AlbertConfig.from_name_or_path(args.model_config)
-        loader = dict(rank=rank, world=world, seed=args.seed, pin_memory=device.type == "cuda")
-        data = PretrainingData(args.data, batch.micro, batch.accum, skip_bad_shards=args.skip_bad_shards, **loader)
-        check_data_against_model(data, cfg, args.data)
-        if args.eval_data:
-            check_data_against_model(PretrainingData(args.eval_data, batch.micro, 1, **loader), cfg, args.eval_data)
+        cfg = AlbertConfig.from_name_or_path(config.model_config_name)
+        loader: dict[str, Any] = dict(rank=rank, world=world, seed=config.seed, pin_memory=device.type == "cuda")
+        data = PretrainingData(config.data, batch.micro, batch.accum, skip_bad_shards=config.skip_bad_shards, **loader)
+        check_data_against_model(data, cfg, config.data)
+        if config.eval_data:
+            check_data_against_model(PretrainingData(config.eval_data, batch.micro, 1, **loader), cfg, config.eval_data)
     except (ValueError, DataError) as e:
         raise TrainError(str(e)) from None
     if data.skipped_shards:
         log.warning("%d shard(s) skipped as unreadable: %s", len(data.skipped_shards), ", ".join(data.skipped_shards))
-    fill_scheduler(ds, args.max_steps)
-    resume_from = ckpt.resolve_resume(args.resume, args.output / "checkpoints")
+    resume_from = ckpt.resolve_resume(config.resume, config.checkpoints)
     saved = ckpt.check_compatible(resume_from, batch.global_size, cfg.to_dict()) if resume_from else None
 
-    if device.type == "cpu" and not args.no_malloc_tuning:
+    if device.type == "cpu" and config.malloc_tuning:
         log.info("%s", tune_malloc())  # before the model's and the engine's allocations
-    log.info("%s", set_tf32(device, enabled=not args.no_tf32))
-    torch.manual_seed(args.seed)
-    fused = FusedOptions(attention=args.attention, compile=args.compile, fused_lamb=not args.no_fused_lamb)
-    init_from = None if resume_from else args.init_from
-    engine, ds, _ = build_engine(cfg, ds, fused, device, args.activation_checkpointing, init_from)
+    log.info("%s", set_tf32(device, enabled=config.tf32))
+    torch.manual_seed(config.seed)
+    fused = FusedOptions(attention=config.attention, compile=config.compile, fused_lamb=config.fused_lamb)
+    init_from = None if resume_from else config.init_from
+    engine, optimizer = build_engine(cfg, config.engine, fused, device, config.activation_checkpointing, init_from)
     millions = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters()) / 1e6
     log.info(
         f"model: {millions:.2f}M parameters; data: {data.num_examples} examples, {data.steps_per_epoch} steps per epoch "
         f"({data.dropped_per_epoch} left out per epoch); batch {batch.global_size} = {batch.micro} x {batch.accum} x "
         f"{world} rank(s); {precision}, ZeRO-{stage}"
     )
-    wrapper = type(engine.optimizer).__name__
-    if resume_from:
-        if ckpt.same_layout(saved, world, stage, precision, wrapper):
+    if resume_from and saved:
+        if ckpt.same_layout(saved, config.engine, type(engine.optimizer).__name__):
             client = ckpt.load(engine, resume_from)
         else:  # another number of ranks, ZeRO stage or precision: converted per parameter
             was = ckpt.describe_layout(saved["world_size"], saved["zero_stage"], saved["precision"])[0]
             now = ckpt.describe_layout(world, stage, precision)[1]
-            fp16_both = saved["precision"] == precision == "fp16"
-            client = reshard.resume(engine, resume_from, was, now, fp16_both)
-        loader = client["loader"]
+            fp16_both = saved["precision"] == precision == Precision.FP16
+            client = reshard.resume(engine, resume_from, was, now, fp16_both, ckpt.format_version(saved))
         try:
-            data.load_state_dict(loader, plan=None if "plan" in loader else ckpt.loader_plan(resume_from, saved))
+            data.load_state_dict(client["loader"], plan=ckpt.loader_plan(resume_from, saved))
         except DataError as e:
             raise TrainError(f"{resume_from}: the saved data position cannot continue here: {e}") from None
-    meta = dict(world_size=world, zero_stage=stage, precision=precision, global_batch=batch.global_size)
-    meta.update(micro_batch=batch.micro, optimizer_wrapper=wrapper, data=str(args.data), model_config=cfg.to_dict())
-    resumed = resume_from is not None
-    return Run(args, engine, data, batch, cfg, ds, precision, rank, meta, resumed, engine.device, Comm(engine.device))
+    return Run(
+        config=config,
+        engine=engine,
+        data=data,
+        model_config=cfg,
+        optimizer=optimizer.kind,
+        rank=rank,
+        resumed=resume_from is not None,
+        device=engine.device,
+        comm=Comm(engine.device),
+    )
 
 
 def train(run: Run, stop: StopRequest) -> dict[str, Any]:
@@ -182,32 +178,36 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     from . import reshard
     from .data import to_device
 
-    args, engine, data, batch, comm = run.args, run.engine, run.data, run.batch, run.comm
+    config, engine, data, comm = run.config, run.engine, run.data, run.comm
+    batch, precision = config.engine.batch, config.engine.precision
     step = start = engine.global_steps
-    metrics = Metrics(args.output, run.rank == 0, resume_step=step if run.resumed else None)
-    recorder = BatchRecorder(args.output / f"batches-rank{run.rank}.jsonl", step) if args.record_batches else None
+    metrics = Metrics(config.output, run.rank == 0, resume_step=step if run.resumed else None)
+    recording = config.output / f"batches-rank{run.rank}.jsonl"
+    recorder = BatchRecorder(recording, step) if config.record_batches else None
     acc = IntervalSums(comm)
     summary: dict[str, Any] = {"start_step": step, "first": None, "last": None}
-    if step >= args.max_steps:
-        log.info("already at step %d of --max-steps %d: nothing to train", step, args.max_steps)
+    if step >= config.max_steps:
+        log.info("already at step %d of --max-steps %d: nothing to train", step, config.max_steps)
 
     names = reshard.lamb_names(engine.module)  # ZeRO-0's optimizer state is saved by position: name it
+    meta = ckpt.run_meta(config, type(engine.optimizer).__name__, run.model_config.to_dict())
 
     def save() -> None:
         state = {"loader": data.state_dict(), "lamb_param_names": names}
-        ckpt.save(engine, run.ckpt_dir, step, state, run.meta, run.cfg.to_hf_dict(), args.keep_checkpoints)
+        hf_config = run.model_config.to_hf_dict()
+        ckpt.save(engine, config.checkpoints, step, state, meta, hf_config, config.keep_checkpoints)
 
     def run_eval() -> None:
-        if args.eval_data:
-            r = evaluate(run, args.eval_data, args.eval_batches)
+        if config.eval_data:
+            r = evaluate(run, config.eval_data, config.eval_batches)
             metrics.log({"split": "eval", "step": step, **r})
             accuracies = f"MLM accuracy {r['mlm_accuracy']:.4f}, SOP accuracy {r['sop_accuracy']:.4f}"
             log.info("eval step %d: loss %.4f, %s", step, r["loss"], accuracies)
 
-    ckpt_note = f"the last good checkpoint is in {run.ckpt_dir}"
+    ckpt_note = f"the last good checkpoint is in {config.checkpoints}"
     batches = iter(data)
     t_last, data.data_wait = time.perf_counter(), 0.0
-    while step < args.max_steps:
+    while step < config.max_steps:
         # The step's micro-batches are fetched first so that the MLM loss can be normalised by the number of
         # predictions in the whole global batch: then accumulation and data parallelism give exactly the
         # gradient of one large batch (a per-micro-batch mean would weight predictions unevenly).
@@ -229,10 +229,10 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         flags = comm.max_(torch.stack([bad.double(), comm.tensor([float(stop.signal is not None)])[0]]))
         # every rank stops at the same step, whichever rank saw the problem or signal: the step's one host read
         nonfinite, stopping = (v > 0 for v in flags.tolist())
-        if nonfinite and run.precision != "fp16":
+        if nonfinite and precision is not Precision.FP16:
             raise TrainError(
                 f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
-                f"The last good checkpoint is in {run.ckpt_dir}"
+                f"The last good checkpoint is in {config.checkpoints}"
             )
         try:
             engine.step()
@@ -241,14 +241,14 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                 raise
             raise TrainError(f"step {step + 1}: fp16 overflow with the loss scale at its floor; {ckpt_note}") from None
         step = engine.global_steps
-        floor = run.ds.get("fp16", {}).get("min_loss_scale", 1)
-        if nonfinite and loss_scale(engine, run.precision) <= floor:
+        floor = config.engine.min_loss_scale
+        if nonfinite and loss_scale(engine, precision) <= floor:
             raise TrainError(
                 f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); {ckpt_note}"
             )
-        if step % args.log_interval == 0 or step == args.max_steps or stopping:
+        if step % config.log_interval == 0 or step == config.max_steps or stopping:
             wait = comm.max_(comm.tensor([data.data_wait])).item()  # the slowest rank's
-            seconds, scale = time.perf_counter() - t_last, loss_scale(engine, run.precision)
+            seconds, scale = time.perf_counter() - t_last, loss_scale(engine, precision)
             record = train_record(engine, acc.reduce(), seconds, wait, data.state.epoch, scale)
             metrics.log(record)
             summary["first"] = summary["first"] or record
@@ -259,15 +259,15 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             log.warning("stopped by a signal at step %d; checkpoint saved, resume with --resume auto", step)
             summary["stopped_by_signal"] = True
             break
-        if step % args.save_interval == 0 and step < args.max_steps:
+        if step % config.save_interval == 0 and step < config.max_steps:
             save()
-        if args.eval_interval and step % args.eval_interval == 0 and step < args.max_steps:
+        if config.eval_interval and step % config.eval_interval == 0 and step < config.max_steps:
             run_eval()
     if not summary.get("stopped_by_signal") and step > start:
         save()
         run_eval()
-    if step >= args.max_steps and run.rank == 0:
-        (args.output / "finished.json").write_text(json.dumps({"step": step}) + "\n")
+    if step >= config.max_steps and run.rank == 0:
+        (config.output / "finished.json").write_text(json.dumps({"step": step}) + "\n")
     data.close()
     metrics.close()
     if recorder:
@@ -304,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
             run.data.close()
         shutdown_distributed()
     if summary.get("first") and summary.get("last"):
-        f, l_ = summary["first"], summary["last"]
-        mlm, sop = (f"{f[k]:.3f} -> {l_[k]:.3f}" for k in ("mlm_accuracy", "sop_accuracy"))
+        first, last = summary["first"], summary["last"]
+        mlm, sop = (f"{first[k]:.3f} -> {last[k]:.3f}" for k in ("mlm_accuracy", "sop_accuracy"))
         where = f"metrics {args.output / 'metrics.jsonl'}, TensorBoard {args.output / 'tensorboard'}"
         log.info("done: step %d; MLM accuracy %s, SOP accuracy %s; %s", summary["step"], mlm, sop, where)
     return 0

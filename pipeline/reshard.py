@@ -76,31 +76,39 @@ def _load(path: Path) -> dict:
 
 
 def _rank_of(path: Path) -> int:
-    return int(re.search(r"zero_pp_rank_(\d+)_", path.name).group(1))
+    found = re.search(r"zero_pp_rank_(\d+)_", path.name)
+    if found is None:
+        raise ReshardError(f"{path}: not a rank's file (no zero_pp_rank_<r> in its name)")
+    return int(found.group(1))
 
 
 def _loss_scale(source: Any) -> dict[str, float]:
     """The loss scaler's fields from DeepSpeed's pickled LossScaler or FP16_UnfusedOptimizer's saved dict."""
-    get = source.get if isinstance(source, dict) else lambda k: getattr(source, k, None)
-    return {k: get(k) for k in LOSS_SCALE_FIELDS if get(k) is not None}
+    fields: dict[str, Any] = (
+        source if isinstance(source, dict) else {k: getattr(source, k, None) for k in LOSS_SCALE_FIELDS}
+    )
+    return {k: fields[k] for k in LOSS_SCALE_FIELDS if fields.get(k) is not None}
 
 
 def read_checkpoint(
-    tag_dir: Path, names: list[list[str]], shapes: dict[str, torch.Size], fp16: bool = False
+    tag_dir: Path, names: list[list[str]] | None, shapes: dict[str, torch.Size], fp16: bool = False
 ) -> TrainingState:
-    """Read a checkpoint folder (one tag) of any ranks and ZeRO stage. `names`: the model's parameter names in LAMB's
-    group order (`lamb_param_groups`), used where the files hold none; `shapes`: each parameter's shape; `fp16`:
-    whether the checkpoint was written with fp16 (its loss scale is then carried)."""
+    """Read a checkpoint folder (one tag) of any ranks and ZeRO stage. `names`: for a version-1 checkpoint (see
+    pipeline.checkpoint.FORMAT_VERSION), the model's parameter names in LAMB's group order (`lamb_param_groups`), used
+    where the files hold none; None: the checkpoint's own (saved by albert-pretrain from version 2 on). `shapes`: each
+    parameter's shape; `fp16`: whether the checkpoint was written with fp16 (its loss scale is then carried)."""
     model_files = sorted(tag_dir.glob("*model_states.pt"))
     optim_files = sorted(tag_dir.glob("*zero_pp_rank_*_optim_states.pt"), key=_rank_of)
     if not model_files:
         raise ReshardError(f"{tag_dir}: no *model_states.pt: not a DeepSpeed checkpoint")
     states = _load(model_files[0])
-    names = states.get("lamb_param_names") or names  # saved by albert-pretrain since it resumes across layouts
     if optim_files:
         params, step, wrapper, scale = _read_partitions(tag_dir, model_files, optim_files, states)
-    else:
-        params, step, wrapper, scale = _read_zero0(model_files[0], states, names, shapes)
+    else:  # ZeRO-0's optimizer state is by position: the names say which parameter each entry is
+        order: list[list[str]] | None = states.get("lamb_param_names") or names
+        if order is None:
+            raise ReshardError(f"{model_files[0]}: no lamb_param_names (the ZeRO-0 optimizer state cannot be named)")
+        params, step, wrapper, scale = _read_zero0(model_files[0], states, order, shapes)
     missing = sorted(set(shapes) - set(params))
     if missing:
         raise ReshardError(f"{tag_dir}: no state for parameter(s) {', '.join(missing[:5])} (another model?)")
@@ -143,7 +151,7 @@ def _read_zero0(path: Path, states: dict, names: list[list[str]], shapes: dict) 
         masters = [module[n] for n in order]
     if len(masters) != len(order):
         raise ReshardError(f"{path}: {len(masters)} parameters in the optimizer state, the model has {len(order)}")
-    params, steps = {}, set()
+    params, steps = {}, set[int]()
     for i, name in enumerate(order):
         st = lamb["state"].get(i, {})
         params[name] = {"fp32": _whole(masters[i], shapes[name])}
@@ -180,7 +188,7 @@ def _read_partitions(tag_dir: Path, model_files: list[Path], optim_files: list[P
         return params, step, "DeepSpeedZeroOptimizer_Stage3", scale
     wrapper = "DeepSpeedZeroOptimizer" if "zero_stage" in sds[0] else "BF16_Optimizer"
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
-    steps = set()
+    steps: set[int] = set()
     for sd in sds:
         for g, mapping in enumerate(sd["param_slice_mappings"]):
             flat = _flat_state(sd["single_partition_of_fp32_groups"][g], sd["base_optimizer_state"], g, steps)
@@ -206,7 +214,7 @@ def _flat_state(fp32: torch.Tensor, lamb: dict, group: int, steps: set[int]) -> 
 def _read_zero3(tag_dir: Path, model_files: list[Path], sds: list[dict]) -> tuple[dict, int]:
     world = len(sds)
     group_shapes = _load(next(f for f in model_files if _rank_of(f) == 0))["param_shapes"]
-    params, steps = {}, set()
+    params, steps = {}, set[int]()
     for g, shapes in enumerate(group_shapes):
         pieces: dict[str, dict[str, list[torch.Tensor]]] = {n: {k: [] for k in FIELDS} for n in shapes}
         for sd in sds:
@@ -341,11 +349,12 @@ def lamb_names(module: torch.nn.Module) -> list[list[str]]:
     return [[name_of[id(p)] for p in group["params"]] for group in lamb_param_groups(module, 0.0)]
 
 
-def resume(engine: Any, tag_dir: Path, saved: str, here: str, fp16_both: bool) -> dict[str, Any]:
-    """Collective: continue from a checkpoint of another layout (`saved`, `here`: as `describe_layout` words them).
-    Returns the client state."""
+def resume(engine: Any, tag_dir: Path, saved: str, here: str, fp16_both: bool, version: int) -> dict[str, Any]:
+    """Collective: continue from a checkpoint of another layout (`saved`, `here`: as `describe_layout` words them;
+    `version`: its format version). Returns the client state."""
     shapes = {n: getattr(p, "ds_shape", p.shape) for n, p in engine.module.named_parameters()}
-    state = read_checkpoint(tag_dir, lamb_names(engine.module), shapes, fp16=fp16_both)
+    names = lamb_names(engine.module) if version == 1 else None
+    state = read_checkpoint(tag_dir, names, shapes, fp16=fp16_both)
     restore(engine, state)
     if not load_rng(tag_dir):
         log.info("no random state saved for this rank in %s: dropout draws start from the seed", tag_dir)

@@ -1,4 +1,8 @@
-"""The shipped DeepSpeed configs: bf16 with gradient accumulation accumulates the gradients in fp32.
+"""The shipped DeepSpeed configs: all of them one recipe (ALBERT's), and bf16 with gradient accumulation accumulates
+the gradients in fp32.
+
+The recipe is written out once below (RECIPE, SCALES, PRECISIONS); every file in ds_configs/ must equal the config
+its name and the recipe make, so the configs stay complete JSON files that cannot drift apart.
 
 DeepSpeed's default gradient accumulation dtype is the model's (bf16): every micro-batch's gradient would be
 added into a bf16 sum, rounding the running sum each time. `"data_types": {"grad_accum_dtype": "fp32"}`
@@ -13,9 +17,11 @@ DeepSpeed accumulates into.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +36,80 @@ CONFIGS = REPO / "ds_configs"
 WORKER = REPO / "tests" / "helpers" / "ds_config_worker.py"
 FP32_ACCUMULATION = {"grad_accum_dtype": "fp32"}
 WRAPPERS = {1: "BF16_Optimizer", 2: "DeepSpeedZeroOptimizer", 3: "DeepSpeedZeroOptimizer_Stage3"}
+
+# ALBERT's pretraining recipe (Lan et al., 2020; google-research/albert's run_pretraining.py): LAMB with betas
+# (0.9, 0.999), eps 1e-6, weight decay 0.01 and no bias correction, the trust ratio clamped to [0.01, 10]; gradients
+# clipped to norm 1.0; the learning rate rising linearly from 0 to its peak, then falling linearly to 0
+# (WarmupDecayLR). What every shipped config holds, whatever its scale, ZeRO stage and precision:
+RECIPE: dict[str, Any] = {
+    "gradient_clipping": 1.0,
+    "optimizer": {
+        "type": "Lamb",
+        "params": {
+            "betas": [0.9, 0.999],
+            "eps": 1e-06,
+            "weight_decay": 0.01,
+            "bias_correction": False,
+            "max_coeff": 10.0,
+            "min_coeff": 0.01,
+        },
+    },
+    "scheduler": {"type": "WarmupDecayLR", "params": {"warmup_min_lr": 0.0, "warmup_type": "linear"}},
+    "steps_per_print": 1000000,
+    "wall_clock_breakdown": False,
+}
+# The scale, by the name's prefix. gpu: ALBERT's own, a batch of 4096 (micro-batches of 64, accumulated over however
+# many ranks and steps make it), peak lr 0.00176, 3,125 warmup steps of 125,000; with bf16 the micro-batches'
+# gradients are summed in fp32. cpu: the demo's, micro-batch 16 without accumulation, peak lr 0.003, 30 warmup steps,
+# total_num_steps left to --max-steps.
+SCALES: dict[str, dict[str, Any]] = {
+    "gpu": {
+        "batch": {"train_batch_size": 4096, "train_micro_batch_size_per_gpu": 64},
+        "lr": 0.00176,
+        "schedule": {"warmup_num_steps": 3125, "total_num_steps": 125000},
+        "bf16_extra": {"data_types": {"grad_accum_dtype": "fp32"}},
+        "zero_extra": {"overlap_comm": True, "contiguous_gradients": True},  # at ZeRO-2 and 3
+    },
+    "cpu": {
+        "batch": {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 1},
+        "lr": 0.003,
+        "schedule": {"warmup_num_steps": 30},
+        "bf16_extra": {},
+        "zero_extra": {},
+    },
+}
+# The precision, by the name: its DeepSpeed section (fp16: dynamic loss scaling from 2^16, floor 1).
+PRECISIONS: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "bf16": {"bf16": {"enabled": True}},
+    "fp16": {
+        "fp16": {
+            "enabled": True,
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        }
+    },
+}
+CONFIG_NAME = re.compile(r"(?P<scale>cpu|gpu)-zero(?P<stage>[0-3])-(?P<precision>fp32|bf16|fp16)-lamb(-4096)?\.json")
+
+
+def recipe_config(name: str) -> dict[str, Any]:
+    """The whole config that a file of this name must hold: RECIPE at the name's scale, ZeRO stage and precision."""
+    m = CONFIG_NAME.fullmatch(name)
+    assert m, f"{name}: not a <cpu|gpu>-zero<stage>-<precision>-lamb[-4096].json name"
+    scale, stage, precision = SCALES[m["scale"]], int(m["stage"]), m["precision"]
+    cfg = copy.deepcopy(RECIPE)
+    cfg.update(scale["batch"])
+    cfg["optimizer"]["params"]["lr"] = scale["lr"]
+    cfg["scheduler"]["params"].update(warmup_max_lr=scale["lr"], **scale["schedule"])
+    cfg["zero_optimization"] = {"stage": stage, **(scale["zero_extra"] if stage >= 2 else {})}
+    cfg.update(copy.deepcopy(PRECISIONS[precision]))
+    if precision == "bf16":
+        cfg.update(copy.deepcopy(scale["bf16_extra"]))
+    return cfg
 
 
 def _bf16(cfg: dict[str, Any]) -> bool:
@@ -53,6 +133,24 @@ def _accumulates(cfg: dict[str, Any]) -> bool:
 def shipped_bf16_configs() -> list[Path]:
     """The shipped bf16 configs that accumulate (the CPU ones, the demo's among them, run one micro-batch per step)."""
     return [p for p in sorted(CONFIGS.glob("*.json")) if _bf16(cfg := json.loads(p.read_text())) and _accumulates(cfg)]
+
+
+def test_every_shipped_config_is_the_recipe_at_its_scale_stage_and_precision() -> None:
+    shipped = sorted(CONFIGS.glob("*.json"))
+    assert shipped
+    for path in shipped:
+        cfg, expected = json.loads(path.read_text()), recipe_config(path.name)
+        differ = sorted(k for k in set(cfg) | set(expected) if cfg.get(k) != expected.get(k))
+        assert not differ, (
+            f"{path.name} departs from the recipe in {differ}: {[(cfg.get(k), expected.get(k)) for k in differ]}"
+        )
+
+
+def test_the_recipe_check_catches_a_drifted_config() -> None:
+    cfg = json.loads((CONFIGS / "gpu-zero2-bf16-lamb-4096.json").read_text())
+    assert cfg == recipe_config("gpu-zero2-bf16-lamb-4096.json")
+    cfg["optimizer"]["params"]["weight_decay"] = 0.02
+    assert cfg != recipe_config("gpu-zero2-bf16-lamb-4096.json")
 
 
 def test_shipped_bf16_configs_that_accumulate_do_so_in_fp32() -> None:
@@ -139,5 +237,8 @@ def test_deepspeed_refuses_fp32_accumulation_with_bf16_at_zero0(engines: dict[st
         "NotImplementedError" in zero0["shipped"]["error"]
         and "grad_accum_dtype=torch.float32" in zero0["shipped"]["error"]
     )
+    # albert-pretrain refuses it before DeepSpeed would, in one line
+    assert "bf16 with data_types.grad_accum_dtype fp32 needs ZeRO 1-3" in zero0["shipped"]["refused"]
+    assert zero0["default"]["refused"] is None
     assert zero0["default"]["wrapper"] == "FP16_UnfusedOptimizer"  # bf16 sums in param.grad
     assert all(seen["dtypes"] == ["torch.bfloat16"] for seen in zero0["default"]["micro"])

@@ -94,10 +94,16 @@ def test_fp16_loss_scale_and_schedule_carry_over(wiki_shards, tmp_path):
             dict(model={**TEST_MODEL, "hidden_size": 32, "intermediate_size": 64}),
             "written for another model (hidden_size 64 -> 32",
         ),
+        (dict(format_version=3), "checkpoint format version 3, newer than this albert-pretrain reads (2)"),
     ],
 )
 def test_a_checkpoint_that_cannot_continue_is_refused_before_any_step(change, message, wiki_shards, tmp_path):
     ok(pretrain(tmp_path, wiki_shards, ds_config(2, "fp32", micro=4), steps=3, nproc=2))
+    marker = tmp_path / "checkpoints" / "step-00000003" / "complete.json"
+    meta = json.loads(marker.read_text())
+    assert meta["format_version"] == 2 and meta["micro_batch"] == 4 and meta["optimizer_wrapper"]
+    if "format_version" in change:  # written by a later version of albert-pretrain
+        marker.write_text(json.dumps({**meta, "format_version": change["format_version"]}))
     before = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     ds = ds_config(0, "fp32", micro=change.get("micro", 8))
     proc = pretrain(tmp_path, wiki_shards, ds, steps=5, model=change.get("model"))
@@ -117,16 +123,18 @@ def test_a_checkpoint_with_a_missing_rank_file_is_named(wiki_shards, tmp_path):
     assert len(metrics(tmp_path)) == 3
 
 
-def test_a_checkpoint_without_plan_or_names_converts_as_well(wiki_shards, tmp_path):
-    """Checkpoints written before positions named their plan and ZeRO-0 state its parameters: the writer's ranks and
-    micro-batch come from complete.json and its DeepSpeed config, the names from LAMB's group order."""
+def test_a_version_1_checkpoint_converts_as_well(wiki_shards, tmp_path):
+    """A checkpoint of format version 1 (complete.json without "format_version"), in its oldest form: its loader
+    position names no plan, its ZeRO-0 state no parameters, complete.json no micro-batch nor optimizer wrapper. The
+    writer's ranks and micro-batch come from complete.json and its DeepSpeed config, the names from LAMB's group
+    order."""
     run(tmp_path, wiki_shards, 1, 0, "fp32", 2, steps=4, total=8)
     tag = tmp_path / "checkpoints" / "step-00000004"
     states = torch.load(tag / "mp_rank_00_model_states.pt", weights_only=False)
     del states["lamb_param_names"], states["loader"]["plan"], states["loader"]["earlier"]
     torch.save(states, tag / "mp_rank_00_model_states.pt")
     meta = json.loads((tag / "complete.json").read_text())
-    del meta["micro_batch"], meta["optimizer_wrapper"]
+    del meta["format_version"], meta["micro_batch"], meta["optimizer_wrapper"]
     (tag / "complete.json").write_text(json.dumps(meta))
     run(tmp_path, wiki_shards, 2, 2, "fp32", 1, steps=8, total=8)
     assert_same_state(*(torch.load(tmp_path / "probe" / f"{k}-step4.pt") for k in ("saved", "loaded")))

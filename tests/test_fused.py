@@ -9,8 +9,9 @@ from helpers.engine_helpers import ds_config, metrics, pretrain
 from helpers.model_fixtures import make_batch, perturb_, small_config
 
 from pipeline.fused import PLAIN, FusedOptions, apply_fused, gelu_tanh_by_sigmoid
-from pipeline.lamb_deepspeed import select_optimizer
+from pipeline.lamb_deepspeed import OptimizerKind, build_lamb
 from pipeline.model import AlbertForPreTraining, AlbertLayer
+from pipeline.run_config import LambSettings
 
 CPU = torch.device("cpu")
 
@@ -114,9 +115,10 @@ def test_switches_turn_each_path_off_and_say_why():
 def test_fused_lamb_log_line_says_why_it_is_off(allow_fused, why):
     if torch.cuda.is_available():
         pytest.skip("on CUDA FusedLamb applies")
-    ds = {"optimizer": {"type": "Lamb", "params": {"lr": 1e-3, "weight_decay": 0.01}}}
-    optimizer, _, line = select_optimizer(AlbertForPreTraining(small_config()), ds, allow_fused=allow_fused)
-    assert line.endswith(f"DeepSpeed FusedLamb off: {why}") and type(optimizer).__module__ == "pipeline.lamb"
+    lamb = LambSettings.from_params({"lr": 1e-3, "weight_decay": 0.01})
+    choice = build_lamb(AlbertForPreTraining(small_config()), lamb, zero_stage=0, allow_fused=allow_fused)
+    assert choice.description.endswith(f"DeepSpeed FusedLamb off: {why}") and choice.kind is OptimizerKind.OUR_LAMB
+    assert type(choice.optimizer).__module__ == "pipeline.lamb"
 
 
 @pytest.mark.integration

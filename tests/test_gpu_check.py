@@ -28,6 +28,8 @@ import gpu_check_pretrain as gcp
 import gpu_check_steps
 import pretrain_probe
 
+from pipeline.lamb_deepspeed import OptimizerKind
+
 
 def run_check(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
@@ -376,7 +378,7 @@ def test_clean_steps_leave_out_start_logging_saving_and_deterministic_steps():
 
 
 def test_pretrain_rows_and_their_deepspeed_configs():
-    from pipeline.settings import resolve_batch
+    from pipeline.run_config import resolve_batch
 
     assert gcp.parse_rows("all") == list(gcp.ALL_ROWS)
     for bad in ("z0-fp16", "z4-bf16", "zero2-bf16", "z1-fp8", "z1-bf16,z1-bf16"):
@@ -432,7 +434,7 @@ def row_result(
     row,
     *,
     rc=0,
-    optimizer="our multi-tensor LAMB (ZeRO-2 partitions)",
+    optimizer_kind="our Lamb",
     probe_optimizer="Lamb",
     syncs=1,
     ours=1,
@@ -445,11 +447,12 @@ def row_result(
     folder = tmp_path / row.key
     folder.mkdir(parents=True, exist_ok=True)
     log = folder / "straight.log"
-    log.write_text(f"12:00:00 [rank 0] INFO albert-pretrain: optimizer: {optimizer}\n{log_extra}")
+    log.write_text(f"12:00:00 [rank 0] INFO albert-pretrain: launcher: single, 1 rank(s)\n{log_extra}")
     losses = {str(s): [10.0 - 0.1 * s, 10.05 - 0.1 * s] for s in range(1, 31)}
     probe = {
         "start_step": 0,
         "losses": losses,
+        "optimizer_kind": optimizer_kind,
         "optimizer": probe_optimizer,
         "peak_memory_bytes": 5 * 2**30,
         "syncs": {
@@ -481,9 +484,8 @@ def row_result(
 def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
     rows = gcp.plan_rows(list(gcp.ALL_ROWS), "cuda")
     z0, z1b, z1h, z2b, z2h, z3b, z3h = rows
-    fused = "DeepSpeed FusedLamb (CUDA, ZeRO-0, per-parameter trust ratios)"
     results = [
-        row_result(tmp_path, z0, optimizer=fused, probe_optimizer="FusedLamb"),  # passes
+        row_result(tmp_path, z0, optimizer_kind="FusedLamb", probe_optimizer="FusedLamb"),  # passes
         row_result(tmp_path, z1b, syncs=4, ours=2),  # too many host syncs of ours
         row_result(tmp_path, z1h, resumed={str(s): [1.0, 1.0] for s in range(21, 31)}),  # resumed losses differ
         row_result(
@@ -535,25 +537,26 @@ def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
     assert all(c["result"].startswith("FAIL") for k, c in by_key.items() if k != "z0-bf16")
 
 
-def test_the_fusedlamb_row_fails_unless_the_log_says_fusedlamb_ran(tmp_path):
+def test_the_fusedlamb_row_fails_unless_the_run_chose_fusedlamb(tmp_path):
     (z0,) = gcp.plan_rows(["z0-bf16"], "cuda")
+    assert z0.expect_optimizer is OptimizerKind.FUSED_LAMB
     # albert-pretrain falls back to our LAMB when FusedLamb cannot be built: the ZeRO-0 row must not pass then
-    fell_back = row_result(
-        tmp_path,
-        z0,
-        optimizer="our multi-tensor LAMB (ZeRO-0, whole tensors); DeepSpeed FusedLamb off: "
-        "its JIT build failed (CalledProcessError: ...)",
-    )
-    assert gcp.row_problems(fell_back, True) == ["expected FusedLamb but the log says our Lamb (DeepSpeed wraps Lamb)"]
-    silent = row_result(tmp_path, z0, optimizer="nothing about the optimizer")
-    assert "the log says no optimizer line" in gcp.row_problems(silent, True)[0]
+    fell_back = row_result(tmp_path, z0, optimizer_kind="our Lamb")
+    assert gcp.row_problems(fell_back, True) == ["expected FusedLamb but the run chose our Lamb (DeepSpeed wraps Lamb)"]
+    # the kind albert-pretrain chose, not the class DeepSpeed wraps alone, decides; and both must say FusedLamb
+    wraps_ours = row_result(tmp_path, z0, optimizer_kind="FusedLamb", probe_optimizer="Lamb")
+    assert gcp.row_problems(wraps_ours, True) == [
+        "expected FusedLamb but the run chose FusedLamb (DeepSpeed wraps Lamb)"
+    ]
+    silent = row_result(tmp_path, z0, optimizer_kind=None)
+    assert "the run chose no optimizer (none recorded)" in gcp.row_problems(silent, True)[0]
     not_built = gcp.RowResult(
         z0, error="not run: the row needs DeepSpeed's FusedLamb, which is not available here (...)"
     )
     assert gcp.row_problems(not_built, True) == [not_built.error]
     # on CPU the ZeRO-0 row runs our LAMB, and host syncs are not counted
     (cpu_z0,) = gcp.plan_rows(["z0-bf16"], "cpu")
-    cpu = row_result(tmp_path, cpu_z0, optimizer="our multi-tensor LAMB (ZeRO-0, whole tensors)", syncs=None)
+    cpu = row_result(tmp_path, cpu_z0, optimizer_kind="our Lamb", syncs=None)
     assert gcp.row_problems(cpu, count_syncs=False) == []
     ((headers, cells),) = markdown_tables(gcp.format_table([cpu], count_syncs=False, cuda=False))
     assert headers == gcp.CPU_HEADERS and cells[0][5] == "n/a (CPU)" and cells[0][-1] == "PASS"

@@ -13,6 +13,7 @@ from helpers.engine_helpers import TEST_MODEL, ds_config, final_params, pretrain
 
 from pipeline.comm import CollectiveDeviceError, Comm
 from pipeline.distributed import gpu_index
+from pipeline.run_config import Precision, TrainError, engine_config
 
 
 def test_comm_refuses_a_tensor_of_another_device_before_the_backend_sees_it():
@@ -49,12 +50,13 @@ def test_fused_lamb_build_failure_falls_back_to_our_lamb(monkeypatch, caplog):
     model = AlbertForPreTraining(AlbertConfig(**TEST_MODEL))
     ds = ds_config(stage=0)
     ds["optimizer"]["params"]["bias_correction"] = False
+    config = engine_config(ds, world=1)
     with caplog.at_level("WARNING"):
-        optimizer, config, description = lamb_deepspeed.select_optimizer(model, ds)
-    assert isinstance(optimizer, lamb.Lamb)
-    assert "our multi-tensor LAMB" in description and "JIT build failed" in description, description
+        choice = lamb_deepspeed.select_optimizer(model, config)
+    assert isinstance(choice.optimizer, lamb.Lamb) and choice.kind is lamb_deepspeed.OptimizerKind.OUR_LAMB
+    assert "our multi-tensor LAMB" in choice.description and "JIT build failed" in choice.description, choice
     assert any("could not be built" in r.getMessage() for r in caplog.records)
-    assert "optimizer" not in config
+    assert "optimizer" not in config.deepspeed
 
 
 def test_tf32_switch_is_cuda_only():
@@ -199,24 +201,20 @@ def test_init_from_a_hugging_face_folder_under_zero3(wiki_shards, tmp_path):
 
 
 def test_bf16_fp32_accumulation_at_zero0_is_refused_in_one_line():
-    from pipeline.precision import PrecisionError, check_precision
-
-    ds = {"bf16": {"enabled": True}, "data_types": {"grad_accum_dtype": "fp32"}, "zero_optimization": {"stage": 0}}
-    with pytest.raises(PrecisionError, match="needs ZeRO 1-3"):
-        check_precision(ds, allow_fp16_on_cpu=False)
+    ds = ds_config(0, "bf16", data_types={"grad_accum_dtype": "fp32"})
+    with pytest.raises(TrainError, match="needs ZeRO 1-3"):
+        engine_config(ds, world=1)
     ds["zero_optimization"]["stage"] = 1
-    assert check_precision(ds, allow_fp16_on_cpu=False) == "bf16"
+    config = engine_config(ds, world=1)
+    assert config.precision is Precision.BF16 and config.precision.dtype == torch.bfloat16
+    assert config.grad_accum_dtype == "fp32" and config.zero_stage == 1
 
 
-def test_deepspeed_throughput_timer_is_off_unless_the_config_sets_it(tmp_path):
+def test_deepspeed_throughput_timer_is_off_unless_the_config_sets_it():
     """DeepSpeed's throughput timer synchronises the GPU twice per micro-batch; the loop reports throughput itself."""
-    from pipeline.settings import load_ds_config
-
-    path = tmp_path / "ds.json"
-    path.write_text(json.dumps(ds_config(2)))
-    assert load_ds_config(path, 2)[0]["timers"] == {"throughput": {"enabled": False}}
-    path.write_text(json.dumps({**ds_config(2), "timers": {"throughput": {"enabled": True, "synchronized": False}}}))
-    assert load_ds_config(path, 2)[0]["timers"]["throughput"]["enabled"] is True
+    assert engine_config(ds_config(2), world=2).deepspeed["timers"] == {"throughput": {"enabled": False}}
+    timers = {"throughput": {"enabled": True, "synchronized": False}}
+    assert engine_config({**ds_config(2), "timers": timers}, world=2).deepspeed["timers"] == timers
 
 
 def test_gpu_choice_agrees_with_what_deepspeed_does_with_local_rank():

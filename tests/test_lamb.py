@@ -22,7 +22,8 @@ from helpers.lamb_worker import TinyNet
 import pipeline.lamb_deepspeed as lamb_module
 from pipeline.distributed import free_port
 from pipeline.lamb import FlatLayout, Lamb, lamb_param_groups
-from pipeline.lamb_deepspeed import fused_lamb_unavailable, select_optimizer
+from pipeline.lamb_deepspeed import OptimizerKind, fused_lamb_unavailable, select_optimizer
+from pipeline.run_config import LambSettings, TrainError, engine_config
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = REPO / "tests" / "helpers" / "lamb_worker.py"
@@ -234,9 +235,11 @@ def test_select_optimizer_builds_our_lamb_on_cpu(stage: int) -> None:
         pytest.skip("on CUDA, ZeRO-0 gets DeepSpeed's FusedLamb")
     config = _lamb_config(stage, max_coeff=5.0, min_coeff=0.1, bias_correction=False)
     original = copy.deepcopy(config)
-    optimizer, ds_config, description = select_optimizer(TinyNet(), config)
+    engine = engine_config(config, world=1)
+    choice = select_optimizer(TinyNet(), engine)
     assert config == original  # the caller's config is not modified
-    assert isinstance(optimizer, Lamb) and "optimizer" not in ds_config
+    optimizer, ds_config, description = choice.optimizer, engine.deepspeed, choice.description
+    assert isinstance(optimizer, Lamb) and choice.kind is OptimizerKind.OUR_LAMB and "optimizer" not in ds_config
     assert ds_config["gradient_clipping"] == 1.0  # FusedLamb's max_grad_norm; DeepSpeed clips before step()
     assert ds_config.get("zero_allow_untested_optimizer", False) is (stage > 0)
     assert description.startswith("optimizer: our multi-tensor LAMB") and f"ZeRO-{stage}" in description
@@ -258,8 +261,10 @@ def test_fused_lamb_is_not_chosen_where_its_bias_correction_differs(bias_correct
     update than LAMB's: our LAMB runs instead, and the log says why."""
     monkeypatch.setattr(lamb_module, "_cuda_fused_lamb_available", lambda: True)  # the decision, not the kernel
     params = {} if bias_correction is None else {"bias_correction": bias_correction}
-    optimizer, _, description = select_optimizer(TinyNet(), _lamb_config(0, **params))
+    choice = select_optimizer(TinyNet(), engine_config(_lamb_config(0, **params), world=1))
+    optimizer, description = choice.optimizer, choice.description
     assert isinstance(optimizer, Lamb) and optimizer.param_groups[0]["bias_correction"] is True
+    assert choice.kind is OptimizerKind.OUR_LAMB
     assert "its bias correction is a step-size factor" in description and "bias_correction false" in description
 
 
@@ -270,23 +275,26 @@ def test_shipped_configs_use_albert_lamb_without_bias_correction() -> None:
 
 
 def test_select_optimizer_leaves_other_optimizers_and_refuses_bad_params() -> None:
-    adam = {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
-    optimizer, ds_config, description = select_optimizer(TinyNet(), adam)
-    assert optimizer is None and ds_config is adam and "AdamW" in description
-    assert select_optimizer(TinyNet(), {"train_batch_size": 8})[0] is None
-    with pytest.raises(ValueError, match="eps_inside_sqrt"):
-        select_optimizer(TinyNet(), _lamb_config(2, eps_inside_sqrt=True))
-    with pytest.raises(ValueError, match="contradicts"):
-        select_optimizer(TinyNet(), {**_lamb_config(2), "gradient_clipping": 2.0})
+    adam = {"train_batch_size": 8, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}
+    engine = engine_config(adam, world=1)
+    choice = select_optimizer(TinyNet(), engine)
+    assert choice.optimizer is None and choice.kind is OptimizerKind.FROM_CONFIG and "AdamW" in choice.description
+    assert engine.deepspeed["optimizer"] == adam["optimizer"] and engine.lamb is None  # DeepSpeed builds it
+    none = select_optimizer(TinyNet(), engine_config({"train_batch_size": 8}, world=1))
+    assert none.optimizer is None and none.description == "optimizer: none in the DeepSpeed config"
+    with pytest.raises(TrainError, match="eps_inside_sqrt"):
+        engine_config(_lamb_config(2, eps_inside_sqrt=True), world=1)
+    with pytest.raises(TrainError, match="contradicts"):
+        engine_config({**_lamb_config(2), "gradient_clipping": 2.0}, world=1)
 
 
 def test_fused_lamb_only_on_cuda_at_zero0_without_bias_correction(monkeypatch) -> None:
-    shipped = {"bias_correction": False}
-    assert fused_lamb_unavailable(_lamb_config(0), shipped, True) == "no CUDA"  # this machine
+    shipped = LambSettings.from_params({"bias_correction": False})
+    assert fused_lamb_unavailable(0, shipped, True) == "no CUDA"  # this machine
     monkeypatch.setattr(lamb_module, "_cuda_fused_lamb_available", lambda: True)  # the decision, not the kernel
-    assert fused_lamb_unavailable(_lamb_config(0), shipped, True) is None  # what a GPU run of the shipped configs gets
-    assert fused_lamb_unavailable(_lamb_config(0), shipped, False) == "switched off"
-    assert all("flat partitions" in fused_lamb_unavailable(_lamb_config(stage), shipped, True) for stage in (1, 2, 3))
+    assert fused_lamb_unavailable(0, shipped, True) is None  # what a GPU run of the shipped configs gets
+    assert fused_lamb_unavailable(0, shipped, False) == "switched off"
+    assert all("flat partitions" in (fused_lamb_unavailable(stage, shipped, True) or "") for stage in (1, 2, 3))
 
 
 # ---------------------------------------------------------------- real DeepSpeed runs

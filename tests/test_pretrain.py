@@ -58,6 +58,20 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
     assert len(ev) == 1 and ev[0]["step"] == 4
     done = json.loads((tmp_path / "checkpoints" / "step-00000004" / "complete.json").read_text())
     assert done["zero_stage"] == stage and done["world_size"] == 2
+    assert (done["format_version"], done["precision"], done["micro_batch"], done["global_batch"]) == (2, "bf16", 4, 8)
+    assert set(done) == {
+        "format_version",
+        "world_size",
+        "zero_stage",
+        "precision",
+        "global_batch",
+        "micro_batch",
+        "optimizer_wrapper",
+        "data",
+        "model_config",
+        "step",
+        "tag",
+    }
 
 
 def test_tensorboard_gets_the_same_scalars(wiki_shards, tmp_path):
@@ -184,12 +198,20 @@ def test_fp16_path_with_dynamic_loss_scaling(wiki_shards, tmp_path):
         (lambda ds, m: ds.update(train_batch_size=30), "train_batch_size 30"),
         (lambda ds, m: ds.update(fp16={"enabled": True}, zero_optimization={"stage": 0}), "fp16 with ZeRO stage 0"),
         (lambda ds, m: ds.update(fp16={"enabled": True}), "fp16 needs a GPU"),
+        (
+            lambda ds, m: ds["scheduler"]["params"].update(warmup_num_steps=3),
+            "scheduler: warmup_num_steps 3 >= total_num_steps 3",
+        ),
+        (
+            lambda ds, m: ds["optimizer"]["params"].update(eps_inside_sqrt=True),
+            "unsupported Lamb params ['eps_inside_sqrt']",
+        ),
     ],
 )
 def test_refused_before_training(change, message, wiki_shards, tmp_path):
-    ds, model = ds_config(2, "fp32"), dict(TEST_MODEL)
+    ds, model = ds_config(2, "fp32"), dict(TEST_MODEL)  # warmup 2 of 3 steps: a valid schedule
     change(ds, model)
-    proc = pretrain(tmp_path, wiki_shards, ds, steps=2, model=model)
+    proc = pretrain(tmp_path, wiki_shards, ds, steps=3, model=model)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "checkpoints").exists()
 

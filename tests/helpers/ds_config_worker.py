@@ -1,9 +1,11 @@
 """Worker for tests/test_ds_configs.py: where DeepSpeed accumulates bf16 gradients for the shipped GPU configs.
 
 Run as rank 0 of a 1-process gloo group (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT set by the test). For each
-config given, the engine is built as `albert-pretrain` builds it (pipeline.engine.build_engine: our LAMB,
-attach_zero_partitions) from the config's own optimizer / ZeRO / precision / data_types sections, with a tiny
-model, micro-batches of 2 and 3 micro-batches per step. After each backward the gradient accumulation buffer of
+config given, the engine is built as `albert-pretrain` builds it (pipeline.run_config.engine_config, then
+pipeline.engine.build_engine: our LAMB, attach_zero_partitions) from the config's own optimizer / ZeRO / precision /
+data_types sections, with a tiny model, micro-batches of 2 and 3 micro-batches per step. A config albert-pretrain
+refuses (bf16 with fp32 accumulation at ZeRO-0) is recorded as refused and handed to DeepSpeed all the same, so that
+the test sees DeepSpeed's own answer to it. After each backward the gradient accumulation buffer of
 DeepSpeed's optimizer wrapper is described (dtype, size, how many values are not representable in bf16); then
 the step is applied. Each config runs twice: as shipped, and without its "data_types" section (DeepSpeed's
 default, which accumulates in the model dtype), so that the test can see the setting is what makes the
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import json
 import logging
@@ -29,6 +32,8 @@ import os
 import warnings
 from pathlib import Path
 from typing import Any
+
+from pipeline.run_config import EngineConfig, TrainError, engine_config
 
 MICRO, ACCUM = 2, 3
 # The flat fp32 master partitions each wrapper hands the client optimizer (ZeRO 1/2, ZeRO-3, BF16_Optimizer).
@@ -81,13 +86,25 @@ def describe(optimizer: Any) -> dict[str, Any]:
     }
 
 
-def engine_config(shipped: dict[str, Any], keep_data_types: bool) -> dict[str, Any]:
+def engine_dict(shipped: dict[str, Any], keep_data_types: bool) -> dict[str, Any]:
     ds = copy.deepcopy(shipped)
     ds.pop("train_batch_size", None)  # a 1-rank batch of MICRO x ACCUM instead of the cluster's 4096
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = MICRO, ACCUM
     if not keep_data_types:
         ds.pop("data_types", None)
     return ds
+
+
+def settings(ds: dict[str, Any]) -> tuple[EngineConfig, str | None]:
+    """The config as albert-pretrain decodes it, and albert-pretrain's refusal of it (None: accepted). A refused
+    config's data_types is put back into the dict DeepSpeed gets, so that DeepSpeed answers for itself."""
+    try:
+        return engine_config(ds, world=1), None
+    except TrainError as e:
+        if "data_types" not in ds:
+            raise
+        accepted = engine_config({k: v for k, v in ds.items() if k != "data_types"}, world=1)
+        return dataclasses.replace(accepted, deepspeed={**accepted.deepspeed, "data_types": ds["data_types"]}), str(e)
 
 
 def run(shipped: dict[str, Any], keep_data_types: bool) -> dict[str, Any]:
@@ -99,11 +116,13 @@ def run(shipped: dict[str, Any], keep_data_types: bool) -> dict[str, Any]:
 
     cfg = small_config()
     torch.manual_seed(0)
+    config, refused = settings(engine_dict(shipped, keep_data_types))
     try:
-        engine, _, _ = build_engine(cfg, engine_config(shipped, keep_data_types), PLAIN, torch.device("cpu"))
+        engine, _ = build_engine(cfg, config, PLAIN, torch.device("cpu"))
     except Exception as e:  # noqa: BLE001 - reported to the test (e.g. DeepSpeed refusing a dtype mix)
-        return {"error": f"{type(e).__name__}: {e}"}
+        return {"error": f"{type(e).__name__}: {e}", "refused": refused}
     result: dict[str, Any] = {"wrapper": type(engine.optimizer).__name__, "micro": [], "losses": []}
+    result["refused"] = refused
     result["params"] = sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
     for micro in range(ACCUM):
         out = engine(**make_batch(cfg, batch=MICRO, seed=micro))

@@ -32,6 +32,7 @@ from torch import nn
 from pipeline.distributed import shutdown_distributed
 from pipeline.lamb import FlatLayout
 from pipeline.lamb_deepspeed import attach_zero_partitions, select_optimizer
+from pipeline.run_config import engine_config
 
 log = logging.getLogger("lamb_worker")
 
@@ -119,8 +120,10 @@ def make_engine(stage: int, precision: str, steps: int, naive: bool) -> tuple[An
     torch.manual_seed(0)
     model = TinyNet()
     world = torch.distributed.get_world_size()
-    optimizer, config, description = select_optimizer(model, ds_config(stage, world, precision, steps))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    config = engine_config(ds_config(stage, world, precision, steps), world)
+    choice = select_optimizer(model, config)
+    optimizer, description = choice.optimizer, choice.description
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config.deepspeed)
     attach_zero_partitions(engine, optimizer)
     if naive:
         for flat in flat_partitions(engine):  # one segment, one "parameter", no cross-rank sum
