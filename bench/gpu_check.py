@@ -17,7 +17,7 @@ when the time budget is nearly spent):
      albert-pretrain builds them (pipeline.engine.build_engine);
   5. the real `albert-pretrain` command per ZeRO stage and precision (bench/gpu_check_pretrain.py): ZeRO-1/2/3 in
      bf16 and fp16 and ZeRO-0 with FusedLamb, on shards made first with albert-data; samples/s, MFU, host syncs
-     per optimizer step (bench/pretrain_probe.py), peak memory, exact resume from an intermediate checkpoint in a
+     per optimizer step (bench/pretrain_instrument.py), peak memory, exact resume from an intermediate checkpoint in a
      second process, and `albert-export` loading in transformers. Its shards are made in the background from
      the start; the earlier sections keep the time it needs.
 
@@ -134,7 +134,7 @@ def _driver() -> str:
         return ""
 
 
-def probe_fused_lamb(device: torch.device, timeout_s: float) -> str | None:
+def try_fused_lamb(device: torch.device, timeout_s: float) -> str | None:
     """None when DeepSpeed's FusedLamb loads here, else why not. Built (JIT) in a child process with a
     timeout, since a stale build lock hangs silently; the build is cached, so loading it later is quick."""
     if device.type != "cuda":
@@ -377,7 +377,7 @@ def run_sections(
     report.emit("\n".join(environment_lines(device, args)))
     peaks = resolve_peaks(device, args.peak_tflops)
     t = time.monotonic()
-    fused_reason = probe_fused_lamb(
+    fused_reason = try_fused_lamb(
         device, min(args.fused_lamb_build_timeout, budget.left() - reserve[1] - args.row_seconds)
     )
     loaded = f"builds and loads (checked in a child process in {time.monotonic() - t:.0f} s, JIT build included)"

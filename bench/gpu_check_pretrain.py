@@ -4,11 +4,11 @@ For each row (ZeRO stage x precision; on CUDA ZeRO-1, -2, -3 in bf16 and fp16 an
 FusedLamb in bf16; ZeRO-0 in fp16 is refused by albert-pretrain's own checks), on one device, world size 1:
 
 1. shards first, with the project's own tools: `albert-data corpus`, `vocab`, `shard`, `verify` on the Wikipedia
-   excerpt (data_prep.demo_corpus), in the background while sections 1-4 run (or --pretrain-data);
+   excerpt (data_prep.sample_corpora), in the background while sections 1-4 run (or --pretrain-data);
 2. a DeepSpeed config derived from the shipped ds_configs/gpu-zero{1,2,3}-{bf16,fp16}-lamb-4096.json (ZeRO-0:
    the ZeRO-1 config at stage 0): train_batch_size = micro-batch x accumulation for one rank, warmup shortened,
    total_num_steps = the run's steps; the model config is the shipped one with the shards' vocabulary size;
-3. the straight run: `albert-pretrain` under bench/pretrain_probe.py (host syncs per optimizer step, step times,
+3. the straight run: `albert-pretrain` under bench/pretrain_instrument.py (host syncs per optimizer step, step times,
    peak memory, every step's loss), saving at an intermediate step (--save-interval) and logging only at the
    final step, `--compile off`;
 4. `albert-export` of its final checkpoint, then `transformers.AlbertForPreTraining.from_pretrained` of the export
@@ -16,7 +16,7 @@ FusedLamb in bf16; ZeRO-0 in fp16 is refused by albert-pretrain's own checks), o
 5. after all straight runs (they are timed, so nothing else shares the device then), the resumed runs, several at
    a time: a second process from the intermediate checkpoint to the same final step; its per-step losses must
    equal the straight run's bit for bit. Both processes switch torch's deterministic algorithms on from the
-   save step (pretrain_probe --deterministic-from): without them, kernels that sum with atomics (attention
+   save step (pretrain_instrument --deterministic-from): without them, kernels that sum with atomics (attention
    backward, scatter-add) give the two processes different roundings after the first resumed step.
 
 A row fails (non-zero exit, the row named) when a process fails or times out, the run did not choose the expected
@@ -49,7 +49,7 @@ from harness import markdown_table, model_flops
 from pipeline.lamb_deepspeed import OptimizerKind
 
 REPO = Path(__file__).resolve().parents[1]
-PROBE = Path(__file__).resolve().parent / "pretrain_probe.py"
+INSTRUMENT = Path(__file__).resolve().parent / "pretrain_instrument.py"
 DS_CONFIGS = REPO / "ds_configs"
 log = logging.getLogger("gpu_check.pretrain")
 
@@ -113,7 +113,7 @@ ESTIMATES = {"cuda": {"straight": 25.0, "resume_wave": 25.0}, "cpu": {"straight"
 class PretrainRow:
     stage: int
     precision: str
-    expect_optimizer: OptimizerKind  # what albert-pretrain must choose (its Run.optimizer, recorded by the probe)
+    expect_optimizer: OptimizerKind  # what albert-pretrain must choose (its Run.optimizer, recorded by the instrument)
 
     @property
     def key(self) -> str:
@@ -274,7 +274,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--pretrain-work",
         type=Path,
         default=None,
-        help="section 5: keep runs, logs and probe JSON here (default: a temporary folder)",
+        help="section 5: keep runs, logs and instrument JSON here (default: a temporary folder)",
     )
     p.add_argument(
         "--pretrain-parallel", type=int, default=DEFAULTS["pretrain_parallel"], help="section 5: resumed runs at a time"
@@ -338,7 +338,7 @@ class ShardPrep:
     def _run(self) -> None:
         t = time.monotonic()
         try:
-            from data_prep.demo_corpus import wikipedia_excerpt
+            from data_prep.sample_corpora import wikipedia_excerpt
 
             shutil.rmtree(self.folder, ignore_errors=True)  # albert-data refuses non-empty output folders
             self.folder.mkdir(parents=True, exist_ok=True)
@@ -482,11 +482,11 @@ class ProcessResult:
     returncode: int | None  # None: timed out
     seconds: float
     log: Path
-    probe: dict[str, Any] | None = None
+    instrument: dict[str, Any] | None = None
 
     @property
     def ok(self) -> bool:
-        return self.returncode == 0 and self.probe is not None
+        return self.returncode == 0 and self.instrument is not None
 
     def log_text(self) -> str:
         try:
@@ -501,8 +501,8 @@ class ProcessResult:
         lines = [line.strip() for line in self.log_text().splitlines() if line.strip()]
         errors = [line for line in lines if " ERROR " in line or "Error" in line or "Exception" in line]
         tail = (errors or lines or ["no output"])[-1]
-        if self.returncode == 0 and self.probe is None:
-            return f"exited 0 but wrote no probe output ({tail[:300]})"
+        if self.returncode == 0 and self.instrument is None:
+            return f"exited 0 but wrote no instrument output ({tail[:300]})"
         if self.returncode < 0:
             return f"killed by signal {-self.returncode}: {tail[:300]}"
         return f"exited {self.returncode}: {tail[:300]}"
@@ -528,7 +528,7 @@ def run_logged(cmd: list[str], logfile: Path, env: dict[str, str], timeout_s: fl
 
 
 def pretrain_command(
-    probe_out: Path,
+    instrument_out: Path,
     ds: Path,
     model: Path,
     data: Path,
@@ -538,9 +538,9 @@ def pretrain_command(
     cuda: bool,
     resume: Path | None = None,
 ) -> list[str]:
-    probe = [sys.executable, str(PROBE), "--probe-out", str(probe_out)]
+    instrument = [sys.executable, str(INSTRUMENT), "--instrument-out", str(instrument_out)]
     if s.deterministic:
-        probe += ["--deterministic-from", str(s.save_step)]
+        instrument += ["--deterministic-from", str(s.save_step)]
     args = [
         "--deepspeed_config",
         str(ds),
@@ -566,10 +566,10 @@ def pretrain_command(
     args += ["--resume", str(resume) if resume is not None else "never"]
     if row.precision == "fp16" and not cuda:
         args.append("--allow-fp16-on-cpu")  # albert-pretrain's switch for testing its fp16 path on a CPU
-    return [*probe, "--", *args]
+    return [*instrument, "--", *args]
 
 
-def read_probe(path: Path) -> dict[str, Any] | None:
+def read_instrument(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
@@ -599,16 +599,16 @@ class RowResult:
     nominal_peak: float | None = None
 
     @property
-    def probe(self) -> dict[str, Any]:
-        return (self.straight.probe or {}) if self.straight else {}
+    def instrument(self) -> dict[str, Any]:
+        return (self.straight.instrument or {}) if self.straight else {}
 
     def optimizer_seen(self) -> OptimizerKind | None:
-        """The optimizer the straight run chose (albert-pretrain's Run.optimizer, from the probe), or None."""
-        kind = self.probe.get("optimizer_kind")
+        """The optimizer the straight run chose (albert-pretrain's Run.optimizer, from the instrument), or None."""
+        kind = self.instrument.get("optimizer_kind")
         return OptimizerKind(kind) if kind else None
 
     def samples_per_s(self) -> float | None:
-        seconds = (self.probe.get("syncs") or {}).get("seconds_mean")
+        seconds = (self.instrument.get("syncs") or {}).get("seconds_mean")
         return self.samples_per_step / seconds if seconds else None
 
     def mfu(self) -> float | None:
@@ -676,7 +676,7 @@ def row_problems(r: RowResult, count_syncs: bool) -> list[str]:
     if not r.straight.ok:
         return [f"albert-pretrain {r.straight.failure()}"]
     problems = []
-    p = r.probe
+    p = r.instrument
     seen, expected = r.optimizer_seen(), r.row.expect_optimizer
     if seen is not expected or (expected is OptimizerKind.FUSED_LAMB and p.get("optimizer") != "FusedLamb"):
         problems.append(
@@ -728,7 +728,7 @@ def row_cells(r: RowResult, count_syncs: bool) -> list[str]:
         reason = "FAIL: " + "; ".join(problems) if problems else "; ".join(r.skipped) or "skipped"
         return head + [r.row.expect_optimizer + " (expected)", "-", "-", "-", "-", "-", "-", reason]
     rate, mfu = r.samples_per_s(), r.mfu()
-    memory = r.probe.get("peak_memory_bytes")
+    memory = r.instrument.get("peak_memory_bytes")
 
     def yes_no(check: Check | None, what: str) -> str:
         if check is None:
@@ -742,7 +742,7 @@ def row_cells(r: RowResult, count_syncs: bool) -> list[str]:
         r.optimizer_seen() or "?",
         f"{rate:,.0f}" if rate else "-",
         f"{mfu:.1%}" if mfu is not None else ("unknown" if rate else "-"),
-        sync_cell(r.probe.get("syncs"), count_syncs),
+        sync_cell(r.instrument.get("syncs"), count_syncs),
         f"{memory / 2**20:,.0f}" if memory else "-",
         yes_no(r.resume, "resume"),
         yes_no(r.export, "export"),
@@ -943,7 +943,9 @@ def run_rows(
                 rc, seconds = run_logged(
                     cmd, folder / "straight.log", child_env(device.type), max(timeout(), MIN_PROCESS_S)
                 )
-                r.straight = ProcessResult(rc, seconds, folder / "straight.log", read_probe(folder / "straight.json"))
+                r.straight = ProcessResult(
+                    rc, seconds, folder / "straight.log", read_instrument(folder / "straight.json")
+                )
                 log.info(
                     "albert-pretrain %s: straight run %s in %.0f s",
                     r.row.name,
@@ -987,9 +989,9 @@ def run_rows(
                 r.skipped.append("resume: skipped for the time budget")
             elif r.resumed.ok:
                 r.resume = compare_resume(
-                    r.probe.get("losses", {}),
-                    r.resumed.probe.get("losses", {}),  # type: ignore[union-attr]
-                    r.resumed.probe.get("start_step"),
+                    r.instrument.get("losses", {}),
+                    r.resumed.instrument.get("losses", {}),  # type: ignore[union-attr]
+                    r.resumed.instrument.get("start_step"),
                     s.save_step,
                     s.steps,
                 )  # type: ignore[union-attr]
@@ -1018,7 +1020,7 @@ def _resume(cmd: list[str], folder: Path, device_type: str, timeout: Callable[[]
     if seconds_left < MIN_PROCESS_S:
         return None
     rc, seconds = run_logged(cmd, folder / "resumed.log", child_env(device_type), seconds_left)
-    return ProcessResult(rc, seconds, folder / "resumed.log", read_probe(folder / "resumed.json"))
+    return ProcessResult(rc, seconds, folder / "resumed.log", read_instrument(folder / "resumed.json"))
 
 
 def emit_section(
@@ -1047,7 +1049,7 @@ def emit_section(
         else "kernels as they run (--pretrain-deterministic off)"
     )
     lines = [
-        f"`albert-pretrain` itself (bench/pretrain_probe.py runs its main() and measures from outside), one process, world size 1, "
+        f"`albert-pretrain` itself (bench/pretrain_instrument.py runs its main() and measures from outside), one process, world size 1, "
         f"{'NCCL' if cuda else 'gloo'}; {model}; micro-batch {s.micro} x {s.accum} accumulation steps{seq}; shards: {data}{examples}. "
         f"DeepSpeed configs derived from the shipped ds_configs/gpu-zero{{1,2,3}}-{{bf16,fp16}}-lamb-4096.json: train_batch_size "
         f"{s.micro * s.accum}, warmup {s.warmup} of {s.steps} steps (ZeRO-0: the ZeRO-1 config at stage 0, without data_types: "
@@ -1075,12 +1077,16 @@ def emit_section(
     report.emit(format_table(results, cuda, cuda))
     notes = []
     for r in results:
-        line = sdpa_from_log("\n".join(r.probe.get("log_lines") or []) or r.straight.log_text()) if r.straight else None
+        line = (
+            sdpa_from_log("\n".join(r.instrument.get("log_lines") or []) or r.straight.log_text())
+            if r.straight
+            else None
+        )
         if line:
             notes.append(f"- {r.row.name}: {line} (albert-pretrain's log)")
     if cuda:
         for r in results:
-            syncs = r.probe.get("syncs") if r.straight else None
+            syncs = r.instrument.get("syncs") if r.straight else None
             if syncs and syncs.get("per_step_by_source"):
                 notes.append(f"- {r.row.name}: host syncs per clean step by source: {sync_sources(syncs, top=10)}")
     for r in results:

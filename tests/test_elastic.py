@@ -14,7 +14,7 @@ from helpers.engine_helpers import TEST_MODEL, ds_config, metrics, pretrain
 
 pytestmark = pytest.mark.integration
 
-PROBE = REPO / "tests" / "helpers" / "state_probe.py"
+STATE_DUMP = REPO / "tests" / "helpers" / "state_dump.py"
 GLOBAL = 8
 
 
@@ -26,8 +26,8 @@ def ok(proc):
 def run(out, data, world: int, stage: int, precision: str, accum: int, steps: int, total: int, extra=()):
     ds = ds_config(stage, precision, micro=GLOBAL // world // accum, accum=accum)
     ds["scheduler"]["params"]["total_num_steps"] = total  # one schedule across both parts
-    args = ["--record-batches", "--probe", str(out / "probe"), *extra]
-    return ok(pretrain(out, data, ds, steps=steps, nproc=world, extra=args, script=PROBE))
+    args = ["--record-batches", "--dump", str(out / "dump_dir"), *extra]
+    return ok(pretrain(out, data, ds, steps=steps, nproc=world, extra=args, script=STATE_DUMP))
 
 
 def assert_same_state(saved: dict, loaded: dict) -> None:
@@ -65,7 +65,7 @@ def test_resume_on_another_layout_carries_the_state_exactly(first, second, wiki_
     ranks = f"{w2} rank{'s' if w2 > 1 else ''}"
     assert f"resuming a {w1}-rank ZeRO-{s1} ({p1}) checkpoint on {ranks} with ZeRO-{s2} ({p2})" in proc.stderr
     assert_same_state(
-        torch.load(tmp_path / "probe" / "saved-step6.pt"), torch.load(tmp_path / "probe" / "loaded-step6.pt")
+        torch.load(tmp_path / "dump_dir" / "saved-step6.pt"), torch.load(tmp_path / "dump_dir" / "loaded-step6.pt")
     )
     seen = examples(tmp_path)
     assert len(seen) == 12 * GLOBAL and len(set(seen)) == len(seen), "an example seen twice across the two parts"
@@ -77,7 +77,7 @@ def test_fp16_loss_scale_and_schedule_carry_over(wiki_shards, tmp_path):
     fp16 = ["--allow-fp16-on-cpu"]
     run(tmp_path, wiki_shards, 2, 2, "fp16", 1, steps=4, total=8, extra=fp16)
     run(tmp_path, wiki_shards, 1, 1, "fp16", 2, steps=6, total=8, extra=fp16)
-    saved, loaded = (torch.load(tmp_path / "probe" / f"{k}-step4.pt") for k in ("saved", "loaded"))
+    saved, loaded = (torch.load(tmp_path / "dump_dir" / f"{k}-step4.pt") for k in ("saved", "loaded"))
     assert_same_state(saved, loaded)
     assert saved["loss_scale"]["cur_scale"] == loaded["loss_scale"]["cur_scale"] == 2.0**8
     for k in ("cur_iter", "last_overflow_iter", "cur_hysteresis"):
@@ -137,6 +137,6 @@ def test_a_version_1_checkpoint_converts_as_well(wiki_shards, tmp_path):
     del meta["format_version"], meta["micro_batch"], meta["optimizer_wrapper"]
     (tag / "complete.json").write_text(json.dumps(meta))
     run(tmp_path, wiki_shards, 2, 2, "fp32", 1, steps=8, total=8)
-    assert_same_state(*(torch.load(tmp_path / "probe" / f"{k}-step4.pt") for k in ("saved", "loaded")))
+    assert_same_state(*(torch.load(tmp_path / "dump_dir" / f"{k}-step4.pt") for k in ("saved", "loaded")))
     seen = examples(tmp_path)
     assert len(seen) == 8 * GLOBAL and len(set(seen)) == len(seen)

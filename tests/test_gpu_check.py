@@ -26,7 +26,7 @@ import gpu_check_common as common
 import gpu_check_parity
 import gpu_check_pretrain as gcp
 import gpu_check_steps
-import pretrain_probe
+import pretrain_instrument
 
 from pipeline.lamb_deepspeed import OptimizerKind
 
@@ -256,7 +256,7 @@ def sync_warning() -> None:
     """What torch emits at a synchronizing CUDA call under torch.cuda.set_sync_debug_mode("warn"): TORCH_WARN in
     c10/cuda/CUDAFunctions.cpp (warn_or_error_on_sync; that file is not in the CPU wheel), a UserWarning."""
     warnings.warn(
-        pretrain_probe.SYNC_WARNING + " (Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:164.)",
+        pretrain_instrument.SYNC_WARNING + " (Triggered internally at /pytorch/c10/cuda/CUDAFunctions.cpp:164.)",
         UserWarning,
         stacklevel=2,
     )
@@ -279,15 +279,15 @@ class FakeEngine:
             self.global_steps += 1
 
 
-def test_probe_counts_the_sync_warnings_between_optimizer_steps():
+def test_instrument_counts_the_sync_warnings_between_optimizer_steps():
     engine = FakeEngine(accum=2)
-    probe = pretrain_probe.Probe(count_syncs=True)
+    instrument = pretrain_instrument.Instrument(count_syncs=True)
     plan = {1: 3, 2: 0, 3: 1, 4: 2, 5: 1, 6: 4}  # syncs in each optimizer step, all from one source line
     with warnings.catch_warnings():
         # albert-pretrain's own filters (main() adds them before setup): they must not hide the syncs
         warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
         warnings.filterwarnings("ignore", category=UserWarning, module=__name__)
-        probe.attach(engine)
+        instrument.attach(engine)
         try:
             sync_warning()  # before the first micro-step of step 1: still step 1's
             for step, n in plan.items():
@@ -309,25 +309,25 @@ def test_probe_counts_the_sync_warnings_between_optimizer_steps():
                     warnings.warn("some other warning", UserWarning, stacklevel=1)  # shown as usual, not counted
                     engine.step()
         finally:
-            probe.finish()
-    windows = probe.counter.windows
+            instrument.finish()
+    windows = instrument.counter.windows
     assert [w.step for w in windows] == list(plan)
     assert [w.count for w in windows] == [n + (step == 3) for step, n in plan.items()]
     assert [sum(w.background.values()) for w in windows] == [0, 0, 1, 0, 0, 0]
     assert "[prefetch]" in next(iter(windows[2].background))
     assert all(src.startswith("tests/test_gpu_check.py:") for w in windows for src in w.syncs)
-    assert probe.loss_values() == {s: [float(s), float(s + 1)] for s in plan}
-    assert warnings.showwarning is not probe.counter._show  # uninstalled
+    assert instrument.loss_values() == {s: [float(s), float(s + 1)] for s in plan}
+    assert warnings.showwarning is not instrument.counter._show  # uninstalled
 
     args = argparse.Namespace(max_steps=6, log_interval=7, save_interval=5, eval_interval=0)
-    result = probe.result(args, 0, None)
+    result = instrument.result(args, 0, None)
     # clean steps: not 1-2 (first two), not 5 (save) nor 6 (after the save; final)
     assert result["syncs"]["steps"] == [3, 4] and result["syncs"]["max"] == 2 and result["syncs"]["mean"] == 2.0
     assert result["start_step"] == 0 and result["final_step"] == 6 and result["losses"]["3"] == [3.0, 4.0]
 
 
-def test_probe_counts_an_explicit_synchronize_once_and_switches_to_deterministic_kernels():
-    counter = pretrain_probe.SyncCounter()
+def test_instrument_counts_an_explicit_synchronize_once_and_switches_to_deterministic_kernels():
+    counter = pretrain_instrument.SyncCounter()
     owner = types.SimpleNamespace(synchronize=sync_warning)  # like Stream.synchronize, which also warns
     counter._wrap(owner, "synchronize")
     with warnings.catch_warnings():
@@ -343,32 +343,32 @@ def test_probe_counts_an_explicit_synchronize_once_and_switches_to_deterministic
     assert window.count == 3 and sum(v for k, v in window.syncs.items() if k.endswith("(synchronize)")) == 2
 
     engine = FakeEngine(accum=1)
-    probe = pretrain_probe.Probe(deterministic_from=2, count_syncs=False)
+    instrument = pretrain_instrument.Instrument(deterministic_from=2, count_syncs=False)
     try:
-        probe.attach(engine)
+        instrument.attach(engine)
         flags = []
         for _ in range(1, 5):
             engine.backward(torch.tensor(1.0))
             engine.step()
             flags.append(torch.are_deterministic_algorithms_enabled())
         assert flags == [False, True, True, True]
-        assert [w.deterministic for w in probe.counter.windows] == [False, False, True, True]
+        assert [w.deterministic for w in instrument.counter.windows] == [False, False, True, True]
     finally:
         torch.use_deterministic_algorithms(False)
-        probe.finish()
+        instrument.finish()
 
 
 def test_clean_steps_leave_out_start_logging_saving_and_deterministic_steps():
     # the GPU rows: 30 steps, a save at 20, logging at the last step only, deterministic kernels from 20 on
-    assert pretrain_probe.clean_steps(1, 30, 31, 20, 0, 20) == list(range(3, 20))
-    assert pretrain_probe.clean_steps(21, 30, 31, 20, 0, 20) == []  # the resumed process: all deterministic
-    assert pretrain_probe.clean_steps(1, 12, 4, 100, 6) == [
+    assert pretrain_instrument.clean_steps(1, 30, 31, 20, 0, 20) == list(range(3, 20))
+    assert pretrain_instrument.clean_steps(21, 30, 31, 20, 0, 20) == []  # the resumed process: all deterministic
+    assert pretrain_instrument.clean_steps(1, 12, 4, 100, 6) == [
         3,
         10,
         11,
     ]  # 4, 8 logged; 6 evaluated; 5, 7, 9 after them; 12 last
-    windows = [pretrain_probe.Window(s, 0.1 * s, {"a.py:1": 1, "b.py:2": s % 2}) for s in range(1, 6)]
-    summary = pretrain_probe.summarize_windows(windows, [2, 3])
+    windows = [pretrain_instrument.Window(s, 0.1 * s, {"a.py:1": 1, "b.py:2": s % 2}) for s in range(1, 6)]
+    summary = pretrain_instrument.summarize_windows(windows, [2, 3])
     assert (
         summary["max"] == 2
         and summary["mean"] == 1.5
@@ -435,7 +435,7 @@ def row_result(
     *,
     rc=0,
     optimizer_kind="our Lamb",
-    probe_optimizer="Lamb",
+    instrument_optimizer="Lamb",
     syncs=1,
     ours=1,
     resumed_rc=0,
@@ -449,11 +449,11 @@ def row_result(
     log = folder / "straight.log"
     log.write_text(f"12:00:00 [rank 0] INFO albert-pretrain: launcher: single, 1 rank(s)\n{log_extra}")
     losses = {str(s): [10.0 - 0.1 * s, 10.05 - 0.1 * s] for s in range(1, 31)}
-    probe = {
+    instrument = {
         "start_step": 0,
         "losses": losses,
         "optimizer_kind": optimizer_kind,
-        "optimizer": probe_optimizer,
+        "optimizer": instrument_optimizer,
         "peak_memory_bytes": 5 * 2**30,
         "syncs": {
             "max": syncs,
@@ -467,7 +467,7 @@ def row_result(
         },
     }
     r = gcp.RowResult(row, flops_per_step=4e12, samples_per_step=128, nominal_peak=989e12)
-    r.straight = gcp.ProcessResult(rc, 20.0, log, probe if rc == 0 else None)
+    r.straight = gcp.ProcessResult(rc, 20.0, log, instrument if rc == 0 else None)
     if rc == 0:
         resumed_losses = resumed or {k: v for k, v in losses.items() if int(k) > 20}
         rlog = folder / "resumed.log"
@@ -485,7 +485,7 @@ def test_a_failing_row_fails_the_check_and_is_named(tmp_path):
     rows = gcp.plan_rows(list(gcp.ALL_ROWS), "cuda")
     z0, z1b, z1h, z2b, z2h, z3b, z3h = rows
     results = [
-        row_result(tmp_path, z0, optimizer_kind="FusedLamb", probe_optimizer="FusedLamb"),  # passes
+        row_result(tmp_path, z0, optimizer_kind="FusedLamb", instrument_optimizer="FusedLamb"),  # passes
         row_result(tmp_path, z1b, syncs=4, ours=2),  # too many host syncs of ours
         row_result(tmp_path, z1h, resumed={str(s): [1.0, 1.0] for s in range(21, 31)}),  # resumed losses differ
         row_result(
@@ -544,7 +544,7 @@ def test_the_fusedlamb_row_fails_unless_the_run_chose_fusedlamb(tmp_path):
     fell_back = row_result(tmp_path, z0, optimizer_kind="our Lamb")
     assert gcp.row_problems(fell_back, True) == ["expected FusedLamb but the run chose our Lamb (DeepSpeed wraps Lamb)"]
     # the kind albert-pretrain chose, not the class DeepSpeed wraps alone, decides; and both must say FusedLamb
-    wraps_ours = row_result(tmp_path, z0, optimizer_kind="FusedLamb", probe_optimizer="Lamb")
+    wraps_ours = row_result(tmp_path, z0, optimizer_kind="FusedLamb", instrument_optimizer="Lamb")
     assert gcp.row_problems(wraps_ours, True) == [
         "expected FusedLamb but the run chose FusedLamb (DeepSpeed wraps Lamb)"
     ]

@@ -1,4 +1,4 @@
-"""`python tests/helpers/state_probe.py ALBERT-PRETRAIN-ARGS... --probe DIR`: albert-pretrain that also writes, from the
+"""`python tests/helpers/state_dump.py ALBERT-PRETRAIN-ARGS... --dump DIR`: albert-pretrain that also writes, from the
 outside, the training state it saves and the one it resumes with, per parameter and by DeepSpeed's own getters:
 
     DIR/saved-step<N>.pt    just before each checkpoint of step N is written
@@ -71,19 +71,19 @@ def dump(engine, path: Path) -> None:
 
 def main() -> int:
     argv = sys.argv[1:]
-    i = argv.index("--probe")
-    probe = Path(argv[i + 1])
+    i = argv.index("--dump")
+    dump_dir = Path(argv[i + 1])
     del argv[i : i + 2]
     real_setup, real_save = pretrain.setup, checkpoint.save
 
     def setup(args):
         run = real_setup(args)
         if run.resumed:
-            dump(run.engine, probe / f"loaded-step{run.engine.global_steps}.pt")
+            dump(run.engine, dump_dir / f"loaded-step{run.engine.global_steps}.pt")
         return run
 
     def save(engine, folder, step, *a, **k):
-        dump(engine, probe / f"saved-step{step}.pt")
+        dump(engine, dump_dir / f"saved-step{step}.pt")
         return real_save(engine, folder, step, *a, **k)
 
     pretrain.setup, checkpoint.save = setup, save

@@ -1,6 +1,6 @@
 """Run `albert-pretrain` in this process, instrumented from the outside, and write what it measured as JSON.
 
-    python bench/pretrain_probe.py [--probe-out FILE] [--deterministic-from STEP] -- <albert-pretrain arguments>
+    python bench/pretrain_instrument.py [--instrument-out FILE] [--deterministic-from STEP] -- <albert-pretrain arguments>
 
 It imports pipeline.pretrain, wraps `setup` (nothing in pipeline/ is edited or told), and calls
 `pipeline.pretrain.main(argv)`, so the run is the real command with its real loop. After `setup` returns, the
@@ -31,7 +31,7 @@ torch loads: a run and its resumed copy compute the steps after STEP with determ
 can be compared bit for bit (the flash and memory-efficient attention backward kernels, for one, are
 deterministic only then). Windows from STEP on are not counted as production steps.
 
-The JSON (default OUTPUT/probe.json) holds the raw windows and a summary: syncs per optimizer step over the
+The JSON (default OUTPUT/instrument.json) holds the raw windows and a summary: syncs per optimizer step over the
 "clean" steps (clean_steps: not among the first two steps of this process, not a logging, saving or evaluation
 step nor the step after one, not the final step, and before --deterministic-from). Exit code: albert-pretrain's.
 """
@@ -75,7 +75,7 @@ def short_source(filename: str, lineno: int) -> str:
     return f"{path}:{lineno}"
 
 
-def _caller_source(skip: Iterable[str] = ("torch/cuda/", "deepspeed/accelerator/", "pretrain_probe.py")) -> str:
+def _caller_source(skip: Iterable[str] = ("torch/cuda/", "deepspeed/accelerator/", "pretrain_instrument.py")) -> str:
     """The first frame outside torch.cuda, DeepSpeed's accelerator shim and this file: who asked for the sync."""
     frame = sys._getframe(1)
     while frame is not None:
@@ -289,7 +289,7 @@ class LogLines(logging.Handler):
                 self.lines.append(message)
 
 
-class Probe:
+class Instrument:
     """The instrumentation of one albert-pretrain process."""
 
     def __init__(self, deterministic_from: int | None = None, count_syncs: bool | None = None):
@@ -306,7 +306,7 @@ class Probe:
         import torch
 
         real_step, real_backward = engine.step, engine.backward
-        probe = self
+        instrument = self
         self.start_step = int(engine.global_steps)
         device = torch.device(getattr(engine, "device", "cpu"))
         if self.count_syncs is None:
@@ -320,18 +320,18 @@ class Probe:
         )
 
         def step(*args, **kwargs):
-            if probe.count_syncs:
-                probe.counter._ensure_filter()
+            if instrument.count_syncs:
+                instrument.counter._ensure_filter()
             before = engine.global_steps
             result = real_step(*args, **kwargs)
             if engine.global_steps != before:
-                probe.on_boundary(int(engine.global_steps))
+                instrument.on_boundary(int(engine.global_steps))
             return result
 
         def backward(loss, *args, **kwargs):
-            if probe.count_syncs:
-                probe.counter._ensure_filter()
-            probe.losses.append((int(engine.global_steps) + 1, loss.detach().clone()))
+            if instrument.count_syncs:
+                instrument.counter._ensure_filter()
+            instrument.losses.append((int(engine.global_steps) + 1, loss.detach().clone()))
             return real_backward(loss, *args, **kwargs)
 
         engine.step, engine.backward = step, backward
@@ -424,14 +424,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--" not in argv:
         raise SystemExit(
-            "pretrain_probe: usage: pretrain_probe.py [--probe-out FILE] [--deterministic-from STEP] -- <albert-pretrain args>"
+            "pretrain_instrument: usage: pretrain_instrument.py [--instrument-out FILE] [--deterministic-from STEP] -- <albert-pretrain args>"
         )
     cut = argv.index("--")
     p = argparse.ArgumentParser(
-        prog="pretrain_probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="pretrain_instrument", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument(
-        "--probe-out", type=Path, default=None, help="the JSON (default: the run's --output folder/probe.json)"
+        "--instrument-out",
+        type=Path,
+        default=None,
+        help="the JSON (default: the run's --output folder/instrument.json)",
     )
     p.add_argument(
         "--deterministic-from", type=int, default=None, help="deterministic kernels from this step's boundary on"
@@ -446,16 +449,16 @@ def main(argv: list[str] | None = None) -> int:
     import pipeline.pretrain as pretrain
 
     pretrain_args = pretrain.parse_args(pretrain_argv)
-    out = args.probe_out or pretrain_args.output / "probe.json"
-    probe = Probe(args.deterministic_from)
+    out = args.instrument_out or pretrain_args.output / "instrument.json"
+    instrument = Instrument(args.deterministic_from)
     real_setup = pretrain.setup
 
     def setup(a):
         # main() has configured logging by now (a handler added earlier would stop its basicConfig)
-        logging.getLogger().addHandler(probe.log_lines)
+        logging.getLogger().addHandler(instrument.log_lines)
         run = real_setup(a)
-        probe.info["optimizer_kind"] = run.optimizer.value
-        probe.attach(run.engine)
+        instrument.info["optimizer_kind"] = run.optimizer.value
+        instrument.attach(run.engine)
         return run
 
     pretrain.setup = setup
@@ -468,9 +471,9 @@ def main(argv: list[str] | None = None) -> int:
         raise
     finally:
         pretrain.setup = real_setup
-        probe.finish()
+        instrument.finish()
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(probe.result(pretrain_args, returncode, error), indent=1) + "\n")
+        out.write_text(json.dumps(instrument.result(pretrain_args, returncode, error), indent=1) + "\n")
     return returncode
 
 
