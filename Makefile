@@ -1,6 +1,6 @@
 # Two commands do all the setup on a fresh machine:
 #   make demo   # venv + deps, then the main job on the embedded Wikipedia excerpt
-#   make test   # venv + deps, then lint (ruff format --check, ruff check) and the whole test suite
+#   make test   # venv + deps, then lint (ruff format --check, ruff check, mypy) and the whole test suite
 #   make test-fast  # the fast tier alone: in-process tests, under 2 minutes
 #   make bench      # five CPU benchmarks at small sizes, a few minutes; `make bench-all`: all nine
 # On CPU machines torch is pinned to the local 2.13.0 wheel; GPU users pass their own:
@@ -31,10 +31,12 @@ system-deps:
 demo: $(STAMP) system-deps
 	$(PY) -m pipeline.demo --output $(DEMO_OUT)
 
-# Formatting and lint (ruff, configured in pyproject.toml); `ruff format .` and `ruff check --fix .` repair most of it.
+# Formatting, lint and types (ruff and mypy, configured in pyproject.toml); `ruff format .` and `ruff check --fix .`
+# repair most of the first two.
 lint: $(STAMP)
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 test: $(STAMP) system-deps lint
 	$(PY) -m pytest -q

@@ -7,8 +7,11 @@ Layout under `<output>/checkpoints/`:
     model_config.json              the model's config (what `albert-export` reads)
     latest                         DeepSpeed's pointer to the newest complete tag
 
-`--resume auto` takes the newest tag with complete.json; a save killed midway leaves a tag without it,
-which is ignored (and removed by the next save). The last `keep` complete checkpoints are kept.
+`--resume auto` takes the newest tag with complete.json whose files are still the ones it lists (name, size, sha256:
+a file lost, truncated or damaged on disk since the save is named, and the next older intact checkpoint is taken); a
+save killed midway leaves a tag without complete.json, which is ignored (and removed by the next save). A save that
+fails on any rank (a full disk) fails on every rank with one line, and its partial tag is removed. The last `keep`
+complete checkpoints are kept.
 
 complete.json holds the run's layout (ranks, ZeRO stage, precision, batch, optimizer wrapper, model config) and the
 checkpoint's `format_version` (FORMAT_VERSION); what older checkpoints lack is filled in by version, here and in
@@ -29,6 +32,7 @@ import torch
 import torch.distributed as dist
 
 from common.atomic import write_text
+from common.inventory import inventory_problems, take_inventory
 
 if TYPE_CHECKING:
     from .run_config import EngineConfig, RunConfig
@@ -40,7 +44,9 @@ COMPLETE = "complete.json"
 #   1: written before checkpoints were numbered; complete.json may lack "micro_batch" and "optimizer_wrapper", the
 #      loader position its "plan", the client state "lamb_param_names" (each was added at another time).
 #   2: all of them are present.
-FORMAT_VERSION = 2
+#   3: complete.json also lists the tag's files ("files": name -> size, sha256) and what the run trained on
+#      ("data_identity": pipeline.identity.DataIdentity; "vocab_sha256", for albert-export).
+FORMAT_VERSION = 3
 # model config keys that a run may change when it resumes: they shape no weight and no computation of the saved state
 TRAINING_ONLY = frozenset(
     {"hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout_prob", "initializer_range"}
@@ -65,18 +71,53 @@ def complete_checkpoints(folder: Path) -> list[Path]:
 
 
 def resolve_resume(mode: str, folder: Path) -> Path | None:
-    """`auto`: the newest complete checkpoint in folder (None if there is none); `never`: None; else a path."""
+    """`auto`: the newest complete checkpoint in folder whose files are intact (None if there is none); `never`: None;
+    else that path, which must be complete and intact. Collective: rank 0 reads the files, every rank gets its
+    answer (or its error)."""
     if mode == "never":
         return None
+    answer: list[Any] = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer[0] = _resume_candidate(mode, folder)
+        except CheckpointError as e:
+            answer[0] = e
+    dist.broadcast_object_list(answer, src=0)
+    if isinstance(answer[0], CheckpointError):
+        raise answer[0]
+    return answer[0]
+
+
+def _resume_candidate(mode: str, folder: Path) -> Path | None:
     if mode == "auto":
-        found = complete_checkpoints(folder)
-        return found[-1] if found else None
+        for tag_dir in reversed(complete_checkpoints(folder)):
+            problems = damage(tag_dir)
+            if not problems:
+                return tag_dir
+            log.warning("%s is damaged (%s); trying the checkpoint before it", tag_dir, "; ".join(problems[:3]))
+        return None
     path = Path(mode)
     if not (path / COMPLETE).is_file():
         raise CheckpointError(
             f"{path}: not a complete checkpoint (no {COMPLETE}); pass a folder such as {folder}/{tag_for(100)}"
         )
+    problems = damage(path)
+    if problems:
+        raise CheckpointError(
+            f"{path}: damaged since it was saved ({'; '.join(problems[:3])}); pass another checkpoint"
+        )
     return path
+
+
+def damage(tag_dir: Path) -> list[str]:
+    """What differs in a checkpoint's files from the list its complete.json records (version 3 on; an older one
+    records none, and only its completion marker vouches for it)."""
+    try:
+        meta = json.loads((tag_dir / COMPLETE).read_text())
+    except (OSError, ValueError) as e:
+        return [f"{COMPLETE} unreadable ({e})"]
+    files = meta.get("files") if isinstance(meta, dict) else None
+    return inventory_problems(tag_dir, files) if files else []
 
 
 def format_version(meta: dict[str, Any]) -> int:
@@ -95,8 +136,11 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def run_meta(config: RunConfig, wrapper: str, model_config: dict[str, Any]) -> dict[str, Any]:
-    """What complete.json records of the run that writes it (`wrapper`: DeepSpeed's optimizer wrapper class)."""
+def run_meta(
+    config: RunConfig, wrapper: str, model_config: dict[str, Any], data_identity: dict[str, str]
+) -> dict[str, Any]:
+    """What complete.json records of the run that writes it (`wrapper`: DeepSpeed's optimizer wrapper class;
+    `data_identity`: pipeline.identity.DataIdentity of its training shards)."""
     engine = config.engine
     return {
         "format_version": FORMAT_VERSION,
@@ -108,6 +152,8 @@ def run_meta(config: RunConfig, wrapper: str, model_config: dict[str, Any]) -> d
         "optimizer_wrapper": wrapper,
         "data": str(config.data),
         "model_config": model_config,
+        "data_identity": data_identity,
+        "vocab_sha256": data_identity["vocab_sha256"],
     }
 
 
@@ -193,7 +239,8 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_config: dict, keep: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+    """Collective: every rank calls it. Returns the checkpoint folder. A failure on any rank (a full disk) is raised
+    on every rank as one CheckpointError, the partial tag removed and the last good checkpoint untouched."""
     rank = dist.get_rank()
     tag = tag_for(step)
     tag_dir = folder / tag
@@ -202,13 +249,23 @@ def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_
         if tag_dir.exists():  # a save of this step that was killed midway
             shutil.rmtree(tag_dir)
     dist.barrier()
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(_rng_state(), tag_dir / f"rng-rank{rank}.pt")
-    dist.barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+        torch.save(_rng_state(), tag_dir / f"rng-rank{rank}.pt")
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos ...")
+        error = f"rank {rank}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+    _raise_together(error, folder, tag_dir, step)
     if rank == 0:
-        _write_json(folder / "model_config.json", model_config)
-        _write_json(tag_dir / COMPLETE, {**meta, "step": step, "tag": tag})
-        write_text(folder / "latest", tag)  # DeepSpeed's own pointer, for its tools and albert-export
+        try:
+            _write_json(folder / "model_config.json", model_config)
+            files = take_inventory(tag_dir, exclude=frozenset({COMPLETE}))
+            _write_json(tag_dir / COMPLETE, {**meta, "step": step, "tag": tag, "files": files})
+            write_text(folder / "latest", tag)  # DeepSpeed's own pointer, for its tools and albert-export
+        except OSError as e:
+            error = f"rank 0: {e}"
+    _raise_together(error, folder, tag_dir, step)
+    if rank == 0:
         for old in complete_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in folder.glob(f"{PREFIX}*"):
@@ -217,6 +274,27 @@ def save(engine, folder: Path, step: int, client_state: dict, meta: dict, model_
     dist.barrier()
     log.info("saved checkpoint %s", tag_dir)
     return tag_dir
+
+
+def _raise_together(error: str | None, folder: Path, tag_dir: Path, step: int) -> None:
+    """Every rank learns whether any rank's part of the save failed; if so, all raise the same one line (the
+    partial tag removed, so that the space it took is free again)."""
+    errors: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e]
+    if not failed:
+        return
+    if dist.get_rank() == 0:
+        shutil.rmtree(tag_dir, ignore_errors=True)
+    good = complete_checkpoints(folder)
+    kept = f"the last good checkpoint, {good[-1]}, is intact" if good else "no earlier checkpoint exists"
+    free = shutil.disk_usage(folder).free if folder.exists() else 0
+    need = sum(f.stat().st_size for f in good[-1].rglob("*") if f.is_file()) if good else 0
+    space = f"{free / 2**20:.1f} MB free there, a checkpoint takes about {need / 2**20:.1f} MB; " if need else ""
+    raise CheckpointError(
+        f"{folder}: saving step {step} failed ({failed[0]}); {space}{kept}. Free space (or fix the folder) and run "
+        "the same command to resume"
+    )
 
 
 def load(engine, tag_dir: Path) -> dict:

@@ -254,14 +254,17 @@ class Lamb(torch.optim.Optimizer):
         c1 = 1 - b1^t and c2 = sqrt(1 - b2^t); without it, those passes are skipped."""
         beta1, beta2 = group["betas"]
         corrected = group["bias_correction"]
-        grads, exp_avgs, exp_avg_sqs, eps, scale = [], [], [], [], []
+        grads: list[torch.Tensor] = []
+        exp_avgs, exp_avg_sqs, eps, scale = [], [], [], []
         for p in params:
-            if p.grad.is_sparse:
+            grad = p.grad
+            assert grad is not None  # the caller passes the parameters that have a gradient
+            if grad.is_sparse:
                 raise RuntimeError("LAMB does not support sparse gradients")
             state = self.state[p] or self._init_state(p)
             state["step"] += 1
             step = int(state["step"])
-            grads.append(p.grad)
+            grads.append(grad)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             if corrected:
@@ -273,7 +276,7 @@ class Lamb(torch.optim.Optimizer):
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_add_(denom, eps if corrected else group["eps"])
-        updates = torch._foreach_div(exp_avgs, denom)
+        updates = list(torch._foreach_div(exp_avgs, denom))
         if corrected:
             torch._foreach_mul_(updates, scale)
         if group["weight_decay"] != 0:

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from common.atomic import write_text
+from common.jsonl import keep_through_step
 
 log = logging.getLogger(__name__)
 
@@ -73,8 +73,7 @@ class BatchRecorder:
     def __init__(self, path: Path, resume_step: int):
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():  # drop what a lost run recorded after the checkpoint we resume from
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= resume_step]
-            write_text(path, "".join(line + "\n" for line in kept))
+            keep_through_step(path, resume_step)
         self.file = open(path, "a")
 
     def write(self, step: int, micro_batches: list[dict]) -> None:
@@ -134,20 +133,14 @@ class Metrics:
             return
         output.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
-            self._truncate_after(resume_step or 0)
+            # lines logged after the checkpoint we resume from belong to a run that was lost
+            keep_through_step(self.path, resume_step or 0)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(
             log_dir=str(output / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None
         )
         self.file = open(self.path, "a")
-
-    def _truncate_after(self, step: int) -> None:
-        """Lines logged after the checkpoint we resume from belong to a run that was lost: drop them."""
-        kept = [
-            line for line in self.path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step
-        ]
-        write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, record: dict[str, Any]) -> None:
         if self.tb is None:  # not enabled

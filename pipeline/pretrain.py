@@ -27,6 +27,7 @@ from .metrics import BatchRecorder, IntervalSums, Metrics, train_record
 from .run_config import Precision, RunConfig, TrainError, check_data_against_model, parse_args, run_config
 
 if TYPE_CHECKING:
+    from .identity import DataIdentity
     from .lamb_deepspeed import OptimizerKind
 
 log = logging.getLogger("albert-pretrain")
@@ -36,16 +37,38 @@ log = logging.getLogger("albert-pretrain")
 
 
 class StopRequest:
-    """SIGTERM / SIGUSR1 (Slurm's warnings before a time limit or preemption): finish the step, save, exit."""
+    """SIGTERM / SIGUSR1 (Slurm's warnings before a time limit or preemption) and SIGINT (Ctrl-C): finish the step,
+    save, exit. A second Ctrl-C aborts at once (KeyboardInterrupt, no checkpoint)."""
 
     def __init__(self):
         self.signal: int | None = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt
         self.signal = signum
-        log.warning("received %s: stopping after this step", signal.Signals(signum).name)
+        again = "; Ctrl-C again aborts without saving" if signum == signal.SIGINT else ""
+        log.warning("received %s: stopping after this step%s", signal.Signals(signum).name, again)
+
+
+def hold_output_lock(output: Path) -> None:
+    """One run per --output: rank 0 holds an flock on OUTPUT/.lock for the run's life (released by the kernel when
+    the process dies in any way); a second run is refused on every rank, naming the holder. Collective."""
+    import torch.distributed as dist
+
+    from common.output_lock import LockUnsupported, OutputInUse, hold_output
+
+    error: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            hold_output(output)
+        except (OutputInUse, LockUnsupported) as e:
+            error[0] = f"{e}; two runs would write one folder: wait for it to end, or choose another --output"
+    dist.broadcast_object_list(error, src=0)
+    if error[0]:
+        raise TrainError(error[0])
 
 
 def evaluate(run: Run, folder: Path, max_batches: int) -> dict[str, float]:
@@ -78,6 +101,7 @@ class Run:
     config: RunConfig
     engine: Any
     data: Any  # PretrainingData
+    data_identity: DataIdentity  # what the training shards are, recorded in every checkpoint
     model_config: Any  # AlbertConfig
     optimizer: OptimizerKind  # the optimizer every rank steps with
     rank: int
@@ -97,6 +121,7 @@ def setup(args: argparse.Namespace) -> Run:
     from .data import DataError, PretrainingData
     from .distributed import check_rendezvous, detect_launch, init_distributed
     from .fused import FusedOptions
+    from .identity import DataIdentity, IdentityError, check_resume, check_same_vocabulary
     from .malloc import tune_malloc
     from .model import AlbertConfig
     from .precision import set_tf32
@@ -111,6 +136,7 @@ def setup(args: argparse.Namespace) -> Run:
         "launcher: %s, %d rank(s), backend %s, rendezvous %s", launch.launcher, world, dist.get_backend(), rendezvous
     )
 
+    hold_output_lock(args.output)
     config = run_config(args, world)
     batch, stage, precision = config.engine.batch, config.engine.zero_stage, config.engine.precision
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -119,14 +145,23 @@ def setup(args: argparse.Namespace) -> Run:
         loader: dict[str, Any] = dict(rank=rank, world=world, seed=config.seed, pin_memory=device.type == "cuda")
         data = PretrainingData(config.data, batch.micro, batch.accum, skip_bad_shards=config.skip_bad_shards, **loader)
         check_data_against_model(data, cfg, config.data)
+        data_identity = DataIdentity.of_manifest(config.data, data.manifest.data)
         if config.eval_data:
-            check_data_against_model(PretrainingData(config.eval_data, batch.micro, 1, **loader), cfg, config.eval_data)
+            eval_data = PretrainingData(config.eval_data, batch.micro, 1, **loader)
+            check_data_against_model(eval_data, cfg, config.eval_data)
+            check_same_vocabulary(data_identity, DataIdentity.of_manifest(config.eval_data, eval_data.manifest.data))
     except (ValueError, DataError) as e:
         raise TrainError(str(e)) from None
     if data.skipped_shards:
         log.warning("%d shard(s) skipped as unreadable: %s", len(data.skipped_shards), ", ".join(data.skipped_shards))
     resume_from = ckpt.resolve_resume(config.resume, config.checkpoints)
     saved = ckpt.check_compatible(resume_from, batch.global_size, cfg.to_dict()) if resume_from else None
+    new_data = None
+    if resume_from and saved:
+        try:  # (a checkpoint of format 1-2 recorded no identity: nothing to compare)
+            new_data = check_resume(resume_from, saved.get("data_identity"), data_identity, config.new_data)
+        except IdentityError as e:
+            raise TrainError(str(e)) from None
 
     if device.type == "cpu" and config.malloc_tuning:
         log.info("%s", tune_malloc())  # before the model's and the engine's allocations
@@ -149,14 +184,18 @@ def setup(args: argparse.Namespace) -> Run:
             now = ckpt.describe_layout(world, stage, precision)[1]
             fp16_both = saved["precision"] == precision == Precision.FP16
             client = reshard.resume(engine, resume_from, was, now, fp16_both, ckpt.format_version(saved))
-        try:
-            data.load_state_dict(client["loader"], plan=ckpt.loader_plan(resume_from, saved))
-        except DataError as e:
-            raise TrainError(f"{resume_from}: the saved data position cannot continue here: {e}") from None
+        if new_data:
+            log.warning("%s", new_data)
+        else:
+            try:
+                data.load_state_dict(client["loader"], plan=ckpt.loader_plan(resume_from, saved))
+            except DataError as e:
+                raise TrainError(f"{resume_from}: the saved data position cannot continue here: {e}") from None
     return Run(
         config=config,
         engine=engine,
         data=data,
+        data_identity=data_identity,
         model_config=cfg,
         optimizer=optimizer.kind,
         rank=rank,
@@ -190,7 +229,9 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         log.info("already at step %d of --max-steps %d: nothing to train", step, config.max_steps)
 
     names = reshard.lamb_names(engine.module)  # ZeRO-0's optimizer state is saved by position: name it
-    meta = ckpt.run_meta(config, type(engine.optimizer).__name__, run.model_config.to_dict())
+    meta = ckpt.run_meta(
+        config, type(engine.optimizer).__name__, run.model_config.to_dict(), run.data_identity.to_dict()
+    )
 
     def save() -> None:
         state = {"loader": data.state_dict(), "lamb_param_names": names}
@@ -286,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     # system's) makes it rebuild under a lock that every rank then waits on. Always use the venv's.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
     os.environ.setdefault("DS_ACCELERATOR", "cpu" if not _has_cuda() else "cuda")
+    from common.jsonl import JsonlError
+
     from .checkpoint import CheckpointError
     from .distributed import LaunchError, RendezvousError, shutdown_distributed
 
@@ -293,9 +336,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = setup(args)
         summary = train(run, stop)
-    except (TrainError, CheckpointError, LaunchError, RendezvousError) as e:
+    except (TrainError, CheckpointError, LaunchError, RendezvousError, JsonlError) as e:
         log.error("%s", e)
         return 2
+    except KeyboardInterrupt:
+        log.error("interrupted again: stopped at once, without a checkpoint; the last good one is in %s", args.output)
+        return 130
     finally:
         # The loader's read-ahead thread is stopped on every way out: a daemon thread still inside torch or h5py at
         # interpreter exit can abort the process ("terminate called without an active exception") after an error

@@ -108,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping"
     )
+    p.add_argument(
+        "--new-data",
+        action="store_true",
+        help="resume the model on shards other than the checkpoint's (same vocabulary), from their first example; "
+        "without it such a resume is refused",
+    )
     p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
     p.add_argument(
         "--allow-fp16-on-cpu",
@@ -284,7 +290,16 @@ def engine_config(
     """Decode and check a DeepSpeed config for `world` data-parallel ranks (`max_steps`: the default of WarmupDecayLR's
     total_num_steps). The caller's dict is not modified. Raises TrainError, one line, on what cannot work."""
     batch = resolve_batch(ds, world)
-    stage = int(ds.get("zero_optimization", {}).get("stage", 0))
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    for offload in ("offload_optimizer", "offload_param"):
+        device = str((zero.get(offload) or {}).get("device", "none")).lower()
+        if device != "none":  # DeepSpeed's offload runs its own CPU Adam/Adagrad kernels, never a client optimizer
+            raise TrainError(
+                f"DeepSpeed config: zero_optimization.{offload} (device {device}) cannot run with this engine's LAMB "
+                "(DeepSpeed offloads only its own optimizers); remove it, and use ZeRO-3 or a smaller micro-batch "
+                "to save memory"
+            )
     precision, fp16_on_cpu = _precision(ds, stage, allow_fp16_on_cpu)
     final = copy.deepcopy(ds)
     final["train_micro_batch_size_per_gpu"], final["gradient_accumulation_steps"] = batch.micro, batch.accum
@@ -362,6 +377,7 @@ class RunConfig:
     tf32: bool
     skip_bad_shards: bool
     record_batches: bool
+    new_data: bool  # a resume may continue on other shards (of the same vocabulary), from their start
 
     @property
     def checkpoints(self) -> Path:
@@ -394,6 +410,7 @@ def run_config(args: argparse.Namespace, world: int) -> RunConfig:
         tf32=not args.no_tf32,
         skip_bad_shards=args.skip_bad_shards,
         record_batches=args.record_batches,
+        new_data=args.new_data,
     )
 
 

@@ -206,6 +206,10 @@ def test_fp16_path_with_dynamic_loss_scaling(wiki_shards, tmp_path):
             lambda ds, m: ds["optimizer"]["params"].update(eps_inside_sqrt=True),
             "unsupported Lamb params ['eps_inside_sqrt']",
         ),
+        (
+            lambda ds, m: ds["zero_optimization"].update(offload_optimizer={"device": "cpu"}),
+            "zero_optimization.offload_optimizer (device cpu) cannot run with this engine's LAMB",
+        ),
     ],
 )
 def test_refused_before_training(change, message, wiki_shards, tmp_path):
