@@ -75,6 +75,7 @@ def pretrain(
     model: dict | None = None,
     wait: bool = True,
     script: Path | None = None,
+    start_new_session: bool = False,
 ):
     """Run albert-pretrain; returns the CompletedProcess (or the Popen when wait=False). `script`: a Python file run
     in each rank instead of `-m pipeline.pretrain` (a wrapper that calls pipeline.pretrain.main)."""
@@ -154,7 +155,13 @@ def pretrain(
             full_env.pop(k, None)
     if not wait:
         return subprocess.Popen(
-            cmd, cwd=REPO, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+            cmd,
+            cwd=REPO,
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=start_new_session,  # a process group of its own, to signal as a terminal does
         )
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
