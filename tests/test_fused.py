@@ -47,6 +47,7 @@ def test_sdpa_attention_equals_plain_attention_with_padding():
     assert_same(outputs_and_grads(fused, batch), outputs_and_grads(plain, batch), tol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_shared_layers_and_head_equal_plain():
     # Two groups of shared layers, each used by two of the four passes: each is compiled once.
     cfg = small_config(num_hidden_groups=2)

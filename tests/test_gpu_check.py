@@ -69,6 +69,7 @@ def smoke() -> subprocess.CompletedProcess:
     return run_check("--smoke", timeout=480)  # about a minute alone; much longer on a machine other jobs load
 
 
+@pytest.mark.slow
 def test_smoke_run_prints_every_table(smoke):
     assert smoke.returncode == 0, smoke.stderr[-3000:]
     out = smoke.stdout

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import sentencepiece as spm
 from conftest import REPO
 
@@ -27,6 +28,7 @@ def test_normalisation_matches_albert_tokenizer_preprocessing():
     assert normalize("Émile Zola") == "emile zola"
 
 
+@pytest.mark.slow
 def test_vocab_command_and_too_large_vocabulary(wiki_corpus, tmp_path):
     cmd = [
         sys.executable,
