@@ -47,7 +47,7 @@ from common.logs import setup_logging
 from common.output_lock import LockUnsupported, OutputInUse, OutputLock
 
 from . import export_output as output
-from .checkpoint import COMPLETE, PREFIX, TRAINING_ONLY, complete_checkpoints
+from .checkpoint import COMPLETE, PREFIX, TRAINING_ONLY, complete_checkpoints, damage
 from .hf import check_spm_model, check_state_dict, export_hf
 from .model import AlbertConfig
 
@@ -230,6 +230,8 @@ def inspect_checkpoint(path: str | os.PathLike, tag: str | None) -> Source:
             COMPLETE,
         )
     check_tag_files(tag_dir, meta, _other_tags(root, tag))
+    if problems := damage(tag_dir):  # a checkpoint that lists its files (format 3 on): sizes and sha256s
+        raise ValueError(f"{tag_dir}: damaged since it was saved ({'; '.join(problems[:3])}){_other_tags(root, tag)}")
     return Source(root, tag, meta)
 
 

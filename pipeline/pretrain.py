@@ -53,19 +53,36 @@ class StopRequest:
         log.warning("received %s: stopping after this step%s", signal.Signals(signum).name, again)
 
 
-def hold_output_lock(output: Path) -> None:
-    """One run per --output: rank 0 holds an flock on OUTPUT/.lock for the run's life (released by the kernel when
-    the process dies in any way); a second run is refused on every rank, naming the holder. Collective."""
+# What marks a folder as another command's output (a training's own files would mix with it there).
+OTHER_OUTPUTS = {
+    "manifest.json": "`albert-data shard` (a shard folder)",
+    ".corpus.json": "`albert-data corpus` (a corpus folder)",
+    "export.json": "`albert-export` (a Hugging Face folder)",
+    "config.json": "a Hugging Face model folder",
+}
+
+
+def claim_output(output: Path) -> None:
+    """One run per --output, and never another command's output folder: rank 0 holds an flock on OUTPUT/.lock for
+    the run's life (released by the kernel when the process dies in any way); a second run, or a folder that holds
+    shards, a corpus or an exported model, is refused on every rank in one line. Collective."""
     import torch.distributed as dist
 
     from common.output_lock import LockUnsupported, OutputInUse, hold_output
 
     error: list[str | None] = [None]
     if dist.get_rank() == 0:
-        try:
-            hold_output(output)
-        except (OutputInUse, LockUnsupported) as e:
-            error[0] = f"{e}; two runs would write one folder: wait for it to end, or choose another --output"
+        other = next((name for name in OTHER_OUTPUTS if (output / name).is_file()), None)
+        if other:
+            error[0] = (
+                f"--output {output}: holds the output of {OTHER_OUTPUTS[other]} ({other}); a training writes "
+                "checkpoints/, tensorboard/ and metrics.jsonl into its --output: choose a folder of its own"
+            )
+        else:
+            try:
+                hold_output(output)
+            except (OutputInUse, LockUnsupported) as e:
+                error[0] = f"{e}; two runs would write one folder: wait for it to end, or choose another --output"
     dist.broadcast_object_list(error, src=0)
     if error[0]:
         raise TrainError(error[0])
@@ -136,7 +153,7 @@ def setup(args: argparse.Namespace) -> Run:
         "launcher: %s, %d rank(s), backend %s, rendezvous %s", launch.launcher, world, dist.get_backend(), rendezvous
     )
 
-    hold_output_lock(args.output)
+    claim_output(args.output)
     config = run_config(args, world)
     batch, stage, precision = config.engine.batch, config.engine.zero_stage, config.engine.precision
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
@@ -330,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     from common.jsonl import JsonlError
 
     from .checkpoint import CheckpointError
+    from .data import DataError
     from .distributed import LaunchError, RendezvousError, shutdown_distributed
 
     run = None
@@ -338,6 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         summary = train(run, stop)
     except (TrainError, CheckpointError, LaunchError, RendezvousError, JsonlError) as e:
         log.error("%s", e)
+        return 2
+    except DataError as e:  # a shard that reads badly in the middle of training
+        where = run.config.checkpoints if run else args.output
+        log.error("%s (run `albert-data verify` on the shard folder); the last good checkpoint is in %s", e, where)
         return 2
     except KeyboardInterrupt:
         log.error("interrupted again: stopped at once, without a checkpoint; the last good one is in %s", args.output)

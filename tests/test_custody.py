@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -79,6 +80,14 @@ def test_a_second_training_into_one_output_is_refused_and_a_killed_one_blocks_no
     ok(pretrain(tmp_path, wiki_shards, DS, steps=3, extra=["--resume", "never"]))
 
 
+def test_another_commands_output_folder_is_refused(wiki_shards, tmp_path):
+    shard_copy = tmp_path / "shards"
+    shutil.copytree(wiki_shards, shard_copy)
+    before = sorted(p.name for p in shard_copy.iterdir())
+    refused(pretrain(shard_copy, wiki_shards, DS, steps=3), "holds the output of `albert-data shard` (a shard folder)")
+    assert sorted(p.name for p in shard_copy.iterdir()) == sorted([*before, "configs"])  # (the test's own configs)
+
+
 def test_eval_shards_of_another_vocabulary_are_refused(wiki_shards, other_vocabulary_shards, tmp_path):
     proc = pretrain(tmp_path, wiki_shards, DS, steps=3, extra=["--eval-data", str(other_vocabulary_shards)])
     refused(proc, f"{other_vocabulary_shards}: the evaluation shards were made with another vocabulary")
@@ -111,6 +120,13 @@ def test_a_damaged_newest_checkpoint_is_named_and_the_one_before_resumed(wiki_sh
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x10]))
+    export = subprocess.run(
+        [sys.executable, "-m", "pipeline.export", "--checkpoint", str(newest), "--output", str(tmp_path / "hf")],
+        capture_output=True,
+        text=True,
+    )
+    refused(export, f"{newest}: damaged since it was saved (mp_rank_00_model_states.pt: sha256 differs")
+    assert not (tmp_path / "hf").exists()
     explicit = pretrain(tmp_path, wiki_shards, DS, steps=6, extra=["--resume", str(newest)])
     refused(explicit, f"{newest}: damaged since it was saved (mp_rank_00_model_states.pt: sha256 differs")
     proc = ok(pretrain(tmp_path, wiki_shards, DS, steps=6))
@@ -185,3 +201,25 @@ def test_a_full_disk_during_a_save_is_one_line_and_the_last_checkpoint_survives(
     shutil.copytree(out, moved)
     proc = ok(pretrain(moved, wiki_shards, DS, steps=4, extra=["--save-interval", "2"]))
     assert "step-00000002" in proc.stderr and [m["step"] for m in metrics(moved)] == [1, 2, 3, 4]
+
+
+def test_a_shard_that_breaks_in_the_middle_of_training_is_one_line(wiki_shards, tmp_path):
+    """A chunk in the middle of a shard damaged (the start-up check reads the first and last rows only): the read
+    fails during training, and the run stops with one line naming the shard and the rows."""
+    import h5py
+
+    from data_prep.shards import Manifest
+
+    data = tmp_path / "shards"
+    shutil.copytree(wiki_shards, data)
+    shard = data / Manifest.load(data).shards[0]["name"]
+    with h5py.File(shard, "r") as f:
+        middle = f["input_ids"].id.get_num_chunks() // 2
+        assert 0 < middle < f["input_ids"].id.get_num_chunks() - 1
+        chunk = f["input_ids"].id.get_chunk_info(middle)
+    raw = bytearray(shard.read_bytes())
+    raw[chunk.byte_offset + chunk.size // 2] ^= 0x10
+    shard.write_bytes(bytes(raw))
+    out = tmp_path / "run"
+    line = refused(pretrain(out, data, DS, steps=3), f"{shard}: cannot read rows")
+    assert "run `albert-data verify` on the shard folder" in line and "the last good checkpoint" in line
