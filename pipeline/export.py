@@ -43,6 +43,7 @@ from typing import Any
 
 import torch
 
+from common.inventory import file_sha256
 from common.logs import setup_logging
 from common.output_lock import LockUnsupported, OutputInUse, OutputLock
 
@@ -363,7 +364,7 @@ def check_vocabulary(spm_model: str, config: AlbertConfig, source: Source) -> Vo
             f"--spm-model {path}: {pieces} pieces, but the model of {source.tag_dir} has vocab_size "
             f"{config.vocab_size}; {fix}"
         )
-    digest = output.sha256_file(path)
+    digest = file_sha256(path)
     expected, where = recorded_vocab_sha256(source)
     if expected is not None and digest != expected:
         raise ValueError(

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import write_text
+from common.inventory import file_sha256
 
 log = logging.getLogger("albert-export")
 
@@ -37,14 +37,6 @@ RECORD_VERSION = 1
 
 class OutputError(ValueError):
     """The output folder cannot be written as asked; the message names it and the way out."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def lock_name(out: Path) -> str:
@@ -118,7 +110,7 @@ def check_output(out: Path, overwrite: bool) -> bool:
     files: dict[str, str] = record["files"]
     added = [name for name in entries if name != RECORD and name not in files]
     changed = [
-        name for name, digest in files.items() if not (out / name).is_file() or sha256_file(out / name) != digest
+        name for name, digest in files.items() if not (out / name).is_file() or file_sha256(out / name) != digest
     ]
     if added or changed:
         parts = ([f"added {_names(added)}"] if added else []) + (
@@ -152,7 +144,7 @@ def temporary_folder(out: Path) -> Path:
 
 def write_record(folder: Path, provenance: dict[str, Any]) -> dict[str, Any]:
     """export.json: `provenance` plus the sha256 of every file in `folder`; written last."""
-    files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD}
+    files = {p.name: file_sha256(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != RECORD}
     record = {"tool": TOOL, "record_version": RECORD_VERSION, **provenance, "files": files}
     write_text(folder / RECORD, json.dumps(record, indent=2) + "\n")
     _default_permissions(folder)
