@@ -381,27 +381,24 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
 
     out: Path = args.output
     corpus_dir, vocab_prefix, shards_dir = out / "corpus", out / "vocab" / "spiece", out / "shards"
-    corpus_done = out / ".corpus-done"
     world = get_world(args.mpi)
     _shard_settings(args).check()  # the example settings' relations, before hours of corpus and vocabulary
     world.run_on_rank0(lambda: existing_output(out, args.resume))
-    if not corpus_done.exists():
-        # every rank takes its share; an interrupted corpus continues where it stopped
-        write_corpus(
-            expand_inputs(args.input),
-            corpus_dir,
-            _corpus_files(args),
-            args.format,
-            args.workers,
-            progress=progress,
-            resume=True,
-            mpi=args.mpi,
-            allow_bad_bytes=args.allow_bad_bytes,
-            part_bytes=_part_bytes(args),
-            progress_every=args.progress_seconds,
-        )
-        if world.rank == 0:
-            corpus_done.touch()
+    # every rank takes its share; an interrupted corpus continues where it stopped, a finished one is checked against
+    # the inputs (their paths, sizes and, where their times moved, bytes)
+    write_corpus(
+        expand_inputs(args.input),
+        corpus_dir,
+        _corpus_files(args),
+        args.format,
+        args.workers,
+        progress=progress,
+        resume=True,
+        mpi=args.mpi,
+        allow_bad_bytes=args.allow_bad_bytes,
+        part_bytes=_part_bytes(args),
+        progress_every=args.progress_seconds,
+    )
 
     def vocabulary() -> Path:
         if args.spm_model is not None:

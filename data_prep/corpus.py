@@ -8,28 +8,36 @@ bz2 streams of a multistream Wikipedia dump that has its index beside it (wiki.s
 Two phases of a resumable stage (data_prep/stage.py: one process per task, spread over worker
 processes and MPI ranks):
 
-1. one task per part: read, clean and split its documents into `.work/parts/PART.txt` (standard
-   format, every document followed by a blank line) and record its files and counts in
-   `.work/done/PART.json`. A big file that cannot be cut (a wiki dump without index, a JSON lines
-   or paragraphs file) is "streamed": the rank's main process reads its raw documents and hands
-   them out in chunks of about `part_bytes` characters, one task each, that cleans its chunk into
-   `.work/parts/PART-cNNNNN.txt` (marker `.work/done/PART-cNNNNN.json`); once all are done the
-   main process writes the part's marker (its chunk files in order, the counts of the reading and
-   of the cleaning). So one such file still keeps every worker busy.
+1. one task per part: hash the input bytes it reads (data_prep.stage.Source), read, clean and
+   split its documents into `.work/parts/PART.txt` (standard format, every document followed by a
+   blank line) and record its files, counts and source in `.work/done/PART.json`. A big file that
+   cannot be cut (a wiki dump without index, a JSON lines or paragraphs file) is "streamed": the
+   rank's main process reads its raw documents and hands them out in chunks of about `part_bytes`
+   characters, one task each, that cleans its chunk into `.work/parts/PART-cNNNNN.txt` (marker
+   `.work/done/PART-cNNNNN.json`, with the sha256 of the chunk's raw documents); one more task hashes
+   the file (`.work/done/PART-source.json`); once all are done the main process writes the part's
+   marker (its chunk files in order, the counts of the reading and of the cleaning, the source).
+   So one such file still keeps every worker busy.
 2. one task per output file: the documents of all parts' files, in input order, are cut into
    `num_files` runs of about equal bytes at document boundaries; file i is a copy of run i.
 
 The output therefore depends on the inputs, the format and the number of files alone, never on
 workers, ranks or chunks. A killed run continues with `resume=True`: finished parts, chunks and
-files are kept. At most one part file and one output file are open per process, whatever the number
-of files.
+files are kept, as long as the inputs they were made from still hold the same bytes. Parts of an
+input whose times moved since the interrupted run are hashed again, and those whose bytes differ
+are made again, with every output file (data_prep.stage.Stage.keep_current); a streamed part's
+finished chunks are kept only if their raw documents, read again, are the same. At most one part
+file and one output file are open per process, whatever the number of files.
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -53,15 +61,31 @@ from data_prep.readers import (
     iter_raw_documents,
     process_raw,
 )
-from data_prep.stage import Finished, Stage, StageFolder, input_identity, read_json, write_json
+from data_prep.stage import (
+    Finished,
+    Source,
+    Span,
+    Stage,
+    StageFolder,
+    input_identity,
+    read_json,
+    recorded_inputs,
+    write_json,
+)
 from data_prep.tasks import Task
 from data_prep.wiki import multistream_index, stream_ranges
 
 log = logging.getLogger(__name__)
 
-WORK_FORMAT = 2  # the layout of `.work` (2: streamed parts in chunk files); --resume refuses another
+# The layout of `.work` (2: streamed parts in chunk files; 3: the markers record the input bytes read, as sources and
+# digests); --resume refuses another.
+WORK_FORMAT = 3
 SUMMARY = ".corpus.json"  # hidden: readers of the folder (vocab, shard) skip it
-SUMMARY_VERSION = 1  # the layout of SUMMARY; a folder of a newer one is refused
+# The layout of SUMMARY (2: the inputs' times, cuts and sha256 recorded; 1 compared by path and size); a folder of a
+# newer one is refused.
+SUMMARY_VERSION = 2
+_SOURCE = "-source"  # a streamed part's marker of the file's bytes: PART-source.json
+_PART_MARKER = re.compile(rf"p\d{{6}}({_SOURCE})?")  # the markers that record a source
 # Parts of about this many stored bytes: a multistream range of this size is ~5x as much XML, a
 # minute or so of cleaning on one core, so that workers finish together and a resumed run loses little.
 PART_BYTES = 16 << 20
@@ -105,6 +129,10 @@ class Part:
 
     def describe(self) -> str:
         return self.path if self.start is None else f"{self.path} (bytes {self.start}-{self.stop})"
+
+    def span(self) -> Span:
+        """The stored bytes the part reads: its range, or the whole file."""
+        return Span.of(self.path, self.start, self.stop)
 
 
 def plan_parts(files: list[Path], fmt: str, part_bytes: int = PART_BYTES) -> list[Part]:
@@ -187,7 +215,7 @@ def write_corpus(
         "allow_bad_bytes": allow_bad_bytes,
         "part_bytes": part_bytes,
     }
-    identity = {"settings": settings, "inputs": input_identity(files)}
+    identity: dict[str, Any] = {"settings": settings, "inputs": input_identity(files)}
     with world.abort_on_error():
         if stage.open(identity, resume, lambda: _finished_run(folder, prefix)):
             if world.rank == 0:
@@ -198,11 +226,16 @@ def write_corpus(
         parts = world.run_on_rank0(lambda: plan_parts(files, fmt, part_bytes))
         if world.rank == 0:
             log.info("corpus: %d input file(s) in %d part(s)", len(files), len(parts))
+        stage.keep_current(
+            lambda: _planned(parts), lambda: _finished_parts(folder), lambda names: _redo(folder, prefix, names), "part"
+        )
         _read_parts(stage, parts, allow_bad_bytes, part_bytes)
-        read, num_written, bytes_written = _write_outputs(stage, files, parts, num_files, prefix)
+        read, num_written, bytes_written, sources = _write_outputs(stage, files, parts, num_files, prefix)
+        # (rank 0 writes the summary: it alone hashes a file no part read, a multistream index)
+        recorded = recorded_inputs(identity["inputs"], sources) if world.rank == 0 else identity["inputs"]
         summary = {
             "summary_version": SUMMARY_VERSION,
-            "settings": {**settings, "inputs": identity["inputs"]},  # (version 1: the inputs among the settings)
+            "settings": {**settings, "inputs": recorded},  # (the inputs among the settings, as in version 1)
             "num_files": num_written,
             "read": asdict(read),
             "bytes_written": bytes_written,
@@ -231,6 +264,8 @@ def _finished_run(folder: StageFolder, prefix: str) -> Finished:
     summary = _read_summary(folder.output / SUMMARY)
     settings = dict(summary["settings"])
     inputs = settings.pop("inputs")
+    if summary.get("summary_version", 1) < 2:  # recorded the inputs' paths and sizes only
+        inputs = [{"path": entry["path"], "bytes": entry["bytes"]} for entry in inputs]
     files: list[tuple[str, int | None]] = [(output_name(prefix, i), None) for i in range(summary["num_files"])]
     return Finished({"settings": settings, "inputs": inputs}, files)
 
@@ -244,6 +279,36 @@ def _stats_from(summary: dict[str, Any], folder: StageFolder, prefix: str) -> Co
 
 
 # --- phase 1 -------------------------------------------------------------------------------------
+
+
+def _planned(parts: list[Part]) -> dict[str, Span]:
+    """What each part's task reads (a streamed part: also the task that hashes its file)."""
+    planned = {}
+    for part in parts:
+        planned[part.name] = part.span()
+        if part.streamed:
+            planned[part.name + _SOURCE] = planned[part.name]
+    return planned
+
+
+def _finished_parts(folder: StageFolder) -> dict[str, Source]:
+    """The finished tasks that recorded what they read: parts, and the hashes of streamed parts' files."""
+    return {
+        marker.stem: Source.from_json(read_json(marker)["source"])
+        for marker in folder.sub("done").glob("p*.json")
+        if _PART_MARKER.fullmatch(marker.stem)
+    }
+
+
+def _redo(folder: StageFolder, prefix: str, names: list[str]) -> None:
+    """Parts to make again: first the output files (cut from every part, so all are made again), then the parts'
+    markers (a streamed part's chunks are kept where their documents, read again, are the same)."""
+    for marker in folder.sub("done").glob("out-*.json"):
+        marker.unlink()
+    for output in folder.output.glob(f"{glob.escape(prefix)}-[0-9]*.txt"):
+        output.unlink()
+    for name in names:
+        folder.marker(name).unlink(missing_ok=True)
 
 
 def _read_parts(stage: Stage, parts: list[Part], allow_bad_bytes: bool, part_bytes: int) -> None:
@@ -279,6 +344,8 @@ def _part_task(task: tuple[str, Any]) -> None:
     kind, args = task
     if kind == "part":
         _read_part(args)
+    elif kind == "source":
+        _hash_source(args)
     else:
         _clean_batch(args)
 
@@ -286,18 +353,40 @@ def _part_task(task: tuple[str, Any]) -> None:
 def _read_part(task: tuple[Part, StageFolder, bool]) -> None:
     """A whole part in one task: read, clean, split; its part file and its marker."""
     part, folder, allow_bad_bytes = task
+    source = Source.read(part.span())  # (before reading: bytes changed meanwhile make it differ at a --resume)
     stats = ReadStats()
     docs = iter_documents(Path(part.path), part.fmt, stats, part.piece, allow_bad_bytes)
     size = _write_documents(_part_file(folder, part.name), docs)
-    write_json(folder.marker(part.name), {"part": part.describe(), "files": [[part.name, size]], "read": asdict(stats)})
+    write_json(
+        folder.marker(part.name),
+        {"part": part.describe(), "files": [[part.name, size]], "read": asdict(stats), "source": source.to_json()},
+    )
+
+
+def _hash_source(task: tuple[Part, StageFolder]) -> None:
+    """The bytes of a streamed part's file, hashed beside its reading: its marker PART-source.json."""
+    part, folder = task
+    write_json(folder.marker(part.name + _SOURCE), {"source": Source.read(part.span()).to_json()})
 
 
 def _clean_batch(task: tuple[list[RawDocument], StageFolder, str]) -> None:
-    """A chunk of a streamed part in one task: clean and split its documents; its part file and its marker."""
+    """A chunk of a streamed part in one task: clean and split its documents; its part file and its marker (with
+    the sha256 of the raw documents, which a --resume compares with those it reads again)."""
     raws, folder, name = task
     stats = ReadStats()
     size = _write_documents(_part_file(folder, name), _cleaned(raws, stats))
-    write_json(folder.marker(name), {"bytes": size, "read": asdict(stats)})
+    write_json(folder.marker(name), {"bytes": size, "read": asdict(stats), "documents_sha256": _documents_sha256(raws)})
+
+
+def _documents_sha256(raws: list[RawDocument]) -> str:
+    """What a chunk of a streamed part was made from: its raw documents, each with its kind and length."""
+    digest = hashlib.sha256()
+    for raw in raws:
+        text = raw.payload if isinstance(raw.payload, str) else "\n".join(raw.payload)
+        data = text.encode("utf-8", "surrogatepass")  # (JSON text may hold lone surrogates)
+        digest.update(f"{raw.kind}:{len(data)}:".encode())
+        digest.update(data)
+    return digest.hexdigest()
 
 
 def _cleaned(raws: list[RawDocument], stats: ReadStats) -> Iterator[list[str]]:
@@ -331,14 +420,18 @@ class _Streamed:
         self.chunks: list[str] = []
 
     def tasks(self) -> Iterator[Task]:
-        """A task per chunk not done yet, read as they are taken; the last one brings the part's progress."""
+        """The task that hashes the file (unless done), then a task per chunk not done yet, read as they are taken;
+        the last one brings the part's progress. A chunk done before the run was interrupted is kept if its raw
+        documents are the same now."""
         part = self.part
+        if not self.folder.marker(part.name + _SOURCE).exists():
+            yield Task(f"{_task_name(part)} sha256", ("source", (part, self.folder)), 0)
         raws = iter_raw_documents(Path(part.path), part.fmt, self.reading, part.piece, self.allow_bad_bytes)
         held: Task | None = None
         for k, batch in enumerate(_chunks(raws, self.chunk_chars)):
             name = f"{part.name}-c{k:05d}"
             self.chunks.append(name)
-            if self.folder.marker(name).exists():  # done before the run was interrupted
+            if self._done_from(name, batch):
                 continue
             if held is not None:
                 yield held
@@ -346,16 +439,33 @@ class _Streamed:
         if held is not None:
             yield Task(held.name, held.args, part.size)
 
+    def _done_from(self, name: str, batch: list[RawDocument]) -> bool:
+        """Whether chunk `name` was done before the run was interrupted, from these raw documents."""
+        marker = self.folder.marker(name)
+        if not marker.exists():
+            return False
+        if read_json(marker)["documents_sha256"] == _documents_sha256(batch):
+            return True
+        log.warning(
+            "%s: modified since the interrupted run: the documents of part %s chunk %s differ; cleaned again",
+            self.part.path,
+            self.part.name,
+            name.rsplit("-c", 1)[1],
+        )
+        return False
+
     def write_marker(self) -> None:
-        """Once every chunk is done: the part's files in order and its counts."""
+        """Once every chunk is done: the part's files in order, its counts and its source (the file's bytes)."""
         stats = ReadStats().merge(self.reading)
         files = []
         for name in self.chunks:
             chunk = read_json(self.folder.marker(name))
             stats += ReadStats(**chunk["read"])
             files.append([name, chunk["bytes"]])
+        source = read_json(self.folder.marker(self.part.name + _SOURCE))["source"]
         write_json(
-            self.folder.marker(self.part.name), {"part": self.part.describe(), "files": files, "read": asdict(stats)}
+            self.folder.marker(self.part.name),
+            {"part": self.part.describe(), "files": files, "read": asdict(stats), "source": source},
         )
 
 
@@ -377,10 +487,10 @@ def _chunks(raws: Iterator[RawDocument], chars: int) -> Iterator[list[RawDocumen
 
 def _write_outputs(
     stage: Stage, files: list[Path], parts: list[Part], num_files: int, prefix: str
-) -> tuple[ReadStats, int, int]:
+) -> tuple[ReadStats, int, int, list[Source]]:
     """The output files, cut from the parts' files in input order; every rank reads the same markers, so all agree
-    on the counts and the cuts. Returns, on every rank, the counts of the reading, the number of output files and
-    the bytes written."""
+    on the counts and the cuts. Returns, on every rank, the counts of the reading, the number of output files, the
+    bytes written and what the parts read."""
     folder, world = stage.folder, stage.world
     markers = [read_json(folder.marker(p.name)) for p in parts]
     read = ReadStats()
@@ -407,7 +517,8 @@ def _write_outputs(
         for i in todo
     ]
     stage.run(_write_output, tasks, "corpus files", "B")
-    return read, n_files, sum(read_json(folder.marker(f"out-{i:05d}"))["bytes"] for i in range(n_files))
+    written = sum(read_json(folder.marker(f"out-{i:05d}"))["bytes"] for i in range(n_files))
+    return read, n_files, written, [Source.from_json(marker["source"]) for marker in markers]
 
 
 def _boundary(layout: list[tuple[str, int]], target: int) -> int:

@@ -3,7 +3,8 @@
 Two phases, each spread over worker processes and MPI ranks:
 
 1. map, one task per piece of an input file (files are cut at document boundaries into pieces of
-   about `piece_bytes`, so that one big file still keeps every worker busy): read documents in
+   about `piece_bytes`, so that one big file still keeps every worker busy): hash the piece's bytes
+   (data_prep.stage.Source, kept in its spill file's counts), read documents in
    batches (a batch ends after `docs_per_batch` documents or `sentences_per_batch` sentences, so
    batches depend on the file alone), tokenize, make `dupe_factor` passes of examples, send each
    example to a random shard, and write the piece's records grouped by shard into one spill file
@@ -23,9 +24,10 @@ auto_num_shards) in phase 2, not by the corpus.
 Both phases run as a resumable stage (data_prep/stage.py): a task that fails, or whose process dies
 (SIGKILL, the OOM killer), stops the run on every rank with a line naming the piece or shard. An
 interrupted run continues with `resume=True`: finished pieces and shards are kept, the rest is redone;
-the settings, inputs, vocabulary and the versions of the packages that decide the bytes must be those of
-the first time. On a finished output (manifest.json, no `.work`) `resume=True` only checks that it is
-that run's, whole, and returns.
+the settings, inputs (paths and sizes), vocabulary and the versions of the packages that decide the bytes
+must be those of the first time. The pieces of an input whose times moved since are hashed again, and those
+whose bytes differ are made again, with every shard (data_prep.stage.Stage.keep_current). On a finished
+output (manifest.json, no `.work`) `resume=True` only checks that it is that run's, whole, and returns.
 """
 
 from __future__ import annotations
@@ -51,13 +53,15 @@ from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
 from .mpi import get_world
 from .shards import FORMAT, MANIFEST, MANIFEST_VERSION, SCHEMA_VERSION, Manifest, shard_name, write_shard
 from .spill import SpillWriter, read_index, read_runs
-from .stage import WORK, Finished, Stage, StageFolder, input_identity
+from .stage import WORK, Finished, Source, Span, Stage, StageFolder, input_identity, recorded_inputs
 from .tasks import Task
 from .vocab import Vocab, sha256_file
 
 log = logging.getLogger(__name__)
 
-WORK_FORMAT = 2  # the layout of `.work` (spill files); --resume refuses an interrupted run of another layout
+# The layout of `.work` (2: spill files; 3: their counts record the input bytes read, as a source); --resume refuses
+# an interrupted run of another layout.
+WORK_FORMAT = 3
 SPILL_BUFFER_BYTES = 32 << 20  # a map task's records are written as runs per shard past this size
 # Auto shard count: tokens per input byte, an upper bound for natural-language text (English Wikipedia with a 4,000-
 # piece vocabulary: 0.236; larger vocabularies give fewer tokens), so that shards come out at most about shard_bytes.
@@ -168,6 +172,9 @@ class Piece:
     def describe(self) -> str:
         return f"piece {self.name} ({self.path} bytes {self.start}-{self.stop})"
 
+    def span(self) -> Span:
+        return Span.of(self.path, self.start, self.stop)
+
 
 def _pieces(files: list[Path], piece_bytes: int) -> list[Piece]:
     return [
@@ -203,6 +210,7 @@ def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> None:
     vocab = _vocab(spm_model)
     examples = settings.examples
     max_chars = 16 * examples.max_seq_length  # a longer sentence cannot fit one example anyway
+    source = Source.read(piece.span())  # (before reading: bytes changed meanwhile make it differ at a --resume)
     read_stats = readers.ReadStats()
     stats = ExampleStats()
     documents = sentences = 0
@@ -228,6 +236,7 @@ def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> None:
                 "sentences": sentences,
                 "read": asdict(read_stats),
                 "examples": asdict(stats),
+                "source": source.to_json(),
             }
         )
 
@@ -273,19 +282,20 @@ def _reduce_shard(task: _ReduceTask) -> dict[str, Any]:
     return {"shard": task.shard, **_describe_shard(final)}
 
 
-def _runs_by_shard(spills: list[Path], num_shards: int) -> tuple[list[np.ndarray], list[dict[str, Any]]]:
+def _runs_by_shard(spills: list[Path], num_shards: int) -> tuple[list[np.ndarray], list[dict[str, Any]], list[Source]]:
     """Read every piece's index once: (for each shard its runs: piece, byte offset, records, in (file, piece) order;
-    each piece's counts)."""
-    tables, counts = [], []
+    each piece's counts; what each piece read)."""
+    tables, counts, sources = [], [], []
     for k, path in enumerate(spills):
         table, meta = read_index(path)
         tables.append(np.column_stack([np.full(len(table), k, dtype=np.int64), table]))
+        sources.append(Source.from_json(meta.pop("source")))
         counts.append(meta)
     runs = np.concatenate(tables) if tables else np.zeros((0, 4), dtype=np.int64)
     runs = runs[np.argsort(runs[:, 1], kind="stable")]  # by shard; within a shard still by piece, then run
     bounds = np.searchsorted(runs[:, 1], np.arange(num_shards + 1))
     by_shard = [runs[bounds[s] : bounds[s + 1]][:, [0, 2, 3]] for s in range(num_shards)]
-    return by_shard, counts
+    return by_shard, counts, sources
 
 
 def _sum_counts(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -312,7 +322,10 @@ def _finished_run(output: Path, settings: ShardSettings) -> Finished:
     data = manifest.data
     if manifest.version == 1:
         data = _upgrade_manifest_v1(data, settings)
-    identity = {"settings": data["settings"], "inputs": data["inputs"], "vocab_sha256": data["vocab"]["sha256"]}
+    inputs = data["inputs"]
+    if manifest.version < 3 and inputs is not None:  # recorded the inputs' paths and sizes only
+        inputs = [{"path": entry["path"], "bytes": entry["bytes"]} for entry in inputs]
+    identity = {"settings": data["settings"], "inputs": inputs, "vocab_sha256": data["vocab"]["sha256"]}
     files = [(s["name"], s["bytes"]) for s in data["shards"]] + [(data["vocab"]["file"], None)]
     return Finished(identity, files)
 
@@ -426,17 +439,39 @@ def _shard(job: _Job, resume: bool, started: float) -> Manifest | None:
     pieces = _pieces(job.files, settings.piece_bytes)
     if world.rank == 0:
         log.info("%d input files in %d pieces", len(job.files), len(pieces))
+    stage.keep_current(
+        lambda: {p.name: p.span() for p in pieces},
+        lambda: _finished_pieces(job.output),
+        lambda names: _redo(job.output, names),
+        "piece",
+    )
     _map_phase(job, pieces)
     reduced = _reduce_phase(job, pieces)
     if reduced is None:  # not rank 0
         stage.close()
         return None
-    per_piece, per_shard = reduced
+    per_piece, per_shard, sources = reduced
     totals = _sum_counts(per_piece)
-    manifest = _write_manifest(job, identity, per_shard, totals)
+    manifest = _write_manifest(job, recorded_inputs(identity["inputs"], sources), identity, per_shard, totals)
     stage.close()
     log_summary(totals, manifest.data["num_examples"], time.perf_counter() - started)
     return manifest
+
+
+def _finished_pieces(output: Path) -> dict[str, Source]:
+    """The pieces done before the run was interrupted (their spill files), with what each read."""
+    return {
+        spill.stem: Source.from_json(read_index(spill)[1]["source"])
+        for spill in (output / WORK / "spill").glob("f*-p*.bin")
+    }
+
+
+def _redo(output: Path, names: list[str]) -> None:
+    """Pieces to make again: first the shards (each holds examples of every piece), then the pieces' spill files."""
+    for shard in output.glob("shard-*.h5"):
+        shard.unlink()
+    for name in names:
+        (output / WORK / "spill" / f"{name}.bin").unlink(missing_ok=True)
 
 
 def _map_phase(job: _Job, pieces: list[Piece]) -> None:
@@ -447,15 +482,19 @@ def _map_phase(job: _Job, pieces: list[Piece]) -> None:
     job.stage.run(_map_piece, tasks, "examples", "B")
 
 
-def _reduce_phase(job: _Job, pieces: list[Piece]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+def _reduce_phase(
+    job: _Job, pieces: list[Piece]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[Source]] | None:
     """Rank 0 reads the pieces' indexes once and hands each rank the runs of its shards; every rank makes its shards.
-    Returns, on rank 0, (each piece's counts, each shard's description in shard order); None elsewhere."""
+    Returns, on rank 0, (each piece's counts, each shard's description in shard order, what each piece read); None
+    elsewhere."""
     world, num_shards = job.stage.world, job.settings.num_shards
     spills = [_spill_file(job.output, p) for p in pieces]
     shares: list[dict[int, np.ndarray]] | None = None
     per_piece: list[dict[str, Any]] = []
+    sources: list[Source] = []
     if world.rank == 0:
-        by_shard, per_piece = _runs_by_shard(spills, num_shards)
+        by_shard, per_piece, sources = _runs_by_shard(spills, num_shards)
         shares = [{s: by_shard[s] for s in range(r, num_shards, world.size)} for r in range(world.size)]
         del by_shard
     share = world.scatter(shares)
@@ -473,11 +512,15 @@ def _reduce_phase(job: _Job, pieces: list[Piece]) -> tuple[list[dict[str, Any]],
         return None
     # every rank's shards (a resumed run's finished shards are described again)
     described = {r.pop("shard"): r for rank in results for r in rank}
-    return per_piece, [described[s] for s in range(num_shards)]
+    return per_piece, [described[s] for s in range(num_shards)], sources
 
 
 def _write_manifest(
-    job: _Job, identity: dict[str, Any], per_shard: list[dict[str, Any]], totals: dict[str, Any]
+    job: _Job,
+    inputs: list[dict[str, Any]],
+    identity: dict[str, Any],
+    per_shard: list[dict[str, Any]],
+    totals: dict[str, Any],
 ) -> Manifest:
     with atomic_path(job.output / "spiece.model") as tmp:
         shutil.copyfile(job.spm_model, tmp)
@@ -496,7 +539,7 @@ def _write_manifest(
                 "vocab_size": job.vocab.vocab_size,
                 "source": str(job.spm_model),
             },
-            "inputs": identity["inputs"],
+            "inputs": inputs,
             "versions": identity["versions"],
             "stats": totals,
         }

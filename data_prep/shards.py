@@ -35,8 +35,9 @@ SCHEMA_VERSION = 1  # of the shard files (above); also in each file's attributes
 FORMAT = "albert-sop-mlm"
 MANIFEST = "manifest.json"
 # The layout of manifest.json. 1: without this field (some made before the shard size setting lack
-# settings.shard_bytes and versions); 2: also records manifest_version. A newer one is refused.
-MANIFEST_VERSION = 2
+# settings.shard_bytes and versions); 2: also records manifest_version; 3: also each input's times, cuts and sha256
+# (data_prep.stage.recorded_inputs). A newer one is refused.
+MANIFEST_VERSION = 3
 FIELDS = ("input_ids", "input_mask", "segment_ids", "masked_lm_positions", "masked_lm_ids", "next_sentence_labels")
 CHUNK_ROWS = 1024
 WRITE_ROWS = 8 * CHUNK_ROWS  # whole chunks per write: each is compressed once

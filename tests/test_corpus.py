@@ -4,6 +4,7 @@ worker, bounded open files, bad inputs."""
 from __future__ import annotations
 
 import bz2
+import hashlib
 import json
 import os
 import shutil
@@ -187,7 +188,8 @@ def test_resume_skips_finished_parts_and_gives_the_same_files(tmp_path: Path) ->
     good = {}
     for k in range(3):
         good[k] = write_docs(src / f"{k}.txt", [[f"File {k} doc {i}.", "Second."] for i in range(30)]).read_bytes()
-    ref = write_corpus([src], tmp_path / "ref", num_files=3, progress=False)
+    ref_dir = tmp_path / "ref"
+    ref = write_corpus([src], ref_dir, num_files=3, progress=False)
     out = tmp_path / "out"
     (src / "2.txt").write_bytes(b"\0" + good[2][1:])  # same size: the same inputs for --resume
     with pytest.raises(DataPrepError, match=r"2\.txt: NUL byte at byte offset 0: binary data"):
@@ -199,12 +201,15 @@ def test_resume_skips_finished_parts_and_gives_the_same_files(tmp_path: Path) ->
     with pytest.raises(DataPrepError, match="--resume with other settings than the interrupted run"):
         write_corpus([src], out, num_files=4, progress=False, resume=True)
     (src / "2.txt").write_bytes(good[2])
-    (src / "0.txt").write_bytes(b"\0" + good[0][1:])  # finished before: not read again
+    # a finished part is kept, not made again: altered on purpose, the alteration reaches the output
+    kept = out / ".work" / "parts" / "p000000.txt"
+    kept.write_bytes(kept.read_bytes().replace(b"File 0 doc 0.", b"FILE 0 DOC 0."))
     resumed = write_corpus([src], out, num_files=3, progress=False, resume=True)
-    assert snapshot(out) == snapshot(tmp_path / "ref")
+    expected = {name: data.replace(b"File 0 doc 0.", b"FILE 0 DOC 0.") for name, data in snapshot(ref_dir).items()}
+    assert snapshot(out) == expected != snapshot(ref_dir)
     assert (resumed.documents, resumed.bytes_written) == (ref.documents, ref.bytes_written)
     again = write_corpus([src], out, num_files=3, progress=False, resume=True)  # finished: only checked
-    assert again.documents == ref.documents and snapshot(out) == snapshot(tmp_path / "ref")
+    assert again.documents == ref.documents and snapshot(out) == expected
 
 
 def test_thousands_of_output_files_with_few_descriptors(tmp_path: Path) -> None:
@@ -253,19 +258,162 @@ def test_resume_of_a_streamed_file_keeps_its_finished_chunks(tmp_path: Path) -> 
 
 def test_resume_refuses_other_work_formats_and_newer_folders(tmp_path: Path) -> None:
     """An interrupted run of another layout of `.work` cannot be continued; a finished folder made by a newer
-    albert-data is refused, in one line each."""
+    albert-data is refused, in one line each; one made by an older one, which recorded only the inputs' paths and
+    sizes, is still complete (also with its input touched since)."""
     src = write_docs(tmp_path / "a.txt", [["One."], ["Two."]])
     out = tmp_path / "out"
     write_corpus([src], out, num_files=2, progress=False)
     summary = json.loads((out / ".corpus.json").read_text())
     assert summary["summary_version"] == SUMMARY_VERSION
+    old = {k: v for k, v in summary.items() if k != "summary_version"}  # version 1
+    old["settings"] = {**summary["settings"], "inputs": [{"path": str(src.resolve()), "bytes": src.stat().st_size}]}
+    (out / ".corpus.json").write_text(json.dumps(old))
+    os.utime(src, ns=(time.time_ns(), time.time_ns()))
+    assert write_corpus([src], out, num_files=2, progress=False, resume=True).documents == 2
     (out / ".corpus.json").write_text(json.dumps({**summary, "summary_version": SUMMARY_VERSION + 1}))
-    with pytest.raises(DataPrepError, match=r"\.corpus\.json: made by a newer albert-data \(summary version 2"):
+    with pytest.raises(
+        DataPrepError, match=rf"\.corpus\.json: made by a newer albert-data \(summary version {SUMMARY_VERSION + 1}"
+    ):
         write_corpus([src], out, num_files=2, progress=False, resume=True)
     (out / ".work").mkdir()
     (out / ".work" / "settings.json").write_text(json.dumps({"settings": {}, "inputs": []}))
     with pytest.raises(DataPrepError, match=rf"work files of format 1, this version writes {WORK_FORMAT}\) cannot"):
         write_corpus([src], out, num_files=2, progress=False, resume=True)
+
+
+FAULT = REPO / "tests" / "helpers" / "shard_fault.py"  # injects a fault into albert-data from outside
+
+
+def corpus_cli(inputs: Path, out: Path, *extra: str, fault: str | None = None) -> subprocess.CompletedProcess:
+    """`albert-data corpus` in a process of its own (with `fault`: the corpus task it names is killed, SIGKILL)."""
+    command = [sys.executable, "-m", "data_prep"] if fault is None else [sys.executable, str(FAULT), "--fault", fault]
+    args = ["corpus", "--input", str(inputs), "--output", str(out), "--num-files", "3", "--workers", "1"]
+    return subprocess.run(
+        [*command, *args, "--mpi", "off", *extra], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+
+
+def edit_in_place(path: Path, start: int, stop: int, old: bytes, new: bytes, keep_mtime: bool) -> None:
+    """Replace `old` by `new` (as long) within bytes [start, stop) of the file, writing into it (same inode, same
+    size); with `keep_mtime` its modification time is then set back to what it was (as cp -p or rsync -t would)."""
+    assert len(old) == len(new)
+    before = path.stat()
+    data = path.read_bytes()
+    at = data.index(old, start, stop)
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(new)
+    if keep_mtime:
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert path.stat().st_mtime_ns == before.st_mtime_ns and path.stat().st_size == before.st_size
+
+
+def _interrupted_corpus(tmp_path: Path, fault: str, *extra: str) -> tuple[Path, Path, dict]:
+    """Inputs (a docs file cut into 6 parts of about 10 kB, and a small file), a clean run of them, and a run of
+    them killed at the corpus task `fault`: (inputs, the killed run's output, the finished parts' markers)."""
+    src = tmp_path / "in"
+    src.mkdir()
+    write_docs(src / "big.txt", [[f"Big doc {i} says hello.", f"Its second line {i}."] for i in range(1200)])
+    write_docs(src / "small.txt", [[f"Small doc {i}.", "Two."] for i in range(40)])
+    assert corpus_cli(src, tmp_path / "ref", *extra).returncode == 0
+    out = tmp_path / "out"
+    killed = corpus_cli(src, out, *extra, fault=fault)
+    assert killed.returncode == 2 and "killed by SIGKILL" in killed.stderr, killed.stderr
+    done = {m.stem: json.loads(m.read_text()) for m in (out / ".work" / "done").glob("p*.json")}
+    return src, out, done
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("keep_mtime", [True, False])
+def test_resume_makes_again_the_parts_of_an_input_edited_in_place(keep_mtime: bool, tmp_path: Path) -> None:
+    """A run killed after some parts finished; one finished part's bytes edited in place, the size kept (and the
+    modification time set back: the hash of the bytes read is what tells): --resume makes that part again, names the
+    file and the part in a warning, keeps the others, and writes what a clean run on the edited input writes."""
+    src, out, done = _interrupted_corpus(tmp_path, "kill-corpus:p000003", "--part-mb", "0.01")
+    big = str((src / "big.txt").resolve())
+    finished = sorted(name for name, marker in done.items() if marker["source"]["path"] == big)
+    assert len(finished) >= 2 and "p000003" not in done, sorted(done)
+    edited = done[finished[0]]["source"]
+    edit_in_place(src / "big.txt", edited["start"], edited["stop"], b"says hello", b"SAYS HELLO", keep_mtime)
+    resumed = corpus_cli(src, out, "--part-mb", "0.01", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    [warning] = [line for line in resumed.stderr.splitlines() if " WARNING " in line]
+    moved = "mtime as it was, but ctime" if keep_mtime else "mtime "
+    assert f"{big}: modified since the interrupted run ({moved}" in warning, warning
+    assert f"the bytes of part {finished[0]} (bytes {edited['start']}-{edited['stop']}) differ" in warning, warning
+    assert f"differ; 1 finished part(s) made again, {len(finished) - 1} kept" in warning, warning
+    assert corpus_cli(src, tmp_path / "clean", "--part-mb", "0.01").returncode == 0
+    assert snapshot(out) == snapshot(tmp_path / "clean") != snapshot(tmp_path / "ref")
+    assert b"SAYS HELLO" in b"".join(snapshot(out).values())
+
+
+@pytest.mark.integration
+def test_resume_after_a_touch_keeps_the_finished_parts(tmp_path: Path) -> None:
+    """An input only touched after the interruption (its times moved, its bytes the same): --resume hashes the bytes
+    its finished parts read, finds them the same, keeps them, and gives the uninterrupted run's files (one of
+    another size is refused). The finished folder met again: a touched input is the same input; one edited in place
+    (size and mtime kept) is refused, naming it."""
+    src, out, done = _interrupted_corpus(tmp_path, "kill-corpus:p000003", "--part-mb", "0.01")
+    big = src / "big.txt"
+    finished = [name for name, marker in done.items() if marker["source"]["path"] == str(big.resolve())]
+    size = big.stat().st_size
+    with open(big, "ab") as f:  # another size: refused, as before
+        f.write(b"\n")
+    grown = corpus_cli(src, out, "--part-mb", "0.01", "--resume")
+    moved = f"--resume with other inputs ({big.resolve()}: {size} bytes then; {big.resolve()}: {size + 1} bytes now)"
+    assert grown.returncode == 2 and moved in grown.stderr, grown.stderr
+    os.truncate(big, size)
+    later = big.stat().st_mtime_ns + 60 * 10**9
+    os.utime(big, ns=(later, later))
+    resumed = corpus_cli(src, out, "--part-mb", "0.01", "--resume")
+    assert resumed.returncode == 0 and " WARNING " not in resumed.stderr, resumed.stderr
+    touched = f"{big.resolve()}: touched since the interrupted run (mtime "
+    assert touched in resumed.stderr and f"the bytes its {len(finished)} finished part(s) read are the same" in (
+        resumed.stderr
+    ), resumed.stderr
+    sha = {name: hashlib.sha256(data).hexdigest() for name, data in snapshot(out).items()}
+    assert sha == {name: hashlib.sha256(data).hexdigest() for name, data in snapshot(tmp_path / "ref").items()}
+    # the finished folder met again: the input touched once more, the same bytes: complete, nothing made
+    os.utime(big, ns=(later + 10**9, later + 10**9))
+    again = corpus_cli(src, out, "--part-mb", "0.01", "--resume")
+    assert again.returncode == 0 and "corpus already complete" in again.stderr, again.stderr
+    assert f"{big.resolve()}: touched since .corpus.json was made" in again.stderr
+    # ... edited in place, size and mtime kept: refused, naming the file
+    edit_in_place(big, 0, big.stat().st_size, b"says hello", b"SAYS HELLO", keep_mtime=True)
+    refused = corpus_cli(src, out, "--part-mb", "0.01", "--resume")
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"already complete, but made from other bytes of {big.resolve()} (modified since: mtime " in refused.stderr
+    assert "its sha256 differs from .corpus.json's" in refused.stderr, refused.stderr
+    assert snapshot(out) == snapshot(tmp_path / "ref")
+
+
+@pytest.mark.integration
+def test_resume_of_an_edited_streamed_file_cleans_again_only_its_changed_chunk(tmp_path: Path) -> None:
+    """A JSON lines file read in chunks (streamed), finished, and the run killed while writing the output files;
+    the file edited in place near its end, size and mtime kept: --resume drops the output files and the part, reads
+    the file again, cleans again only the chunk whose documents differ, and writes what a clean run writes."""
+    src = tmp_path / "in"
+    src.mkdir()
+    lines = [json.dumps({"text": f"Line {i} says something. It has a second sentence {i}."}) for i in range(3000)]
+    (src / "a.jsonl").write_text("\n".join(lines) + "\n")
+    write_docs(src / "b.txt", [[f"Small doc {i}.", "Two."] for i in range(40)])
+    out = tmp_path / "out"
+    killed = corpus_cli(src, out, "--part-mb", "0.02", fault="kill-corpus:out-00001")
+    assert killed.returncode == 2 and "output file" in killed.stderr, killed.stderr
+    chunks = len(list((out / ".work" / "done").glob("p000000-c*.json")))
+    assert chunks > 5 and (out / ".work" / "done" / "p000000.json").exists()
+    path = src / "a.jsonl"
+    edit_in_place(path, path.stat().st_size - 200, path.stat().st_size, b"says", b"SAYS", keep_mtime=True)
+    resumed = corpus_cli(src, out, "--part-mb", "0.02", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    warnings = [line for line in resumed.stderr.splitlines() if " WARNING " in line]
+    assert len(warnings) == 2, resumed.stderr
+    assert f"{path.resolve()}: modified since the interrupted run (mtime as it was" in warnings[0]
+    assert "part p000000 (bytes 0-" in warnings[0] and "p000000-source" in warnings[0], warnings[0]
+    assert f"the documents of part p000000 chunk {chunks - 1:05d} differ; cleaned again" in warnings[1], warnings
+    assert corpus_cli(src, tmp_path / "clean", "--part-mb", "0.02").returncode == 0
+    assert snapshot(out) == snapshot(tmp_path / "clean")
+    assert b"SAYS something" in b"".join(snapshot(out).values())
 
 
 def _child_reading(parent: int, path: Path) -> int | None:

@@ -4,6 +4,7 @@ with a line naming the piece or shard, `--resume` after them, package versions, 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from data_prep.examples import record_dtype
 from data_prep.inspection import verify_folder
 from data_prep.sharding import WORK_FORMAT, ShardSettings, auto_num_shards, estimated_record_bytes
 from data_prep.shards import MANIFEST_VERSION, Manifest
+from data_prep.spill import read_index
 
 sys.path.insert(0, str(REPO))
 from bench import syscalls  # noqa: E402
@@ -134,6 +136,83 @@ def test_resume_refuses_other_package_versions_settings_and_work_formats(wiki_co
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
+def _interrupted_on_a_copy(wiki_corpus, spm_model, tmp_path: Path) -> tuple[Path, Path, dict[str, dict]]:
+    """A copy of the corpus and a shard run of it killed at piece f00002-p00000: (the copy, the output, what each
+    finished piece read, by piece)."""
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    shutil.copytree(wiki_corpus, corpus)
+    proc, _ = faulty("kill-piece:f00002-p00000", *shard_cmd(corpus, spm_model, out))
+    assert proc.returncode != 0 and "killed by SIGKILL" in proc.stderr, proc.stderr
+    done = {spill.stem: read_index(spill)[1]["source"] for spill in (out / ".work" / "spill").glob("f*.bin")}
+    assert len(done) >= 2 and "f00002-p00000" not in done, sorted(done)
+    return corpus, out, done
+
+
+@pytest.mark.integration
+def test_resume_makes_again_the_pieces_of_an_input_edited_in_place(wiki_corpus, spm_model, wiki_shards, tmp_path):
+    """A run killed after some pieces finished; a finished piece's input edited in place, its size and its
+    modification time kept (so only the hash of the bytes the piece read tells): --resume names the file and the
+    piece, makes that piece again, keeps the others, and gives the shards of a clean run on the edited input."""
+    corpus, out, done = _interrupted_on_a_copy(wiki_corpus, spm_model, tmp_path)
+    name, source = sorted(done.items())[0]
+    path = Path(source["path"])
+    data = path.read_bytes()
+    at = data.index(b" the ", source["start"] + len(data) // 2)
+    before = path.stat()
+    with open(path, "r+b") as f:  # the same inode, the same size
+        f.seek(at)
+        f.write(b" dog ")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_mtime_ns, path.stat().st_size) == (before.st_mtime_ns, before.st_size)
+    resumed = cli(*shard_cmd(corpus, spm_model, out, "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    [warning] = [line for line in resumed.stderr.splitlines() if " WARNING " in line]
+    assert f"{path}: modified since the interrupted run (mtime as it was, but ctime " in warning, warning
+    assert f"the bytes of piece {name} (bytes {source['start']}-{source['stop']}) differ" in warning, warning
+    assert "1 finished piece(s) made again, 0 kept" in warning, warning
+    clean = tmp_path / "clean"
+    cli(*shard_cmd(corpus, spm_model, clean), check=True)
+    assert shas(out) == shas(clean) != shas(wiki_shards)
+    assert Manifest.load(out).data["stats"] == Manifest.load(clean).data["stats"]
+    assert verify_folder(out) == []
+
+
+@pytest.mark.integration
+def test_resume_after_a_touch_keeps_the_pieces_and_a_finished_folder_checks_the_bytes(
+    wiki_corpus, spm_model, wiki_shards, tmp_path
+):
+    """An input only touched after the interruption (its times moved, its bytes the same): --resume hashes what its
+    finished pieces read, keeps them, and gives the uninterrupted run's shards. The finished folder met again: a
+    touched input is the same input; one edited in place (size and mtime kept) is refused, naming it."""
+    corpus, out, done = _interrupted_on_a_copy(wiki_corpus, spm_model, tmp_path)
+    path = Path(sorted(done.values(), key=lambda source: source["path"])[0]["path"])
+    later = path.stat().st_mtime_ns + 60 * 10**9
+    os.utime(path, ns=(later, later))
+    resumed = cli(*shard_cmd(corpus, spm_model, out, "--resume"))
+    assert resumed.returncode == 0 and " WARNING " not in resumed.stderr, resumed.stderr
+    assert f"{path}: touched since the interrupted run (mtime " in resumed.stderr, resumed.stderr
+    assert "the bytes its 1 finished piece(s) read are the same" in resumed.stderr, resumed.stderr
+    assert shas(out) == shas(wiki_shards)
+    recorded = {entry["path"]: entry for entry in Manifest.load(out).data["inputs"]}
+    assert recorded[str(path)]["mtime_ns"] == later and len(recorded[str(path)]["sha256"]) == 64
+    os.utime(path, ns=(later + 10**9, later + 10**9))
+    again = cli(*shard_cmd(corpus, spm_model, out, "--resume"))
+    assert again.returncode == 0 and "shards already complete" in again.stderr, again.stderr
+    assert f"{path}: touched since manifest.json was made" in again.stderr
+    before = path.stat()
+    data = path.read_bytes()
+    at = data.index(b" the ")
+    with open(path, "r+b") as f:
+        f.seek(at)
+        f.write(b" dog ")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    refused = cli(*shard_cmd(corpus, spm_model, out, "--resume"))
+    [line] = errors(refused.stderr)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr
+    assert f"already complete, but made from other bytes of {path} (modified since: mtime " in line, line
+    assert "its sha256 differs from manifest.json's" in line, line
+
+
 @pytest.mark.integration
 @pytest.mark.skipif(not syscalls.available(), reason="strace is not installed")
 def test_files_created_are_one_per_piece_and_per_shard(wiki_corpus, spm_model, wiki_shards, tmp_path):
@@ -151,8 +230,9 @@ def test_files_created_are_one_per_piece_and_per_shard(wiki_corpus, spm_model, w
     pieces = int(proc.stderr.split(" input files in ")[1].split()[0])
     assert pieces > 20, proc.stderr
     assert pieces + 40 <= len(meta.created) <= pieces + 40 + 16, sorted(meta.created)
-    # the output folder, .work, .work/spill, once (mkdir(parents=True) first tries the deepest: 2 calls fail)
-    assert meta.calls["mkdir"] <= 5, meta.calls
+    # the output folder, .work, .work/spill, once (mkdir(parents=True) first tries the deepest: 2 calls fail), and
+    # the output's parent, which holds the one-writer lock (it exists: the call fails)
+    assert meta.calls["mkdir"] <= 6, meta.calls
     assert verify_folder(out) == []
 
 
@@ -201,12 +281,17 @@ def test_progress_logs_lines_without_a_terminal(caplog):
 
 
 def test_finished_folder_made_before_shard_mb_is_still_complete(wiki_corpus, spm_model, wiki_shards, tmp_path):
-    """A finished folder whose manifest (version 1) has no shard_bytes (its shard count is recorded): --resume checks
-    it, exit 0. A manifest of a newer version than this albert-data reads is refused in one line."""
+    """A finished folder whose manifest (version 1) has no shard_bytes (its shard count is recorded), or (version 2)
+    records only the inputs' paths and sizes: --resume checks it, exit 0. A manifest of a newer version than this
+    albert-data reads is refused in one line."""
     out = tmp_path / "done"
     shutil.copytree(wiki_shards, out)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["manifest_version"] == MANIFEST_VERSION
+    inputs = [{"path": entry["path"], "bytes": entry["bytes"]} for entry in manifest["inputs"]]
+    (out / "manifest.json").write_text(json.dumps({**manifest, "manifest_version": 2, "inputs": inputs}))
+    proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))
+    assert proc.returncode == 0 and "shards already complete" in proc.stderr, proc.stderr
     del manifest["settings"]["shard_bytes"], manifest["versions"], manifest["manifest_version"]
     (out / "manifest.json").write_text(json.dumps(manifest))
     proc = cli(*shard_cmd(wiki_corpus, spm_model, out, "--resume"))

@@ -6,7 +6,9 @@ outside (the project's code has no fault hooks). FAULT is one of:
 - `kill-shard:N`: the reduce task of shard N kills its own process with SIGKILL;
 - `kill-first-piece-on-rank:R`: the first map task that MPI rank R runs kills its own process with SIGKILL;
 - `raise-on-rank:R`: MPI rank R fails outside any task, before the map phase (OSError EDQUOT, as a full quota
-  would), while the other ranks go on to their work.
+  would), while the other ranks go on to their work;
+- `kill-corpus:NAME`: the `corpus` task NAME kills its own process with SIGKILL: a part (p000003), a chunk of a
+  streamed part (p000001-c00002), the hash of a streamed part's file (p000001-source) or an output file (out-00001).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from data_prep import cli, sharding  # noqa: E402
+from data_prep import cli, corpus, sharding  # noqa: E402
 
 RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
 
@@ -65,6 +67,28 @@ def raise_on_rank(rank: int) -> None:
     sharding._pieces = pieces
 
 
+def kill_corpus(name: str) -> None:
+    """The corpus task NAME dies; its task functions take (kind, args) (phase 1) or (segments, file, marker)."""
+    part_task, write_output = corpus._part_task, corpus._write_output
+
+    def task_name(kind: str, args) -> str:
+        if kind == "chunk":
+            return args[2]
+        return args[0].name + ("-source" if kind == "source" else "")
+
+    def part(task):
+        if task_name(*task) == name:
+            _kill_self()
+        return part_task(task)
+
+    def output(task):
+        if Path(task[2]).stem == name:
+            _kill_self()
+        return write_output(task)
+
+    corpus._part_task, corpus._write_output = part, output
+
+
 def main() -> int:
     argv = sys.argv[1:]
     i = argv.index("--fault")
@@ -80,6 +104,8 @@ def main() -> int:
         kill_reduce(int(value))
     elif kind == "raise-on-rank":
         raise_on_rank(int(value))
+    elif kind == "kill-corpus":
+        kill_corpus(value)
     else:
         raise SystemExit(f"unknown fault {kind!r}")
     return cli.main(argv)
