@@ -9,10 +9,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from common.inventory import file_sha256
+
 from .errors import DataPrepError
 from .examples import record_dtype
 from .shards import FIELDS, MANIFEST, Manifest
-from .vocab import Vocab, sha256_file
+from .vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +243,7 @@ def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[st
 def _checksum(path: Path, expected: str) -> str:
     """The sha256 verdict on a shard, as it reads in a problem line."""
     try:
-        same = sha256_file(path) == expected
+        same = file_sha256(path) == expected
     except OSError as e:
         return f"sha256 not computed: {e.strerror or e}"
     return f"sha256 {'matches' if same else 'differs from'} {MANIFEST}"
@@ -337,7 +339,7 @@ def verify_folder(folder: Path, progress: bool = False) -> list[str]:
     vocab_path = folder / manifest.data["vocab"]["file"]
     if not vocab_path.is_file():
         return problems + [f"{vocab_path}: vocabulary named in {MANIFEST} is missing"]
-    if sha256_file(vocab_path) != manifest.data["vocab"]["sha256"]:
+    if file_sha256(vocab_path) != manifest.data["vocab"]["sha256"]:
         problems.append(f"{vocab_path}: sha256 differs from {MANIFEST}")
     try:
         vocab = Vocab(vocab_path)

@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import atomic_path
+from common.inventory import file_sha256
 
 from . import readers
 from .errors import DataPrepError
@@ -55,7 +56,7 @@ from .shards import FORMAT, MANIFEST, MANIFEST_VERSION, SCHEMA_VERSION, Manifest
 from .spill import SpillWriter, read_index, read_runs
 from .stage import WORK, Finished, Source, Span, Stage, StageFolder, input_identity, recorded_inputs
 from .tasks import Task
-from .vocab import Vocab, sha256_file
+from .vocab import Vocab
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +257,7 @@ def _describe_shard(path: Path) -> dict[str, Any]:
 
     with h5py.File(path, "r") as f:
         n = int(f.attrs["num_examples"])
-    return {"name": path.name, "num_examples": n, "sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return {"name": path.name, "num_examples": n, "sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def _reduce_shard(task: _ReduceTask) -> dict[str, Any]:

@@ -12,7 +12,6 @@ the corpus; only the sample is normalised and handed to SentencePiece.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import unicodedata
@@ -21,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from common.inventory import file_sha256
 
 from .errors import DataPrepError
 
@@ -71,14 +72,6 @@ def normalize_many(sentences: list[str]) -> list[str]:
         if len(out) != len(sentences):  # a sentence held a newline
             out = [normalize(s) for s in sentences]
     return out
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass
@@ -237,7 +230,7 @@ class Vocab:
         # Random replacements (the 10% of 80/10/10) are drawn from real pieces only.
         self.normal_ids = np.flatnonzero(~special).astype(np.int32)
         self.pieces = pieces
-        self.sha256 = sha256_file(self.path)
+        self.sha256 = file_sha256(self.path)
 
     def encode(self, sentences: list[str], max_chars: int) -> tuple[np.ndarray, np.ndarray]:
         """Normalise and encode; returns (flat int32 ids, per-sentence lengths).

@@ -212,6 +212,7 @@ def test_resume_skips_finished_parts_and_gives_the_same_files(tmp_path: Path) ->
     assert again.documents == ref.documents and snapshot(out) == expected
 
 
+@pytest.mark.slow
 def test_thousands_of_output_files_with_few_descriptors(tmp_path: Path) -> None:
     """At most one part file and one output file are open at a time: 3,000 files under a limit of 64."""
     src = write_docs(tmp_path / "a.txt", [[f"Doc {i}.", "Two."] for i in range(4000)])
