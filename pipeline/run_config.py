@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from common.flags import integer, number
+
 if TYPE_CHECKING:
     import torch
 
@@ -52,22 +54,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", required=True, type=Path, help="checkpoints/, tensorboard/, metrics.jsonl go here")
     p.add_argument(
         "--max-steps",
-        type=int,
+        type=integer(1),
         required=True,
         help="optimizer steps to train in all (a resumed run continues to this step)",
     )
-    p.add_argument("--save-interval", type=int, default=1000, help="save a checkpoint every N steps (and at the end)")
-    p.add_argument("--eval-interval", type=int, default=1000, help="evaluate every N steps (and at the end)")
-    p.add_argument("--eval-batches", type=int, default=100, help="micro-batches per rank in an evaluation")
-    p.add_argument("--log-interval", type=int, default=10, help="write a metrics line every N steps")
-    p.add_argument("--seed", type=int, default=42, help="model initialisation and data order")
+    p.add_argument(
+        "--save-interval", type=integer(1), default=1000, help="save a checkpoint every N steps (and at the end)"
+    )
+    p.add_argument(
+        "--eval-interval",
+        type=integer(0, note="0: never"),
+        default=1000,
+        help="evaluate every N steps (and at the end)",
+    )
+    p.add_argument("--eval-batches", type=integer(1), default=100, help="micro-batches per rank in an evaluation")
+    p.add_argument("--log-interval", type=integer(1), default=10, help="write a metrics line every N steps")
+    p.add_argument("--seed", type=integer(0, 2**32 - 1), default=42, help="model initialisation and data order")
     p.add_argument(
         "--resume",
         default="auto",
         help="auto (newest complete checkpoint in OUTPUT), never, or a checkpoint folder; one written with other ranks, "
         "ZeRO stage or precision is converted (same global batch and model)",
     )
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="complete checkpoints to keep")
+    p.add_argument("--keep-checkpoints", type=integer(1), default=3, help="complete checkpoints to keep")
     p.add_argument(
         "--init-from",
         type=Path,
@@ -114,7 +123,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="resume the model on shards other than the checkpoint's (same vocabulary), from their first example; "
         "without it such a resume is refused",
     )
-    p.add_argument("--dist-timeout", type=float, default=600.0, help="seconds to wait for the other ranks")
+    p.add_argument(
+        "--dist-timeout",
+        type=number(0.0, 1e6, low_open=True),
+        default=600.0,
+        help="seconds to wait for the other ranks",
+    )
     p.add_argument(
         "--allow-fp16-on-cpu",
         action="store_true",

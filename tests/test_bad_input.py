@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep import cli, flags
+from data_prep import cli
 from data_prep.errors import DataPrepError
 from data_prep.readers import docs_pieces, iter_documents
 from data_prep.shards import MANIFEST, Manifest
@@ -175,7 +175,7 @@ def _numeric_flags() -> list[tuple[str, argparse.Action]]:
     found = []
     for command, sub in commands.choices.items():
         for option in sub._actions:
-            if option.type in (int, float) or getattr(option.type, "__module__", "") == flags.__name__:
+            if option.type in (int, float) or getattr(option.type, "__module__", "") == "common.flags":
                 found.append((command, option))
     return found
 
@@ -346,3 +346,27 @@ def test_inspect_reports_ids_beyond_the_vocabulary(
         assert cli.main(["inspect", str(shard), "-n", "1"]) == 2
     [error] = _errors(caplog)
     assert error.startswith(f"{shard}: values out of range (") and "albert-data verify` lists the rows" in error
+
+
+@pytest.mark.parametrize(
+    "flag, value",
+    [
+        ("--save-interval", "0"),
+        ("--log-interval", "0"),
+        ("--max-steps", "-1"),
+        ("--eval-batches", "0"),
+        ("--keep-checkpoints", "0"),
+        ("--seed", "-3"),
+        ("--dist-timeout", "nan"),
+        ("--eval-interval", "-1"),
+    ],
+)
+def test_albert_pretrain_numeric_flags_are_range_checked(flag: str, value: str, capsys) -> None:
+    """albert-pretrain's numeric flags: a usage error before any launch (a zero interval would divide by zero)."""
+    from pipeline.run_config import parse_args
+
+    required = ["--deepspeed_config", "x.json", "--model-config", "albert-tiny", "--data", "d", "--output", "o"]
+    with pytest.raises(SystemExit) as stop:
+        parse_args([*required, "--max-steps", "10", flag, value])
+    assert stop.value.code == 2
+    assert f"argument {flag}: must be" in capsys.readouterr().err
