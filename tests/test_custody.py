@@ -15,10 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import SHARD_ARGS, VOCAB_SIZE
+from conftest import REPO, SHARD_ARGS, VOCAB_SIZE
 from helpers.engine_helpers import ds_config, metrics, pretrain
 
 pytestmark = pytest.mark.integration  # tier: see pyproject.toml
+
+FAULT_WORKER = REPO / "tests" / "helpers" / "fault_worker.py"  # injects the fault from outside albert-pretrain
 
 DS = ds_config(0, "fp32")
 
@@ -223,3 +225,29 @@ def test_a_shard_that_breaks_in_the_middle_of_training_is_one_line(wiki_shards, 
     out = tmp_path / "run"
     line = refused(pretrain(out, data, DS, steps=3), f"{shard}: cannot read rows")
     assert "run `albert-data verify` on the shard folder" in line and "the last good checkpoint" in line
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_checkpoint(wiki_shards, tmp_path):
+    run = pretrain(
+        tmp_path,
+        wiki_shards,
+        DS,
+        steps=100_000,
+        wait=False,
+        start_new_session=True,
+        script=FAULT_WORKER,
+        extra=["--fault", "slow-steps:1.0"],
+    )
+    deadline = time.time() + 120
+    while time.time() < deadline and run.poll() is None:
+        if (tmp_path / "metrics.jsonl").exists() and len(metrics(tmp_path)) >= 2:
+            break
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGINT)
+    time.sleep(0.3)  # a person's second Ctrl-C: after the first was handled, inside the same (1 s) step
+    os.killpg(run.pid, signal.SIGINT)
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 130, out[-3000:]
+    errors = [line for line in out.splitlines() if " ERROR " in line]
+    assert len(errors) == 1 and "interrupted again: stopped at once, without a checkpoint" in errors[0], out[-3000:]
+    assert "Traceback" not in out and not list((tmp_path / "checkpoints").glob("step-*/complete.json"))

@@ -5,7 +5,9 @@ FAULT is one of:
 - `nan-at-step:N`: the model's MLM loss becomes NaN in every micro-batch of optimizer step N (wraps the model's
   forward once setup() has built the engine);
 - `kill-before-complete`: rank 0 is killed with SIGKILL when a save has written every rank's files but not yet the
-  completion marker (wraps the checkpoint module's JSON writer).
+  completion marker (wraps the checkpoint module's JSON writer);
+- `slow-steps:SECONDS`: every training micro-batch's forward takes SECONDS longer (a step long enough for a person's
+  second Ctrl-C to arrive inside it).
 """
 
 from __future__ import annotations
@@ -47,6 +49,26 @@ def kill_before_complete() -> None:
     checkpoint._write_json = write
 
 
+def slow_steps(seconds: float) -> None:
+    import time
+
+    real_setup = pretrain.setup
+
+    def setup(args):
+        run = real_setup(args)
+        model, forward = run.engine.module, run.engine.module.forward
+
+        def slow(*a, **k):
+            if model.training:
+                time.sleep(seconds)
+            return forward(*a, **k)
+
+        model.forward = slow
+        return run
+
+    pretrain.setup = setup
+
+
 def main() -> int:
     argv = sys.argv[1:]
     i = argv.index("--fault")
@@ -56,6 +78,8 @@ def main() -> int:
         nan_at_step(int(fault.split(":", 1)[1]))
     elif fault == "kill-before-complete":
         kill_before_complete()
+    elif fault.startswith("slow-steps:"):
+        slow_steps(float(fault.split(":", 1)[1]))
     else:
         raise SystemExit(f"unknown fault {fault!r}")
     return pretrain.main(argv)
