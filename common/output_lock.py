@@ -113,6 +113,7 @@ class OutputLock:
 
     def release(self) -> None:
         if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no description of a holder that is gone
             os.close(self._fd)  # closing the only descriptor releases the flock
             self._fd = None
 
@@ -124,14 +125,29 @@ class OutputLock:
         self.release()
 
     def _describe_holder(self) -> str:
+        """The holder's description. Right after taking the lock a holder has not yet replaced the description of the
+        previous one (which may have been killed before it could clear it): a description of a process of this host
+        that no longer exists is such a leftover, and is read again until the new holder has written its own."""
         deadline = time.monotonic() + DESCRIPTION_WAIT_S
         while True:
             try:
-                return Holder(**json.loads(self.path.read_text())).describe()
+                holder = Holder(**json.loads(self.path.read_text()))
+                if holder.host != socket.gethostname() or _alive(holder.pid) or time.monotonic() > deadline:
+                    return holder.describe()
             except (OSError, ValueError, TypeError):
                 if time.monotonic() > deadline:
                     return f"another process (it has not described itself in {self.path})"
-                time.sleep(0.05)
+            time.sleep(0.05)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 _held: dict[Path, OutputLock] = {}

@@ -90,11 +90,17 @@ def resolve_resume(mode: str, folder: Path) -> Path | None:
 
 def _resume_candidate(mode: str, folder: Path) -> Path | None:
     if mode == "auto":
-        for tag_dir in reversed(complete_checkpoints(folder)):
+        complete = complete_checkpoints(folder)
+        for tag_dir in reversed(complete):
             problems = damage(tag_dir)
             if not problems:
                 return tag_dir
             log.warning("%s is damaged (%s); trying the checkpoint before it", tag_dir, "; ".join(problems[:3]))
+        if complete:  # starting over would drop the run's metrics: only on purpose
+            raise CheckpointError(
+                f"{folder}: every checkpoint is damaged since it was saved (the newest, {complete[-1].name}: "
+                f"{'; '.join(damage(complete[-1])[:3])}); restore the files, or pass --resume never to start over"
+            )
         return None
     path = Path(mode)
     if not (path / COMPLETE).is_file():
@@ -112,6 +118,8 @@ def _resume_candidate(mode: str, folder: Path) -> Path | None:
 def damage(tag_dir: Path) -> list[str]:
     """What differs in a checkpoint's files from the list its complete.json records (version 3 on; an older one
     records none, and only its completion marker vouches for it)."""
+    if not (tag_dir / COMPLETE).is_file():  # (DeepSpeed's own checkpoints: nothing recorded)
+        return []
     try:
         meta = json.loads((tag_dir / COMPLETE).read_text())
     except (OSError, ValueError) as e:

@@ -119,7 +119,8 @@ def test_a_checkpoint_with_a_missing_rank_file_is_named(wiki_shards, tmp_path):
     (tag / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
     proc = pretrain(tmp_path, wiki_shards, ds_config(0, "fp32", micro=8), steps=5)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert f"{tag}/zero_pp_rank_0_mp_rank_00_optim_states.pt: written as one of 2 partitions" in proc.stderr
+    assert f"{tag} is damaged (zero_pp_rank_1_mp_rank_00_optim_states.pt: missing)" in proc.stderr
+    assert "every checkpoint is damaged since it was saved" in proc.stderr and "--resume never" in proc.stderr
     assert len(metrics(tmp_path)) == 3
 
 

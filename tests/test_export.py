@@ -563,7 +563,8 @@ def test_export_of_a_real_run(trained, wiki_shards, tmp_path):
     record = json.loads((out / "export.json").read_text())
     assert (record["checkpoint"]["tag"], record["checkpoint"]["step"]) == ("step-00000003", 3)
     assert record["checkpoint"]["metadata"]["world_size"] == 2 and record["model_config"] == TEST_MODEL
-    assert record["vocabulary"]["verified_against"] == str(wiki_shards / "manifest.json")  # the shards' record
+    tag_dir = trained / "checkpoints" / "step-00000003"
+    assert record["vocabulary"]["verified_against"] == str(tag_dir / "complete.json")  # the checkpoint's record
     assert record["files"] == {name: sha256(out / name) for name in record["files"]}
     hf = transformers.AlbertForPreTraining.from_pretrained(out)
     weights = hf.state_dict()
@@ -598,7 +599,7 @@ def test_real_run_refuses_another_depth_and_another_vocabulary(
     ]
     other = another_vocabulary(wiki_shards / "spiece.model", tmp_path / "other.model")
     assert export(caplog, "--checkpoint", ckpt, "--output", tmp_path / "hf", "--spm-model", other) == 2
-    assert f"(recorded in {wiki_shards / 'manifest.json'})" in error_lines(caplog)[0]
+    assert f"(recorded in {tag_dir / 'complete.json'})" in error_lines(caplog)[0]
     assert not (tmp_path / "hf").exists()
 
 

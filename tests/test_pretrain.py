@@ -58,7 +58,7 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
     assert len(ev) == 1 and ev[0]["step"] == 4
     done = json.loads((tmp_path / "checkpoints" / "step-00000004" / "complete.json").read_text())
     assert done["zero_stage"] == stage and done["world_size"] == 2
-    assert (done["format_version"], done["precision"], done["micro_batch"], done["global_batch"]) == (2, "bf16", 4, 8)
+    assert (done["format_version"], done["precision"], done["micro_batch"], done["global_batch"]) == (3, "bf16", 4, 8)
     assert set(done) == {
         "format_version",
         "world_size",
@@ -69,6 +69,9 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
         "optimizer_wrapper",
         "data",
         "model_config",
+        "data_identity",
+        "vocab_sha256",
+        "files",
         "step",
         "tag",
     }
