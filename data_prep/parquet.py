@@ -93,7 +93,8 @@ def _is_string(kind: Any) -> bool:
 
     if pa.types.is_dictionary(kind):
         kind = kind.value_type
-    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind))
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # (pyarrow 16 and later)
+    return bool(pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_string_view(kind))
 
 
 def _is_integer(kind: Any) -> bool:

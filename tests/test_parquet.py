@@ -283,3 +283,49 @@ def test_resume_after_a_killed_parquet_part_gives_a_clean_runs_bytes(excerpt_fil
     assert resumed.returncode == 0, resumed.stderr
     assert snapshot(out) == snapshot(tmp_path / "clean") and len(snapshot(out)) == 3
     assert not (out / ".work").exists()
+
+
+@pytest.mark.integration
+def test_an_edited_footer_makes_every_part_of_the_file_again(tmp_path: Path) -> None:
+    """Every part of a Parquet file is read by its footer (schema, row-group index), which lies in the file's last
+    part: a run killed while writing its output files, then the footer edited in place (size and mtime kept):
+    --resume makes all the file's parts again, and gives a clean run's bytes."""
+    from test_corpus import edit_in_place
+
+    rows = [{"id": i, "text": f"Row {i} says something. Its second sentence {i}."} for i in range(40)]
+    table = pa.Table.from_pylist(rows).replace_schema_metadata({"note": "footer-note-one"})
+    path = tmp_path / "in.parquet"
+    pq.write_table(table, path, row_group_size=5)
+    args = ["corpus", "--input", str(path), "--num-files", "3", "--workers", "1", "--mpi", "off"]
+    args += ["--part-mb", "0.0001"]  # a part per row group
+    out = tmp_path / "out"
+    killed = subprocess.run(
+        [sys.executable, str(FAULT), "--fault", "kill-corpus:out-00001", *args, "--output", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert killed.returncode == 2 and "output file" in killed.stderr, killed.stderr
+    assert len(list((out / ".work" / "done").glob("p*.json"))) == 8
+    footer = path.read_bytes().rindex(b"footer-note-one")
+    edit_in_place(path, footer, footer + 15, b"one", b"two", keep_mtime=True)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "data_prep", *args, "--output", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "the bytes of part p000007 (bytes " in resumed.stderr, resumed.stderr
+    assert f"{path}: its footer changed: all 8 parts of the file are made again" in resumed.stderr, resumed.stderr
+    clean = subprocess.run(
+        [sys.executable, "-m", "data_prep", *args, "--output", str(tmp_path / "clean")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
+    assert clean.returncode == 0, clean.stderr
+    assert snapshot(out) == snapshot(tmp_path / "clean")
