@@ -30,7 +30,7 @@ from data_prep.errors import DataPrepError
 from data_prep.readers import ReadStats
 
 # A source's name: letters, digits, "_", "." and "-" (what comes before "=" in --input NAME=PATH).
-_NAME = re.compile(r"[\w.-]+")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 # A weight above this is a typo rather than a mixture (copies of a source cost its size each).
 MAX_WEIGHT = 1000.0
 _WEIGHT = number(0.0, MAX_WEIGHT, low_open=True)

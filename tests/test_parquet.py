@@ -329,3 +329,29 @@ def test_an_edited_footer_makes_every_part_of_the_file_again(tmp_path: Path) -> 
     )
     assert clean.returncode == 0, clean.stderr
     assert snapshot(out) == snapshot(tmp_path / "clean")
+
+
+@pytest.mark.slow
+def test_memory_of_reading_does_not_grow_with_a_row_group(tmp_path: Path) -> None:
+    """One row group of 20 MB and one of 100 MB (uncompressed, so the stored column chunk is as big): reading every
+    document of either peaks at about the same memory, far below the bigger chunk."""
+    # (VmHWM, the peak of this program's own memory: ru_maxrss would keep that of the forked test process)
+    code = (
+        "import re, sys; from pathlib import Path; from data_prep.readers import iter_documents; "
+        "n = sum(1 for _ in iter_documents(Path(sys.argv[1]), 'auto')); "
+        "print(n, int(re.search(r'VmHWM:\\s+(\\d+) kB', Path('/proc/self/status').read_text()).group(1)) * 1024)"
+    )
+    peaks = {}
+    for mb in (20, 100):
+        rows = mb * 1000 // 8  # documents of about 8 kB
+        texts = [f"Sentence number {i} of a long story. " * 220 for i in range(rows)]
+        path = tmp_path / f"{mb}.parquet"
+        pq.write_table(pa.table({"text": texts}), path, row_group_size=rows, compression="none")
+        del texts
+        assert pq.ParquetFile(path).metadata.num_row_groups == 1 and path.stat().st_size > mb * 1e6
+        proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, cwd=REPO)
+        assert proc.returncode == 0, proc.stderr
+        documents, peaks[mb] = map(int, proc.stdout.split())
+        assert documents == rows
+        path.unlink()
+    assert peaks[100] - peaks[20] < 20e6, peaks
