@@ -351,6 +351,7 @@ def source_files(sources: list[InputSource]) -> tuple[list[Path], list[int]]:
     source_of: list[int] = []
     owner: dict[Path, int] = {}
     for index, source in enumerate(sources):
+        before = len(files)
         for file in expand_inputs(source.paths):
             key = file.resolve()
             first = owner.get(key)
@@ -363,7 +364,7 @@ def source_files(sources: list[InputSource]) -> tuple[list[Path], list[int]]:
                     f"{file}: in sources {sources[first].name!r} and {source.name!r}, one of them weighted: "
                     "give the file to one source"
                 )
-        if index not in source_of:
+        if len(files) == before:
             log.warning("source %s: all its files are in an earlier source already; it adds nothing", source.name)
     return files, source_of
 
@@ -669,7 +670,7 @@ def _write_outputs(
             if part.source == index
             for name, size in marker["files"]
         ]
-        mine = [drawn[part.name] for part in parts if part.source == index and part.name in drawn]
+        mine = [(part.name, drawn[part.name]) for part in parts if part.source == index and part.name in drawn]
         layout += own * source.copies + [(str(_part_file(folder, name + _DRAWN)), made["bytes"]) for name, made in mine]
         stats = per_source[index]
         stats.documents_written = source.copies * stats.read.documents + sum(made["documents"] for _, made in mine)
@@ -699,11 +700,11 @@ def _write_outputs(
 
 def _draw(
     stage: Stage, parts: list[Part], markers: list[dict[str, Any]], sources: list[InputSource], weight_seed: int
-) -> dict[str, tuple[str, dict[str, Any]]]:
+) -> dict[str, dict[str, Any]]:
     """The documents that fractional weights draw (data_prep.mixture), copied out of their parts' files into
     PART-w.txt, one task per part that holds some, spread over the ranks; a finished task is kept if it was made
-    from the same part files and draw. Returns, on every rank, part name -> (its name, its marker: bytes, documents
-    and sentences drawn)."""
+    from the same part files and draw. Returns, on every rank, part name -> the marker of its drawn documents
+    (their bytes, documents and sentences)."""
     folder = stage.folder
     items = []
     for index, source in enumerate(sources):
@@ -739,7 +740,7 @@ def _draw(
         for part, files, picks, count, digest in mine
     ]
     stage.run(_write_drawn, tasks, "corpus weights", "B")
-    return {part.name: (part.name, read_json(folder.marker(part.name + _DRAWN))) for part, *_ in items}
+    return {part.name: read_json(folder.marker(part.name + _DRAWN)) for part, *_ in items}
 
 
 def _write_drawn(task: tuple[list[tuple[str, int]], np.ndarray, int, str, StageFolder, str]) -> None:
