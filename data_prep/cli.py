@@ -30,16 +30,47 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def _add_corpus_args(parser: argparse.ArgumentParser, inputs_required: bool = True) -> None:
+    from .mixture import DEFAULT_WEIGHT_SEED, MAX_WEIGHT, weight_argument
     from .readers import FORMATS
 
     parser.add_argument(
-        "--input", nargs="+", required=inputs_required, metavar="PATH", help="input files or folders (recursed)"
+        "--input",
+        nargs="+",
+        required=inputs_required,
+        metavar="[NAME=]PATH",
+        help="input files or folders (recursed); NAME=PATH puts PATH in the source NAME (for --weights and the "
+        "per-source counts), a plain PATH is a source of its own named as written",
     )
     parser.add_argument(
         "--format",
         default="auto",
         choices=FORMATS,
-        help="input format; auto: .xml wiki, .jsonl/.json jsonl, else docs (any of them may be .gz, .bz2, .xz)",
+        help="input format; auto: .xml wiki, .jsonl/.json jsonl, .parquet parquet, else docs (all but parquet may "
+        "be .gz, .bz2, .xz)",
+    )
+    parser.add_argument(
+        "--text-field", default="text", metavar="NAME", help="JSON lines and Parquet: the field holding the text"
+    )
+    parser.add_argument(
+        "--title-field",
+        default=None,
+        metavar="NAME",
+        help="JSON lines and Parquet: a field holding the document's title or id, which names it in warnings",
+    )
+    parser.add_argument(
+        "--weights",
+        nargs="+",
+        type=weight_argument,
+        default=None,
+        metavar="NAME=WEIGHT",
+        help=f"how many times each source's documents go into the corpus (default 1; up to {MAX_WEIGHT:g}): whole "
+        "copies, then a seeded draw for the fraction (0.5: half of its documents)",
+    )
+    parser.add_argument(
+        "--weight-seed",
+        type=flags.SEED,
+        default=DEFAULT_WEIGHT_SEED,
+        help="seed of the documents drawn for fractional weights",
     )
     parser.add_argument(
         "--num-files",
@@ -52,8 +83,8 @@ def _add_corpus_args(parser: argparse.ArgumentParser, inputs_required: bool = Tr
         type=flags.MEGABYTES,
         default=16.0,
         help="inputs are read in parts of about this size, one task each and the unit of --resume: a docs file "
-        "in byte ranges, a multistream wiki dump (with its -index.txt.bz2 beside it) at stream offsets; "
-        "the output does not depend on it",
+        "in byte ranges, a multistream wiki dump (with its -index.txt.bz2 beside it) at stream offsets, a Parquet "
+        "file in runs of row groups; the output does not depend on it",
     )
     parser.add_argument(
         "--allow-bad-bytes",
@@ -225,6 +256,19 @@ def _corpus_files(args: argparse.Namespace) -> int:
     return args.num_files
 
 
+def _sources(args: argparse.Namespace):
+    """The sources of --input with the weights of --weights (data_prep.mixture)."""
+    from .mixture import parse_sources
+
+    return parse_sources(args.input, args.weights)
+
+
+def _fields(args: argparse.Namespace):
+    from .parquet import Fields
+
+    return Fields(args.text_field, args.title_field)
+
+
 def _part_bytes(args: argparse.Namespace) -> int:
     if args.part_mb <= 0:
         raise DataPrepError(f"--part-mb {args.part_mb:g}: must be positive")
@@ -308,10 +352,9 @@ def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     if args.command == "corpus":
         from .corpus import write_corpus
-        from .readers import expand_inputs
 
         write_corpus(
-            expand_inputs(args.input),
+            _sources(args),
             args.output,
             _corpus_files(args),
             args.format,
@@ -322,6 +365,8 @@ def _run(args: argparse.Namespace) -> int:
             allow_bad_bytes=args.allow_bad_bytes,
             part_bytes=_part_bytes(args),
             progress_every=args.progress_seconds,
+            fields=_fields(args),
+            weight_seed=args.weight_seed,
         )
     elif args.command == "vocab":
         train_vocab_from(
@@ -375,7 +420,6 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     Under MPI, all ranks write the corpus, rank 0 trains the vocabulary, then all ranks make the shards."""
     from .corpus import write_corpus
     from .mpi import get_world
-    from .readers import expand_inputs
     from .sharding import shard_corpus
     from .stage import existing_output
 
@@ -387,7 +431,7 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     # every rank takes its share; an interrupted corpus continues where it stopped, a finished one is checked against
     # the inputs (their paths, sizes and, where their times moved, bytes)
     write_corpus(
-        expand_inputs(args.input),
+        _sources(args),
         corpus_dir,
         _corpus_files(args),
         args.format,
@@ -398,6 +442,8 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
         allow_bad_bytes=args.allow_bad_bytes,
         part_bytes=_part_bytes(args),
         progress_every=args.progress_seconds,
+        fields=_fields(args),
+        weight_seed=args.weight_seed,
     )
 
     def vocabulary() -> Path:

@@ -2,11 +2,13 @@
 
 Standard format: one sentence per line, a blank line between documents, UTF-8, "\\n" line ends.
 
-The inputs are cut into parts that depend on the inputs alone: one per input file, one per byte
-range of about `part_bytes` of a big uncompressed "docs" file (readers.docs_pieces), one per range of
-bz2 streams of a multistream Wikipedia dump that has its index beside it (wiki.stream_ranges).
-Two phases of a resumable stage (data_prep/stage.py: one process per task, spread over worker
-processes and MPI ranks):
+The inputs are sources (data_prep.mixture: a name, paths and a weight; a plain path is a source of
+weight 1), and the sources' files are cut into parts that depend on the inputs alone: one per input
+file, one per byte range of about `part_bytes` of a big uncompressed "docs" file (readers.docs_pieces),
+one per range of bz2 streams of a multistream Wikipedia dump that has its index beside it
+(wiki.stream_ranges), one per run of row groups of about `part_bytes` of a Parquet file
+(parquet.row_group_parts). Phases of a resumable stage (data_prep/stage.py: one process per task,
+spread over worker processes and MPI ranks):
 
 1. one task per part: hash the input bytes it reads (data_prep.stage.Source), read, clean and
    split its documents into `.work/parts/PART.txt` (standard format, every document followed by a
@@ -18,15 +20,21 @@ processes and MPI ranks):
    the file (`.work/done/PART-source.json`); once all are done the main process writes the part's
    marker (its chunk files in order, the counts of the reading and of the cleaning, the source).
    So one such file still keeps every worker busy.
-2. one task per output file: the documents of all parts' files, in input order, are cut into
-   `num_files` runs of about equal bytes at document boundaries; file i is a copy of run i.
+2. only for a source whose weight is not a whole number: one task per part of it holding documents
+   that the weight draws (data_prep.mixture.drawn_documents, from the counts of all its parts): copy
+   them into `.work/parts/PART-w.txt` (marker `.work/done/PART-w.json`).
+3. one task per output file: the documents of all parts' files, in input order, each source's as many
+   times as its weight's whole copies and then its drawn documents, are cut into `num_files` runs of
+   about equal bytes at document boundaries; file i is a copy of run i.
 
-The output therefore depends on the inputs, the format and the number of files alone, never on
+The output therefore depends on the inputs, the settings and the number of files alone, never on
 workers, ranks or chunks. A killed run continues with `resume=True`: finished parts, chunks and
 files are kept, as long as the inputs they were made from still hold the same bytes. Parts of an
 input whose times moved since the interrupted run are hashed again, and those whose bytes differ
-are made again, with every output file (data_prep.stage.Stage.keep_current); a streamed part's
-finished chunks are kept only if their raw documents, read again, are the same. At most one part
+are made again, with every drawn-documents file and output file (data_prep.stage.Stage.keep_current);
+a streamed part's finished chunks are kept only if their raw documents, read again, are the same; the
+parts of a Parquet file are made again together when its last part (which holds the footer: the
+schema and the row-group index that every part reads by) is. At most one part
 file and one output file are open per process, whatever the number of files.
 """
 
@@ -34,6 +42,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import json
 import logging
 import math
 import os
@@ -44,10 +53,21 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from common.atomic import atomic_path
 from data_prep.compressed import compression
 from data_prep.errors import DataPrepError
+from data_prep.mixture import (
+    DEFAULT_WEIGHT_SEED,
+    InputSource,
+    SourceStats,
+    as_sources,
+    drawn_count,
+    drawn_documents,
+)
 from data_prep.mpi import get_world
+from data_prep.parquet import DEFAULT_FIELDS, Fields, check_columns, row_group_parts
 from data_prep.readers import (
     FORMATS,
     SENTENCES,
@@ -78,13 +98,17 @@ from data_prep.wiki import multistream_index, stream_ranges
 log = logging.getLogger(__name__)
 
 # The layout of `.work` (2: streamed parts in chunk files; 3: the markers record the input bytes read, as sources and
-# digests); --resume refuses another.
-WORK_FORMAT = 3
+# digests; 4: Parquet parts by row group, drawn-documents files of weighted sources, the text field and the
+# sources' weights among the settings); --resume refuses another.
+WORK_FORMAT = 4
 SUMMARY = ".corpus.json"  # hidden: readers of the folder (vocab, shard) skip it
-# The layout of SUMMARY (2: the inputs' times, cuts and sha256 recorded; 1 compared by path and size); a folder of a
-# newer one is refused.
-SUMMARY_VERSION = 2
+# The layout of SUMMARY (3: per-source counts, the text and title fields and the weights among the settings; 2: the
+# inputs' times, cuts and sha256 recorded; 1 compared by path and size); a folder of a newer one is refused.
+SUMMARY_VERSION = 3
+# Settings that summaries before version 3 did not record, as those runs had them.
+_SETTINGS_BEFORE_3 = {"text_field": "text", "title_field": None, "weights": None, "weight_seed": None}
 _SOURCE = "-source"  # a streamed part's marker of the file's bytes: PART-source.json
+_DRAWN = "-w"  # the drawn documents of a part of a source with a fractional weight: PART-w.txt, PART-w.json
 _PART_MARKER = re.compile(rf"p\d{{6}}({_SOURCE})?")  # the markers that record a source
 # Parts of about this many stored bytes: a multistream range of this size is ~5x as much XML, a
 # minute or so of cleaning on one core, so that workers finish together and a resumed run loses little.
@@ -105,11 +129,13 @@ class CorpusStats(ReadStats):
     output_files: list[Path] = field(default_factory=list)
     bytes_written: int = 0
     seconds: float = 0.0
+    sources: list[SourceStats] = field(default_factory=list)  # per source: read, and written after weighting
 
 
 @dataclass(frozen=True)
 class Part:
-    """One phase-1 task: input file `path` (format `fmt`), or bytes [start, stop) of it."""
+    """One phase-1 task: input file `path` (format `fmt`), or bytes [start, stop) of it (of a Parquet file: its
+    row groups [first, stop) `row_groups`, stored in those bytes)."""
 
     index: int
     path: str
@@ -118,6 +144,9 @@ class Part:
     stop: int | None = None
     size: int = 0  # stored bytes: the order in which parts are dealt out
     streamed: bool = False  # read by the main process, cleaned by the workers in chunks
+    source: int = 0  # the index of its source (data_prep.mixture)
+    row_groups: tuple[int, int] | None = None
+    last_of_file: bool = True  # the file's last part (of a Parquet file: the one holding its footer)
 
     @property
     def name(self) -> str:
@@ -125,9 +154,15 @@ class Part:
 
     @property
     def piece(self) -> tuple[int, int] | None:
-        return None if self.start is None or self.stop is None else (self.start, self.stop)
+        """The byte range its reader reads (docs pieces, multistream ranges); None: the whole file or row groups."""
+        if self.row_groups is not None or self.start is None or self.stop is None:
+            return None
+        return (self.start, self.stop)
 
     def describe(self) -> str:
+        if self.row_groups is not None:
+            first, stop = self.row_groups
+            return f"{self.path} (row groups {first}-{stop - 1}, bytes {self.start}-{self.stop})"
         return self.path if self.start is None else f"{self.path} (bytes {self.start}-{self.stop})"
 
     def span(self) -> Span:
@@ -135,17 +170,42 @@ class Part:
         return Span.of(self.path, self.start, self.stop)
 
 
-def plan_parts(files: list[Path], fmt: str, part_bytes: int = PART_BYTES) -> list[Part]:
+def plan_parts(
+    files: list[Path],
+    fmt: str,
+    part_bytes: int = PART_BYTES,
+    fields: Fields = DEFAULT_FIELDS,
+    source_of: list[int] | None = None,
+) -> list[Part]:
     """The parts of the inputs, in input order; they depend on the files and `part_bytes` alone. A
-    multistream index beside its dump is the dump's index, not an input of its own."""
+    multistream index beside its dump is the dump's index, not an input of its own. `source_of`: the index
+    of each file's source (all 0 when None). A Parquet file's columns are checked here (`fields`)."""
     indexes = {idx.resolve() for f in files if (idx := multistream_index(f)) is not None}
     parts: list[Part] = []
-    for path in files:
+    for k, path in enumerate(files):
+        source = source_of[k] if source_of is not None else 0
         if path.resolve() in indexes:
             log.info("%s: index of a multistream dump, used to read it in parallel", path)
             continue
         kind = detect_format(path) if fmt == "auto" else fmt
         size = path.stat().st_size
+        if kind == "parquet" and size > 0:
+            groups = row_group_parts(path, fields, part_bytes)
+            parts += [
+                Part(
+                    len(parts) + j,
+                    str(path),
+                    kind,
+                    group.start,
+                    group.end,
+                    group.end - group.start,
+                    source=source,
+                    row_groups=(group.first, group.stop),
+                    last_of_file=j == len(groups) - 1,
+                )
+                for j, group in enumerate(groups)
+            ]
+            continue
         ranges: list[tuple[int, int]] | None = None
         if kind == "docs" and not compression(path) and size > part_bytes:
             ranges = docs_pieces(path, part_bytes)
@@ -154,12 +214,21 @@ def plan_parts(files: list[Path], fmt: str, part_bytes: int = PART_BYTES) -> lis
             log.info("%s: multistream dump, %d ranges of bz2 streams (index %s)", path, len(ranges), index.name)
         if ranges and len(ranges) > 1:
             parts += [
-                Part(len(parts) + k, str(path), kind, start, stop, stop - start)
-                for k, (start, stop) in enumerate(ranges)
+                Part(
+                    len(parts) + j,
+                    str(path),
+                    kind,
+                    start,
+                    stop,
+                    stop - start,
+                    source=source,
+                    last_of_file=j == len(ranges) - 1,
+                )
+                for j, (start, stop) in enumerate(ranges)
             ]
         else:
-            streamed = kind != "docs" and kind != "files" and size > part_bytes
-            parts.append(Part(len(parts), str(path), kind, size=size, streamed=streamed))
+            streamed = kind not in ("docs", "files", "parquet") and size > part_bytes
+            parts.append(Part(len(parts), str(path), kind, size=size, streamed=streamed, source=source))
     if not parts:
         raise DataPrepError(f"{files[0]}: no input files besides multistream indexes")
     return parts
@@ -175,7 +244,7 @@ def _part_file(folder: StageFolder, name: str) -> Path:
 
 
 def write_corpus(
-    inputs: list[Path],
+    inputs: list[Any],
     output_dir: Path,
     num_files: int = 0,
     fmt: str = "auto",
@@ -188,10 +257,14 @@ def write_corpus(
     allow_bad_bytes: bool = False,
     part_bytes: int = PART_BYTES,
     progress_every: float | None = None,
+    fields: Fields = DEFAULT_FIELDS,
+    weight_seed: int = DEFAULT_WEIGHT_SEED,
 ) -> CorpusStats:
     """Write the documents of `inputs` to `output_dir/{prefix}-00000.txt` … (`num_files` files; 0: one per
-    AUTO_FILE_BYTES of text, at least AUTO_MIN_FILES). Byte-identical whatever `workers` and the MPI ranks
-    (`mpi`: auto, on, off as for `shard`). Files appear under their final names only once complete; a
+    AUTO_FILE_BYTES of text, at least AUTO_MIN_FILES). `inputs`: paths (files or folders, each a source of weight
+    1) or data_prep.mixture.InputSource (a name, paths and a weight; a fractional weight draws documents seeded by
+    `weight_seed`). `fields`: the text (and title) field of JSON lines and Parquet inputs. Byte-identical whatever
+    `workers` and the MPI ranks (`mpi`: auto, on, off as for `shard`). Files appear under their final names only once complete; a
     non-empty `output_dir` is refused unless `resume`, which continues an interrupted run (or, on a finished
     one with the same settings and inputs, only returns its counts). Progress: bars on rank 0 with `progress` on a
     terminal, else a log line per rank every `progress_every` seconds (data_prep.progress)."""
@@ -203,42 +276,57 @@ def write_corpus(
         raise DataPrepError(f"{output_dir}: unknown input format {fmt!r} (choose from {', '.join(FORMATS)})")
     if not prefix or "/" in prefix or os.sep in prefix:
         raise DataPrepError(f"{output_dir}: bad output file prefix {prefix!r}")
+    if not fields.text or fields.title == "":
+        raise DataPrepError(f"{output_dir}: the text and title fields need a name")
     start = time.perf_counter()
-    files = expand_inputs(inputs)
+    sources = as_sources(inputs)
+    files, source_of = source_files(sources)
     world = get_world(mpi)
     folder = StageFolder(Path(output_dir), "corpus", WORK_FORMAT, SUMMARY, ("parts", "done"))
     stage = Stage(folder, world, workers, progress and world.rank == 0, progress_every)
+    weighted = any(source.weight != 1 for source in sources)
     settings = {
         "format": fmt,
         "num_files": num_files,
         "prefix": prefix,
         "allow_bad_bytes": allow_bad_bytes,
         "part_bytes": part_bytes,
+        "text_field": fields.text,
+        "title_field": fields.title,
+        # (which files each weight applies to; None: every weight 1, the names only label the summary)
+        "weights": [[s.name, s.weight, source_of.count(i)] for i, s in enumerate(sources)] if weighted else None,
+        "weight_seed": weight_seed if any(source.fraction for source in sources) else None,
     }
     identity: dict[str, Any] = {"settings": settings, "inputs": input_identity(files)}
     with world.abort_on_error():
+        # (a Parquet file without the text column is refused before the output folder is made)
+        world.run_on_rank0(lambda: _check_parquet(files, fmt, fields))
         if stage.open(identity, resume, lambda: _finished_run(folder, prefix)):
             if world.rank == 0:
                 log.info(
                     "%s: corpus already complete (%s; same settings and inputs): nothing to do", folder.output, SUMMARY
                 )
             return _stats_from(_read_summary(folder.output / SUMMARY), folder, prefix)
-        parts = world.run_on_rank0(lambda: plan_parts(files, fmt, part_bytes))
+        parts = world.run_on_rank0(lambda: plan_parts(files, fmt, part_bytes, fields, source_of))
         if world.rank == 0:
             log.info("corpus: %d input file(s) in %d part(s)", len(files), len(parts))
         stage.keep_current(
-            lambda: _planned(parts), lambda: _finished_parts(folder), lambda names: _redo(folder, prefix, names), "part"
+            lambda: _planned(parts),
+            lambda: _finished_parts(folder),
+            lambda names: _redo(folder, prefix, names, parts),
+            "part",
         )
-        _read_parts(stage, parts, allow_bad_bytes, part_bytes)
-        read, num_written, bytes_written, sources = _write_outputs(stage, files, parts, num_files, prefix)
+        _read_parts(stage, parts, allow_bad_bytes, part_bytes, fields)
+        written = _write_outputs(stage, files, parts, num_files, prefix, sources, source_of, weight_seed)
         # (rank 0 writes the summary: it alone hashes a file no part read, a multistream index)
-        recorded = recorded_inputs(identity["inputs"], sources) if world.rank == 0 else identity["inputs"]
+        recorded = recorded_inputs(identity["inputs"], written.spans) if world.rank == 0 else identity["inputs"]
         summary = {
             "summary_version": SUMMARY_VERSION,
             "settings": {**settings, "inputs": recorded},  # (the inputs among the settings, as in version 1)
-            "num_files": num_written,
-            "read": asdict(read),
-            "bytes_written": bytes_written,
+            "num_files": written.num_files,
+            "read": asdict(written.read),
+            "bytes_written": written.bytes,
+            "sources": [source.to_json() for source in written.sources],
             "seconds": time.perf_counter() - start,
         }
         if world.rank == 0:
@@ -248,6 +336,43 @@ def write_corpus(
     if world.rank == 0:
         _log_summary(stats, folder.output)
     return stats
+
+
+def source_files(sources: list[InputSource]) -> tuple[list[Path], list[int]]:
+    """The input files of the sources, in order (data_prep.readers.expand_inputs of each), and the index of each
+    one's source. Every path is checked before any folder is walked. A file reached again (through another path)
+    stays where it came first; a file in two sources of which one is weighted is refused (its weight would be
+    ambiguous)."""
+    for source in sources:
+        for path in source.paths:
+            if not path.exists():
+                raise DataPrepError(f"{path}: no such file or directory")
+    files: list[Path] = []
+    source_of: list[int] = []
+    owner: dict[Path, int] = {}
+    for index, source in enumerate(sources):
+        before = len(files)
+        for file in expand_inputs(source.paths):
+            key = file.resolve()
+            first = owner.get(key)
+            if first is None:
+                owner[key] = index
+                files.append(file)
+                source_of.append(index)
+            elif first != index and (sources[first].weight != 1 or source.weight != 1):
+                raise DataPrepError(
+                    f"{file}: in sources {sources[first].name!r} and {source.name!r}, one of them weighted: "
+                    "give the file to one source"
+                )
+        if len(files) == before:
+            log.warning("source %s: all its files are in an earlier source already; it adds nothing", source.name)
+    return files, source_of
+
+
+def _check_parquet(files: list[Path], fmt: str, fields: Fields) -> None:
+    for path in files:
+        if (fmt if fmt != "auto" else detect_format(path)) == "parquet" and path.stat().st_size > 0:
+            check_columns(path, fields)
 
 
 def _read_summary(path: Path) -> dict[str, Any]:
@@ -264,6 +389,8 @@ def _finished_run(folder: StageFolder, prefix: str) -> Finished:
     summary = _read_summary(folder.output / SUMMARY)
     settings = dict(summary["settings"])
     inputs = settings.pop("inputs")
+    if summary.get("summary_version", 1) < 3:  # the runs before these settings were recorded had these values
+        settings = {**_SETTINGS_BEFORE_3, **settings}
     if summary.get("summary_version", 1) < 2:  # recorded the inputs' paths and sizes only
         inputs = [{"path": entry["path"], "bytes": entry["bytes"]} for entry in inputs]
     files: list[tuple[str, int | None]] = [(output_name(prefix, i), None) for i in range(summary["num_files"])]
@@ -275,6 +402,7 @@ def _stats_from(summary: dict[str, Any], folder: StageFolder, prefix: str) -> Co
     stats.output_files = [folder.output / output_name(prefix, i) for i in range(summary["num_files"])]
     stats.bytes_written = summary["bytes_written"]
     stats.seconds = summary["seconds"]
+    stats.sources = [SourceStats.from_json(source) for source in summary.get("sources", [])]
     return stats
 
 
@@ -300,25 +428,35 @@ def _finished_parts(folder: StageFolder) -> dict[str, Source]:
     }
 
 
-def _redo(folder: StageFolder, prefix: str, names: list[str]) -> None:
-    """Parts to make again: first the output files (cut from every part, so all are made again), then the parts'
-    markers (a streamed part's chunks are kept where their documents, read again, are the same)."""
-    for marker in folder.sub("done").glob("out-*.json"):
+def _redo(folder: StageFolder, prefix: str, names: list[str], parts: list[Part]) -> None:
+    """Parts to make again: first the output files and the drawn documents (made from every part, so all are made
+    again), then the parts' markers (a streamed part's chunks are kept where their documents, read again, are the
+    same). The last part of a Parquet file holds its footer, which every part of the file is read by: when it is
+    made again, so are they all."""
+    for marker in [*folder.sub("done").glob("out-*.json"), *folder.sub("done").glob(f"p*{_DRAWN}.json")]:
         marker.unlink()
     for output in folder.output.glob(f"{glob.escape(prefix)}-[0-9]*.txt"):
         output.unlink()
-    for name in names:
+    redo = set(names)
+    for part in parts:
+        if part.row_groups is not None and part.last_of_file and part.name in redo:
+            same_file = [other.name for other in parts if other.path == part.path]
+            log.info("%s: its footer changed: all %d parts of the file are made again", part.path, len(same_file))
+            redo.update(same_file)
+    for name in sorted(redo):
         folder.marker(name).unlink(missing_ok=True)
 
 
-def _read_parts(stage: Stage, parts: list[Part], allow_bad_bytes: bool, part_bytes: int) -> None:
+def _read_parts(stage: Stage, parts: list[Part], allow_bad_bytes: bool, part_bytes: int, fields: Fields) -> None:
     """This rank's parts not done yet, biggest first: whole parts one task each; streamed parts read here and
     cleaned in chunks, one task each, a whole part between two chunks (so that no worker waits while this process
     reads); then the streamed parts' markers."""
     folder = stage.folder
     mine = [p for p in stage.share(parts, lambda p: p.size) if not folder.marker(p.name).exists()]
-    whole = (Task(_task_name(p), ("part", (p, folder, allow_bad_bytes)), p.size) for p in mine if not p.streamed)
-    streamed = [_Streamed(p, folder, allow_bad_bytes, part_bytes) for p in mine if p.streamed]
+    whole = (
+        Task(_task_name(p), ("part", (p, folder, allow_bad_bytes, fields)), p.size) for p in mine if not p.streamed
+    )
+    streamed = [_Streamed(p, folder, allow_bad_bytes, part_bytes, fields) for p in mine if p.streamed]
 
     def tasks() -> Iterator[Task]:
         for part in streamed:
@@ -350,12 +488,12 @@ def _part_task(task: tuple[str, Any]) -> None:
         _clean_batch(args)
 
 
-def _read_part(task: tuple[Part, StageFolder, bool]) -> None:
+def _read_part(task: tuple[Part, StageFolder, bool, Fields]) -> None:
     """A whole part in one task: read, clean, split; its part file and its marker."""
-    part, folder, allow_bad_bytes = task
+    part, folder, allow_bad_bytes, fields = task
     source = Source.read(part.span())  # (before reading: bytes changed meanwhile make it differ at a --resume)
     stats = ReadStats()
-    docs = iter_documents(Path(part.path), part.fmt, stats, part.piece, allow_bad_bytes)
+    docs = iter_documents(Path(part.path), part.fmt, stats, part.piece, allow_bad_bytes, fields, part.row_groups)
     size = _write_documents(_part_file(folder, part.name), docs)
     write_json(
         folder.marker(part.name),
@@ -414,8 +552,9 @@ def _write_documents(path: Path, docs: Iterator[list[str]]) -> int:
 class _Streamed:
     """A part read by this process and cleaned in chunks by the workers."""
 
-    def __init__(self, part: Part, folder: StageFolder, allow_bad_bytes: bool, chunk_chars: int):
+    def __init__(self, part: Part, folder: StageFolder, allow_bad_bytes: bool, chunk_chars: int, fields: Fields):
         self.part, self.folder, self.allow_bad_bytes, self.chunk_chars = part, folder, allow_bad_bytes, chunk_chars
+        self.fields = fields
         self.reading = ReadStats()  # what the reading counted (files, bytes, pages skipped, bad lines …)
         self.chunks: list[str] = []
 
@@ -426,7 +565,9 @@ class _Streamed:
         part = self.part
         if not self.folder.marker(part.name + _SOURCE).exists():
             yield Task(f"{_task_name(part)} sha256", ("source", (part, self.folder)), 0)
-        raws = iter_raw_documents(Path(part.path), part.fmt, self.reading, part.piece, self.allow_bad_bytes)
+        raws = iter_raw_documents(
+            Path(part.path), part.fmt, self.reading, part.piece, self.allow_bad_bytes, self.fields
+        )
         held: Task | None = None
         for k, batch in enumerate(_chunks(raws, self.chunk_chars)):
             name = f"{part.name}-c{k:05d}"
@@ -482,24 +623,59 @@ def _chunks(raws: Iterator[RawDocument], chars: int) -> Iterator[list[RawDocumen
         yield batch
 
 
-# --- phase 2 -------------------------------------------------------------------------------------
+# --- phases 2 and 3 ------------------------------------------------------------------------------
+
+
+@dataclass
+class _Written:
+    """What the output phase gives every rank: the counts of the reading, the number of output files, the bytes
+    written, what the parts read (their sources), and the counts of each input source."""
+
+    read: ReadStats
+    num_files: int
+    bytes: int
+    spans: list[Source]
+    sources: list[SourceStats]
 
 
 def _write_outputs(
-    stage: Stage, files: list[Path], parts: list[Part], num_files: int, prefix: str
-) -> tuple[ReadStats, int, int, list[Source]]:
-    """The output files, cut from the parts' files in input order; every rank reads the same markers, so all agree
-    on the counts and the cuts. Returns, on every rank, the counts of the reading, the number of output files, the
-    bytes written and what the parts read."""
+    stage: Stage,
+    files: list[Path],
+    parts: list[Part],
+    num_files: int,
+    prefix: str,
+    sources: list[InputSource],
+    source_of: list[int],
+    weight_seed: int,
+) -> _Written:
+    """The output files, cut from the parts' files in input order, each source's whole copies then its drawn
+    documents; every rank reads the same markers, so all agree on the counts and the cuts."""
     folder, world = stage.folder, stage.world
     markers = [read_json(folder.marker(p.name)) for p in parts]
     read = ReadStats()
-    for marker in markers:
-        read += ReadStats(**marker["read"])
+    per_source = [SourceStats(s.name, s.weight, source_of.count(i)) for i, s in enumerate(sources)]
+    for part, marker in zip(parts, markers):
+        counted = ReadStats(**marker["read"])
+        read += counted
+        per_source[part.source].read += counted
     if read.documents == 0:
         where = f"{files[0]}{' …' if len(files) > 1 else ''}"
         raise DataPrepError(f"{where}: no documents found in {len(files)} input file(s) (wrong --format?)")
-    layout = [(str(_part_file(folder, name)), size) for marker in markers for name, size in marker["files"]]
+    drawn = _draw(stage, parts, markers, sources, weight_seed)
+    layout: list[tuple[str, int]] = []
+    for index, source in enumerate(sources):
+        own = [
+            (str(_part_file(folder, name)), size)
+            for part, marker in zip(parts, markers)
+            if part.source == index
+            for name, size in marker["files"]
+        ]
+        mine = [(part.name, drawn[part.name]) for part in parts if part.source == index and part.name in drawn]
+        layout += own * source.copies + [(str(_part_file(folder, name + _DRAWN)), made["bytes"]) for name, made in mine]
+        stats = per_source[index]
+        stats.documents_written = source.copies * stats.read.documents + sum(made["documents"] for _, made in mine)
+        stats.sentences_written = source.copies * stats.read.sentences + sum(made["sentences"] for _, made in mine)
+        stats.bytes_written = source.copies * sum(size for _, size in own) + sum(made["bytes"] for _, made in mine)
     total = sum(size for _, size in layout)
     n_files = num_files or max(AUTO_MIN_FILES, math.ceil(total / AUTO_FILE_BYTES))
     if not num_files and world.rank == 0:
@@ -518,7 +694,93 @@ def _write_outputs(
     ]
     stage.run(_write_output, tasks, "corpus files", "B")
     written = sum(read_json(folder.marker(f"out-{i:05d}"))["bytes"] for i in range(n_files))
-    return read, n_files, written, [Source.from_json(marker["source"]) for marker in markers]
+    spans = [Source.from_json(marker["source"]) for marker in markers]
+    return _Written(read, n_files, written, spans, per_source)
+
+
+def _draw(
+    stage: Stage, parts: list[Part], markers: list[dict[str, Any]], sources: list[InputSource], weight_seed: int
+) -> dict[str, dict[str, Any]]:
+    """The documents that fractional weights draw (data_prep.mixture), copied out of their parts' files into
+    PART-w.txt, one task per part that holds some, spread over the ranks; a finished task is kept if it was made
+    from the same part files and draw. Returns, on every rank, part name -> the marker of its drawn documents
+    (their bytes, documents and sentences)."""
+    folder = stage.folder
+    items = []
+    for index, source in enumerate(sources):
+        if not source.fraction:
+            continue
+        own = [(part, marker) for part, marker in zip(parts, markers) if part.source == index]
+        documents = sum(marker["read"]["documents"] for _, marker in own)
+        chosen = drawn_documents(documents, drawn_count(documents, source.fraction), weight_seed, source.name)
+        first = 0
+        for part, marker in own:
+            count = marker["read"]["documents"]
+            lo, hi = np.searchsorted(chosen, [first, first + count])
+            if hi > lo:
+                files = [(str(_part_file(folder, name)), size) for name, size in marker["files"]]
+                picks = chosen[lo:hi] - first
+                digest = hashlib.sha256(json.dumps(files).encode() + picks.tobytes()).hexdigest()
+                items.append((part, files, picks, count, digest))
+            first += count
+    if not items:
+        return {}
+
+    def done(name: str, digest: str) -> bool:
+        marker = folder.marker(name + _DRAWN)
+        return marker.exists() and read_json(marker)["drawn_sha256"] == digest
+
+    mine = [item for item in stage.share(items, lambda item: item[0].size) if not done(item[0].name, item[4])]
+    tasks = [
+        Task(
+            f"drawn documents of part {part.name} ({part.describe()})",
+            (files, picks, count, digest, folder, part.name),
+            sum(size for _, size in files),
+        )
+        for part, files, picks, count, digest in mine
+    ]
+    stage.run(_write_drawn, tasks, "corpus weights", "B")
+    return {part.name: read_json(folder.marker(part.name + _DRAWN)) for part, *_ in items}
+
+
+def _write_drawn(task: tuple[list[tuple[str, int]], np.ndarray, int, str, StageFolder, str]) -> None:
+    """The drawn documents of one part (local indices `picks`, sorted), copied in order; its marker."""
+    files, picks, count, digest, folder, name = task
+    wanted = iter(picks.tolist())
+    pick = next(wanted, -1)
+    index = documents = sentences = size = 0
+    with atomic_path(_part_file(folder, name + _DRAWN)) as tmp:
+        with open(tmp, "wb", buffering=1 << 20) as out:
+            for path, _ in files:
+                for document in _documents_in(Path(path)):
+                    if index == pick:
+                        out.write(document)
+                        documents += 1
+                        sentences += document.count(b"\n") - 1  # (its lines, then the blank line)
+                        size += len(document)
+                        pick = next(wanted, -1)
+                    index += 1
+    if index != count:
+        raise DataPrepError(f"{files[0][0]}: {index} documents in the part's files, {count} recorded (changed?)")
+    marker = {"bytes": size, "documents": documents, "sentences": sentences, "drawn_sha256": digest}
+    write_json(folder.marker(name + _DRAWN), marker)
+
+
+def _documents_in(path: Path) -> Iterator[bytes]:
+    """The documents of a part file, each with the blank line after it (every document ends with "\n\n", and
+    "\n\n" occurs nowhere else); one document and one block in memory."""
+    with open(path, "rb") as f:
+        rest = b""
+        while block := f.read(_COPY_BYTES):
+            data = rest + block
+            start, end = 0, data.find(b"\n\n", max(len(rest) - 1, 0))
+            while end >= 0:
+                yield data[start : end + 2]
+                start = end + 2
+                end = data.find(b"\n\n", start)
+            rest = data[start:]
+    if rest:
+        raise DataPrepError(f"{path}: part file does not end with a blank line (changed during the run?)")
 
 
 def _boundary(layout: list[tuple[str, int]], target: int) -> int:
@@ -591,11 +853,27 @@ def _log_summary(stats: CorpusStats, output_dir: Path) -> None:
         stats.seconds,
         mb_in / stats.seconds if stats.seconds else 0.0,
     )
+    if len(stats.sources) > 1 or any(source.weight != 1 for source in stats.sources):
+        for source in stats.sources:
+            log.info(
+                "corpus: source %s (weight %g, %d file(s)): %d documents, %d sentences read (%.1f MB) -> "
+                "%d documents, %d sentences written (%.1f MB)",
+                source.name,
+                source.weight,
+                source.files,
+                source.read.documents,
+                source.read.sentences,
+                source.read.bytes / 1e6,
+                source.documents_written,
+                source.sentences_written,
+                source.bytes_written / 1e6,
+            )
     skipped = {
         "empty files": stats.empty_files,
         "empty documents": stats.empty_documents,
         "wiki pages skipped (redirect/disambiguation/non-article)": stats.skipped_pages,
         "bad JSON lines": stats.bad_json_lines,
+        "null Parquet texts": stats.null_texts,
         "undecodable bytes replaced": stats.replaced_chars,
         "long lines cut": stats.long_lines_split,
         "long sentences cut": stats.long_sentences_split,

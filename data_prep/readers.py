@@ -7,7 +7,9 @@ expensive part (wiki markup cleaning, sentence splitting) and can run in a worke
 `iter_documents` chains the two in-process; the "docs" format has its own fast path.
 
 Everything streams: at most one document (plus one read chunk) is held in memory. Compressed
-inputs (.gz, .bz2, .xz) are read through their compression in every format.
+inputs (.gz, .bz2, .xz) are read through their compression in every text format. Parquet (data_prep.parquet)
+is read by row group, in batches of rows. JSON lines and Parquet take a document's text from a named field
+(`Fields`: "text" by default).
 
 Text is UTF-8, or UTF-16 or UTF-32 (LE or BE) when the file starts with that byte-order mark; a byte-order
 mark is never part of the text. A UTF-16 or UTF-32 file is read whole, as one range (docs_pieces). A file
@@ -32,6 +34,7 @@ from typing import BinaryIO, Protocol, cast
 
 from data_prep.compressed import DECOMPRESSION_ERRORS, compression, decompression_error, open_input, without_compression
 from data_prep.errors import DataPrepError
+from data_prep.parquet import DEFAULT_FIELDS, Fields, NullTexts, iter_texts
 from data_prep.sentences import (
     MAX_SENTENCE_CHARS,
     cut_long,
@@ -43,7 +46,7 @@ from data_prep.wiki import clean_wikitext, iter_pages, skip_reason
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("auto", "docs", "paragraphs", "files", "wiki", "jsonl")
+FORMATS = ("auto", "docs", "paragraphs", "files", "wiki", "jsonl", "parquet")
 
 # Bytes decoded per read: large enough that per-call overhead vanishes, small enough that a
 # file without newlines never sits in memory whole. One character beyond U+FFFF makes Python
@@ -63,6 +66,10 @@ _BAD_BYTES_SAMPLE = 64 << 10
 _ALLOW_HINT = "--allow-bad-bytes reads it anyway, replacing undecodable bytes"
 # Per file, the first few bad JSON lines are logged one by one, the rest only counted.
 _BAD_JSON_WARNINGS = 10
+# A JSON lines file whose first this many JSON objects all lack the text field (as a key) is refused, naming the
+# keys they have: the field is misnamed, not missing from a few records.
+FIELD_PROBE_OBJECTS = 100
+_NAMED_KEYS = 20
 
 _BLANK_LINES_RE = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -82,7 +89,8 @@ class ReadStats:
     # sentence), lines of other text formats over MAX_LINE_CHARS (read in pieces)
     long_lines_split: int = 0
     long_sentences_split: int = 0  # sentences over MAX_SENTENCE_CHARS, cut at whitespace
-    bad_json_lines: int = 0  # jsonl: unparsable or without a string "text": skipped
+    bad_json_lines: int = 0  # jsonl: unparsable, or without a string in the text field: skipped
+    null_texts: int = 0  # parquet: rows whose text is null: skipped
     skipped_pages: int = 0  # wiki: redirects, disambiguation pages, ns != 0
 
     def merge(self, other: ReadStats) -> ReadStats:
@@ -356,12 +364,14 @@ _WIKI_PART = re.compile(r"\.xml-p\d+p\d+$")
 
 def detect_format(path: Path) -> str:
     """By extension, looking through a compression suffix: .xml (and Wikipedia's part files, .xml-pNpM) wiki,
-    .jsonl/.json jsonl, else docs."""
+    .jsonl/.json jsonl, .parquet parquet, else docs."""
     name = without_compression(path.name.lower())
     if name.endswith(".xml") or _WIKI_PART.search(name):
         return "wiki"
     if name.endswith((".jsonl", ".json")):
         return "jsonl"
+    if name.endswith(".parquet"):
+        return "parquet"
     return "docs"
 
 
@@ -436,17 +446,20 @@ def iter_documents(
     stats: ReadStats | None = None,
     piece: tuple[int, int] | None = None,
     allow_bad_bytes: bool = False,
+    fields: Fields = DEFAULT_FIELDS,
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[list[str]]:
     """Documents of one file, each a non-empty list of non-empty sentences (no newlines). `piece`: a byte
     range to read instead of the whole file, from docs_pieces() for the "docs" format or from
-    wiki.stream_ranges() for a multistream wiki dump. `allow_bad_bytes`: replace and count undecodable
-    bytes (and keep NUL bytes) instead of refusing the file."""
+    wiki.stream_ranges() for a multistream wiki dump; `row_groups`: row groups [first, stop) of a Parquet file
+    (data_prep.parquet.row_group_parts). `allow_bad_bytes`: replace and count undecodable bytes (and keep NUL
+    bytes) instead of refusing the file. `fields`: the text (and title) field of JSON lines and Parquet."""
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
     if _check_format(path, fmt) == "docs":
         yield from _docs(path, stats, piece, allow_bad_bytes)
         return
-    for raw in iter_raw_documents(path, fmt, stats, piece, allow_bad_bytes):
+    for raw in iter_raw_documents(path, fmt, stats, piece, allow_bad_bytes, fields, row_groups):
         sentences, cut = process_raw(raw)
         if count_document(sentences, cut, stats):
             yield sentences
@@ -458,14 +471,18 @@ def iter_raw_documents(
     stats: ReadStats | None = None,
     piece: tuple[int, int] | None = None,
     allow_bad_bytes: bool = False,
+    fields: Fields = DEFAULT_FIELDS,
+    row_groups: tuple[int, int] | None = None,
 ) -> Iterator[RawDocument]:
-    """The cheap, sequential stage: documents of one file (or of `piece` of it, see iter_documents)
-    before cleaning and splitting."""
+    """The cheap, sequential stage: documents of one file (or of `piece` or `row_groups` of it, see
+    iter_documents) before cleaning and splitting."""
     stats = stats if stats is not None else ReadStats()
     path = Path(path)
     fmt = _check_format(path, fmt)
     if piece is not None and fmt not in ("docs", "wiki"):
         raise ValueError("byte ranges are for the docs and wiki formats only")
+    if row_groups is not None and fmt != "parquet":
+        raise ValueError("row groups are for the parquet format only")
     if fmt == "docs":
         # Counted here as documents come ready-made; count_document() must not see them.
         for doc in _docs(path, stats, piece, allow_bad_bytes):
@@ -473,7 +490,9 @@ def iter_raw_documents(
     elif fmt == "wiki":
         yield from _wiki(path, stats, piece)
     elif fmt == "jsonl":
-        yield from _jsonl(path, stats, allow_bad_bytes)
+        yield from _jsonl(path, stats, allow_bad_bytes, fields)
+    elif fmt == "parquet":
+        yield from _parquet(path, stats, fields, row_groups)
     else:
         yield from _prose(path, stats, per_file=(fmt == "files"), allow_bad_bytes=allow_bad_bytes)
 
@@ -662,14 +681,21 @@ def _prose(path: Path, stats: ReadStats, per_file: bool, allow_bad_bytes: bool =
         log.debug("%s: only whitespace, skipped", path)
 
 
-def _jsonl(path: Path, stats: ReadStats, allow_bad_bytes: bool = False) -> Iterator[RawDocument]:
-    """JSON lines, one document per line in its "text" field; bad lines are counted, skipped."""
+def _jsonl(
+    path: Path, stats: ReadStats, allow_bad_bytes: bool = False, fields: Fields = DEFAULT_FIELDS
+) -> Iterator[RawDocument]:
+    """JSON lines, one document per line in its text field (`fields.text`); bad lines are counted, skipped. A file
+    whose first FIELD_PROBE_OBJECTS JSON objects (all of them, when fewer) all lack the field is refused, naming
+    the keys they have."""
     if not _start_file(path, stats):
         return
     found = False
     bad = 0
     lineno = 0
     overlong = False
+    field = fields.text
+    without_field = 0  # JSON objects lacking the field, while none had it
+    keys: dict[str, None] = {}  # the keys of those objects, in order of appearance
 
     def reject(problem: str) -> None:
         nonlocal bad
@@ -700,16 +726,52 @@ def _jsonl(path: Path, stats: ReadStats, allow_bad_bytes: bool = False) -> Itera
             except ValueError as exc:
                 reject(f"invalid JSON ({exc})")
                 continue
-            text = record.get("text") if isinstance(record, dict) else None
+            if without_field >= 0 and isinstance(record, dict):
+                if field in record:
+                    without_field = -1  # the field exists: records without it are only bad lines from now on
+                else:
+                    without_field += 1
+                    keys.update((key, None) for key in list(record)[:_NAMED_KEYS] if len(keys) < _NAMED_KEYS)
+                    if without_field == FIELD_PROBE_OBJECTS:
+                        _no_field(path, field, without_field, keys)
+            text = record.get(field) if isinstance(record, dict) else None
             if not isinstance(text, str):
-                reject('not a JSON object with a string "text" field')
+                title = record.get(fields.title) if fields.title is not None and isinstance(record, dict) else None
+                named = f" ({fields.title} {title!r})" if title is not None else ""
+                reject(f"not a JSON object with a string {json.dumps(field)} field{named}")
                 continue
             yield RawDocument(PROSE, text)
+    if without_field > 0:
+        _no_field(path, field, without_field, keys)
     if not found:
         stats.empty_files += 1
         log.debug("%s: only whitespace, skipped", path)
     if bad:
         log.warning("%s: %d bad JSON line(s) skipped", path, bad)
+
+
+def _no_field(path: Path, field: str, objects: int, keys: dict[str, None]) -> None:
+    named = ", ".join(keys) if keys else "none"
+    raise DataPrepError(
+        f"{path}: no {json.dumps(field)} field (--text-field) in its first {objects} JSON object(s); "
+        f"keys found: {named}"
+    )
+
+
+def _parquet(
+    path: Path, stats: ReadStats, fields: Fields, row_groups: tuple[int, int] | None = None
+) -> Iterator[RawDocument]:
+    """Rows of a Parquet file (or of its row groups [first, stop)), one document each in its text column; null
+    texts are counted, skipped. The file is counted with its first row group."""
+    if (row_groups is None or row_groups[0] == 0) and not _start_file(path, stats):
+        return
+    nulls = NullTexts(path, fields.text)
+    for text, where in iter_texts(path, fields, row_groups):
+        if text is None:
+            nulls.add(where)
+            continue
+        yield RawDocument(PROSE, text)
+    stats.null_texts += nulls.count
 
 
 def _wiki(path: Path, stats: ReadStats, streams: tuple[int, int] | None = None) -> Iterator[RawDocument]:

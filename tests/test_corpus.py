@@ -282,6 +282,26 @@ def test_resume_refuses_other_work_formats_and_newer_folders(tmp_path: Path) -> 
         write_corpus([src], out, num_files=2, progress=False, resume=True)
 
 
+def test_a_finished_folder_of_summary_version_2_is_still_complete(tmp_path: Path) -> None:
+    """A corpus made before the text field and the weights were recorded (.corpus.json version 2, without per-source
+    counts) is the same run as a plain one now: --resume finds it complete; other fields are refused."""
+    src = write_docs(tmp_path / "a.txt", [["One."], ["Two."]])
+    out = tmp_path / "out"
+    write_corpus([src], out, num_files=2, progress=False)
+    summary = json.loads((out / ".corpus.json").read_text())
+    settings = {
+        k: v for k, v in summary["settings"].items() if k not in ("text_field", "title_field", "weights", "weight_seed")
+    }
+    old = {**{k: v for k, v in summary.items() if k != "sources"}, "summary_version": 2, "settings": settings}
+    (out / ".corpus.json").write_text(json.dumps(old))
+    again = write_corpus([src], out, num_files=2, progress=False, resume=True)
+    assert again.documents == 2 and again.sources == []
+    from data_prep.parquet import Fields
+
+    with pytest.raises(DataPrepError, match="already complete, but made with other settings"):
+        write_corpus([src], out, num_files=2, progress=False, resume=True, fields=Fields("body"))
+
+
 FAULT = REPO / "tests" / "helpers" / "shard_fault.py"  # injects a fault into albert-data from outside
 
 

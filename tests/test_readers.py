@@ -329,6 +329,9 @@ def test_long_sentences_are_counted(tmp_path: Path) -> None:
         ("a.jsonl.gz", "jsonl"),
         ("a.xml.xz", "wiki"),
         ("a.txt.gz", "docs"),
+        ("train-00000-of-00041.parquet", "parquet"),  # a Hugging Face dataset's file
+        ("A.PARQUET", "parquet"),
+        ("a.parquet.gz", "parquet"),  # (refused when read: decompress it)
         ("enwiki-latest-pages-articles1.xml-p1p41242.bz2", "wiki"),  # Wikipedia's part files
         ("enwiki-20240601-pages-articles-multistream27.xml-p76000000p77000000", "wiki"),
     ],
