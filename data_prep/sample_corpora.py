@@ -3,8 +3,11 @@ ships it.
 
 No third-party text is committed to this repository. gensim's wheel carries, as test data,
 an excerpt of an English Wikipedia `pages-articles` dump (206 pages, ~100 of them real
-articles), the Lee news corpus (300 stories, one per line) and 200 labelled movie-review
-sentences (Pang & Lee's sentence polarity, fastText format). `pip download` fetches the
+articles), the Lee news corpus (300 stories, one per line), 200 labelled movie-review
+sentences (Pang & Lee's sentence polarity, fastText format), two word-similarity sets
+(WordSim-353 and SimLex-999: word pairs with human ratings) and 200 Usenet posts of two
+newsgroups (a zlib-compressed pickle of a scikit-learn Bunch; `pipeline/probe_data.py` reads it
+without running code it names). `pip download` fetches the
 wheel without installing gensim; the files are extracted from it with zipfile and
 cached. The wheel is pinned to one version and platform so every machine gets the same bytes,
 which the SHA-256 checks confirm.
@@ -66,7 +69,24 @@ PANG_LEE_POLARITY = _Member(
     "662c1b7c3bd0612eaaaf3f0c694cbd3897e30c0d87d2940b46c9fd0d15ed70c1",
     encoding="cp1252",
 )
-_ALL = (WIKIPEDIA_EXCERPT, LEE_BACKGROUND, PANG_LEE_POLARITY)
+# "word1<TAB>word2<TAB>mean human rating" lines after two "#" comment lines; ratings 0-10.
+WORDSIM353 = _Member(
+    "gensim/test/test_data/wordsim353.tsv",
+    "wordsim353.tsv",
+    "f92a022fc2537793a15bc3a8c162ebcd74990e033a228bb6388cb71e4c0b1e1d",
+)
+SIMLEX999 = _Member(
+    "gensim/test/test_data/simlex999.txt",
+    "simlex999.tsv",
+    "d5e0501971478a511430ee880bd0121e94ac701ba86d90544d83e6d2ba3db05d",
+)
+# 200 posts (alt.atheism and sci.space, 100 each) with their Usenet headers: a Python 2 pickle, zlib-compressed.
+MINI_NEWSGROUP = _Member(
+    "gensim/test/test_data/mini_newsgroup",
+    "mini_newsgroup.pickle.zlib",
+    "be0084ee9aded5eeefabea86bd23f0e5e3a743d9c1875aa1e47bc0728d6a5311",
+)
+_ALL = (WIKIPEDIA_EXCERPT, LEE_BACKGROUND, PANG_LEE_POLARITY, WORDSIM353, SIMLEX999, MINI_NEWSGROUP)
 
 
 def default_cache_dir() -> Path:
@@ -89,6 +109,22 @@ def pang_lee_polarity(cache_dir: Path | None = None) -> Path:
     """Path of 200 movie-review sentences (Pang & Lee's polarity data), 100 `__label__neg` and 100 `__label__pos`,
     one per line in fastText format: the demo's downstream probe."""
     return _fetch(PANG_LEE_POLARITY, cache_dir)
+
+
+def wordsim353(cache_dir: Path | None = None) -> Path:
+    """Path of WordSim-353 (Finkelstein et al.): 353 word pairs rated for relatedness, tab-separated."""
+    return _fetch(WORDSIM353, cache_dir)
+
+
+def simlex999(cache_dir: Path | None = None) -> Path:
+    """Path of SimLex-999 (Hill et al.): 999 word pairs rated for similarity (not relatedness), tab-separated."""
+    return _fetch(SIMLEX999, cache_dir)
+
+
+def mini_newsgroup(cache_dir: Path | None = None) -> Path:
+    """Path of the 20-newsgroups sample: 200 posts of alt.atheism and sci.space, a zlib-compressed pickle (read it
+    with `pipeline.probe_data.read_newsgroups`, never with a plain unpickler)."""
+    return _fetch(MINI_NEWSGROUP, cache_dir)
 
 
 def _fetch(member: _Member, cache_dir: Path | None) -> Path:

@@ -54,6 +54,8 @@ def roc_auc(y_true: np.ndarray, probs: np.ndarray, positive: int | None) -> floa
         return math.nan
     if positive is not None:
         return float(roc_auc_score(y_true == positive, probs[:, positive]))
+    if classes == 2:  # each class's one-vs-rest AUC is that of P(class 1), so their macro average is too
+        return float(roc_auc_score(y_true == 1, probs[:, 1] / probs.sum(axis=1)))
     probs = probs / probs.sum(axis=1, keepdims=True)  # scikit-learn checks that rows sum to 1
     return float(roc_auc_score(y_true, probs, multi_class="ovr", average="macro", labels=list(range(classes))))
 

@@ -1,5 +1,5 @@
 """The README's main job: the Wikipedia excerpt -> shards -> 2-rank DeepSpeed pretraining -> evaluation -> HF export
--> a downstream probe.
+-> a downstream probe -> intrinsic probes.
 
     python -m pipeline.demo --output runs/demo        (what `make demo` runs)
 
@@ -13,7 +13,9 @@ most often masked in the training shards, scored on the training and on the eval
 
 It ends with `albert-finetune` on 200 labelled movie-review sentences (Pang & Lee's polarity data, from the same
 gensim wheel as the excerpt): the exported model and the same architecture from random initialisation, fine-tuned
-and scored on the same stratified folds, side by side in the summary.
+and scored on the same stratified folds, side by side in the summary. Then `albert-probe` compares the two frozen
+encoders on word similarity (WordSim-353, SimLex-999) and a linear topic probe (the 20-newsgroups sample), each
+difference with a paired bootstrap interval, and the summary says in one line what the demo can and cannot show.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ import sentencepiece as spm
 from common.logs import setup_logging
 from data_prep.demo_data import prepare_demo_data
 from data_prep.errors import DataPrepError
-from data_prep.sample_corpora import pang_lee_polarity
+from data_prep.sample_corpora import mini_newsgroup, pang_lee_polarity, simlex999, wordsim353
 
 from .distributed import torchrun_pretrain
+from .intrinsic_probe import TASKS as INTRINSIC_TASKS
 from .model import AlbertConfig
+from .probe_report import interval_text, short_verdict
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("demo")
@@ -110,10 +114,64 @@ def probe_summary(results: dict) -> list[str]:
     return lines
 
 
+# The intrinsic probe's rows in the summary: (task, metric, label).
+INTRINSIC_ROWS = [
+    ("wordsim353", "spearman", "WordSim-353 Spearman"),
+    ("simlex999", "spearman", "SimLex-999 Spearman"),
+    ("newsgroups", "accuracy", "newsgroups accuracy"),
+    ("newsgroups", "roc_auc", "newsgroups ROC-AUC"),
+]
+
+
+def intrinsic_summary(results: dict, steps: int) -> list[str]:
+    """The intrinsic probes' rows (pretrained, random init, the difference and its interval, the verdict) and one
+    line on what they allow to conclude."""
+    settings = results["settings"]
+    level = f"{100 * settings['confidence']:g}%"
+    lines = [
+        f"  intrinsic probes: frozen encoders; difference pretrained - random init with its {level} paired bootstrap "
+        f"interval ({settings['resamples']} resamples)",
+        f"    {'':<22}{'pretrained':>10}{'random-init':>13}{'difference':>12}  {level + ' interval':<19}verdict",
+    ]
+    higher: list[str] = []
+    lower: list[str] = []
+    for task, metric, label in INTRINSIC_ROWS:
+        result = results["tasks"][task]
+        interval = result["difference"][metric]
+        lines.append(
+            f"    {label:<22}{result['pretrained'][metric]:>10.3f}{result['random-init'][metric]:>13.3f}"
+            f"{interval['difference']:>+12.3f}  {interval_text(interval):<19}{short_verdict(interval)}"
+        )
+        if interval["excludes_zero"]:
+            (higher if interval["difference"] > 0 else lower).append(label)
+    return lines + [conclusion(higher, lower, steps)]
+
+
+def conclusion(higher: list[str], lower: list[str], steps: int) -> str:
+    """What the demo's figures allow to say, in one line."""
+    if higher:
+        shown = f"the pretrained encoder beats random weights on {', '.join(higher)} (interval excludes zero)"
+        shown += f" but is worse on {', '.join(lower)}" if lower else ""
+        return (
+            f"  at demo scale: {shown}: it has learnt something random weights lack; how much more a longer run "
+            "learns, and whether it carries over to fine-tuning, the demo cannot say"
+        )
+    if lower:
+        return (
+            f"  at demo scale: the pretrained encoder is worse than random weights on {', '.join(lower)} (interval "
+            f"excludes zero) and better on none: {steps} steps on 2 MB of text have not yet made useful representations"
+        )
+    return (
+        f"  at demo scale: no interval excludes zero: after {steps} steps on 2 MB of text the encoder cannot be told "
+        "from random weights by these probes (MLM accuracy above its baseline is the learning shown); that is no "
+        "evidence about longer runs"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="End-to-end demo on CPU: data preparation, 2-rank DeepSpeed pretraining, evaluation, Hugging Face "
-        "export, downstream probe.",
+        "export, downstream probe, intrinsic probes.",
         epilog="example:\n  python -m pipeline.demo --output runs/demo --steps 300",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -128,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         data = prepare_demo_data(args.output / "data")
         labelled = pang_lee_polarity()
+        for fetch in (wordsim353, simlex999, mini_newsgroup):  # albert-probe's data, fetched before any training
+            fetch()
     except DataPrepError as e:
         log.error("%s", e)
         return 2
@@ -183,6 +243,18 @@ def main(argv: list[str] | None = None) -> int:
         log.error("the downstream probe failed")
         return 1
 
+    intrinsic_dir = args.output / "intrinsic"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline.intrinsic_probe",
+        *("--model", str(hf_dir), "--tasks", *INTRINSIC_TASKS, "--output", str(intrinsic_dir)),
+    ]
+    log.info("intrinsic probes: %s", " ".join(cmd[2:]))
+    if subprocess.run(cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}).returncode:
+        log.error("the intrinsic probes failed")
+        return 1
+
     lines = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines() if line]
     train = [m for m in lines if m.get("split", "train") == "train"]
     evals = [m for m in lines if m.get("split") == "eval"]
@@ -205,12 +277,14 @@ def main(argv: list[str] | None = None) -> int:
             f"SOP accuracy {last_eval['sop_accuracy']:.3f} (chance {SOP_CHANCE:.3f})"
         )
     summary += probe_summary(json.loads((probe_dir / "results.json").read_text()))
+    summary += intrinsic_summary(json.loads((intrinsic_dir / "results.json").read_text()), last["step"])
     summary += [
         f"  metrics       {train_dir / 'metrics.jsonl'}",
         f"  TensorBoard   tensorboard --logdir {train_dir / 'tensorboard'}",
         f"  checkpoints   {train_dir / 'checkpoints'}",
         f"  HF export     {hf_dir}  (transformers.AlbertForPreTraining.from_pretrained)",
         f"  probe         {probe_dir / 'results.json'}  (per-fold rows)",
+        f"  intrinsic     {intrinsic_dir / 'results.json'}  (coverage, settings, every metric)",
     ]
     sys.stdout.write("\n".join(summary) + "\n")
     return 0
