@@ -133,7 +133,7 @@ def matmul_peaks(
 ) -> dict[str, float]:
     """{precision: FLOP/s} of a large matmul; with `before` (an earlier measurement, e.g. from before the models ran),
     the better of the two: other work on a shared machine lowers the peak for a while."""
-    return {k: max(matmul_peak(DTYPES[k], n, reps, device), (before or {}).get(k, 0.0)) for k in precisions}
+    return {k: max(matmul_peak(DTYPES[k], device, n, reps), (before or {}).get(k, 0.0)) for k in precisions}
 
 
 # --------------------------------------------------------------------------------------------- batches and tables

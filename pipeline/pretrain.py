@@ -253,6 +253,8 @@ def run_info(config: RunConfig, engine, optimizer, paths, peak, peak_tflops: flo
     import dataclasses
     import platform
 
+    import torch
+
     from .flops import dtype_name
     from .metrics import library_versions
 
@@ -277,7 +279,7 @@ def run_info(config: RunConfig, engine, optimizer, paths, peak, peak_tflops: flo
         "attention": {"implementation": paths.attention, "sdpa_kernels": paths.sdpa_kernels},
         "compile": {"enabled": paths.compiled, "off_reason": paths.compile_off_reason},
         "activation_checkpointing": config.activation_checkpointing,
-        "device": {"type": engine.device.type, "name": peak.device},
+        "device": {"type": engine.device.type, "name": peak.device, "threads": torch.get_num_threads()},
         "peak": {
             "tflops_per_rank": peak_tflops,
             "source": peak.source,
