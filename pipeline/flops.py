@@ -167,26 +167,32 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_peak(dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 4096, reps: int = 5) -> float:
-    """The best FLOP/s of `reps` n x n x n matmuls in `dtype` on `device` (one untimed call first; the device synced
-    around each timed call). On a machine shared with other work the best call is the cleanest: noise only adds time."""
+def matmul_peak(
+    dtype: torch.dtype, device: torch.device | str = "cpu", n: int = 4096, reps: int = 5, min_seconds: float = 0.0
+) -> float:
+    """The best FLOP/s of n x n x n matmuls in `dtype` on `device`: `reps` timed calls, more until `min_seconds` have
+    passed (one untimed call first; the device synced around each timed call). On a machine shared with other work
+    the best call is the cleanest: noise only adds time, and a longer measurement is likelier to see a quiet moment."""
     device = torch.device(device)
     a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    best = float("inf")
-    for i in range(reps + 1):
+    best, calls, began = float("inf"), 0, time.perf_counter()
+    while calls <= reps or time.perf_counter() - began < min_seconds:
         _sync(device)
         start = time.perf_counter()
         product = a @ b
         _sync(device)
-        if i:
+        if calls:
             best = min(best, time.perf_counter() - start)
+        calls += 1
         del product
     return 2 * n**3 / best
 
 
-# The start-up measurement: short (CPU: 6 calls of 17 GFLOP, about 0.1 s each on one core in bf16; the same as
-# n = 4096 to within a few percent there), large enough to saturate a GPU.
-STARTUP_MATMUL = {"cpu": (2048, 5), "cuda": (8192, 10)}
+# The start-up measurement: (n, timed calls, at least this many seconds). CPU: 17 GFLOP per call, about 0.1 s on one
+# core in bf16, for a second: on a machine shared with other work a shorter one often caught only a busy moment
+# (measured on 2 shared cores: half the peak bench/bench_model.py found a minute later). CUDA: large enough to
+# saturate the GPU, a few milliseconds per call.
+STARTUP_MATMUL = {"cpu": (2048, 5, 1.0), "cuda": (8192, 10, 0.0)}
 
 
 def resolve_peak(device: torch.device, dtype: torch.dtype, flag_tflops: float | None) -> Peak:
@@ -199,6 +205,6 @@ def resolve_peak(device: torch.device, dtype: torch.dtype, flag_tflops: float | 
         listed = table_peak(name, matmul)
         if listed is not None:
             return Peak(listed, PeakSource.TABLE, matmul, name)
-    n, reps = STARTUP_MATMUL.get(device.type, STARTUP_MATMUL["cpu"])
+    n, reps, seconds = STARTUP_MATMUL.get(device.type, STARTUP_MATMUL["cpu"])
     # fp32 on CUDA with TF32 allowed: the matmul below runs as TF32 too, as the model's do
-    return Peak(matmul_peak(dtype, device, n, reps) / 1e12, PeakSource.MEASURED, matmul, name)
+    return Peak(matmul_peak(dtype, device, n, reps, seconds) / 1e12, PeakSource.MEASURED, matmul, name)

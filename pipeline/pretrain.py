@@ -413,6 +413,14 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                 engine, sums, interval, run.mfu_basis, data.state.epoch, loss_scale(engine, precision)
             )
             metrics.log(record)
+            if record["mfu"] > 1 and not summary.get("peak_too_low"):
+                summary["peak_too_low"] = True
+                log.warning(
+                    "MFU %.2f is above 1: the peak of %.4g TFLOP/s per rank is too low (one measured while other work "
+                    "ran?); --peak-tflops sets it",
+                    record["mfu"],
+                    run.mfu_basis.peak_tflops,
+                )
             summary["first"] = summary["first"] or record
             summary["last"] = record
             logged_step, t_last, paused, data.data_wait = step, time.perf_counter(), 0.0, 0.0

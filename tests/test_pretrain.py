@@ -76,12 +76,12 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
         assert m["tflops_per_sec"] == pytest.approx(m["model_flops_per_step"] / seconds / 2 / 1e12)
         assert 0 < m["forward_backward_sec"] < seconds and 0 < m["optimizer_sec"] < seconds
         assert m["peak_rss_bytes"] > 2**20 and m["peak_device_memory_bytes"] is None
-        assert m["tokens_per_sec"] < 8 * 128 / seconds  # real tokens: the padding of short pairs is not counted
+        assert m["tokens_per_sec"] <= 8 * 128 / seconds * (1 + 1e-9)  # real tokens (padding is not counted)
     ev = metrics(tmp_path, "eval")
     assert len(ev) == 1 and ev[0]["step"] == 4
     done = json.loads((tmp_path / "checkpoints" / "step-00000004" / "complete.json").read_text())
     assert done["zero_stage"] == stage and done["world_size"] == 2
-    assert (done["format_version"], done["precision"], done["micro_batch"], done["global_batch"]) == (2, "bf16", 4, 8)
+    assert (done["format_version"], done["precision"], done["micro_batch"], done["global_batch"]) == (3, "bf16", 4, 8)
     assert set(done) == {
         "format_version",
         "world_size",
@@ -92,6 +92,9 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
         "optimizer_wrapper",
         "data",
         "model_config",
+        "data_identity",
+        "vocab_sha256",
+        "files",
         "step",
         "tag",
     }
