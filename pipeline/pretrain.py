@@ -341,6 +341,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     batches = iter(data)
     timer = PhaseTimer(run.device)
     paused = 0.0  # seconds of the interval spent saving and evaluating: left out of its throughput
+    warned_peak = False  # an MFU above 1 was reported
 
     def outside_interval(action) -> None:
         nonlocal paused
@@ -413,8 +414,8 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                 engine, sums, interval, run.mfu_basis, data.state.epoch, loss_scale(engine, precision)
             )
             metrics.log(record)
-            if record["mfu"] > 1 and not summary.get("peak_too_low"):
-                summary["peak_too_low"] = True
+            if record["mfu"] > 1 and run.rank == 0 and not warned_peak:
+                warned_peak = True
                 log.warning(
                     "MFU %.2f is above 1: the peak of %.4g TFLOP/s per rank is too low (one measured while other work "
                     "ran?); --peak-tflops sets it",
