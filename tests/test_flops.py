@@ -124,3 +124,14 @@ def test_mfu_basis_and_peak_memory():
     assert basis.tflops_per_sec(steps=4, seconds=2.0) == 6.0  # 24 TFLOP in 2 s over 2 ranks
     device_bytes, rss = peak_memory(CPU)
     assert device_bytes is None and rss > 10 * 2**20 and os.name == "posix"
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_peak_tflops_flag_is_a_positive_number(value, capsys):
+    from pipeline.run_config import parse_args
+
+    required = ["--deepspeed_config", "x.json", "--model-config", "albert-tiny", "--data", "d", "--output", "o"]
+    assert parse_args([*required, "--max-steps", "1", "--peak-tflops", "989.5"]).peak_tflops == 989.5
+    with pytest.raises(SystemExit) as stop:
+        parse_args([*required, "--max-steps", "1", "--peak-tflops", value])
+    assert stop.value.code == 2 and "argument --peak-tflops: must be" in capsys.readouterr().err
