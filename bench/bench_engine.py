@@ -5,8 +5,8 @@ For each model config and precision, two runs of `albert-pretrain` on the same s
 (`--attention math --compile off`) and fused (`--attention auto --compile on`); with --malloc-defaults also the
 plain path with glibc's malloc defaults (`--no-malloc-tuning`, see pipeline/malloc.py). Each logs every step to
 metrics.jsonl; the first `--skip` steps (start-up, compiling) are left out, and the table gives the median
-step time, tokens per second, MFU (model matmul FLOPs of the global batch over the step time, against an
-n x n matmul's FLOP/s measured with all cores in this run) and the data wait: the slowest rank's time
+step time, tokens per second, MFU (the model FLOPs per step albert-pretrain reports in metrics.jsonl over the step
+time, against an n x n matmul's FLOP/s measured with all cores in this run) and the data wait: the slowest rank's time
 blocked on the loader, as a share of the step time. The model's vocabulary is set to the shards'.
 
 Shards: `--data DIR` (from `albert-data shard`), or the demo's data made once under --work.
@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from harness import markdown_table, matmul_peaks, model_flops
+from harness import markdown_table, matmul_peaks
 
 from data_prep.demo_data import prepare_demo_data
 from pipeline.distributed import torchrun_pretrain
@@ -86,7 +86,7 @@ def run(name: str, precision: str, path: str, data: Path, args: argparse.Namespa
     return [r for r in records if r.get("split", "train") == "train"]
 
 
-def summarise(records: list[dict], cfg: AlbertConfig, seq: int, predictions: int, global_batch: int, skip: int) -> dict:
+def summarise(records: list[dict], global_batch: int, skip: int) -> dict:
     rows = records[skip:]
     if not rows:
         raise SystemExit(f"no steps left after skipping {skip}: raise --steps")
@@ -95,7 +95,7 @@ def summarise(records: list[dict], cfg: AlbertConfig, seq: int, predictions: int
     return {
         "step_ms": 1000 * step,
         "tokens_s": statistics.median(r["tokens_per_sec"] for r in rows),
-        "flop_s": model_flops(cfg, global_batch, seq, predictions) / step,
+        "flop_s": rows[-1]["model_flops_per_step"] / step,  # the run's own count (pipeline.flops.step_flops)
         "wait": sum(r["data_wait_sec"] for r in rows) / sum(step_s),
     }
 
@@ -120,20 +120,16 @@ def main() -> None:
         p.error(f"--precisions: choose from fp32, bf16, got {args.precisions}")
     data = args.data or prepare_demo_data(args.work / "data").train
     attrs = json.loads((data / "manifest.json").read_text())["attributes"]
-    seq, predictions = attrs["max_seq_length"], attrs["max_predictions_per_seq"]
+    seq = attrs["max_seq_length"]
     global_batch = args.micro * args.ranks
 
     peak = matmul_peaks(["fp32", "bf16"])
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-engine-", dir=args.work if args.work.exists() else None) as tmp:
         for name in args.configs.split(","):
-            cfg = AlbertConfig.from_name_or_path(name)
-            cfg.vocab_size = json.loads((data / "manifest.json").read_text())["vocab"]["vocab_size"]
             for precision in precisions:
                 r = {
-                    k: summarise(
-                        run(name, precision, k, data, args, Path(tmp)), cfg, seq, predictions, global_batch, args.skip
-                    )
+                    k: summarise(run(name, precision, k, data, args, Path(tmp)), global_batch, args.skip)
                     for k in [*PATHS, *(["glibc"] if args.malloc_defaults else [])]
                 }
                 rows.append((name, precision, r))

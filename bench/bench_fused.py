@@ -17,8 +17,9 @@ from functools import partial
 
 import torch
 import torch._dynamo
-from harness import make_batch, markdown_table, matmul_peaks, model_flops, time_steps, timed, train_step
+from harness import make_batch, markdown_table, matmul_peaks, time_steps, timed, train_step
 
+from pipeline.flops import step_flops
 from pipeline.fused import PLAIN, FusedOptions, apply_fused
 from pipeline.lamb import Lamb, lamb_param_groups
 from pipeline.malloc import tune_malloc
@@ -46,7 +47,7 @@ def compare(name: str, bf16: bool, args: argparse.Namespace, device: torch.devic
     }
     first = {k: timed(step, device)[0] for k, step in steps.items()}  # fused: includes compiling
     times = time_steps(steps, args.warmup, args.steps, device)
-    flops = model_flops(cfg, batch_size, seq, args.predictions)
+    flops = step_flops(cfg, batch_size, seq, args.predictions).training
     row = {
         "config": name,
         "dtype": "bf16" if bf16 else "fp32",

@@ -3,9 +3,11 @@
 Both models get the same batch, the same weights and the same threads; their steps alternate so
 that noise from other work on the machine hits both alike, and each model's fastest step is
 reported. A step is forward + backward (no optimizer). HF computes MLM logits for the whole
-sequence (labels -100 where nothing is masked); ours only at the masked positions. The machine's matmul peak is measured in the same run, and
-model FLOPs utilisation (MFU) counts the matmul FLOPs each model executes (model_flops: ours computes
-the last layer for the [CLS] and predicted rows only, HF the whole layer), x3 for forward + backward.
+sequence (labels -100 where nothing is masked); ours only at the prediction slots. The machine's matmul peak is
+measured in the same run, and model FLOPs utilisation (MFU) counts the matmul FLOPs each model executes
+(pipeline.flops.step_flops, the count albert-pretrain reports: ours computes the last layer and the MLM head for
+the [CLS] and prediction rows only, HF the whole last layer and the MLM head at every token), x3 for forward +
+backward.
 
 Example:
     python bench/bench_model.py --quick
@@ -20,8 +22,9 @@ from functools import partial
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from harness import CPU, make_batch, markdown_table, matmul_peaks, model_flops, time_steps, train_step  # noqa: E402
+from harness import CPU, make_batch, markdown_table, matmul_peaks, time_steps, train_step  # noqa: E402
 
+from pipeline.flops import step_flops  # noqa: E402
 from pipeline.hf import to_hf_state_dict  # noqa: E402
 from pipeline.malloc import tune_malloc  # noqa: E402
 from pipeline.model import AlbertConfig, AlbertForPreTraining  # noqa: E402
@@ -60,8 +63,8 @@ def compare(name: str, bf16: bool, args: argparse.Namespace) -> dict:
     }
     times = time_steps(steps, args.warmup, args.steps)
     flops = {
-        "ours": model_flops(cfg, args.batch, args.seq, args.predictions),  # what each really computes
-        "hf": model_flops(cfg, args.batch, args.seq, args.predictions, gathered_last_layer=False),
+        "ours": step_flops(cfg, args.batch, args.seq, args.predictions).training,  # what each really computes
+        "hf": step_flops(cfg, args.batch, args.seq, args.predictions, gathered=False).training,
     }
     row = {"config": name, "precision": "bf16 autocast" if bf16 else "fp32", "dtype": "bf16" if bf16 else "fp32"}
     for k, ts in times.items():

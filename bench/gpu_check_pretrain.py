@@ -44,8 +44,9 @@ from pathlib import Path
 from typing import Any
 
 from gpu_check_common import Budget, Peaks, Report, SectionSkipped
-from harness import markdown_table, model_flops
+from harness import markdown_table
 
+from pipeline.flops import step_flops
 from pipeline.lamb_deepspeed import OptimizerKind
 
 REPO = Path(__file__).resolve().parents[1]
@@ -908,7 +909,7 @@ def run_rows(
     model_path = work / "model.json"
     cfg.to_json(model_path)
     seq, predictions = int(attrs["max_seq_length"]), int(attrs["max_predictions_per_seq"])
-    flops = s.accum * model_flops(cfg, s.micro, seq, predictions, gathered_last_layer=True)
+    flops = step_flops(cfg, s.accum * s.micro, seq, predictions).training
     pool = ThreadPoolExecutor(max_workers=s.parallel, thread_name_prefix="gpu-check-pretrain")
     exports: dict[int, Future] = {}
     waves = math.ceil(len(results) / s.parallel)
@@ -1062,7 +1063,7 @@ def emit_section(
         f"checkpoint to step {s.steps}, whose per-step losses must equal the straight run's bit for bit (resume exact), with {det}.",
         f"- samples/s and MFU: the mean of the clean steps' times (steps 3 to {s.save_step - 1}: not the first two, no logging, "
         "saving or evaluation in or just before them), host clock between optimizer-step boundaries; MFU = model matmul FLOPs "
-        "(bench/harness.py model_flops) per second against the GPU's nominal dense bf16/fp16 peak.",
+        "(pipeline/flops.py step_flops) per second against the GPU's nominal dense bf16/fp16 peak.",
         (
             "- host syncs / step: the most in one clean step (torch.cuda.set_sync_debug_mode('warn') warnings, plus calls of "
             "torch.cuda.synchronize and Event.synchronize, which that mode does not report), in all and (ours) those made "

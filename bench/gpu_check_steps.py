@@ -30,8 +30,9 @@ from gpu_check_common import (
     predictions_for,
     shipped_lamb_params,
 )
-from harness import DTYPES, autocast, markdown_table, model_flops, time_step, train_step
+from harness import DTYPES, autocast, markdown_table, time_step, train_step
 
+from pipeline.flops import step_flops
 from pipeline.fused import FusedOptions, apply_fused
 from pipeline.lamb_deepspeed import OptimizerKind, build_lamb
 from pipeline.model import AlbertConfig, AlbertForPreTraining
@@ -172,7 +173,7 @@ def step_time_section(
             log.info("%s: %s", name, line)
         for batch_size, seq in args.shapes:
             batch = batches_on(device, cfg, batch_size, seq)[0]
-            flops = model_flops(cfg, batch_size, seq, predictions_for(seq))
+            flops = step_flops(cfg, batch_size, seq, predictions_for(seq)).training
             for precision in precisions:
                 dtype = DTYPES[precision]
                 kernels = ""
@@ -230,7 +231,7 @@ def step_time_section(
         f"Step = forward + backward + optimizer step, one process, fp32 weights; bf16 = autocast, fp16 = autocast + "
         f"dynamic loss scaling (torch.amp.GradScaler, initial scale 2^16). Median of {args.steps} timed steps after "
         f"{args.warmup} warmup; tokens/s counts padded positions; FLOPs = matmul FLOPs of forward x 3 "
-        f"(bench/harness.py model_flops). Optimizers built by pipeline.lamb_deepspeed.build_lamb with the LAMB "
+        f"(pipeline/flops.py step_flops). Optimizers built by pipeline.lamb_deepspeed.build_lamb with the LAMB "
         f"parameters of {SHIPPED_DS_CONFIG.name}.\n"
     )
     report.emit(peaks.describe())

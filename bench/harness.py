@@ -1,12 +1,13 @@
-"""What the benchmarks and the GPU check share: the step timer, matmul peaks, synthetic batches, the model FLOP count.
+"""What the benchmarks and the GPU check share: the step timer, matmul peaks, synthetic batches.
 
 - `timed` / `time_step` / `time_steps`: wall-clock time of a callable, with the device's queued work finished before
   the clock starts and after the call (CUDA runs kernels asynchronously: without the syncs the clock would measure
   the launches only); `time_steps` lets several steps take turns, so that noise from other work on the machine
   hits them alike.
 - `train_step`: one training step of a model (forward under autocast, backward, optimizer step), the unit timed.
-- `matmul_peak(s)`: the FLOP/s of a large matmul, measured with the same timer, the denominator of MFU.
-- `model_flops`: the matmul FLOPs of one training step of our ALBERT (or of transformers' full last layer).
+- `matmul_peaks`: the FLOP/s of a large matmul per precision, the denominator of MFU: pipeline.flops.matmul_peak, the
+  measurement albert-pretrain makes at start-up where it has no data-sheet peak (the device synced as here).
+- the model FLOP count is pipeline.flops.step_flops, the one albert-pretrain reports in metrics.jsonl.
 - `make_batch`: a pretraining-like synthetic batch; `markdown_table`: the tables the scripts print.
 """
 
@@ -21,6 +22,7 @@ from typing import Any
 
 import torch
 
+from pipeline.flops import matmul_peak
 from pipeline.model import AlbertConfig
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -119,13 +121,7 @@ def train_step(
     return loss.detach()
 
 
-# --------------------------------------------------------------------------------------------- peaks and FLOPs
-
-
-def matmul_peak(dtype: torch.dtype, n: int = 4096, reps: int = 5, device: torch.device | str = CPU) -> float:
-    """Best FLOP/s of an n x n x n matmul (one untimed call first)."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
-    return 2 * n**3 / time_step(lambda: a @ b, 1, reps, device).fastest
+# --------------------------------------------------------------------------------------------- peaks
 
 
 def matmul_peaks(
@@ -137,20 +133,7 @@ def matmul_peaks(
 ) -> dict[str, float]:
     """{precision: FLOP/s} of a large matmul; with `before` (an earlier measurement, e.g. from before the models ran),
     the better of the two: other work on a shared machine lowers the peak for a while."""
-    return {k: max(matmul_peak(DTYPES[k], n, reps, device), (before or {}).get(k, 0.0)) for k in precisions}
-
-
-def model_flops(cfg: AlbertConfig, batch: int, seq: int, predictions: int, gathered_last_layer: bool = True) -> float:
-    """Matmul FLOPs of one training step (forward + backward = 3 x forward). gathered_last_layer: as our model
-    runs it, the last layer's queries, attention output and FFN for the [CLS] and prediction rows only (keys
-    and values for all tokens); False: the full last layer, as transformers' model computes it."""
-    H, E, I, V = cfg.hidden_size, cfg.embedding_size, cfg.intermediate_size, cfg.vocab_size  # noqa: E741 (the paper's names)
-    layers = cfg.num_hidden_layers * cfg.inner_group_num
-    qo, kv, ffn, attention = 2 * 2 * H * H, 2 * 2 * H * H, 2 * 2 * H * I, 2 * 2 * seq * H  # per row
-    layer = seq * (qo + kv + ffn + attention)
-    last = seq * kv + (1 + predictions) * (qo + ffn + attention) if gathered_last_layer else layer
-    per_sequence = seq * 2 * E * H + (layers - 1) * layer + last + predictions * (2 * H * E + 2 * E * V)
-    return 3 * batch * per_sequence
+    return {k: max(matmul_peak(DTYPES[k], device, n, reps), (before or {}).get(k, 0.0)) for k in precisions}
 
 
 # --------------------------------------------------------------------------------------------- batches and tables

@@ -10,7 +10,8 @@
 - the optimizer's fused path (DeepSpeed FusedLamb on CUDA) is chosen in lamb_deepspeed.select_optimizer
   with `FusedOptions.fused_lamb`.
 
-`apply_fused` returns the log lines saying which paths are active and why others are not.
+`apply_fused` returns the log lines saying which paths are active and why others are not; `resolve_fused` says the
+same as data (albert-pretrain's run-info.json).
 """
 
 from __future__ import annotations
@@ -80,23 +81,70 @@ def describe_attention(impl: str, device: torch.device) -> str:
     return "attention: scaled_dot_product_attention (fused CPU kernel) in fp32; explicit form in bf16, whose backward is faster on CPU"
 
 
-def sdpa_kernels(config, device: torch.device, dtype: torch.dtype) -> str:
-    """The kernel scaled_dot_product_attention dispatches to for this model's attention shapes, for a batch without
-    padding (no mask) and with it (a boolean mask), as torch's own dispatcher chooses (torch._fused_sdp_choice)."""
+def sdpa_kernel_choice(config, device: torch.device, dtype: torch.dtype, seq_len: int | None = None) -> dict[str, str]:
+    """The kernel scaled_dot_product_attention dispatches to for this model's attention shapes (at `seq_len`, default
+    the model's longest up to 512), as torch's own dispatcher chooses (torch._fused_sdp_choice):
+    {"without_padding": ..., "with_padding": ...} for a batch without padding (no mask) and with it (a boolean
+    mask); "unknown (Error)" where the dispatcher cannot be asked."""
     from torch.nn.attention import SDPBackend
 
-    heads, length = config.num_attention_heads, min(config.max_position_embeddings, 512)
+    heads = config.num_attention_heads
+    length = seq_len or min(config.max_position_embeddings, 512)
     q = torch.zeros(2, heads, length, config.hidden_size // heads, device=device, dtype=dtype, requires_grad=True)
     mask = torch.ones(2, 1, 1, length, device=device, dtype=torch.bool)
-    names = []
-    for m in (None, mask):
+    names = {}
+    for case, m in (("without_padding", None), ("with_padding", mask)):
         try:
-            names.append(
-                SDPBackend(torch._fused_sdp_choice(q, q, q, m, config.attention_probs_dropout_prob, False)).name.lower()
-            )
+            names[case] = SDPBackend(
+                torch._fused_sdp_choice(q, q, q, m, config.attention_probs_dropout_prob, False)
+            ).name.lower()
         except Exception as e:  # noqa: BLE001 - a private function: report, never fail the run over it
-            names.append(f"unknown ({type(e).__name__})")
-    return f"SDPA kernel on {device.type} in {str(dtype).removeprefix('torch.')}: {names[0]} for batches without padding, {names[1]} with padding"
+            names[case] = f"unknown ({type(e).__name__})"
+    return names
+
+
+def sdpa_kernels(config, device: torch.device, dtype: torch.dtype) -> str:
+    """sdpa_kernel_choice as a log line."""
+    names = sdpa_kernel_choice(config, device, dtype)
+    return (
+        f"SDPA kernel on {device.type} in {str(dtype).removeprefix('torch.')}: {names['without_padding']} for batches "
+        f"without padding, {names['with_padding']} with padding"
+    )
+
+
+def runs_sdpa(impl: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether the layers call scaled_dot_product_attention for `impl` (model.attention's rule for "auto")."""
+    return impl == "sdpa" or (impl == "auto" and not (device.type == "cpu" and dtype == torch.bfloat16))
+
+
+@dataclass(frozen=True)
+class FusedPaths:
+    """What a run's fused paths resolve to on this device, as data (run-info.json); apply_fused logs the same."""
+
+    attention: str  # "sdpa" (scaled_dot_product_attention) | "explicit" (matmul + softmax)
+    sdpa_kernels: dict[str, str] | None  # sdpa: torch's kernel choice (sdpa_kernel_choice); explicit: None
+    compiled: bool  # torch.compile of the shared layers and the MLM head
+    compile_off_reason: str | None  # why not compiled (compile_unavailable), None when compiled
+
+
+def resolve_fused(
+    config,
+    options: FusedOptions,
+    device: torch.device,
+    zero_stage: int = 0,
+    dtype: torch.dtype = torch.float32,
+    seq_len: int | None = None,
+) -> FusedPaths:
+    """The paths apply_fused switches on for these options, on this device, for the model `config` in `dtype`
+    (the SDPA kernel asked for sequences of `seq_len`)."""
+    sdpa = runs_sdpa(options.attention, device, dtype)
+    reason = compile_unavailable(options.compile, device, zero_stage)
+    return FusedPaths(
+        attention="sdpa" if sdpa else "explicit",
+        sdpa_kernels=sdpa_kernel_choice(config, device, dtype, seq_len) if sdpa else None,
+        compiled=reason is None,
+        compile_off_reason=reason,
+    )
 
 
 def apply_fused(
@@ -109,9 +157,7 @@ def apply_fused(
     """Switch the model's fused paths on as `options` ask and the machine allows; returns log lines."""
     model.set_attention(options.attention)
     lines = [describe_attention(options.attention, device)]
-    if options.attention == "sdpa" or (
-        options.attention == "auto" and not (device.type == "cpu" and dtype == torch.bfloat16)
-    ):
+    if runs_sdpa(options.attention, device, dtype):
         lines[0] += f"; {sdpa_kernels(model.config, device, dtype)}"
     reason = compile_unavailable(options.compile, device, zero_stage)
     if reason:

@@ -1,15 +1,22 @@
-"""What a run reports: `IntervalSums` (a logging interval's sums, made global on logging steps), `Metrics`
-(metrics.jsonl, one JSON object per logged step, and the same scalars in TensorBoard; rank 0 writes) and
-`BatchRecorder` (the examples each step saw, for checking resume and epochs)."""
+"""What a run reports: `IntervalSums` (a logging interval's sums, made global on logging steps), `PhaseTimer` (the
+seconds of each phase of the steps), `Interval` and `MfuBasis` (time, memory and FLOPs of a logging interval),
+`Metrics` (metrics.jsonl, one JSON object per logged step, and the same scalars in TensorBoard; rank 0 writes),
+`run_info` (run-info.json: what the run resolved to, written once at start) and `BatchRecorder` (the examples each
+step saw, for checking resume and epochs)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from common.atomic import write_text
 from common.jsonl import keep_through_step
 
 log = logging.getLogger(__name__)
@@ -87,11 +94,99 @@ class BatchRecorder:
         self.file.close()
 
 
+class PhaseTimer:
+    """Seconds spent in each phase of the optimizer steps ("forward_backward", "optimizer"), summed until `read`.
+
+    CPU: time.perf_counter around the phase (a CPU op has finished when its call returns). CUDA: two CUDA events
+    recorded on the stream around the phase at every step, read only by `read`, on logging steps: recording an event
+    does not wait for the device, and a logging step waits for it anyway (the metric sums are read). perf_counter
+    would time only the kernel launches there, unless the device were synchronised at the end of every phase."""
+
+    PHASES = ("forward_backward", "optimizer")
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.seconds = dict.fromkeys(self.PHASES, 0.0)
+        self.events: list[tuple[str, Any, Any]] = []  # CUDA: (phase, start event, end event)
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        if self.cuda:
+            import torch
+
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self.events.append((name, start, end))
+        else:
+            began = time.perf_counter()
+            yield
+            self.seconds[name] += time.perf_counter() - began
+
+    def read(self) -> dict[str, float]:
+        """The seconds of each phase since the last read (CUDA: waits for the last event recorded)."""
+        if self.events:
+            self.events[-1][2].synchronize()
+            for name, start, end in self.events:
+                self.seconds[name] += start.elapsed_time(end) / 1000.0  # milliseconds
+            self.events.clear()
+        seconds, self.seconds = self.seconds, dict.fromkeys(self.PHASES, 0.0)
+        return seconds
+
+
+def peak_memory(device) -> tuple[int | None, int]:
+    """(the device's peak allocated bytes: torch.cuda.max_memory_allocated, None on CPU; this process's peak resident
+    set size in bytes, ru_maxrss). Both since the process started; neither waits for the device."""
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated(device)), rss
+    return None, rss
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A logging interval's time and memory, made global: the slowest rank's phases and the largest rank's peaks."""
+
+    steps: int  # optimizer steps in the interval
+    seconds: float  # its wall time, checkpoint saves and evaluations left out
+    data_wait_sec: float  # time blocked on the loader
+    forward_backward_sec: float  # forward and backward passes of all micro-batches
+    optimizer_sec: float  # DeepSpeed's step at the boundary (gradient reduction under ZeRO 1-2, clipping, LAMB)
+    peak_device_memory_bytes: int | None  # CUDA: torch.cuda.max_memory_allocated; None on CPU
+    peak_rss_bytes: int  # the process's peak resident set size
+
+
+@dataclass(frozen=True)
+class MfuBasis:
+    """What MFU is computed from: the model FLOPs of one optimizer step (the global batch, pipeline.flops), the
+    ranks that share them and one device's peak for the run's matmuls."""
+
+    model_flops_per_step: int
+    ranks: int
+    peak_tflops: float
+
+    def tflops_per_sec(self, steps: int, seconds: float) -> float:
+        """Achieved model TFLOP/s per rank (per device: the unit of the peak)."""
+        return self.model_flops_per_step * steps / seconds / self.ranks / 1e12
+
+
 def train_record(
-    engine, sums: dict[str, float], seconds: float, data_wait: float, epoch: int, loss_scale: float
+    engine,
+    sums: dict[str, float],
+    interval: Interval,
+    mfu_basis: MfuBasis,
+    epoch: int,
+    loss_scale: float,
 ) -> dict[str, Any]:
-    """The metrics line of a logged training step, logged too: `sums` from IntervalSums.reduce over `seconds`."""
+    """The metrics line of a logged training step, logged too: `sums` from IntervalSums.reduce over `interval`."""
     grad_norm = engine.get_global_grad_norm()
+    seconds = interval.seconds
+    tflops = mfu_basis.tflops_per_sec(interval.steps, seconds)
     record = {
         "step": engine.global_steps,
         "samples": int(engine.global_samples),
@@ -104,13 +199,21 @@ def train_record(
         "grad_norm": float(grad_norm) if grad_norm is not None else None,
         "loss_scale": loss_scale,
         "samples_per_sec": sums["samples"] / seconds,
-        "tokens_per_sec": sums["tokens"] / seconds,
-        "data_wait_sec": data_wait,
+        "tokens_per_sec": sums["tokens"] / seconds,  # real tokens: padding is not counted
+        "model_flops_per_step": mfu_basis.model_flops_per_step,
+        "tflops_per_sec": tflops,
+        "mfu": tflops / mfu_basis.peak_tflops,
+        "data_wait_sec": interval.data_wait_sec,
+        "forward_backward_sec": interval.forward_backward_sec,
+        "optimizer_sec": interval.optimizer_sec,
+        "peak_device_memory_bytes": interval.peak_device_memory_bytes,
+        "peak_rss_bytes": interval.peak_rss_bytes,
         "skipped_steps": int(getattr(engine, "skipped_steps", 0)),  # overflow steps DeepSpeed skipped, in all
         "epoch": epoch,
     }
     log.info(
-        "step %d: loss %.4f (MLM %.4f, SOP %.4f), MLM acc %.3f, SOP acc %.3f, lr %.2e, %.1f samples/s, data wait %.2f s",
+        "step %d: loss %.4f (MLM %.4f, SOP %.4f), MLM acc %.3f, SOP acc %.3f, lr %.2e, %.1f samples/s, "
+        "%.3g TFLOP/s per rank, MFU %.1f%%, data wait %.2f s",
         record["step"],
         record["loss"],
         record["mlm_loss"],
@@ -119,9 +222,38 @@ def train_record(
         record["sop_accuracy"],
         record["lr"],
         record["samples_per_sec"],
+        record["tflops_per_sec"],
+        100 * record["mfu"],
         record["data_wait_sec"],
     )
     return record
+
+
+def library_versions() -> dict[str, str | None]:
+    """The installed versions of the libraries a run depends on (None: not installed), read without importing them."""
+    from importlib import metadata
+
+    versions: dict[str, str | None] = {}
+    for name in ("torch", "deepspeed", "transformers", "numpy", "h5py"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def write_run_info(output: Path, info: dict[str, Any]) -> Path:
+    """OUTPUT/run-info.json, atomically (rank 0, once at start; a resumed run replaces it with its own)."""
+    path = output / "run-info.json"
+    write_text(path, json.dumps(info, indent=2, default=_json_value) + "\n")
+    return path
+
+
+def _json_value(value: Any) -> Any:
+    """Dataclasses as objects, paths and enums as strings."""
+    if hasattr(value, "__dataclass_fields__"):
+        return asdict(value)
+    return str(value)
 
 
 class Metrics:

@@ -23,7 +23,7 @@ from common.launchers import launcher_rank
 from common.logs import setup_logging
 
 from .engine import build_engine, loss_scale
-from .metrics import BatchRecorder, IntervalSums, Metrics, train_record
+from .metrics import BatchRecorder, Interval, IntervalSums, Metrics, MfuBasis, PhaseTimer, peak_memory, train_record
 from .run_config import Precision, RunConfig, TrainError, check_data_against_model, parse_args, run_config
 
 if TYPE_CHECKING:
@@ -125,6 +125,7 @@ class Run:
     resumed: bool
     device: Any  # torch.device of the engine
     comm: Any  # pipeline.comm.Comm on that device
+    mfu_basis: MfuBasis  # the step's model FLOPs and the device's peak, for metrics.jsonl's MFU
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -137,9 +138,11 @@ def setup(args: argparse.Namespace) -> Run:
     from .comm import Comm
     from .data import DataError, PretrainingData
     from .distributed import check_rendezvous, detect_launch, init_distributed
-    from .fused import FusedOptions
+    from .flops import resolve_peak, step_flops
+    from .fused import FusedOptions, resolve_fused
     from .identity import DataIdentity, IdentityError, check_resume, check_same_vocabulary
     from .malloc import tune_malloc
+    from .metrics import write_run_info
     from .model import AlbertConfig
     from .precision import set_tf32
 
@@ -193,6 +196,26 @@ def setup(args: argparse.Namespace) -> Run:
         f"({data.dropped_per_epoch} left out per epoch); batch {batch.global_size} = {batch.micro} x {batch.accum} x "
         f"{world} rank(s); {precision}, ZeRO-{stage}"
     )
+    comm = Comm(engine.device)
+    # Every rank resolves its peak at the same moment (a measured one then measures each rank's share of a shared
+    # machine); the run's peak is their mean.
+    dist.barrier()
+    peak = resolve_peak(engine.device, precision.dtype, config.peak_tflops)
+    peak_tflops = comm.sum_(comm.tensor([peak.tflops])).item() / world
+    flops = step_flops(cfg, batch.global_size, data.seq_len, data.max_predictions)
+    mfu_basis = MfuBasis(flops.training, world, peak_tflops)
+    log.info(
+        "MFU against %.4g TFLOP/s per rank (%s matmuls, %s: %s); %.4g TFLOP of model FLOPs per step",
+        peak_tflops,
+        peak.matmul,
+        peak.source,
+        peak.device,
+        flops.training / 1e12,
+    )
+    if rank == 0:
+        paths = resolve_fused(cfg, fused, engine.device, stage, precision.dtype, data.seq_len)
+        info = run_info(config, engine, optimizer, paths, peak, peak_tflops, flops, resume_from)
+        log.info("run info: %s", write_run_info(config.output, info))
     if resume_from and saved:
         if ckpt.same_layout(saved, config.engine, type(engine.optimizer).__name__):
             client = ckpt.load(engine, resume_from)
@@ -218,8 +241,59 @@ def setup(args: argparse.Namespace) -> Run:
         rank=rank,
         resumed=resume_from is not None,
         device=engine.device,
-        comm=Comm(engine.device),
+        comm=comm,
+        mfu_basis=mfu_basis,
     )
+
+
+def run_info(config: RunConfig, engine, optimizer, paths, peak, peak_tflops: float, flops, resume_from) -> dict:
+    """run-info.json: what this run resolved to (layout, optimizer, kernels, device, peak, versions), as data.
+    `optimizer`: lamb_deepspeed.OptimizerChoice; `paths`: fused.FusedPaths; `peak`: flops.Peak (this rank's);
+    `flops`: flops.StepFlops of the global batch."""
+    import dataclasses
+    import platform
+
+    import torch
+
+    from .flops import dtype_name
+    from .metrics import library_versions
+
+    batch = config.engine.batch
+    model_dtype, grad_accum_dtype = engine.get_data_types()  # as DeepSpeed resolved them
+    return {
+        "layout": {
+            "world_size": batch.world,
+            "zero_stage": config.engine.zero_stage,
+            "precision": config.engine.precision,
+            "model_dtype": dtype_name(model_dtype),
+            "grad_accum_dtype": dtype_name(grad_accum_dtype),
+            "micro_batch": batch.micro,
+            "gradient_accumulation": batch.accum,
+            "global_batch": batch.global_size,
+        },
+        "optimizer": {
+            "kind": optimizer.kind,
+            "description": optimizer.description,  # why this one: FusedLamb's conditions (lamb_deepspeed)
+            "deepspeed_wrapper": type(engine.optimizer).__name__,
+        },
+        "attention": {"implementation": paths.attention, "sdpa_kernels": paths.sdpa_kernels},
+        "compile": {"enabled": paths.compiled, "off_reason": paths.compile_off_reason},
+        "activation_checkpointing": config.activation_checkpointing,
+        "device": {"type": engine.device.type, "name": peak.device, "threads": torch.get_num_threads()},
+        "peak": {
+            "tflops_per_rank": peak_tflops,
+            "source": peak.source,
+            "matmul": peak.matmul,
+            "rank0_tflops": peak.tflops,
+        },
+        "model_flops": {
+            "per_step": flops.training,
+            "forward_by_part": dataclasses.asdict(flops),
+        },
+        "model_config": config.model_config_name,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "versions": {"python": platform.python_version(), **library_versions()},
+    }
 
 
 def train(run: Run, stop: StopRequest) -> dict[str, Any]:
@@ -227,7 +301,8 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
 
     Host syncs: none per micro-batch. The loss, the metric sums and the non-finite flag stay on the device; the
     step's flags (non-finite loss on any rank, a stop signal on any rank) are read once per optimizer step, and the
-    metric sums on logging steps only."""
+    metric sums on logging steps only. The phase times follow the same rule (PhaseTimer: CUDA events recorded every
+    step, read on logging steps); peak memory is read from the allocator's counters, not the device."""
     import torch
 
     from . import checkpoint as ckpt
@@ -264,7 +339,17 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
 
     ckpt_note = f"the last good checkpoint is in {config.checkpoints}"
     batches = iter(data)
-    t_last, data.data_wait = time.perf_counter(), 0.0
+    timer = PhaseTimer(run.device)
+    paused = 0.0  # seconds of the interval spent saving and evaluating: left out of its throughput
+    warned_peak = False  # an MFU above 1 was reported
+
+    def outside_interval(action) -> None:
+        nonlocal paused
+        began = time.perf_counter()
+        action()
+        paused += time.perf_counter() - began
+
+    logged_step, t_last, data.data_wait = step, time.perf_counter(), 0.0
     while step < config.max_steps:
         # The step's micro-batches are fetched first so that the MLM loss can be normalised by the number of
         # predictions in the whole global batch: then accumulation and data parallelism give exactly the
@@ -275,15 +360,16 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         if recorder:
             recorder.write(step + 1, micro_batches)
         bad = torch.zeros((), dtype=torch.bool, device=run.device)
-        for micro, (b, count) in enumerate(zip(micro_batches, counts)):
-            out = engine(**to_device(b, run.device))
-            weight = (count * batch.global_size / batch.micro / total).to(out.mlm_loss.dtype)
-            loss = out.mlm_loss * weight[0] + out.sop_loss
-            bad |= ~torch.isfinite(loss.detach())
-            acc.add(out, b)
-            engine.backward(loss)
-            if micro < batch.accum - 1:
-                engine.step()  # DeepSpeed counts micro-steps; it applies the update at the boundary only
+        with timer.phase("forward_backward"):
+            for micro, (b, count) in enumerate(zip(micro_batches, counts)):
+                out = engine(**to_device(b, run.device))
+                weight = (count * batch.global_size / batch.micro / total).to(out.mlm_loss.dtype)
+                loss = out.mlm_loss * weight[0] + out.sop_loss
+                bad |= ~torch.isfinite(loss.detach())
+                acc.add(out, b)
+                engine.backward(loss)
+                if micro < batch.accum - 1:
+                    engine.step()  # DeepSpeed counts micro-steps; it applies the update at the boundary only
         flags = comm.max_(torch.stack([bad.double(), comm.tensor([float(stop.signal is not None)])[0]]))
         # every rank stops at the same step, whichever rank saw the problem or signal: the step's one host read
         nonfinite, stopping = (v > 0 for v in flags.tolist())
@@ -293,7 +379,8 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                 f"The last good checkpoint is in {config.checkpoints}"
             )
         try:
-            engine.step()
+            with timer.phase("optimizer"):
+                engine.step()
         except Exception as e:  # DeepSpeed's fp16 loss scaler raises a bare Exception at its floor
             if "loss scale already at minimum" not in str(e):
                 raise
@@ -305,22 +392,48 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                 f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); {ckpt_note}"
             )
         if step % config.log_interval == 0 or step == config.max_steps or stopping:
-            wait = comm.max_(comm.tensor([data.data_wait])).item()  # the slowest rank's
-            seconds, scale = time.perf_counter() - t_last, loss_scale(engine, precision)
-            record = train_record(engine, acc.reduce(), seconds, wait, data.state.epoch, scale)
+            sums = acc.reduce()
+            phases = timer.read()
+            device_peak, rss_peak = peak_memory(run.device)
+            # the slowest rank's waits and phases, the largest rank's peaks
+            worst = comm.max_(
+                comm.tensor(
+                    [data.data_wait, phases["forward_backward"], phases["optimizer"], device_peak or 0, rss_peak]
+                )
+            ).tolist()
+            interval = Interval(
+                steps=step - logged_step,
+                seconds=time.perf_counter() - t_last - paused,
+                data_wait_sec=worst[0],
+                forward_backward_sec=worst[1],
+                optimizer_sec=worst[2],
+                peak_device_memory_bytes=None if device_peak is None else int(worst[3]),
+                peak_rss_bytes=int(worst[4]),
+            )
+            record = train_record(
+                engine, sums, interval, run.mfu_basis, data.state.epoch, loss_scale(engine, precision)
+            )
             metrics.log(record)
+            if record["mfu"] > 1 and run.rank == 0 and not warned_peak:
+                warned_peak = True
+                log.warning(
+                    "MFU %.2f is above 1: the peak of %.4g TFLOP/s per rank is too low (one measured while other work "
+                    "ran?); --peak-tflops sets it",
+                    record["mfu"],
+                    run.mfu_basis.peak_tflops,
+                )
             summary["first"] = summary["first"] or record
             summary["last"] = record
-            t_last, data.data_wait = time.perf_counter(), 0.0
+            logged_step, t_last, paused, data.data_wait = step, time.perf_counter(), 0.0, 0.0
         if stopping:
             save()
             log.warning("stopped by a signal at step %d; checkpoint saved, resume with --resume auto", step)
             summary["stopped_by_signal"] = True
             break
         if step % config.save_interval == 0 and step < config.max_steps:
-            save()
+            outside_interval(save)
         if config.eval_interval and step % config.eval_interval == 0 and step < config.max_steps:
-            run_eval()
+            outside_interval(run_eval)
     if not summary.get("stopped_by_signal") and step > start:
         save()
         run_eval()

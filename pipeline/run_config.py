@@ -115,6 +115,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="GPU: fp32 matmuls in full IEEE precision instead of TF32 (Ampere and newer)",
     )
     p.add_argument(
+        "--peak-tflops",
+        type=number(0.0, 1e6, low_open=True),
+        default=None,
+        help="the peak TFLOP/s of one device for the run's precision, against which metrics.jsonl's mfu is computed "
+        "(default: the data sheet's for a known GPU, else a matmul measured at start-up)",
+    )
+    p.add_argument(
         "--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping"
     )
     p.add_argument(
@@ -391,6 +398,7 @@ class RunConfig:
     tf32: bool
     skip_bad_shards: bool
     record_batches: bool
+    peak_tflops: float | None  # --peak-tflops: the device's peak for MFU; None: looked up or measured (pipeline.flops)
     new_data: bool  # a resume may continue on other shards (of the same vocabulary), from their start
 
     @property
@@ -424,6 +432,7 @@ def run_config(args: argparse.Namespace, world: int) -> RunConfig:
         tf32=not args.no_tf32,
         skip_bad_shards=args.skip_bad_shards,
         record_batches=args.record_batches,
+        peak_tflops=args.peak_tflops,
         new_data=args.new_data,
     )
 

@@ -50,10 +50,33 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
         "loss_scale",
         "samples_per_sec",
         "tokens_per_sec",
+        "model_flops_per_step",
+        "tflops_per_sec",
+        "mfu",
         "data_wait_sec",
+        "forward_backward_sec",
+        "optimizer_sec",
+        "peak_device_memory_bytes",
+        "peak_rss_bytes",
     }
     assert keys <= set(lines[-1]) and lines[-1]["samples"] == 4 * 8 and lines[-1]["loss_scale"] == 1.0
     assert all(0 < m["loss"] < 20 for m in lines)
+    info = json.loads((tmp_path / "run-info.json").read_text())
+    layout = {"world_size": 2, "zero_stage": stage, "precision": "bf16", "micro_batch": 4, "global_batch": 8}
+    assert layout.items() <= info["layout"].items() and info["layout"]["gradient_accumulation"] == 1
+    assert info["optimizer"]["kind"] == "our Lamb" and "no CUDA" in info["optimizer"]["description"]
+    assert info["peak"]["source"] == "measured" and info["peak"]["matmul"] == "bf16" and info["device"]["type"] == "cpu"
+    assert info["model_flops"]["per_step"] == lines[-1]["model_flops_per_step"] > 0
+    assert info["attention"]["implementation"] == "explicit" and info["compile"]["enabled"] is False  # CPU, bf16
+    for m in lines:
+        # this run's own seconds: 2 ranks on a machine with other work, a model far too small to fill a core
+        assert 0 < m["mfu"] < 1 and m["tflops_per_sec"] > 0
+        assert m["tflops_per_sec"] == pytest.approx(m["mfu"] * info["peak"]["tflops_per_rank"])
+        seconds = 8 / m["samples_per_sec"]  # one step per line
+        assert m["tflops_per_sec"] == pytest.approx(m["model_flops_per_step"] / seconds / 2 / 1e12)
+        assert 0 < m["forward_backward_sec"] < seconds and 0 < m["optimizer_sec"] < seconds
+        assert m["peak_rss_bytes"] > 2**20 and m["peak_device_memory_bytes"] is None
+        assert m["tokens_per_sec"] <= 8 * 128 / seconds * (1 + 1e-9)  # real tokens (padding is not counted)
     ev = metrics(tmp_path, "eval")
     assert len(ev) == 1 and ev[0]["step"] == 4
     done = json.loads((tmp_path / "checkpoints" / "step-00000004" / "complete.json").read_text())
@@ -80,21 +103,20 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
 def test_tensorboard_gets_the_same_scalars(wiki_shards, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ok(pretrain(tmp_path, wiki_shards, ds_config(0, "fp32"), steps=3))
+    ok(pretrain(tmp_path, wiki_shards, ds_config(0, "fp32"), steps=3, extra=["--peak-tflops", "0.5"]))
     ea = EventAccumulator(str(tmp_path / "tensorboard"))
     ea.Reload()
     tags = set(ea.Tags()["scalars"])
-    assert {
-        "train/loss",
-        "train/mlm_accuracy",
-        "train/sop_loss",
-        "train/lr",
-        "train/tokens_per_sec",
-        "train/data_wait_sec",
-    } <= tags
-    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx(
-        [m["loss"] for m in metrics(tmp_path)], rel=1e-6
-    )
+    lines = metrics(tmp_path)
+    numbers = {k for k, v in lines[-1].items() if isinstance(v, (int, float)) and k != "step"}
+    assert {"loss", "mlm_accuracy", "lr", "tokens_per_sec", "data_wait_sec", "mfu", "optimizer_sec"} <= numbers
+    assert {f"train/{k}" for k in numbers} <= tags  # every number of metrics.jsonl
+    for key in ("loss", "mfu", "tflops_per_sec", "forward_backward_sec", "peak_rss_bytes"):
+        assert [e.value for e in ea.Scalars(f"train/{key}")] == pytest.approx([m[key] for m in lines], rel=1e-6)
+    # --peak-tflops: the peak MFU is computed against, recorded with its source
+    info = json.loads((tmp_path / "run-info.json").read_text())
+    assert info["peak"] == {"tflops_per_rank": 0.5, "source": "flag", "matmul": "fp32", "rank0_tflops": 0.5}
+    assert all(m["mfu"] == pytest.approx(m["tflops_per_sec"] / 0.5) for m in lines)
 
 
 def test_accumulation_equals_a_larger_micro_batch(wiki_shards, tmp_path):
