@@ -348,26 +348,31 @@ def run(args: argparse.Namespace) -> int:
         return _run(args)
 
 
+def write_corpus_from(args: argparse.Namespace, output: Path, progress: bool, resume: bool) -> None:
+    """The corpus step with the corpus flags of `corpus` and `prepare`."""
+    from .corpus import write_corpus
+
+    write_corpus(
+        _sources(args),
+        output,
+        _corpus_files(args),
+        args.format,
+        args.workers,
+        progress=progress,
+        resume=resume,
+        mpi=args.mpi,
+        allow_bad_bytes=args.allow_bad_bytes,
+        part_bytes=_part_bytes(args),
+        progress_every=args.progress_seconds,
+        fields=_fields(args),
+        weight_seed=args.weight_seed,
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     progress = not args.no_progress and sys.stderr.isatty()
     if args.command == "corpus":
-        from .corpus import write_corpus
-
-        write_corpus(
-            _sources(args),
-            args.output,
-            _corpus_files(args),
-            args.format,
-            args.workers,
-            progress=progress,
-            resume=args.resume,
-            mpi=args.mpi,
-            allow_bad_bytes=args.allow_bad_bytes,
-            part_bytes=_part_bytes(args),
-            progress_every=args.progress_seconds,
-            fields=_fields(args),
-            weight_seed=args.weight_seed,
-        )
+        write_corpus_from(args, args.output, progress, resume=args.resume)
     elif args.command == "vocab":
         train_vocab_from(
             args.input,
@@ -418,7 +423,6 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     """corpus -> vocab -> shard under one folder; with --resume, finished stages (and input parts) are kept.
 
     Under MPI, all ranks write the corpus, rank 0 trains the vocabulary, then all ranks make the shards."""
-    from .corpus import write_corpus
     from .mpi import get_world
     from .sharding import shard_corpus
     from .stage import existing_output
@@ -430,21 +434,7 @@ def prepare(args: argparse.Namespace, progress: bool) -> None:
     world.run_on_rank0(lambda: existing_output(out, args.resume))
     # every rank takes its share; an interrupted corpus continues where it stopped, a finished one is checked against
     # the inputs (their paths, sizes and, where their times moved, bytes)
-    write_corpus(
-        _sources(args),
-        corpus_dir,
-        _corpus_files(args),
-        args.format,
-        args.workers,
-        progress=progress,
-        resume=True,
-        mpi=args.mpi,
-        allow_bad_bytes=args.allow_bad_bytes,
-        part_bytes=_part_bytes(args),
-        progress_every=args.progress_seconds,
-        fields=_fields(args),
-        weight_seed=args.weight_seed,
-    )
+    write_corpus_from(args, corpus_dir, progress, resume=True)
 
     def vocabulary() -> Path:
         if args.spm_model is not None:

@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.model_fixtures import export_tiny_albert
 
-from data_prep.vocab import VocabSettings, train_vocab
 from pipeline import finetune
 from pipeline.classification_metrics import classification_scores, mean_std, paired_difference, summarise
 from pipeline.finetune import (
@@ -28,9 +28,7 @@ from pipeline.finetune import (
     prepare_task,
 )
 from pipeline.finetune_report import write_results
-from pipeline.hf import export_hf
 from pipeline.labelled import Columns, LabelledDataError, class_order, read_labelled
-from pipeline.model import AlbertConfig, AlbertForPreTraining
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 pytest.importorskip("transformers")
@@ -364,19 +362,7 @@ def hf_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-albert")
     rng = random.Random(0)
     text = [sentence(rng, GOOD if i % 2 else BAD) for i in range(400)]
-    spm = train_vocab(text, folder / "vocab" / "spiece", VocabSettings(vocab_size=48, seed=1))
-    cfg = AlbertConfig(
-        vocab_size=48,
-        embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    export_hf(AlbertForPreTraining(cfg), cfg, folder / "hf", spm_model=spm)
-    return folder / "hf"
+    return export_tiny_albert(folder, text, 48)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers.model_fixtures import export_tiny_albert
 from scipy.stats import spearmanr
 
 from data_prep.errors import DataPrepError
-from data_prep.vocab import VocabSettings, train_vocab
 from pipeline.bootstrap import (
     BootstrapSettings,
     bootstrap_classification_scores,
@@ -28,9 +28,7 @@ from pipeline.bootstrap import (
 )
 from pipeline.classification_metrics import classification_scores
 from pipeline.demo import intrinsic_summary
-from pipeline.hf import export_hf
 from pipeline.intrinsic_probe import ProbeSettings, main, word_coverage
-from pipeline.model import AlbertConfig, AlbertForPreTraining
 from pipeline.probe_data import (
     ProbeDataError,
     UnsafePickleError,
@@ -299,19 +297,7 @@ def hf_folder(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("tiny-albert")
     rng = random.Random(0)
     text = [" ".join(rng.choices(WORDS, k=rng.randint(4, 10))) + " ." for _ in range(400)]
-    spm = train_vocab(text, folder / "vocab" / "spiece", VocabSettings(vocab_size=60, seed=1))
-    cfg = AlbertConfig(
-        vocab_size=60,
-        embedding_size=16,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    export_hf(AlbertForPreTraining(cfg), cfg, folder / "hf", spm_model=spm)
-    return folder / "hf"
+    return export_tiny_albert(folder, text, 60)
 
 
 @pytest.fixture(scope="module")

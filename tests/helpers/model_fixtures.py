@@ -1,4 +1,4 @@
-"""Helpers shared by test_model.py and test_hf.py: small configs, batches and DeepSpeed subprocesses.
+"""Helpers shared by the model tests: small configs, batches, tiny exported models and DeepSpeed subprocesses.
 
 DeepSpeed runs in a fresh subprocess (single-process gloo group) so that its global state
 (process group, ZeRO hooks, accelerator) never leaks into the test session.
@@ -15,6 +15,28 @@ from pipeline.distributed import free_port
 from pipeline.model import AlbertConfig
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def export_tiny_albert(folder: Path, text: list[str], vocab_size: int) -> Path:
+    """A tiny random AlbertForPreTraining with a SentencePiece model trained on `text`, exported as albert-export
+    does into folder/hf (without export.json); returns that folder."""
+    from data_prep.vocab import VocabSettings, train_vocab
+    from pipeline.hf import export_hf
+    from pipeline.model import AlbertForPreTraining
+
+    spm = train_vocab(text, folder / "vocab" / "spiece", VocabSettings(vocab_size=vocab_size, seed=1))
+    cfg = AlbertConfig(
+        vocab_size=vocab_size,
+        embedding_size=16,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    export_hf(AlbertForPreTraining(cfg), cfg, folder / "hf", spm_model=spm)
+    return folder / "hf"
 
 
 def small_config(**overrides) -> AlbertConfig:
