@@ -206,5 +206,21 @@ def resolve_peak(device: torch.device, dtype: torch.dtype, flag_tflops: float | 
         if listed is not None:
             return Peak(listed, PeakSource.TABLE, matmul, name)
     n, reps, seconds = STARTUP_MATMUL.get(device.type, STARTUP_MATMUL["cpu"])
+    if device.type == "cpu":
+        n = _cpu_matmul_size(dtype, n)
     # fp32 on CUDA with TF32 allowed: the matmul below runs as TF32 too, as the model's do
     return Peak(matmul_peak(dtype, device, n, reps, seconds) / 1e12, PeakSource.MEASURED, matmul, name)
+
+
+def _cpu_matmul_size(dtype: torch.dtype, largest: int, call_seconds: float = 0.2) -> int:
+    """The start-up matmul's size on CPU: `largest`, or smaller where a call would take longer than `call_seconds`
+    (a CPU without fp16 arithmetic runs fp16 matmuls a hundred times slower than bf16: 2048^3 would take seconds per
+    call, minutes for the measurement), estimated from one call of 256^3."""
+    small = 256
+    a = torch.randn(small, small, dtype=dtype)
+    a @ a  # (first call: allocation, kernel choice)
+    start = time.perf_counter()
+    a @ a
+    per_flop = (time.perf_counter() - start) / (2 * small**3)
+    fits = int((call_seconds / max(per_flop, 1e-15) / 2) ** (1 / 3))
+    return max(small, min(largest, fits))
