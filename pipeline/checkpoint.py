@@ -91,15 +91,17 @@ def resolve_resume(mode: str, folder: Path) -> Path | None:
 def _resume_candidate(mode: str, folder: Path) -> Path | None:
     if mode == "auto":
         complete = complete_checkpoints(folder)
+        newest_problems: list[str] = []
         for tag_dir in reversed(complete):
             problems = damage(tag_dir)
             if not problems:
                 return tag_dir
+            newest_problems = newest_problems or problems
             log.warning("%s is damaged (%s); trying the checkpoint before it", tag_dir, "; ".join(problems[:3]))
         if complete:  # starting over would drop the run's metrics: only on purpose
             raise CheckpointError(
                 f"{folder}: every checkpoint is damaged since it was saved (the newest, {complete[-1].name}: "
-                f"{'; '.join(damage(complete[-1])[:3])}); restore the files, or pass --resume never to start over"
+                f"{'; '.join(newest_problems[:3])}); restore the files, or pass --resume never to start over"
             )
         return None
     path = Path(mode)

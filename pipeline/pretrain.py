@@ -58,14 +58,14 @@ OTHER_OUTPUTS = {
     "manifest.json": "`albert-data shard` (a shard folder)",
     ".corpus.json": "`albert-data corpus` (a corpus folder)",
     "export.json": "`albert-export` (a Hugging Face folder)",
-    "config.json": "a Hugging Face model folder",
 }
 
 
 def claim_output(output: Path) -> None:
     """One run per --output, and never another command's output folder: rank 0 holds an flock on OUTPUT/.lock for
     the run's life (released by the kernel when the process dies in any way); a second run, or a folder that holds
-    shards, a corpus or an exported model, is refused on every rank in one line. Collective."""
+    shards, a corpus or an export, is refused on every rank in one line. (A user's own files, a config.json say, may
+    stay.) Collective."""
     import torch.distributed as dist
 
     from common.output_lock import LockUnsupported, OutputInUse, hold_output
