@@ -24,6 +24,11 @@ rule (windows shuffled by (seed, epoch, rank, window, depth)), so each of them i
 in the same epoch applies the rule again to what is still unseen. The next epoch is the plain layout. Those rows are
 kept as runs of the virtual sequence (whole ranges, and about one run per unseen row of each old rank's window in
 progress), never as one index per row of the epoch.
+
+Skips (pipeline/data_skips.py): rows left out, the batches of an anomalous step and a margin after it, or every row of
+a shard that became unreadable. A skip ends the plan in progress at its position like a change of plan does, and the
+rest, less the skipped rows, is cut anew; the layout of an epoch (blocks and their order) never changes, so every
+saved position keeps its meaning. A shard unreadable at start-up (with skip_bad_shards) is skipped in the same way.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ import torch
 
 from data_prep.shards import FIELDS, Manifest
 
+from . import data_skips
+
 log = logging.getLogger(__name__)
 
 BLOCK = 1024
@@ -51,7 +58,11 @@ READ_GAP = 64  # rows: runs of a window closer than this are read as one range
 
 
 class DataError(Exception):
-    """A shard folder that cannot be used; the message names the file."""
+    """A shard folder that cannot be used; the message names the file (`path`, where one shard is the problem)."""
+
+    def __init__(self, message: str, path: Path | None = None):
+        super().__init__(message)
+        self.path = path
 
 
 @dataclass(frozen=True)
@@ -69,7 +80,11 @@ class LoaderState:
     micro_batch: int = 0  # micro-batches of the current plan of this epoch already handed to the training loop
     # earlier plans of this epoch, each with the micro-batches it handed out ({world, micro, window, micro_batch}):
     # empty unless the run came back with another plan in the middle of the epoch
+    # ({..., "removed": [skip ids]} where skips ended that plan: pipeline/data_skips.py)
     earlier: list[dict] = field(default_factory=list)
+
+    def copy(self) -> LoaderState:
+        return LoaderState(self.epoch, self.micro_batch, [dict(e) for e in self.earlier])
 
 
 class Runs:
@@ -125,6 +140,21 @@ class Runs:
         """The rows at these positions."""
         run = np.searchsorted(self.ends, positions, side="right")
         return self.starts[run] + positions - (self.ends[run] - self.lengths[run])
+
+    def without(self, other: Runs) -> Runs:
+        """The rows of this set that are not in `other`, as runs."""
+        if not other.total or not self.total:
+            return self
+        a_end, b_end = self.starts + self.lengths, other.starts + other.lengths
+        points = np.unique(np.concatenate([self.starts, a_end, other.starts, b_end]))
+        lo, width = points[:-1], np.diff(points)  # elementary pieces [lo, lo + width): each wholly in or out of a set
+
+        def covered(starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+            run = np.searchsorted(starts, lo, side="right") - 1
+            return (run >= 0) & (lo < ends[np.maximum(run, 0)])
+
+        keep = covered(self.starts, a_end) & ~covered(other.starts, b_end)
+        return Runs.concat([Runs(lo[keep], width[keep])])
 
 
 @dataclass(frozen=True)
@@ -197,27 +227,32 @@ class PretrainingData:
         if pin_memory and not torch.cuda.is_available():
             raise ValueError("pin_memory=True needs CUDA (pass pin_memory=(device.type == 'cuda'))")
         self.pin_memory = pin_memory  # page-locked batches: asynchronous host-to-device copies
+        self.plan = Plan(world, micro_batch_size, self.window)
+        # Every shard of the manifest is in the layout, readable or not, so that positions mean the same rows
+        # whatever is skipped; an unreadable one (with skip_bad_shards) is skipped from the start (a shard skip).
+        self.skips: dict[str, dict] = {}  # id -> skip, every skip this run knows (pipeline/data_skips.py)
         self.skipped_shards: list[str] = []
-        shards = []
-        for entry in self.manifest.shards:
-            path = self.folder / entry["name"]
-            problem = _check_shard(path, entry["num_examples"], self.seq_len) if path.exists() else "missing"
+        self.shards = [_Shard(self.folder / entry["name"], entry["num_examples"]) for entry in self.manifest.shards]
+        start = asdict(LoaderState())
+        for shard in self.shards:
+            problem = _check_shard(shard.path, shard.rows, self.seq_len) if shard.path.exists() else "missing"
             if problem:
                 if not skip_bad_shards:
                     raise DataError(
-                        f"{path}: {problem} (run `albert-data verify {self.folder}`; --skip-bad-shards skips it)"
+                        f"{shard.path}: {problem} (run `albert-data verify {self.folder}`; --skip-bad-shards skips it)",
+                        shard.path,
                     )
-                log.warning("skipping shard %s: %s", path, problem)
-                self.skipped_shards.append(entry["name"])
-                continue
-            shards.append(_Shard(path, entry["num_examples"]))
-        self.shards = shards
+                log.warning("skipping shard %s: %s", shard.path, problem)
+                self.skipped_shards.append(shard.path.name)
+                self._add(data_skips.shard_skip(start, self.plan, shard.path.name, 0, f"unreadable: {problem}"))
         # blocks: (shard index, first row, rows)
         self.blocks = np.array(
-            [(s, a, min(BLOCK, sh.rows - a)) for s, sh in enumerate(shards) for a in range(0, sh.rows, BLOCK)],
+            [(s, a, min(BLOCK, sh.rows - a)) for s, sh in enumerate(self.shards) for a in range(0, sh.rows, BLOCK)],
             dtype=np.int64,
         ).reshape(-1, 3)
-        self.num_examples = int(self.blocks[:, 2].sum()) if len(self.blocks) else 0
+        self.layout_rows = int(self.blocks[:, 2].sum()) if len(self.blocks) else 0  # rows of an epoch's order
+        skipped = set(self.skipped_shards)
+        self.num_examples = sum(sh.rows for sh in self.shards if sh.path.name not in skipped)  # readable ones
         per_step = micro_batch_size * grad_accum * world
         self.steps_per_epoch = self.num_examples // per_step
         if self.steps_per_epoch == 0:
@@ -225,44 +260,100 @@ class PretrainingData:
         self.micro_batches_per_epoch = self.steps_per_epoch * grad_accum
         self.dropped_per_epoch = self.num_examples - self.steps_per_epoch * per_step
         self.global_batch = per_step
-        self.plan = Plan(world, micro_batch_size, self.window)
         self.state = LoaderState()
-        self._rows = Runs.whole(self.num_examples)  # the rows the current plan of the epoch cuts among the ranks
+        self._rows = Runs.whole(self.layout_rows)  # the rows the current plan of the epoch cuts among the ranks
         self._thread: threading.Thread | None = None
         self._unthreaded: Generator | None = None  # the windows when prefetch is 0
         self._stop = threading.Event()
         self.data_wait = 0.0  # seconds the consumer waited for batches (reset by the caller)
+        self._settle()
 
     # ------------------------------------------------------------------------------------ position
     def state_dict(self) -> dict:
-        return {**asdict(self.state), "plan": asdict(self.plan)}
+        """The position, with the plan it counts in and every skip this run knows."""
+        return {**asdict(self.state), "plan": asdict(self.plan), "skips": list(self.skips.values())}
 
     def load_state_dict(self, state: dict, plan: dict | None = None) -> None:
         """Continue from a saved position. The plan it counts in is the state's own ("plan"), else `plan` (for
         positions saved without one), else this loader's. With another plan, the rest of the epoch is re-cut for this
-        loader's ranks (see the module docstring)."""
+        loader's ranks (see the module docstring). The state's skips join those this loader knows."""
         self.close()
+        for skip in state.get("skips", []):
+            self._add(skip)
         saved = Plan(**(state.get("plan") or plan or asdict(self.plan)))
         st = LoaderState(state["epoch"], state["micro_batch"], [dict(e) for e in state.get("earlier", [])])
         if saved != self.plan and (st.micro_batch or st.earlier):
             st = LoaderState(st.epoch, 0, [*st.earlier, {**asdict(saved), "micro_batch": st.micro_batch}])
         self.state = st
-        self._rows = self._rows_of(st)
-        if self.state.micro_batch >= self._micro_batches(self._rows):
-            self._next_epoch()
+        self._settle()
+
+    def add_skips(self, skips: list[dict]) -> None:
+        """Leave these out (pipeline/data_skips.py) from where each is due; iterate anew afterwards."""
+        self.close()
+        for skip in skips:
+            self._add(skip)
+        self._settle()
+
+    def _add(self, skip: dict) -> None:
+        sid = data_skips.skip_id(skip)
+        known = self.skips.get(sid)
+        # one shard skip per shard: the earliest, so that a resume from before a later one still leaves it out
+        if known is None or (skip["epoch"], skip["step"]) < (known["epoch"], known["step"]):
+            self.skips[sid] = skip
 
     @property
     def remaining_in_epoch(self) -> int:
-        """Micro-batches this rank has still to hand out in the epoch in progress."""
+        """Micro-batches this rank has still to hand out in the epoch in progress (skips due now applied)."""
+        self._settle()
         return self._micro_batches(self._rows) - self.state.micro_batch
 
     def _next_epoch(self) -> None:
         self.state = LoaderState(self.state.epoch + 1, 0)
-        self._rows = Runs.whole(self.num_examples)
+        self._settle()
+
+    def _settle(self) -> None:
+        """Apply the skips due at the position, find its rows, and go to the next epoch if this one is used up."""
+        empty_epochs = 0
+        while True:
+            self.state = self._settled(self.state)
+            self._rows = self._rows_of(self.state)
+            if self.state.micro_batch < self._micro_batches(self._rows):
+                return
+            fresh = self.state.micro_batch == 0
+            empty_epochs = empty_epochs + 1 if fresh else 0
+            if empty_epochs > 1:
+                raise DataError(f"{self.folder}: the skips leave no global batch in an epoch ({len(self.skips)} skips)")
+            self.state = LoaderState(self.state.epoch + 1, 0)
+
+    def _settled(self, state: LoaderState) -> LoaderState:
+        """`state` with every skip due at its position applied: the plan in progress ends there and the rest, less
+        the skipped rows, is cut anew (one more link of the chain), until none is due."""
+        plan = asdict(self.plan)
+        while True:
+            due = sorted(
+                sid
+                for sid, skip in self.skips.items()
+                if data_skips.relation(skip, state.epoch, state.earlier, plan, state.micro_batch) == "due"
+            )
+            if not due:
+                return state
+            link = {**plan, "micro_batch": state.micro_batch, "removed": due}
+            state = LoaderState(state.epoch, 0, [*state.earlier, link])
+
+    def _next_stop(self) -> int | None:
+        """The position of the plan in progress where the next skip recorded on this history falls due."""
+        plan, st = asdict(self.plan), self.state
+        ats = [
+            s["at"]
+            for s in self.skips.values()
+            if s["epoch"] == st.epoch and s["earlier"] == st.earlier and s["plan"] == plan and s["at"] > st.micro_batch
+        ]
+        return min(ats) if ats else None
 
     def _rows_of(self, state: LoaderState) -> Runs:
-        """The rows the current plan of state's epoch cuts: all of them, or what earlier plans left unseen."""
-        rows = Runs.whole(self.num_examples)
+        """The rows the current plan of state's epoch cuts: all of them, or what earlier plans left unseen, less
+        the rows of the skips that ended them."""
+        rows = Runs.whole(self.layout_rows)
         for depth, e in enumerate(state.earlier):
             plan = Plan(e["world"], e["micro"], e["window"])
             if self.global_batch % plan.world or (self.global_batch // plan.world) % plan.micro:
@@ -270,10 +361,41 @@ class PretrainingData:
                     f"{self.folder}: a saved position counts in micro-batches of {plan.micro} on {plan.world} rank(s), "
                     f"which does not divide this run's global batch of {self.global_batch}"
                 )
+            if e["micro_batch"] * plan.micro * plan.world % self.global_batch:  # saved between optimizer steps
+                raise DataError(
+                    f"{self.folder}: a saved position after {e['micro_batch']} micro-batches of {plan.micro} on "
+                    f"{plan.world} rank(s) is not a whole number of global batches of {self.global_batch}"
+                )
             rows = self._unseen(state.epoch, rows, plan, e["micro_batch"], depth)
-        if state.earlier and rows.total % self.global_batch:  # a position saved between optimizer steps
-            raise DataError(f"{self.folder}: {rows.total} rows left in the epoch, not whole global batches")
+            for sid in e.get("removed", ()):
+                rows = rows.without(self._skipped_rows(state.epoch, sid))
         return rows
+
+    def _skipped_rows(self, epoch: int, sid: str) -> Runs:
+        """The rows of `epoch`'s order that the skip `sid` leaves out."""
+        skip = self.skips.get(sid)
+        if skip is None:
+            raise DataError(f"{self.folder}: a saved position names skip {sid}, which this run does not know")
+        if skip["kind"] == "shard":
+            index = next((i for i, sh in enumerate(self.shards) if sh.path.name == skip["shard"]), None)
+            if index is None:
+                return Runs.of_sorted(np.zeros(0, np.int64))
+            order, starts = self._epoch_layout(epoch)
+            mine = np.flatnonzero(order[:, 0] == index)
+            return Runs.concat([Runs(starts[mine], order[mine, 2])])
+        # a window: what its plan would have handed out in micro-batches [at, until) on every rank
+        context = LoaderState(skip["epoch"], 0, skip["earlier"])
+        rows, plan, depth = self._rows_of(context), Plan(**skip["plan"]), len(skip["earlier"])
+        lo_pos, picked = skip["at"] * plan.micro, []
+        for r in range(plan.world):
+            base, used = self._cut(rows, plan, r)
+            hi_pos = min(skip["until"] * plan.micro, used)
+            for w in range(lo_pos // plan.window, -(-hi_pos // plan.window)):
+                first, size = w * plan.window, min(plan.window, used - w * plan.window)
+                perm = self._window_perm(skip["epoch"], r, w, depth, size)
+                take = perm[max(lo_pos - first, 0) : hi_pos - first]
+                picked.append(rows.at(base + first + take))
+        return Runs.of_sorted(np.unique(np.concatenate(picked)) if picked else np.zeros(0, np.int64))
 
     def _cut(self, rows: Runs, plan: Plan, rank: int) -> tuple[int, int]:
         """(first position, positions used) of rank's share of rows under plan."""
@@ -346,7 +468,8 @@ class PretrainingData:
                     parts[k].append(f[k][first + a : first + a + take])
             except (OSError, KeyError, ValueError) as e:
                 raise DataError(
-                    f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or truncated"
+                    f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or truncated",
+                    path,
                 ) from None
             lo += take
             b += 1
@@ -376,7 +499,8 @@ class PretrainingData:
                     parts = [ready[k].split(self.micro) for k in FIELDS]  # views: no copy
                     yield [dict(zip(FIELDS, batch)) for batch in zip(*parts)]
                     w += 1
-                epoch, mb, plan_rows, depth = epoch + 1, 0, Runs.whole(self.num_examples), 0
+                nxt = self._settled(LoaderState(epoch + 1, 0))
+                epoch, mb, plan_rows, depth = nxt.epoch, nxt.micro_batch, self._rows_of(nxt), len(nxt.earlier)
         finally:
             for f in files.values():
                 f.close()
@@ -404,9 +528,15 @@ class PretrainingData:
             windows.close()  # closes the shard files now, not whenever the generator is collected
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        while True:  # once, unless a skip recorded on this history falls due: then anew from there
+            self._settle()
+            yield from self._until_stop()
+
+    def _until_stop(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Batches from the position on, until the position where a known skip falls due (if any)."""
         self.close()
-        start = LoaderState(self.state.epoch, self.state.micro_batch, list(self.state.earlier))
-        count = self._micro_batches(self._rows)
+        start = self.state.copy()
+        count, stop = self._micro_batches(self._rows), self._next_stop()
         get: Callable[[], Any]
         if self.prefetch:
             self._stop = threading.Event()
@@ -427,8 +557,10 @@ class PretrainingData:
                 self.state.micro_batch += 1
                 if self.state.micro_batch == count:
                     self._next_epoch()
-                    count = self.micro_batches_per_epoch
+                    count, stop = self._micro_batches(self._rows), self._next_stop()
                 yield batch
+                if self.state.micro_batch == stop:
+                    return
 
     def close(self) -> None:
         if self._unthreaded is not None:

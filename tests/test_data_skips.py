@@ -1,0 +1,162 @@
+"""Skips in the pretraining loader (pipeline/data_skips.py): the batches of a window, or a shard, left out, each other
+example of the epoch still exactly once; a resume from before a skip, on the same or another layout, leaves out the
+same examples; the skips travel in the loader's state."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+
+import h5py
+import numpy as np
+import pytest
+
+from data_prep.shards import Manifest
+from pipeline import data_skips
+from pipeline.data import DataError, PretrainingData, Runs
+
+WINDOW = 64
+
+
+def rows(batches) -> list[bytes]:
+    return [b["input_ids"][i].numpy().astype(np.uint16).tobytes() for b in batches for i in range(len(b["input_ids"]))]
+
+
+def loaders(shards, world: int, micro: int, accum: int = 1, state: dict | None = None, skips=()) -> list:
+    out = [PretrainingData(shards, micro, accum, rank=r, world=world, seed=9, window=WINDOW) for r in range(world)]
+    for d in out:
+        if skips:
+            d.add_skips(list(skips))
+        if state is not None:
+            d.load_state_dict(state)
+    return out
+
+
+def take(data: PretrainingData, n: int) -> list[bytes]:
+    try:
+        return rows(itertools.islice(iter(data), n))
+    finally:
+        data.close()
+
+
+def rest_of_epoch(group: list[PretrainingData]) -> list[bytes]:
+    n = group[0].remaining_in_epoch
+    assert all(d.remaining_in_epoch == n for d in group)
+    return [r for d in group for r in take(d, n)]
+
+
+def straight_epoch(shards, world, micro, accum=1) -> list[bytes]:
+    return rest_of_epoch(loaders(shards, world, micro, accum))
+
+
+def window_skip_after(shards, world: int, micro: int, handed: int, steps: int, accum: int = 1):
+    """(the skip of micro-batches [handed, handed + steps * accum), the rows those batches hold, each rank's first
+    `handed` micro-batches, the position there)."""
+    group = loaders(shards, world, micro, accum)
+    head = [take(d, handed) for d in group]
+    position = group[0].state_dict()
+    plain = loaders(shards, world, micro, accum, state=position)
+    skipped = [r for d in plain for r in take(d, steps * accum)]
+    skip = data_skips.window_skip(position, group[0].plan, handed + steps * accum, step=handed // accum + 1, cause="t")
+    return skip, skipped, head, position
+
+
+def test_runs_without_is_the_set_difference():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        a = np.unique(rng.integers(0, 300, rng.integers(0, 200)))
+        b = np.unique(rng.integers(0, 300, rng.integers(0, 200)))
+        got = Runs.of_sorted(a).without(Runs.of_sorted(b))
+        expect = np.setdiff1d(a, b)
+        assert got.total == len(expect)
+        assert np.array_equal(got.at(np.arange(got.total)), expect)
+
+
+@pytest.mark.parametrize("world,micro,accum", [(1, 4, 1), (2, 4, 2)])
+def test_a_window_skip_leaves_out_exactly_its_batches(wiki_shards, world, micro, accum):
+    epoch = Counter(straight_epoch(wiki_shards, world, micro, accum))
+    skip, skipped, head, _ = window_skip_after(wiki_shards, world, micro, handed=10 * accum, steps=3, accum=accum)
+    group = loaders(wiki_shards, world, micro, accum, skips=[skip])
+    again = [take(d, 10 * accum) for d in group]
+    assert again == head, "the batches before the skip changed"
+    tail = rest_of_epoch(group)
+    seen = Counter([r for h in head for r in h] + tail)
+    assert len(skipped) == 3 * accum * micro * world
+    assert not (Counter(skipped) & Counter(tail)) or all(epoch[r] > 1 for r in set(skipped) & set(tail))
+    assert seen + Counter(skipped) <= epoch  # nothing twice, nothing outside the epoch
+    # what is lost beyond the skip is less than one global batch (the cut's remainder)
+    assert sum((epoch - seen - Counter(skipped)).values()) < micro * accum * world
+
+
+def test_a_resume_from_before_a_skip_leaves_out_the_same_examples(wiki_shards):
+    """The run that recorded the skip, and a run resumed from a position before it that knows the skip (from the
+    skips file), hand out the same batches from that position on; the skip survives state_dict/load_state_dict."""
+    skip, _, _, _ = window_skip_after(wiki_shards, 2, 4, handed=12, steps=2)
+    early = loaders(wiki_shards, 2, 4)
+    [take(d, 5) for d in early]
+    before = early[0].state_dict()  # a checkpoint written before the skip: it does not know it
+    assert before["skips"] == []
+    recorder = loaders(wiki_shards, 2, 4, state=before)
+    for d in recorder:
+        take(d, 7)
+        d.add_skips([skip])
+    after = recorder[0].state_dict()
+    assert [s["cause"] for s in after["skips"]] == ["t"]
+    expected = [take(d, 30) for d in loaders(wiki_shards, 2, 4, state=after)]
+    resumed = loaders(wiki_shards, 2, 4, state=before, skips=[skip])
+    assert [take(d, 7 + 30)[7 * 4 :] for d in resumed] == expected
+
+
+def test_a_resume_on_another_layout_from_before_a_skip_leaves_it_out(wiki_shards):
+    skip, skipped, _, _ = window_skip_after(wiki_shards, 2, 4, handed=12, steps=2)
+    epoch = Counter(straight_epoch(wiki_shards, 2, 4))
+    first = loaders(wiki_shards, 2, 4)
+    head = [r for d in first for r in take(d, 6)]
+    position = first[0].state_dict()
+    other = loaders(wiki_shards, 1, 4, accum=2, state=position, skips=[skip])  # the same global batch of 8
+    tail = rest_of_epoch(other)
+    seen = Counter(head + tail)
+    assert seen + Counter(skipped) <= epoch
+    assert sum((epoch - seen - Counter(skipped)).values()) < 8
+
+
+def test_two_skips_replayed_from_before_both(wiki_shards):
+    """A second skip recorded after the first was applied (its position names the first): a run resumed from before
+    both meets them where the recording run did."""
+    first, _, _, _ = window_skip_after(wiki_shards, 1, 4, handed=6, steps=2)
+    run = loaders(wiki_shards, 1, 4, skips=[first])[0]
+    taken = take(run, 6 + 5)
+    position = run.state_dict()
+    assert position["earlier"] and position["earlier"][0]["removed"]
+    second = data_skips.window_skip(position, run.plan, position["micro_batch"] + 3, step=12, cause="t2")
+    run.add_skips([second])
+    taken += take(run, 20)
+    replay = loaders(wiki_shards, 1, 4, skips=[second, first])[0]
+    assert take(replay, 6 + 5 + 20) == taken
+
+
+def test_a_shard_skip_leaves_the_shard_out_now_and_in_later_epochs(wiki_shards):
+    name = Manifest.load(wiki_shards).shards[0]["name"]
+    with h5py.File(wiki_shards / name, "r") as f:
+        shard_rows = Counter(row.astype(np.uint16).tobytes() for row in f["input_ids"][:])
+    others = Counter(straight_epoch(wiki_shards, 1, 4)) - shard_rows  # (rows of the epoch that the shard has not)
+    d = loaders(wiki_shards, 1, 4)[0]
+    head = take(d, 8)
+    skip = data_skips.shard_skip(d.state_dict(), d.plan, name, step=9, cause="unreadable")
+    d.add_skips([skip])
+    tail = rest_of_epoch([d])
+    assert not Counter(tail) - others, "the skipped shard's rows were handed out"
+    assert sum((others - Counter(head + tail)).values()) < 4 + len(head)  # the others: all but the cut's remainder
+    assert d.state.epoch == 1 and d.state.earlier[0]["micro_batch"] == 0  # the next epoch: left out from its start
+    nxt = rest_of_epoch([d])
+    assert not Counter(nxt) - others and sum((others - Counter(nxt)).values()) < 4
+
+
+def test_a_skip_the_run_does_not_know_is_named(wiki_shards):
+    skip, _, _, _ = window_skip_after(wiki_shards, 1, 4, handed=4, steps=1)
+    d = loaders(wiki_shards, 1, 4, skips=[skip])[0]
+    take(d, 10)
+    position = d.state_dict()
+    position["skips"] = []
+    with pytest.raises(DataError, match="names skip"):
+        loaders(wiki_shards, 1, 4, state=position)
