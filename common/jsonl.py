@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,15 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return [record for record, _ in _parse(path)]
 
 
-def keep_through_step(path: Path, step: int) -> None:
+def keep_through_step(path: Path, step: int, always: Callable[[dict[str, Any]], bool] | None = None) -> None:
     """Rewrite `path` (atomically) with the lines of steps <= `step` only, as they were: what a lost run logged after
-    the checkpoint a run resumes from is dropped, and so is a torn last line."""
-    kept = [line for record, line in _parse(path) if record.get("step", 0) <= step]
+    the checkpoint a run resumes from is dropped, and so is a torn last line. Records for which `always` is true
+    stay wherever they are."""
+    kept = [
+        line
+        for record, line in _parse(path)
+        if record.get("step", 0) <= step or (always is not None and always(record))
+    ]
     write_text(path, "".join(line + "\n" for line in kept))
 
 

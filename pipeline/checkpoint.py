@@ -67,7 +67,12 @@ def complete_checkpoints(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     tags = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / COMPLETE).is_file()]
-    return sorted(tags, key=lambda p: int(p.name[len(PREFIX) :]))
+    return sorted(tags, key=step_of)
+
+
+def step_of(tag_dir: Path) -> int:
+    """The step a checkpoint folder (step<N>) was written at."""
+    return int(tag_dir.name[len(PREFIX) :])
 
 
 def resolve_resume(mode: str, folder: Path) -> Path | None:

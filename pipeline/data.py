@@ -313,17 +313,37 @@ class PretrainingData:
 
     def _settle(self) -> None:
         """Apply the skips due at the position, find its rows, and go to the next epoch if this one is used up."""
+        self.state, self._rows = self._settled_position(self.state)
+
+    def _settled_position(self, state: LoaderState) -> tuple[LoaderState, Runs]:
         empty_epochs = 0
         while True:
-            self.state = self._settled(self.state)
-            self._rows = self._rows_of(self.state)
-            if self.state.micro_batch < self._micro_batches(self._rows):
-                return
-            fresh = self.state.micro_batch == 0
-            empty_epochs = empty_epochs + 1 if fresh else 0
+            state = self._settled(state)
+            rows = self._rows_of(state)
+            if state.micro_batch < self._micro_batches(rows):
+                return state, rows
+            empty_epochs = empty_epochs + 1 if state.micro_batch == 0 else 0
             if empty_epochs > 1:
                 raise DataError(f"{self.folder}: the skips leave no global batch in an epoch ({len(self.skips)} skips)")
-            self.state = LoaderState(self.state.epoch + 1, 0)
+            state = LoaderState(state.epoch + 1, 0)
+
+    def position(self) -> dict:
+        """Where the next micro-batch comes from ({epoch, micro_batch, earlier}), skips due there applied. Changes
+        nothing (safe between the batches of an iteration)."""
+        return asdict(self._settled_position(self.state.copy())[0])
+
+    def window_skips(self, position: dict, micro_batches: int, step: int, cause: str) -> list[dict]:
+        """Skips of the next `micro_batches` micro-batches per rank from `position` (from self.position()), into the
+        next epoch where this one ends first."""
+        state = LoaderState(position["epoch"], position["micro_batch"], [dict(e) for e in position["earlier"]])
+        skips: list[dict] = []
+        while micro_batches > 0 and len(skips) < 3:
+            state, rows = self._settled_position(state)
+            until = min(state.micro_batch + micro_batches, self._micro_batches(rows))
+            skips.append(data_skips.window_skip(asdict(state), self.plan, until, step, cause))
+            micro_batches -= until - state.micro_batch
+            state = LoaderState(state.epoch + 1, 0)
+        return skips
 
     def _settled(self, state: LoaderState) -> LoaderState:
         """`state` with every skip due at its position applied: the plan in progress ends there and the rest, less

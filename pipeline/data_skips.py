@@ -100,7 +100,7 @@ def read(path: Path, data_identity: dict[str, Any] | None) -> list[dict[str, Any
         raise SkipsFileError(f"{path}: not a data-skips file ({e})") from None
     if version > VERSION:
         raise SkipsFileError(f"{path}: data-skips version {version} is newer than this albert-pretrain's {VERSION}")
-    if data_identity is not None and data is not None and data != data_identity:
+    if data_identity is not None and data is not None and data.get("shards_sha256") != data_identity["shards_sha256"]:
         raise SkipsFileError(
             f"{path}: records examples of other training data ({data.get('folder', '?')}) than this run's "
             f"({data_identity.get('folder', '?')})"

@@ -78,10 +78,17 @@ class BatchRecorder:
     """Which examples each step saw (CRC32 of each example's input_ids): for checking resume and epochs."""
 
     def __init__(self, path: Path, resume_step: int):
+        self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists():  # drop what a lost run recorded after the checkpoint we resume from
             keep_through_step(path, resume_step)
         self.file = open(path, "a")
+
+    def rewind(self, step: int) -> None:
+        """A rollback to `step`: what was recorded after it is dropped."""
+        self.file.close()
+        keep_through_step(self.path, step)
+        self.file = open(self.path, "a")
 
     def write(self, step: int, micro_batches: list[dict]) -> None:
         import zlib
@@ -256,23 +263,37 @@ def _json_value(value: Any) -> Any:
     return str(value)
 
 
+ANOMALY = "anomaly"  # the split of metrics.jsonl's records of anomalous steps (and what the run did about them)
+
+
 class Metrics:
     def __init__(self, output: Path, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
+        self.output = output
         self.path = output / "metrics.jsonl"
-        self.tb = None
+        self.tb: Any = None  # a SummaryWriter where enabled
         if not enabled:
             return
         output.mkdir(parents=True, exist_ok=True)
+        self._open(resume_step)
+
+    def _open(self, resume_step: int | None) -> None:
         if self.path.exists():
-            # lines logged after the checkpoint we resume from belong to a run that was lost
-            keep_through_step(self.path, resume_step or 0)
+            # lines logged after the checkpoint we resume from belong to a run that was lost; its anomalies stay
+            # (the examples they left out stay left out)
+            keep_through_step(self.path, resume_step or 0, always=lambda r: r.get("split") == ANOMALY)
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(
-            log_dir=str(output / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None
+            log_dir=str(self.output / "tensorboard"), purge_step=None if resume_step is None else resume_step + 1
         )
         self.file = open(self.path, "a")
+
+    def rewind(self, step: int) -> None:
+        """A rollback to `step`: the lines and TensorBoard points after it are dropped."""
+        if self.tb is not None:
+            self.close()
+            self._open(step)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.tb is None:  # not enabled

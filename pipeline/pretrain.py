@@ -15,15 +15,26 @@ import signal
 import sys
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from common.launchers import launcher_rank
 from common.logs import setup_logging
 
+from .anomaly import AnomalyDetector, OnAnomaly, TooManyRollbacks
 from .engine import build_engine, loss_scale
-from .metrics import BatchRecorder, Interval, IntervalSums, Metrics, MfuBasis, PhaseTimer, peak_memory, train_record
+from .metrics import (
+    ANOMALY,
+    BatchRecorder,
+    Interval,
+    IntervalSums,
+    Metrics,
+    MfuBasis,
+    PhaseTimer,
+    peak_memory,
+    train_record,
+)
 from .run_config import Precision, RunConfig, TrainError, check_data_against_model, parse_args, run_config
 
 if TYPE_CHECKING:
@@ -126,6 +137,36 @@ class Run:
     device: Any  # torch.device of the engine
     comm: Any  # pipeline.comm.Comm on that device
     mfu_basis: MfuBasis  # the step's model FLOPs and the device's peak, for metrics.jsonl's MFU
+    detector: AnomalyDetector  # the loss history and rollbacks so far (pipeline/anomaly.py)
+
+
+def load_checkpoint(engine, config: RunConfig, tag_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
+    """Collective: a checkpoint of this run's layout by DeepSpeed's own load, one of another layout (ranks, ZeRO
+    stage, precision) converted per parameter. Returns the client state."""
+    from . import checkpoint as ckpt
+    from . import reshard
+
+    if ckpt.same_layout(saved, config.engine, type(engine.optimizer).__name__):
+        return ckpt.load(engine, tag_dir)
+    world, stage, precision = config.engine.batch.world, config.engine.zero_stage, config.engine.precision
+    was = ckpt.describe_layout(saved["world_size"], saved["zero_stage"], saved["precision"])[0]
+    now = ckpt.describe_layout(world, stage, precision)[1]
+    fp16_both = saved["precision"] == precision == Precision.FP16
+    return reshard.resume(engine, tag_dir, was, now, fp16_both, ckpt.format_version(saved))
+
+
+def known_skips(config: RunConfig, resume_from: Path | None, identity: DataIdentity) -> list[dict[str, Any]]:
+    """The examples earlier runs left out (data-skips.json of --data-skips, of OUTPUT and of the folder the
+    checkpoint comes from); refused in one line when recorded for other shards."""
+    from . import data_skips
+
+    files = [config.data_skips] if config.data_skips else []
+    if resume_from is not None:
+        files += [folder / data_skips.FILE for folder in dict.fromkeys([config.output, resume_from.parent.parent])]
+    try:
+        return [skip for f in files if f.is_file() for skip in data_skips.read(f, identity.to_dict())]
+    except data_skips.SkipsFileError as e:
+        raise TrainError(str(e)) from None
 
 
 def setup(args: argparse.Namespace) -> Run:
@@ -134,7 +175,6 @@ def setup(args: argparse.Namespace) -> Run:
     import torch.distributed as dist
 
     from . import checkpoint as ckpt
-    from . import reshard
     from .comm import Comm
     from .data import DataError, PretrainingData
     from .distributed import check_rendezvous, detect_launch, init_distributed
@@ -163,7 +203,15 @@ def setup(args: argparse.Namespace) -> Run:
     try:
         cfg = AlbertConfig.from_name_or_path(config.model_config_name)
         loader: dict[str, Any] = dict(rank=rank, world=world, seed=config.seed, pin_memory=device.type == "cuda")
-        data = PretrainingData(config.data, batch.micro, batch.accum, skip_bad_shards=config.skip_bad_shards, **loader)
+        window = {"window": config.shuffle_window} if config.shuffle_window else {}
+        data = PretrainingData(
+            config.data,
+            batch.micro,
+            batch.accum,
+            skip_bad_shards=config.skip_bad_shards,
+            **window,
+            **loader,
+        )
         check_data_against_model(data, cfg, config.data)
         data_identity = DataIdentity.of_manifest(config.data, data.manifest.data)
         if config.eval_data:
@@ -174,6 +222,8 @@ def setup(args: argparse.Namespace) -> Run:
         raise TrainError(str(e)) from None
     if data.skipped_shards:
         log.warning("%d shard(s) skipped as unreadable: %s", len(data.skipped_shards), ", ".join(data.skipped_shards))
+    if config.data_skips and not config.data_skips.is_file():
+        raise TrainError(f"--data-skips {config.data_skips}: no such file")
     resume_from = ckpt.resolve_resume(config.resume, config.checkpoints)
     saved = ckpt.check_compatible(resume_from, batch.global_size, cfg.to_dict()) if resume_from else None
     new_data = None
@@ -216,14 +266,9 @@ def setup(args: argparse.Namespace) -> Run:
         paths = resolve_fused(cfg, fused, engine.device, stage, precision.dtype, data.seq_len)
         info = run_info(config, engine, optimizer, paths, peak, peak_tflops, flops, resume_from)
         log.info("run info: %s", write_run_info(config.output, info))
+    detector = AnomalyDetector(config.anomaly)
     if resume_from and saved:
-        if ckpt.same_layout(saved, config.engine, type(engine.optimizer).__name__):
-            client = ckpt.load(engine, resume_from)
-        else:  # another number of ranks, ZeRO stage or precision: converted per parameter
-            was = ckpt.describe_layout(saved["world_size"], saved["zero_stage"], saved["precision"])[0]
-            now = ckpt.describe_layout(world, stage, precision)[1]
-            fp16_both = saved["precision"] == precision == Precision.FP16
-            client = reshard.resume(engine, resume_from, was, now, fp16_both, ckpt.format_version(saved))
+        client = load_checkpoint(engine, config, resume_from, saved)
         if new_data:
             log.warning("%s", new_data)
         else:
@@ -231,6 +276,13 @@ def setup(args: argparse.Namespace) -> Run:
                 data.load_state_dict(client["loader"], plan=ckpt.loader_plan(resume_from, saved))
             except DataError as e:
                 raise TrainError(f"{resume_from}: the saved data position cannot continue here: {e}") from None
+            detector.load_state_dict(client.get("anomaly"))
+    try:
+        data.add_skips(known_skips(config, None if new_data else resume_from, data_identity))
+    except DataError as e:
+        raise TrainError(f"the examples to leave out cannot be applied: {e}") from None
+    if data.skips:
+        log.info("%d skip(s) of examples known: %s", len(data.skips), describe_skips(data.skips.values()))
     return Run(
         config=config,
         engine=engine,
@@ -243,7 +295,16 @@ def setup(args: argparse.Namespace) -> Run:
         device=engine.device,
         comm=comm,
         mfu_basis=mfu_basis,
+        detector=detector,
     )
+
+
+def describe_skips(skips) -> str:
+    parts = []
+    for s in skips:
+        what = f"shard {s['shard']}" if s["kind"] == "shard" else f"micro-batches {s['at']}-{s['until'] - 1} per rank"
+        parts.append(f"{what} of epoch {s['epoch']} (step {s['step']}: {s['cause']})")
+    return "; ".join(parts)
 
 
 def run_info(config: RunConfig, engine, optimizer, paths, peak, peak_tflops: float, flops, resume_from) -> dict:
@@ -300,35 +361,46 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     """The loop: one optimizer step per iteration, then metrics, checkpoints and evaluation when due.
 
     Host syncs: none per micro-batch. The loss, the metric sums and the non-finite flag stay on the device; the
-    step's flags (non-finite loss on any rank, a stop signal on any rank) are read once per optimizer step, and the
-    metric sums on logging steps only. The phase times follow the same rule (PhaseTimer: CUDA events recorded every
-    step, read on logging steps); peak memory is read from the allocator's counters, not the device."""
+    step's flags and mean loss (non-finite loss on any rank, a stop signal on any rank, the loss for the spike test)
+    are read once per optimizer step, in one all-reduce, and the metric sums on logging steps only. The phase times
+    follow the same rule (PhaseTimer: CUDA events recorded every step, read on logging steps); peak memory is read
+    from the allocator's counters, not the device. With --skip-bad-shards, one more flag is read before the forward
+    (a shard that fails to read on one rank must stop every rank before its collectives)."""
     import torch
 
     from . import checkpoint as ckpt
-    from . import reshard
-    from .data import to_device
+    from . import data_skips, reshard
+    from .data import DataError, to_device
 
-    config, engine, data, comm = run.config, run.engine, run.data, run.comm
+    config, engine, data, comm, detector = run.config, run.engine, run.data, run.comm, run.detector
     batch, precision = config.engine.batch, config.engine.precision
+    rollback = config.anomaly.on_anomaly is OnAnomaly.ROLLBACK
     step = start = engine.global_steps
     metrics = Metrics(config.output, run.rank == 0, resume_step=step if run.resumed else None)
     recording = config.output / f"batches-rank{run.rank}.jsonl"
     recorder = BatchRecorder(recording, step) if config.record_batches else None
     acc = IntervalSums(comm)
-    summary: dict[str, Any] = {"start_step": step, "first": None, "last": None}
+    summary: dict[str, Any] = {"start_step": step, "first": None, "last": None, "rollbacks": 0}
     if step >= config.max_steps:
         log.info("already at step %d of --max-steps %d: nothing to train", step, config.max_steps)
 
+    batches = iter(data)
+    timer = PhaseTimer(run.device)
+    paused = 0.0  # seconds of the interval spent saving and evaluating: left out of its throughput
+    logged_step, t_last = step, time.perf_counter()
     names = reshard.lamb_names(engine.module)  # ZeRO-0's optimizer state is saved by position: name it
     meta = ckpt.run_meta(
         config, type(engine.optimizer).__name__, run.model_config.to_dict(), run.data_identity.to_dict()
     )
 
     def save() -> None:
-        state = {"loader": data.state_dict(), "lamb_param_names": names}
+        state = {"loader": data.state_dict(), "lamb_param_names": names, "anomaly": detector.state_dict()}
         hf_config = run.model_config.to_hf_dict()
         ckpt.save(engine, config.checkpoints, step, state, meta, hf_config, config.keep_checkpoints)
+
+    def save_skips() -> None:
+        if run.rank == 0 and data.skips:
+            data_skips.write(config.output / data_skips.FILE, list(data.skips.values()), run.data_identity.to_dict())
 
     def run_eval() -> None:
         if config.eval_data:
@@ -337,10 +409,66 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             accuracies = f"MLM accuracy {r['mlm_accuracy']:.4f}, SOP accuracy {r['sop_accuracy']:.4f}"
             log.info("eval step %d: loss %.4f, %s", step, r["loss"], accuracies)
 
+    def roll_back(failed_step: int, cause: str, loss: float, position: dict) -> None:
+        """Collective: reload the newest checkpoint before `failed_step` (one further back when the last rollback
+        went to it), leave out the step's batches and --skip-margin steps' more, log it, and go on from there."""
+        nonlocal step, acc, logged_step, t_last, paused, batches
+        before = [c for c in ckpt.complete_checkpoints(config.checkpoints) if ckpt.step_of(c) < failed_step]
+        if detector.rollbacks and before and ckpt.step_of(before[-1]) == detector.rollbacks[-1]["to_step"]:
+            before = before[:-1] or before
+        if not before:
+            raise TrainError(f"step {failed_step}: {cause}; no checkpoint before it to roll back to")
+        target = before[-1]
+        to_step = ckpt.step_of(target)
+        try:
+            detector.rolled_back(failed_step, cause, loss, to_step)
+        except TooManyRollbacks as e:
+            raise TrainError(
+                f"step {failed_step}: {cause}; {e}. The last good checkpoint is in {config.checkpoints}"
+            ) from None
+        skips = data.window_skips(position, (config.anomaly.skip_margin + 1) * batch.accum, failed_step, cause)
+        rollbacks = list(detector.rollbacks)
+        client = load_checkpoint(engine, config, target, ckpt.read_meta(target))
+        data.load_state_dict(client["loader"])
+        detector.load_state_dict(client.get("anomaly"))
+        detector.rollbacks = rollbacks
+        data.add_skips(skips)
+        save_skips()
+        left_out = sum(s["until"] - s["at"] for s in skips) * batch.micro * batch.world
+        event = {"split": ANOMALY, "step": failed_step, "cause": cause, "loss": loss, "action": "rollback"}
+        metrics.rewind(to_step)
+        if recorder:
+            recorder.rewind(to_step)
+        metrics.log({**event, "to_step": to_step, "examples_left_out": left_out, "skips": skips})
+        log.warning(
+            "step %d: %s; rolled back to %s (step %d), leaving out %d examples: %s",
+            failed_step,
+            cause,
+            target,
+            to_step,
+            left_out,
+            describe_skips(skips),
+        )
+        step = logged_step = engine.global_steps
+        acc, t_last, paused, data.data_wait = IntervalSums(comm), time.perf_counter(), 0.0, 0.0
+        timer.read()
+        batches = iter(data)
+        summary["rollbacks"] += 1
+
+    def agree_on_bad_shards(failed: str | None) -> list[str]:
+        """Collective: the shards that failed to read on any rank in this step's fetch."""
+        import torch.distributed as dist
+
+        if not comm.sum_(comm.tensor([float(failed is not None)])).item():
+            return []
+        names: list[str | None] = [None] * batch.world
+        dist.all_gather_object(names, failed)
+        return sorted({n for n in names if n})
+
     ckpt_note = f"the last good checkpoint is in {config.checkpoints}"
-    batches = iter(data)
-    timer = PhaseTimer(run.device)
-    paused = 0.0  # seconds of the interval spent saving and evaluating: left out of its throughput
+    if rollback and not run.resumed and step < config.max_steps:
+        save()  # a good state to come back to before the first interval's checkpoint
+    save_skips()
     warned_peak = False  # an MFU above 1 was reported
 
     def outside_interval(action) -> None:
@@ -351,46 +479,96 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
 
     logged_step, t_last, data.data_wait = step, time.perf_counter(), 0.0
     while step < config.max_steps:
+        position = data.position()  # where this step's batches start: a skip of them is recorded from here
         # The step's micro-batches are fetched first so that the MLM loss can be normalised by the number of
         # predictions in the whole global batch: then accumulation and data parallelism give exactly the
         # gradient of one large batch (a per-micro-batch mean would weight predictions unevenly).
-        micro_batches = [next(batches) for _ in range(batch.accum)]
+        if config.skip_bad_shards:
+            failed = None
+            try:
+                micro_batches = [next(batches) for _ in range(batch.accum)]
+            except DataError as e:
+                if e.path is None:
+                    raise
+                failed, reason = e.path.name, str(e)
+            bad_shards = agree_on_bad_shards(failed)
+            if bad_shards:
+                if failed:
+                    log.warning("rank %d: %s", run.rank, reason)
+                data.load_state_dict({**position, "plan": asdict(data.plan)})
+                found = [data_skips.shard_skip(position, data.plan, n, step + 1, "unreadable") for n in bad_shards]
+                data.add_skips(found)
+                save_skips()
+                metrics.log({"split": ANOMALY, "step": step + 1, "cause": "unreadable shard", "shards": bad_shards})
+                log.warning(
+                    "step %d: shard(s) %s failed to read; left out from here on (--skip-bad-shards)",
+                    step + 1,
+                    ", ".join(bad_shards),
+                )
+                batches = iter(data)
+                continue
+        else:
+            micro_batches = [next(batches) for _ in range(batch.accum)]
         counts = [float((b["masked_lm_positions"] > 0).sum()) for b in micro_batches]  # CPU tensors: no sync
         total = comm.sum_(comm.tensor([sum(counts)])).clamp(min=1.0)
         if recorder:
             recorder.write(step + 1, micro_batches)
         bad = torch.zeros((), dtype=torch.bool, device=run.device)
+        step_loss = torch.zeros((), dtype=torch.float64, device=run.device)
         with timer.phase("forward_backward"):
             for micro, (b, count) in enumerate(zip(micro_batches, counts)):
                 out = engine(**to_device(b, run.device))
                 weight = (count * batch.global_size / batch.micro / total).to(out.mlm_loss.dtype)
                 loss = out.mlm_loss * weight[0] + out.sop_loss
                 bad |= ~torch.isfinite(loss.detach())
+                step_loss += loss.detach().double()
                 acc.add(out, b)
                 engine.backward(loss)
                 if micro < batch.accum - 1:
                     engine.step()  # DeepSpeed counts micro-steps; it applies the update at the boundary only
-        flags = comm.max_(torch.stack([bad.double(), comm.tensor([float(stop.signal is not None)])[0]]))
+        signal_flag = comm.tensor([float(stop.signal is not None)])[0]
+        flags = comm.sum_(torch.stack([bad.double(), signal_flag, step_loss]))
         # every rank stops at the same step, whichever rank saw the problem or signal: the step's one host read
-        nonfinite, stopping = (v > 0 for v in flags.tolist())
-        if nonfinite and precision is not Precision.FP16:
+        nonfinite_count, signals, loss_sum = flags.tolist()
+        nonfinite, stopping = nonfinite_count > 0, signals > 0
+        mean_loss = loss_sum / (batch.accum * batch.world)  # the global batch's MLM + SOP loss
+        if precision is Precision.FP16:  # an overflow is the loss scaler's business; a spike is checked
+            cause = None if nonfinite else detector.check(step + 1, mean_loss, False)
+        else:
+            cause = detector.check(step + 1, mean_loss, nonfinite)
+        if cause and rollback:
+            engine.step()  # applied, then undone by the reload: the step's gradients are cleared as usual
+            roll_back(step + 1, cause, mean_loss, position)
+            continue
+        if cause and nonfinite:
             raise TrainError(
                 f"step {step + 1}: the loss is not finite (NaN or inf); stopping without applying this step. "
                 f"The last good checkpoint is in {config.checkpoints}"
             )
+        if cause:  # a spike, with --on-anomaly stop: logged, applied
+            metrics.log({"split": ANOMALY, "step": step + 1, "cause": cause, "loss": mean_loss, "action": "none"})
+            log.warning("step %d: %s (--on-anomaly rollback would roll back)", step + 1, cause)
         try:
             with timer.phase("optimizer"):
                 engine.step()
         except Exception as e:  # DeepSpeed's fp16 loss scaler raises a bare Exception at its floor
             if "loss scale already at minimum" not in str(e):
                 raise
-            raise TrainError(f"step {step + 1}: fp16 overflow with the loss scale at its floor; {ckpt_note}") from None
+            if not rollback:
+                raise TrainError(
+                    f"step {step + 1}: fp16 overflow with the loss scale at its floor; {ckpt_note}"
+                ) from None
+            engine.optimizer.zero_grad(set_to_none=True)  # (DeepSpeed raised before clearing them)
+            roll_back(step + 1, "fp16 overflow with the loss scale at its floor", mean_loss, position)
+            continue
         step = engine.global_steps
         floor = config.engine.min_loss_scale
         if nonfinite and loss_scale(engine, precision) <= floor:
-            raise TrainError(
-                f"step {step}: fp16 overflow with the loss scale at its floor (min_loss_scale {floor}); {ckpt_note}"
-            )
+            cause = f"fp16 overflow with the loss scale at its floor (min_loss_scale {floor})"
+            if not rollback:
+                raise TrainError(f"step {step}: {cause}; {ckpt_note}")
+            roll_back(step, cause, mean_loss, position)
+            continue
         if step % config.log_interval == 0 or step == config.max_steps or stopping:
             sums = acc.reduce()
             phases = timer.read()

@@ -115,7 +115,7 @@ def read_checkpoint(
     for name, d in params.items():
         if name in shapes and d["fp32"].shape != shapes[name]:
             raise ReshardError(f"{tag_dir}: {name} has shape {tuple(d['fp32'].shape)}, the model {tuple(shapes[name])}")
-    client = {k: v for k, v in states.items() if k in ("loader", "lamb_param_names")}
+    client = {k: v for k, v in states.items() if k in ("loader", "lamb_param_names", "anomaly")}
     return TrainingState(
         params=params,
         step=step,

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from common.flags import integer, number
 
+from .anomaly import AnomalySettings, OnAnomaly
+
 if TYPE_CHECKING:
     import torch
 
@@ -122,7 +124,51 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(default: the data sheet's for a known GPU, else a matmul measured at start-up)",
     )
     p.add_argument(
-        "--skip-bad-shards", action="store_true", help="skip unreadable shards with a warning instead of stopping"
+        "--skip-bad-shards",
+        action="store_true",
+        help="leave out a shard that is unreadable at start-up or fails to read during training (on every rank, "
+        "recorded in OUTPUT/data-skips.json for resumes), with a warning, instead of stopping",
+    )
+    p.add_argument(
+        "--shuffle-window",
+        type=integer(1),
+        default=None,
+        help="rows each rank reads and shuffles at a time (default 8192; memory: a few windows of int64 rows)",
+    )
+    p.add_argument(
+        "--on-anomaly",
+        choices=[m.value for m in OnAnomaly],
+        default=OnAnomaly.STOP.value,
+        help="on a non-finite loss, an fp16 loss scale stuck at its floor or a loss spike: stop (a spike is only "
+        "logged), or roll back to the newest checkpoint before the step, leave out its batches and --skip-margin "
+        "steps' more, and go on",
+    )
+    p.add_argument(
+        "--spike-factor",
+        type=number(0.0, 1e6),
+        default=2.0,
+        help="a step whose loss is above this times the median of the last --spike-window steps is a spike (0: off)",
+    )
+    p.add_argument("--spike-window", type=integer(1), default=100, help="steps whose median loss a spike is judged by")
+    p.add_argument(
+        "--skip-margin",
+        type=integer(0),
+        default=10,
+        help="rollback: optimizer steps' batches left out after the anomalous step's own",
+    )
+    p.add_argument(
+        "--max-rollbacks",
+        type=integer(0),
+        default=3,
+        help="rollback: stop with one line after more than this many rollbacks within --rollback-period steps",
+    )
+    p.add_argument("--rollback-period", type=integer(1), default=1000, help="see --max-rollbacks")
+    p.add_argument(
+        "--data-skips",
+        type=Path,
+        default=None,
+        help="leave out the examples listed in this data-skips.json (written by a run's rollbacks and shard skips) "
+        "from the start; OUTPUT/data-skips.json is read on every resume anyway",
     )
     p.add_argument(
         "--new-data",
@@ -397,9 +443,12 @@ class RunConfig:
     malloc_tuning: bool
     tf32: bool
     skip_bad_shards: bool
+    shuffle_window: int | None  # rows of a rank's share shuffled together; None: pipeline.data's default
     record_batches: bool
     peak_tflops: float | None  # --peak-tflops: the device's peak for MFU; None: looked up or measured (pipeline.flops)
     new_data: bool  # a resume may continue on other shards (of the same vocabulary), from their start
+    anomaly: AnomalySettings  # what an anomalous step is and what the run does about it (pipeline/anomaly.py)
+    data_skips: Path | None  # --data-skips: examples to leave out from the start
 
     @property
     def checkpoints(self) -> Path:
@@ -431,10 +480,30 @@ def run_config(args: argparse.Namespace, world: int) -> RunConfig:
         malloc_tuning=not args.no_malloc_tuning,
         tf32=not args.no_tf32,
         skip_bad_shards=args.skip_bad_shards,
+        shuffle_window=args.shuffle_window,
         record_batches=args.record_batches,
         peak_tflops=args.peak_tflops,
         new_data=args.new_data,
+        anomaly=anomaly_settings(args),
+        data_skips=args.data_skips,
     )
+
+
+def anomaly_settings(args: argparse.Namespace) -> AnomalySettings:
+    settings = AnomalySettings(
+        on_anomaly=OnAnomaly(args.on_anomaly),
+        spike_factor=args.spike_factor,
+        spike_window=args.spike_window,
+        skip_margin=args.skip_margin,
+        max_rollbacks=args.max_rollbacks,
+        rollback_period=args.rollback_period,
+    )
+    if settings.on_anomaly is OnAnomaly.ROLLBACK and args.keep_checkpoints < 2:
+        raise TrainError(
+            "--on-anomaly rollback needs --keep-checkpoints 2 or more (a second anomaly soon after a rollback goes back "
+            "one checkpoint further)"
+        )
+    return settings
 
 
 def check_data_against_model(data, cfg, source: Path) -> None:

@@ -3,7 +3,9 @@ outside (`--fault FAULT` may stand anywhere; it is taken out before albert-pretr
 
 FAULT is one of:
 - `nan-at-step:N`: the model's MLM loss becomes NaN in every micro-batch of optimizer step N (wraps the model's
-  forward once setup() has built the engine);
+  forward once setup() has built the engine), each time the run reaches step N;
+- `nan-once-at-step:N`: the same, the first time only (a rolled-back run goes on);
+- `spike-once-at-step:N:FACTOR`: the MLM loss of step N is FACTOR times larger, the first time only;
 - `kill-before-complete`: rank 0 is killed with SIGKILL when a save has written every rank's files but not yet the
   completion marker (wraps the checkpoint module's JSON writer);
 - `slow-steps:SECONDS`: every training micro-batch's forward takes SECONDS longer (a step long enough for a person's
@@ -19,17 +21,20 @@ import sys
 from pipeline import checkpoint, pretrain
 
 
-def nan_at_step(step: int) -> None:
+def scale_loss_at_step(step: int, factor: float, once: bool) -> None:
     real_setup = pretrain.setup
 
     def setup(args):
         run = real_setup(args)
         model, forward = run.engine.module, run.engine.module.forward
+        hits = [0]  # training forwards of step N so far: `once` poisons one step's worth (a rollback comes back)
 
         def poisoned(*a, **k):
             out = forward(*a, **k)
             if model.training and run.engine.global_steps + 1 == step:
-                out.mlm_loss = out.mlm_loss * float("nan")
+                hits[0] += 1
+                if not once or hits[0] <= run.config.engine.batch.accum:
+                    out.mlm_loss = out.mlm_loss * factor
             return out
 
         model.forward = poisoned
@@ -75,7 +80,12 @@ def main() -> int:
     fault = argv[i + 1]
     del argv[i : i + 2]
     if fault.startswith("nan-at-step:"):
-        nan_at_step(int(fault.split(":", 1)[1]))
+        scale_loss_at_step(int(fault.split(":", 1)[1]), float("nan"), once=False)
+    elif fault.startswith("nan-once-at-step:"):
+        scale_loss_at_step(int(fault.split(":", 1)[1]), float("nan"), once=True)
+    elif fault.startswith("spike-once-at-step:"):
+        _, step, factor = fault.split(":")
+        scale_loss_at_step(int(step), float(factor), once=True)
     elif fault == "kill-before-complete":
         kill_before_complete()
     elif fault.startswith("slow-steps:"):
