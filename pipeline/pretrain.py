@@ -203,7 +203,7 @@ def setup(args: argparse.Namespace) -> Run:
     try:
         cfg = AlbertConfig.from_name_or_path(config.model_config_name)
         loader: dict[str, Any] = dict(rank=rank, world=world, seed=config.seed, pin_memory=device.type == "cuda")
-        window = {"window": config.shuffle_window} if config.shuffle_window else {}
+        window: dict[str, Any] = {"window": config.shuffle_window} if config.shuffle_window else {}
         data = PretrainingData(
             config.data,
             batch.micro,
