@@ -164,6 +164,10 @@ class Lamb(torch.optim.Optimizer):
         # Set before super().__init__, which calls add_param_group.
         self._whole: set[int] = set()
         self._layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
+        # group index -> the last step's trust ratios of an adapted group's parameters (this rank's; on the device,
+        # read only when metrics are logged)
+        self.trust_ratios: dict[int, torch.Tensor] = {}
+        self._held_slots: dict[int, torch.Tensor] = {}  # id of a flat tensor -> the parameters it holds pieces of
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -201,11 +205,11 @@ class Lamb(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
-            self._step_group(group)
+        for index, group in enumerate(self.param_groups):
+            self._step_group(index, group)
         return loss
 
-    def _step_group(self, group: dict[str, Any]) -> None:
+    def _step_group(self, index: int, group: dict[str, Any]) -> None:
         whole: list[torch.Tensor] = []
         flat: list[tuple[torch.Tensor, FlatLayout]] = []
         for p in group["params"]:
@@ -231,11 +235,15 @@ class Lamb(torch.optim.Optimizer):
         params = whole + flat_with_grad
         updates = self._adam_updates(group, params) if params else []
         if group["adapt"]:
-            n = len(whole)
+            n, ratios = len(whole), []
             if whole:
-                torch._foreach_mul_(updates[:n], self._whole_ratios(group, whole, updates[:n]))
+                whole_ratios = self._whole_ratios(group, whole, updates[:n])
+                torch._foreach_mul_(updates[:n], whole_ratios)
+                ratios.append(torch.stack(whole_ratios))
             if flat:
-                self._scale_flat(group, flat, dict(zip(map(id, flat_with_grad), updates[n:], strict=True)))
+                ratios += self._scale_flat(group, flat, dict(zip(map(id, flat_with_grad), updates[n:], strict=True)))
+            if ratios:
+                self.trust_ratios[index] = torch.cat(ratios)
         if params:
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
@@ -293,8 +301,9 @@ class Lamb(torch.optim.Optimizer):
 
     def _scale_flat(
         self, group: dict[str, Any], flat: list[tuple[torch.Tensor, FlatLayout]], updates: dict[int, torch.Tensor]
-    ) -> None:
-        """Scale each flat update by per-parameter ratios, norms summed over segments and ranks."""
+    ) -> list[torch.Tensor]:
+        """Scale each flat update by per-parameter ratios, norms summed over segments and ranks; returns the ratios
+        of the parameters this rank holds a piece of."""
         # Per segment (views into the flat tensors: no full-size temporaries), one pass each for w and u.
         sums = []  # [2, num_params] per flat tensor: squared norms of w and u, this rank's pieces
         for p, layout in flat:
@@ -309,11 +318,15 @@ class Lamb(torch.optim.Optimizer):
             per_slot.index_add_(1, layout.slots, torch.stack([w_sq, u_sq]))
             sums.append(per_slot[:, : layout.num_params])
         self._all_reduce_by_group(sums, [layout.group for _, layout in flat])
+        held = []
         for (p, layout), sq in zip(flat, sums, strict=True):
             u = updates.get(id(p))
             if u is None:
                 continue
             ratio = _trust_ratio(sq[0].sqrt(), sq[1].sqrt(), group["min_coeff"], group["max_coeff"])
+            if id(p) not in self._held_slots:  # once (torch.unique waits for the device)
+                self._held_slots[id(p)] = torch.unique(layout.slots[layout.slots < layout.num_params])
+            held.append(ratio[self._held_slots[id(p)]])
             ratio = torch.cat([ratio, ratio.new_ones(1)])  # padding slot
             scales = ratio[layout.slots]
             # Python floats are the fast path on the CPU; on a GPU reading them would be a host sync every step,
@@ -321,6 +334,7 @@ class Lamb(torch.optim.Optimizer):
             torch._foreach_mul_(
                 list(u.split(layout.sizes)), scales.tolist() if scales.is_cpu else list(scales.unbind())
             )
+        return held
 
     @staticmethod
     def _all_reduce_by_group(sums: list[torch.Tensor], groups: list[Any]) -> None:

@@ -311,3 +311,31 @@ class Metrics:
         if self.tb is not None:  # enabled
             self.file.close()
             self.tb.close()
+
+
+def trust_ratio_stats(lamb, comm) -> dict[str, float]:
+    """Minimum, mean and maximum of LAMB's trust ratios in the last step, per adapted parameter group (our LAMB only:
+    FusedLamb does not expose them), over all ranks: "trust_ratio_{min,mean,max}" for the first adapted group (the
+    weights with decay), with the group's index appended for any further one. Collective; on logging steps only.
+    Under ZeRO, a parameter split across ranks counts once per rank in the mean."""
+    import torch
+
+    stats: dict[str, float] = {}
+    if not hasattr(lamb, "trust_ratios"):
+        return stats
+    adapted = [i for i, group in enumerate(lamb.param_groups) if group.get("adapt")]  # the same on every rank
+    for n, index in enumerate(adapted):
+        ratios = lamb.trust_ratios.get(index, torch.zeros(0)).to(comm.device, torch.float64)
+        if ratios.numel():
+            extremes = torch.stack([-ratios.min(), ratios.max()])
+        else:  # a rank that holds none of the group's parameters
+            extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=comm.device)
+        comm.max_(extremes)
+        total = comm.sum_(torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))]))
+        if not total[1].item():
+            continue
+        suffix = f"_{index}" if n else ""
+        stats[f"trust_ratio_min{suffix}"] = -extremes[0].item()
+        stats[f"trust_ratio_mean{suffix}"] = (total[0] / total[1]).item()
+        stats[f"trust_ratio_max{suffix}"] = extremes[1].item()
+    return stats

@@ -34,6 +34,7 @@ from .metrics import (
     PhaseTimer,
     peak_memory,
     train_record,
+    trust_ratio_stats,
 )
 from .run_config import Precision, RunConfig, TrainError, check_data_against_model, parse_args, run_config
 
@@ -138,6 +139,7 @@ class Run:
     comm: Any  # pipeline.comm.Comm on that device
     mfu_basis: MfuBasis  # the step's model FLOPs and the device's peak, for metrics.jsonl's MFU
     detector: AnomalyDetector  # the loss history and rollbacks so far (pipeline/anomaly.py)
+    lamb: Any  # the torch optimizer LAMB steps with (ours records its trust ratios), or None where DeepSpeed built it
 
 
 def load_checkpoint(engine, config: RunConfig, tag_dir: Path, saved: dict[str, Any]) -> dict[str, Any]:
@@ -296,6 +298,7 @@ def setup(args: argparse.Namespace) -> Run:
         comm=comm,
         mfu_basis=mfu_basis,
         detector=detector,
+        lamb=optimizer.optimizer,
     )
 
 
@@ -591,6 +594,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             record = train_record(
                 engine, sums, interval, run.mfu_basis, data.state.epoch, loss_scale(engine, precision)
             )
+            record |= trust_ratio_stats(run.lamb, comm)
             metrics.log(record)
             if record["mfu"] > 1 and run.rank == 0 and not warned_peak:
                 warned_peak = True

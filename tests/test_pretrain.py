@@ -58,7 +58,11 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
         "optimizer_sec",
         "peak_device_memory_bytes",
         "peak_rss_bytes",
+        "trust_ratio_min",
+        "trust_ratio_mean",
+        "trust_ratio_max",
     }
+    assert all(0.01 <= m["trust_ratio_min"] <= m["trust_ratio_mean"] <= m["trust_ratio_max"] <= 10 for m in lines)
     assert keys <= set(lines[-1]) and lines[-1]["samples"] == 4 * 8 and lines[-1]["loss_scale"] == 1.0
     assert all(0 < m["loss"] < 20 for m in lines)
     info = json.loads((tmp_path / "run-info.json").read_text())
