@@ -64,6 +64,16 @@ class World:
             raise ValueError("World.scatter: rank 0 gives the list")
         return per_rank[0]
 
+    def allgather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` on every rank, in rank order."""
+        return [obj] if self.comm is None else self.comm.allgather(obj)
+
+    def alltoall(self, per_rank: list[Any]) -> list[Any]:
+        """per_rank[r] goes to rank r; returns what each rank sent to this one, in rank order."""
+        if self.comm is None:
+            return list(per_rank)
+        return self.comm.alltoall(per_rank)
+
     def raise_together(self, error: str | None) -> None:
         """Any rank's error message (None: no error; the lowest rank's first) raised as SharedError on every rank."""
         errors = [error] if self.comm is None else self.comm.allgather(error)
