@@ -111,10 +111,11 @@ log = logging.getLogger(__name__)
 # sources' weights among the settings); --resume refuses another.
 WORK_FORMAT = 4
 SUMMARY = ".corpus.json"  # hidden: readers of the folder (vocab, shard) skip it
-# The layout of SUMMARY (4: per source, what deduplication and decontamination removed; 3: per-source counts, the
-# text and title fields and the weights among the settings; 2: the inputs' times, cuts and sha256 recorded; 1
-# compared by path and size); a folder of a newer one is refused.
-SUMMARY_VERSION = 4
+# The layout of SUMMARY (3: per-source counts, the text and title fields and the weights among the settings; 2: the
+# inputs' times, cuts and sha256 recorded; 1 compared by path and size); a folder of a newer one is refused. What
+# dedup removed ("removed", per source and in all) and its settings ("dedup") were added to 3 without a new version:
+# a summary without them is of a run without dedup, and a reader that does not know them loses nothing it needs.
+SUMMARY_VERSION = 3
 # Settings that summaries before version 3 did not record, as those runs had them.
 _SETTINGS_BEFORE_3 = {"text_field": "text", "title_field": None, "weights": None, "weight_seed": None}
 _SOURCE = "-source"  # a streamed part's marker of the file's bytes: PART-source.json

@@ -166,11 +166,7 @@ def overlaps(doc: list[str], ngrams: np.ndarray, n: int) -> bool:
     """Whether the document shares an n-gram with the evaluation texts (`ngrams`: evaluation_ngrams)."""
     if len(ngrams) == 0:
         return False
-    mine = ngram_hashes(overlap_tokens(" ".join(doc)), n)
-    if len(mine) == 0:
-        return False
-    at = np.searchsorted(ngrams, mine)
-    return bool(np.any(ngrams[np.minimum(at, len(ngrams) - 1)] == mine))
+    return bool(_member(ngram_hashes(overlap_tokens(" ".join(doc)), n), ngrams).any())
 
 
 # --- fingerprints of a part file ------------------------------------------------------------------------------
@@ -291,6 +287,14 @@ def _first_of_each(hashes: np.ndarray, orders: np.ndarray) -> np.ndarray:
     return duplicate
 
 
+def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
+    """values[i] in sorted_set (sorted, distinct), without sorting `values`."""
+    if len(sorted_set) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_set, values), len(sorted_set) - 1)
+    return sorted_set[at] == values
+
+
 def decide(world: World, files: list[tuple[int, Path]], settings: DedupSettings) -> dict[Path, FileDecision]:
     """The decisions for this rank's part files (`files`: (index of the file in input order, path)); collective:
     every rank calls it with its own share."""
@@ -334,7 +338,7 @@ def decide(world: World, files: list[tuple[int, Path]], settings: DedupSettings)
         boiler = np.zeros(len(distinct), dtype=bool)
         for rank, rows in enumerate(sent):
             boiler[rows] = answers[rank]
-        flagged = np.isin(lines, distinct[boiler]) & kept_lines
+        flagged = _member(lines, distinct[boiler]) & kept_lines
         boilerplate = np.split(flagged, np.cumsum([int(c.sum()) for c in line_counts])[:-1])
     decisions = {}
     first = 0

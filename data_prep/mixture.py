@@ -166,5 +166,5 @@ class SourceStats:
             written["documents"],
             written["sentences"],
             written["bytes"],
-            RemovedCounts(**data.get("removed", {})),  # (summaries before version 4 did not record it)
+            RemovedCounts(**data.get("removed", {})),  # (absent: a run without dedup)
         )

@@ -96,7 +96,7 @@ def test_duplicates_across_sources_files_and_parts_are_removed_once_the_first_ke
     assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")
     assert [s.to_json() for s in two.sources] == [s.to_json() for s in one.sources]
     summary = json.loads((tmp_path / "two" / ".corpus.json").read_text())
-    assert summary["summary_version"] == 4 and summary["settings"]["dedup"]["mode"] == "documents"
+    assert summary["summary_version"] == 3 and summary["settings"]["dedup"]["mode"] == "documents"
     by_name = {s["name"]: s for s in summary["sources"]}
     for name, k, r, copies in (("wiki", kept[0], removed[0], 1), ("books", kept[1], removed[1], 2)):
         assert by_name[name]["removed"]["duplicate_documents"] == len(r)
