@@ -213,12 +213,13 @@ def fingerprints_path(part_file: Path) -> Path:
     return part_file.with_name(part_file.stem + FINGERPRINTS)
 
 
-def load_fingerprints(part_file: Path) -> dict[str, np.ndarray]:
+def load_fingerprints(part_file: Path, key: str) -> np.ndarray:
+    """One array of the fingerprints of a part file: documents, lines, line_counts, sizes or overlap."""
     path = fingerprints_path(part_file)
     try:
         with np.load(path) as data:
-            return {key: data[key] for key in data.files}
-    except (OSError, ValueError) as e:
+            return data[key]
+    except (OSError, ValueError, KeyError) as e:
         raise DataPrepError(f"{path}: cannot read the fingerprints of a part file ({e}); remove the folder") from None
 
 
@@ -262,29 +263,71 @@ class RemovedCounts:
         return self.duplicate_documents + self.overlap_documents + self.emptied_documents
 
 
-def _owner(values: np.ndarray, size: int) -> np.ndarray:
-    return (values % np.uint64(size)).astype(np.int64)
-
-
-def _exchange(world: World, payload: list[np.ndarray], owner: np.ndarray) -> tuple[list[list[np.ndarray]], list]:
-    """Send each row of the arrays of `payload` to the rank `owner` gives; what every rank sent here, per rank."""
-    size = world.size
+def _exchange(world: World, payload: list[np.ndarray], key: np.ndarray) -> tuple[list[list[np.ndarray]], list]:
+    """Send each row of the arrays of `payload` to the rank that owns its `key` (key modulo the ranks); returns what
+    every rank sent here (per rank) and, per rank, the rows sent to it (None: all, in order: a single rank)."""
+    if world.size == 1:
+        return [payload], [None]
+    owner = (key % np.uint64(world.size)).astype(np.int64)
     order = np.argsort(owner, kind="stable")
-    bounds = np.searchsorted(owner[order], np.arange(size + 1))
-    outgoing = [[a[order[bounds[r] : bounds[r + 1]]] for a in payload] for r in range(size)]
-    return world.alltoall(outgoing), [order[bounds[r] : bounds[r + 1]] for r in range(size)]
+    bounds = np.searchsorted(owner[order], np.arange(world.size + 1))
+    rows = [order[bounds[r] : bounds[r + 1]] for r in range(world.size)]
+    return world.alltoall([[a[taken] for a in payload] for taken in rows]), rows
+
+
+def _answer(world: World, answers: list[np.ndarray], rows: list, size: int) -> np.ndarray:
+    """The answers of every rank for the rows sent to it (_exchange), sent back and put in the rows' places."""
+    back = world.alltoall(answers)
+    if rows[0] is None:
+        return back[0]
+    result = np.zeros(size, dtype=bool)
+    for rank, taken in enumerate(rows):
+        result[taken] = back[rank]
+    return result
+
+
+def _joined(received: list[list[np.ndarray]], column: int) -> np.ndarray:
+    arrays = [r[column] for r in received]
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _split(flags: np.ndarray, received: list[list[np.ndarray]]) -> list[np.ndarray]:
+    """Flags of the rows received, cut back into what each rank sent."""
+    return np.split(flags, np.cumsum([len(r[0]) for r in received])[:-1])
 
 
 def _first_of_each(hashes: np.ndarray, orders: np.ndarray) -> np.ndarray:
     """duplicate[i]: an earlier row (smaller order) has the same 128-bit hash."""
     duplicate = np.zeros(len(orders), dtype=bool)
-    if len(orders):
+    if len(orders) > 1:
         idx = np.lexsort((orders, hashes[:, 1], hashes[:, 0]))
-        h = hashes[idx]
-        same = np.zeros(len(idx), dtype=bool)
-        same[1:] = (h[1:, 0] == h[:-1, 0]) & (h[1:, 1] == h[:-1, 1])
-        duplicate[idx] = same
+        same = np.ones(len(idx) - 1, dtype=bool)
+        for column in (0, 1):
+            ordered = hashes[idx, column]
+            same &= ordered[1:] == ordered[:-1]
+        duplicate[idx[1:]] = same
     return duplicate
+
+
+def _frequent(values: np.ndarray, counts: np.ndarray, limit: int) -> np.ndarray:
+    """frequent[i]: the counts of all rows of value values[i] add up to more than `limit`."""
+    if len(values) == 0:
+        return np.zeros(0, dtype=bool)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    starts = np.flatnonzero(np.concatenate(([True], ordered[1:] != ordered[:-1])))
+    del ordered
+    totals = np.add.reduceat(counts[order], starts)
+    lengths = np.diff(np.append(starts, len(values)))
+    frequent = np.empty(len(values), dtype=bool)
+    frequent[order] = np.repeat(totals > limit, lengths)
+    return frequent
+
+
+def _load(files: list[tuple[int, Path]], key: str) -> tuple[np.ndarray, list[int]]:
+    """One fingerprint array of every file, joined; the length of each file's."""
+    arrays = [load_fingerprints(path, key) for _, path in files]
+    return np.concatenate(arrays) if len(arrays) != 1 else arrays[0], [len(a) for a in arrays]
 
 
 def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
@@ -296,53 +339,60 @@ def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 
 def decide(world: World, files: list[tuple[int, Path]], settings: DedupSettings) -> dict[Path, FileDecision]:
-    """The decisions for this rank's part files (`files`: (index of the file in input order, path)); collective:
-    every rank calls it with its own share."""
-    prints = [load_fingerprints(path) for _, path in files]
-    counts = [len(p["sizes"]) for p in prints]
-    overlap = np.concatenate([p["overlap"] for p in prints] or [np.zeros(0, dtype=bool)])
-    duplicate = np.zeros(len(overlap), dtype=bool)
-    if settings.mode != "off":
-        hashes = np.concatenate([p["documents"] for p in prints] or [np.zeros((0, 2), dtype=np.uint64)])
-        orders = np.concatenate(
-            [(np.int64(index) << _ORDER_BITS) + np.arange(n, dtype=np.int64) for (index, _), n in zip(files, counts)]
-            or [np.zeros(0, dtype=np.int64)]
-        )
-        live = np.flatnonzero(~overlap)
-        received, sent = _exchange(world, [hashes[live], orders[live]], _owner(hashes[live, 0], world.size))
-        got = [len(r[1]) for r in received]
-        flags = _first_of_each(
-            np.concatenate([r[0] for r in received]).reshape(-1, 2), np.concatenate([r[1] for r in received])
-        )
-        answers = world.alltoall(np.split(flags, np.cumsum(got)[:-1]))
-        for rank, rows in enumerate(sent):
-            duplicate[live[rows]] = answers[rank]
+    """The decisions for this rank's part files (`files`: (index of the file in input order, path), at least one);
+    collective: every rank calls it with its own share (a rank without parts, with none)."""
+    overlap, counts = _load(files, "overlap") if files else (np.zeros(0, dtype=bool), [])
+    duplicate = _duplicates(world, files, overlap, counts) if settings.mode != "off" else np.zeros_like(overlap)
     kept = ~(duplicate | overlap)
-    line_counts = [p["line_counts"] for p in prints]
-    boilerplate = [np.zeros(int(c.sum()), dtype=bool) for c in line_counts]
     if settings.lines:
-        kept_lines = np.concatenate(
-            [np.repeat(k, c) for k, c in zip(np.split(kept, np.cumsum(counts)[:-1]), line_counts)]
-            or [np.zeros(0, dtype=bool)]
-        )
-        lines = np.concatenate([p["lines"] for p in prints] or [np.zeros(0, dtype=np.uint64)])
-        distinct, seen = np.unique(lines[kept_lines], return_counts=True)
-        received, sent = _exchange(world, [distinct, seen.astype(np.int64)], _owner(distinct, world.size))
-        got = [len(r[0]) for r in received]
-        values = np.concatenate([r[0] for r in received])
-        totals = np.concatenate([r[1] for r in received])
-        unique, inverse = np.unique(values, return_inverse=True)
-        summed = np.bincount(inverse, weights=totals, minlength=len(unique)) if len(values) else np.zeros(0)
-        frequent = summed[inverse] > settings.min_repeats
-        answers = world.alltoall(np.split(frequent, np.cumsum(got)[:-1]))
-        boiler = np.zeros(len(distinct), dtype=bool)
-        for rank, rows in enumerate(sent):
-            boiler[rows] = answers[rank]
-        flagged = _member(lines, distinct[boiler]) & kept_lines
-        boilerplate = np.split(flagged, np.cumsum([int(c.sum()) for c in line_counts])[:-1])
+        boilerplate, line_counts = _boilerplate(world, files, kept, settings.min_repeats)
+    else:
+        line_counts = [int(load_fingerprints(path, "line_counts").sum()) for _, path in files]
+        boilerplate = np.zeros(sum(line_counts), dtype=bool)
     decisions = {}
-    first = 0
-    for (_, path), n, lines_of in zip(files, counts, boilerplate):
-        decisions[path] = FileDecision(duplicate[first : first + n], overlap[first : first + n], lines_of)
-        first += n
+    first = line = 0
+    for (_, path), n, lines in zip(files, counts, line_counts):
+        decisions[path] = FileDecision(
+            duplicate[first : first + n], overlap[first : first + n], boilerplate[line : line + lines]
+        )
+        first, line = first + n, line + lines
     return decisions
+
+
+def _duplicates(world: World, files: list[tuple[int, Path]], overlap: np.ndarray, counts: list[int]) -> np.ndarray:
+    """duplicate[i]: document i of this rank's files (not overlapping) has an earlier twin, on any rank."""
+    hashes, _ = _load(files, "documents") if files else (np.zeros((0, 2), dtype=np.uint64), [])
+    index = np.repeat(np.asarray([k for k, _ in files], dtype=np.int64), counts)
+    starts = np.repeat(np.cumsum([0, *counts])[:-1].astype(np.int64), counts)
+    orders = (index << _ORDER_BITS) + np.arange(len(hashes), dtype=np.int64) - starts
+    del index, starts
+    live = np.flatnonzero(~overlap)
+    if len(live) < len(hashes):
+        hashes, orders = hashes[live], orders[live]
+    received, rows = _exchange(world, [hashes, orders], hashes[:, 0])
+    del hashes, orders
+    flags = _first_of_each(_joined(received, 0).reshape(-1, 2), _joined(received, 1))
+    found = _answer(world, _split(flags, received), rows, len(live))
+    duplicate = np.zeros(len(overlap), dtype=bool)
+    duplicate[live] = found
+    return duplicate
+
+
+def _boilerplate(
+    world: World, files: list[tuple[int, Path]], kept: np.ndarray, min_repeats: int
+) -> tuple[np.ndarray, list[int]]:
+    """boilerplate[j]: line j of this rank's files is in a kept document and its text occurs more than
+    `min_repeats` times in the kept documents of all ranks; and the number of lines of each file."""
+    lines, line_counts = _load(files, "lines") if files else (np.zeros(0, dtype=np.uint64), [])
+    per_document, _ = _load(files, "line_counts") if files else (np.zeros(0, dtype=np.int64), [])
+    in_kept = np.repeat(kept, per_document)
+    del per_document
+    distinct, seen = np.unique(lines[in_kept], return_counts=True)
+    received, rows = _exchange(world, [distinct, seen.astype(np.int64)], distinct)
+    del seen
+    frequent = _frequent(_joined(received, 0), _joined(received, 1), min_repeats)
+    found = _answer(world, _split(frequent, received), rows, len(distinct))
+    del received, frequent
+    boilerplate = _member(lines, distinct[found])
+    boilerplate &= in_kept
+    return boilerplate, line_counts
