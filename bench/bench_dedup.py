@@ -2,15 +2,17 @@
 million documents.
 
     PYTHONPATH=. python bench/bench_dedup.py --documents 250000 1000000
+    PYTHONPATH=. python bench/bench_dedup.py --documents 1000000 --ranks 2 --modes off documents paragraphs
 
 The input is synthetic (the cost depends on the number of documents, lines and bytes, not on the words): documents
 of 2-8 sentences of 6-20 words drawn from 5,000 made-up words (about 450 bytes a document), one in ten a copy of an
 earlier one, and a boilerplate line in one document in twenty; one file in the standard format (`--format docs`),
 cut into parts of 16 MB. Each size is written once under --work and reused. For every mode (off, documents,
 paragraphs, and off with --exclude-overlap of a 1 MB evaluation text) the plain `write_corpus` runs in a process of
-its own with --workers workers; the table gives its wall time, its CPU seconds (the process and its tasks), the CPU
-over the run without dedup per MB of input, and the peak RSS of the rank's main process (where the decisions are
-made: fingerprints of its share, the hashes sent and received) and of the largest task.
+its own with --workers workers (with --ranks N: under `mpirun -np N`, --workers per rank); the table gives its
+wall time, its CPU seconds (the processes and their tasks, all ranks), the CPU over the run without dedup per MB of
+input, and the peak RSS of a rank's main process (where the decisions are made: fingerprints of its share, the
+hashes sent and received; the largest of the ranks) and of the largest task.
 """
 
 from __future__ import annotations
@@ -67,14 +69,18 @@ def evaluation_text(path: Path, source: Path) -> None:
         path.write_text(f.read(1 << 20))
 
 
-def child(mode: str, source: Path, evaluation: Path, out: Path, workers: int) -> None:
-    """One run of write_corpus; prints its measurements as JSON."""
+def child(mode: str, source: Path, evaluation: Path, out: Path, workers: int, ranks: int) -> None:
+    """One run of write_corpus (on one of `ranks` MPI ranks); prints its measurements as JSON."""
     import shutil
 
     from data_prep.corpus import write_corpus
     from data_prep.dedup import DedupSettings
+    from data_prep.mpi import get_world
 
-    shutil.rmtree(out, ignore_errors=True)
+    world = get_world("on" if ranks > 1 else "off")
+    if world.rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
+    world.barrier()
     settings = {
         "off": DedupSettings(),
         "documents": DedupSettings("documents"),
@@ -82,7 +88,16 @@ def child(mode: str, source: Path, evaluation: Path, out: Path, workers: int) ->
         "overlap": DedupSettings(exclude_overlap=(evaluation,)),
     }[mode]
     start = time.perf_counter()
-    stats = write_corpus([source], out, num_files=4, fmt="docs", workers=workers, progress=False, dedup=settings)
+    stats = write_corpus(
+        [source],
+        out,
+        num_files=4,
+        fmt="docs",
+        workers=workers,
+        progress=False,
+        dedup=settings,
+        mpi="on" if ranks > 1 else "off",
+    )
     wall = time.perf_counter() - start
     own, tasks = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     print(
@@ -97,29 +112,33 @@ def child(mode: str, source: Path, evaluation: Path, out: Path, workers: int) ->
                 "lines": stats.removed.boilerplate_lines,
                 "mb": stats.bytes / 1e6,
             }
-        )
+        ),
+        flush=True,
     )
-    shutil.rmtree(out, ignore_errors=True)
+    world.barrier()
+    if world.rank == 0:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, nargs="+", default=[250_000, 1_000_000])
     parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--ranks", type=int, default=1, help="MPI ranks (mpirun -np N)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--work", type=Path, default=Path("runs/bench/dedup"))
     parser.add_argument("--child", nargs=3, metavar=("MODE", "INPUT", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         mode, source, out = args.child
-        child(mode, Path(source), Path(source).with_name("eval.txt"), Path(out), args.workers)
+        child(mode, Path(source), Path(source).with_name("eval.txt"), Path(out), args.workers, args.ranks)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     print(
-        "| documents | MB | mode | removed documents | boilerplate lines | wall s | CPU s | CPU s/MB over off "
+        "| ranks | documents | MB | mode | removed documents | boilerplate lines | wall s | CPU s | CPU s/MB over off "
         "| main process peak RSS MB | largest task RSS MB |"
     )
-    print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for documents in args.documents:
         folder = args.work / f"d{documents}"
         folder.mkdir(exist_ok=True)
@@ -129,14 +148,24 @@ def main() -> None:
         base = None
         for mode in args.modes:
             command = [sys.executable, __file__, "--child", mode, str(source), str(folder / "out")]
-            done = subprocess.run([*command, "--workers", str(args.workers)], capture_output=True, text=True)
+            command += ["--workers", str(args.workers), "--ranks", str(args.ranks)]
+            if args.ranks > 1:
+                command = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(args.ranks), *command]
+            done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode != 0:
                 raise SystemExit(done.stderr)
-            run = json.loads(done.stdout.strip().splitlines()[-1])
+            runs = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+            run = {
+                **runs[0],
+                "wall": max(r["wall"] for r in runs),
+                "cpu": sum(r["cpu"] for r in runs),
+                "main_rss_mb": max(r["main_rss_mb"] for r in runs),
+                "task_rss_mb": max(r["task_rss_mb"] for r in runs),
+            }
             base = run["cpu"] if mode == "off" else base
             extra = f"{(run['cpu'] - base) / run['mb']:.3f}" if base is not None and mode != "off" else ""
             print(
-                f"| {documents:,} | {run['mb']:.0f} | {mode} | {run['removed']:,} | {run['lines']:,} | "
+                f"| {args.ranks} | {documents:,} | {run['mb']:.0f} | {mode} | {run['removed']:,} | {run['lines']:,} | "
                 f"{run['wall']:.1f} | {run['cpu']:.1f} | {extra} | {run['main_rss_mb']:.0f} | {run['task_rss_mb']:.0f} |",
                 flush=True,
             )
