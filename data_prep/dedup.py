@@ -264,47 +264,50 @@ class RemovedCounts:
         return self.duplicate_documents + self.overlap_documents + self.emptied_documents
 
 
-def _exchange(world: World, payload: list[np.ndarray], key: np.ndarray) -> tuple[list[list[np.ndarray]], list]:
-    """Send each row of the arrays of `payload` to the rank that owns its `key` (key modulo the ranks); returns what
-    every rank sent here (per rank) and, per rank, the rows sent to it (None: all, in order: a single rank)."""
+@dataclass
+class _Sent:
+    """Rows sent to the ranks that own them (_exchange): which rows, in the order sent, and how many to each rank."""
+
+    order: np.ndarray | None  # None: all rows, in order (a single rank)
+    counts: list[int]
+
+
+def _exchange(world: World, payload: list[np.ndarray], key: np.ndarray) -> tuple[list[np.ndarray], list[int], _Sent]:
+    """Send each row of the 1-D arrays of `payload` to the rank that owns its `key` (key modulo the ranks); returns
+    the rows every rank sent here (one array per payload array, in rank order), how many from each rank, and what
+    was sent."""
     if world.size == 1:
-        return [payload], [None]
+        return payload, [len(key)], _Sent(None, [len(key)])
     owner = (key % np.uint64(world.size)).astype(np.int64)
     order = np.argsort(owner, kind="stable")
-    bounds = np.searchsorted(owner[order], np.arange(world.size + 1))
-    rows = [order[bounds[r] : bounds[r + 1]] for r in range(world.size)]
-    return world.alltoall([[a[taken] for a in payload] for taken in rows]), rows
+    counts = np.bincount(owner, minlength=world.size).tolist()
+    del owner
+    received, got = [], [len(key)]
+    for column in payload:
+        rows, got = world.alltoallv(column[order], counts)
+        received.append(rows)
+    return received, got, _Sent(order, counts)
 
 
-def _answer(world: World, answers: list[np.ndarray], rows: list, size: int) -> np.ndarray:
-    """The answers of every rank for the rows sent to it (_exchange), sent back and put in the rows' places."""
-    back = world.alltoall(answers)
-    if rows[0] is None:
-        return back[0]
-    result = np.zeros(size, dtype=bool)
-    for rank, taken in enumerate(rows):
-        result[taken] = back[rank]
+def _answer(world: World, flags: np.ndarray, got: list[int], sent: _Sent) -> np.ndarray:
+    """Flags for the rows received (in the order received) sent back to their ranks; this rank's rows' flags, in
+    their own order."""
+    back, _ = world.alltoallv(flags, got)
+    if sent.order is None:
+        return back
+    result = np.zeros(len(back), dtype=bool)
+    result[sent.order] = back
     return result
 
 
-def _joined(received: list[list[np.ndarray]], column: int) -> np.ndarray:
-    arrays = [r[column] for r in received]
-    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
-
-
-def _split(flags: np.ndarray, received: list[list[np.ndarray]]) -> list[np.ndarray]:
-    """Flags of the rows received, cut back into what each rank sent."""
-    return np.split(flags, np.cumsum([len(r[0]) for r in received])[:-1])
-
-
-def _first_of_each(hashes: np.ndarray, orders: np.ndarray) -> np.ndarray:
-    """duplicate[i]: an earlier row (smaller order) has the same 128-bit hash."""
+def _first_of_each(high: np.ndarray, low: np.ndarray, orders: np.ndarray) -> np.ndarray:
+    """duplicate[i]: an earlier row (smaller order) has the same 128-bit hash (high, low)."""
     duplicate = np.zeros(len(orders), dtype=bool)
     if len(orders) > 1:
-        idx = np.lexsort((orders, hashes[:, 1], hashes[:, 0]))
+        idx = np.lexsort((orders, low, high))
         same = np.ones(len(idx) - 1, dtype=bool)
-        for column in (0, 1):
-            ordered = hashes[idx, column]
+        for column in (high, low):
+            ordered = column[idx]
             same &= ordered[1:] == ordered[:-1]
         duplicate[idx[1:]] = same
     return duplicate
@@ -368,14 +371,14 @@ def _duplicates(world: World, files: list[tuple[int, Path]], overlap: np.ndarray
     orders = (index << _ORDER_BITS) + np.arange(len(hashes), dtype=np.int64) - starts
     del index, starts
     live = np.flatnonzero(~overlap)
-    if len(live) < len(hashes):
-        hashes, orders = hashes[live], orders[live]
-    received, rows = _exchange(world, [hashes, orders], hashes[:, 0])
-    del hashes, orders
-    flags = _first_of_each(_joined(received, 0).reshape(-1, 2), _joined(received, 1))
-    found = _answer(world, _split(flags, received), rows, len(live))
+    high, low = hashes[live, 0], hashes[live, 1]
+    del hashes
+    received, got, sent = _exchange(world, [high, low, orders[live]], high)
+    del high, low, orders
+    flags = _first_of_each(received[0], received[1], received[2])
+    del received
     duplicate = np.zeros(len(overlap), dtype=bool)
-    duplicate[live] = found
+    duplicate[live] = _answer(world, flags, got, sent)
     return duplicate
 
 
@@ -389,11 +392,12 @@ def _boilerplate(
     in_kept = np.repeat(kept, per_document)
     del per_document
     distinct, seen = np.unique(lines[in_kept], return_counts=True)
-    received, rows = _exchange(world, [distinct, seen.astype(np.int64)], distinct)
+    received, got, sent = _exchange(world, [distinct, seen.astype(np.int64)], distinct)
     del seen
-    frequent = _frequent(_joined(received, 0), _joined(received, 1), min_repeats)
-    found = _answer(world, _split(frequent, received), rows, len(distinct))
-    del received, frequent
+    frequent = _frequent(received[0], received[1], min_repeats)
+    del received
+    found = _answer(world, frequent, got, sent)
+    del frequent
     boilerplate = _member(lines, distinct[found])
     boilerplate &= in_kept
     return boilerplate, line_counts

@@ -267,8 +267,9 @@ def test_decisions_of_one_rank_keep_the_first_in_order() -> None:
 
     hashes = np.array([[5, 1], [5, 1], [7, 2], [5, 1], [7, 3]], dtype=np.uint64)
     orders = np.array([9, 4, 1, 6, 0], dtype=np.int64)
-    assert _first_of_each(hashes, orders).tolist() == [True, False, False, True, False]
-    assert World().alltoall([[1, 2]]) == [[1, 2]]
+    assert _first_of_each(hashes[:, 0], hashes[:, 1], orders).tolist() == [True, False, False, True, False]
+    rows, got = World().alltoallv(orders, [5])
+    assert rows is orders and got == [5]
 
 
 # --- real processes ---------------------------------------------------------------------------------------------
