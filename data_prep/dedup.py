@@ -24,9 +24,9 @@ its bytes and lines) is computed by the task that cleans it and stored beside it
 (`PART.fingerprints.npz`). The decisions need every fingerprint: each MPI rank loads those of its share of the
 part files and sends every hash to the rank that owns its value (hash modulo the ranks), which decides for the
 hashes it owns (documents: the first of each hash in the order above; lines: the total count) and sends the answers
-back (`decide`). Memory per rank grows with its share alone (measured in docs/scale.md: about 60 bytes per
-document and per line in one process, 140 and 100 under MPI, whose object all-to-all pickles what it moves);
-nothing is kept between runs, so a resumed run decides the same again.
+back (`decide`; MPI Alltoallv of numpy buffers). Memory per rank grows with its share alone (measured in
+docs/scale.md: about 60 bytes per document and per line in one process, 80 and 75 under MPI); nothing is kept
+between runs, so a resumed run decides the same again.
 
 Near duplicates (MinHash) are not detected: no MinHash library is among the project's dependencies.
 """
