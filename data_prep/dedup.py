@@ -264,20 +264,14 @@ class RemovedCounts:
         return self.duplicate_documents + self.overlap_documents + self.emptied_documents
 
 
-@dataclass
-class _Sent:
-    """Rows sent to the ranks that own them (_exchange): which rows, in the order sent, and how many to each rank."""
-
-    order: np.ndarray | None  # None: all rows, in order (a single rank)
-    counts: list[int]
-
-
-def _exchange(world: World, payload: list[np.ndarray], key: np.ndarray) -> tuple[list[np.ndarray], list[int], _Sent]:
+def _exchange(
+    world: World, payload: list[np.ndarray], key: np.ndarray
+) -> tuple[list[np.ndarray], list[int], np.ndarray | None]:
     """Send each row of the 1-D arrays of `payload` to the rank that owns its `key` (key modulo the ranks); returns
-    the rows every rank sent here (one array per payload array, in rank order), how many from each rank, and what
-    was sent."""
+    the rows every rank sent here (one array per payload array, in rank order), how many came from each rank, and
+    the order in which this rank's rows were sent (None: all, in order, to itself: a single rank)."""
     if world.size == 1:
-        return payload, [len(key)], _Sent(None, [len(key)])
+        return payload, [len(key)], None
     owner = (key % np.uint64(world.size)).astype(np.int64)
     order = np.argsort(owner, kind="stable")
     counts = np.bincount(owner, minlength=world.size).tolist()
@@ -286,17 +280,17 @@ def _exchange(world: World, payload: list[np.ndarray], key: np.ndarray) -> tuple
     for column in payload:
         rows, got = world.alltoallv(column[order], counts)
         received.append(rows)
-    return received, got, _Sent(order, counts)
+    return received, got, order
 
 
-def _answer(world: World, flags: np.ndarray, got: list[int], sent: _Sent) -> np.ndarray:
+def _answer(world: World, flags: np.ndarray, got: list[int], sent: np.ndarray | None) -> np.ndarray:
     """Flags for the rows received (in the order received) sent back to their ranks; this rank's rows' flags, in
-    their own order."""
+    their own order (`sent`: the order _exchange sent them in)."""
     back, _ = world.alltoallv(flags, got)
-    if sent.order is None:
+    if sent is None:
         return back
     result = np.zeros(len(back), dtype=bool)
-    result[sent.order] = back
+    result[sent] = back
     return result
 
 
@@ -343,8 +337,8 @@ def _member(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
 
 
 def decide(world: World, files: list[tuple[int, Path]], settings: DedupSettings) -> dict[Path, FileDecision]:
-    """The decisions for this rank's part files (`files`: (index of the file in input order, path), at least one);
-    collective: every rank calls it with its own share (a rank without parts, with none)."""
+    """The decisions for this rank's part files (`files`: (index of the file in input order, path); none on a rank
+    without parts); collective: every rank calls it with its own share."""
     overlap, counts = _load(files, "overlap") if files else (np.zeros(0, dtype=bool), [])
     duplicate = _duplicates(world, files, overlap, counts) if settings.mode != "off" else np.zeros_like(overlap)
     kept = ~(duplicate | overlap)
