@@ -30,6 +30,7 @@ def _formatter(prog: str) -> argparse.HelpFormatter:
 
 
 def _add_corpus_args(parser: argparse.ArgumentParser, inputs_required: bool = True) -> None:
+    from .dedup import DEDUP_MODES, DEFAULT_MIN_REPEATS, DEFAULT_OVERLAP_NGRAM
     from .mixture import DEFAULT_WEIGHT_SEED, MAX_WEIGHT, weight_argument
     from .readers import FORMATS
 
@@ -91,6 +92,37 @@ def _add_corpus_args(parser: argparse.ArgumentParser, inputs_required: bool = Tr
         action="store_true",
         help="read files with NUL bytes or more than 1%% undecodable bytes (refused by default: not UTF-8 text), "
         "replacing undecodable bytes by U+FFFD and counting them",
+    )
+    # dedup and decontamination (data_prep/dedup.py)
+    parser.add_argument(
+        "--dedup",
+        default="off",
+        choices=DEDUP_MODES,
+        help="remove exact duplicate documents (NFC, whitespace collapsed, case kept) across all sources, keeping "
+        "the first by source, file and document order; paragraphs: also lines repeated more than "
+        "--dedup-min-repeats times (boilerplate). Before the weights apply",
+    )
+    parser.add_argument(
+        "--dedup-min-repeats",
+        type=flags.REPEATS,
+        default=DEFAULT_MIN_REPEATS,
+        metavar="N",
+        help="--dedup paragraphs: a line occurring more than N times in the kept documents is removed everywhere",
+    )
+    parser.add_argument(
+        "--exclude-overlap",
+        nargs="+",
+        type=Path,
+        default=(),
+        metavar="FILE",
+        help="drop documents sharing an n-gram of --overlap-ngram tokens with these evaluation texts (plain text)",
+    )
+    parser.add_argument(
+        "--overlap-ngram",
+        type=flags.OVERLAP_NGRAM,
+        default=DEFAULT_OVERLAP_NGRAM,
+        metavar="N",
+        help="tokens (whitespace-separated, case-folded, punctuation at the ends stripped) per shared n-gram",
     )
 
 
@@ -269,6 +301,12 @@ def _fields(args: argparse.Namespace):
     return Fields(args.text_field, args.title_field)
 
 
+def _dedup(args: argparse.Namespace):
+    from .dedup import DedupSettings
+
+    return DedupSettings(args.dedup, args.dedup_min_repeats, tuple(args.exclude_overlap), args.overlap_ngram)
+
+
 def _part_bytes(args: argparse.Namespace) -> int:
     if args.part_mb <= 0:
         raise DataPrepError(f"--part-mb {args.part_mb:g}: must be positive")
@@ -366,6 +404,7 @@ def write_corpus_from(args: argparse.Namespace, output: Path, progress: bool, re
         progress_every=args.progress_seconds,
         fields=_fields(args),
         weight_seed=args.weight_seed,
+        dedup=_dedup(args),
     )
 
 

@@ -57,6 +57,15 @@ import numpy as np
 
 from common.atomic import atomic_path
 from data_prep.compressed import compression
+from data_prep.dedup import (
+    NO_DEDUP,
+    DedupSettings,
+    FileDecision,
+    Fingerprints,
+    RemovedCounts,
+    decide,
+    evaluation_ngrams,
+)
 from data_prep.errors import DataPrepError
 from data_prep.mixture import (
     DEFAULT_WEIGHT_SEED,
@@ -103,12 +112,15 @@ log = logging.getLogger(__name__)
 WORK_FORMAT = 4
 SUMMARY = ".corpus.json"  # hidden: readers of the folder (vocab, shard) skip it
 # The layout of SUMMARY (3: per-source counts, the text and title fields and the weights among the settings; 2: the
-# inputs' times, cuts and sha256 recorded; 1 compared by path and size); a folder of a newer one is refused.
+# inputs' times, cuts and sha256 recorded; 1 compared by path and size); a folder of a newer one is refused. What
+# dedup removed ("removed", per source and in all) and its settings ("dedup") were added to 3 without a new version:
+# a summary without them is of a run without dedup, and a reader that does not know them loses nothing it needs.
 SUMMARY_VERSION = 3
 # Settings that summaries before version 3 did not record, as those runs had them.
 _SETTINGS_BEFORE_3 = {"text_field": "text", "title_field": None, "weights": None, "weight_seed": None}
 _SOURCE = "-source"  # a streamed part's marker of the file's bytes: PART-source.json
 _DRAWN = "-w"  # the drawn documents of a part of a source with a fractional weight: PART-w.txt, PART-w.json
+_SCREENED = "-d"  # a part's documents less what dedup and decontamination removed: PART-d.txt, PART-d.json
 _PART_MARKER = re.compile(rf"p\d{{6}}({_SOURCE})?")  # the markers that record a source
 # Parts of about this many stored bytes: a multistream range of this size is ~5x as much XML, a
 # minute or so of cleaning on one core, so that workers finish together and a resumed run loses little.
@@ -129,7 +141,8 @@ class CorpusStats(ReadStats):
     output_files: list[Path] = field(default_factory=list)
     bytes_written: int = 0
     seconds: float = 0.0
-    sources: list[SourceStats] = field(default_factory=list)  # per source: read, and written after weighting
+    sources: list[SourceStats] = field(default_factory=list)  # per source: read, removed, written after weighting
+    removed: RemovedCounts = field(default_factory=RemovedCounts)  # by dedup and decontamination, all sources
 
 
 @dataclass(frozen=True)
@@ -259,11 +272,13 @@ def write_corpus(
     progress_every: float | None = None,
     fields: Fields = DEFAULT_FIELDS,
     weight_seed: int = DEFAULT_WEIGHT_SEED,
+    dedup: DedupSettings = NO_DEDUP,
 ) -> CorpusStats:
     """Write the documents of `inputs` to `output_dir/{prefix}-00000.txt` … (`num_files` files; 0: one per
     AUTO_FILE_BYTES of text, at least AUTO_MIN_FILES). `inputs`: paths (files or folders, each a source of weight
     1) or data_prep.mixture.InputSource (a name, paths and a weight; a fractional weight draws documents seeded by
-    `weight_seed`). `fields`: the text (and title) field of JSON lines and Parquet inputs. Byte-identical whatever
+    `weight_seed`). `fields`: the text (and title) field of JSON lines and Parquet inputs. `dedup`: exact
+    deduplication and decontamination (data_prep.dedup), before the weights apply. Byte-identical whatever
     `workers` and the MPI ranks (`mpi`: auto, on, off as for `shard`). Files appear under their final names only once complete; a
     non-empty `output_dir` is refused unless `resume`, which continues an interrupted run (or, on a finished
     one with the same settings and inputs, only returns its counts). Progress: bars on rank 0 with `progress` on a
@@ -278,6 +293,7 @@ def write_corpus(
         raise DataPrepError(f"{output_dir}: bad output file prefix {prefix!r}")
     if not fields.text or fields.title == "":
         raise DataPrepError(f"{output_dir}: the text and title fields need a name")
+    dedup.check(Path(output_dir))
     start = time.perf_counter()
     sources = as_sources(inputs)
     files, source_of = source_files(sources)
@@ -297,6 +313,8 @@ def write_corpus(
         "weights": [[s.name, s.weight, source_of.count(i)] for i, s in enumerate(sources)] if weighted else None,
         "weight_seed": weight_seed if any(source.fraction for source in sources) else None,
     }
+    if dedup.active:  # (only then: a run without them has the identity it always had)
+        settings["dedup"] = dedup.identity()
     identity: dict[str, Any] = {"settings": settings, "inputs": input_identity(files)}
     with world.abort_on_error():
         # (a Parquet file without the text column is refused before the output folder is made)
@@ -316,8 +334,9 @@ def write_corpus(
             lambda names: _redo(folder, prefix, names, parts),
             "part",
         )
-        _read_parts(stage, parts, allow_bad_bytes, part_bytes, fields)
-        written = _write_outputs(stage, files, parts, num_files, prefix, sources, source_of, weight_seed)
+        screen = _screen_of(dedup, world) if dedup.active else None
+        _read_parts(stage, parts, allow_bad_bytes, part_bytes, fields, screen)
+        written = _write_outputs(stage, files, parts, num_files, prefix, sources, source_of, weight_seed, dedup)
         # (rank 0 writes the summary: it alone hashes a file no part read, a multistream index)
         recorded = recorded_inputs(identity["inputs"], written.spans) if world.rank == 0 else identity["inputs"]
         summary = {
@@ -327,6 +346,7 @@ def write_corpus(
             "read": asdict(written.read),
             "bytes_written": written.bytes,
             "sources": [source.to_json() for source in written.sources],
+            "removed": asdict(sum_removed(written.sources)),
             "seconds": time.perf_counter() - start,
         }
         if world.rank == 0:
@@ -334,7 +354,7 @@ def write_corpus(
         stage.close()
     stats = _stats_from(summary, folder, prefix)
     if world.rank == 0:
-        _log_summary(stats, folder.output)
+        _log_summary(stats, folder.output, dedup)
     return stats
 
 
@@ -403,7 +423,16 @@ def _stats_from(summary: dict[str, Any], folder: StageFolder, prefix: str) -> Co
     stats.bytes_written = summary["bytes_written"]
     stats.seconds = summary["seconds"]
     stats.sources = [SourceStats.from_json(source) for source in summary.get("sources", [])]
+    stats.removed = sum_removed(stats.sources)
     return stats
+
+
+def sum_removed(sources: list[SourceStats]) -> RemovedCounts:
+    """What dedup and decontamination removed of all sources."""
+    total = RemovedCounts()
+    for source in sources:
+        total += source.removed
+    return total
 
 
 # --- phase 1 -------------------------------------------------------------------------------------
@@ -429,11 +458,12 @@ def _finished_parts(folder: StageFolder) -> dict[str, Source]:
 
 
 def _redo(folder: StageFolder, prefix: str, names: list[str], parts: list[Part]) -> None:
-    """Parts to make again: first the output files and the drawn documents (made from every part, so all are made
-    again), then the parts' markers (a streamed part's chunks are kept where their documents, read again, are the
+    """Parts to make again: first the output files, the drawn documents and the deduplicated parts (made from every
+    part, so all are made again), then the parts' markers (a streamed part's chunks are kept where their documents, read again, are the
     same). The last part of a Parquet file holds its footer, which every part of the file is read by: when it is
     made again, so are they all."""
-    for marker in [*folder.sub("done").glob("out-*.json"), *folder.sub("done").glob(f"p*{_DRAWN}.json")]:
+    done = folder.sub("done")
+    for marker in [*done.glob("out-*.json"), *done.glob(f"p*{_DRAWN}.json"), *done.glob(f"p*{_SCREENED}.json")]:
         marker.unlink()
     for output in folder.output.glob(f"{glob.escape(prefix)}-[0-9]*.txt"):
         output.unlink()
@@ -447,16 +477,51 @@ def _redo(folder: StageFolder, prefix: str, names: list[str], parts: list[Part])
         folder.marker(name).unlink(missing_ok=True)
 
 
-def _read_parts(stage: Stage, parts: list[Part], allow_bad_bytes: bool, part_bytes: int, fields: Fields) -> None:
+@dataclass(frozen=True)
+class _Screen:
+    """What the tasks that clean documents need to fingerprint them for dedup and decontamination."""
+
+    settings: DedupSettings
+    ngrams: np.ndarray | None  # of the evaluation texts (data_prep.dedup.evaluation_ngrams), when --exclude-overlap
+
+    def fingerprints(self) -> Fingerprints:
+        return Fingerprints(self.settings, self.ngrams)
+
+
+def _screen_of(dedup: DedupSettings, world: Any) -> _Screen:
+    """The settings, and the evaluation texts' n-grams made once on rank 0 and sent to every rank."""
+    if not dedup.exclude_overlap:
+        return _Screen(dedup, None)
+    ngrams = world.run_on_rank0(lambda: evaluation_ngrams(dedup.exclude_overlap, dedup.overlap_ngram))
+    if world.rank == 0:
+        log.info(
+            "corpus: --exclude-overlap: %d distinct %d-grams in %d evaluation file(s)",
+            len(ngrams),
+            dedup.overlap_ngram,
+            len(dedup.exclude_overlap),
+        )
+    return _Screen(dedup, ngrams)
+
+
+def _read_parts(
+    stage: Stage,
+    parts: list[Part],
+    allow_bad_bytes: bool,
+    part_bytes: int,
+    fields: Fields,
+    screen: _Screen | None = None,
+) -> None:
     """This rank's parts not done yet, biggest first: whole parts one task each; streamed parts read here and
     cleaned in chunks, one task each, a whole part between two chunks (so that no worker waits while this process
-    reads); then the streamed parts' markers."""
+    reads); then the streamed parts' markers. With `screen`, every part file gets its fingerprints beside it."""
     folder = stage.folder
     mine = [p for p in stage.share(parts, lambda p: p.size) if not folder.marker(p.name).exists()]
     whole = (
-        Task(_task_name(p), ("part", (p, folder, allow_bad_bytes, fields)), p.size) for p in mine if not p.streamed
+        Task(_task_name(p), ("part", (p, folder, allow_bad_bytes, fields, screen)), p.size)
+        for p in mine
+        if not p.streamed
     )
-    streamed = [_Streamed(p, folder, allow_bad_bytes, part_bytes, fields) for p in mine if p.streamed]
+    streamed = [_Streamed(p, folder, allow_bad_bytes, part_bytes, fields, screen) for p in mine if p.streamed]
 
     def tasks() -> Iterator[Task]:
         for part in streamed:
@@ -488,13 +553,13 @@ def _part_task(task: tuple[str, Any]) -> None:
         _clean_batch(args)
 
 
-def _read_part(task: tuple[Part, StageFolder, bool, Fields]) -> None:
-    """A whole part in one task: read, clean, split; its part file and its marker."""
-    part, folder, allow_bad_bytes, fields = task
+def _read_part(task: tuple[Part, StageFolder, bool, Fields, _Screen | None]) -> None:
+    """A whole part in one task: read, clean, split; its part file (and its fingerprints) and its marker."""
+    part, folder, allow_bad_bytes, fields, screen = task
     source = Source.read(part.span())  # (before reading: bytes changed meanwhile make it differ at a --resume)
     stats = ReadStats()
     docs = iter_documents(Path(part.path), part.fmt, stats, part.piece, allow_bad_bytes, fields, part.row_groups)
-    size = _write_documents(_part_file(folder, part.name), docs)
+    size = _write_documents(_part_file(folder, part.name), docs, screen)
     write_json(
         folder.marker(part.name),
         {"part": part.describe(), "files": [[part.name, size]], "read": asdict(stats), "source": source.to_json()},
@@ -507,12 +572,12 @@ def _hash_source(task: tuple[Part, StageFolder]) -> None:
     write_json(folder.marker(part.name + _SOURCE), {"source": Source.read(part.span()).to_json()})
 
 
-def _clean_batch(task: tuple[list[RawDocument], StageFolder, str]) -> None:
-    """A chunk of a streamed part in one task: clean and split its documents; its part file and its marker (with
-    the sha256 of the raw documents, which a --resume compares with those it reads again)."""
-    raws, folder, name = task
+def _clean_batch(task: tuple[list[RawDocument], StageFolder, str, _Screen | None]) -> None:
+    """A chunk of a streamed part in one task: clean and split its documents; its part file (and its fingerprints)
+    and its marker (with the sha256 of the raw documents, which a --resume compares with those it reads again)."""
+    raws, folder, name, screen = task
     stats = ReadStats()
-    size = _write_documents(_part_file(folder, name), _cleaned(raws, stats))
+    size = _write_documents(_part_file(folder, name), _cleaned(raws, stats), screen)
     write_json(folder.marker(name), {"bytes": size, "read": asdict(stats), "documents_sha256": _documents_sha256(raws)})
 
 
@@ -537,24 +602,38 @@ def _cleaned(raws: list[RawDocument], stats: ReadStats) -> Iterator[list[str]]:
                 yield sentences
 
 
-def _write_documents(path: Path, docs: Iterator[list[str]]) -> int:
-    """Documents in the standard format, each followed by a blank line; the bytes written."""
+def _write_documents(path: Path, docs: Iterator[list[str]], screen: _Screen | None = None) -> int:
+    """Documents in the standard format, each followed by a blank line; the bytes written. With `screen`, their
+    fingerprints too (PART.fingerprints.npz, written before the part file: the part's marker comes after both)."""
     size = 0
+    prints = screen.fingerprints() if screen is not None else None
     with atomic_path(path) as tmp:
         with open(tmp, "wb", buffering=1 << 20) as out:
             for doc in docs:
                 data = ("\n".join(doc) + "\n\n").encode("utf-8")
                 out.write(data)
                 size += len(data)
+                if prints is not None:
+                    prints.add(doc, len(data))
+        if prints is not None:
+            prints.save(path)
     return size
 
 
 class _Streamed:
     """A part read by this process and cleaned in chunks by the workers."""
 
-    def __init__(self, part: Part, folder: StageFolder, allow_bad_bytes: bool, chunk_chars: int, fields: Fields):
+    def __init__(
+        self,
+        part: Part,
+        folder: StageFolder,
+        allow_bad_bytes: bool,
+        chunk_chars: int,
+        fields: Fields,
+        screen: _Screen | None = None,
+    ):
         self.part, self.folder, self.allow_bad_bytes, self.chunk_chars = part, folder, allow_bad_bytes, chunk_chars
-        self.fields = fields
+        self.fields, self.screen = fields, screen
         self.reading = ReadStats()  # what the reading counted (files, bytes, pages skipped, bad lines …)
         self.chunks: list[str] = []
 
@@ -576,7 +655,7 @@ class _Streamed:
                 continue
             if held is not None:
                 yield held
-            held = Task(f"{_task_name(part)} chunk {k}", ("chunk", (batch, self.folder, name)), 0)
+            held = Task(f"{_task_name(part)} chunk {k}", ("chunk", (batch, self.folder, name, self.screen)), 0)
         if held is not None:
             yield Task(held.name, held.args, part.size)
 
@@ -647,9 +726,11 @@ def _write_outputs(
     sources: list[InputSource],
     source_of: list[int],
     weight_seed: int,
+    dedup: DedupSettings,
 ) -> _Written:
-    """The output files, cut from the parts' files in input order, each source's whole copies then its drawn
-    documents; every rank reads the same markers, so all agree on the counts and the cuts."""
+    """The output files, cut from the parts' files (less what dedup and decontamination removed) in input order,
+    each source's whole copies then its drawn documents; every rank reads the same markers, so all agree on the
+    counts and the cuts."""
     folder, world = stage.folder, stage.world
     markers = [read_json(folder.marker(p.name)) for p in parts]
     read = ReadStats()
@@ -661,20 +742,23 @@ def _write_outputs(
     if read.documents == 0:
         where = f"{files[0]}{' …' if len(files) > 1 else ''}"
         raise DataPrepError(f"{where}: no documents found in {len(files)} input file(s) (wrong --format?)")
-    drawn = _draw(stage, parts, markers, sources, weight_seed)
+    if dedup.active:
+        contents = _screen_parts(stage, parts, markers, dedup)
+    else:
+        contents = [_Content.of(folder, marker) for marker in markers]
+    drawn = _draw(stage, parts, contents, sources, weight_seed)
     layout: list[tuple[str, int]] = []
     for index, source in enumerate(sources):
-        own = [
-            (str(_part_file(folder, name)), size)
-            for part, marker in zip(parts, markers)
-            if part.source == index
-            for name, size in marker["files"]
-        ]
+        held = [content for part, content in zip(parts, contents) if part.source == index]
+        own = [file for content in held for file in content.files]
         mine = [(part.name, drawn[part.name]) for part in parts if part.source == index and part.name in drawn]
         layout += own * source.copies + [(str(_part_file(folder, name + _DRAWN)), made["bytes"]) for name, made in mine]
         stats = per_source[index]
-        stats.documents_written = source.copies * stats.read.documents + sum(made["documents"] for _, made in mine)
-        stats.sentences_written = source.copies * stats.read.sentences + sum(made["sentences"] for _, made in mine)
+        for content in held:
+            stats.removed += content.removed
+        documents, sentences = sum(c.documents for c in held), sum(c.sentences for c in held)
+        stats.documents_written = source.copies * documents + sum(made["documents"] for _, made in mine)
+        stats.sentences_written = source.copies * sentences + sum(made["sentences"] for _, made in mine)
         stats.bytes_written = source.copies * sum(size for _, size in own) + sum(made["bytes"] for _, made in mine)
     total = sum(size for _, size in layout)
     n_files = num_files or max(AUTO_MIN_FILES, math.ceil(total / AUTO_FILE_BYTES))
@@ -698,8 +782,122 @@ def _write_outputs(
     return _Written(read, n_files, written, spans, per_source)
 
 
+@dataclass
+class _Content:
+    """What a part gives the corpus before weighting: its files in order (path, bytes), its documents and sentences,
+    and what dedup and decontamination removed of it."""
+
+    files: list[tuple[str, int]]
+    documents: int
+    sentences: int
+    removed: RemovedCounts = field(default_factory=RemovedCounts)
+
+    @classmethod
+    def of(cls, folder: StageFolder, marker: dict[str, Any]) -> _Content:
+        """A part as read: its part files."""
+        files = [(str(_part_file(folder, name)), size) for name, size in marker["files"]]
+        return cls(files, marker["read"]["documents"], marker["read"]["sentences"])
+
+
+def _screen_parts(
+    stage: Stage, parts: list[Part], markers: list[dict[str, Any]], dedup: DedupSettings
+) -> list[_Content]:
+    """Dedup and decontamination (data_prep.dedup): every rank decides for its share of the parts (an exchange of
+    hashes with the other ranks), then copies the kept documents of each of them that loses any into PART-d.txt
+    (one task per part, phase `corpus dedup`; a finished one is kept if made from the same files and decisions).
+    Returns, on every rank, what each part gives the corpus."""
+    folder, world = stage.folder, stage.world
+    numbered = [(part, name) for part, marker in zip(parts, markers) for name, _ in marker["files"]]
+    mine = stage.share(parts, lambda p: p.size)
+    owned = {part.name for part in mine}
+    files = [(k, _part_file(folder, name)) for k, (part, name) in enumerate(numbered) if part.name in owned]
+    decisions = decide(world, files, dedup)
+    changed, tasks = [], []
+    for part in mine:
+        content = _Content.of(folder, markers[part.index])
+        made = [decisions[Path(path)] for path, _ in content.files]
+        done = folder.marker(part.name + _SCREENED)
+        if not any(decision.changes for decision in made):
+            done.unlink(missing_ok=True)
+            continue
+        changed.append(part.name)
+        digest = hashlib.sha256(json.dumps(content.files).encode())
+        for decision in made:
+            for flags in (decision.duplicate, decision.overlap, decision.boilerplate):
+                digest.update(np.packbits(flags).tobytes() + len(flags).to_bytes(8, "little"))
+        if done.exists() and read_json(done)["screened_sha256"] == digest.hexdigest():
+            continue
+        name = f"deduplicated part {part.name} ({part.describe()})"
+        tasks.append(Task(name, (content.files, made, digest.hexdigest(), folder, part.name), part.size))
+    stage.run(_write_screened, tasks, "corpus dedup", "B")
+    screened = {name for names in world.allgather(changed) for name in names}
+    contents = []
+    for part, marker in zip(parts, markers):
+        if part.name not in screened:
+            contents.append(_Content.of(folder, marker))
+            continue
+        screened_part = read_json(folder.marker(part.name + _SCREENED))
+        contents.append(
+            _Content(
+                [(str(_part_file(folder, part.name + _SCREENED)), screened_part["bytes"])],
+                screened_part["documents"],
+                screened_part["sentences"],
+                RemovedCounts(**screened_part["removed"]),
+            )
+        )
+    return contents
+
+
+def _write_screened(task: tuple[list[tuple[str, int]], list[FileDecision], str, StageFolder, str]) -> None:
+    """The documents of one part less those decided out, and its kept documents less their boilerplate lines (a
+    document left with fewer than two is removed); its marker with the counts."""
+    files, decisions, digest, folder, name = task
+    removed = RemovedCounts()
+    documents = sentences = size = 0
+    with atomic_path(_part_file(folder, name + _SCREENED)) as tmp:
+        with open(tmp, "wb", buffering=1 << 20) as out:
+            for (path, _), decision in zip(files, decisions):
+                index = line = 0
+                for index, document in enumerate(_documents_in(Path(path)), 1):
+                    lines = document.count(b"\n") - 1
+                    drop = decision.boilerplate[line : line + lines]
+                    line += lines
+                    if decision.overlap[index - 1]:
+                        removed.overlap_documents += 1
+                        removed.overlap_bytes += len(document)
+                        continue
+                    if decision.duplicate[index - 1]:
+                        removed.duplicate_documents += 1
+                        removed.duplicate_bytes += len(document)
+                        continue
+                    if drop.any():
+                        kept = [text for text, gone in zip(document[:-2].split(b"\n"), drop) if not gone]
+                        removed.boilerplate_lines += int(drop.sum())
+                        if len(kept) < 2:
+                            removed.emptied_documents += 1
+                            removed.boilerplate_bytes += len(document)
+                            continue
+                        shorter = b"\n".join(kept) + b"\n\n"
+                        removed.boilerplate_bytes += len(document) - len(shorter)
+                        document = shorter
+                    out.write(document)
+                    documents += 1
+                    sentences += document.count(b"\n") - 1
+                    size += len(document)
+                if index != len(decision.duplicate) or line != len(decision.boilerplate):
+                    raise DataPrepError(f"{path}: part file and its fingerprints disagree (changed during the run?)")
+    marker = {
+        "bytes": size,
+        "documents": documents,
+        "sentences": sentences,
+        "removed": asdict(removed),
+        "screened_sha256": digest,
+    }
+    write_json(folder.marker(name + _SCREENED), marker)
+
+
 def _draw(
-    stage: Stage, parts: list[Part], markers: list[dict[str, Any]], sources: list[InputSource], weight_seed: int
+    stage: Stage, parts: list[Part], contents: list[_Content], sources: list[InputSource], weight_seed: int
 ) -> dict[str, dict[str, Any]]:
     """The documents that fractional weights draw (data_prep.mixture), copied out of their parts' files into
     PART-w.txt, one task per part that holds some, spread over the ranks; a finished task is kept if it was made
@@ -710,15 +908,15 @@ def _draw(
     for index, source in enumerate(sources):
         if not source.fraction:
             continue
-        own = [(part, marker) for part, marker in zip(parts, markers) if part.source == index]
-        documents = sum(marker["read"]["documents"] for _, marker in own)
+        own = [(part, content) for part, content in zip(parts, contents) if part.source == index]
+        documents = sum(content.documents for _, content in own)
         chosen = drawn_documents(documents, drawn_count(documents, source.fraction), weight_seed, source.name)
         first = 0
-        for part, marker in own:
-            count = marker["read"]["documents"]
+        for part, content in own:
+            count = content.documents
             lo, hi = np.searchsorted(chosen, [first, first + count])
             if hi > lo:
-                files = [(str(_part_file(folder, name)), size) for name, size in marker["files"]]
+                files = content.files
                 picks = chosen[lo:hi] - first
                 digest = hashlib.sha256(json.dumps(files).encode() + picks.tobytes()).hexdigest()
                 items.append((part, files, picks, count, digest))
@@ -839,7 +1037,7 @@ def _write_output(task: tuple[list[tuple[str, int, int]], str, str]) -> None:
     write_json(Path(marker), {"bytes": written})
 
 
-def _log_summary(stats: CorpusStats, output_dir: Path) -> None:
+def _log_summary(stats: CorpusStats, output_dir: Path, dedup: DedupSettings) -> None:
     mb_in = stats.bytes / 1e6
     log.info(
         "corpus: %d documents, %d sentences from %d file(s) (%.1f MB) -> %d file(s) in %s (%.1f MB) in %.1fs (%.1f MB/s)",
@@ -853,7 +1051,7 @@ def _log_summary(stats: CorpusStats, output_dir: Path) -> None:
         stats.seconds,
         mb_in / stats.seconds if stats.seconds else 0.0,
     )
-    if len(stats.sources) > 1 or any(source.weight != 1 for source in stats.sources):
+    if len(stats.sources) > 1 or any(source.weight != 1 for source in stats.sources) or dedup.active:
         for source in stats.sources:
             log.info(
                 "corpus: source %s (weight %g, %d file(s)): %d documents, %d sentences read (%.1f MB) -> "
@@ -868,6 +1066,10 @@ def _log_summary(stats: CorpusStats, output_dir: Path) -> None:
                 source.sentences_written,
                 source.bytes_written / 1e6,
             )
+            if dedup.active:
+                _log_removed(f"source {source.name}", source.removed, dedup)
+    if dedup.active:
+        _log_removed("all sources", stats.removed, dedup)
     skipped = {
         "empty files": stats.empty_files,
         "empty documents": stats.empty_documents,
@@ -893,3 +1095,23 @@ def _log_summary(stats: CorpusStats, output_dir: Path) -> None:
             empty,
             len(stats.output_files),
         )
+
+
+def _log_removed(what: str, removed: RemovedCounts, dedup: DedupSettings) -> None:
+    """One line of what dedup and decontamination removed (of a source, or of all)."""
+    said = []
+    if dedup.mode != "off":
+        said.append(
+            f"{removed.duplicate_documents} duplicate documents ({removed.duplicate_bytes / 1e6:.1f} MB) removed"
+        )
+    if dedup.lines:
+        said.append(
+            f"{removed.boilerplate_lines} boilerplate lines ({removed.boilerplate_bytes / 1e6:.1f} MB, "
+            f"{removed.emptied_documents} documents left with fewer than 2 lines) removed"
+        )
+    if dedup.exclude_overlap:
+        said.append(
+            f"{removed.overlap_documents} documents ({removed.overlap_bytes / 1e6:.1f} MB) dropped for a "
+            f"{dedup.overlap_ngram}-gram shared with the evaluation texts"
+        )
+    log.info("corpus: %s: %s", what, "; ".join(said))

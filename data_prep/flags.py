@@ -36,3 +36,7 @@ VOCAB_SIZE = integer(len(CONTROL_SYMBOLS) + 3, MAX_VOCAB_SIZE, "the shards store
 SENTENCES = integer(1)
 # inspect -n: examples printed (0: statistics only).
 EXAMPLES = integer(0)
+# --dedup-min-repeats: a line occurring more than this many times is boilerplate.
+REPEATS = integer(1)
+# --overlap-ngram: tokens per n-gram shared with an evaluation text (13 as in GPT-3's decontamination).
+OVERLAP_NGRAM = integer(1, 1000)

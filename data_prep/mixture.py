@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from common.flags import number
+from data_prep.dedup import RemovedCounts
 from data_prep.errors import DataPrepError
 from data_prep.readers import ReadStats
 
@@ -127,8 +128,9 @@ def drawn_documents(documents: int, count: int, seed: int, name: str) -> np.ndar
 
 @dataclass
 class SourceStats:
-    """What a source gave the corpus: what was read of it, and what was written after weighting (documents and
-    sentences; bytes of its documents as they stand in the corpus text, each with the blank line after it)."""
+    """What a source gave the corpus: what was read of it, what deduplication and decontamination removed of it
+    (data_prep.dedup), and what was written after weighting (documents and sentences; bytes of its documents as
+    they stand in the corpus text, each with the blank line after it)."""
 
     name: str
     weight: float
@@ -137,6 +139,7 @@ class SourceStats:
     documents_written: int = 0
     sentences_written: int = 0
     bytes_written: int = 0
+    removed: RemovedCounts = field(default_factory=RemovedCounts)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -149,6 +152,7 @@ class SourceStats:
                 "sentences": self.sentences_written,
                 "bytes": self.bytes_written,
             },
+            "removed": asdict(self.removed),
         }
 
     @classmethod
@@ -162,4 +166,5 @@ class SourceStats:
             written["documents"],
             written["sentences"],
             written["bytes"],
+            RemovedCounts(**data.get("removed", {})),  # (absent: a run without dedup)
         )

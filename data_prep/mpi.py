@@ -64,6 +64,26 @@ class World:
             raise ValueError("World.scatter: rank 0 gives the list")
         return per_rank[0]
 
+    def allgather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj` on every rank, in rank order."""
+        return [obj] if self.comm is None else self.comm.allgather(obj)
+
+    def alltoallv(self, data: Any, counts: list[int]) -> tuple[Any, list[int]]:
+        """A numpy array whose rows go to the ranks in turn (counts[r] rows to rank r), moved as a buffer (nothing
+        pickled); returns the rows every rank sent here, in rank order, and how many came from each."""
+        if self.comm is None:
+            return data, list(counts)
+        import numpy as np
+
+        got = self.comm.alltoall([int(c) for c in counts])
+        received = np.empty(sum(got), dtype=data.dtype)
+        sent_at = np.concatenate(([0], np.cumsum(counts)[:-1])).astype(np.int64)
+        got_at = np.concatenate(([0], np.cumsum(got)[:-1])).astype(np.int64)
+        self.comm.Alltoallv(
+            [np.ascontiguousarray(data), (list(counts), sent_at.tolist())], [received, (got, got_at.tolist())]
+        )
+        return received, got
+
     def raise_together(self, error: str | None) -> None:
         """Any rank's error message (None: no error; the lowest rank's first) raised as SharedError on every rank."""
         errors = [error] if self.comm is None else self.comm.allgather(error)

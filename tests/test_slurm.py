@@ -728,3 +728,54 @@ def test_first_host_without_scontrol(monkeypatch):
         "n[5]": "n5",
     }
     assert {k: first_host(k) for k in cases} == cases
+
+
+def test_prep_job_passes_the_dedup_variables_to_prepare(tmp_path):
+    """DEDUP, DEDUP_MIN_REPEATS, EXCLUDE_OVERLAP and OVERLAP_NGRAM reach `albert-data prepare` (srun replaced by a
+    script that writes its command line); a missing evaluation file stops the job with its name."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    srun = bin_dir / "srun"
+    srun.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$FAKE_SRUN_LOG"\n')
+    srun.chmod(0o755)
+    raw, first, second = tmp_path / "raw.txt", tmp_path / "eval1.txt", tmp_path / "eval2.txt"
+    for path in (raw, first, second):
+        path.write_text("A sentence.\nAnother one.\n")
+    job = {
+        "SLURM_JOB_ID": "4242",
+        "SLURM_JOB_NODELIST": "nodeA",
+        "REPO": str(REPO),
+        "VENV": "",
+        "PYTHON": sys.executable,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "FAKE_SRUN_LOG": str(tmp_path / "srun.log"),
+        "PREP_COMMAND": "prepare",
+        "INPUT": str(raw),
+        "OUTPUT": str(tmp_path / "data"),
+        "VERIFY": "0",
+        "DEDUP": "paragraphs",
+        "DEDUP_MIN_REPEATS": "5",
+        "EXCLUDE_OVERLAP": f"{first} {second}",
+        "OVERLAP_NGRAM": "8",
+    }
+    proc = run_bash(f"bash {PREP}", job)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = (tmp_path / "srun.log").read_text().splitlines()
+    command = args[args.index("data_prep") + 1 :]
+    for flag, value in (("--dedup", "paragraphs"), ("--dedup-min-repeats", "5"), ("--overlap-ngram", "8")):
+        assert command[command.index(flag) + 1] == value, command
+    assert command[command.index("--exclude-overlap") + 1 : command.index("--overlap-ngram")] == [
+        str(first),
+        str(second),
+    ]
+    assert cli_accepts(command)
+    missing = run_bash(f"bash {PREP}", {**job, "EXCLUDE_OVERLAP": str(tmp_path / "nothing.txt")})
+    assert missing.returncode == 2 and f"EXCLUDE_OVERLAP: {tmp_path / 'nothing.txt'} does not exist" in missing.stdout
+
+
+def cli_accepts(command: list[str]) -> bool:
+    """albert-data's parser takes the command line the job built."""
+    from data_prep.cli import build_parser
+
+    args = build_parser().parse_args(command)
+    return args.dedup == "paragraphs" and args.exclude_overlap and args.overlap_ngram == 8

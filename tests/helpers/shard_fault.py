@@ -8,7 +8,8 @@ outside (the project's code has no fault hooks). FAULT is one of:
 - `raise-on-rank:R`: MPI rank R fails outside any task, before the map phase (OSError EDQUOT, as a full quota
   would), while the other ranks go on to their work;
 - `kill-corpus:NAME`: the `corpus` task NAME kills its own process with SIGKILL: a part (p000003), a chunk of a
-  streamed part (p000001-c00002), the hash of a streamed part's file (p000001-source) or an output file (out-00001).
+  streamed part (p000001-c00002), the hash of a streamed part's file (p000001-source), a deduplicated part
+  (p000001-d) or an output file (out-00001).
 """
 
 from __future__ import annotations
@@ -68,8 +69,9 @@ def raise_on_rank(rank: int) -> None:
 
 
 def kill_corpus(name: str) -> None:
-    """The corpus task NAME dies; its task functions take (kind, args) (phase 1) or (segments, file, marker)."""
-    part_task, write_output = corpus._part_task, corpus._write_output
+    """The corpus task NAME dies; its task functions take (kind, args) (phase 1), (files, decisions, digest, folder,
+    part) (dedup) or (segments, file, marker)."""
+    part_task, write_output, write_screened = corpus._part_task, corpus._write_output, corpus._write_screened
 
     def task_name(kind: str, args) -> str:
         if kind == "chunk":
@@ -86,7 +88,12 @@ def kill_corpus(name: str) -> None:
             _kill_self()
         return write_output(task)
 
-    corpus._part_task, corpus._write_output = part, output
+    def screened(task):
+        if task[4] + "-d" == name:
+            _kill_self()
+        return write_screened(task)
+
+    corpus._part_task, corpus._write_output, corpus._write_screened = part, output, screened
 
 
 def main() -> int:
