@@ -469,7 +469,7 @@ def _shard(job: _Job, resume: bool, started: float) -> Manifest | None:
     totals = _sum_counts(per_piece)
     manifest = _write_manifest(job, recorded_inputs(identity["inputs"], sources), identity, per_shard, totals)
     stage.close()
-    log_summary(totals, manifest.data["num_examples"], time.perf_counter() - started)
+    log_summary(totals, manifest.data["num_examples"], time.perf_counter() - started, settings.masking)
     return manifest
 
 
@@ -562,12 +562,17 @@ def _write_manifest(
     return manifest
 
 
-def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> None:
+def log_summary(totals: dict[str, Any], num_examples: int, seconds: float, masking: str = "static") -> None:
     examples = totals.get("examples", {})
     maskable = max(examples.get("maskable_tokens", 0), 1)
+    masked = (
+        "unmasked (masked by the loader)"
+        if masking == "dynamic"
+        else f"masked {100.0 * examples.get('predictions', 0) / maskable:.2f}% of maskable tokens"
+    )
     log.info(
         "%d documents, %d sentences -> %d examples, %d tokens in %.1f s (%.0f examples/s); "
-        "masked %.2f%% of maskable tokens; SOP swapped %.1f%%; skipped %d one-sentence documents, "
+        "%s; SOP swapped %.1f%%; skipped %d one-sentence documents, "
         "dropped %d examples without a prediction",
         totals.get("documents", 0),
         totals.get("sentences", 0),
@@ -575,7 +580,7 @@ def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> No
         examples.get("tokens", 0),
         seconds,
         num_examples / max(seconds, 1e-9),
-        100.0 * examples.get("predictions", 0) / maskable,
+        masked,
         100.0 * examples.get("swapped", 0) / max(num_examples, 1),
         examples.get("one_sentence_documents", 0),
         examples.get("dropped_without_predictions", 0),

@@ -43,7 +43,7 @@ import torch
 
 from data_prep.shards import FIELDS, Manifest, stored_fields
 
-from .masking import Masker, MaskSettings
+from .masking import Masker, MaskOverrides, MaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ class PretrainingData:
         prefetch: int = 1,
         skip_bad_shards: bool = False,
         pin_memory: bool = False,
-        masking: MaskSettings | None = None,
+        masking: MaskOverrides | None = None,
     ):
         self.folder = Path(folder)
         try:
@@ -187,7 +187,7 @@ class PretrainingData:
         self.vocab_size = int(attrs["vocab_size"])
         self.sentence_task = attrs.get("sentence_task", "sop")
         # static shards hold masked examples; dynamic ones unmasked pairs, masked here in the read-ahead thread by
-        # (seed, epoch, example id) with `masking` (default: the manifest's settings)
+        # (seed, epoch, example id) with the manifest's settings, or those `masking` overrides
         self.masking = self.manifest.masking
         self._stored = stored_fields(self.masking)
         self.masker = self._masker(attrs, masking, seed)
@@ -248,18 +248,20 @@ class PretrainingData:
         self._stop = threading.Event()
         self.data_wait = 0.0  # seconds the consumer waited for batches (reset by the caller)
 
-    def _masker(self, attrs: dict, masking: MaskSettings | None, seed: int) -> Masker | None:
+    def _masker(self, attrs: dict, masking: MaskOverrides | None, seed: int) -> Masker | None:
         """The masking of dynamic shards (None for static ones, which refuse masking settings)."""
+        given = masking.given() if masking is not None else []
         if self.masking != "dynamic":
-            if masking is not None:
+            if given:
                 raise DataError(
-                    f"{self.folder}: holds masked shards (--masking static); masking settings apply to unmasked ones "
-                    "(`albert-data shard --masking dynamic`)"
+                    f"{self.folder}: holds masked shards (albert-data shard --masking static); {', '.join(given)} "
+                    "apply only to unmasked shards (--masking dynamic), which are masked while training"
                 )
             return None
-        settings = masking or MaskSettings(
+        recorded = MaskSettings(
             float(attrs["masked_lm_prob"]), int(attrs["ngram"]), int(attrs["max_predictions_per_seq"])
         )
+        settings = masking.over(recorded) if masking is not None else recorded
         if problem := settings.problem(self.seq_len):
             raise DataError(f"{self.folder}: {problem}")
         from data_prep.errors import DataPrepError

@@ -49,6 +49,31 @@ class MaskSettings:
         return None
 
 
+@dataclass(frozen=True)
+class MaskOverrides:
+    """albert-pretrain's masking flags: each None keeps the shard folder's recorded setting."""
+
+    masked_lm_prob: float | None = None
+    ngram: int | None = None
+    max_predictions: int | None = None
+
+    def given(self) -> list[str]:
+        """The flags set, as written on the command line."""
+        names = {
+            "masked_lm_prob": "--masked-lm-prob",
+            "ngram": "--ngram",
+            "max_predictions": "--max-predictions-per-seq",
+        }
+        return [flag for key, flag in names.items() if getattr(self, key) is not None]
+
+    def over(self, recorded: MaskSettings) -> MaskSettings:
+        return MaskSettings(
+            recorded.masked_lm_prob if self.masked_lm_prob is None else self.masked_lm_prob,
+            recorded.ngram if self.ngram is None else self.ngram,
+            recorded.max_predictions if self.max_predictions is None else self.max_predictions,
+        )
+
+
 def _mix(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, elementwise on uint64 (wrapping arithmetic)."""
     x = (x ^ (x >> np.uint64(30))) * _M1

@@ -163,7 +163,14 @@ def setup(args: argparse.Namespace) -> Run:
     try:
         cfg = AlbertConfig.from_name_or_path(config.model_config_name)
         loader: dict[str, Any] = dict(rank=rank, world=world, seed=config.seed, pin_memory=device.type == "cuda")
-        data = PretrainingData(config.data, batch.micro, batch.accum, skip_bad_shards=config.skip_bad_shards, **loader)
+        data = PretrainingData(
+            config.data,
+            batch.micro,
+            batch.accum,
+            skip_bad_shards=config.skip_bad_shards,
+            masking=config.masking,
+            **loader,
+        )
         check_data_against_model(data, cfg, config.data)
         data_identity = DataIdentity.of_manifest(config.data, data.manifest.data)
         if config.eval_data:
@@ -174,6 +181,15 @@ def setup(args: argparse.Namespace) -> Run:
         raise TrainError(str(e)) from None
     if data.skipped_shards:
         log.warning("%d shard(s) skipped as unreadable: %s", len(data.skipped_shards), ", ".join(data.skipped_shards))
+    if data.masker is not None:
+        mask = data.masker.settings
+        log.info(
+            "%s: unmasked shards, masked in the loader each epoch: masked_lm_prob %g, ngram %d, max_predictions %d",
+            config.data,
+            mask.masked_lm_prob,
+            mask.ngram,
+            mask.max_predictions,
+        )
     resume_from = ckpt.resolve_resume(config.resume, config.checkpoints)
     saved = ckpt.check_compatible(resume_from, batch.global_size, cfg.to_dict()) if resume_from else None
     new_data = None

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from common.flags import integer, number
 
+from .masking import MaskOverrides
+
 if TYPE_CHECKING:
     import torch
 
@@ -145,6 +147,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--record-batches",
         action="store_true",
         help="write each rank's examples (CRC32 of input_ids) per step to OUTPUT/batches-rank<r>.jsonl",
+    )
+    masking = p.add_argument_group(
+        "dynamic masking",
+        "shards made with `albert-data shard --masking dynamic` are masked in the loader, afresh each epoch; these "
+        "override the settings their manifest records (refused with statically masked --data)",
+    )
+    masking.add_argument(
+        "--masked-lm-prob",
+        type=number(0.0, 1.0, low_open=True, high_open=True),
+        default=None,
+        help="fraction of each sequence's tokens to predict (default: the manifest's)",
+    )
+    masking.add_argument(
+        "--ngram",
+        type=integer(1, 10),
+        default=None,
+        help="longest n-gram of whole words masked, P(n) ~ 1/n (default: the manifest's)",
+    )
+    masking.add_argument(
+        "--max-predictions-per-seq",
+        type=integer(1, 65535 - 3, "and at most the sequence length - 3"),
+        default=None,
+        help="most predictions per sequence, the MLM head's slots (default: the manifest's)",
     )
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
@@ -400,6 +425,7 @@ class RunConfig:
     record_batches: bool
     peak_tflops: float | None  # --peak-tflops: the device's peak for MFU; None: looked up or measured (pipeline.flops)
     new_data: bool  # a resume may continue on other shards (of the same vocabulary), from their start
+    masking: MaskOverrides  # dynamic masking of --data: what the flags override of the manifest's settings
 
     @property
     def checkpoints(self) -> Path:
@@ -434,6 +460,7 @@ def run_config(args: argparse.Namespace, world: int) -> RunConfig:
         record_batches=args.record_batches,
         peak_tflops=args.peak_tflops,
         new_data=args.new_data,
+        masking=MaskOverrides(args.masked_lm_prob, args.ngram, args.max_predictions_per_seq),
     )
 
 
