@@ -109,6 +109,14 @@ class Masker:
         self.normal_ids = np.asarray(normal_ids, dtype=np.int64)
 
     def __call__(self, rows: dict[str, np.ndarray], example_ids: np.ndarray, epoch: int) -> dict[str, np.ndarray]:
+        """The rows masked as in epoch `epoch`; example_ids: their global ids (shard order in the manifest, then
+        row)."""
+        return self.mask(rows, example_ids, epoch)[0]
+
+    def mask(
+        self, rows: dict[str, np.ndarray], example_ids: np.ndarray, epoch: int
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(the masked rows, the histogram of the n-gram sizes taken: index n counts n-grams of n words)."""
         ids = rows["input_ids"].astype(np.int32)
         input_mask = rows["input_mask"].astype(bool)
         segment = rows["segment_ids"].astype(bool)
@@ -129,7 +137,7 @@ class Masker:
         order = np.argsort(order_keys, axis=1, kind="stable").astype(np.int32)
         u_ngram = _uniform24(word_draws >> np.uint64(8))
         del word_draws, order_keys
-        masked, _ = pick_ngrams(words, cand, budget, order, u_ngram, self.settings.ngram)
+        masked, hist = pick_ngrams(words, cand, budget, order, u_ngram, self.settings.ngram)
 
         mr, mc = np.nonzero(masked)  # row-major: positions sorted within each example
         position_draws = _draws(keys[mr], _STREAM_POSITIONS + mc.astype(np.uint64))
@@ -142,7 +150,7 @@ class Masker:
         targets = np.zeros((n, P), dtype=np.uint16)
         positions[mr, slot] = mc
         targets[mr, slot] = original
-        return {
+        fields = {
             "input_ids": ids.astype(np.uint16),
             "input_mask": rows["input_mask"],
             "segment_ids": rows["segment_ids"],
@@ -150,3 +158,4 @@ class Masker:
             "masked_lm_ids": targets,
             "next_sentence_labels": rows["next_sentence_labels"],
         }
+        return fields, hist
