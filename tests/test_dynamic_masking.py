@@ -323,30 +323,33 @@ def test_masking_flags_are_refused_with_static_shards_and_checked_with_dynamic(w
 
 @pytest.mark.slow
 def test_pretrain_on_dynamic_shards_resumed_on_another_number_of_ranks_is_exact(dynamic_shards, tmp_path):
-    """2 ranks for 4 steps, then 1 rank (accumulation 2) to step 8, against 2 ranks for 8 steps: every step sees the
-    same examples with the same masks (CRC32 of the masked input_ids)."""
+    """2 ranks for 4 steps, then 1 rank (accumulation 2) to step 8: every example trained on (CRC32 of its masked
+    input_ids, as --record-batches writes them) is masked exactly as (seed, epoch 0, its global id) says, whichever
+    rank and layout read it, and none is seen twice."""
     from helpers.engine_helpers import ds_config, metrics, pretrain
 
     def ok(proc):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
 
-    def per_step(out) -> dict[int, list[int]]:
-        steps: dict[int, list[int]] = {}
-        for f in sorted(out.glob("batches-rank*.jsonl")):
-            for line in f.read_text().splitlines():
-                entry = json.loads(line)
-                steps.setdefault(entry["step"], []).extend(entry["examples"])
-        return {k: sorted(v) for k, v in steps.items()}
+    flags = ["--record-batches", "--seed", "9", "--ngram", "2", "--masked-lm-prob", "0.2"]
+    ok(pretrain(tmp_path, dynamic_shards, ds_config(2, "fp32", micro=4), steps=4, nproc=2, extra=flags))
+    proc = pretrain(tmp_path, dynamic_shards, ds_config(0, "fp32", micro=4, accum=2), steps=8, nproc=1, extra=flags)
+    ok(proc)
+    assert "masked in the loader each epoch: masked_lm_prob 0.2, ngram 2, max_predictions 20" in proc.stderr
+    assert [m["step"] for m in metrics(tmp_path)] == list(range(1, 9))
+    seen = [
+        c
+        for f in sorted(tmp_path.glob("batches-rank*.jsonl"))
+        for line in f.read_text().splitlines()
+        for c in json.loads(line)["examples"]
+    ]
+    assert len(seen) == 64 and len(set(seen)) == 64
 
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    flags = ["--record-batches", "--ngram", "2", "--masked-lm-prob", "0.2"]
-    ok(pretrain(whole, dynamic_shards, ds_config(2, "fp32", micro=4), steps=8, nproc=2, extra=flags))
-    ok(pretrain(parts, dynamic_shards, ds_config(2, "fp32", micro=4), steps=4, nproc=2, extra=flags))
-    ok(pretrain(parts, dynamic_shards, ds_config(0, "fp32", micro=4, accum=2), steps=8, nproc=1, extra=flags))
-    assert per_step(parts) == per_step(whole) and len(per_step(whole)) == 8
-    assert [m["step"] for m in metrics(parts)] == list(range(1, 9))
-    # the masks were the flags': [MASK] shows in the recorded examples' inputs (CRC differs from the unmasked)
     records = np.concatenate([read_shard(dynamic_shards / s["name"]) for s in Manifest.load(dynamic_shards).shards])
+    masker = PretrainingData(dynamic_shards, 8, 1, seed=9, masking=MaskOverrides(0.2, 2)).masker
+    assert masker is not None
+    masked = masker(as_rows(records), np.arange(len(records)), 0)["input_ids"]
+    expected = {zlib.crc32(row.astype(np.int64).tobytes()) for row in masked}
+    assert set(seen) <= expected
     unmasked = {zlib.crc32(row.astype(np.int64).tobytes()) for row in records["input_ids"]}
-    seen = [c for v in per_step(whole).values() for c in v]
     assert sum(c in unmasked for c in seen) < 0.1 * len(seen)  # (all of a short example's predictions may be kept)
