@@ -146,9 +146,9 @@ def _check_shard(path: Path, rows: int, seq_len: int, fields: tuple[str, ...] = 
     """Cheap start-up check (metadata, first and last row): the problem, or None."""
     try:
         with _open_shard(path) as f:
+            if missing := [name for name in fields if name not in f]:
+                return f"dataset {missing[0]} missing"
             for name in fields:
-                if name not in f:
-                    return f"dataset {name} missing"
                 if f[name].shape[0] != rows:
                     return f"{name} has {f[name].shape[0]} rows, manifest says {rows}"
             if f["input_ids"].shape[1] != seq_len:

@@ -251,6 +251,20 @@ def test_verify_names_damaged_word_starts(dynamic_shards, tmp_path):
     assert any(f"{copy / name}: word start on [CLS]/[SEP]/padding: 1 rows (first: row 5)" in p for p in problems)
 
 
+def test_a_masked_shard_among_unmasked_ones_is_named(dynamic_shards, wiki_shards, tmp_path):
+    """One folder holds one kind (its manifest's format); a static shard copied over a dynamic one is named by verify
+    and refused by the loader in one line."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(dynamic_shards, copy)
+    name = Manifest.load(copy).shards[0]["name"]
+    shutil.copyfile(wiki_shards / Manifest.load(wiki_shards).shards[0]["name"], copy / name)
+    assert f"{copy / name}: a masked shard in a folder of unmasked shards" in verify_folder(copy)
+    with pytest.raises(DataError, match=f"{copy / name}: dataset word_starts missing"):
+        PretrainingData(copy, 4, 1)
+
+
 def epoch_masks(loader: PretrainingData, batches: int) -> dict[tuple[int, bytes], bytes]:
     """(epoch, the example unmasked) -> the example as the loader masked it, over `batches` micro-batches."""
     out = {}
