@@ -9,6 +9,9 @@ The order of an epoch:
 3. the range is read one window (about `window` rows) at a time, and each window is shuffled by
    (seed, epoch, rank, window). Memory holds a few windows, never a whole shard.
 
+Unmasked shards (`albert-data shard --masking dynamic`) are masked there, window by window, each example by (seed,
+epoch, its global id) (pipeline/masking.py), so its mask does not depend on the ranks, the plan or a resume.
+
 A background thread prepares the next window while the training loop consumes the current one (see `prefetch`
 in PretrainingData); with `pin_memory` the batches are in page-locked memory, so the loop's
 `.to(device, non_blocking=True)` copies run asynchronously.

@@ -7,10 +7,11 @@ the example's global id, the draw's index within the example), so the mask of ex
 (seed, e, i) alone. Which rank reads the example, with which micro-batch size, in which window, before or after a
 resume: none of it changes the mask. A whole window of rows is masked in one vectorised call.
 
-Draws of one example: for each word slot j (j < the window's most words) one 64-bit value whose high 32 bits order
-the words (a stable sort; non-words last) and whose next 24 bits are the uniform that draws the n-gram size of the
-j-th candidate; for each chosen position one 64-bit value whose high 24 bits are the uniform of the 80/10/10 choice
-and whose low 32 bits pick the random piece.
+Draws of one example: for each word slot j (j < the window's most words) one 64-bit value whose bits 32-63 order
+the words (a stable sort; non-words last) and whose bits 8-31 are the uniform that draws the n-gram size of the j-th
+candidate; for each chosen position one 64-bit value whose bits 40-63 are the uniform of the 80/10/10 choice and
+whose bits 0-31 pick the random piece. Each word slot and position has its own draw, so a row's draws do not depend
+on how many words the other rows of its window have.
 """
 
 from __future__ import annotations
