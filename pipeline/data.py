@@ -258,7 +258,8 @@ class PretrainingData:
             if given:
                 raise DataError(
                     f"{self.folder}: holds masked shards (albert-data shard --masking static); {', '.join(given)} "
-                    "apply only to unmasked shards (--masking dynamic), which are masked while training"
+                    f"{'apply' if len(given) > 1 else 'applies'} only to unmasked shards (--masking dynamic), which "
+                    "are masked while training"
                 )
             return None
         recorded = MaskSettings(

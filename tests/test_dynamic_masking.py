@@ -319,7 +319,7 @@ def test_the_same_example_gets_the_same_mask_on_1_or_2_ranks_and_after_resumes(d
 
 
 def test_masking_flags_are_refused_with_static_shards_and_checked_with_dynamic(wiki_shards, dynamic_shards):
-    with pytest.raises(DataError, match="holds masked shards .*--ngram apply only to unmasked shards"):
+    with pytest.raises(DataError, match="holds masked shards .*; --ngram applies only to unmasked shards"):
         PretrainingData(wiki_shards, 4, 1, masking=MaskOverrides(ngram=2))
     PretrainingData(wiki_shards, 4, 1, masking=MaskOverrides())  # none set: fine
     with pytest.raises(DataError, match=r"--max-predictions-per-seq 126: must be in \[1, 125\]"):
