@@ -145,7 +145,17 @@ def _add_shard_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--masked-lm-prob", type=flags.OPEN_PROBABILITY, default=0.15)
     group.add_argument("--ngram", type=flags.NGRAM, default=3, help="longest n-gram of whole words to mask; P(n) ~ 1/n")
     group.add_argument(
-        "--dupe-factor", type=flags.DUPE_FACTOR, default=5, help="passes over the corpus with different masks and pairs"
+        "--masking",
+        default="static",
+        choices=("static", "dynamic"),
+        help="static: masked here, --dupe-factor masks of each pair; dynamic: each pair written once unmasked (with "
+        "its word starts), masked afresh each epoch by albert-pretrain's loader (the flags above are its defaults)",
+    )
+    group.add_argument(
+        "--dupe-factor",
+        type=flags.DUPE_FACTOR,
+        default=None,
+        help="passes over the corpus with different masks and pairs (default: 5 with --masking static, 1 dynamic)",
     )
     group.add_argument("--short-seq-prob", type=flags.PROBABILITY, default=0.1)
     group.add_argument("--seed", type=flags.SEED, default=12345)
@@ -325,7 +335,8 @@ def _shard_settings(args: argparse.Namespace):
             ngram=args.ngram,
             short_seq_prob=args.short_seq_prob,
         ),
-        dupe_factor=args.dupe_factor,
+        dupe_factor=args.dupe_factor if args.dupe_factor is not None else (1 if args.masking == "dynamic" else 5),
+        masking=args.masking,
         seed=args.seed,
         num_shards=args.num_shards,
         shard_bytes=int(args.shard_mb * (1 << 20)),

@@ -108,6 +108,144 @@ def _ngram_cdfs(ngram: int) -> np.ndarray:
     return cdfs
 
 
+def unmasked_record_dtype(max_seq_length: int) -> np.dtype:
+    """One unmasked example (shards masked in the loader): the pair and where its words start."""
+    L = max_seq_length
+    return np.dtype(
+        [
+            ("input_ids", "<u2", (L,)),
+            ("input_mask", "u1", (L,)),
+            ("segment_ids", "u1", (L,)),
+            ("word_starts", "u1", (L,)),
+            ("next_sentence_labels", "u1"),
+        ]
+    )
+
+
+def mask_budget(length: np.ndarray, max_predictions: int, masked_lm_prob: float) -> np.ndarray:
+    """Tokens to mask per example: min(max_predictions, max(1, round(length * prob))), int64."""
+    return np.minimum(max_predictions, np.maximum(1, np.rint(length * masked_lm_prob).astype(np.int64)))
+
+
+@dataclass
+class Words:
+    """The whole words of a batch of examples, for masking. count[i]: words of example i; most: count.max();
+    wid[i, j]: the word of position j (-1 before the first); ragged, example after example, cum_len[base[i] + w] is
+    the number of maskable tokens before word w of example i, and cum_len[base[i] + count[i]] their total."""
+
+    count: np.ndarray
+    most: int
+    wid: np.ndarray
+    base: np.ndarray
+    cum_len: np.ndarray
+
+    @classmethod
+    def of(cls, word_start: np.ndarray, cand: np.ndarray, length: np.ndarray) -> Words:
+        """word_start, cand (maskable positions): bool [n, L]; length: real tokens per example."""
+        n = len(word_start)
+        W = word_start.sum(1)
+        wid = np.cumsum(word_start, axis=1, dtype=np.int32)
+        wid -= 1
+        base = np.cumsum(W + 1) - (W + 1)
+        cum_len = np.empty(n + int(W.sum()), dtype=np.int32)
+        cum_len[base + W] = length - 3
+        cand_before = np.cumsum(cand, axis=1, dtype=np.int32)
+        is_word = np.ones(len(cum_len), dtype=bool)
+        is_word[base + W] = False
+        cum_len[is_word] = cand_before[word_start] - 1
+        return cls(W, int(W.max(initial=0)), wid, base, cum_len)
+
+    def fits(self, budget: np.ndarray) -> np.ndarray:
+        """Examples with a word of at most `budget` tokens: exactly those whose masking gets a prediction."""
+        n = len(self.count)
+        word_rows = np.repeat(np.arange(n), self.count)
+        starts = np.delete(np.arange(len(self.cum_len)), self.base + self.count)  # each word's entry
+        small = self.cum_len[starts + 1] - self.cum_len[starts] <= budget[word_rows]
+        return np.bincount(word_rows[small], minlength=n) > 0
+
+
+def pick_ngrams(
+    words: Words, cand: np.ndarray, budget: np.ndarray, order: np.ndarray, u_ngram: np.ndarray, ngram: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """ALBERT's n-gram whole-word choice, for a batch: the candidates are each example's words in `order` (int32
+    [n, >= most], its words first); the r-th candidate starts an n-gram of n words drawn from u_ngram[:, r]
+    (uniform [0, 1)) with P(n) ~ 1/n, capped by the words left; n shrinks until the n-gram fits the budget; an n-gram
+    touching a covered word is skipped. Returns (masked positions, bool [n, L]; histogram of n-gram sizes taken)."""
+    n = len(cand)
+    W, base, cum_len, Wmax = words.count, words.base, words.cum_len, words.most
+    budget = budget.copy()
+    g = ngram
+    cdfs = _ngram_cdfs(g)
+    ks = np.arange(1, g + 1)[None, :]
+    covered = np.zeros((n, Wmax + g), dtype=bool)
+    hist = np.zeros(g + 1, dtype=np.int64)
+    act = np.arange(n)
+    for r in range(Wmax):
+        act = act[(budget[act] > 0) & (W[act] > r)]
+        if act.size == 0:
+            break
+        c = order[act, r]
+        avail = np.minimum(g, W[act] - c)
+        ngram_n = 1 + (u_ngram[act, r][:, None] > cdfs[avail - 1]).sum(1)
+        ends = np.minimum(c[:, None] + ks, W[act][:, None])
+        b = base[act]
+        count = cum_len[b[:, None] + ends] - cum_len[b + c][:, None]
+        n_eff = ((count <= budget[act][:, None]) & (ks <= ngram_n[:, None])).sum(1)  # shrink n until it fits
+        span = ks <= n_eff[:, None]
+        hit = (covered[act[:, None], c[:, None] + ks - 1] & span).any(1)
+        take = (n_eff > 0) & ~hit
+        if not take.any():
+            continue
+        t_rows, t_c, t_n, t_span = act[take], c[take], n_eff[take], span[take]
+        rr, kk = np.nonzero(t_span)
+        covered[t_rows[rr], t_c[rr] + kk] = True
+        budget[t_rows] -= count[take, t_n - 1]
+        hist += np.bincount(t_n, minlength=g + 1)
+    masked = cand & covered[np.arange(n, dtype=np.int32)[:, None], np.maximum(words.wid, 0)]
+    return masked, hist
+
+
+def replace_masked(
+    ids: np.ndarray, mr: np.ndarray, mc: np.ndarray, u: np.ndarray, random_ids: np.ndarray, mask_id: int
+) -> tuple[np.ndarray, ...]:
+    """Replace the chosen tokens (rows mr, positions mc, row-major) in place: u < 0.8 [MASK], u >= 0.9 the random
+    piece, else kept. Returns (original ids, prediction slot of each, predictions per row, to_mask, to_random)."""
+    original = ids[mr, mc]
+    to_mask, to_random = u < 0.8, u >= 0.9
+    ids[mr, mc] = np.where(to_mask, mask_id, np.where(to_random, random_ids, original))
+    per_row = np.bincount(mr, minlength=len(ids))
+    slot = np.arange(len(mr)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    return original, slot, per_row, to_mask, to_random
+
+
+def _unmasked_records(
+    ids: np.ndarray,
+    input_mask: np.ndarray,
+    segment: np.ndarray,
+    word_start: np.ndarray,
+    swap: np.ndarray,
+    keep: np.ndarray,
+    length: np.ndarray,
+    cand: np.ndarray,
+    stats: ExampleStats,
+) -> np.ndarray:
+    n, L = ids.shape
+    records = np.zeros(n, dtype=unmasked_record_dtype(L))
+    records["input_ids"] = ids
+    records["input_mask"] = input_mask
+    records["segment_ids"] = segment
+    records["word_starts"] = word_start
+    records["next_sentence_labels"] = swap
+    stats.dropped_without_predictions += int((~keep).sum())
+    stats.examples += int(keep.sum())
+    stats.tokens += int(length[keep].sum())
+    stats.maskable_tokens += int(cand[keep].sum())
+    stats.swapped += int(swap[keep].sum())
+    lengths = length[keep]
+    stats.merge(ExampleStats(length_hist=np.bincount(np.minimum(lengths * 8 // (L + 1), 7), minlength=8).tolist()))
+    return records if keep.all() else records[keep]
+
+
 def pair_documents(
     sent_lengths: np.ndarray,
     doc_sentences: np.ndarray,
@@ -158,13 +296,15 @@ def make_examples(
     settings: ExampleSettings,
     rng: np.random.Generator,
     stats: ExampleStats,
+    unmasked: bool = False,
 ) -> np.ndarray:
-    """One pass (one dupe) over a batch of tokenized documents -> structured records (record_dtype)."""
+    """One pass (one dupe) over a batch of tokenized documents -> structured records (record_dtype; with `unmasked`,
+    unmasked_record_dtype: the pairs with their word starts, for masking in the loader)."""
     L, P = settings.max_seq_length, settings.max_predictions_per_seq
     M = L - 3
     pairs = pair_documents(sent_lengths, doc_sentences, M, settings.short_seq_prob, rng, stats)
     n = len(pairs)
-    records = np.zeros(n, dtype=record_dtype(L, P))
+    records = np.zeros(n, dtype=unmasked_record_dtype(L) if unmasked else record_dtype(L, P))
     if n == 0:
         return records
     a0, a1, b1, swap = pairs.T
@@ -210,64 +350,23 @@ def make_examples(
     word_start = cand & vocab.is_word_start[ids]
     word_start[:, 1] = True  # a segment always begins a word
     word_start[np.arange(n), f_len[:, 0] + 2] = True
-    W = word_start.sum(1)
-    Wmax = int(W.max())
-    wid = np.cumsum(word_start, axis=1, dtype=np.int32)
-    wid -= 1
-    # Ragged, example after example: cum_len[base[i] + w] is the number of maskable tokens before word w
-    # of example i, and cum_len[base[i] + W[i]] their total.
-    base = np.cumsum(W + 1) - (W + 1)
-    cum_len = np.empty(n + int(W.sum()), dtype=np.int32)
-    cum_len[base + W] = length - 3
-    cand_before = np.cumsum(cand, axis=1, dtype=np.int32)
-    is_word = np.ones(len(cum_len), dtype=bool)
-    is_word[base + W] = False
-    cum_len[is_word] = cand_before[word_start] - 1
-    del cand_before, word_start
-    budget = np.minimum(P, np.maximum(1, np.rint(length * settings.masked_lm_prob).astype(np.int64)))
-
-    keys = rng.random((n, Wmax), dtype=np.float32)
-    keys[np.arange(Wmax)[None, :] >= W[:, None]] = 2.0  # non-words last
+    words = Words.of(word_start, cand, length)
+    budget = mask_budget(length, P, settings.masked_lm_prob)
+    if unmasked:
+        # Unmasked: the loader masks each epoch afresh. A pair whose every word is longer than its budget could
+        # never get a prediction: dropped, as the static masking drops it.
+        return _unmasked_records(ids, input_mask, segment, word_start, swap, words.fits(budget), length, cand, stats)
+    del word_start
+    keys = rng.random((n, words.most), dtype=np.float32)
+    keys[np.arange(words.most)[None, :] >= words.count[:, None]] = 2.0  # non-words last
     order = np.argsort(keys, axis=1).astype(np.int32)
     del keys
-    u_ngram = rng.random((n, Wmax), dtype=np.float32)
-    g = settings.ngram
-    cdfs = _ngram_cdfs(g)
-    ks = np.arange(1, g + 1)[None, :]
-    covered = np.zeros((n, Wmax + g), dtype=bool)
-    hist = np.zeros(g + 1, dtype=np.int64)
-    act = np.arange(n)
-    for r in range(Wmax):
-        act = act[(budget[act] > 0) & (W[act] > r)]
-        if act.size == 0:
-            break
-        c = order[act, r]
-        avail = np.minimum(g, W[act] - c)
-        ngram = 1 + (u_ngram[act, r][:, None] > cdfs[avail - 1]).sum(1)
-        ends = np.minimum(c[:, None] + ks, W[act][:, None])
-        b = base[act]
-        count = cum_len[b[:, None] + ends] - cum_len[b + c][:, None]
-        n_eff = ((count <= budget[act][:, None]) & (ks <= ngram[:, None])).sum(1)  # shrink n until it fits
-        span = ks <= n_eff[:, None]
-        hit = (covered[act[:, None], c[:, None] + ks - 1] & span).any(1)
-        take = (n_eff > 0) & ~hit
-        if not take.any():
-            continue
-        t_rows, t_c, t_n, t_span = act[take], c[take], n_eff[take], span[take]
-        rr, kk = np.nonzero(t_span)
-        covered[t_rows[rr], t_c[rr] + kk] = True
-        budget[t_rows] -= count[take, t_n - 1]
-        hist += np.bincount(t_n, minlength=g + 1)
-
-    masked = cand & covered[np.arange(n, dtype=np.int32)[:, None], np.maximum(wid, 0)]
+    u_ngram = rng.random((n, words.most), dtype=np.float32)
+    masked, hist = pick_ngrams(words, cand, budget, order, u_ngram, settings.ngram)
     mr, mc = np.nonzero(masked)  # row-major: positions come out sorted within each example
-    original = ids[mr, mc]
     u = rng.random(len(mr))
     random_ids = vocab.normal_ids[rng.integers(0, len(vocab.normal_ids), size=len(mr))]
-    to_mask, to_random = u < 0.8, u >= 0.9
-    ids[mr, mc] = np.where(to_mask, vocab.mask_id, np.where(to_random, random_ids, original))
-    per_row = np.bincount(mr, minlength=n)
-    slot = np.arange(len(mr)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    original, slot, per_row, to_mask, to_random = replace_masked(ids, mr, mc, u, random_ids, vocab.mask_id)
     assert per_row.max(initial=0) <= P
 
     records["input_ids"] = ids

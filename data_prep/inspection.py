@@ -12,8 +12,8 @@ import numpy as np
 from common.inventory import file_sha256
 
 from .errors import DataPrepError
-from .examples import record_dtype
-from .shards import FIELDS, MANIFEST, Manifest
+from .examples import record_dtype, unmasked_record_dtype
+from .shards import FIELDS, MANIFEST, UNMASKED_FIELDS, Manifest
 from .vocab import Vocab
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,15 @@ class ShardReadError(DataPrepError):
         super().__init__(f"{path}: {where} unreadable ({self.error})")
 
 
+def _fields(f: h5py.File) -> tuple[str, ...]:
+    """The datasets a shard of its kind holds: unmasked (word_starts, from --masking dynamic) or masked."""
+    return UNMASKED_FIELDS if "word_starts" in f or f.attrs.get("masking") == "dynamic" else FIELDS
+
+
 def _missing(f: h5py.File) -> list[str]:
-    """The FIELDS that are not datasets in `f` (absent, or a damaged name now pointing at something else)."""
-    return [name for name in FIELDS if not isinstance(f.get(name), h5py.Dataset)]
+    """The datasets of its kind that are not datasets in `f` (absent, or a damaged name now pointing at something
+    else)."""
+    return [name for name in _fields(f) if not isinstance(f.get(name), h5py.Dataset)]
 
 
 def _windows(path: Path):
@@ -49,14 +55,19 @@ def _windows(path: Path):
         try:
             if missing := _missing(f):
                 raise ShardReadError(path, f"dataset {missing[0]}", "missing, or not a dataset")
+            fields = _fields(f)
             n, length = f["input_ids"].shape
-            predictions = f["masked_lm_positions"].shape[1]
+            dtype = (
+                unmasked_record_dtype(length)
+                if fields == UNMASKED_FIELDS
+                else record_dtype(length, f["masked_lm_positions"].shape[1])
+            )
         except H5_ERRORS as e:
             raise ShardReadError(path, "dataset shapes", e) from None
         for start in range(0, n, WINDOW):
             stop = min(start + WINDOW, n)
-            recs = np.zeros(stop - start, dtype=record_dtype(length, predictions))
-            for name in FIELDS:
+            recs = np.zeros(stop - start, dtype=dtype)
+            for name in fields:
                 try:
                     recs[name] = f[name][start:stop]
                 except H5_ERRORS as e:
@@ -68,10 +79,14 @@ def _windows(path: Path):
 
 
 def render_example(rec: np.void, vocab: Vocab) -> str:
-    """One example as text; a prediction shows as [MASK]{original}, <random piece>{original} or ={original} (kept)."""
+    """One example as text; a prediction shows as [MASK]{original}, <random piece>{original} or ={original} (kept).
+    An unmasked example (dynamic masking) has none: its text is the pair as stored."""
     ids = rec["input_ids"].astype(np.int64)
     length = int(rec["input_mask"].sum())
-    preds = {int(p): int(t) for p, t in zip(rec["masked_lm_positions"], rec["masked_lm_ids"]) if p > 0}
+    unmasked = "word_starts" in (rec.dtype.names or ())
+    preds = (
+        {} if unmasked else {int(p): int(t) for p, t in zip(rec["masked_lm_positions"], rec["masked_lm_ids"]) if p > 0}
+    )
     out = []
     for pos in range(length):
         piece = vocab.pieces[ids[pos]]
@@ -90,9 +105,8 @@ def render_example(rec: np.void, vocab: Vocab) -> str:
         out.append(piece.replace("\u2581", " "))
     text = " ".join("".join(out).split())
     label = int(rec["next_sentence_labels"])
-    return (
-        f"sop_label={label} ({'swapped' if label else 'in order'}) length={length} predictions={len(preds)}\n  {text}"
-    )
+    masks = f"words={int(rec['word_starts'].sum())} (unmasked)" if unmasked else f"predictions={len(preds)}"
+    return f"sop_label={label} ({'swapped' if label else 'in order'}) length={length} {masks}\n  {text}"
 
 
 @dataclass
@@ -104,6 +118,8 @@ class ShardStats:
     predictions: int = 0
     replaced_mask: int = 0
     swapped: int = 0
+    words: int = 0  # unmasked shards (dynamic masking): whole words, the units the loader masks
+    unmasked: bool = False
     span_words: list[int] = field(default_factory=lambda: [0] * 7)  # contiguous masked runs, in words (6 = 6+)
     length_hist: list[int] = field(default_factory=lambda: [0] * 8)
 
@@ -111,18 +127,22 @@ class ShardStats:
         ids, mask = recs["input_ids"].astype(np.int64), recs["input_mask"].astype(bool)
         L = ids.shape[1]
         lengths = mask.sum(1)
-        pos, lm = recs["masked_lm_positions"].astype(np.int64), recs["masked_lm_ids"].astype(np.int64)
-        real = pos > 0
         self.examples += len(recs)
         self.tokens += int(lengths.sum())
         self.positions += ids.size
         self.maskable += int((lengths - 3).sum())
-        self.predictions += int(real.sum())
-        rows = np.nonzero(real)[0]
-        self.replaced_mask += int((ids[rows, pos[real]] == vocab.mask_id).sum())
         self.swapped += int(recs["next_sentence_labels"].sum())
         for b, h in enumerate(np.bincount(np.minimum(lengths * 8 // (L + 1), 7), minlength=8)):
             self.length_hist[b] += int(h)
+        if "word_starts" in (recs.dtype.names or ()):
+            self.unmasked = True
+            self.words += int(recs["word_starts"].astype(np.int64).sum())
+            return
+        pos, lm = recs["masked_lm_positions"].astype(np.int64), recs["masked_lm_ids"].astype(np.int64)
+        real = pos > 0
+        self.predictions += int(real.sum())
+        rows = np.nonzero(real)[0]
+        self.replaced_mask += int((ids[rows, pos[real]] == vocab.mask_id).sum())
         # Masked spans: runs of consecutive masked positions, counted in words (a word starts at "▁").
         starts_word = vocab.is_word_start[lm]
         for r in range(len(recs)):
@@ -141,14 +161,23 @@ class ShardStats:
             f"{k}{'+' if k == 6 else ''}: {100 * v / spans:.1f}%" for k, v in enumerate(self.span_words) if k
         )
         lengths = ", ".join(f"{v}" for v in self.length_hist)
+        common = [
+            f"SOP: {100 * self.swapped / n:.1f}% swapped (label 1), {100 - 100 * self.swapped / n:.1f}% in order",
+            f"length histogram (8 equal bins up to max_seq_length): {lengths}",
+            f"padding fraction: {100 * (1 - self.tokens / max(self.positions, 1)):.1f}%",
+        ]
+        if self.unmasked:
+            return [
+                f"examples: {self.examples} (unmasked: masked by the loader each epoch)",
+                f"whole words: {self.words / n:.1f} per example, {self.maskable / max(self.words, 1):.2f} tokens each",
+                *common,
+            ]
         return [
             f"examples: {self.examples}",
             f"masked fraction: {100 * self.predictions / max(self.maskable, 1):.2f}% of maskable tokens "
             f"({self.predictions / n:.1f} predictions per example; {100 * self.replaced_mask / max(self.predictions, 1):.1f}% shown as [MASK])",
             f"masked spans in words (adjacent n-grams merge): {hist}",
-            f"SOP: {100 * self.swapped / n:.1f}% swapped (label 1), {100 - 100 * self.swapped / n:.1f}% in order",
-            f"length histogram (8 equal bins up to max_seq_length): {lengths}",
-            f"padding fraction: {100 * (1 - self.tokens / max(self.positions, 1)):.1f}%",
+            *common,
         ]
 
 
@@ -201,8 +230,6 @@ def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[st
     ids = recs["input_ids"].astype(np.int64)
     mask = recs["input_mask"].astype(np.int64)
     seg = recs["segment_ids"].astype(np.int64)
-    pos = recs["masked_lm_positions"].astype(np.int64)
-    lm = recs["masked_lm_ids"].astype(np.int64)
     lab = recs["next_sentence_labels"].astype(np.int64)
     n, L = ids.shape
     rows = np.arange(n)
@@ -214,7 +241,6 @@ def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[st
             lst[0] += int(bad.sum())
 
     flag("input_ids out of the vocabulary", (ids >= vocab.vocab_size).any(1))
-    flag("masked_lm_ids out of the vocabulary", (lm >= vocab.vocab_size).any(1))
     flag("input_mask not 0/1 or not ones-then-zeros", (mask > 1).any(1) | (np.diff(mask, axis=1) > 0).any(1))
     flag("sequence shorter than [CLS] a [SEP] b [SEP]", lengths < 5)
     flag("first token is not [CLS]", ids[:, 0] != vocab.cls_id)
@@ -225,6 +251,12 @@ def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[st
     flag("non-zero input_ids on padding", (padding & (ids != 0)).any(1))
     flag("segment_ids not 0/1 or non-zero on padding", (seg > 1).any(1) | (padding & (seg != 0)).any(1))
     flag("next_sentence_labels not 0/1", lab > 1)
+    if "word_starts" in (recs.dtype.names or ()):
+        _check_word_starts(recs["word_starts"].astype(np.int64), ids, lengths, seg, vocab, flag)
+        return
+    pos = recs["masked_lm_positions"].astype(np.int64)
+    lm = recs["masked_lm_ids"].astype(np.int64)
+    flag("masked_lm_ids out of the vocabulary", (lm >= vocab.vocab_size).any(1))
     real = pos > 0
     flag("prediction padding not at the end", (np.diff(real.astype(np.int64), axis=1) > 0).any(1))
     flag("masked positions not strictly increasing", ((np.diff(pos, axis=1) <= 0) & real[:, 1:]).any(1))
@@ -238,6 +270,23 @@ def _check_records(recs: np.ndarray, start: int, vocab: Vocab, problems: dict[st
         (real & ((lm == 0) | (lm == vocab.cls_id) | (lm == vocab.sep_id))).any(1),
     )
     flag("non-zero masked_lm_ids on prediction padding", (~real & (lm != 0)).any(1))
+
+
+def _check_word_starts(
+    words: np.ndarray, ids: np.ndarray, lengths: np.ndarray, seg: np.ndarray, vocab: Vocab, flag
+) -> None:
+    """An unmasked shard's word starts: 0/1, on maskable tokens only, one at the start of each segment, and no masked
+    token in the text (the loader masks it)."""
+    n, L = ids.shape
+    rows = np.arange(n)
+    J = np.arange(L)[None, :]
+    first_sep = (seg == 0).sum(1) - (L - lengths) - 1  # [CLS] A [SEP] is segment 0, and so is the padding
+    maskable = (J >= 1) & (J < lengths[:, None] - 1) & (J != first_sep[:, None])
+    flag("word_starts not 0/1", (words > 1).any(1))
+    flag("word start on [CLS]/[SEP]/padding", ((words > 0) & ~maskable).any(1))
+    second = np.clip(first_sep + 1, 0, L - 1)
+    flag("a segment not starting with a word", (words[:, 1] == 0) | (words[rows, second] == 0))
+    flag("[MASK] in an unmasked example", (ids == vocab.mask_id).any(1))
 
 
 def _checksum(path: Path, expected: str) -> str:
@@ -268,8 +317,15 @@ def _check_shard(path: Path, entry: dict, attrs: dict, vocab: Vocab) -> tuple[li
                 "segment_ids": ((n, L), np.uint8),
                 "masked_lm_positions": ((n, P), np.uint16),
                 "masked_lm_ids": ((n, P), np.uint16),
+                "word_starts": ((n, L), np.uint8),
                 "next_sentence_labels": ((n,), np.uint8),
             }
+            if (fields := _fields(f)) != (UNMASKED_FIELDS if attrs.get("masking") == "dynamic" else FIELDS):
+                return problems + [
+                    f"{path}: a {'un' if fields == UNMASKED_FIELDS else ''}masked shard in a folder "
+                    f"of {'unmasked' if attrs.get('masking') == 'dynamic' else 'masked'} shards"
+                ], 0
+            expect = {key: expect[key] for key in fields}
             for key, (shape, dtype) in expect.items():
                 if f[key].shape != shape or f[key].dtype != dtype:
                     problems.append(

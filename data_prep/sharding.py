@@ -50,9 +50,9 @@ from common.inventory import file_sha256
 
 from . import readers
 from .errors import DataPrepError
-from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype
+from .examples import ExampleSettings, ExampleStats, make_examples, record_dtype, unmasked_record_dtype
 from .mpi import get_world
-from .shards import FORMAT, MANIFEST, MANIFEST_VERSION, SCHEMA_VERSION, Manifest, shard_name, write_shard
+from .shards import MANIFEST, MANIFEST_VERSION, MASKINGS, Manifest, shard_name, shard_schema, write_shard
 from .spill import SpillWriter, read_index, read_runs
 from .stage import WORK, Finished, Source, Span, Stage, StageFolder, input_identity, recorded_inputs
 from .tasks import Task
@@ -73,10 +73,7 @@ VERSIONED = ("albert-pretrain", "h5py", "numpy", "sentencepiece")  # the package
 def estimated_record_bytes(input_bytes: int, settings: ShardSettings) -> int:
     """Bytes of example records (what a reduce holds in memory) that `input_bytes` of text make: each token takes
     one of max_seq_length slots of a record (examples are filled close to max_seq_length), dupe_factor times."""
-    examples = settings.examples
-    per_token = (
-        record_dtype(examples.max_seq_length, examples.max_predictions_per_seq).itemsize / examples.max_seq_length
-    )
+    per_token = settings.record_dtype().itemsize / settings.examples.max_seq_length
     return int(input_bytes * settings.dupe_factor * TOKENS_PER_TEXT_BYTE * per_token)
 
 
@@ -85,7 +82,7 @@ def auto_num_shards(input_bytes: int, settings: ShardSettings) -> int:
     size. Never more shards than the examples the text can make (an upper estimate): a shard of none is a file for
     nothing."""
     examples = settings.examples
-    record = record_dtype(examples.max_seq_length, examples.max_predictions_per_seq).itemsize
+    record = settings.record_dtype().itemsize
     if settings.shard_bytes < record:
         raise DataPrepError(
             f"--shard-mb: shards of {settings.shard_bytes} bytes are smaller than one example record ({record} bytes "
@@ -117,9 +114,13 @@ class ShardSettings:
     docs_per_batch: int = 1024
     piece_bytes: int = 8 << 20  # map tasks: ~1 s of work each on one core, so workers finish together
     sentences_per_batch: int = 8192  # ~2k examples per pass at seq 128: amortises the vectorised masking, bounds memory
+    # static: masked here, dupe_factor masks of each pair; dynamic: each pair unmasked, masked by the loader each epoch
+    masking: str = "static"
 
     def check(self) -> None:
         self.examples.check()
+        if self.masking not in MASKINGS:
+            raise DataPrepError(f"--masking {self.masking}: must be one of {', '.join(MASKINGS)}")
         if self.dupe_factor < 1:
             raise DataPrepError(f"--dupe-factor {self.dupe_factor}: must be at least 1")
         if self.num_shards < 0:
@@ -130,7 +131,17 @@ class ShardSettings:
             raise DataPrepError(f"--shard-mb {self.shard_bytes / (1 << 20):g}: must be positive")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        settings = asdict(self)
+        if self.masking == "static":  # recorded as before dynamic masking existed: earlier folders still --resume
+            del settings["masking"]
+        return settings
+
+    def record_dtype(self) -> np.dtype:
+        """One example as the map tasks make it and the shards store it."""
+        examples = self.examples
+        if self.masking == "dynamic":
+            return unmasked_record_dtype(examples.max_seq_length)
+        return record_dtype(examples.max_seq_length, examples.max_predictions_per_seq)
 
 
 @functools.cache
@@ -227,7 +238,9 @@ def _map_piece(task: tuple[Piece, str, str, ShardSettings]) -> None:
             documents += len(docs)
             sentences += len(flat)
             for _ in range(settings.dupe_factor):
-                records = make_examples(tokens, lengths, doc_sentences, vocab, examples, rng, stats)
+                records = make_examples(
+                    tokens, lengths, doc_sentences, vocab, examples, rng, stats, settings.masking == "dynamic"
+                )
                 spill.add(records, rng.integers(0, settings.num_shards, size=len(records)))
             _release_freed_memory()
         spill.close(
@@ -265,10 +278,7 @@ def _reduce_shard(task: _ReduceTask) -> dict[str, Any]:
     written (an interrupted run) is only described."""
     final = Path(task.output) / shard_name(task.shard)
     if not final.exists():
-        examples = task.settings.examples
-        records = np.empty(
-            int(task.runs[:, 2].sum()), dtype=record_dtype(examples.max_seq_length, examples.max_predictions_per_seq)
-        )
+        records = np.empty(int(task.runs[:, 2].sum()), dtype=task.settings.record_dtype())
         start = 0
         pieces, first = np.unique(task.runs[:, 0], return_index=True)
         bounds = list(first) + [len(task.runs)]
@@ -403,7 +413,7 @@ class _Job:
     def attributes(self) -> dict[str, Any]:
         """The HDF5 files' attributes (each shard adds its index and the count)."""
         examples = self.settings.examples
-        return {
+        attributes = {
             "max_seq_length": examples.max_seq_length,
             "max_predictions_per_seq": examples.max_predictions_per_seq,
             "vocab_size": self.vocab.vocab_size,
@@ -415,6 +425,10 @@ class _Job:
             "ngram": examples.ngram,
             "dupe_factor": self.settings.dupe_factor,
         }
+        if self.settings.masking == "dynamic":  # (static shards keep the bytes they had before dynamic masking)
+            # masked_lm_prob, ngram and max_predictions_per_seq above are the loader's defaults
+            attributes["masking"] = "dynamic"
+        return attributes
 
 
 def _shard(job: _Job, resume: bool, started: float) -> Manifest | None:
@@ -455,7 +469,7 @@ def _shard(job: _Job, resume: bool, started: float) -> Manifest | None:
     totals = _sum_counts(per_piece)
     manifest = _write_manifest(job, recorded_inputs(identity["inputs"], sources), identity, per_shard, totals)
     stage.close()
-    log_summary(totals, manifest.data["num_examples"], time.perf_counter() - started)
+    log_summary(totals, manifest.data["num_examples"], time.perf_counter() - started, settings.masking)
     return manifest
 
 
@@ -527,8 +541,7 @@ def _write_manifest(
         shutil.copyfile(job.spm_model, tmp)
     manifest = Manifest(
         {
-            "format": FORMAT,
-            "schema_version": SCHEMA_VERSION,
+            **dict(zip(("format", "schema_version"), shard_schema(job.settings.masking))),
             "manifest_version": MANIFEST_VERSION,
             "num_examples": sum(s["num_examples"] for s in per_shard),
             "shards": per_shard,
@@ -549,12 +562,17 @@ def _write_manifest(
     return manifest
 
 
-def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> None:
+def log_summary(totals: dict[str, Any], num_examples: int, seconds: float, masking: str = "static") -> None:
     examples = totals.get("examples", {})
     maskable = max(examples.get("maskable_tokens", 0), 1)
+    masked = (
+        "unmasked (masked by the loader)"
+        if masking == "dynamic"
+        else f"masked {100.0 * examples.get('predictions', 0) / maskable:.2f}% of maskable tokens"
+    )
     log.info(
         "%d documents, %d sentences -> %d examples, %d tokens in %.1f s (%.0f examples/s); "
-        "masked %.2f%% of maskable tokens; SOP swapped %.1f%%; skipped %d one-sentence documents, "
+        "%s; SOP swapped %.1f%%; skipped %d one-sentence documents, "
         "dropped %d examples without a prediction",
         totals.get("documents", 0),
         totals.get("sentences", 0),
@@ -562,7 +580,7 @@ def log_summary(totals: dict[str, Any], num_examples: int, seconds: float) -> No
         examples.get("tokens", 0),
         seconds,
         num_examples / max(seconds, 1e-9),
-        100.0 * examples.get("predictions", 0) / maskable,
+        masked,
         100.0 * examples.get("swapped", 0) / max(num_examples, 1),
         examples.get("one_sentence_documents", 0),
         examples.get("dropped_without_predictions", 0),

@@ -9,6 +9,9 @@ The order of an epoch:
 3. the range is read one window (about `window` rows) at a time, and each window is shuffled by
    (seed, epoch, rank, window). Memory holds a few windows, never a whole shard.
 
+Unmasked shards (`albert-data shard --masking dynamic`) are masked there, window by window, each example by (seed,
+epoch, its global id) (pipeline/masking.py), so its mask does not depend on the ranks, the plan or a resume.
+
 A background thread prepares the next window while the training loop consumes the current one (see `prefetch`
 in PretrainingData); with `pin_memory` the batches are in page-locked memory, so the loop's
 `.to(device, non_blocking=True)` copies run asynchronously.
@@ -46,9 +49,10 @@ import h5py
 import numpy as np
 import torch
 
-from data_prep.shards import FIELDS, Manifest
+from data_prep.shards import FIELDS, Manifest, stored_fields
 
 from . import data_skips
+from .masking import Masker, MaskOverrides, MaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,7 @@ class Runs:
 class _Shard:
     path: Path
     rows: int
+    first_id: int = 0  # global id of its row 0: the rows of the shards before it in the manifest
 
 
 def _open_shard(path: Path) -> h5py.File:
@@ -169,19 +174,19 @@ def _open_shard(path: Path) -> h5py.File:
     return h5py.File(path, "r", locking=False)
 
 
-def _check_shard(path: Path, rows: int, seq_len: int) -> str | None:
+def _check_shard(path: Path, rows: int, seq_len: int, fields: tuple[str, ...] = FIELDS) -> str | None:
     """Cheap start-up check (metadata, first and last row): the problem, or None."""
     try:
         with _open_shard(path) as f:
-            for name in FIELDS:
-                if name not in f:
-                    return f"dataset {name} missing"
+            if missing := [name for name in fields if name not in f]:
+                return f"dataset {missing[0]} missing"
+            for name in fields:
                 if f[name].shape[0] != rows:
                     return f"{name} has {f[name].shape[0]} rows, manifest says {rows}"
             if f["input_ids"].shape[1] != seq_len:
                 return f"sequence length {f['input_ids'].shape[1]}, manifest says {seq_len}"
             if rows:
-                for name in FIELDS:
+                for name in fields:
                     f[name][0], f[name][rows - 1]
     except (OSError, KeyError, ValueError) as e:
         return f"unreadable ({e})"
@@ -201,6 +206,7 @@ class PretrainingData:
         prefetch: int = 1,
         skip_bad_shards: bool = False,
         pin_memory: bool = False,
+        masking: MaskOverrides | None = None,
     ):
         self.folder = Path(folder)
         try:
@@ -212,6 +218,13 @@ class PretrainingData:
         self.max_predictions = int(attrs["max_predictions_per_seq"])
         self.vocab_size = int(attrs["vocab_size"])
         self.sentence_task = attrs.get("sentence_task", "sop")
+        # static shards hold masked examples; dynamic ones unmasked pairs, masked here in the read-ahead thread by
+        # (seed, epoch, example id) with the manifest's settings, or those `masking` overrides
+        self.masking = self.manifest.masking
+        self._stored = stored_fields(self.masking)
+        self.masker = self._masker(attrs, masking, seed)
+        if self.masker is not None:
+            self.max_predictions = self.masker.settings.max_predictions
         self.micro, self.accum, self.rank, self.world, self.seed = micro_batch_size, grad_accum, rank, world, seed
         self.window = max(1, window // micro_batch_size) * micro_batch_size  # batches never straddle windows
         # Read-ahead, in windows (0: none, a window is read when its first micro-batch is asked for). A thread
@@ -232,10 +245,16 @@ class PretrainingData:
         # whatever is skipped; an unreadable one (with skip_bad_shards) is skipped from the start (a shard skip).
         self.skips: dict[str, dict] = {}  # id -> skip, every skip this run knows (pipeline/data_skips.py)
         self.skipped_shards: list[str] = []
-        self.shards = [_Shard(self.folder / entry["name"], entry["num_examples"]) for entry in self.manifest.shards]
+        offsets = np.cumsum([0] + [entry["num_examples"] for entry in self.manifest.shards])
+        self.shards = [
+            _Shard(self.folder / entry["name"], entry["num_examples"], int(first_id))
+            for entry, first_id in zip(self.manifest.shards, offsets)
+        ]
         start = asdict(LoaderState())
         for shard in self.shards:
-            problem = _check_shard(shard.path, shard.rows, self.seq_len) if shard.path.exists() else "missing"
+            problem = (
+                _check_shard(shard.path, shard.rows, self.seq_len, self._stored) if shard.path.exists() else "missing"
+            )
             if problem:
                 if not skip_bad_shards:
                     raise DataError(
@@ -267,6 +286,32 @@ class PretrainingData:
         self._stop = threading.Event()
         self.data_wait = 0.0  # seconds the consumer waited for batches (reset by the caller)
         self._settle()
+
+    def _masker(self, attrs: dict, masking: MaskOverrides | None, seed: int) -> Masker | None:
+        """The masking of dynamic shards (None for static ones, which refuse masking settings)."""
+        given = masking.given() if masking is not None else []
+        if self.masking != "dynamic":
+            if given:
+                raise DataError(
+                    f"{self.folder}: holds masked shards (albert-data shard --masking static); {', '.join(given)} "
+                    f"{'apply' if len(given) > 1 else 'applies'} only to unmasked shards (--masking dynamic), which "
+                    "are masked while training"
+                )
+            return None
+        recorded = MaskSettings(
+            float(attrs["masked_lm_prob"]), int(attrs["ngram"]), int(attrs["max_predictions_per_seq"])
+        )
+        settings = masking.over(recorded) if masking is not None else recorded
+        if problem := settings.problem(self.seq_len):
+            raise DataError(f"{self.folder}: {problem}")
+        from data_prep.errors import DataPrepError
+        from data_prep.vocab import Vocab
+
+        try:  # the [MASK] id and the pieces a random replacement draws from
+            vocab = Vocab(self.folder / self.manifest.data["vocab"]["file"])
+        except DataPrepError as e:
+            raise DataError(str(e)) from None
+        return Masker(settings, seed, vocab.mask_id, vocab.normal_ids)
 
     # ------------------------------------------------------------------------------------ position
     def state_dict(self) -> dict:
@@ -452,28 +497,32 @@ class PretrainingData:
         np.cumsum(order[:, 2], out=starts[1:])
         return order, starts
 
+    @property
+    def _read_keys(self) -> tuple[str, ...]:
+        return (*self._stored, "example_id") if self.masker is not None else self._stored
+
     def _read_window(self, files: dict, order: np.ndarray, starts: np.ndarray, runs: Runs) -> dict[str, np.ndarray]:
         """These rows of the epoch's virtual sequence, in order. Runs less than READ_GAP rows apart are read as one
         range and their rows picked from it: after another plan re-cut an epoch, a window's rows are scattered
         (every other row of an old window), and one read per row would cost ~1 ms each."""
         ends = runs.starts + runs.lengths
         breaks = np.flatnonzero(runs.starts[1:] - ends[:-1] >= READ_GAP) + 1
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self._read_keys}
         for first, last in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(runs.starts)]])):
             lo, hi = int(runs.starts[first]), int(ends[last - 1])
             rows = self._read_range(files, order, starts, lo, hi)
             if last - first > 1:
                 pick = np.concatenate([np.arange(a, b) for a, b in zip(runs.starts[first:last], ends[first:last])]) - lo
                 rows = {k: v[pick] for k, v in rows.items()}
-            for k in FIELDS:
+            for k in self._read_keys:
                 parts[k].append(rows[k])
         return {k: np.concatenate(v) for k, v in parts.items()}
 
     def _read_range(
         self, files: dict, order: np.ndarray, starts: np.ndarray, lo: int, hi: int
     ) -> dict[str, np.ndarray]:
-        """Rows [lo, hi) of the epoch's virtual sequence."""
-        parts: dict[str, list[np.ndarray]] = {k: [] for k in FIELDS}
+        """Rows [lo, hi) of the epoch's virtual sequence (with dynamic shards, also their global ids: example_id)."""
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in self._read_keys}
         b = int(np.searchsorted(starts, lo, side="right")) - 1
         while lo < hi:
             shard, first, rows = order[b]
@@ -484,8 +533,10 @@ class PretrainingData:
                 if shard not in files:
                     files[shard] = _open_shard(path)
                 f = files[shard]
-                for k in FIELDS:
+                for k in self._stored:
                     parts[k].append(f[k][first + a : first + a + take])
+                if self.masker is not None:
+                    parts["example_id"].append(self.shards[shard].first_id + first + a + np.arange(take))
             except (OSError, KeyError, ValueError) as e:
                 raise DataError(
                     f"{path}: cannot read rows {first + a}-{first + a + take} ({e}); the shard is corrupt or truncated",
@@ -509,6 +560,8 @@ class PretrainingData:
                     lo = base + w * self.window
                     hi = base + min((w + 1) * self.window, used)
                     rows = self._read_window(files, order, starts, plan_rows.slice(lo, hi))
+                    if self.masker is not None:
+                        rows = self.masker(rows, rows["example_id"], epoch)
                     perm = self._window_perm(epoch, self.rank, w, depth, hi - lo)
                     first = max(mb * self.micro - w * self.window, 0)
                     # micro-batch j of the window is perm[j * micro : (j + 1) * micro]: rows[perm] holds them back to back

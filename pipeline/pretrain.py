@@ -212,6 +212,7 @@ def setup(args: argparse.Namespace) -> Run:
             batch.accum,
             skip_bad_shards=config.skip_bad_shards,
             **window,
+            masking=config.masking,
             **loader,
         )
         check_data_against_model(data, cfg, config.data)
@@ -226,6 +227,15 @@ def setup(args: argparse.Namespace) -> Run:
         log.warning("%d shard(s) skipped as unreadable: %s", len(data.skipped_shards), ", ".join(data.skipped_shards))
     if config.data_skips and not config.data_skips.is_file():
         raise TrainError(f"--data-skips {config.data_skips}: no such file")
+    if data.masker is not None:
+        mask = data.masker.settings
+        log.info(
+            "%s: unmasked shards, masked in the loader each epoch: masked_lm_prob %g, ngram %d, max_predictions %d",
+            config.data,
+            mask.masked_lm_prob,
+            mask.ngram,
+            mask.max_predictions,
+        )
     resume_from = ckpt.resolve_resume(config.resume, config.checkpoints)
     saved = ckpt.check_compatible(resume_from, batch.global_size, cfg.to_dict()) if resume_from else None
     new_data = None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from common.flags import integer, number
 
 from .anomaly import AnomalySettings, OnAnomaly
+from .masking import MaskOverrides
 
 if TYPE_CHECKING:
     import torch
@@ -191,6 +192,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--record-batches",
         action="store_true",
         help="write each rank's examples (CRC32 of input_ids) per step to OUTPUT/batches-rank<r>.jsonl",
+    )
+    masking = p.add_argument_group(
+        "dynamic masking",
+        "shards made with `albert-data shard --masking dynamic` are masked in the loader, afresh each epoch; these "
+        "override the settings their manifest records (refused with statically masked --data)",
+    )
+    masking.add_argument(
+        "--masked-lm-prob",
+        type=number(0.0, 1.0, low_open=True, high_open=True),
+        default=None,
+        help="fraction of each sequence's tokens to predict (default: the manifest's)",
+    )
+    masking.add_argument(
+        "--ngram",
+        type=integer(1, 10),
+        default=None,
+        help="longest n-gram of whole words masked, P(n) ~ 1/n (default: the manifest's)",
+    )
+    masking.add_argument(
+        "--max-predictions-per-seq",
+        type=integer(1, 65535 - 3, "and at most the sequence length - 3"),
+        default=None,
+        help="most predictions per sequence, the MLM head's slots (default: the manifest's)",
     )
     p.add_argument(
         "--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS
@@ -449,6 +473,7 @@ class RunConfig:
     new_data: bool  # a resume may continue on other shards (of the same vocabulary), from their start
     anomaly: AnomalySettings  # what an anomalous step is and what the run does about it (pipeline/anomaly.py)
     data_skips: Path | None  # --data-skips: examples to leave out from the start
+    masking: MaskOverrides  # dynamic masking of --data: what the flags override of the manifest's settings
 
     @property
     def checkpoints(self) -> Path:
@@ -486,6 +511,7 @@ def run_config(args: argparse.Namespace, world: int) -> RunConfig:
         new_data=args.new_data,
         anomaly=anomaly_settings(args),
         data_skips=args.data_skips,
+        masking=MaskOverrides(args.masked_lm_prob, args.ngram, args.max_predictions_per_seq),
     )
 
 
