@@ -219,3 +219,21 @@ def test_a_shard_that_breaks_during_training_is_left_out_on_every_rank_and_on_re
     resumed_from = max(int(p.name[5:]) for p in (one / "checkpoints").glob("step-*"))
     ok(pretrain(one, data, ds_config(0, "fp32", micro=16, accum=4), steps=10, extra=common))
     assert not {c for step, crcs in records(one).items() if step > resumed_from for c in crcs} & shard_crcs
+
+
+def test_skips_of_other_data_are_refused(wiki_shards, tmp_path):
+    other = tmp_path / "other-skips.json"
+    other.write_text(
+        json.dumps({"version": 1, "data": {"folder": "/elsewhere", "shards_sha256": "0" * 64}, "skips": []})
+    )
+    proc = pretrain(tmp_path / "a", wiki_shards, ds_config(0, "fp32"), steps=2, extra=["--data-skips", str(other)])
+    assert proc.returncode == 2 and "records examples of other training data (/elsewhere)" in proc.stderr, proc.stderr
+    assert not (tmp_path / "a" / "checkpoints").exists()
+    proc = pretrain(
+        tmp_path / "b",
+        wiki_shards,
+        ds_config(0, "fp32"),
+        steps=2,
+        extra=["--on-anomaly", "rollback", "--keep-checkpoints", "1"],
+    )
+    assert proc.returncode == 2 and "--on-anomaly rollback needs --keep-checkpoints 2 or more" in proc.stderr
