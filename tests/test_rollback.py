@@ -226,14 +226,14 @@ def test_skips_of_other_data_are_refused(wiki_shards, tmp_path):
     other.write_text(
         json.dumps({"version": 1, "data": {"folder": "/elsewhere", "shards_sha256": "0" * 64}, "skips": []})
     )
-    proc = pretrain(tmp_path / "a", wiki_shards, ds_config(0, "fp32"), steps=2, extra=["--data-skips", str(other)])
+    proc = pretrain(tmp_path / "a", wiki_shards, ds_config(0, "fp32"), steps=4, extra=["--data-skips", str(other)])
     assert proc.returncode == 2 and "records examples of other training data (/elsewhere)" in proc.stderr, proc.stderr
     assert not (tmp_path / "a" / "checkpoints").exists()
     proc = pretrain(
         tmp_path / "b",
         wiki_shards,
         ds_config(0, "fp32"),
-        steps=2,
+        steps=4,
         extra=["--on-anomaly", "rollback", "--keep-checkpoints", "1"],
     )
     assert proc.returncode == 2 and "--on-anomaly rollback needs --keep-checkpoints 2 or more" in proc.stderr
