@@ -64,7 +64,7 @@ bench-all: bench
 	  $(PY) bench/bench_scale.py --mb 8 --xml-mb 4 --wiki-files 2 --no-mpi --no-defaults --work $(BENCH_OUT)/scale; \
 	else echo "bench/bench_scale.py skipped: it needs strace (apt-get install strace)"; fi
 	$(PY) bench/bench_formats.py --mb 5 --repeats 1
-	$(PY) bench/bench_finetune.py --steps 40 --every 20 --folds 2 --epochs 1 --work $(BENCH_OUT)/demo
+	$(PY) bench/bench_learning.py --corpus wikipedia-excerpt --finetune --steps 40 --every 20 --folds 2 --epochs 1 --work $(BENCH_OUT)/demo
 	$(PY) bench/bench_engine.py --configs albert-tiny --precisions bf16 --steps 8 --work $(BENCH_OUT)/demo
 
 clean:
