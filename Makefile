@@ -2,7 +2,7 @@
 #   make demo   # venv + deps, then the main job on the embedded Wikipedia excerpt
 #   make test   # venv + deps, then lint (ruff format --check, ruff check, mypy) and the whole test suite
 #   make test-fast  # the fast tier alone: in-process tests, under 2 minutes
-#   make bench      # five CPU benchmarks at small sizes, a few minutes; `make bench-all`: all ten
+#   make bench      # five CPU benchmarks at small sizes, a few minutes; `make bench-all`: all twelve
 # On CPU machines torch is pinned to the local 2.13.0 wheel; GPU users pass their own:
 #   make demo TORCH_SPEC='torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128'
 SHELL := /bin/bash
@@ -55,8 +55,8 @@ bench: $(STAMP)
 	$(PY) bench/bench_model.py --quick --configs albert-tiny
 	$(PY) bench/bench_fused.py --configs albert-tiny --precisions bf16 --steps 3
 
-# `make bench-all`: those and the other five: the profile notes (fixed sizes), the scaled-down cluster jobs of
-# albert-data (needs strace), JSON lines against Parquet input, the probe's learning curve and albert-pretrain on 2 ranks (both on the demo's data,
+# `make bench-all`: those and the other seven: the profile notes (fixed sizes), the scaled-down cluster jobs of
+# albert-data (needs strace), JSON lines against Parquet input, static against dynamic masking, dedup's cost, the probe's learning curve and albert-pretrain on 2 ranks (both on the demo's data,
 # prepared once); roughly 10 minutes more on 2 cores.
 bench-all: bench
 	$(PY) bench/bench_ops.py
@@ -64,6 +64,8 @@ bench-all: bench
 	  $(PY) bench/bench_scale.py --mb 8 --xml-mb 4 --wiki-files 2 --no-mpi --no-defaults --work $(BENCH_OUT)/scale; \
 	else echo "bench/bench_scale.py skipped: it needs strace (apt-get install strace)"; fi
 	$(PY) bench/bench_formats.py --mb 5 --repeats 1
+	$(PY) bench/bench_masking.py --repeats 1 --mask-seconds 1
+	$(PY) bench/bench_dedup.py --documents 50000 --work $(BENCH_OUT)/dedup
 	$(PY) bench/bench_learning.py --corpus wikipedia-excerpt --finetune --steps 40 --every 20 --folds 2 --epochs 1 --work $(BENCH_OUT)/demo
 	$(PY) bench/bench_engine.py --configs albert-tiny --precisions bf16 --steps 8 --work $(BENCH_OUT)/demo
 
