@@ -5,6 +5,9 @@ under ZeRO-3."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -74,25 +77,72 @@ def test_tf32_switch_is_cuda_only():
         matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
-def test_mpirun_inside_a_slurm_job_is_mpirun_and_srun_with_pmix_is_srun(monkeypatch):
-    """An mpirun in a Slurm job starts its daemons with srun: its ranks inherit the daemons' SLURM_PROCID and
-    SLURM_STEP_NUM_TASKS, which must not be taken for theirs."""
-    import os
+SLURM_TASK = {"SLURM_PROCID": "3", "SLURM_STEP_NUM_TASKS": "16", "SLURM_LOCALID": "3", "SLURM_STEP_ID": "0",
+              "SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "localhost"}  # fmt: skip
+DETECT = (
+    "import json, os; from pipeline.distributed import detect_launch; launch = detect_launch(); "
+    "print(json.dumps([launch.launcher, os.environ.get('RANK'), os.environ.get('WORLD_SIZE')]))"
+)
 
-    from pipeline.distributed import detect_launch
 
-    slurm = {
-        "SLURM_PROCID": "1",
-        "SLURM_STEP_NUM_TASKS": "2",
-        "SLURM_LOCALID": "0",
-        "SLURM_JOB_ID": "7",
-        "SLURM_STEP_NODELIST": "localhost",
-        "PATH": os.environ.get("PATH", ""),
-    }
-    monkeypatch.setattr(os, "environ", {**slurm, "OMPI_COMM_WORLD_SIZE": "8", "OMPI_COMM_WORLD_RANK": "5"})
-    assert detect_launch().launcher == "mpirun" and "RANK" not in os.environ
-    monkeypatch.setattr(os, "environ", {**slurm, "PMIX_RANK": "1"})
-    assert detect_launch().launcher == "srun" and os.environ["RANK"] == "1" and os.environ["WORLD_SIZE"] == "2"
+def launched_as(env: dict[str, str], code: str = DETECT) -> subprocess.CompletedProcess:
+    """`code` in a fresh Python whose environment holds `env` and no launcher variable of this one."""
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI", "OMPI_")) and k not in LAUNCH}
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**keep, **env}, cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+
+LAUNCH = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ({}, ["srun", "3", "16"]),  # srun --mpi=none
+        ({"PMI_RANK": "3", "PMI_SIZE": "16"}, ["srun", "3", "16"]),  # srun --mpi=pmi2
+        ({"PMIX_RANK": "3"}, ["srun", "3", "16"]),  # srun --mpi=pmix
+        # the ranks of an mpirun in a Slurm job inherit its daemons' SLURM_PROCID / SLURM_STEP_NUM_TASKS
+        ({"OMPI_COMM_WORLD_SIZE": "64", "OMPI_COMM_WORLD_RANK": "40", "PMIX_RANK": "40"}, ["mpirun", None, None]),
+        ({"PMI_RANK": "40", "PMI_SIZE": "64"}, ["mpirun", None, None]),  # MPICH's mpirun (Hydra)
+    ],
+)
+def test_srun_tasks_are_recognised_before_the_mpi_variables(extra, expected):
+    result = launched_as({**SLURM_TASK, **extra})
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == expected
+
+
+def test_slurm_step_mismatch_rule():
+    from pipeline.distributed import slurm_step_mismatch
+
+    assert slurm_step_mismatch("srun", 16, SLURM_TASK) is None
+    assert slurm_step_mismatch("torchrun", 32, SLURM_TASK) is None  # torchrun of 2 ranks in each task
+    assert slurm_step_mismatch("single", 1, {}) is None  # no Slurm step
+    assert "a world of 1 rank(s) in a Slurm step of 16 tasks" in (slurm_step_mismatch("mpirun", 1, SLURM_TASK) or "")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("launch", "extra"),
+    [
+        # an MPI rank whose library does not speak the step's plugin: OpenMPI's mpi4py then runs a world of one
+        ("mpirun", {"PMI_RANK": "0", "PMI_SIZE": "1"}),
+        ("torchrun", {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}),
+    ],
+)
+def test_a_world_smaller_than_the_slurm_step_is_refused(launch, extra):
+    """Each of the step's 16 tasks would train alone into one --output: refused on one line, before any training."""
+    init = (
+        "from pipeline.distributed import LaunchError, detect_launch, free_port, init_distributed\n"
+        "import os; os.environ.setdefault('MASTER_PORT', str(free_port()))\n"
+        "try:\n    init_distributed(detect_launch(), 60.0)\nexcept LaunchError as e:\n    print(e)"
+    )
+    result = launched_as({**SLURM_TASK, **extra, "DS_ACCELERATOR": "cpu"}, init)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.splitlines()[-1].startswith(
+        f"{launch} launch: a world of 1 rank(s) in a Slurm step of 16 tasks"
+    )
 
 
 def test_rng_state_carries_a_cuda_field():
