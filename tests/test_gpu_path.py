@@ -276,3 +276,63 @@ def test_gpu_choice_agrees_with_what_deepspeed_does_with_local_rank():
         choose_gpu(0, 1, True, {"OMPI_COMM_WORLD_LOCAL_RANK": "1"})
     with pytest.raises(LaunchError, match=r"would use cuda:0, but DeepSpeed requires LOCAL_RANK to equal OpenMPI's"):
         choose_gpu(1, 1, False, {"OMPI_COMM_WORLD_LOCAL_RANK": "1"})
+
+
+CONSTRUCTION = """
+import json, torch, deepspeed
+from pipeline.distributed import detect_launch, init_distributed
+from pipeline.lamb_deepspeed import SkipsConstructionStep, attach_zero_partitions, build_lamb
+from pipeline.run_config import LambSettings
+
+init_distributed(detect_launch(), 60.0)
+LAMB = {"lr": 0.1, "betas": [0.9, 0.999], "eps": 1e-6, "weight_decay": 0.5, "bias_correction": False}
+SkippingSGD = type("SkippingSGD", (SkipsConstructionStep, torch.optim.SGD), {})
+makers = {
+    "our Lamb": lambda m: build_lamb(m, LambSettings.from_params(LAMB), 0, allow_fused=False).optimizer,
+    "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=1.0, weight_decay=0.5),
+    "SGD with SkipsConstructionStep": lambda m: SkippingSGD(m.parameters(), lr=1.0, weight_decay=0.5),
+}
+ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
+out = {}
+for name, make in makers.items():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8))
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = make(model)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
+    attach_zero_partitions(engine, optimizer)
+    masters = [p for g in engine.optimizer.fp32_groups for p in g]
+    state = [engine.optimizer.optimizer.state[p] for p in masters]
+    out[name] = {
+        "wrapper": type(engine.optimizer).__name__,
+        # the fp32 masters are copies of the bf16 weights: the initial weights rounded to bf16
+        "unchanged": all(torch.equal(m, b.bfloat16().float()) for m, b in zip(masters, before, strict=True)),
+        "steps": sorted({int(s.get("step", 0)) for s in state}),
+    }
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_the_zero_gradient_construction_step_changes_nothing():
+    """bf16 at ZeRO-0: DeepSpeed's FP16_UnfusedOptimizer calls the optimizer's step() with zero gradients inside
+    deepspeed.initialize. A plain optimizer applies it (weight decay here: the control); our Lamb and any optimizer
+    with SkipsConstructionStep (as DeepSpeed's FusedLamb gets it, lamb_deepspeed.fused_lamb_class) leave the weights
+    as they were and count no step."""
+    result = launched_as({"DS_ACCELERATOR": "cpu"}, CONSTRUCTION)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert {v["wrapper"] for v in out.values()} == {"FP16_UnfusedOptimizer"}
+    assert out["SGD"]["unchanged"] is False  # DeepSpeed really steps at construction
+    assert out["our Lamb"] == {"wrapper": "FP16_UnfusedOptimizer", "unchanged": True, "steps": [0]}
+    assert out["SGD with SkipsConstructionStep"]["unchanged"] is True
+
+
+def test_fused_lamb_class_keeps_fusedlambs_name_and_skips_the_construction_step():
+    from deepspeed.ops.lamb import FusedLamb
+
+    from pipeline.lamb_deepspeed import SkipsConstructionStep, fused_lamb_class
+
+    cls = fused_lamb_class()
+    assert cls.__name__ == "FusedLamb" and issubclass(cls, FusedLamb) and issubclass(cls, SkipsConstructionStep)
+    assert cls.__mro__.index(SkipsConstructionStep) < cls.__mro__.index(FusedLamb)  # its step() is asked first
