@@ -369,7 +369,9 @@ def compile_counters(result: Result) -> str | None:
     counters = result.run.info.get("compile", {}).get("counters")
     if counters is None:
         return "counters: not in run-info.json (this albert-pretrain does not record them)"
-    return "counters: " + ", ".join(f"{k} {v}" for k, v in sorted(counters.items()))
+    reasons = counters.get("graph_break_reasons") or {}
+    numbers = ", ".join(f"{k} {v}" for k, v in sorted(counters.items()) if not isinstance(v, dict))
+    return f"counters: {numbers}" + "".join(f"; graph break x{n}: {why[:160]}" for why, n in reasons.items())
 
 
 # --------------------------------------------------------------------------------------------- report

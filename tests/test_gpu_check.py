@@ -160,8 +160,12 @@ def test_zero1_vs_zero2_by_the_stated_rule():
 
 
 def test_compile_counters_are_read_from_run_info():
-    recorded = result_with("z2-bf16-compile", [9.0], compile={"counters": {"graph_break": 2, "unique_graphs": 3}})
-    assert gpu_check.compile_counters(recorded) == "counters: graph_break 2, unique_graphs 3"
+    recorded = result_with(
+        "z2-bf16-compile",
+        [9.0],
+        compile={"counters": {"graph_breaks": 2, "unique_graphs": 3, "graph_break_reasons": {}}},
+    )
+    assert gpu_check.compile_counters(recorded) == "counters: graph_breaks 2, unique_graphs 3"
     assert "not in run-info.json" in (gpu_check.compile_counters(result_with("z2-bf16-compile", [9.0])) or "")
     assert gpu_check.compile_counters(result_with("z2-bf16", [9.0])) is None  # compile off: nothing to report
 

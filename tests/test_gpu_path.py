@@ -336,3 +336,78 @@ def test_fused_lamb_class_keeps_fusedlambs_name_and_skips_the_construction_step(
     cls = fused_lamb_class()
     assert cls.__name__ == "FusedLamb" and issubclass(cls, FusedLamb) and issubclass(cls, SkipsConstructionStep)
     assert cls.__mro__.index(SkipsConstructionStep) < cls.__mro__.index(FusedLamb)  # its step() is asked first
+
+
+def test_host_sync_counter_counts_torchs_sync_warnings_per_step_and_shows_the_others():
+    """On CUDA torch's sync debug mode warns with SYNC_WARNING at every synchronising call; here (no CUDA) the same
+    warnings are raised by hand, to check the counting: per step, nothing between steps, other warnings shown."""
+    import warnings
+
+    from pipeline.metrics import SYNC_WARNING, HostSyncCounter
+
+    with warnings.catch_warnings(record=True) as shown:
+        counter = HostSyncCounter(enabled=True)
+        try:
+            for syncs in (2, 1, 1):
+                counter.begin_step()
+                for _ in range(syncs):
+                    warnings.warn(SYNC_WARNING, UserWarning, stacklevel=1)  # one call site: each is counted
+                counter.end_step()
+                warnings.warn(SYNC_WARNING, UserWarning, stacklevel=1)  # logging between steps: not the step's
+            warnings.warn("something else", UserWarning, stacklevel=1)
+            assert counter.read() == {"host_syncs_per_step": 4 / 3, "host_syncs_max_step": 2}
+            assert counter.read() == {"host_syncs_per_step": None, "host_syncs_max_step": None}  # since the last read
+        finally:
+            counter.close()
+    assert [str(w.message) for w in shown] == ["something else"]
+    off = HostSyncCounter.for_device(torch.device("cpu"))
+    off.begin_step()
+    off.end_step()
+    assert off.read() == {"host_syncs_per_step": None, "host_syncs_max_step": None}
+
+
+COMM_TIME = """
+import json, torch, deepspeed, deepspeed.comm as ds_dist
+from pipeline.distributed import detect_launch, init_distributed
+from pipeline.metrics import comm_time
+
+init_distributed(detect_launch(), 60.0)
+off = comm_time()
+ds_dist.configure(enabled=True, prof_all=True)
+for _ in range(3):
+    ds_dist.all_reduce(torch.ones(1000))
+print(json.dumps([off, comm_time(), comm_time()]))
+"""
+
+
+@pytest.mark.slow
+def test_comm_time_reads_deepspeeds_comms_logger():
+    result = launched_as({"DS_ACCELERATOR": "cpu"}, COMM_TIME)
+    assert result.returncode == 0, result.stderr[-3000:]
+    off, measured, again = json.loads(result.stdout.splitlines()[-1])
+    assert off == {"comm_sec": None, "comm_ops": None}  # the logger is off unless the config switches it on
+    assert measured["comm_ops"] == 3 and measured["comm_sec"] > 0
+    assert again == {"comm_sec": 0.0, "comm_ops": 0}  # read since the last call
+
+
+def test_compile_counters_are_recorded_in_run_info(tmp_path):
+    """A real torch.compile (eager backend: Dynamo only) of a function with a graph break."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from pipeline.metrics import record_compile_counters, write_run_info
+
+    def breaks(x: torch.Tensor) -> torch.Tensor:
+        x = x * 2
+        torch._dynamo.graph_break()
+        return x + 1
+
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.equal(torch.compile(breaks, backend="eager")(torch.ones(3)), torch.full((3,), 3.0))
+    write_run_info(tmp_path, {"compile": {"enabled": True, "off_reason": None}, "layout": {"world_size": 1}})
+    recorded = record_compile_counters(tmp_path)
+    info = json.loads((tmp_path / "run-info.json").read_text())
+    assert info["compile"]["counters"] == recorded and info["layout"] == {"world_size": 1}
+    assert recorded["graph_breaks"] >= 1 and recorded["unique_graphs"] == 2 and recorded["fallbacks"] == 0
+    assert recorded["frames_converted"] >= 1 and len(recorded["graph_break_reasons"]) >= 1
