@@ -292,6 +292,8 @@ makers = {
     "SGD": lambda m: torch.optim.SGD(m.parameters(), lr=1.0, weight_decay=0.5),
     "SGD with SkipsConstructionStep": lambda m: SkippingSGD(m.parameters(), lr=1.0, weight_decay=0.5),
 }
+if torch.cuda.is_available():  # build_lamb's choice at ZeRO-0 on CUDA without bias correction: DeepSpeed's FusedLamb
+    makers["FusedLamb"] = lambda m: build_lamb(m, LambSettings.from_params(LAMB), 0).optimizer
 ds = {"train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "zero_optimization": {"stage": 0}}
 out = {}
 for name, make in makers.items():
@@ -319,7 +321,7 @@ def test_the_zero_gradient_construction_step_changes_nothing():
     deepspeed.initialize. A plain optimizer applies it (weight decay here: the control); our Lamb and any optimizer
     with SkipsConstructionStep (as DeepSpeed's FusedLamb gets it, lamb_deepspeed.fused_lamb_class) leave the weights
     as they were and count no step."""
-    result = launched_as({"DS_ACCELERATOR": "cpu"}, CONSTRUCTION)
+    result = launched_as({"DS_ACCELERATOR": "cpu", "CUDA_VISIBLE_DEVICES": ""}, CONSTRUCTION)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.splitlines()[-1])
     assert {v["wrapper"] for v in out.values()} == {"FP16_UnfusedOptimizer"}
@@ -411,3 +413,34 @@ def test_compile_counters_are_recorded_in_run_info(tmp_path):
     assert info["compile"]["counters"] == recorded and info["layout"] == {"world_size": 1}
     assert recorded["graph_breaks"] >= 1 and recorded["unique_graphs"] == 2 and recorded["fallbacks"] == 0
     assert recorded["frames_converted"] >= 1 and len(recorded["graph_break_reasons"]) >= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fused_lamb_starts_as_our_lamb_under_the_bf16_wrapper_on_cuda():
+    """DeepSpeed's real FusedLamb (JIT-built) under FP16_UnfusedOptimizer: the construction step changes nothing."""
+    result = launched_as({"DS_ACCELERATOR": "cuda"}, CONSTRUCTION)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout.splitlines()[-1])
+    assert out["FusedLamb"] == {"wrapper": "FP16_UnfusedOptimizer", "unchanged": True, "steps": []}  # no state yet
+    assert out["our Lamb"]["unchanged"] is True and out["SGD"]["unchanged"] is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_host_sync_counter_counts_a_real_sync_on_cuda():
+    from pipeline.metrics import HostSyncCounter
+
+    counter = HostSyncCounter.for_device(torch.device("cuda"))
+    try:
+        x = torch.ones(4, device="cuda")
+        counter.begin_step()
+        y = x * 2  # no sync
+        counter.end_step()
+        counter.begin_step()
+        assert y.sum().item() == 8.0  # one sync: the read
+        counter.end_step()
+        assert counter.read() == {"host_syncs_per_step": 0.5, "host_syncs_max_step": 1}
+    finally:
+        counter.close()
+    assert torch.cuda.get_sync_debug_mode() == 0
