@@ -85,8 +85,8 @@ SMOKE: dict[str, Any] = {
     "pretrain_accum": 2,
     "pretrain_warmup": 2,
     "pretrain_vocab": 4000,
-    "pretrain_timeout": 120.0,
-    "budget": 400.0,
+    "pretrain_timeout": 300.0,
+    "budget": 1200.0,  # four runs of albert-pretrain on a CPU that other work may share
 }
 MIN_PROCESS_S = 20.0  # a row is not started with less of the budget left
 
@@ -128,7 +128,7 @@ def preflight(args: argparse.Namespace) -> str | None:
     return None
 
 
-def fused_lamb_unavailable(timeout_s: float) -> str | None:
+def fused_lamb_build_problem(timeout_s: float) -> str | None:
     """None when DeepSpeed's FusedLamb builds and loads here, else why not. Built (JIT) in a child process of its own
     session under a timeout (a stale build lock hangs silently); the build is cached for the runs."""
     code = (
@@ -316,9 +316,13 @@ def run_row(row: Row, work: Path, shards: Path, args: argparse.Namespace, cuda: 
         proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(cuda), stdout=out, stderr=subprocess.STDOUT)
         try:
             code: int | None = proc.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        except subprocess.TimeoutExpired:  # SIGTERM first: albert-pretrain stops cleanly (a kill mid JIT build
+            proc.terminate()  # of a DeepSpeed op leaves its lock file, on which every later build waits)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
             code = None
     result = Result(row, seconds=time.monotonic() - began)
     if code != 0:
@@ -396,9 +400,10 @@ def row_cells(r: Result, interval: int) -> list[str]:
     memory = device_peak if device_peak is not None else last.get("peak_rss_bytes")
     scale = f"{last['loss_scale']:g} / {last['skipped_steps']}" if info["layout"]["precision"] == "fp16" else ""
     syncs = run.mean("host_syncs_per_step")
+    kernels = f" ({info['attention']['sdpa_kernels']})" if info["attention"].get("sdpa_kernels") else ""
     return head + [
         f"{info['optimizer']['kind']} ({info['optimizer']['deepspeed_wrapper']})",
-        f"{info['attention']['implementation']}; compile {'on' if info['compile']['enabled'] else 'off'}",
+        f"{info['attention']['implementation']}{kernels}; compile {'on' if info['compile']['enabled'] else 'off'}",
         fmt(run.mean("samples_per_sec"), ",.1f"),
         fmt(run.mean("tflops_per_sec"), ".3g"),
         fmt(run.mean("mfu"), ".1%"),
@@ -550,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     cuda = args.device != "cpu" and torch.cuda.is_available()
     keys = args.pretrain_rows or list(ALL_ROWS if cuda else SMOKE_ROWS)
     rows = [make_row(k) for k in keys]
-    fused_reason = fused_lamb_unavailable(min(args.fused_lamb_build_timeout, args.budget / 2)) if cuda else "no CUDA"
+    fused_reason = fused_lamb_build_problem(min(args.fused_lamb_build_timeout, args.budget / 2)) if cuda else "no CUDA"
     work_ctx = tempfile.TemporaryDirectory(prefix="gpu-check-") if args.pretrain_work is None else None
     work = Path(work_ctx.name) if work_ctx else args.pretrain_work
     try:

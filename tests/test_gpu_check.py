@@ -44,7 +44,7 @@ def markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
 def test_smoke_run_reports_what_each_run_wrote(wiki_shards, tmp_path):
     work = tmp_path / "work"
     smoke = run_check(
-        "--device", "cpu", "--smoke", "--pretrain-data", str(wiki_shards), "--pretrain-work", str(work), timeout=900
+        "--device", "cpu", "--smoke", "--pretrain-data", str(wiki_shards), "--pretrain-work", str(work), timeout=1500
     )
     assert smoke.returncode == 0, smoke.stderr[-3000:]
     out = smoke.stdout
