@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -70,7 +71,9 @@ def test_smoke_run_reports_what_each_run_wrote(wiki_shards, tmp_path):
     assert wrappers["z0-bf16"] == "our Lamb (FP16_UnfusedOptimizer)"
     assert wrappers["z2-bf16"] == "our Lamb (DeepSpeedZeroOptimizer)"
     assert {r[0]: r[2] for r in rows}["parity-eager"] == "explicit; compile off"
-    assert "- parity-fused: loss vs eager: step 1 0.0e+00" in out  # same weights and data: the first loss agrees
+    # same weights and data: SDPA against the explicit form in fp32 differs by rounding only
+    first, worst = re.search(r"- parity-fused: loss vs eager: step 1 (\S+), max (\S+) over 4 steps", out).groups()
+    assert float(first) <= float(worst) < 1e-5
     assert "- device: " in out and "deepspeed 0.19" in out and "- DeepSpeed FusedLamb: no CUDA" in out
     # DeepSpeed's logs go to each run's log file: stdout holds the report only
     assert not any(line.startswith("[20") for line in out.splitlines())
