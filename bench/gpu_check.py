@@ -1,317 +1,541 @@
-"""GPU readiness check for one GPU: Markdown tables for docs/performance.md, in under 8 minutes.
+"""GPU check: the real `albert-pretrain`, one process per row, read back from what each run writes.
 
-Sections (each prints its table as soon as it is done; each is skipped, with the reason printed,
-when the time budget is nearly spent):
-  1. training-step time (forward + backward + optimizer step) of the shipped configs at each
-     batch x seq, in fp16 (autocast + dynamic loss scaling with torch.amp.GradScaler) and bf16
-     (autocast), with DeepSpeed's FusedLamb and with our Lamb, both as pipeline.lamb_deepspeed.build_lamb
-     builds them; ms/step (median of the timed steps), tokens/s, MFU against the GPU's nominal dense
-     fp16/bf16 peak and against a matmul peak measured in the same run; which SDPA kernel ran
-     (from the profiler) and whether flash attention accepts the model's padding mask;
-  2. LAMB parity in fp32: FusedLamb vs our Lamb on two copies of one model, same batches, N steps:
-     max |difference| of the parameters, the difference relative to how far training moved them,
-     loss curves side by side, PASS/FAIL against --parity-tol;
-  3. fp16 dynamic loss scaling over 200 steps of a real deepspeed.initialize engine (ZeRO-2, our
-     Lamb): loss-scale trajectory, overflow-skipped steps, the loss going down (FAIL on NaN);
-  4. peak GPU memory of deepspeed.initialize engines at ZeRO stages 0-3 (bf16), built as
-     albert-pretrain builds them (pipeline.engine.build_engine);
-  5. the real `albert-pretrain` command per ZeRO stage and precision (bench/gpu_check_pretrain.py): ZeRO-1/2/3 in
-     bf16 and fp16 and ZeRO-0 with FusedLamb, on shards made first with albert-data; samples/s, MFU, host syncs
-     per optimizer step (bench/pretrain_instrument.py), peak memory, exact resume from an intermediate checkpoint in a
-     second process, and `albert-export` loading in transformers. Its shards are made in the background from
-     the start; the earlier sections keep the time it needs.
+Every row runs `python -m pipeline.pretrain` (under torchrun with --ranks N > 1) on shards made first with
+`albert-data`, then reads the run's OUTPUT/metrics.jsonl (throughput, MFU, phase times, peak memory, losses) and
+OUTPUT/run-info.json (optimizer and DeepSpeed wrapper, attention kernel, compile, device, peak, versions). Nothing is
+measured from outside the run: MFU is the run's own (pipeline.flops: model FLOPs against the device's peak).
 
-On CPU (--device cpu --smoke) the same code paths run on albert-tiny: fp32 and bf16 only, FusedLamb
-replaced in the parity check by a torch restatement of its CUDA kernel (FusedLambReference), fp16
-skipped (section 5: two rows, ZeRO-0 bf16 and ZeRO-3 fp16 through albert-pretrain's --allow-fp16-on-cpu,
-gloo, no sync counting), memory as the process's RSS growth. Exit code 0: every check passed (skips are
-not failures); 1: a check failed or a section raised (a failing section-5 row is named); 2: bad flags.
+Rows (on CUDA; --pretrain-rows picks):
+- parity (ZeRO-0, fp32, TF32 off, losses at every step): `parity-eager` (explicit attention, compile off, our LAMB)
+  against `parity-fused` (SDPA, DeepSpeed's FusedLamb) and `parity-compiled` (the same, torch.compile on; it also
+  reports torch._dynamo's graph-break and fallback counters when the run records them in run-info.json). A row
+  fails when its loss at some step differs from eager's by more than --parity-tol (relative);
+- engine layouts: z0-bf16 (FusedLamb under DeepSpeed's FP16_UnfusedOptimizer), z1/z2/z3 in bf16 and fp16, and
+  z2-bf16-compile: samples/s, TFLOP/s and MFU of the intervals after the first (start-up and compile left out),
+  phase times per step, peak device memory, loss scale and skipped steps. A row fails when the process fails, a loss
+  is not finite, or a ZeRO-0 row did not get FusedLamb where it builds;
+- after the table: which of ZeRO-1 and ZeRO-2 the shipped bf16 default should be (ZEROS_RULE).
 
-Modules: this file parses the flags, keeps the budget and prints the report's head; each section lives in its own
-module: gpu_check_steps.py (1), gpu_check_parity.py (2), gpu_check_engines.py (3, 4), gpu_check_pretrain.py (5);
-what they share is in gpu_check_common.py, the step timer, peaks, batches and FLOP count in harness.py.
+Where DeepSpeed's FusedLamb does not build within --fused-lamb-build-timeout, the rows that need it are skipped with
+the reason (not failed). Without CUDA the check stops with one line; `--device cpu --smoke` is the CPU smoke mode
+(albert-tiny, few steps; tests/test_gpu_check.py). Exit code 0: no row failed (skips are not failures); 1: a row
+failed; 2: the check could not start (missing modules, no CUDA, bad flags).
 
-Example:
-    bash bench/gpu_check.sh | tee gpu-check.md           # one GPU; estimated 5-7 minutes, never over --budget
-    bash bench/gpu_check.sh --configs albert-base --budget 240
-    python bench/gpu_check.py --device cpu --smoke       # the CPU smoke run (about 1.5 minutes on 2 cores)
+    bash bench/gpu_check.sh | tee gpu-check.md                      # one GPU, under 8 minutes
+    python bench/gpu_check.py --device cpu --smoke --pretrain-data DIR  # the CPU smoke run
 """
 
 from __future__ import annotations
 
 import time
 
-STARTED = time.monotonic()  # the budget counts from here, imports included
+STARTED = time.monotonic()  # the budget counts from here
 
 import argparse
-import datetime
-import importlib.metadata
+import importlib.util
+import json
 import logging
+import math
 import os
-import platform
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import gpu_check_pretrain
-import torch
-from gpu_check_common import Budget, Report, free_memory, resolve_peaks
-from gpu_check_engines import fp16_section, zero_memory_section
-from gpu_check_parity import parity_section
-from gpu_check_steps import step_time_section
-from harness import DTYPES
-
-from pipeline.distributed import shutdown_distributed
-
+REPO = Path(__file__).resolve().parents[1]
+DS_CONFIGS = REPO / "ds_configs"
 log = logging.getLogger("gpu_check")
 
+# What DeepSpeed's import needs beyond torch, and what albert-pretrain needs (all found before anything runs).
+DEEPSPEED_MODULES = ("deepspeed", "packaging", "einops", "msgpack", "tqdm", "psutil", "numpy")
+RUN_MODULES = ("torch", "tensorboard", "h5py", "safetensors")
+SHARD_MODULES = ("sentencepiece", "blingfire", "mwparserfromhell")  # albert-data, when the shards are made here
 
-def parse_shapes(text: str) -> list[tuple[int, int]]:
-    """ "64x128,16x512" -> [(64, 128), (16, 512)] (batch x seq)."""
-    shapes = []
-    for part in text.split(","):
-        batch, _, seq = part.strip().partition("x")
-        if not (batch.isdigit() and seq.isdigit()) or int(batch) < 1 or int(seq) < 8:
-            raise argparse.ArgumentTypeError(f"{part!r}: expected BATCHxSEQ such as 64x128 (seq >= 8)")
-        shapes.append((int(batch), int(seq)))
-    return shapes
+ENGINE_ROWS = ("z0-bf16", "z1-bf16", "z2-bf16", "z3-bf16", "z1-fp16", "z2-fp16", "z3-fp16", "z2-bf16-compile")
+PARITY_ROWS = ("parity-eager", "parity-fused", "parity-compiled")
+ALL_ROWS = PARITY_ROWS + ENGINE_ROWS
+SMOKE_ROWS = ("parity-eager", "parity-fused", "z0-bf16", "z2-bf16")
+ZEROS_RULE = (
+    "ZeRO-1 only if its samples/s beat ZeRO-2's by more than 5%: ZeRO-2 also partitions the gradients, which saves "
+    "memory per rank at any world size above 1 (a one-GPU run cannot show that), so it wins ties"
+)
+
+DEFAULTS: dict[str, Any] = {
+    "pretrain_config": "albert-base",
+    "pretrain_steps": 30,
+    "pretrain_log_interval": 10,
+    "pretrain_parity_steps": 20,
+    "pretrain_micro": 64,
+    "pretrain_accum": 2,
+    "pretrain_warmup": 10,
+    "pretrain_vocab": 8000,
+    "pretrain_timeout": 180.0,
+}
+SMOKE: dict[str, Any] = {
+    "pretrain_config": "albert-tiny",
+    "pretrain_steps": 6,
+    "pretrain_log_interval": 2,
+    "pretrain_parity_steps": 4,
+    "pretrain_micro": 4,
+    "pretrain_accum": 2,
+    "pretrain_warmup": 2,
+    "pretrain_vocab": 4000,
+    "pretrain_timeout": 300.0,
+    "budget": 1200.0,  # four runs of albert-pretrain on a CPU that other work may share
+}
+MIN_PROCESS_S = 20.0  # a row is not started with less of the budget left
 
 
-# --------------------------------------------------------------------------------------------- environment and FusedLamb
+# --------------------------------------------------------------------------------------------- preflight
 
 
-def environment_lines(device: torch.device, args: argparse.Namespace) -> list[str]:
-    versions = {name: _version(name) for name in ("torch", "deepspeed")}
-    lines = [f"- date: {datetime.datetime.now(datetime.UTC).strftime('%Y-%m-%d %H:%M UTC')}"]
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        lines.append(
-            f"- GPU: {p.name} (sm_{p.major}{p.minor}, {p.total_memory / 2**30:.0f} GiB, {p.multi_processor_count} SMs)"
-            f"{_driver()}"
+def missing_modules(names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that this Python cannot import (found without importing them)."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def preflight(args: argparse.Namespace) -> str | None:
+    """Why the check cannot start here (one line), or None."""
+    missing = missing_modules(
+        (*RUN_MODULES, *DEEPSPEED_MODULES, *(SHARD_MODULES if args.pretrain_data is None else ()))
+    )
+    if missing:
+        return (
+            f"gpu_check: this Python lacks {', '.join(missing)} (DeepSpeed needs {', '.join(DEEPSPEED_MODULES[1:])}; "
+            f"albert-pretrain {', '.join(RUN_MODULES[1:])}; making shards {', '.join(SHARD_MODULES)}): carry their "
+            "wheels (bench/gpu_wheels.sh)"
         )
-    else:
-        lines.append(f"- device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    cuda = f", CUDA {torch.version.cuda}" if torch.version.cuda else ", no CUDA build"
-    cudnn = (
-        f", cuDNN {torch.backends.cudnn.version()}"
-        if device.type == "cuda" and torch.backends.cudnn.is_available()
-        else ""
-    )
-    lines.append(
-        f"- torch {versions['torch']}{cuda}{cudnn}; deepspeed {versions['deepspeed']}; "
-        f"Python {platform.python_version()}"
-    )
-    lines.append(
-        f"- time budget {args.budget:.0f} s{'; smoke settings' if args.smoke else ''}; "
-        f"torch.compile {args.compile}; attention {args.attention}"
-    )
-    return lines
+    import torch
 
-
-def _version(dist_name: str) -> str:
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _driver() -> str:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-            check=True,
+    if args.device == "cpu" and not args.smoke:
+        return "gpu_check: --device cpu is the smoke mode only: add --smoke (the CPU is not what this check measures)"
+    if args.device != "cpu" and not torch.cuda.is_available():
+        cuda = (
+            f"torch {torch.__version__} built for CUDA {torch.version.cuda}"
+            if torch.version.cuda
+            else "a CPU-only torch"
         )
-        return f", driver {out.stdout.split()[0]}"
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return ""
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES", "unset")
+        return (
+            f"gpu_check: no CUDA device visible ({cuda}, CUDA_VISIBLE_DEVICES={visible}); nothing measured "
+            "(--device cpu --smoke runs the CPU smoke mode)"
+        )
+    return None
 
 
-def try_fused_lamb(device: torch.device, timeout_s: float) -> str | None:
-    """None when DeepSpeed's FusedLamb loads here, else why not. Built (JIT) in a child process with a
-    timeout, since a stale build lock hangs silently; the build is cached, so loading it later is quick."""
-    if device.type != "cuda":
-        return "skipped: needs CUDA"
-    if timeout_s < 10:
-        return f"not tried: budget ({timeout_s:.0f} s left for building it)"
+def fused_lamb_build_problem(timeout_s: float) -> str | None:
+    """None when DeepSpeed's FusedLamb builds and loads here, else why not. Built (JIT) in a child process of its own
+    session under a timeout (a stale build lock hangs silently); the build is cached for the runs."""
     code = (
         "from deepspeed.ops.op_builder import FusedLambBuilder as B; b = B(); "
-        "assert b.is_compatible(verbose=False), 'FusedLambBuilder: not compatible with this machine'; b.load(verbose=False)"
+        "assert b.is_compatible(verbose=False), 'not compatible with this machine'; b.load(verbose=False)"
     )
-    t = time.monotonic()
-    # its own session: on a timeout the compiler processes it started (ninja, nvcc) are killed with it
+    env = {**os.environ, "DS_ACCELERATOR": "cuda"}
     proc = subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "DS_ACCELERATOR": "cuda"},
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         start_new_session=True,
-    )
+    )  # fmt: skip
     try:
-        output, _ = proc.communicate(timeout=timeout_s)
+        output, _ = proc.communicate(timeout=max(timeout_s, 1.0))
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-        return (
-            f"not available: building it took over {timeout_s:.0f} s (a stale 'lock' file under "
-            "~/.cache/torch_extensions/*/fused_lamb makes builds hang)"
-        )
+        return f"its build took over {timeout_s:.0f} s (a stale lock under ~/.cache/torch_extensions/*/fused_lamb hangs it)"
     if proc.returncode != 0:
-        output = output or ""
-        log.warning("FusedLamb build/load failed; the end of its output:\n%s", output[-4000:])
-        tail = [line for line in output.splitlines() if line.strip()][-1:] or ["no output"]
-        return f"not available: build/load failed ({tail[0][:200]}; more in the log)"
-    log.info("FusedLamb builds and loads (%.0f s in a child process)", time.monotonic() - t)
+        log.warning("FusedLamb build/load failed; the end of its output:\n%s", (output or "")[-3000:])
+        tail = [line for line in (output or "").splitlines() if line.strip()][-1:] or ["no output"]
+        return f"its build failed ({tail[0][:200]})"
     return None
+
+
+# --------------------------------------------------------------------------------------------- rows
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    stage: int
+    precision: str  # bf16 | fp16 | fp32
+    attention: str = "auto"
+    compile: str = "off"
+    fused_lamb: bool = True  # allowed (albert-pretrain picks it at ZeRO-0 on CUDA)
+    parity: bool = False  # losses at every step, compared with parity-eager
+
+    @property
+    def needs_fused_lamb(self) -> bool:
+        return self.fused_lamb and self.stage == 0
+
+
+def make_row(key: str) -> Row:
+    if key == "parity-eager":
+        return Row(key, 0, "fp32", attention="math", fused_lamb=False, parity=True)
+    if key in ("parity-fused", "parity-compiled"):
+        return Row(key, 0, "fp32", attention="sdpa", compile="on" if key.endswith("compiled") else "off", parity=True)
+    stage, precision, *rest = key.split("-")
+    return Row(key, int(stage[1]), precision, compile="on" if rest else "off")
+
+
+def parse_rows(text: str) -> list[str]:
+    keys = list(ALL_ROWS) if text.strip() == "all" else [k.strip() for k in text.split(",") if k.strip()]
+    wrong = [k for k in keys if k not in ALL_ROWS]
+    if wrong or not keys or len(set(keys)) != len(keys):
+        raise argparse.ArgumentTypeError(f"{text!r}: name each row once, from {', '.join(ALL_ROWS)} (or all)")
+    return keys
+
+
+def derive_ds_config(row: Row, micro: int, accum: int, ranks: int, steps: int, warmup: int) -> dict[str, Any]:
+    """The shipped GPU config of the row's stage and precision (ZeRO-0: the ZeRO-1 one; fp32: the bf16 one) with the
+    row's batch, a short warmup and the run's length."""
+    precision = "bf16" if row.precision == "fp32" else row.precision
+    ds = json.loads((DS_CONFIGS / f"gpu-zero{max(row.stage, 1)}-{precision}-lamb-4096.json").read_text())
+    ds["zero_optimization"] = {**ds.get("zero_optimization", {}), "stage": row.stage}
+    if row.stage == 0:
+        ds["zero_optimization"] = {"stage": 0}
+        ds.pop("data_types", None)  # DeepSpeed refuses fp32 gradient accumulation of bf16 weights without ZeRO
+    if row.precision == "fp32":
+        ds.pop("bf16", None)
+        ds.pop("data_types", None)
+    ds.pop("gradient_accumulation_steps", None)
+    ds["train_micro_batch_size_per_gpu"], ds["train_batch_size"] = micro, micro * accum * ranks
+    sched = ds.get("scheduler", {}).get("params")
+    if sched is not None:
+        sched["warmup_num_steps"], sched["total_num_steps"] = warmup, steps
+    return ds
+
+
+def pretrain_args(row: Row, folder: Path, shards: Path, args: argparse.Namespace, cuda: bool) -> list[str]:
+    steps = args.pretrain_parity_steps if row.parity else args.pretrain_steps
+    cmd = ["--deepspeed_config", str(folder / "ds_config.json"), "--model-config", str(folder.parent / "model.json")]
+    cmd += ["--data", str(shards), "--output", str(folder / "run"), "--max-steps", str(steps), "--resume", "never"]
+    cmd += ["--log-interval", str(1 if row.parity else args.pretrain_log_interval), "--save-interval", str(steps)]
+    cmd += ["--eval-interval", "0", "--attention", row.attention, "--compile", row.compile]
+    if not row.fused_lamb:
+        cmd.append("--no-fused-lamb")
+    if row.precision == "fp32":
+        cmd.append("--no-tf32")  # fp32 means fp32 in the parity rows
+    if row.precision == "fp16" and not cuda:
+        cmd.append("--allow-fp16-on-cpu")
+    if args.peak_tflops:
+        cmd += ["--peak-tflops", str(args.peak_tflops)]
+    return cmd
+
+
+def child_env(cuda: bool) -> dict[str, str]:
+    """A launch of its own: no launcher variables of ours (RANK, SLURM_*, ...) leak into the run."""
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "DS_LAUNCHER")
+    prefixes = ("SLURM_", "OMPI_", "PMIX_", "PMI_", "TORCHELASTIC_")
+    env = {k: v for k, v in os.environ.items() if k not in launcher and not k.startswith(prefixes)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    if not cuda:
+        env.update(DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+# --------------------------------------------------------------------------------------------- what a run wrote
+
+
+class RunUnreadable(Exception):
+    """A run's metrics.jsonl or run-info.json is missing or not what albert-pretrain writes."""
+
+
+@dataclass
+class RunRead:
+    """A finished run as it recorded itself: its training lines of metrics.jsonl and its run-info.json."""
+
+    records: list[dict[str, Any]]
+    info: dict[str, Any]
+
+    @classmethod
+    def of(cls, output: Path) -> RunRead:
+        try:
+            lines = (output / "metrics.jsonl").read_text().splitlines()
+            records = [r for r in map(json.loads, filter(str.strip, lines)) if r.get("split", "train") == "train"]
+            info = json.loads((output / "run-info.json").read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise RunUnreadable(f"{output}: {type(e).__name__}: {e}") from None
+        if not records:
+            raise RunUnreadable(f"{output / 'metrics.jsonl'}: no training line")
+        return cls(records, info)
+
+    @property
+    def clean(self) -> list[dict[str, Any]]:
+        """The logging intervals after the first (which holds start-up, the first steps and compiling)."""
+        return self.records[1:] or self.records
+
+    def mean(self, key: str) -> float | None:
+        values = [r[key] for r in self.clean if r.get(key) is not None]
+        return statistics.fmean(values) if values else None
+
+    def per_step_ms(self, key: str, interval: int) -> float | None:
+        value = self.mean(key)
+        return None if value is None else 1000 * value / interval
+
+    def losses(self) -> dict[int, float | None]:
+        return {r["step"]: r["loss"] for r in self.records}
+
+    def finite(self) -> bool:
+        return all(r["loss"] is not None and math.isfinite(r["loss"]) for r in self.records)
+
+
+@dataclass
+class Result:
+    row: Row
+    run: RunRead | None = None
+    seconds: float = 0.0
+    failure: str | None = None
+    skip: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def status(self) -> str:
+        return f"SKIP: {self.skip}" if self.skip else f"FAIL: {self.failure}" if self.failure else "PASS"
+
+
+def run_row(row: Row, work: Path, shards: Path, args: argparse.Namespace, cuda: bool, timeout_s: float) -> Result:
+    from pipeline.distributed import torchrun_pretrain
+
+    folder = work / row.key
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    steps = args.pretrain_parity_steps if row.parity else args.pretrain_steps
+    ds = derive_ds_config(row, args.pretrain_micro, args.pretrain_accum, args.ranks, steps, args.pretrain_warmup)
+    (folder / "ds_config.json").write_text(json.dumps(ds, indent=1))
+    argv = pretrain_args(row, folder, shards, args, cuda)
+    cmd = torchrun_pretrain(args.ranks, argv) if args.ranks > 1 else [sys.executable, "-m", "pipeline.pretrain", *argv]
+    logfile = folder / "pretrain.log"
+    log.info("%s: albert-pretrain (log %s)", row.key, logfile)
+    began = time.monotonic()
+    with open(logfile, "w") as out:
+        # in our process group: gpu_check.sh's timeout signals the run too (which then saves and stops)
+        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env(cuda), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            code: int | None = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:  # SIGTERM first: albert-pretrain stops cleanly (a kill mid JIT build
+            proc.terminate()  # of a DeepSpeed op leaves its lock file, on which every later build waits)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            code = None
+    result = Result(row, seconds=time.monotonic() - began)
+    if code != 0:
+        lines = [line for line in logfile.read_text(errors="replace").splitlines() if line.strip()]
+        errors = [line for line in lines if " ERROR " in line or "Error" in line] or lines or ["no output"]
+        why = f"timed out after {timeout_s:.0f} s" if code is None else f"exit {code}"
+        result.failure = f"{why}: {errors[-1][:240]} (log {logfile})"
+        return result
+    try:
+        result.run = RunRead.of(folder / "run")
+    except RunUnreadable as e:
+        result.failure = str(e)
+        return result
+    judge(result, cuda)
+    return result
+
+
+def judge(result: Result, cuda: bool) -> None:
+    """A finished run's own failures: a loss that is not finite, or no FusedLamb where it was due."""
+    assert result.run is not None
+    if not result.run.finite():
+        result.failure = "a logged loss is not finite"
+    kind = result.run.info["optimizer"]["kind"]
+    if cuda and result.row.needs_fused_lamb and kind != "FusedLamb":
+        result.failure = f"the run chose {kind}, not FusedLamb ({result.run.info['optimizer']['description']})"
+
+
+def compare_parity(eager: Result, other: Result, tol: float) -> None:
+    """`other` fails when its loss at some step differs from eager's by more than `tol` (relative)."""
+    if eager.run is None or other.run is None or other.failure:
+        return
+    base, losses = eager.run.losses(), other.run.losses()
+    steps = sorted(set(base) & set(losses))
+    diffs = [abs(losses[s] - base[s]) / max(abs(base[s]), 1e-12) for s in steps if None not in (base[s], losses[s])]
+    if not diffs:
+        other.failure = "no step to compare with parity-eager"
+        return
+    worst = max(diffs)
+    other.notes.append(f"loss vs eager: step 1 {diffs[0]:.1e}, max {worst:.1e} over {len(diffs)} steps (tol {tol:g})")
+    if worst > tol:
+        other.failure = f"loss differs from parity-eager by {worst:.2e} (relative) > --parity-tol {tol:g}"
+
+
+def compile_counters(result: Result) -> str | None:
+    """torch._dynamo's counters as the run recorded them in run-info.json (pipeline.fused.compile_counters)."""
+    if result.run is None or result.row.compile != "on":
+        return None
+    counters = result.run.info.get("compile", {}).get("counters")
+    if counters is None:
+        return "counters: not in run-info.json (this albert-pretrain does not record them)"
+    reasons = counters.get("graph_break_reasons") or {}
+    numbers = ", ".join(f"{k} {v}" for k, v in sorted(counters.items()) if not isinstance(v, dict))
+    return f"counters: {numbers}" + "".join(f"; graph break x{n}: {why[:160]}" for why, n in reasons.items())
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in rows])
+
+
+def fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
+def row_cells(r: Result, interval: int) -> list[str]:
+    head = [r.row.key]
+    if r.run is None:
+        return head + [""] * 12 + [r.status]
+    run, info = r.run, r.run.info
+    last = run.records[-1]
+    device_peak = last.get("peak_device_memory_bytes")
+    memory = device_peak if device_peak is not None else last.get("peak_rss_bytes")
+    scale = f"{last['loss_scale']:g} / {last['skipped_steps']}" if info["layout"]["precision"] == "fp16" else ""
+    syncs = run.mean("host_syncs_per_step")
+    kernels = f" ({info['attention']['sdpa_kernels']})" if info["attention"].get("sdpa_kernels") else ""
+    return head + [
+        f"{info['optimizer']['kind']} ({info['optimizer']['deepspeed_wrapper']})",
+        f"{info['attention']['implementation']}{kernels}; compile {'on' if info['compile']['enabled'] else 'off'}",
+        fmt(run.mean("samples_per_sec"), ",.1f"),
+        fmt(run.mean("tflops_per_sec"), ".3g"),
+        fmt(run.mean("mfu"), ".1%"),
+        fmt(run.per_step_ms("forward_backward_sec", interval), ".1f"),
+        fmt(run.per_step_ms("optimizer_sec", interval), ".1f"),
+        fmt(run.per_step_ms("data_wait_sec", interval), ".1f"),
+        fmt(syncs, ".1f") if syncs is not None else "not recorded",
+        fmt(memory / 2**20 if memory is not None else None, ",.0f"),
+        f"{run.records[0]['loss']:.4f} -> {last['loss']:.4f}" if run.finite() else "not finite",
+        scale,
+        r.status,
+    ]
+
+
+HEADERS = [
+    "row",
+    "optimizer (DeepSpeed wrapper)",
+    "attention; compile",
+    "samples/s",
+    "TFLOP/s per rank",
+    "MFU",
+    "fwd+bwd ms/step",
+    "optimizer ms/step",
+    "data wait ms/step",
+    "host syncs/step",
+    "peak memory (MiB)",
+    "loss first -> last",
+    "loss scale / skipped (fp16)",
+    "result",
+]
+
+
+def zero_default(results: dict[str, Result]) -> str:
+    """Which of ZeRO-1 and ZeRO-2 the shipped bf16 default should be, by ZEROS_RULE."""
+    z1, z2 = results.get("z1-bf16"), results.get("z2-bf16")
+    rates = [r.run.mean("samples_per_sec") if r and r.run and not r.failure else None for r in (z1, z2)]
+    if rates[0] is None or rates[1] is None:
+        return "- ZeRO-1 vs ZeRO-2 (bf16): not decided: needs both rows z1-bf16 and z2-bf16 to pass"
+    stage = 1 if rates[0] > 1.05 * rates[1] else 2
+    return (
+        f"- ZeRO-1 vs ZeRO-2 (bf16): {rates[0]:,.1f} vs {rates[1]:,.1f} samples/s ({rates[0] / rates[1]:.3f}x); "
+        f"rule: {ZEROS_RULE}. The shipped default (slurm/pretrain.sbatch, docs) should be "
+        f"ds_configs/gpu-zero{stage}-bf16-lamb-4096.json"
+    )
+
+
+def environment_lines(results: list[Result], args: argparse.Namespace, fused_reason: str | None) -> list[str]:
+    """The device, peak and versions, as the first run that finished recorded them."""
+    info = next((r.run.info for r in results if r.run is not None), None)
+    lines = [f"- budget {args.budget:.0f} s; {args.ranks} rank(s) per run; model {args.pretrain_config}"]
+    if info is not None:
+        device, peak, versions = info["device"], info["peak"], info["versions"]
+        lines.append(f"- device: {device['name']} ({device['type']}); versions: " + ", ".join(
+            f"{k} {v}" for k, v in versions.items()))  # fmt: skip
+        lines.append(
+            f"- MFU against {peak['tflops_per_rank']:.4g} TFLOP/s per rank ({peak['matmul']}: {peak['source']})"
+        )
+    lines.append(f"- DeepSpeed FusedLamb: {'builds and loads' if fused_reason is None else fused_reason}")
+    return lines
 
 
 # --------------------------------------------------------------------------------------------- main
 
 
-SMOKE: dict[str, Any] = {
-    "configs": ["albert-tiny"],
-    "shapes": [(8, 32), (4, 64)],
-    "warmup": 1,
-    "steps": 3,
-    "matmul_n": 512,
-    "parity_config": "albert-tiny",
-    "parity_shape": (4, 32),
-    "parity_steps": 8,
-    "fp16_config": "albert-tiny",
-    "fp16_shape": (4, 32),
-    "fp16_steps": 40,
-    "loss_scale_window": 10,
-    "zero_configs": ["albert-tiny"],
-    "zero_shape": (4, 32),
-    "zero_steps": 3,
-    **gpu_check_pretrain.SMOKE,
-}
-SECTIONS = {1, 2, 3, 4, 5}
+def make_shards(folder: Path, vocab_size: int, timeout_s: float) -> Path:
+    """albert-data corpus / vocab / shard on the Wikipedia excerpt (the project's own tools, as a user runs them)."""
+    from data_prep.sample_corpora import wikipedia_excerpt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus, vocab, shards = folder / "corpus", folder / "vocab" / "spiece", folder / "shards"
+    steps = [
+        ["corpus", "--input", str(wikipedia_excerpt()), "--output", str(corpus), "--num-files", "4"],
+        ["vocab", "--input", str(corpus), "--output-prefix", str(vocab), "--vocab-size", str(vocab_size)],
+        [
+            "shard",
+            "--input",
+            str(corpus),
+            "--spm-model",
+            f"{vocab}.model",
+            "--output",
+            str(shards),
+            "--no-progress",
+            "--dupe-factor",
+            "1",
+            "--num-shards",
+            "2",
+        ],
+    ]
+    deadline = time.monotonic() + timeout_s
+    with open(folder / "prep.log", "w") as out:
+        for step in steps:
+            cmd = [sys.executable, "-m", "data_prep", *step]
+            subprocess.run(cmd, cwd=REPO, env=child_env(False), stdout=out, stderr=subprocess.STDOUT, check=True,
+                           timeout=max(deadline - time.monotonic(), 1.0))  # fmt: skip
+    return shards
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="auto: cuda when available")
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="tiny settings (albert-tiny, short sequences, few steps): checks the code paths",
-    )
-    p.add_argument(
-        "--budget",
-        type=float,
-        default=450.0,
-        help="seconds for the whole run; sections that no longer fit are skipped (default 450)",
-    )
-    p.add_argument(
-        "--configs",
-        type=lambda s: s.split(","),
-        default=["albert-base"],
-        help="section 1: shipped config names (e.g. albert-base,albert-large)",
-    )
-    p.add_argument(
-        "--shapes",
-        type=parse_shapes,
-        default=[(64, 128), (16, 512)],
-        help="section 1: BATCHxSEQ list (default 64x128,16x512)",
-    )
-    p.add_argument(
-        "--precisions",
-        type=lambda s: s.split(","),
-        default=None,
-        help="section 1: fp16,bf16 (default; fp32,bf16 on CPU)",
-    )
-    p.add_argument("--warmup", type=int, default=3, help="section 1: untimed steps per row")
-    p.add_argument("--steps", type=int, default=10, help="section 1: timed steps per row (the median is reported)")
-    p.add_argument(
-        "--attention",
-        choices=["auto", "sdpa", "math"],
-        default="auto",
-        help="the model's attention (auto = SDPA on CUDA)",
-    )
-    p.add_argument(
-        "--compile",
-        choices=["off", "on"],
-        default="off",
-        help="section 1: torch.compile the shared layers (costs budget)",
-    )
-    p.add_argument(
-        "--peak-tflops", type=float, default=None, help="nominal dense fp16/bf16 peak of this GPU, overriding the table"
-    )
-    p.add_argument(
-        "--matmul-n", type=int, default=None, help="matrix size of the measured matmul peak (default 8192 on CUDA)"
-    )
-    p.add_argument(
-        "--fused-lamb-build-timeout",
-        type=float,
-        default=240.0,
-        help="seconds allowed for building DeepSpeed's FusedLamb",
-    )
-    p.add_argument("--parity-config", default="albert-base", help="section 2: config")
-    p.add_argument("--parity-shape", type=lambda s: parse_shapes(s)[0], default=(16, 128), help="section 2: BATCHxSEQ")
-    p.add_argument("--parity-steps", type=int, default=20, help="section 2: optimizer steps")
-    p.add_argument(
-        "--parity-tol",
-        type=float,
-        default=1e-5,
-        help="section 2: largest rel. diff at which the two optimizers agree (see gpu_check_parity.PARITY_TOL_WHY)",
-    )
-    p.add_argument("--fp16-config", default="albert-base", help="section 3: config")
-    p.add_argument("--fp16-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 3: BATCHxSEQ")
-    p.add_argument("--fp16-steps", type=int, default=200, help="section 3: steps")
-    p.add_argument("--loss-scale-window", type=int, default=50, help="section 3: DeepSpeed's loss_scale_window")
-    p.add_argument(
-        "--fp16-on-cpu", action="store_true", help="testing only: run section 3 on CPU with DeepSpeed's fp16 override"
-    )
-    p.add_argument("--zero-configs", type=lambda s: s.split(","), default=["albert-base"], help="section 4: configs")
-    p.add_argument(
-        "--zero-stages",
-        type=lambda s: [int(x) for x in s.split(",")],
-        default=[0, 1, 2, 3],
-        help="section 4: ZeRO stages",
-    )
-    p.add_argument("--zero-shape", type=lambda s: parse_shapes(s)[0], default=(32, 128), help="section 4: BATCHxSEQ")
-    p.add_argument("--zero-steps", type=int, default=3, help="section 4: steps per stage")
-    gpu_check_pretrain.add_arguments(p)
-    p.add_argument(
-        "--sections",
-        type=lambda s: {int(x) for x in s.split(",")},
-        default=SECTIONS,
-        help="which sections to run (default 1,2,3,4,5)",
-    )
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"], default="auto", help="cpu: with --smoke only")
+    p.add_argument("--smoke", action="store_true", help="CPU smoke mode: albert-tiny, few steps, the smoke rows")
+    p.add_argument("--budget", type=float, default=450.0, help="seconds for the whole check (default 450)")
+    p.add_argument("--ranks", type=int, default=1, help="ranks per run (torchrun when above 1)")
+    p.add_argument("--pretrain-rows", type=parse_rows, default=None, help=f"rows, or all: {', '.join(ALL_ROWS)}")
+    p.add_argument("--pretrain-config", default=DEFAULTS["pretrain_config"], help="shipped model config")
+    p.add_argument("--pretrain-steps", type=int, default=DEFAULTS["pretrain_steps"], help="steps of an engine row")
+    p.add_argument("--pretrain-log-interval", type=int, default=DEFAULTS["pretrain_log_interval"])
+    p.add_argument("--pretrain-parity-steps", type=int, default=DEFAULTS["pretrain_parity_steps"])
+    p.add_argument("--pretrain-micro", type=int, default=DEFAULTS["pretrain_micro"], help="micro-batch per rank")
+    p.add_argument("--pretrain-accum", type=int, default=DEFAULTS["pretrain_accum"], help="accumulation steps")
+    p.add_argument("--pretrain-warmup", type=int, default=DEFAULTS["pretrain_warmup"], help="schedule warmup steps")
+    p.add_argument("--pretrain-vocab", type=int, default=DEFAULTS["pretrain_vocab"], help="vocabulary made here")
+    p.add_argument("--pretrain-data", type=Path, default=None, help="shards to use instead of making them")
+    p.add_argument("--pretrain-work", type=Path, default=None, help="keep runs and logs here (default: temporary)")
+    p.add_argument("--pretrain-timeout", type=float, default=DEFAULTS["pretrain_timeout"], help="seconds per run")
+    p.add_argument("--parity-tol", type=float, default=1e-3, help="largest relative loss difference from eager")
+    p.add_argument("--peak-tflops", type=float, default=None, help="passed to albert-pretrain (its MFU's peak)")
+    p.add_argument("--fused-lamb-build-timeout", type=float, default=240.0, help="seconds for building FusedLamb")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
-    if args.smoke:  # the smoke values replace the defaults, not what was given explicitly
+    if args.smoke:  # the smoke values replace the defaults, not what was given
         defaults = p.parse_args([])
         for key, value in SMOKE.items():
             if getattr(args, key) == getattr(defaults, key):
                 setattr(args, key, value)
-    if args.precisions and set(args.precisions) - set(DTYPES):
-        p.error(f"--precisions: choose from {', '.join(DTYPES)}")
-    if min(args.steps, args.fp16_steps, args.zero_steps) < 1:
-        p.error("--steps, --fp16-steps, --zero-steps: at least 1")
-    if set(args.zero_stages) - {0, 1, 2, 3} or args.sections - SECTIONS:
-        p.error("--zero-stages: 0-3; --sections: 1-5")
-    gpu_check_pretrain.check_arguments(args, p.error)
+    if min(args.ranks, args.pretrain_micro, args.pretrain_accum, args.pretrain_log_interval) < 1:
+        p.error("--ranks, --pretrain-micro, --pretrain-accum, --pretrain-log-interval: at least 1")
+    if not 0 <= args.pretrain_warmup < min(args.pretrain_steps, args.pretrain_parity_steps):
+        p.error("--pretrain-warmup: at least 0 and below --pretrain-steps and --pretrain-parity-steps")
+    if args.pretrain_steps < 2 * args.pretrain_log_interval:
+        p.error("--pretrain-steps: at least two logging intervals (the first holds start-up)")
     return args
-
-
-def resolve_device(choice: str) -> torch.device:
-    if choice == "auto":
-        choice = "cuda" if torch.cuda.is_available() else "cpu"
-    if choice == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_check: --device cuda but torch sees no GPU (torch.cuda.is_available() is False)")
-    return torch.device("cuda", torch.cuda.current_device())  # with its index: torch.cuda.set_device needs one
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,98 +546,67 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module="torch.distributed")
-    budget = Budget(args.budget, start=STARTED)
-    device = resolve_device(args.device)
-    os.environ.setdefault("DS_ACCELERATOR", device.type)
-    # DeepSpeed JIT-builds its ops with the first ninja on PATH; use the venv's (as albert-pretrain does).
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    args.precisions = args.precisions or (["fp16", "bf16"] if device.type == "cuda" else ["fp32", "bf16"])
-    args.matmul_n = args.matmul_n or (8192 if device.type == "cuda" else 1024)
-    # Rough seconds per unit (a section-1 row, a parity comparison, the fp16 run, a ZeRO stage), and what each
-    # later section needs at least, kept back from the earlier ones.
-    scale = 0.3 if args.smoke else 1.0
-    args.row_seconds, args.parity_seconds, args.fp16_seconds, args.zero_seconds = (
-        6 * scale,
-        8 * scale,
-        40 * scale,
-        15 * scale,
-    )
-    fp16_runs = device.type == "cuda" or args.fp16_on_cpu
-    pretrain_need = gpu_check_pretrain.section_need(args, device.type)
-    least = {
-        2: args.parity_seconds,
-        3: args.fp16_seconds if fp16_runs else 0.0,
-        4: 2 * args.zero_seconds,
-        5: pretrain_need,
-    }
-    reserve = {k: sum(least[j] for j in args.sections if j > k) for k in (1, 2, 3, 4)}
-    # Section 5's shards are made in the background (albert-data in child processes) while sections 1-4 run.
-    prep = None
-    if 5 in args.sections and args.pretrain_data is None and budget.left() >= pretrain_need:
-        folder = (args.pretrain_work or Path(tempfile.mkdtemp(prefix="gpu-check-shards-"))) / "data"
-        prep = gpu_check_pretrain.ShardPrep(folder, args.pretrain_vocab, args.pretrain_dupe).start()
+    why = preflight(args)
+    if why:
+        print(why, file=sys.stderr)
+        return 2
+    import torch
+
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    keys = args.pretrain_rows or list(ALL_ROWS if cuda else SMOKE_ROWS)
+    rows = [make_row(k) for k in keys]
+    fused_reason = fused_lamb_build_problem(min(args.fused_lamb_build_timeout, args.budget / 2)) if cuda else "no CUDA"
+    work_ctx = tempfile.TemporaryDirectory(prefix="gpu-check-") if args.pretrain_work is None else None
+    work = Path(work_ctx.name) if work_ctx else args.pretrain_work
     try:
-        return run_sections(args, device, budget, reserve, prep)
+        return check(args, rows, work, cuda, fused_reason)
     finally:
-        if prep is not None:
-            prep.cancel()
-            if args.pretrain_work is None:
-                shutil.rmtree(prep.folder.parent, ignore_errors=True)
+        if work_ctx is not None:
+            work_ctx.cleanup()
 
 
-def run_sections(
-    args: argparse.Namespace,
-    device: torch.device,
-    budget: Budget,
-    reserve: dict[int, float],
-    prep: gpu_check_pretrain.ShardPrep | None,
-) -> int:
-    report = Report()
-    report.emit(f"## GPU check: {'smoke run' if args.smoke else 'ALBERT on DeepSpeed'}\n")
-    report.emit("\n".join(environment_lines(device, args)))
-    peaks = resolve_peaks(device, args.peak_tflops)
-    t = time.monotonic()
-    fused_reason = try_fused_lamb(
-        device, min(args.fused_lamb_build_timeout, budget.left() - reserve[1] - args.row_seconds)
+def check(args: argparse.Namespace, rows: list[Row], work: Path, cuda: bool, fused_reason: str | None) -> int:
+    from pipeline.model import AlbertConfig
+
+    def left() -> float:
+        return args.budget - (time.monotonic() - STARTED)
+
+    work.mkdir(parents=True, exist_ok=True)
+    shards = args.pretrain_data or make_shards(work / "data", args.pretrain_vocab, left())
+    attrs = json.loads((shards / "manifest.json").read_text())["attributes"]
+    cfg = AlbertConfig.from_name_or_path(args.pretrain_config)
+    cfg.vocab_size = int(attrs["vocab_size"])  # the shards' vocabulary
+    cfg.to_json(work / "model.json")
+    results: dict[str, Result] = {}
+    for row in rows:
+        if cuda and row.needs_fused_lamb and fused_reason is not None:
+            results[row.key] = Result(row, skip=f"needs DeepSpeed's FusedLamb: {fused_reason}")
+        elif left() < MIN_PROCESS_S:
+            results[row.key] = Result(row, skip=f"budget ({max(left(), 0):.0f} s left of {args.budget:.0f} s)")
+        else:
+            results[row.key] = run_row(row, work, shards, args, cuda, min(args.pretrain_timeout, left()))
+        log.info("%s: %s", row.key, results[row.key].status)
+    eager = results.get("parity-eager")
+    for r in results.values():
+        if r.row.parity and r.row.key != "parity-eager" and eager is not None:
+            compare_parity(eager, r, args.parity_tol)
+    print(f"## GPU check: {'CPU smoke run' if args.smoke else 'albert-pretrain on DeepSpeed'}\n")
+    print("\n".join(environment_lines(list(results.values()), args, fused_reason)) + "\n")
+    print(
+        f"Each row is one `albert-pretrain` run on {shards} ({attrs['max_seq_length']} tokens, micro-batch "
+        f"{args.pretrain_micro} x {args.pretrain_accum} accumulation x {args.ranks} rank(s)); the numbers are the "
+        f"run's own metrics.jsonl (means over the logging intervals after the first, every "
+        f"{args.pretrain_log_interval} steps) and run-info.json. Parity rows: ZeRO-0 fp32, TF32 off, "
+        f"{args.pretrain_parity_steps} steps.\n"
     )
-    loaded = f"builds and loads (checked in a child process in {time.monotonic() - t:.0f} s, JIT build included)"
-    report.emit(f"- DeepSpeed FusedLamb: {fused_reason or loaded}")
-
-    if 1 in args.sections:
-        with report.section("1. Training-step time"):
-            step_time_section(args, device, budget, report, peaks, fused_reason, reserve[1])
-    if 2 in args.sections:
-        with report.section("2. LAMB parity: FusedLamb vs our Lamb (fp32)"):
-            parity_section(args, device, budget, report, fused_reason, reserve[2])
-    if 3 in args.sections:
-        with report.section("3. fp16 dynamic loss scaling (DeepSpeed engine)"):
-            fp16_section(args, device, budget, report, reserve[3])
-    if 4 in args.sections:
-        with report.section("4. Peak memory per ZeRO stage (bf16)"):
-            zero_memory_section(args, device, budget, report, fused_reason, reserve[4])
-    if 5 in args.sections:
-        free_memory(device)  # the albert-pretrain processes share this GPU
-        with report.section("5. albert-pretrain end to end: ZeRO stages, exact resume, export"):
-            gpu_check_pretrain.pretrain_section(args, device, budget, report, peaks, fused_reason, prep)
-
-    spent = args.budget - budget.left()
-    verdict = (
-        "all checks passed"
-        if not report.failures
-        else f"{len(report.failures)} check(s) FAILED: " + "; ".join(report.failures)
-    )
-    report.emit(f"\n{verdict} ({spent:.0f} s of the {args.budget:.0f} s budget)")
-    shutdown_distributed()  # else torch warns at exit, and can hang or abort there
-    return exit_code(report)
-
-
-def exit_code(report: Report) -> int:
-    """0 when every check passed (skips are not failures), 1 when any failed."""
-    return 1 if report.failures else 0
+    print(markdown_table(HEADERS, [row_cells(r, args.pretrain_log_interval) for r in results.values()]))
+    notes = [f"- {r.row.key}: {'; '.join(r.notes)}" for r in results.values() if r.notes]
+    notes += [f"- {r.row.key}: {c}" for r in results.values() if (c := compile_counters(r))]
+    print("\n" + "\n".join([*notes, zero_default(results)]))
+    failed = [r.row.key for r in results.values() if r.failure]
+    spent = args.budget - left()
+    print(f"\n{'every row passed' if not failed else 'FAILED: ' + ', '.join(failed)} ({spent:.0f} s)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ pure_and_binary() {
         "${PLATFORMS[@]}" -d "$DEST" "$@"
 }
 # the versions installed here, which this DeepSpeed is known to work with
-# albert-data's own (section 5 of the GPU check makes its shards there): blingfire, mwparserfromhell, sentencepiece
+# albert-data's own (the GPU check makes its shards there): blingfire, mwparserfromhell, sentencepiece
 for pkg in hjson pydantic pydantic_core annotated_types typing_inspection typing_extensions blingfire mwparserfromhell sentencepiece; do
     version="$("$PY" -c "import importlib.metadata as m; print(m.version('$pkg'))")"
     pure_and_binary "$pkg==$version"

@@ -8,6 +8,9 @@
 | MPICH / Hydra (PMI)           | PMI_RANK             | PMI_SIZE              |                            |
 | srun                          | SLURM_PROCID         | SLURM_STEP_NUM_TASKS  | SLURM_LOCALID              |
 
+srun's MPI plugins give its tasks MPI variables too (--mpi=pmi2: PMI_RANK / PMI_SIZE; --mpi=pmix: PMIX_RANK), equal to
+srun's own: `launched_by_srun` takes such a task for srun's, not for an mpirun's rank.
+
 Not SLURM_NTASKS: a batch script has it too, for the whole job, where python runs as one process without srun.
 """
 
@@ -31,9 +34,15 @@ def launched_by_mpi(env: Mapping[str, str] = os.environ) -> bool:
     return any(v in env for v in MPI_VARS)
 
 
-def launched_by_mpirun(env: Mapping[str, str] = os.environ) -> bool:
-    """An mpirun started us, also inside a Slurm job, where its ranks inherit the Slurm variables of its daemons."""
-    return any(v in env for v in MPIRUN_SIZE_VARS)
+def launched_by_srun(env: Mapping[str, str] = os.environ) -> bool:
+    """srun started this process as one task of its step: SLURM_PROCID and SLURM_STEP_NUM_TASKS, with any PMI / PMIx
+    rank and size equal to them (srun's MPI plugins set those). The ranks of an mpirun inside a Slurm job inherit
+    the SLURM_PROCID / SLURM_STEP_NUM_TASKS of the daemons that srun started (one per node), which are not theirs:
+    OpenMPI's OMPI_COMM_WORLD_SIZE, or a PMI rank or size that differs, tells them apart."""
+    if "SLURM_PROCID" not in env or "SLURM_STEP_NUM_TASKS" not in env or "OMPI_COMM_WORLD_SIZE" in env:
+        return False
+    rank, size = env["SLURM_PROCID"], env["SLURM_STEP_NUM_TASKS"]
+    return all(env.get(v, rank) == rank for v in ("PMI_RANK", "PMIX_RANK")) and env.get("PMI_SIZE", size) == size
 
 
 def launcher_rank(env: Mapping[str, str] = os.environ) -> str | None:

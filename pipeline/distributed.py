@@ -3,7 +3,9 @@
 - torchrun and the `deepspeed` launcher set RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
 - `srun` sets SLURM_PROCID / SLURM_LOCALID / SLURM_STEP_NUM_TASKS / SLURM_JOB_NODELIST: we map them, the
   rendezvous host being the first node of the allocation (SLURM_STEP_NUM_TASKS, not SLURM_NTASKS, so that a
-  batch script running python without srun is not mistaken for one task of many);
+  batch script running python without srun is not mistaken for one task of many). Its tasks are recognised before
+  the MPI variables are looked at: with --mpi=pmi2 or pmix they carry PMI_RANK / PMI_SIZE / PMIX_RANK too
+  (common.launchers.launched_by_srun);
 - `mpirun` (OpenMPI, PMIx): DeepSpeed's MPI discovery (mpi4py) finds rank, size and rank 0's address;
 - otherwise a single plain process on a free local port.
 """
@@ -20,7 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
-from common.launchers import launched_by_mpi, launched_by_mpirun
+from common.launchers import launched_by_mpi, launched_by_srun
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +86,7 @@ def detect_launch() -> Launch:
     env = os.environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return Launch("deepspeed" if "CROSS_RANK" in env or "DS_LAUNCHER" in env else "torchrun", False)
-    if launched_by_mpirun(env):  # before srun's variables, which an mpirun in a Slurm job passes on from its daemons
-        return Launch("mpirun", True)
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+    if launched_by_srun(env):  # also under srun's MPI plugins; not the ranks of an mpirun inside a Slurm job
         env["RANK"] = env["SLURM_PROCID"]
         env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
         env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
@@ -180,6 +180,9 @@ def init_distributed(launch: Launch, timeout_s: float) -> tuple[int, int, int]:
         timeout=timedelta(seconds=timeout_s),
     )
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    mismatch = slurm_step_mismatch(launch.launcher, world)
+    if mismatch:
+        raise LaunchError(mismatch)
     if cuda:
         if launch.mpi_discovery:
             local = int(os.environ.get("LOCAL_RANK", 0))
@@ -188,6 +191,21 @@ def init_distributed(launch: Launch, timeout_s: float) -> tuple[int, int, int]:
         gpus = f"cuda:{torch.cuda.current_device()} of {torch.cuda.device_count()} visible GPU(s)"
         log.info("local rank %d -> %s (CUDA_VISIBLE_DEVICES=%s)", local, gpus, visible)
     return rank, world, local
+
+
+def slurm_step_mismatch(launcher: str, world: int, env: Mapping[str, str] = os.environ) -> str | None:
+    """Why a world of `world` ranks cannot be this Slurm step's run, or None. Every task of a step belongs to the run
+    (one rank each under srun or an MPI launch, a torchrun of several ranks each): a smaller world means tasks that
+    each train alone (an MPI library that did not understand srun's plugin gives every task a world of one), all
+    writing one --output."""
+    tasks = env.get("SLURM_STEP_NUM_TASKS")
+    if tasks is None or not tasks.isdigit() or world >= int(tasks):
+        return None
+    return (
+        f"{launcher} launch: a world of {world} rank(s) in a Slurm step of {tasks} tasks; the tasks would train "
+        "separately into one --output. Under srun, let pipeline.distributed map srun's variables (--mpi=none, or an "
+        "MPI library built for the step's --mpi plugin)"
+    )
 
 
 def shutdown_distributed() -> None:

@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch._dynamo
@@ -199,3 +200,21 @@ def gelu_tanh_by_sigmoid(x: torch.Tensor) -> torch.Tensor:
     (within 5e-7 in fp32); for compiled code only, where it is one kernel that computes in fp32 and, on CPU, about 2x
     faster than through tanh (bench/bench_ops.py, section 3). Eager, its separate passes would be slower than F.gelu."""
     return x * torch.sigmoid(_GELU_K * (x + 0.044715 * x * x * x))
+
+
+def compile_counters() -> dict[str, Any]:
+    """torch._dynamo's counters (torch._dynamo.utils.counters, process-wide) as data: frames Dynamo was asked to
+    convert and those it converted, fallbacks (frames that raised and ran eagerly, which suppress_errors allows),
+    graph breaks in all and the most frequent reasons, distinct graphs compiled."""
+    from torch._dynamo.utils import counters
+
+    frames = counters["frames"]
+    breaks = counters["graph_break"]
+    return {
+        "frames": frames["total"],
+        "frames_converted": frames["ok"],
+        "fallbacks": frames["total"] - frames["ok"],
+        "graph_breaks": sum(breaks.values()),
+        "graph_break_reasons": dict(breaks.most_common(5)),
+        "unique_graphs": counters["stats"]["unique_graphs"],
+    }

@@ -24,6 +24,7 @@ the same update as ours.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,36 @@ def fused_lamb_param_groups(model: nn.Module, weight_decay: float) -> list[dict[
     return groups
 
 
+class SkipsConstructionStep:
+    """An optimizer mixin: the zero-gradient step() that DeepSpeed's FP16_UnfusedOptimizer (bf16/fp16 at ZeRO-0) makes
+    inside deepspeed.initialize to create the optimizer state (initialize_optimizer_states) is skipped.
+
+    FusedLamb would apply it: weights decayed once and a step count of 1 before training. Our Lamb creates only its
+    state there; with this mixin FusedLamb starts as ours does (its state is created, all zeros, at the first real
+    step). The call is recognised by what it is: no state yet and every gradient zero (one host read, once)."""
+
+    state: Any  # torch.optim.Optimizer's
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.state and _all_gradients_zero(self.param_groups):  # type: ignore[attr-defined]
+            return None
+        return super().step(*args, **kwargs)  # type: ignore[misc]
+
+
+def _all_gradients_zero(groups: list[dict[str, Any]]) -> bool:
+    grads = [p.grad for g in groups for p in g["params"] if p.grad is not None]
+    return bool(grads) and not bool(torch.stack([g.detach().abs().amax().float() for g in grads]).any())
+
+
+@functools.cache
+def fused_lamb_class() -> Any:
+    """DeepSpeed's FusedLamb with SkipsConstructionStep, under FusedLamb's own name (checkpoints record the
+    optimizer's class name at ZeRO-0 fp32, where DeepSpeed adds no wrapper)."""
+    from deepspeed.ops.lamb import FusedLamb
+
+    return type("FusedLamb", (SkipsConstructionStep, FusedLamb), {"__module__": __name__})
+
+
 def select_optimizer(model: nn.Module, config: EngineConfig, allow_fused: bool = True) -> OptimizerChoice:
     """The optimizer for `config`: LAMB (`build_lamb`) for type Lamb; else none, DeepSpeed builds the config's own
     from `config.deepspeed`."""
@@ -92,13 +123,11 @@ def build_lamb(model: nn.Module, lamb: LambSettings, zero_stage: int, allow_fuse
     FusedLamb is not used (fused_lamb_unavailable)."""
     why = fused_lamb_unavailable(zero_stage, lamb, allow_fused)
     if why is None:
-        from deepspeed.ops.lamb import FusedLamb
-
         # FusedLamb JIT-builds its CUDA kernel in __init__; without a matching CUDA toolkit (nvcc, headers) on the
         # node the build fails. That must not stop a run that our LAMB can do as well: fall back and say why.
         try:
             return OptimizerChoice(
-                FusedLamb(
+                fused_lamb_class()(
                     fused_lamb_param_groups(model, lamb.weight_decay), weight_decay=lamb.weight_decay, **lamb.params
                 ),
                 OptimizerKind.FUSED_LAMB,

@@ -339,3 +339,101 @@ def trust_ratio_stats(lamb, comm) -> dict[str, float]:
         stats[f"trust_ratio_mean{suffix}"] = (total[0] / total[1]).item()
         stats[f"trust_ratio_max{suffix}"] = extremes[1].item()
     return stats
+
+
+# The text of torch's warning under torch.cuda.set_sync_debug_mode("warn") (c10/cuda/CUDAFunctions.cpp,
+# warn_or_error_on_sync); torch has no counter of its own, so the warnings are counted.
+SYNC_WARNING = "called a synchronizing CUDA operation"
+
+
+class HostSyncCounter:
+    """Host synchronisations per optimizer step on CUDA, counted by torch's sync debug mode: with
+    torch.cuda.set_sync_debug_mode("warn") torch warns at every synchronising call (`.item()`, `.tolist()`, a
+    blocking copy to the host, `nonzero`, ...); each of those warnings is counted here instead of shown (other
+    warnings are shown as before). That mode does not report torch.cuda.synchronize() or Event.synchronize().
+
+    The loop calls `begin_step()` when a step starts (what came between steps, logging, saving and evaluation, is not
+    the step's), `end_step()` after its optimizer step, and `read()` on logging steps. Off (None values) unless
+    enabled: on CPU there is nothing to count."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.pending = 0
+        self.steps: list[int] = []
+        self._shown: Any = None
+        if enabled:
+            import warnings
+
+            warnings.filterwarnings("always", message=".*" + SYNC_WARNING, category=UserWarning)  # each one, not once
+            self._shown = warnings.showwarning
+            warnings.showwarning = self._show
+            self._set_mode("warn")
+
+    @classmethod
+    def for_device(cls, device) -> HostSyncCounter:
+        return cls(device.type == "cuda")
+
+    @staticmethod
+    def _set_mode(mode: str) -> None:
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode(mode)
+
+    def _show(self, message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, UserWarning) and SYNC_WARNING in str(message):
+            self.pending += 1
+        else:
+            self._shown(message, category, filename, lineno, file, line)
+
+    def begin_step(self) -> None:
+        self.pending = 0
+
+    def end_step(self) -> None:
+        if self.enabled:
+            self.steps.append(self.pending)
+        self.pending = 0
+
+    def read(self) -> dict[str, float | int | None]:
+        """The steps' syncs since the last read: mean and most in one step (None when not counted)."""
+        steps, self.steps = self.steps, []
+        if not steps:
+            return {"host_syncs_per_step": None, "host_syncs_max_step": None}
+        return {"host_syncs_per_step": sum(steps) / len(steps), "host_syncs_max_step": max(steps)}
+
+    def close(self) -> None:
+        if self.enabled and self._shown is not None:
+            import warnings
+
+            self._set_mode("default")
+            warnings.showwarning = self._shown
+            self._shown = None
+
+
+def comm_time() -> dict[str, float | int | None]:
+    """Seconds spent in DeepSpeed's collectives since the last call, and how many, from DeepSpeed's comms logger
+    (deepspeed.comm: every collective its engine and ZeRO optimizers make through it; not torch.distributed calls
+    made directly). None when the logger is off: it is switched on by `"comms_logger": {"enabled": true,
+    "prof_all": true}` in the DeepSpeed config, and then synchronises the device after every collective to time
+    it, so it is a measurement setting, not a production one."""
+    from deepspeed.comm import comm as ds_comm
+
+    logger = ds_comm.comms_logger
+    if not logger.enabled:
+        return {"comm_sec": None, "comm_ops": None}
+    data = logger.get_raw_data()  # {name: {message size: [count, [latencies in ms], [algbw], [busbw]]}}
+    logger.reset_data()
+    entries = [entry for sizes in data.values() for entry in sizes.values()]
+    return {"comm_sec": sum(sum(e[1]) for e in entries) / 1000.0, "comm_ops": sum(e[0] for e in entries)}
+
+
+def record_compile_counters(output: Path) -> dict[str, Any]:
+    """Add torch._dynamo's counters so far (pipeline.fused.compile_counters) to OUTPUT/run-info.json under
+    "compile" -> "counters" (rank 0, after the first optimizer step: the compiles have happened then)."""
+    from .fused import compile_counters
+
+    path = output / "run-info.json"
+    info = json.loads(path.read_text())
+    info.setdefault("compile", {})["counters"] = counters = compile_counters()
+    write_text(path, json.dumps(info, indent=2, default=_json_value) + "\n")
+    return counters

@@ -27,12 +27,15 @@ from .engine import build_engine, loss_scale
 from .metrics import (
     ANOMALY,
     BatchRecorder,
+    HostSyncCounter,
     Interval,
     IntervalSums,
     Metrics,
     MfuBasis,
     PhaseTimer,
+    comm_time,
     peak_memory,
+    record_compile_counters,
     train_record,
     trust_ratio_stats,
 )
@@ -399,6 +402,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
 
     batches = iter(data)
     timer = PhaseTimer(run.device)
+    syncs = HostSyncCounter.for_device(run.device)  # host syncs per step on CUDA
     paused = 0.0  # seconds of the interval spent saving and evaluating: left out of its throughput
     logged_step, t_last = step, time.perf_counter()
     names = reshard.lamb_names(engine.module)  # ZeRO-0's optimizer state is saved by position: name it
@@ -492,6 +496,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
 
     logged_step, t_last, data.data_wait = step, time.perf_counter(), 0.0
     while step < config.max_steps:
+        syncs.begin_step()
         position = data.position()  # where this step's batches start: a skip of them is recorded from here
         # The step's micro-batches are fetched first so that the MLM loss can be normalised by the number of
         # predictions in the whole global batch: then accumulation and data parallelism give exactly the
@@ -575,6 +580,9 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             roll_back(step + 1, "fp16 overflow with the loss scale at its floor", mean_loss, position)
             continue
         step = engine.global_steps
+        syncs.end_step()
+        if run.rank == 0 and step == start + 1:
+            record_compile_counters(config.output)  # torch.compile's graphs, breaks and fallbacks, into run-info.json
         floor = config.engine.min_loss_scale
         if nonfinite and loss_scale(engine, precision) <= floor:
             cause = f"fp16 overflow with the loss scale at its floor (min_loss_scale {floor})"
@@ -604,7 +612,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             record = train_record(
                 engine, sums, interval, run.mfu_basis, data.state.epoch, loss_scale(engine, precision)
             )
-            record |= trust_ratio_stats(run.lamb, comm)
+            record |= trust_ratio_stats(run.lamb, comm) | syncs.read() | comm_time()
             metrics.log(record)
             if record["mfu"] > 1 and run.rank == 0 and not warned_peak:
                 warned_peak = True
@@ -631,6 +639,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         run_eval()
     if step >= config.max_steps and run.rank == 0:
         (config.output / "finished.json").write_text(json.dumps({"step": step}) + "\n")
+    syncs.close()
     data.close()
     metrics.close()
     if recorder:
