@@ -41,29 +41,22 @@ def skip_id(skip: dict[str, Any]) -> str:
 
 def window_skip(position: dict[str, Any], plan: Any, until: int, step: int, cause: str) -> dict[str, Any]:
     """The micro-batches [position's, until) of `plan` (a pipeline.data.Plan) in position's epoch."""
-    return {
-        "kind": "window",
-        "epoch": position["epoch"],
-        "plan": asdict(plan),
-        "earlier": position["earlier"],
-        "at": position["micro_batch"],
-        "until": until,
-        "step": step,
-        "cause": cause,
-    }
+    return _skip("window", position, plan, step, cause, until=until)
 
 
 def shard_skip(position: dict[str, Any], plan: Any, shard: str, step: int, cause: str) -> dict[str, Any]:
-    return {
-        "kind": "shard",
+    """Every row of `shard` from `position` on."""
+    return _skip("shard", position, plan, step, cause, shard=shard)
+
+
+def _skip(kind: str, position: dict[str, Any], plan: Any, step: int, cause: str, **what: Any) -> dict[str, Any]:
+    where = {
         "epoch": position["epoch"],
         "plan": asdict(plan),
         "earlier": position["earlier"],
         "at": position["micro_batch"],
-        "shard": shard,
-        "step": step,
-        "cause": cause,
     }
+    return {"kind": kind, **where, **what, "step": step, "cause": cause}
 
 
 def relation(skip: dict[str, Any], epoch: int, earlier: list[dict], plan: dict[str, int], handed: int) -> str:

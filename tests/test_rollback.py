@@ -48,6 +48,16 @@ def plain_crcs(shards, world: int, micro: int, steps: range) -> set[int]:
     return crcs
 
 
+def copy_before(run, dest, step: int):
+    """A copy of a finished run's output as it was before `step`: its checkpoints from `step` on removed."""
+    shutil.copytree(run, dest)
+    for tag in (dest / "checkpoints").glob("step-*"):
+        if int(tag.name[5:]) >= step:
+            shutil.rmtree(tag)
+    (dest / "finished.json").unlink()
+    return dest
+
+
 def same_params(a, b) -> None:
     pa, pb = final_params(a), final_params(b)
     assert pa.keys() == pb.keys()
@@ -89,21 +99,13 @@ def test_rollback_leaves_out_the_window_and_equals_a_run_that_skipped_it_from_th
     same_params(fresh, rolled)
 
     # a resume from the checkpoint written before the rollback (it does not know the skip; data-skips.json does)
-    resumed = tmp_path / "resumed"
-    shutil.copytree(rolled, resumed)
-    for tag in ("step-00000006", "step-00000008"):
-        shutil.rmtree(resumed / "checkpoints" / tag)
-    (resumed / "finished.json").unlink()
+    resumed = copy_before(rolled, tmp_path / "resumed", step=5)
     ok(pretrain(resumed, wiki_shards, ds, steps=8, nproc=2, extra=ROLLBACK))
     assert records(resumed, 0) == records(rolled, 0)
     same_params(resumed, rolled)
 
     # and on one rank (another layout: the same global batch as 1 x 4 x accumulation 2)
-    one = tmp_path / "one-rank"
-    shutil.copytree(resumed, one)
-    for tag in ("step-00000006", "step-00000008"):
-        shutil.rmtree(one / "checkpoints" / tag)
-    (one / "finished.json").unlink()
+    one = copy_before(resumed, tmp_path / "one-rank", step=5)
     ok(pretrain(one, wiki_shards, ds_config(0, "bf16", accum=2), steps=8, extra=ROLLBACK))
     seen = {c for step, crcs in records(one).items() if step >= 5 for c in crcs}
     assert not seen & plain_crcs(wiki_shards, 2, 4, range(5, 7))
@@ -210,12 +212,7 @@ def test_a_shard_that_breaks_during_training_is_left_out_on_every_rank_and_on_re
     for r in (0, 1):
         assert not {c for step, crcs in records(run, r).items() if step >= failed_at for c in crcs} & shard_crcs
     # a resume on one rank from the checkpoint before the failure leaves the shard out from there
-    one = tmp_path / "one"
-    shutil.copytree(run, one)
-    for tag in (one / "checkpoints").glob("step-*"):
-        if int(tag.name[5:]) >= failed_at:
-            shutil.rmtree(tag)
-    (one / "finished.json").unlink()
+    one = copy_before(run, tmp_path / "one", step=failed_at)
     resumed_from = max(int(p.name[5:]) for p in (one / "checkpoints").glob("step-*"))
     ok(pretrain(one, data, ds_config(0, "fp32", micro=16, accum=4), steps=10, extra=common))
     assert not {c for step, crcs in records(one).items() if step > resumed_from for c in crcs} & shard_crcs
