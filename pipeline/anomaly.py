@@ -38,7 +38,7 @@ class AnomalyDetector:
     def __init__(self, settings: AnomalySettings):
         self.settings = settings
         self.losses: deque[float] = deque(maxlen=settings.spike_window)
-        self.rollbacks: list[dict[str, Any]] = []  # {step, cause, loss, to_step}
+        self.rollbacks: list[dict[str, Any]] = []  # {step, cause, loss, to_step}, in the order they happened
 
     def check(self, step: int, loss: float, nonfinite: bool) -> str | None:
         """The cause if step `step` (its loss, averaged over the global batch) is anomalous, else None (and the
@@ -74,4 +74,3 @@ class AnomalyDetector:
         self.losses = deque(state.get("losses", []), maxlen=self.settings.spike_window)
         known = {(r["step"], r["cause"]) for r in self.rollbacks}
         self.rollbacks += [r for r in state.get("rollbacks", []) if (r["step"], r["cause"]) not in known]
-        self.rollbacks.sort(key=lambda r: r["step"])

@@ -36,6 +36,7 @@ saved position keeps its meaning. A shard unreadable at start-up (with skip_bad_
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -244,6 +245,9 @@ class PretrainingData:
         # Every shard of the manifest is in the layout, readable or not, so that positions mean the same rows
         # whatever is skipped; an unreadable one (with skip_bad_shards) is skipped from the start (a shard skip).
         self.skips: dict[str, dict] = {}  # id -> skip, every skip this run knows (pipeline/data_skips.py)
+        # the rows of a chain and of a skip, by (epoch, chain) and (epoch, skip id): a window skip's rows are cut from
+        # its own chain's, so without it the work would double with each skip of an epoch, at every step's position()
+        self._memo: dict[tuple, Runs] = {}
         self.skipped_shards: list[str] = []
         offsets = np.cumsum([0] + [entry["num_examples"] for entry in self.manifest.shards])
         self.shards = [
@@ -345,6 +349,7 @@ class PretrainingData:
         # one shard skip per shard: the earliest, so that a resume from before a later one still leaves it out
         if known is None or (skip["epoch"], skip["step"]) < (known["epoch"], known["step"]):
             self.skips[sid] = skip
+            self._memo.clear()
 
     @property
     def remaining_in_epoch(self) -> int:
@@ -418,6 +423,14 @@ class PretrainingData:
     def _rows_of(self, state: LoaderState) -> Runs:
         """The rows the current plan of state's epoch cuts: all of them, or what earlier plans left unseen, less
         the rows of the skips that ended them."""
+        key = ("chain", state.epoch, json.dumps(state.earlier, sort_keys=True))
+        if key not in self._memo:
+            if len(self._memo) > 256:
+                self._memo.clear()
+            self._memo[key] = self._cut_chain(state)
+        return self._memo[key]
+
+    def _cut_chain(self, state: LoaderState) -> Runs:
         rows = Runs.whole(self.layout_rows)
         for depth, e in enumerate(state.earlier):
             plan = Plan(e["world"], e["micro"], e["window"])
@@ -438,6 +451,12 @@ class PretrainingData:
 
     def _skipped_rows(self, epoch: int, sid: str) -> Runs:
         """The rows of `epoch`'s order that the skip `sid` leaves out."""
+        key = ("skip", epoch, sid)
+        if key not in self._memo:
+            self._memo[key] = self._rows_of_skip(epoch, sid)
+        return self._memo[key]
+
+    def _rows_of_skip(self, epoch: int, sid: str) -> Runs:
         skip = self.skips.get(sid)
         if skip is None:
             raise DataError(f"{self.folder}: a saved position names skip {sid}, which this run does not know")
@@ -579,9 +598,10 @@ class PretrainingData:
                 f.close()
 
     # ------------------------------------------------------------------------------------ iteration
-    def _put(self, q: queue.Queue, item) -> bool:
-        """Put unless close() was called meanwhile; False then."""
-        while not self._stop.is_set():
+    @staticmethod
+    def _put(q: queue.Queue, item, stop: threading.Event) -> bool:
+        """Put unless close() was called meanwhile (`stop`, this producer's own); False then."""
+        while not stop.is_set():
             try:
                 q.put(item, timeout=0.1)
                 return True
@@ -589,14 +609,14 @@ class PretrainingData:
                 continue
         return False
 
-    def _producer(self, q: queue.Queue, start: LoaderState) -> None:
+    def _producer(self, q: queue.Queue, start: LoaderState, stop: threading.Event) -> None:
         windows = self._windows(start)
         try:
             for window in windows:
-                if not self._put(q, window):
+                if not self._put(q, window, stop):
                     return
         except BaseException as e:  # handed to the consumer, raised there
-            self._put(q, e)
+            self._put(q, e, stop)
         finally:
             windows.close()  # closes the shard files now, not whenever the generator is collected
 
@@ -614,7 +634,9 @@ class PretrainingData:
         if self.prefetch:
             self._stop = threading.Event()
             q: queue.Queue = queue.Queue(maxsize=self.prefetch)
-            self._thread = threading.Thread(target=self._producer, args=(q, start), daemon=True, name="prefetch")
+            self._thread = threading.Thread(
+                target=self._producer, args=(q, start, self._stop), daemon=True, name="prefetch"
+            )
             self._thread.start()
             get = q.get
         else:  # no read-ahead: each window is read when the first of its batches is asked for

@@ -36,7 +36,10 @@ class SkipsFileError(Exception):
 
 
 def skip_id(skip: dict[str, Any]) -> str:
-    return hashlib.sha1(json.dumps(skip, sort_keys=True).encode()).hexdigest()[:16]
+    """A window skip's id is its content; a shard skip's is the shard's name (one per shard: the loader keeps the
+    earliest, whatever the problem's wording at each start)."""
+    what = {"kind": "shard", "shard": skip["shard"]} if skip["kind"] == "shard" else skip
+    return hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def window_skip(position: dict[str, Any], plan: Any, until: int, step: int, cause: str) -> dict[str, Any]:

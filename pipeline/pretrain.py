@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -292,6 +293,12 @@ def setup(args: argparse.Namespace) -> Run:
             except DataError as e:
                 raise TrainError(f"{resume_from}: the saved data position cannot continue here: {e}") from None
             detector.load_state_dict(client.get("anomaly"))
+    margin = config.anomaly.skip_margin + 1
+    if config.anomaly.on_anomaly is OnAnomaly.ROLLBACK and margin >= data.steps_per_epoch:
+        raise TrainError(
+            f"--skip-margin {config.anomaly.skip_margin}: a rollback would leave out {margin} steps' batches, not fewer "
+            f"than an epoch of {config.data} ({data.steps_per_epoch} steps); choose a smaller margin"
+        )
     try:
         data.add_skips(known_skips(config, None if new_data else resume_from, data_identity))
     except DataError as e:
@@ -416,8 +423,34 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         ckpt.save(engine, config.checkpoints, step, state, meta, hf_config, config.keep_checkpoints)
 
     def save_skips() -> None:
-        if run.rank == 0 and data.skips:
+        """OUTPUT/data-skips.json: this run's skips (the file of an earlier run on other data is replaced)."""
+        if run.rank == 0:
             data_skips.write(config.output / data_skips.FILE, list(data.skips.values()), run.data_identity.to_dict())
+
+    def rollback_target(failed_step: int) -> Path | None:
+        """Rank 0's choice, broadcast: the newest intact checkpoint of this data before `failed_step`, one further
+        back when the last rollback went to it. The checkpoints after it (an abandoned history) are removed."""
+        import torch.distributed as dist
+
+        chosen: list[str | None] = [None]
+        if run.rank == 0:
+            mine = run.data_identity.to_dict()
+            before = [
+                c
+                for c in ckpt.complete_checkpoints(config.checkpoints)
+                if ckpt.step_of(c) < failed_step
+                and ckpt.read_meta(c).get("data_identity") == mine
+                and not ckpt.damage(c)
+            ]
+            if detector.rollbacks and len(before) > 1 and ckpt.step_of(before[-1]) == detector.rollbacks[-1]["to_step"]:
+                before = before[:-1]
+            if before:
+                chosen[0] = str(before[-1])
+                for later in ckpt.complete_checkpoints(config.checkpoints):
+                    if ckpt.step_of(later) > ckpt.step_of(before[-1]):
+                        shutil.rmtree(later, ignore_errors=True)
+        dist.broadcast_object_list(chosen, src=0)
+        return Path(chosen[0]) if chosen[0] else None
 
     def run_eval() -> None:
         if config.eval_data:
@@ -430,12 +463,11 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         """Collective: reload the newest checkpoint before `failed_step` (one further back when the last rollback
         went to it), leave out the step's batches and --skip-margin steps' more, log it, and go on from there."""
         nonlocal step, acc, logged_step, t_last, paused, batches
-        before = [c for c in ckpt.complete_checkpoints(config.checkpoints) if ckpt.step_of(c) < failed_step]
-        if detector.rollbacks and before and ckpt.step_of(before[-1]) == detector.rollbacks[-1]["to_step"]:
-            before = before[:-1] or before
-        if not before:
-            raise TrainError(f"step {failed_step}: {cause}; no checkpoint before it to roll back to")
-        target = before[-1]
+        target = rollback_target(failed_step)
+        if target is None:
+            raise TrainError(
+                f"step {failed_step}: {cause}; no intact checkpoint of this data before it to roll back to"
+            )
         to_step = ckpt.step_of(target)
         try:
             detector.rolled_back(failed_step, cause, loss, to_step)
@@ -446,6 +478,9 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         skips = data.window_skips(position, (config.anomaly.skip_margin + 1) * batch.accum, failed_step, cause)
         rollbacks = list(detector.rollbacks)
         client = load_checkpoint(engine, config, target, ckpt.read_meta(target))
+        # DeepSpeed counts micro-steps itself, and not in checkpoints: a step that raised (the fp16 loss scale at its
+        # floor) left the count short, and the accumulation boundary would then fall on the wrong micro-batch
+        engine.micro_steps = engine.global_steps * batch.accum
         data.load_state_dict(client["loader"])
         detector.load_state_dict(client.get("anomaly"))
         detector.rollbacks = rollbacks
@@ -483,8 +518,13 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         return sorted({n for n in names if n})
 
     ckpt_note = f"the last good checkpoint is in {config.checkpoints}"
-    if rollback and not run.resumed and step < config.max_steps:
-        save()  # a good state to come back to before the first interval's checkpoint
+    of_this_data = [
+        c
+        for c in ckpt.complete_checkpoints(config.checkpoints)
+        if ckpt.read_meta(c).get("data_identity") == run.data_identity.to_dict()
+    ]
+    if rollback and not of_this_data and step < config.max_steps:
+        save()  # a good state to come back to before the first interval's checkpoint (also after --new-data)
     save_skips()
     warned_peak = False  # an MFU above 1 was reported
 

@@ -160,3 +160,42 @@ def test_a_skip_the_run_does_not_know_is_named(wiki_shards):
     position["skips"] = []
     with pytest.raises(DataError, match="names skip"):
         loaders(wiki_shards, 1, 4, state=position)
+
+
+class CountingLoader(PretrainingData):
+    """Counts how many chains of plans it cuts."""
+
+    cuts = 0
+
+    def _cut_chain(self, state):
+        CountingLoader.cuts += 1
+        return super()._cut_chain(state)
+
+
+def test_many_skips_in_an_epoch_cost_one_cut_per_chain(wiki_shards):
+    """Each window skip's rows are cut from its own chain's: remembered, the cost of a position is linear in the
+    skips of the epoch (it doubled with each one otherwise)."""
+    run = loaders(wiki_shards, 1, 4)[0]
+    skips = []
+    for k in range(12):
+        take(run, 3)
+        position = run.position()
+        skips.append(data_skips.window_skip(position, run.plan, position["micro_batch"] + 1, step=k, cause="t"))
+        run.add_skips([skips[-1]])
+    taken = run.state_dict()
+    CountingLoader.cuts = 0
+    fresh = CountingLoader(wiki_shards, 4, 1, seed=9, window=WINDOW)
+    fresh.load_state_dict(taken)
+    fresh.position()
+    assert len(fresh.state.earlier) == 12
+    assert CountingLoader.cuts <= 3 * 12 + 3
+
+
+def test_one_shard_skip_per_shard_whatever_its_wording(wiki_shards):
+    name = Manifest.load(wiki_shards).shards[0]["name"]
+    d = loaders(wiki_shards, 1, 4)[0]
+    start = d.state_dict()
+    first = data_skips.shard_skip(start, d.plan, name, step=0, cause="unreadable: missing")
+    later = data_skips.shard_skip({**start, "epoch": 1}, d.plan, name, step=300, cause="unreadable: truncated")
+    d.add_skips([later, first])
+    assert list(d.skips.values()) == [first]  # the earliest is kept

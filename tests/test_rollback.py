@@ -234,3 +234,13 @@ def test_skips_of_other_data_are_refused(wiki_shards, tmp_path):
         extra=["--on-anomaly", "rollback", "--keep-checkpoints", "1"],
     )
     assert proc.returncode == 2 and "--on-anomaly rollback needs --keep-checkpoints 2 or more" in proc.stderr
+    proc = pretrain(
+        tmp_path / "c",
+        wiki_shards,
+        ds_config(0, "fp32"),
+        steps=4,
+        extra=["--on-anomaly", "rollback", "--skip-margin", "100000"],
+    )
+    assert (
+        proc.returncode == 2 and "--skip-margin 100000: a rollback would leave out 100001 steps' batches" in proc.stderr
+    )
