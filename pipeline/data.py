@@ -377,10 +377,10 @@ class PretrainingData:
                 raise DataError(f"{self.folder}: the skips leave no global batch in an epoch ({len(self.skips)} skips)")
             state = LoaderState(state.epoch + 1, 0)
 
-    def position(self) -> dict:
-        """Where the next micro-batch comes from ({epoch, micro_batch, earlier}), skips due there applied. Changes
-        nothing (safe between the batches of an iteration)."""
-        return asdict(self._settled_position(self.state.copy())[0])
+    def position(self, state: LoaderState | None = None) -> dict:
+        """Where the next micro-batch comes from ({epoch, micro_batch, earlier}), skips due there applied: at `state`
+        (a copy of an earlier `self.state`), else now. Changes nothing (safe between the batches of an iteration)."""
+        return asdict(self._settled_position((state or self.state).copy())[0])
 
     def window_skips(self, position: dict, micro_batches: int, step: int, cause: str) -> list[dict]:
         """Skips of the next `micro_batches` micro-batches per rank from `position` (from self.position()), into the

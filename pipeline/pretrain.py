@@ -518,12 +518,14 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         return sorted({n for n in names if n})
 
     ckpt_note = f"the last good checkpoint is in {config.checkpoints}"
-    of_this_data = [
-        c
-        for c in ckpt.complete_checkpoints(config.checkpoints)
-        if ckpt.read_meta(c).get("data_identity") == run.data_identity.to_dict()
-    ]
-    if rollback and not of_this_data and step < config.max_steps:
+    if (
+        rollback
+        and step < config.max_steps
+        and not any(
+            ckpt.read_meta(c).get("data_identity") == run.data_identity.to_dict()
+            for c in ckpt.complete_checkpoints(config.checkpoints)
+        )
+    ):
         save()  # a good state to come back to before the first interval's checkpoint (also after --new-data)
     save_skips()
     warned_peak = False  # an MFU above 1 was reported
@@ -534,10 +536,10 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         action()
         paused += time.perf_counter() - began
 
-    logged_step, t_last, data.data_wait = step, time.perf_counter(), 0.0
+    t_last, data.data_wait = time.perf_counter(), 0.0
     while step < config.max_steps:
         syncs.begin_step()
-        position = data.position()  # where this step's batches start: a skip of them is recorded from here
+        step_start = data.state.copy()  # where this step's batches start: a skip of them is recorded from here
         # The step's micro-batches are fetched first so that the MLM loss can be normalised by the number of
         # predictions in the whole global batch: then accumulation and data parallelism give exactly the
         # gradient of one large batch (a per-micro-batch mean would weight predictions unevenly).
@@ -553,6 +555,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             if bad_shards:
                 if failed:
                     log.warning("rank %d: %s", run.rank, reason)
+                position = data.position(step_start)
                 data.load_state_dict({**position, "plan": asdict(data.plan)})
                 found = [data_skips.shard_skip(position, data.plan, n, step + 1, "unreadable") for n in bad_shards]
                 data.add_skips(found)
@@ -596,7 +599,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             cause = detector.check(step + 1, mean_loss, nonfinite)
         if cause and rollback:
             engine.step()  # applied, then undone by the reload: the step's gradients are cleared as usual
-            roll_back(step + 1, cause, mean_loss, position)
+            roll_back(step + 1, cause, mean_loss, data.position(step_start))
             continue
         if cause and nonfinite:
             raise TrainError(
@@ -617,7 +620,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                     f"step {step + 1}: fp16 overflow with the loss scale at its floor; {ckpt_note}"
                 ) from None
             engine.optimizer.zero_grad(set_to_none=True)  # (DeepSpeed raised before clearing them)
-            roll_back(step + 1, "fp16 overflow with the loss scale at its floor", mean_loss, position)
+            roll_back(step + 1, "fp16 overflow with the loss scale at its floor", mean_loss, data.position(step_start))
             continue
         step = engine.global_steps
         syncs.end_step()
@@ -628,7 +631,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             cause = f"fp16 overflow with the loss scale at its floor (min_loss_scale {floor})"
             if not rollback:
                 raise TrainError(f"step {step}: {cause}; {ckpt_note}")
-            roll_back(step, cause, mean_loss, position)
+            roll_back(step, cause, mean_loss, data.position(step_start))
             continue
         if step % config.log_interval == 0 or step == config.max_steps or stopping:
             sums = acc.reduce()
