@@ -489,7 +489,9 @@ class Stage:
         return results
 
     def close(self) -> None:
-        """The run is finished (rank 0 wrote its record): rank 0 removes the work files."""
+        """The run is finished (rank 0 wrote its record): once every rank is done reading them (the last phase's
+        markers), rank 0 removes the work files."""
+        self.world.barrier()
         if self.world.rank == 0:
             shutil.rmtree(self.folder.work, ignore_errors=True)
         self.world.barrier()

@@ -506,6 +506,22 @@ def test_two_mpi_ranks_write_the_same_corpus(tmp_path: Path) -> None:
     assert ref.documents == 404
 
 
+@pytest.mark.mpi
+def test_a_rank_slow_to_read_the_last_markers_still_finds_them(tmp_path: Path) -> None:
+    """Rank 0 removes the work files only once every rank has read the output files' markers."""
+    src = mixed_inputs(tmp_path / "in")
+    mpirun = shutil.which("mpirun")
+    assert mpirun, "OpenMPI is installed by `make test` (.ci/system-deps.sh)"
+    cmd = [mpirun, "--allow-run-as-root", "--oversubscribe", "-np", "2", sys.executable, str(FAULT)]
+    cmd += ["--fault", "slow-markers-on-rank:1", "corpus", "--input", str(src), "--output", str(tmp_path / "mpi")]
+    proc = subprocess.run(
+        cmd + ["--num-files", "3", "--mpi", "on"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert not (tmp_path / "mpi" / ".work").exists()
+    assert len(list((tmp_path / "mpi").glob("*.txt"))) == 3
+
+
 def test_random_bytes_are_refused_by_the_command(tmp_path: Path) -> None:
     src = tmp_path / "random.txt"
     src.write_bytes(np.random.default_rng(1).integers(1, 256, 200_000, dtype=np.uint8).tobytes())

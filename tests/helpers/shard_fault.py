@@ -9,7 +9,9 @@ outside (the project's code has no fault hooks). FAULT is one of:
   would), while the other ranks go on to their work;
 - `kill-corpus:NAME`: the `corpus` task NAME kills its own process with SIGKILL: a part (p000003), a chunk of a
   streamed part (p000001-c00002), the hash of a streamed part's file (p000001-source), a deduplicated part
-  (p000001-d) or an output file (out-00001).
+  (p000001-d) or an output file (out-00001);
+- `slow-markers-on-rank:R`: MPI rank R of `corpus` reads each output file's done marker a second late (a slow
+  shared file system), after the other ranks have read theirs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import errno
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -96,6 +99,17 @@ def kill_corpus(name: str) -> None:
     corpus._part_task, corpus._write_output, corpus._write_screened = part, output, screened
 
 
+def slow_markers(rank: int) -> None:
+    real = corpus.read_json
+
+    def read_json(path):
+        if RANK == rank and Path(path).stem.startswith("out-"):
+            time.sleep(1)
+        return real(path)
+
+    corpus.read_json = read_json
+
+
 def main() -> int:
     argv = sys.argv[1:]
     i = argv.index("--fault")
@@ -113,6 +127,8 @@ def main() -> int:
         raise_on_rank(int(value))
     elif kind == "kill-corpus":
         kill_corpus(value)
+    elif kind == "slow-markers-on-rank":
+        slow_markers(int(value))
     else:
         raise SystemExit(f"unknown fault {kind!r}")
     return cli.main(argv)
