@@ -66,7 +66,7 @@ bench-all: bench
 	$(PY) bench/bench_formats.py --mb 5 --repeats 1
 	$(PY) bench/bench_masking.py --repeats 1 --mask-seconds 1
 	$(PY) bench/bench_dedup.py --documents 50000 --work $(BENCH_OUT)/dedup
-	$(PY) bench/bench_learning.py --corpus wikipedia-excerpt --finetune --steps 40 --every 20 --folds 2 --epochs 1 --work $(BENCH_OUT)/demo
+	$(PY) bench/bench_learning.py --corpus wikipedia-excerpt --finetune --steps 40 --every 20 --folds 2 --epochs 1 --work $(BENCH_OUT)/demo --data-dir $(BENCH_OUT)/demo/data
 	$(PY) bench/bench_engine.py --configs albert-tiny --precisions bf16 --steps 8 --work $(BENCH_OUT)/demo
 
 clean:

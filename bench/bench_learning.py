@@ -14,12 +14,18 @@ paired 95% bootstrap intervals over words pairs and posts), and `albert-finetune
 fine-tuned once, with the first checkpoint: with the same folds, seeds and settings it is the same for every
 checkpoint. Fine-tuning differences are paired over those folds and seeds.
 
-The learning-rate schedule (linear warmup, then linear decay to 0 at --steps) stretches with --steps. Everything
-is kept under --work, and a re-run resumes: pretraining from its newest checkpoint, exports and probes that are
+`--masking dynamic` trains on shards made with `albert-data shard --masking dynamic` (each pair once, masked
+afresh every epoch in the loader) instead of the static masks of 5 passes; the eval shard is the same static one, so
+two runs that differ only in --masking are compared on the same masked eval sequences.
+
+The learning-rate schedule (linear warmup, then linear decay to 0 at --steps) stretches with --steps. The data (corpus,
+vocabulary, shards) is kept under --data-dir and shared by runs of either masking; runs, exports and probes under
+--work. A re-run resumes: pretraining from its newest checkpoint, exports and probes that are
 done are reused.
 
     python bench/bench_learning.py                       # 3000 steps, a checkpoint every 500 (about an hour)
     python bench/bench_learning.py --size quick          # 200 steps, a checkpoint every 100 (a check)
+    python bench/bench_learning.py --masking dynamic     # the same, trained on dynamically masked shards
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from pipeline.checkpoint import complete_checkpoints  # noqa: E402
 from pipeline.classification_metrics import paired_difference  # noqa: E402
 from pipeline.demo import INTRINSIC_ROWS, PROBE_SETTINGS, pretrain_args, write_model_config  # noqa: E402
 from pipeline.distributed import torchrun_pretrain  # noqa: E402
+from pipeline.metrics import ANOMALY  # noqa: E402
 from pipeline.probe_report import interval_text  # noqa: E402
 
 log = logging.getLogger("bench")
@@ -71,9 +78,9 @@ def albert_data_step(args: list[str]) -> None:
         raise SystemExit(f"albert-data {shlex.join(args)} failed")
 
 
-def prepare_sword_data(output: Path, workers: int = 2) -> DemoData:
-    """sword_english's training text -> vocabulary and 4 train shards (5 passes of masks and pairs); its held-out
-    books -> 1 eval shard."""
+def prepare_sword_data(output: Path, masking: str, workers: int = 2) -> DemoData:
+    """sword_english's training text -> vocabulary and 4 train shards (static: 5 passes of masks and pairs in
+    `train`; dynamic: each pair once, unmasked, in `train-dynamic`); its held-out books -> 1 static eval shard."""
     corpus = sword_english()
     spm = output / "vocab" / "spiece.model"
     folders = {"train": (corpus.train, 4, 5), "eval": (corpus.heldout, 1, 1)}
@@ -88,18 +95,20 @@ def prepare_sword_data(output: Path, workers: int = 2) -> DemoData:
             ["vocab", "--input", str(output / "corpus" / "train"), "--output-prefix", str(spm.with_suffix(""))]
             + ["--vocab-size", str(SWORD_VOCAB_SIZE)]
         )
+    train = "train" if masking == "static" else "train-dynamic"
     for name, (_, files, dupe) in folders.items():
-        folder = output / name
+        folder = output / (train if name == "train" else name)
         if not (folder / "manifest.json").exists():
             inputs = [str(output / "corpus" / name / f"corpus-{i:05d}.txt") for i in range(files)]
+            how = ["--masking", "dynamic"] if folder.name == "train-dynamic" else ["--dupe-factor", str(dupe)]
             albert_data_step(
-                ["shard", "--input", *inputs, "--spm-model", str(spm), "--output", str(folder)]
-                + ["--dupe-factor", str(dupe), "--num-shards", str(files), "--workers", str(workers), "--resume"]
+                ["shard", "--input", *inputs, "--spm-model", str(spm), "--output", str(folder), *how]
+                + ["--num-shards", str(files), "--workers", str(workers), "--resume"]
             )
         problems = verify_folder(folder)
         if problems:
             raise SystemExit("; ".join(problems))
-    return DemoData(output / "train", output / "eval", spm)
+    return DemoData(output / train, output / "eval", spm)
 
 
 def pretrain(args: argparse.Namespace, data: DemoData, model_config: Path, out: Path) -> None:
@@ -136,11 +145,12 @@ def intrinsic_probe(hf: Path, out: Path) -> dict:
     return json.loads(results.read_text())
 
 
-def metric_lines(metrics_file: Path) -> tuple[dict[int, dict], dict[int, dict]]:
-    """(train, eval) metrics lines by step."""
+def metric_lines(metrics_file: Path) -> tuple[dict[int, dict], dict[int, dict], list[dict]]:
+    """(train, eval) metrics lines by step, and the anomaly records (pipeline.anomaly's detector, in any mode)."""
     lines = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     train = {m["step"]: m for m in lines if m.get("split", "train") == "train"}
-    return train, {m["step"]: m for m in lines if m.get("split") == "eval"}
+    anomalies = [m for m in lines if m.get("split") == ANOMALY]
+    return train, {m["step"]: m for m in lines if m.get("split") == "eval"}, anomalies
 
 
 def train_loss_near(train: dict[int, dict], step: int, window: int) -> str:
@@ -188,7 +198,19 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--work", type=Path, default=None, help="data, runs and probes (default: runs/bench-learning-SIZE)"
+        "--work", type=Path, default=None, help="runs and probes (default: runs/bench-learning-SIZE[-dynamic])"
+    )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="corpus, vocabulary, shards (default: runs/bench-learning-data-CORPUS)",
+    )
+    parser.add_argument(
+        "--masking",
+        choices=("static", "dynamic"),
+        default="static",
+        help="the training shards: static (5 masked passes, ALBERT's recipe) or dynamic (masked in the loader)",
     )
     parser.add_argument(
         "--corpus", choices=("sword-english", "wikipedia-excerpt"), default="sword-english", help="pretraining text"
@@ -213,23 +235,29 @@ def main(argv: list[str] | None = None) -> int:
     size_steps, size_every = SIZES[args.size]
     args.steps = size_steps if args.steps is None else args.steps
     args.every = size_every if args.every is None else args.every
-    args.work = args.work or REPO / "runs" / f"bench-learning-{args.size}"
+    args.work = (
+        args.work or REPO / "runs" / f"bench-learning-{args.size}{'-dynamic' if args.masking == 'dynamic' else ''}"
+    )
+    args.data_dir = args.data_dir or REPO / "runs" / f"bench-learning-data-{args.corpus}"
     if args.every < 1 or args.steps < args.every:
         parser.error("--every must be between 1 and --steps")
     setup_logging(False)
+    args.work.mkdir(parents=True, exist_ok=True)
     started = datetime.datetime.now().astimezone()
 
     if args.corpus == "sword-english":
-        data = prepare_sword_data(args.work / "data")
+        data = prepare_sword_data(args.data_dir, args.masking)
+    elif args.masking == "dynamic":
+        parser.error("--masking dynamic: only with --corpus sword-english")
     else:
-        data = prepare_demo_data(args.work / "data")
+        data = prepare_demo_data(args.data_dir)
     labelled = args.data or pang_lee_polarity()
     vocab_size, model_config = write_model_config(data.train, args.work)
     train_dir = args.work / "train"
     pretrain(args, data, model_config, train_dir)
 
     checkpoints = train_dir / "checkpoints"
-    train_metrics, evals = metric_lines(train_dir / "metrics.jsonl")
+    train_metrics, evals, anomalies = metric_lines(train_dir / "metrics.jsonl")
     pretraining_rows, intrinsic_rows, finetune_rows = [], [], []
     baseline = None
     for tag_dir in complete_checkpoints(checkpoints):
@@ -289,6 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         f"{manifests['eval']['num_examples']} sequences of {held}), albert-tiny, vocabulary {vocab_size}, "
         f"{args.steps} steps of batch 32 on {args.ranks} CPU ranks ({args.deepspeed_config.name}); eval over "
         f"{EVAL_BATCHES} micro-batches per rank; train MLM loss: mean of the logged steps in the last {args.every // 5 or 1}"
+    )
+    shard_settings = manifests["train"]["settings"]
+    print(
+        f"training shards: {data.train} (masking {shard_settings.get('masking', 'static')}, "
+        f"{shard_settings['dupe_factor']} pass(es) over the corpus)"
+    )
+    named = "; ".join(f"step {m['step']}: {m['cause']}" for m in anomalies[:5]) + (" ..." if len(anomalies) > 5 else "")
+    print(
+        f"anomalous steps (the detector's defaults: a non-finite loss, or the loss over 2x the median of the last "
+        f"100 steps): {len(anomalies)}{' (' + named + ')' if anomalies else ''}"
     )
     print()
     headers = ["step", "train MLM loss", "eval MLM loss", "eval MLM acc", "eval SOP loss", "eval SOP acc"]
