@@ -384,15 +384,29 @@ class PretrainingData:
 
     def window_skips(self, position: dict, micro_batches: int, step: int, cause: str) -> list[dict]:
         """Skips of the next `micro_batches` micro-batches per rank from `position` (from self.position()), into the
-        next epoch where this one ends first."""
+        next epoch where this one ends first. A known skip that falls due inside the window (one recorded further on
+        in this history: an earlier rollback's, when a rollback goes one checkpoint further back) ends a window
+        there, and the rest is counted once it is applied: the windows leave out `micro_batches` batches that
+        nothing else leaves out. Stops the read-ahead (the caller iterates anew after adding the skips)."""
+        self.close()
+        known = dict(self.skips)
         state = LoaderState(position["epoch"], position["micro_batch"], [dict(e) for e in position["earlier"]])
         skips: list[dict] = []
-        while micro_batches > 0 and len(skips) < 3:
-            state, rows = self._settled_position(state)
-            until = min(state.micro_batch + micro_batches, self._micro_batches(rows))
-            skips.append(data_skips.window_skip(asdict(state), self.plan, until, step, cause))
-            micro_batches -= until - state.micro_batch
-            state = LoaderState(state.epoch + 1, 0)
+        try:
+            while micro_batches > 0 and len(skips) < 16:
+                state, rows = self._settled_position(state)
+                end = self._micro_batches(rows)
+                stop = self._next_stop(state)
+                until = min(state.micro_batch + micro_batches, end, stop if stop is not None else end)
+                skip = data_skips.window_skip(asdict(state), self.plan, until, step, cause)
+                skips.append(skip)
+                self._add(skip)  # (for now: settling at `state` then applies it, and the skip due at `stop`)
+                micro_batches -= until - state.micro_batch
+                if until == end:
+                    state = LoaderState(state.epoch + 1, 0)
+        finally:
+            self.skips = known
+            self._memo.clear()
         return skips
 
     def _settled(self, state: LoaderState) -> LoaderState:
@@ -410,9 +424,10 @@ class PretrainingData:
             link = {**plan, "micro_batch": state.micro_batch, "removed": due}
             state = LoaderState(state.epoch, 0, [*state.earlier, link])
 
-    def _next_stop(self) -> int | None:
-        """The position of the plan in progress where the next skip recorded on this history falls due."""
-        plan, st = asdict(self.plan), self.state
+    def _next_stop(self, state: LoaderState | None = None) -> int | None:
+        """The position of the plan in progress (at `state`, else now) where the next skip recorded on this history
+        falls due."""
+        plan, st = asdict(self.plan), state or self.state
         ats = [
             s["at"]
             for s in self.skips.values()

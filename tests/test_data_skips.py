@@ -135,6 +135,26 @@ def test_two_skips_replayed_from_before_both(wiki_shards):
     assert take(replay, 6 + 5 + 20) == taken
 
 
+def test_a_window_over_a_known_later_skip_leaves_out_its_count_besides_it(wiki_shards):
+    """A rollback that goes one checkpoint further back: its window (8 micro-batches from 10) reaches the skip the
+    first rollback recorded (2 from 14). The window ends there and goes on once that skip is applied: 8 micro-batches
+    left out besides the known skip's 2, nothing twice."""
+    epoch = Counter(straight_epoch(wiki_shards, 1, 4))
+    known, known_rows, head, _ = window_skip_after(wiki_shards, 1, 4, handed=14, steps=2)
+    d = loaders(wiki_shards, 1, 4, skips=[known])[0]
+    assert take(d, 10) == head[0][: 10 * 4]
+    windows = d.window_skips(d.position(), 8, step=11, cause="t")
+    assert [w["until"] for w in windows][0] == 14 and len(windows) == 2
+    assert list(d.skips) == [data_skips.skip_id(known)]  # computing the windows records nothing
+    d.add_skips(windows)
+    tail = rest_of_epoch([d])
+    seen = Counter(head[0][: 10 * 4] + tail)
+    assert seen <= epoch and not Counter(known_rows) & Counter(tail)
+    assert not Counter(head[0][10 * 4 :]) & Counter(tail)  # the plain batches 10-13: the first window
+    left_out = sum((epoch - seen).values())
+    assert (8 + 2) * 4 <= left_out < (8 + 2 + 1) * 4  # (less than a batch more: the cut's remainder)
+
+
 def test_a_shard_skip_leaves_the_shard_out_now_and_in_later_epochs(wiki_shards):
     name = Manifest.load(wiki_shards).shards[0]["name"]
     with h5py.File(wiki_shards / name, "r") as f:
