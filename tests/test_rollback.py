@@ -128,6 +128,36 @@ def test_a_run_that_keeps_failing_stops_after_max_rollbacks(wiki_shards, tmp_pat
     assert [e["to_step"] for e in metrics(tmp_path, "anomaly")] == [4, 2]  # the second went one checkpoint further
 
 
+def test_an_fp16_overflow_spiral_rolls_back_to_before_its_first_overflow(wiki_shards, tmp_path):
+    """An overflow at every step from 5 halves the loss scale down to its floor: the rollback goes to the checkpoint
+    before step 5 (not to one written during the spiral), leaves out the batches of every overflowed step and the
+    margin's, and the run finishes with that checkpoint's loss scale."""
+    fp16 = ["--allow-fp16-on-cpu", "--keep-checkpoints", "20", "--fault", "nan-from-step:5"]
+    proc = ok(
+        pretrain(
+            tmp_path,
+            wiki_shards,
+            ds_config(2, "fp16"),
+            steps=20,
+            nproc=2,
+            extra=[*ROLLBACK, *fp16],
+            script=FAULT_WORKER,
+        )
+    )
+    [event] = metrics(tmp_path, "anomaly")
+    assert event["step"] == 5 and event["to_step"] == 4 and event["action"] == "rollback", event
+    assert event["cause"].startswith("fp16 overflow at every step from 5 to ")
+    floor_step = int(event["cause"].split(" to ")[1].split(",")[0])
+    assert floor_step >= 5 + 8  # from 2^8 to the floor 1, a halving per overflow (after the first, hysteresis 2)
+    assert event["examples_left_out"] == (floor_step - 5 + 1 + 1) * 4 * 2  # every overflowed step and the margin
+    assert f"rolled back to {tmp_path / 'checkpoints' / 'step-00000004'}" in proc.stderr
+    lines = metrics(tmp_path)
+    assert [m["step"] for m in lines] == list(range(1, 21))
+    assert all(m["loss_scale"] == 2.0**8 for m in lines[4:7])  # the checkpoint's scale, after the rollback
+    seen = {c for r in (0, 1) for step, crcs in records(tmp_path, r).items() if step >= 5 for c in crcs}
+    assert not seen & plain_crcs(wiki_shards, 2, 4, range(5, floor_step + 2))
+
+
 def test_a_loss_spike_rolls_back_and_a_normal_run_never_trips(wiki_shards, tmp_path):
     spike = ["--spike-window", "3", "--spike-factor", "3"]
     proc = ok(

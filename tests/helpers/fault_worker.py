@@ -6,6 +6,8 @@ FAULT is one of:
   forward once setup() has built the engine), each time the run reaches step N;
 - `nan-once-at-step:N`: the same, the first time only (a rolled-back run goes on);
 - `spike-once-at-step:N:FACTOR`: the MLM loss of step N is FACTOR times larger, the first time only;
+- `nan-from-step:N`: the MLM loss is NaN in every step from N on, until the run comes back to an earlier step (a
+  rollback): with fp16, an overflow at every step, the loss scale halved down to its floor;
 - `kill-before-complete`: rank 0 is killed with SIGKILL when a save has written every rank's files but not yet the
   completion marker (wraps the checkpoint module's JSON writer);
 - `slow-steps:SECONDS`: every training micro-batch's forward takes SECONDS longer (a step long enough for a person's
@@ -35,6 +37,30 @@ def scale_loss_at_step(step: int, factor: float, once: bool) -> None:
                 hits[0] += 1
                 if not once or hits[0] <= run.config.engine.batch.accum:
                     out.mlm_loss = out.mlm_loss * factor
+            return out
+
+        model.forward = poisoned
+        return run
+
+    pretrain.setup = setup
+
+
+def nan_from_step(step: int) -> None:
+    real_setup = pretrain.setup
+
+    def setup(args):
+        run = real_setup(args)
+        model, forward = run.engine.module, run.engine.module.forward
+        seen = {"last": 0, "over": False}
+
+        def poisoned(*a, **k):
+            out = forward(*a, **k)
+            if model.training:
+                now = run.engine.global_steps + 1
+                seen["over"] |= now < seen["last"]  # back at an earlier step: rolled back
+                seen["last"] = now
+                if now >= step and not seen["over"]:
+                    out.mlm_loss = out.mlm_loss * float("nan")
             return out
 
         model.forward = poisoned
@@ -86,6 +112,8 @@ def main() -> int:
     elif fault.startswith("spike-once-at-step:"):
         _, step, factor = fault.split(":")
         scale_loss_at_step(int(step), float(factor), once=True)
+    elif fault.startswith("nan-from-step:"):
+        nan_from_step(int(fault.split(":", 1)[1]))
     elif fault == "kill-before-complete":
         kill_before_complete()
     elif fault.startswith("slow-steps:"):
