@@ -87,8 +87,10 @@ def relation(skip: dict[str, Any], epoch: int, earlier: list[dict], plan: dict[s
     return "future" if link.get("removed") and same_plan and handed <= link["micro_batch"] else "due"
 
 
-def read(path: Path, data_identity: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The skips in a data-skips.json; refused when recorded for other training data."""
+def read(path: Path, data_identity: dict[str, Any] | None, seed: int | None = None) -> list[dict[str, Any]]:
+    """The skips in a data-skips.json; refused when recorded for other training data, or when it has window skips
+    and was written by a run with another --seed (the shuffle, so the examples at a position, depends on it; a
+    shard skip does not)."""
     try:
         doc = json.loads(path.read_text())
         skips, version, data = doc["skips"], doc["version"], doc.get("data")
@@ -103,9 +105,15 @@ def read(path: Path, data_identity: dict[str, Any] | None) -> list[dict[str, Any
         )
     if not isinstance(skips, list) or not all(isinstance(s, dict) and "kind" in s for s in skips):
         raise SkipsFileError(f"{path}: 'skips' is not a list of skips")
+    recorded = doc.get("seed")
+    if seed is not None and recorded is not None and recorded != seed and any(s["kind"] == "window" for s in skips):
+        raise SkipsFileError(
+            f"{path}: its window skips were recorded by a run with --seed {recorded}; this run has --seed {seed}, "
+            "under which their positions hold other examples"
+        )
     return skips
 
 
-def write(path: Path, skips: list[dict[str, Any]], data_identity: dict[str, Any]) -> None:
-    doc = {"version": VERSION, "data": data_identity, "skips": skips}
+def write(path: Path, skips: list[dict[str, Any]], data_identity: dict[str, Any], seed: int) -> None:
+    doc = {"version": VERSION, "data": data_identity, "seed": seed, "skips": skips}
     write_text(path, json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -129,6 +129,16 @@ def lamb_param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, A
     return [g for g in groups if g["params"]]
 
 
+@dataclass(frozen=True)
+class StepPart:
+    """What one step() call applied to (part of) a parameter group."""
+
+    group: int  # id() of the group
+    step: int  # the optimizer step it was part of
+    grad_sq: torch.Tensor  # sums of squares of the gradients: [whole parameters, flat partitions] (float64)
+    ratios: torch.Tensor | None  # trust ratios (adapted groups)
+
+
 def _trust_ratio(w_norm: torch.Tensor, u_norm: torch.Tensor, min_coeff: float, max_coeff: float) -> torch.Tensor:
     ratio = (w_norm / u_norm).clamp(min_coeff, max_coeff)
     return torch.where((w_norm > 0) & (u_norm > 0), ratio, torch.ones_like(ratio))
@@ -164,9 +174,10 @@ class Lamb(torch.optim.Optimizer):
         # Set before super().__init__, which calls add_param_group.
         self._whole: set[int] = set()
         self._layouts: dict[int, tuple[torch.Tensor, FlatLayout]] = {}
-        # group index -> the last step's trust ratios of an adapted group's parameters (this rank's; on the device,
-        # read only when metrics are logged)
-        self.trust_ratios: dict[int, torch.Tensor] = {}
+        # What each step() call applied, for the metrics (on the device: read only when they are logged). A group's
+        # tensors may come in several calls per optimizer step (DeepSpeed's ZeRO-1/2 hands one group at a time,
+        # ZeRO-3 one sub-group), so the key is (the group, the tensors of the call).
+        self._parts: dict[tuple[int, tuple[int, ...]], StepPart] = {}
         self._held_slots: dict[int, torch.Tensor] = {}  # id of a flat tensor -> the parameters it holds pieces of
         defaults = dict(
             lr=lr,
@@ -234,18 +245,37 @@ class Lamb(torch.optim.Optimizer):
         flat_with_grad = [p for p, _ in flat if p.grad is not None]
         params = whole + flat_with_grad
         updates = self._adam_updates(group, params) if params else []
+        n, ratios = len(whole), []
         if group["adapt"]:
-            n, ratios = len(whole), []
             if whole:
                 whole_ratios = self._whole_ratios(group, whole, updates[:n])
                 torch._foreach_mul_(updates[:n], whole_ratios)
                 ratios.append(torch.stack(whole_ratios))
             if flat:
                 ratios += self._scale_flat(group, flat, dict(zip(map(id, flat_with_grad), updates[n:], strict=True)))
-            if ratios:
-                self.trust_ratios[index] = torch.cat(ratios)
+        if params:
+            squares = torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])).double() ** 2
+            self._parts[(id(group), tuple(map(id, params)))] = StepPart(
+                id(group),
+                int(self.state[params[0]]["step"]),
+                torch.stack([squares[:n].sum(), squares[n:].sum()]),
+                torch.cat(ratios) if ratios else None,
+            )
         if params:
             torch._foreach_add_(params, updates, alpha=-group["lr"])
+
+    def last_step(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """Per parameter group, what the last optimizer step applied on this rank: the sums of squares of the
+        gradients [over whole parameters (the same on every rank), over flat partitions (this rank's share)] and
+        the trust ratios of an adapted group (None otherwise, or where this rank holds none of it)."""
+        newest = max((part.step for part in self._parts.values()), default=0)
+        out = []
+        for group in self.param_groups:
+            parts = [p for p in self._parts.values() if p.group == id(group) and p.step == newest]
+            squares = torch.stack([p.grad_sq for p in parts]).sum(0) if parts else torch.zeros(2, dtype=torch.float64)
+            ratios = [p.ratios for p in parts if p.ratios is not None]
+            out.append((squares, torch.cat(ratios) if ratios else None))
+        return out
 
     def _init_state(self, p: torch.Tensor) -> dict[str, Any]:
         state = self.state[p]

@@ -313,31 +313,50 @@ class Metrics:
             self.tb.close()
 
 
-def trust_ratio_stats(lamb, comm) -> dict[str, float]:
-    """Minimum, mean and maximum of LAMB's trust ratios in the last step, per adapted parameter group (our LAMB only:
-    FusedLamb does not expose them), over all ranks: "trust_ratio_{min,mean,max}" for the first adapted group (the
-    weights with decay), with the group's index appended for any further one. Collective; on logging steps only.
-    Under ZeRO, a parameter split across ranks counts once per rank in the mean."""
+def lamb_stats(lamb, comm, grad_norm: float | None) -> dict[str, float]:
+    """Per parameter group, from the last step of our LAMB (FusedLamb does not expose them), over all ranks; two
+    all-reduces, on logging steps only:
+    - "grad_norm_decay", "grad_norm_no_decay": the group's part of the gradient norm (the squares of the two add up to
+      grad_norm's). LAMB applies the gradients after DeepSpeed's clipping, which scales every group alike: given the
+      global norm before clipping (`grad_norm`), each group's norm is its share of it; without, as applied;
+    - "trust_ratio_{min,mean,max}": LAMB's trust ratios in the first adapted group (the weights with decay), with the
+      group's index appended for any further one. Under ZeRO, a parameter split across ranks counts once per rank in
+      the mean."""
     import torch
 
+    if not hasattr(lamb, "last_step"):
+        return {}
+    groups = lamb.param_groups  # the same on every rank
+    last = [(squares.to(comm.device), ratios) for squares, ratios in lamb.last_step()]
+    adapted = [i for i, group in enumerate(groups) if group.get("adapt")]
+    none = torch.zeros(0, dtype=torch.float64, device=comm.device)
+    ratios = [none if last[i][1] is None else last[i][1].to(comm.device, torch.float64) for i in adapted]
+    # maxima: each adapted group's -min and max ratio (-inf on a rank holding none of it), each group's sum of squares
+    # over whole parameters (the same on every rank); sums: each adapted group's ratio sum and count, each group's sum
+    # of squares over flat partitions (disjoint)
+    inf = torch.tensor([-math.inf, -math.inf], dtype=torch.float64, device=comm.device)
+    maxima = torch.cat(
+        [*(torch.stack([-r.min(), r.max()]) if r.numel() else inf for r in ratios), *(sq[:1] for sq, _ in last)]
+    )
+    sums = torch.cat(
+        [*(torch.stack([r.sum(), r.new_tensor(float(r.numel()))]) for r in ratios), *(sq[1:] for sq, _ in last)]
+    )
+    maxima, sums = comm.max_(maxima).tolist(), comm.sum_(sums).tolist()
     stats: dict[str, float] = {}
-    if not hasattr(lamb, "trust_ratios"):
-        return stats
-    adapted = [i for i, group in enumerate(lamb.param_groups) if group.get("adapt")]  # the same on every rank
     for n, index in enumerate(adapted):
-        ratios = lamb.trust_ratios.get(index, torch.zeros(0)).to(comm.device, torch.float64)
-        if ratios.numel():
-            extremes = torch.stack([-ratios.min(), ratios.max()])
-        else:  # a rank that holds none of the group's parameters
-            extremes = torch.full((2,), -math.inf, dtype=torch.float64, device=comm.device)
-        comm.max_(extremes)
-        total = comm.sum_(torch.stack([ratios.sum(), ratios.new_tensor(float(ratios.numel()))]))
-        if not total[1].item():
-            continue
-        suffix = f"_{index}" if n else ""
-        stats[f"trust_ratio_min{suffix}"] = -extremes[0].item()
-        stats[f"trust_ratio_mean{suffix}"] = (total[0] / total[1]).item()
-        stats[f"trust_ratio_max{suffix}"] = extremes[1].item()
+        count = sums[2 * n + 1]
+        if count:
+            suffix = f"_{index}" if n else ""
+            stats[f"trust_ratio_min{suffix}"] = -maxima[2 * n]
+            stats[f"trust_ratio_mean{suffix}"] = sums[2 * n] / count
+            stats[f"trust_ratio_max{suffix}"] = maxima[2 * n + 1]
+    applied = [w + f for w, f in zip(maxima[2 * len(adapted) :], sums[2 * len(adapted) :], strict=True)]
+    total = math.sqrt(sum(applied))
+    scale = grad_norm / total if grad_norm is not None and math.isfinite(grad_norm) and total > 0 else 1.0
+    names = ["decay" if group.get("adapt") else "no_decay" for group in groups]
+    for index, (name, square) in enumerate(zip(names, applied, strict=True)):
+        key = f"grad_norm_{name}" if names.count(name) == 1 else f"grad_norm_{name}_{index}"
+        stats[key] = math.sqrt(square) * scale
     return stats
 
 

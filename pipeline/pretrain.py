@@ -35,10 +35,10 @@ from .metrics import (
     MfuBasis,
     PhaseTimer,
     comm_time,
+    lamb_stats,
     peak_memory,
     record_compile_counters,
     train_record,
-    trust_ratio_stats,
 )
 from .run_config import Precision, RunConfig, TrainError, check_data_against_model, parse_args, run_config
 
@@ -170,7 +170,7 @@ def known_skips(config: RunConfig, resume_from: Path | None, identity: DataIdent
     if resume_from is not None:
         files += [folder / data_skips.FILE for folder in dict.fromkeys([config.output, resume_from.parent.parent])]
     try:
-        return [skip for f in files if f.is_file() for skip in data_skips.read(f, identity.to_dict())]
+        return [skip for f in files if f.is_file() for skip in data_skips.read(f, identity.to_dict(), config.seed)]
     except data_skips.SkipsFileError as e:
         raise TrainError(str(e)) from None
 
@@ -425,7 +425,8 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
     def save_skips() -> None:
         """OUTPUT/data-skips.json: this run's skips (the file of an earlier run on other data is replaced)."""
         if run.rank == 0:
-            data_skips.write(config.output / data_skips.FILE, list(data.skips.values()), run.data_identity.to_dict())
+            skips, identity = list(data.skips.values()), run.data_identity.to_dict()
+            data_skips.write(config.output / data_skips.FILE, skips, identity, config.seed)
 
     def rollback_target(failed_step: int) -> Path | None:
         """Rank 0's choice, broadcast: the newest intact checkpoint of this data before `failed_step`, one further
@@ -674,7 +675,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             record = train_record(
                 engine, sums, interval, run.mfu_basis, data.state.epoch, loss_scale(engine, precision)
             )
-            record |= trust_ratio_stats(run.lamb, comm) | syncs.read() | comm_time()
+            record |= lamb_stats(run.lamb, comm, record["grad_norm"]) | syncs.read() | comm_time()
             metrics.log(record)
             if record["mfu"] > 1 and run.rank == 0 and not warned_peak:
                 warned_peak = True

@@ -219,3 +219,20 @@ def test_one_shard_skip_per_shard_whatever_its_wording(wiki_shards):
     later = data_skips.shard_skip({**start, "epoch": 1}, d.plan, name, step=300, cause="unreadable: truncated")
     d.add_skips([later, first])
     assert list(d.skips.values()) == [first]  # the earliest is kept
+
+
+def test_a_skips_file_of_another_seed_is_refused_when_it_has_window_skips(wiki_shards, tmp_path):
+    """The shuffle depends on --seed: a window skip's position holds other examples under another seed, a shard
+    skip's shard does not."""
+    d = loaders(wiki_shards, 1, 4)[0]
+    window = data_skips.window_skip(d.state_dict(), d.plan, 2, step=1, cause="t")
+    name = Manifest.load(wiki_shards).shards[0]["name"]
+    shard = data_skips.shard_skip(d.state_dict(), d.plan, name, step=1, cause="unreadable")
+    identity = {"folder": str(wiki_shards), "shards_sha256": "x"}
+    path = tmp_path / data_skips.FILE
+    data_skips.write(path, [window, shard], identity, seed=7)
+    assert data_skips.read(path, identity, seed=7) == [window, shard]
+    with pytest.raises(data_skips.SkipsFileError, match=r"recorded by a run with --seed 7; this run has --seed 8"):
+        data_skips.read(path, identity, seed=8)
+    data_skips.write(path, [shard], identity, seed=7)
+    assert data_skips.read(path, identity, seed=8) == [shard]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers.lamb_worker import TinyNet
+from helpers.lamb_worker import TinyNet, global_batch
 
 import pipeline.lamb_deepspeed as lamb_module
 from pipeline.distributed import free_port
@@ -363,6 +364,59 @@ def test_zero_partitions_train_exactly_like_zero0(stage: int, launched: Callable
     torch.testing.assert_close(ours["losses"], reference["losses"], rtol=1e-5, atol=0)
     # One trust ratio per flat partition (what a per-tensor LAMB does under ZeRO) is clearly different.
     assert max_relative_difference(naive["params"], reference["params"]) > 1e-2
+
+
+def reference_group_norms() -> dict[str, float]:
+    """The gradient norm of each parameter group at the workers' first step, in one process without DeepSpeed."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    ids, targets = global_batch(0)
+    model(ids, targets).backward()  # (the mean over the global batch: what the ranks' averaged gradients are)
+    groups = lamb_param_groups(model, 0.01)
+    return {
+        f"grad_norm_{'decay' if g['adapt'] else 'no_decay'}": float(
+            torch.stack([p.grad.norm() for p in g["params"]]).norm()
+        )
+        for g in groups
+    }
+
+
+def group_norms(stats: dict) -> dict[str, float]:
+    return {k: v for k, v in stats.items() if k.startswith("grad_norm_")}
+
+
+def total(norms: dict[str, float]) -> float:
+    return math.sqrt(sum(v**2 for v in norms.values()))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_per_group_gradient_norms_are_the_same_at_every_stage(
+    stage: int, launched: Callable[[int], dict[str, Any]]
+) -> None:
+    """Whole parameters (ZeRO-0) or flat partitions over 2 ranks (1-3): each group's gradient norm at the first step
+    equals the norm computed in one process, before clipping where DeepSpeed gives the global norm (ZeRO 1-3: the
+    squares add up to it) and as applied after clipping (max_grad_norm 1) everywhere; these and the extreme trust
+    ratios the same at every step as ZeRO-0's."""
+    stats = launched(stage)["fp32"]["stats"]
+    reference = reference_group_norms()
+    clip = min(1.0, 1.0 / total(reference))
+    assert clip < 1 and "trust_ratio_mean" in stats[0]["applied"]
+    applied = group_norms(stats[0]["applied"])
+    assert applied.keys() == reference.keys() == {"grad_norm_decay", "grad_norm_no_decay"}
+    for key, value in reference.items():
+        assert applied[key] == pytest.approx(value * clip, rel=1e-4), key
+    if stage:
+        for key, value in reference.items():
+            assert stats[0]["given"][key] == pytest.approx(value, rel=1e-4), key
+        for step in stats:
+            assert total(group_norms(step["given"])) == pytest.approx(step["grad_norm"], rel=1e-6)
+            assert total(group_norms(step["applied"])) == pytest.approx(min(step["grad_norm"], 1.0), rel=1e-4)
+    else:
+        assert stats[0]["grad_norm"] is None  # DeepSpeed clips fp32 ZeRO-0 gradients without keeping the norm
+    for ours, zero0 in zip(stats, launched(0)["fp32"]["stats"], strict=True):
+        for key in [*reference, "trust_ratio_min", "trust_ratio_max"]:  # (each sub-group of ZeRO-3 counted)
+            assert ours["applied"][key] == pytest.approx(zero0["applied"][key], rel=1e-4), key
 
 
 @pytest.mark.slow

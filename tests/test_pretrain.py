@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import signal
 import time
@@ -61,8 +62,13 @@ def test_two_ranks_bf16_each_zero_stage(stage, wiki_shards, tmp_path):
         "trust_ratio_min",
         "trust_ratio_mean",
         "trust_ratio_max",
+        "grad_norm_decay",
+        "grad_norm_no_decay",
     }
     assert all(0.01 <= m["trust_ratio_min"] <= m["trust_ratio_mean"] <= m["trust_ratio_max"] <= 10 for m in lines)
+    for m in lines:  # the groups' parts of the global norm
+        assert m["grad_norm_decay"] > 0 and m["grad_norm_no_decay"] > 0
+        assert math.hypot(m["grad_norm_decay"], m["grad_norm_no_decay"]) == pytest.approx(m["grad_norm"], rel=1e-6)
     assert keys <= set(lines[-1]) and lines[-1]["samples"] == 4 * 8 and lines[-1]["loss_scale"] == 1.0
     assert all(0 < m["loss"] < 20 for m in lines)
     info = json.loads((tmp_path / "run-info.json").read_text())

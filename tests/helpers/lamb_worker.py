@@ -29,9 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipeline.comm import Comm
 from pipeline.distributed import shutdown_distributed
 from pipeline.lamb import FlatLayout
 from pipeline.lamb_deepspeed import attach_zero_partitions, select_optimizer
+from pipeline.metrics import lamb_stats
 from pipeline.run_config import engine_config
 
 log = logging.getLogger("lamb_worker")
@@ -139,20 +141,31 @@ def flat_partitions(engine: Any) -> list[torch.Tensor]:
     return []
 
 
-def train(engine: Any, first: int, last: int) -> tuple[list[float], list[float]]:
+def train(engine: Any, first: int, last: int, lamb: Any = None) -> tuple[list[float], list[float], list[dict]]:
+    """Steps [first, last): the mean losses, the learning rates and (with `lamb`) per step the metrics' per-group
+    statistics, given the norm before clipping ("given") and not ("applied")."""
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     micro = GLOBAL_BATCH // world
-    losses, lrs = [], []
+    losses, lrs, stats = [], [], []
     for step in range(first, last):
         ids, targets = global_batch(step)
         loss = engine(ids[rank * micro : (rank + 1) * micro], targets[rank * micro : (rank + 1) * micro])
         engine.backward(loss)
         lrs.append(float(engine.optimizer.param_groups[0]["lr"]))
         engine.step()
+        if lamb is not None:
+            norm = engine.get_global_grad_norm()
+            stats.append(
+                {
+                    "grad_norm": None if norm is None else float(norm),  # (None at ZeRO-0 fp32: DeepSpeed keeps none)
+                    "given": lamb_stats(lamb, Comm("cpu"), None if norm is None else float(norm)),
+                    "applied": lamb_stats(lamb, Comm("cpu"), None),
+                }
+            )
         mean = loss.detach().float().clone()
         torch.distributed.all_reduce(mean)
         losses.append(float(mean) / world)
-    return losses, lrs
+    return losses, lrs, stats
 
 
 def gathered_params(engine: Any) -> dict[str, torch.Tensor]:
@@ -168,17 +181,19 @@ def run(name: str, stage: int, steps: int, checkpoint_dir: Path) -> dict[str, An
     layouts = [optimizer.layout_of(flat) for flat in flat_partitions(engine)]
     result["layouts"] = [(lay.lengths.tolist(), lay.slots.tolist(), lay.num_params) for lay in layouts if lay]
     if name != "resume":
-        result["losses"], result["lrs"] = train(engine, 0, steps)
+        result["losses"], result["lrs"], result["stats"] = train(
+            engine, 0, steps, optimizer if name == "fp32" else None
+        )
         result["params"] = gathered_params(engine)
         return result
     half = steps // 2
     train(engine, 0, half)
     engine.save_checkpoint(str(checkpoint_dir), tag="half")
-    result["losses"], _ = train(engine, half, steps)
+    result["losses"], _, _ = train(engine, half, steps)
     result["params"] = gathered_params(engine)
     engine, optimizer, _ = make_engine(stage, precision, steps, naive=False)
     engine.load_checkpoint(str(checkpoint_dir), tag="half")
-    result["resumed_losses"], _ = train(engine, half, steps)
+    result["resumed_losses"], _, _ = train(engine, half, steps)
     result["resumed_params"] = gathered_params(engine)
     result["resumed_state"] = [
         {k: (v if isinstance(v, int) else tuple(v.shape)) for k, v in s.items()} for s in optimizer.state.values()
