@@ -16,7 +16,8 @@ checkpoint. Fine-tuning differences are paired over those folds and seeds.
 
 `--masking dynamic` trains on shards made with `albert-data shard --masking dynamic` (each pair once, masked
 afresh every epoch in the loader) instead of the static masks of 5 passes; the eval shard is the same static one, so
-two runs that differ only in --masking are compared on the same masked eval sequences.
+two runs that differ only in --masking are compared on the same masked eval sequences. `--dupe-factor 5` with it
+makes the same 5 passes of pairs as the static shards, unmasked: then only the masking differs.
 
 The learning-rate schedule (linear warmup, then linear decay to 0 at --steps) stretches with --steps. The data (corpus,
 vocabulary, shards) is kept under --data-dir and shared by runs of either masking; runs, exports and probes under
@@ -78,7 +79,7 @@ def albert_data_step(args: list[str]) -> None:
         raise SystemExit(f"albert-data {shlex.join(args)} failed")
 
 
-def prepare_sword_data(output: Path, masking: str, workers: int = 2) -> DemoData:
+def prepare_sword_data(output: Path, masking: str, dupe_factor: int | None, workers: int = 2) -> DemoData:
     """sword_english's training text -> vocabulary and 4 train shards (static: 5 passes of masks and pairs in
     `train`; dynamic: each pair once, unmasked, in `train-dynamic`); its held-out books -> 1 static eval shard."""
     corpus = sword_english()
@@ -96,11 +97,16 @@ def prepare_sword_data(output: Path, masking: str, workers: int = 2) -> DemoData
             + ["--vocab-size", str(SWORD_VOCAB_SIZE)]
         )
     train = "train" if masking == "static" else "train-dynamic"
+    if dupe_factor is not None and dupe_factor != (5 if masking == "static" else 1):
+        train += f"-dupe{dupe_factor}"
+        folders["train"] = (corpus.train, 4, dupe_factor)
     for name, (_, files, dupe) in folders.items():
         folder = output / (train if name == "train" else name)
         if not (folder / "manifest.json").exists():
             inputs = [str(output / "corpus" / name / f"corpus-{i:05d}.txt") for i in range(files)]
-            how = ["--masking", "dynamic"] if folder.name == "train-dynamic" else ["--dupe-factor", str(dupe)]
+            how = ["--dupe-factor", str(dupe)] + (
+                ["--masking", "dynamic"] if folder.name.startswith("train-dynamic") else []
+            )
             albert_data_step(
                 ["shard", "--input", *inputs, "--spm-model", str(spm), "--output", str(folder), *how]
                 + ["--num-shards", str(files), "--workers", str(workers), "--resume"]
@@ -198,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__.split("\n\n")[0], epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--work", type=Path, default=None, help="runs and probes (default: runs/bench-learning-SIZE[-dynamic])"
+        "--work",
+        type=Path,
+        default=None,
+        help="runs and probes (default: runs/bench-learning-SIZE[-dynamic][-dupeN])",
     )
     parser.add_argument(
         "--data-dir",
@@ -211,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("static", "dynamic"),
         default="static",
         help="the training shards: static (5 masked passes, ALBERT's recipe) or dynamic (masked in the loader)",
+    )
+    parser.add_argument(
+        "--dupe-factor",
+        type=int,
+        default=None,
+        help="passes of pairs in the training shards (default: 5 static, 1 dynamic)",
     )
     parser.add_argument(
         "--corpus", choices=("sword-english", "wikipedia-excerpt"), default="sword-english", help="pretraining text"
@@ -235,9 +250,9 @@ def main(argv: list[str] | None = None) -> int:
     size_steps, size_every = SIZES[args.size]
     args.steps = size_steps if args.steps is None else args.steps
     args.every = size_every if args.every is None else args.every
-    args.work = (
-        args.work or REPO / "runs" / f"bench-learning-{args.size}{'-dynamic' if args.masking == 'dynamic' else ''}"
-    )
+    dupe = f"-dupe{args.dupe_factor}" if args.dupe_factor is not None else ""
+    masking = "-dynamic" if args.masking == "dynamic" else ""
+    args.work = args.work or REPO / "runs" / f"bench-learning-{args.size}{masking}{dupe}"
     args.data_dir = args.data_dir or REPO / "runs" / f"bench-learning-data-{args.corpus}"
     if args.every < 1 or args.steps < args.every:
         parser.error("--every must be between 1 and --steps")
@@ -246,9 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     started = datetime.datetime.now().astimezone()
 
     if args.corpus == "sword-english":
-        data = prepare_sword_data(args.data_dir, args.masking)
-    elif args.masking == "dynamic":
-        parser.error("--masking dynamic: only with --corpus sword-english")
+        data = prepare_sword_data(args.data_dir, args.masking, args.dupe_factor)
+    elif args.masking == "dynamic" or args.dupe_factor is not None:
+        parser.error("--masking dynamic and --dupe-factor: only with --corpus sword-english")
     else:
         data = prepare_demo_data(args.data_dir)
     labelled = args.data or pang_lee_polarity()
