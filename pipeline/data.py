@@ -319,13 +319,20 @@ class PretrainingData:
 
     # ------------------------------------------------------------------------------------ position
     def state_dict(self) -> dict:
-        """The position, with the plan it counts in and every skip this run knows."""
-        return {**asdict(self.state), "plan": asdict(self.plan), "skips": list(self.skips.values())}
+        """The position, with the plan it counts in, the seed of the shuffle it counts in and every skip this run
+        knows."""
+        return {**asdict(self.state), "plan": asdict(self.plan), "seed": self.seed, "skips": list(self.skips.values())}
 
     def load_state_dict(self, state: dict, plan: dict | None = None) -> None:
         """Continue from a saved position. The plan it counts in is the state's own ("plan"), else `plan` (for
         positions saved without one), else this loader's. With another plan, the rest of the epoch is re-cut for this
-        loader's ranks (see the module docstring). The state's skips join those this loader knows."""
+        loader's ranks (see the module docstring). The state's skips join those this loader knows. A position of
+        another seed's shuffle (saved with one: older states were not) is refused: it holds other examples here."""
+        if state.get("seed", self.seed) != self.seed:
+            raise DataError(
+                f"{self.folder}: the position was saved by a run with --seed {state['seed']}, this run has --seed "
+                f"{self.seed}: under it the position holds other examples (resume with --seed {state['seed']})"
+            )
         self.close()
         for skip in state.get("skips", []):
             self._add(skip)

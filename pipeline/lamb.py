@@ -255,23 +255,29 @@ class Lamb(torch.optim.Optimizer):
                 ratios += self._scale_flat(group, flat, dict(zip(map(id, flat_with_grad), updates[n:], strict=True)))
         if params:
             squares = torch.stack(torch._foreach_norm([p.grad for p in params if p.grad is not None])).double() ** 2
+            stamp = int(self.state[params[0]]["step"])
+            if any(part.step != stamp for part in self._parts.values()):
+                self._parts.clear()  # the first call of an optimizer step (also after a reload to an earlier one)
             self._parts[(id(group), tuple(map(id, params)))] = StepPart(
                 id(group),
-                int(self.state[params[0]]["step"]),
+                stamp,
                 torch.stack([squares[:n].sum(), squares[n:].sum()]),
                 torch.cat(ratios) if ratios else None,
             )
         if params:
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self._parts.clear()  # the groups are new dicts: the ids the parts were kept by may be reused
+
     def last_step(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Per parameter group, what the last optimizer step applied on this rank: the sums of squares of the
         gradients [over whole parameters (the same on every rank), over flat partitions (this rank's share)] and
         the trust ratios of an adapted group (None otherwise, or where this rank holds none of it)."""
-        newest = max((part.step for part in self._parts.values()), default=0)
         out = []
         for group in self.param_groups:
-            parts = [p for p in self._parts.values() if p.group == id(group) and p.step == newest]
+            parts = [p for p in self._parts.values() if p.group == id(group)]
             squares = torch.stack([p.grad_sq for p in parts]).sum(0) if parts else torch.zeros(2, dtype=torch.float64)
             ratios = [p.ratios for p in parts if p.ratios is not None]
             out.append((squares, torch.cat(ratios) if ratios else None))

@@ -460,14 +460,14 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             accuracies = f"MLM accuracy {r['mlm_accuracy']:.4f}, SOP accuracy {r['sop_accuracy']:.4f}"
             log.info("eval step %d: loss %.4f, %s", step, r["loss"], accuracies)
 
-    # fp16: the first step of the overflows in a row so far, and where its batches start (None: the last step was fine)
-    overflows_since: tuple[int, LoaderState] | None = None
+    # fp16: the steps DeepSpeed skipped on an overflow in a row so far, each with where its batches started
+    overflowed: list[tuple[int, LoaderState]] = []
 
-    def roll_back(failed_step: int, cause: str, loss: float, position: dict, steps: int = 1) -> None:
+    def roll_back(failed_step: int, cause: str, loss: float, positions: list[dict]) -> None:
         """Collective: reload the newest checkpoint before `failed_step` (one further back when the last rollback
-        went to it), leave out the batches of the `steps` steps from it (at `position`) and --skip-margin steps'
-        more, log it, and go on from there."""
-        nonlocal step, acc, logged_step, t_last, paused, batches, overflows_since
+        went to it), leave out the batches of the anomalous steps (read from `positions`, the first `failed_step`'s)
+        and of --skip-margin steps after the last, log it, and go on from there."""
+        nonlocal step, acc, logged_step, t_last, paused, batches
         target = rollback_target(failed_step)
         if target is None:
             raise TrainError(
@@ -480,7 +480,9 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
             raise TrainError(
                 f"step {failed_step}: {cause}; {e}. The last good checkpoint is in {config.checkpoints}"
             ) from None
-        skips = data.window_skips(position, (config.anomaly.skip_margin + steps) * batch.accum, failed_step, cause)
+        # each step's batches where it read them (a spiral may run across a known skip), the margin after the last
+        skips = [s for p in positions[:-1] for s in data.window_skips(p, batch.accum, failed_step, cause)]
+        skips += data.window_skips(positions[-1], (config.anomaly.skip_margin + 1) * batch.accum, failed_step, cause)
         rollbacks = list(detector.rollbacks)
         client = load_checkpoint(engine, config, target, ckpt.read_meta(target))
         # DeepSpeed counts micro-steps itself, and not in checkpoints: a step that raised (the fp16 loss scale at its
@@ -510,7 +512,7 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         acc, t_last, paused, data.data_wait = IntervalSums(comm), time.perf_counter(), 0.0, 0.0
         timer.read()
         batches = iter(data)
-        overflows_since = None
+        overflowed.clear()
         summary["rollbacks"] += 1
 
     def agree_on_bad_shards(failed: str | None) -> list[str]:
@@ -542,15 +544,16 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         action()
         paused += time.perf_counter() - began
 
-    def roll_back_overflows(floor_step: int, loss: float) -> None:
-        """fp16 overflows down to the loss scale's floor: the spiral began at its first overflow, so the rollback
-        goes to a checkpoint before that, and leaves out the batches of every overflowed step."""
-        first, at = overflows_since or (floor_step, step_start)
+    def roll_back_overflows(loss: float) -> None:
+        """fp16 overflows down to the loss scale's floor (the last of `overflowed`): the spiral began at its first
+        overflow, so the rollback goes to a checkpoint before that, and leaves out the batches of every overflowed
+        step."""
+        first, floor_step = overflowed[0][0], overflowed[-1][0]
         cause = (
             f"fp16 overflow at every step from {first} to {floor_step}, the loss scale down to its floor "
             f"(min_loss_scale {config.engine.min_loss_scale})"
         )
-        roll_back(first, cause, loss, data.position(at), steps=floor_step - first + 1)
+        roll_back(first, cause, loss, [data.position(at) for _, at in overflowed])
 
     t_last, data.data_wait = time.perf_counter(), 0.0
     while step < config.max_steps:
@@ -611,15 +614,11 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
         mean_loss = loss_sum / (batch.accum * batch.world)  # the global batch's MLM + SOP loss
         if precision is Precision.FP16:  # an overflow is the loss scaler's business; a spike is checked
             cause = None if nonfinite else detector.check(step + 1, mean_loss, False)
-            if not nonfinite:
-                overflows_since = None
-            elif overflows_since is None:
-                overflows_since = (step + 1, step_start)
         else:
             cause = detector.check(step + 1, mean_loss, nonfinite)
         if cause and rollback:
             engine.step()  # applied, then undone by the reload: the step's gradients are cleared as usual
-            roll_back(step + 1, cause, mean_loss, data.position(step_start))
+            roll_back(step + 1, cause, mean_loss, [data.position(step_start)])
             continue
         if cause and nonfinite:
             raise TrainError(
@@ -640,18 +639,25 @@ def train(run: Run, stop: StopRequest) -> dict[str, Any]:
                     f"step {step + 1}: fp16 overflow with the loss scale at its floor; {ckpt_note}"
                 ) from None
             engine.optimizer.zero_grad(set_to_none=True)  # (DeepSpeed raised before clearing them)
-            roll_back_overflows(step + 1, mean_loss)
+            overflowed.append((step + 1, step_start))
+            roll_back_overflows(mean_loss)
             continue
+        # fp16: DeepSpeed skips a step whose gradients overflowed (the loss finite or not) and halves the scale
+        overflow = precision is Precision.FP16 and not engine.was_step_applied()
+        if overflow:
+            overflowed.append((step + 1, step_start))
+        else:
+            overflowed.clear()
         step = engine.global_steps
         syncs.end_step()
         if run.rank == 0 and step == start + 1:
             record_compile_counters(config.output)  # torch.compile's graphs, breaks and fallbacks, into run-info.json
         floor = config.engine.min_loss_scale
-        if nonfinite and loss_scale(engine, precision) <= floor:
+        if overflow and loss_scale(engine, precision) <= floor:
             cause = f"fp16 overflow with the loss scale at its floor (min_loss_scale {floor})"
             if not rollback:
                 raise TrainError(f"step {step}: {cause}; {ckpt_note}")
-            roll_back_overflows(step, mean_loss)
+            roll_back_overflows(mean_loss)
             continue
         if step % config.log_interval == 0 or step == config.max_steps or stopping:
             sums = acc.reduce()

@@ -155,6 +155,31 @@ def test_a_window_over_a_known_later_skip_leaves_out_its_count_besides_it(wiki_s
     assert (8 + 2) * 4 <= left_out < (8 + 2 + 1) * 4  # (less than a batch more: the cut's remainder)
 
 
+def test_windows_of_steps_that_ran_across_a_known_skip_leave_out_what_they_read(wiki_shards):
+    """An fp16 overflow spiral of 6 steps that ran across a skip applied on the way (at micro-batch 14): a window at
+    each step's own position leaves out exactly the batches those steps read, then the margin's."""
+    epoch = Counter(straight_epoch(wiki_shards, 1, 4))
+    known, known_rows, _, _ = window_skip_after(wiki_shards, 1, 4, handed=14, steps=2)
+    d = loaders(wiki_shards, 1, 4, skips=[known])[0]
+    head = take(d, 10)
+    positions, read = [], []
+    for _ in range(6):
+        positions.append(d.position())
+        read += take(d, 1)
+    assert positions[-1]["earlier"] and not positions[0]["earlier"]  # the last steps read after the known skip
+    windows = [w for p in positions[:-1] for w in d.window_skips(p, 1, step=11, cause="t")]
+    windows += d.window_skips(positions[-1], 1 + 1, step=11, cause="t")
+    replay = loaders(wiki_shards, 1, 4, skips=[known])[0]
+    assert take(replay, 10) == head
+    replay.add_skips(windows)
+    tail = rest_of_epoch([replay])
+    assert not (Counter(read) & Counter(tail)) or all(epoch[r] > 1 for r in set(read) & set(tail))
+    seen = Counter(head + tail)
+    assert seen <= epoch and not Counter(known_rows) & Counter(tail)
+    left_out = sum((epoch - seen).values())
+    assert (6 + 2 + 1) * 4 <= left_out < (6 + 2 + 1 + 1) * 4  # read, the known skip, the margin (and a remainder)
+
+
 def test_a_shard_skip_leaves_the_shard_out_now_and_in_later_epochs(wiki_shards):
     name = Manifest.load(wiki_shards).shards[0]["name"]
     with h5py.File(wiki_shards / name, "r") as f:
@@ -236,3 +261,16 @@ def test_a_skips_file_of_another_seed_is_refused_when_it_has_window_skips(wiki_s
         data_skips.read(path, identity, seed=8)
     data_skips.write(path, [shard], identity, seed=7)
     assert data_skips.read(path, identity, seed=8) == [shard]
+
+
+def test_a_position_of_another_seed_is_refused(wiki_shards):
+    d = PretrainingData(wiki_shards, 4, 1, seed=9, window=WINDOW)
+    take(d, 3)
+    state = d.state_dict()
+    assert state["seed"] == 9
+    other = PretrainingData(wiki_shards, 4, 1, seed=10, window=WINDOW)
+    with pytest.raises(DataError, match=r"saved by a run with --seed 9, this run has --seed 10"):
+        other.load_state_dict(state)
+    same = PretrainingData(wiki_shards, 4, 1, seed=9, window=WINDOW)
+    same.load_state_dict(state)
+    assert take(same, 2) == take(d, 2)

@@ -171,6 +171,33 @@ def test_lr_is_read_from_the_param_group_at_every_step() -> None:
     torch.testing.assert_close(p.detach(), torch.full((4,), 0.5))
 
 
+def test_last_step_statistics_are_of_the_last_step_also_after_a_reload() -> None:
+    """What the metrics read (per group: the gradients' sums of squares, the trust ratios) is the last step's, also
+    after loading an earlier state (a rollback): no part of the abandoned steps is kept."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = Lamb(lamb_param_groups(model, 0.01), lr=0.01)
+
+    def step(k: int) -> list[float]:
+        model.zero_grad()
+        model(*global_batch(k)).backward()
+        expected = [sum(float(p.grad.norm()) ** 2 for p in g["params"]) for g in opt.param_groups]
+        opt.step()
+        return expected
+
+    for k in range(2):
+        step(k)
+    saved = copy.deepcopy(opt.state_dict())
+    for k in range(2, 5):
+        step(k)
+    opt.load_state_dict(saved)
+    expected = step(7)
+    last = opt.last_step()
+    assert [float(squares.sum()) for squares, _ in last] == pytest.approx(expected, rel=1e-6)
+    adapted, not_adapted = last[0][1], last[1][1]
+    assert adapted is not None and len(adapted) == len(opt.param_groups[0]["params"]) and not_adapted is None
+
+
 def test_unmapped_flat_tensor_is_refused_but_zero_grad_state_init_is_allowed() -> None:
     p = torch.nn.Parameter(torch.randn(3, 4))
     opt = Lamb([p], lr=0.1)

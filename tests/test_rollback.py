@@ -128,11 +128,13 @@ def test_a_run_that_keeps_failing_stops_after_max_rollbacks(wiki_shards, tmp_pat
     assert [e["to_step"] for e in metrics(tmp_path, "anomaly")] == [4, 2]  # the second went one checkpoint further
 
 
-def test_an_fp16_overflow_spiral_rolls_back_to_before_its_first_overflow(wiki_shards, tmp_path):
-    """An overflow at every step from 5 halves the loss scale down to its floor: the rollback goes to the checkpoint
-    before step 5 (not to one written during the spiral), leaves out the batches of every overflowed step and the
-    margin's, and the run finishes with that checkpoint's loss scale."""
-    fp16 = ["--allow-fp16-on-cpu", "--keep-checkpoints", "20", "--fault", "nan-from-step:5"]
+@pytest.mark.parametrize("fault", ["nan-from-step:5", "grad-inf-from-step:5"])
+def test_an_fp16_overflow_spiral_rolls_back_to_before_its_first_overflow(fault, wiki_shards, tmp_path):
+    """An overflow at every step from 5 (a NaN loss, or a finite loss with an infinite gradient) halves the loss
+    scale down to its floor: the rollback goes to the checkpoint before step 5 (not to one written during the
+    spiral), leaves out the batches of every overflowed step and the margin's, and the run finishes with that
+    checkpoint's loss scale."""
+    fp16 = ["--allow-fp16-on-cpu", "--keep-checkpoints", "20", "--fault", fault]
     proc = ok(
         pretrain(
             tmp_path,

@@ -8,6 +8,7 @@ FAULT is one of:
 - `spike-once-at-step:N:FACTOR`: the MLM loss of step N is FACTOR times larger, the first time only;
 - `nan-from-step:N`: the MLM loss is NaN in every step from N on, until the run comes back to an earlier step (a
   rollback): with fp16, an overflow at every step, the loss scale halved down to its floor;
+- `grad-inf-from-step:N`: the same with the loss finite and a gradient infinite (what most fp16 overflows are);
 - `kill-before-complete`: rank 0 is killed with SIGKILL when a save has written every rank's files but not yet the
   completion marker (wraps the checkpoint module's JSON writer);
 - `slow-steps:SECONDS`: every training micro-batch's forward takes SECONDS longer (a step long enough for a person's
@@ -69,6 +70,26 @@ def nan_from_step(step: int) -> None:
     pretrain.setup = setup
 
 
+def grad_inf_from_step(step: int) -> None:
+    real_setup = pretrain.setup
+
+    def setup(args):
+        run = real_setup(args)
+        first = next(run.engine.module.parameters())
+        seen = {"last": 0, "over": False}
+
+        def poisoned(grad):
+            now = run.engine.global_steps + 1
+            seen["over"] |= now < seen["last"]  # back at an earlier step: rolled back
+            seen["last"] = now
+            return grad * float("inf") if now >= step and not seen["over"] else grad
+
+        first.register_hook(poisoned)
+        return run
+
+    pretrain.setup = setup
+
+
 def kill_before_complete() -> None:
     real_write = checkpoint._write_json
 
@@ -114,6 +135,8 @@ def main() -> int:
         scale_loss_at_step(int(step), float(factor), once=True)
     elif fault.startswith("nan-from-step:"):
         nan_from_step(int(fault.split(":", 1)[1]))
+    elif fault.startswith("grad-inf-from-step:"):
+        grad_inf_from_step(int(fault.split(":", 1)[1]))
     elif fault == "kill-before-complete":
         kill_before_complete()
     elif fault.startswith("slow-steps:"):
