@@ -65,6 +65,7 @@ log = logging.getLogger("bench")
 # (steps, checkpoint interval) of each --size: the default is sized to about an hour on 2 CPU cores.
 SIZES = {"default": (3000, 500), "quick": (200, 100)}
 SWORD_VOCAB_SIZE = 16000
+DEFAULT_DUPE = {"static": 5, "dynamic": 1}  # albert-data shard's default dupe factor of each masking
 EVAL_BATCHES = 50  # micro-batches per evaluation: 50 x 16 sequences x 2 ranks
 
 
@@ -81,11 +82,16 @@ def albert_data_step(args: list[str]) -> None:
 
 def prepare_sword_data(output: Path, masking: str, dupe_factor: int | None, workers: int = 2) -> DemoData:
     """sword_english's training text -> vocabulary and 4 train shards (static: 5 passes of masks and pairs in
-    `train`; dynamic: each pair once, unmasked, in `train-dynamic`); its held-out books -> 1 static eval shard."""
+    `train`; dynamic: each pair once, unmasked, in `train-dynamic`; another dupe factor: `-dupeN` added); its
+    held-out books -> 1 static eval shard."""
     corpus = sword_english()
     spm = output / "vocab" / "spiece.model"
-    folders = {"train": (corpus.train, 4, 5), "eval": (corpus.heldout, 1, 1)}
-    for name, (text, files, _) in folders.items():
+    train = "train" if masking == "static" else "train-dynamic"
+    train_dupe = dupe_factor or DEFAULT_DUPE[masking]
+    if dupe_factor is not None:
+        train += f"-dupe{dupe_factor}"
+    folders = {"train": (corpus.train, 4), "eval": (corpus.heldout, 1)}
+    for name, (text, files) in folders.items():
         if not (output / "corpus" / name / f"corpus-{files - 1:05d}.txt").exists():
             albert_data_step(
                 ["corpus", "--input", str(text), "--format", "paragraphs", "--output", str(output / "corpus" / name)]
@@ -96,17 +102,13 @@ def prepare_sword_data(output: Path, masking: str, dupe_factor: int | None, work
             ["vocab", "--input", str(output / "corpus" / "train"), "--output-prefix", str(spm.with_suffix(""))]
             + ["--vocab-size", str(SWORD_VOCAB_SIZE)]
         )
-    train = "train" if masking == "static" else "train-dynamic"
-    if dupe_factor is not None and dupe_factor != (5 if masking == "static" else 1):
-        train += f"-dupe{dupe_factor}"
-        folders["train"] = (corpus.train, 4, dupe_factor)
-    for name, (_, files, dupe) in folders.items():
-        folder = output / (train if name == "train" else name)
+    shards = {"train": (train, masking, train_dupe), "eval": ("eval", "static", 1)}
+    for name, (_, files) in folders.items():
+        folder_name, kind, dupe = shards[name]
+        folder = output / folder_name
         if not (folder / "manifest.json").exists():
             inputs = [str(output / "corpus" / name / f"corpus-{i:05d}.txt") for i in range(files)]
-            how = ["--dupe-factor", str(dupe)] + (
-                ["--masking", "dynamic"] if folder.name.startswith("train-dynamic") else []
-            )
+            how = ["--masking", kind, "--dupe-factor", str(dupe)]
             albert_data_step(
                 ["shard", "--input", *inputs, "--spm-model", str(spm), "--output", str(folder), *how]
                 + ["--num-shards", str(files), "--workers", str(workers), "--resume"]
@@ -250,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     size_steps, size_every = SIZES[args.size]
     args.steps = size_steps if args.steps is None else args.steps
     args.every = size_every if args.every is None else args.every
+    if args.dupe_factor == DEFAULT_DUPE[args.masking]:
+        args.dupe_factor = None  # (the default's folders)
     dupe = f"-dupe{args.dupe_factor}" if args.dupe_factor is not None else ""
     masking = "-dynamic" if args.masking == "dynamic" else ""
     args.work = args.work or REPO / "runs" / f"bench-learning-{args.size}{masking}{dupe}"
@@ -340,8 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     named = "; ".join(f"step {m['step']}: {m['cause']}" for m in anomalies[:5]) + (" ..." if len(anomalies) > 5 else "")
     print(
-        f"anomalous steps (the detector's defaults: a non-finite loss, or the loss over 2x the median of the last "
-        f"100 steps): {len(anomalies)}{' (' + named + ')' if anomalies else ''}"
+        f"anomalous steps (albert-pretrain's detector at its defaults, docs/training.md): {len(anomalies)}"
+        f"{' (' + named + ')' if anomalies else ''}"
     )
     print()
     headers = ["step", "train MLM loss", "eval MLM loss", "eval MLM acc", "eval SOP loss", "eval SOP acc"]

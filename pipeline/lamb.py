@@ -264,7 +264,6 @@ class Lamb(torch.optim.Optimizer):
                 torch.stack([squares[:n].sum(), squares[n:].sum()]),
                 torch.cat(ratios) if ratios else None,
             )
-        if params:
             torch._foreach_add_(params, updates, alpha=-group["lr"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

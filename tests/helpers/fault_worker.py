@@ -24,11 +24,33 @@ import sys
 from pipeline import checkpoint, pretrain
 
 
-def scale_loss_at_step(step: int, factor: float, once: bool) -> None:
+def after_setup(attach) -> None:
+    """`attach(run)` once setup() has built the run (its engine and model)."""
     real_setup = pretrain.setup
 
     def setup(args):
         run = real_setup(args)
+        attach(run)
+        return run
+
+    pretrain.setup = setup
+
+
+def from_step_until_rollback(run, step: int):
+    """A check for each call in training: is this step N or later, the run not yet back at an earlier step?"""
+    seen = {"last": 0, "over": False}
+
+    def active() -> bool:
+        now = run.engine.global_steps + 1
+        seen["over"] |= now < seen["last"]  # back at an earlier step: rolled back
+        seen["last"] = now
+        return now >= step and not seen["over"]
+
+    return active
+
+
+def scale_loss_at_step(step: int, factor: float, once: bool) -> None:
+    def attach(run):
         model, forward = run.engine.module, run.engine.module.forward
         hits = [0]  # training forwards of step N so far: `once` poisons one step's worth (a rollback comes back)
 
@@ -41,53 +63,32 @@ def scale_loss_at_step(step: int, factor: float, once: bool) -> None:
             return out
 
         model.forward = poisoned
-        return run
 
-    pretrain.setup = setup
+    after_setup(attach)
 
 
 def nan_from_step(step: int) -> None:
-    real_setup = pretrain.setup
-
-    def setup(args):
-        run = real_setup(args)
+    def attach(run):
         model, forward = run.engine.module, run.engine.module.forward
-        seen = {"last": 0, "over": False}
+        active = from_step_until_rollback(run, step)
 
         def poisoned(*a, **k):
             out = forward(*a, **k)
-            if model.training:
-                now = run.engine.global_steps + 1
-                seen["over"] |= now < seen["last"]  # back at an earlier step: rolled back
-                seen["last"] = now
-                if now >= step and not seen["over"]:
-                    out.mlm_loss = out.mlm_loss * float("nan")
+            if model.training and active():
+                out.mlm_loss = out.mlm_loss * float("nan")
             return out
 
         model.forward = poisoned
-        return run
 
-    pretrain.setup = setup
+    after_setup(attach)
 
 
 def grad_inf_from_step(step: int) -> None:
-    real_setup = pretrain.setup
+    def attach(run):
+        active = from_step_until_rollback(run, step)
+        next(run.engine.module.parameters()).register_hook(lambda grad: grad * float("inf") if active() else grad)
 
-    def setup(args):
-        run = real_setup(args)
-        first = next(run.engine.module.parameters())
-        seen = {"last": 0, "over": False}
-
-        def poisoned(grad):
-            now = run.engine.global_steps + 1
-            seen["over"] |= now < seen["last"]  # back at an earlier step: rolled back
-            seen["last"] = now
-            return grad * float("inf") if now >= step and not seen["over"] else grad
-
-        first.register_hook(poisoned)
-        return run
-
-    pretrain.setup = setup
+    after_setup(attach)
 
 
 def kill_before_complete() -> None:
@@ -104,10 +105,7 @@ def kill_before_complete() -> None:
 def slow_steps(seconds: float) -> None:
     import time
 
-    real_setup = pretrain.setup
-
-    def setup(args):
-        run = real_setup(args)
+    def attach(run):
         model, forward = run.engine.module, run.engine.module.forward
 
         def slow(*a, **k):
@@ -116,9 +114,8 @@ def slow_steps(seconds: float) -> None:
             return forward(*a, **k)
 
         model.forward = slow
-        return run
 
-    pretrain.setup = setup
+    after_setup(attach)
 
 
 def main() -> int:
